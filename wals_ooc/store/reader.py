@@ -1,0 +1,173 @@
+"""Read access to an interaction store: metadata, one shard of CSR rows at a time, and id maps."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Iterator
+
+import numpy as np
+import zarr
+
+from .format import (
+    ID_ARRAYS,
+    INTERACTIONS_KIND,
+    SIDES,
+    check_complete,
+    open_group,
+    shard_ranges,
+)
+
+
+@dataclass
+class CSRShard:
+    """Rows ``[row_start, row_stop)`` of one orientation, as CSR with a local ``indptr``.
+
+    indptr: int64 (rows + 1,), starting at 0.
+    indices: int32 (nnz,), column index in the other side's numbering, sorted within a row.
+    values: float32 (nnz,), interaction values.
+    """
+
+    row_start: int
+    row_stop: int
+    indptr: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+
+    @property
+    def n_rows(self) -> int:
+        return self.row_stop - self.row_start
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    def nbytes(self) -> int:
+        return self.indptr.nbytes + self.indices.nbytes + self.values.nbytes
+
+
+class InteractionStore:
+    """A finished interaction store (see ``format``), opened read-only.
+
+    Nothing but metadata is read on open; shards and id maps are read on demand, so opening a
+    store of any size costs the same.
+    """
+
+    def __init__(self, location: str | os.PathLike, storage_options: dict[str, Any] | None = None):
+        self.location = os.fspath(location)
+        self.storage_options = storage_options
+        self.group = open_group(self.location, "r", storage_options)
+        check_complete(self.group, INTERACTIONS_KIND, self.location)
+        attrs = self.group.attrs
+        self.n_users = int(attrs["n_users"])
+        self.n_items = int(attrs["n_items"])
+        self.nnz = int(attrs["nnz"])
+        self.id_kind = str(attrs["id_kind"])
+        self._shard_bounds = {
+            side: [int(b) for b in self.group[orientation].attrs["shard_bounds"]]
+            for side, orientation in SIDES.items()
+        }
+        self.row_block = int(self.group["by_user"].attrs["row_block"])
+
+    # -- metadata -------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_users, self.n_items)
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.n_users * self.n_items)
+
+    def n_rows(self, side: str) -> int:
+        """Rows of a side's orientation: users for ``"user"``, items for ``"item"``."""
+        return self.n_users if side == "user" else self.n_items
+
+    def shard_bounds(self, side: str) -> list[int]:
+        return list(self._shard_bounds[side])
+
+    def shard_ranges(self, side: str) -> list[tuple[int, int]]:
+        return shard_ranges(self._shard_bounds[side])
+
+    def n_shards(self, side: str) -> int:
+        return len(self._shard_bounds[side]) - 1
+
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    # -- CSR access -----------------------------------------------------------------------------
+    def _csr(self, side: str) -> zarr.Group:
+        return self.group[SIDES[side]]
+
+    def indptr(self, side: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Global row pointers of rows ``[start, stop)`` (``stop - start + 1`` values)."""
+        stop = self.n_rows(side) if stop is None else stop
+        return self._csr(side)["indptr"][start : stop + 1]
+
+    def rows(self, side: str, start: int, stop: int) -> CSRShard:
+        """CSR rows ``[start, stop)`` of a side's orientation."""
+        group = self._csr(side)
+        indptr = group["indptr"][start : stop + 1].astype(np.int64)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        indices = group["indices"][lo:hi]
+        values = group["values"][lo:hi]
+        return CSRShard(start, stop, indptr - lo, indices, values)
+
+    def shard(self, side: str, k: int) -> CSRShard:
+        start, stop = self.shard_ranges(side)[k]
+        return self.rows(side, start, stop)
+
+    def iter_shards(self, side: str) -> Iterator[CSRShard]:
+        for k in range(self.n_shards(side)):
+            yield self.shard(side, k)
+
+    def shard_nnz(self, side: str) -> list[int]:
+        """Entries in each shard, from the row pointers at the shard bounds only."""
+        indptr = self._csr(side)["indptr"]
+        bounds = self._shard_bounds[side]
+        at_bounds = indptr.get_coordinate_selection(np.asarray(bounds))
+        return [int(v) for v in np.diff(at_bounds)]
+
+    def row_counts(self, side: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Entries per row for rows ``[start, stop)``."""
+        return np.diff(self.indptr(side, start, stop))
+
+    # -- id maps --------------------------------------------------------------------------------
+    @cached_property
+    def _ids(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def ids(self, side: str) -> np.ndarray:
+        """Original ids of every row of a side, sorted (row index -> original id). Cached."""
+        if side not in self._ids:
+            self._ids[side] = self.group[ID_ARRAYS[side]][:]
+        return self._ids[side]
+
+    def index_of(self, side: str, original_ids: Any, missing: str = "raise") -> np.ndarray:
+        """Row indices of original ids (binary search in the sorted id map).
+
+        missing: "raise" to fail on an unknown id, or "mark" to return -1 for it.
+        """
+        ids = self.ids(side)
+        query = np.atleast_1d(np.asarray(original_ids))
+        if self.id_kind == "int":
+            try:
+                query = query.astype(np.int64)
+            except (TypeError, ValueError) as exc:
+                raise KeyError(f"{side} ids of this store are integers; got {query[:5]!r}") from exc
+        else:
+            query = query.astype(ids.dtype)
+        pos = np.searchsorted(ids, query)
+        pos = np.minimum(pos, len(ids) - 1)
+        found = ids[pos] == query
+        if not found.all():
+            if missing == "raise":
+                unknown = query[~found][:5].tolist()
+                raise KeyError(f"unknown {side} id(s): {unknown}")
+            pos = np.where(found, pos, -1)
+        return pos.astype(np.int64)
+
+
+def open_store(location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> InteractionStore:
+    """Open a finished interaction store; raises ``StoreError`` if it is incomplete."""
+    return InteractionStore(location, storage_options)

@@ -1,0 +1,521 @@
+"""Out-of-core conversion of row batches into an interaction store.
+
+Four streaming passes, each holding at most one batch or one shard in memory:
+
+1. collect: validate input batches, spill them to an Arrow IPC file, gather the distinct ids;
+2. map:     sorted distinct ids become the id maps; rows are rewritten as (user, item, value)
+            int32/int32/float32 records and entries per row are counted;
+3. bucket:  shard bounds are chosen from the counts (balanced nnz, aligned to ``row_block``) and
+            each record is appended to its user shard's and its item shard's bucket file;
+4. assemble: each bucket is sorted, duplicates summed, and written as that shard's CSR rows.
+
+The store's ``complete`` flag is set last, so an interrupted conversion never opens as complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import zarr
+from tqdm.auto import tqdm
+
+from ..memory import MemoryBudget, format_bytes, peak_rss
+from .format import (
+    CSR_CHUNK,
+    FORMAT_VERSION,
+    INTERACTIONS_KIND,
+    StoreError,
+    is_local,
+    open_group,
+)
+from .sources import BadRowReport, InputError, InputSpec, RowBatch, read_batches
+
+RECORD = np.dtype([("row", np.int32), ("col", np.int32), ("value", np.float32)])
+# bytes of working memory per entry while assembling one shard (records, sort keys, order, output)
+ASSEMBLE_BYTES_PER_NNZ = 48
+DEFAULT_ROW_BLOCK = 1024
+
+
+@dataclass
+class ConvertReport:
+    """What a conversion read, kept, dropped and how long it took."""
+
+    store: str
+    rows_read: int = 0
+    nnz: int = 0
+    n_users: int = 0
+    n_items: int = 0
+    duplicates_summed: int = 0
+    bad_rows: BadRowReport = field(default_factory=BadRowReport)
+    seconds: float = 0.0
+    peak_rss: int = 0
+    budget: str = ""
+
+    def summary(self) -> str:
+        rate = self.rows_read / self.seconds if self.seconds else 0.0
+        return (
+            f"{self.store}: {self.n_users} users x {self.n_items} items, nnz {self.nnz} "
+            f"from {self.rows_read} rows ({self.duplicates_summed} duplicate pairs summed, "
+            f"{self.bad_rows.zeros_dropped} zeros dropped; {self.bad_rows.summary()}) in {self.seconds:.1f}s "
+            f"({rate:,.0f} rows/s), peak RSS {format_bytes(self.peak_rss)}; {self.budget}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1 helpers: distinct ids, with bounded pending work
+# ---------------------------------------------------------------------------------------------
+
+
+class DistinctIds:
+    """Distinct ids seen so far; int64 NumPy, or UTF-8 bytes ('S') for string ids.
+
+    Per-batch distinct values are merged once the pending ones exceed ``merge_bytes``, so memory
+    stays near the size of the final id map.
+    """
+
+    def __init__(self, merge_bytes: int):
+        self.merge_bytes = merge_bytes
+        self.merged: np.ndarray | None = None
+        self.pending: list[np.ndarray] = []
+        self.pending_bytes = 0
+
+    def add(self, ids: np.ndarray | pa.Array) -> None:
+        if isinstance(ids, pa.Array):
+            ids = pa.compute.unique(ids).cast(pa.binary()).to_numpy(zero_copy_only=False).astype("S")
+        distinct = _sorted_distinct(ids)
+        self.pending.append(distinct)
+        self.pending_bytes += distinct.nbytes
+        if self.pending_bytes > self.merge_bytes:
+            self._merge()
+
+    def _merge(self) -> None:
+        parts = self.pending + ([self.merged] if self.merged is not None else [])
+        if parts:
+            width = max(p.dtype.itemsize for p in parts)
+            if parts[0].dtype.kind == "S":
+                parts = [p.astype(f"S{width}") for p in parts]
+            self.merged = _sorted_distinct(np.concatenate(parts))
+        self.pending, self.pending_bytes = [], 0
+
+    def sorted_ids(self) -> np.ndarray:
+        self._merge()
+        return self.merged if self.merged is not None else np.empty(0, dtype=np.int64)
+
+
+def _sorted_distinct(values: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (NumPy 2's hash-based unique is several times slower on ids)."""
+    ordered = np.sort(values)
+    if not len(ordered):
+        return ordered
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
+
+
+def lookup_sorted(sorted_ids: np.ndarray, ids: np.ndarray | pa.Array) -> np.ndarray:
+    """Row index of each id in the sorted id map (all ids must be present)."""
+    if isinstance(ids, pa.Array):
+        ids = ids.cast(pa.binary()).to_numpy(zero_copy_only=False).astype(sorted_ids.dtype)
+    return np.searchsorted(sorted_ids, ids).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard planning
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_shard_bounds(row_counts: np.ndarray, row_block: int, target_nnz: int) -> list[int]:
+    """Shard bounds over rows: multiples of ``row_block`` holding about ``target_nnz`` entries each.
+
+    A block of rows is never split, so a shard exceeds the target only when one block does.
+    """
+    n_rows = len(row_counts)
+    if n_rows == 0:
+        return [0, 0]
+    block_starts = np.arange(0, n_rows, row_block)
+    block_nnz = np.add.reduceat(row_counts.astype(np.int64), block_starts)
+    bounds = [0]
+    acc = 0
+    for k, nnz in enumerate(block_nnz):
+        if acc and acc + nnz > target_nnz:
+            bounds.append(int(block_starts[k]))
+            acc = 0
+        acc += int(nnz)
+    bounds.append(n_rows)
+    return bounds
+
+
+def default_shard_nnz(nnz: int, allowance: int) -> int:
+    """Entries per shard: at most what one shard assembly may hold, and about 32 shards for load balance."""
+    cap = max(1 << 14, allowance // (2 * ASSEMBLE_BYTES_PER_NNZ))
+    return int(min(cap, max(1 << 16, -(-nnz // 32))))
+
+
+# ---------------------------------------------------------------------------------------------
+# The conversion
+# ---------------------------------------------------------------------------------------------
+
+
+class _Workspace:
+    """Temporary spill files of one conversion, removed when it ends however it ends."""
+
+    def __init__(self, store: str, tmp_dir: str | None):
+        parent = tmp_dir
+        if parent is None and is_local(store):
+            parent = os.path.dirname(os.path.abspath(store.removeprefix("file://"))) or "."
+        self.path = tempfile.mkdtemp(prefix=".wals-ooc-convert-", dir=parent)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _prepare_target(store: str, overwrite: bool, storage_options: dict | None) -> zarr.Group:
+    try:
+        existing = open_group(store, "r", storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
+        existing = None
+    if existing is not None and not overwrite:
+        state = "complete" if existing.attrs.get("complete") else "incomplete (an interrupted conversion)"
+        raise StoreError(f"{store} already exists and is {state}; pass overwrite=True / --overwrite to replace it")
+    group = open_group(store, "w", storage_options)
+    group.attrs.update({"kind": INTERACTIONS_KIND, "format_version": FORMAT_VERSION, "complete": False})
+    return group
+
+
+def write_store(
+    batches: Iterable[RowBatch],
+    store: str | os.PathLike,
+    *,
+    memory_budget: int | str | None = None,
+    shard_nnz: int | None = None,
+    row_block: int = DEFAULT_ROW_BLOCK,
+    tmp_dir: str | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    storage_options: dict | None = None,
+    report: ConvertReport | None = None,
+    source_attrs: dict[str, Any] | None = None,
+) -> ConvertReport:
+    """Write validated row batches into an interaction store, out of core.
+
+    memory_budget caps peak RSS (see ``wals_ooc.memory``); shard_nnz overrides the entries per
+    shard; row_block is the row alignment of shards (and the factor chunk size in training).
+    """
+    started = time.perf_counter()
+    store = os.fspath(store)
+    budget = MemoryBudget.start(memory_budget)
+    report = report or ConvertReport(store=store)
+    report.budget = budget.describe()
+    if row_block < 1:
+        raise ValueError("row_block must be >= 1")
+    group = _prepare_target(store, overwrite, storage_options)
+    workspace = _Workspace(store, tmp_dir)
+    disable = None if progress is None else not progress
+    try:
+        spill, id_kind, user_ids, item_ids = _collect(batches, workspace, budget, report, disable)
+        counts, mapped_path = _map_rows(spill, workspace, user_ids, item_ids, budget, disable)
+        report.n_users, report.n_items = len(user_ids), len(item_ids)
+        raw_nnz = int(counts["user"].sum())
+        target = shard_nnz or default_shard_nnz(raw_nnz, budget.allowance)
+        bounds = {side: plan_shard_bounds(counts[side], row_block, target) for side in ("user", "item")}
+        del counts
+        buckets = _bucket(mapped_path, workspace, bounds, budget, disable)
+        nnz = {}
+        for side, orientation, n_cols in (("user", "by_user", len(item_ids)), ("item", "by_item", len(user_ids))):
+            nnz[side] = _assemble(group, orientation, buckets[side], bounds[side], n_cols, row_block, disable)
+        assert nnz["user"] == nnz["item"], "both orientations must hold the same entries"
+        _write_ids(group, "user_ids", user_ids, id_kind)
+        _write_ids(group, "item_ids", item_ids, id_kind)
+        report.nnz = nnz["user"]
+        report.duplicates_summed = raw_nnz - report.nnz
+        report.seconds = time.perf_counter() - started
+        report.peak_rss = peak_rss()
+        group.attrs.update(
+            {
+                "n_users": report.n_users,
+                "n_items": report.n_items,
+                "nnz": report.nnz,
+                "id_kind": id_kind,
+                "rows_read": report.rows_read,
+                "duplicates_summed": report.duplicates_summed,
+                "zeros_dropped": report.bad_rows.zeros_dropped,
+                "bad_rows_skipped": report.bad_rows.skipped,
+                "sources": source_attrs or {},
+            }
+        )
+        group.attrs["complete"] = True  # last write: the store is usable from here on
+    finally:
+        workspace.close()
+    return report
+
+
+def _collect(batches, workspace, budget, report, disable):
+    """Pass 1: spill every validated batch to Arrow IPC and gather the distinct ids."""
+    users = DistinctIds(merge_bytes=max(1 << 20, budget.allowance // 8))
+    items = DistinctIds(merge_bytes=max(1 << 20, budget.allowance // 8))
+    path = workspace.file("rows.arrow")
+    writer = None
+    id_kind = None
+    with tqdm(desc="read", unit="rows", unit_scale=True, disable=disable) as bar:
+        for batch in batches:
+            kind = "int" if isinstance(batch.users, np.ndarray) else "str"
+            if writer is None:
+                id_kind = kind
+                id_type = pa.int64() if kind == "int" else pa.string()
+                schema = pa.schema([("user", id_type), ("item", id_type), ("value", pa.float32())])
+                writer = pa.ipc.new_stream(pa.OSFile(path, "wb"), schema)
+            table = pa.record_batch([pa.array(batch.users), pa.array(batch.items), pa.array(batch.values)], schema=schema)
+            writer.write_batch(table)
+            users.add(batch.users)
+            items.add(batch.items)
+            report.rows_read += len(batch)
+            bar.update(len(batch))
+    if writer is None:
+        raise InputError(report.store, None, None, "empty input: no valid rows to convert")
+    writer.close()
+    return path, id_kind, users.sorted_ids(), items.sorted_ids()
+
+
+def _map_rows(spill_path, workspace, user_ids, item_ids, budget, disable):
+    """Pass 2: original ids -> row indices, written as fixed-size records; count entries per row."""
+    counts = {"user": np.zeros(len(user_ids), np.int64), "item": np.zeros(len(item_ids), np.int64)}
+    mapped_path = workspace.file("rows.records")
+    with pa.OSFile(spill_path, "rb") as source, open(mapped_path, "wb") as sink, tqdm(
+        desc="map ids", unit="rows", unit_scale=True, disable=disable
+    ) as bar:
+        for batch in pa.ipc.open_stream(source):
+            records = np.empty(batch.num_rows, RECORD)
+            records["row"] = lookup_sorted(user_ids, _column(batch, 0))
+            records["col"] = lookup_sorted(item_ids, _column(batch, 1))
+            records["value"] = batch.column(2).to_numpy()
+            counts["user"] += np.bincount(records["row"], minlength=len(user_ids))
+            counts["item"] += np.bincount(records["col"], minlength=len(item_ids))
+            records.tofile(sink)
+            bar.update(batch.num_rows)
+    os.remove(spill_path)
+    return counts, mapped_path
+
+
+def _column(batch: pa.RecordBatch, k: int):
+    column = batch.column(k)
+    return column.to_numpy() if pa.types.is_integer(column.type) else column
+
+
+def _bucket(mapped_path, workspace, bounds, budget, disable):
+    """Pass 3: append each record to its user shard's and its item shard's bucket file."""
+    chunk_rows = max(1 << 14, budget.allowance // (8 * RECORD.itemsize))
+    paths = {
+        side: [workspace.file(f"{side}-{k:06d}.records") for k in range(len(bounds[side]) - 1)]
+        for side in ("user", "item")
+    }
+    total = os.path.getsize(mapped_path) // RECORD.itemsize
+    with open(mapped_path, "rb") as source, tqdm(
+        desc="bucket", total=total, unit="rows", unit_scale=True, disable=disable
+    ) as bar:
+        while True:
+            records = np.fromfile(source, RECORD, count=chunk_rows)
+            if not len(records):
+                break
+            for side, key in (("user", "row"), ("item", "col")):
+                shard_of = np.searchsorted(np.asarray(bounds[side][1:-1]), records[key], side="right")
+                order = np.argsort(shard_of, kind="stable")
+                cuts = np.searchsorted(shard_of[order], np.arange(len(paths[side]) + 1))
+                grouped = records[order]
+                if side == "item":
+                    grouped = _swap_row_col(grouped)
+                for k in range(len(paths[side])):
+                    if cuts[k + 1] > cuts[k]:
+                        with open(paths[side][k], "ab") as sink:
+                            grouped[cuts[k] : cuts[k + 1]].tofile(sink)
+            bar.update(len(records))
+    os.remove(mapped_path)
+    return paths
+
+
+def _swap_row_col(records: np.ndarray) -> np.ndarray:
+    swapped = np.empty(len(records), RECORD)
+    swapped["row"], swapped["col"], swapped["value"] = records["col"], records["row"], records["value"]
+    return swapped
+
+
+def _csr_array(group: zarr.Group, name: str, shape: int, dtype) -> zarr.Array:
+    return group.create_array(
+        name,
+        shape=(shape,),
+        dtype=dtype,
+        chunks=(CSR_CHUNK,),
+        compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+        fill_value=0,
+    )
+
+
+class ChunkAppender:
+    """Appends to a 1-d Zarr array in whole chunks only.
+
+    Writing a shard's entries straight to the array would re-read, re-compress and re-write the
+    chunk it shares with the previous shard; buffering up to one chunk writes each chunk once.
+    """
+
+    def __init__(self, array: zarr.Array, start: int = 0):
+        self.array = array
+        self.chunk = array.chunks[0]
+        self.written = start  # elements already in the array
+        self.pending: list[np.ndarray] = []
+        self.pending_len = 0
+
+    def append(self, values: np.ndarray) -> None:
+        if len(values):
+            self.pending.append(values)
+            self.pending_len += len(values)
+        if self.pending_len >= self.chunk:
+            self._flush(whole_chunks_only=True)
+
+    def _flush(self, whole_chunks_only: bool) -> None:
+        if not self.pending_len:
+            return
+        data = np.concatenate(self.pending)
+        # keep the write aligned: end it on a chunk boundary unless this is the final flush
+        end = self.written + len(data)
+        if whole_chunks_only:
+            end -= end % self.chunk
+        take = end - self.written
+        if take > 0:
+            if self.array.shape[0] < end:
+                self.array.resize((end,))
+            self.array[self.written : end] = data[:take]
+            self.written = end
+        rest = data[take:]
+        self.pending = [rest] if len(rest) else []
+        self.pending_len = len(rest)
+
+    def close(self) -> int:
+        self._flush(whole_chunks_only=False)
+        return self.written
+
+
+def _assemble(group, orientation, bucket_paths, bounds, n_cols, row_block, disable) -> int:
+    """Pass 4: sort each shard's bucket, sum duplicates, and append its CSR rows to the store."""
+    n_rows = bounds[-1]
+    csr = group.create_group(orientation)
+    indptr_out = ChunkAppender(_csr_array(csr, "indptr", n_rows + 1, np.int64), start=1)  # [0] is fill 0
+    indices_out = ChunkAppender(_csr_array(csr, "indices", 0, np.int32))
+    values_out = ChunkAppender(_csr_array(csr, "values", 0, np.float32))
+    offset = 0
+    for k, path in enumerate(tqdm(bucket_paths, desc=f"assemble {orientation}", unit="shards", disable=disable)):
+        records = np.fromfile(path, RECORD) if os.path.exists(path) else np.empty(0, RECORD)
+        indptr, indices, values = rows_to_csr(records, bounds[k], bounds[k + 1], n_cols)
+        del records
+        if os.path.exists(path):
+            os.remove(path)
+        indices_out.append(indices)
+        values_out.append(values)
+        indptr_out.append(indptr[1:] + offset)
+        offset += len(indices)
+    for appender in (indptr_out, indices_out, values_out):
+        appender.close()
+    csr.attrs.update({"shard_bounds": [int(b) for b in bounds], "row_block": int(row_block), "n_cols": int(n_cols)})
+    return offset
+
+
+def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int):
+    """Records of rows in ``[row_start, row_stop)`` -> (indptr, indices, values), duplicates summed.
+
+    Entries come out sorted by row, then column; values are summed in float64 then cast.
+    """
+    n_rows = row_stop - row_start
+    if not len(records):
+        return np.zeros(n_rows + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.float32)
+    keys = (records["row"].astype(np.int64) - row_start) * n_cols + records["col"]
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    first = np.ones(len(keys), dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    starts = np.flatnonzero(first)
+    values = np.add.reduceat(records["value"][order].astype(np.float64), starts).astype(np.float32)
+    keys = keys[starts]
+    rows = keys // n_cols
+    indices = (keys - rows * n_cols).astype(np.int32)
+    indptr = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
+    return indptr, indices, values
+
+
+def _write_ids(group: zarr.Group, name: str, ids: np.ndarray, id_kind: str) -> None:
+    if id_kind == "int":
+        data = ids.astype(np.int64)
+        dtype = np.int64
+    else:
+        data = np.array([value.decode("utf-8") for value in ids], dtype=np.dtypes.StringDType())
+        dtype = str
+    array = group.create_array(name, shape=(len(ids),), dtype=dtype, chunks=(max(1, min(len(ids), CSR_CHUNK)),))
+    if len(ids):
+        array[:] = data
+
+
+def convert(
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+    store: str | os.PathLike,
+    *,
+    user_col: str | int = 0,
+    item_col: str | int = 1,
+    value_col: str | int | None = 2,
+    delimiter: str = ",",
+    header: bool = True,
+    id_type: str = "auto",
+    on_bad_lines: str = "error",
+    memory_budget: int | str | None = None,
+    shard_nnz: int | None = None,
+    row_block: int = DEFAULT_ROW_BLOCK,
+    tmp_dir: str | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    storage_options: dict | None = None,
+) -> ConvertReport:
+    """Convert CSV (plain or gzip) or Parquet files of (user, item, value) rows into a store.
+
+    Duplicate (user, item) pairs are summed, explicit zeros dropped; NaN, inf, negative or
+    non-numeric values and malformed rows raise ``InputError`` naming file, line and field, or
+    are skipped and counted with ``on_bad_lines="skip"``. Input files are only read.
+    """
+    paths = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(p) for p in inputs]
+    if is_local(os.fspath(store)):
+        target = os.path.abspath(os.fspath(store).removeprefix("file://"))
+        for path in paths:
+            if os.path.abspath(path) == target or os.path.abspath(path).startswith(target + os.sep):
+                raise ValueError(f"the store {store} would overwrite the input {path}")
+    spec = InputSpec(user_col, item_col, value_col, delimiter, header, id_type, on_bad_lines)
+    report = ConvertReport(store=os.fspath(store))
+    budget_bytes = MemoryBudget.start(memory_budget).allowance
+    block_bytes = int(min(64 << 20, max(1 << 20, budget_bytes // 24)))
+    batches = read_batches(paths, spec, report.bad_rows, block_bytes=block_bytes)
+    sources = {
+        "inputs": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in paths if os.path.exists(p)],
+        "user_col": str(user_col),
+        "item_col": str(item_col),
+        "value_col": None if value_col is None else str(value_col),
+    }
+    return write_store(
+        batches,
+        store,
+        memory_budget=memory_budget,
+        shard_nnz=shard_nnz,
+        row_block=row_block,
+        tmp_dir=tmp_dir,
+        overwrite=overwrite,
+        progress=progress,
+        storage_options=storage_options,
+        report=report,
+        source_attrs=sources,
+    )
+
