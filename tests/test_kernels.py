@@ -1,0 +1,156 @@
+"""Each numba kernel against a dense NumPy closed form on random small problems."""
+
+import numpy as np
+import pytest
+
+from wals_ooc.kernels.loss import observed_loss_block, row_penalties
+from wals_ooc.kernels.solve import (
+    CONFIDENCE_KINDS,
+    accumulate_block,
+    cg_solve_rows,
+    cholesky_solve_rows,
+    solve_accumulated,
+)
+from wals_ooc.kernels.topk import new_heaps, topk_finish, topk_update
+
+from .reference import dense_objective, dense_solve, random_interactions
+
+SETTINGS = [
+    dict(kind="linear", alpha=2.0, alpha0=1.0, lam=0.1, nu=0.0),
+    dict(kind="log", alpha=3.0, alpha0=0.5, lam=0.05, nu=0.0),
+    dict(kind="constant", alpha=4.0, alpha0=0.1, lam=0.01, nu=1.0),
+]
+
+
+def _problem(seed, n_rows=25, n_fixed=40, f=8, density=0.25, dtype=np.float32):
+    R = random_interactions(n_rows, n_fixed, density, seed)
+    rng = np.random.default_rng(seed + 100)
+    Y = rng.normal(0, 0.3, size=(n_fixed, f)).astype(dtype)
+    return R, Y
+
+
+def _args(setting):
+    return CONFIDENCE_KINDS[setting["kind"]], setting["alpha"], setting["alpha0"], 1.0, setting["lam"], setting["nu"]
+
+
+def _gram(Y, alpha0):
+    return (alpha0 * (Y.astype(np.float64).T @ Y.astype(np.float64))).astype(Y.dtype)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cholesky_equals_dense_closed_form(setting, seed):
+    R, Y = _problem(seed)
+    X = np.zeros((R.shape[0], Y.shape[1]), np.float32)
+    kind, alpha, alpha0, eps, lam, nu = _args(setting)
+    failures = cholesky_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), X,
+                                   kind, alpha, alpha0, eps, lam, nu)
+    assert failures == 0
+    expected = dense_solve(R, Y, **{k: setting[k] for k in ("kind", "alpha", "alpha0", "lam", "nu")})
+    np.testing.assert_allclose(X, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_cholesky_float64_is_exact(setting):
+    R, Y = _problem(7, dtype=np.float64)
+    X = np.zeros((R.shape[0], Y.shape[1]), np.float64)
+    kind, alpha, alpha0, eps, lam, nu = _args(setting)
+    cholesky_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), X,
+                        kind, alpha, alpha0, eps, lam, nu)
+    expected = dense_solve(R, Y, **{k: setting[k] for k in ("kind", "alpha", "alpha0", "lam", "nu")})
+    np.testing.assert_allclose(X, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_cg_converges_to_closed_form_with_more_steps(setting):
+    R, Y = _problem(3, dtype=np.float64)
+    kind, alpha, alpha0, eps, lam, nu = _args(setting)
+    expected = dense_solve(R, Y, **{k: setting[k] for k in ("kind", "alpha", "alpha0", "lam", "nu")})
+    errors = []
+    for steps in (1, 2, 4, 8):
+        X = np.zeros_like(expected)
+        cg_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), X,
+                      kind, alpha, alpha0, eps, lam, nu, steps)
+        errors.append(np.linalg.norm(X - expected) / np.linalg.norm(expected))
+    assert all(later <= earlier * 1.0001 for earlier, later in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-6, errors  # f = 8 steps: exact up to rounding
+
+
+def test_cg_float32_warm_start_reaches_closed_form():
+    R, Y = _problem(4)
+    setting = SETTINGS[0]
+    kind, alpha, alpha0, eps, lam, nu = _args(setting)
+    expected = dense_solve(R, Y, kind="linear", alpha=2.0, alpha0=1.0, lam=0.1)
+    X = np.zeros((R.shape[0], Y.shape[1]), np.float32)
+    errors = []
+    for _ in range(6):  # warm-started rounds of 3 steps, as successive training iterations do
+        cg_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), X,
+                      kind, alpha, alpha0, eps, lam, nu, 3)
+        errors.append(np.linalg.norm(X - expected) / np.linalg.norm(expected))
+    assert errors[0] < 0.2 and errors[-1] < 1e-4, errors
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_blocked_normal_equations_equal_closed_form(setting):
+    R, Y = _problem(5, dtype=np.float64)
+    n_rows, f = R.shape[0], Y.shape[1]
+    kind, alpha, alpha0, eps, lam, nu = _args(setting)
+    indptr = R.indptr.astype(np.int64)
+    A = np.zeros((n_rows, f, f))
+    b = np.zeros((n_rows, f))
+    cursor = indptr[:-1].copy()
+    for lo in range(0, Y.shape[0], 13):  # blocks of 13 fixed rows
+        hi = min(lo + 13, Y.shape[0])
+        accumulate_block(indptr, R.indices, R.data, cursor, lo, hi, Y[lo:hi], A, b, kind, alpha, alpha0, eps)
+    assert (cursor == indptr[1:]).all()
+    X = np.zeros((n_rows, f))
+    assert solve_accumulated(indptr, A, b, _gram(Y, alpha0), X, lam, nu, alpha0, Y.shape[0]) == 0
+    expected = dense_solve(R, Y, **{k: setting[k] for k in ("kind", "alpha", "alpha0", "lam", "nu")})
+    np.testing.assert_allclose(X, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_loss_pieces_sum_to_dense_objective(setting):
+    R, Y = _problem(6, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    X = rng.normal(0, 0.3, size=(R.shape[0], Y.shape[1]))
+    kind, alpha, alpha0, eps, lam, nu = _args(setting)
+    indptr = R.indptr.astype(np.int64)
+    quadratic, user_reg = row_penalties(indptr, X, _gram(Y, alpha0), lam, nu, alpha0, Y.shape[0])
+    cursor = indptr[:-1].copy()
+    observed = 0.0
+    for lo in (0, 20):  # two blocks give the same sum as one
+        observed += observed_loss_block(indptr, R.indices, R.data, cursor, lo, lo + 20, Y[lo:lo + 20], X,
+                                        kind, alpha, alpha0, eps)
+    RT = R.T.tocsr()
+    _, item_reg = row_penalties(RT.indptr.astype(np.int64), Y, _gram(X, alpha0), lam, nu, alpha0, X.shape[0])
+    expected = dense_objective(R, X, Y, **{k: setting[k] for k in ("kind", "alpha", "alpha0", "lam", "nu")})
+    np.testing.assert_allclose(quadratic + observed + user_reg + item_reg, expected, rtol=1e-9)
+
+
+def test_topk_equals_argsort_with_exclusions():
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(30, 200)).astype(np.float32)
+    liked = random_interactions(30, 200, 0.1, seed=2)
+    k = 7
+    heap_scores, heap_ids = new_heaps(30, k)
+    cursor = liked.indptr[:-1].astype(np.int64).copy()
+    for lo in range(0, 200, 64):  # blocks of items, as recommend streams them
+        cols = np.arange(lo, min(lo + 64, 200), dtype=np.int64)
+        topk_update(np.ascontiguousarray(scores[:, cols]), cols, liked.indptr.astype(np.int64),
+                    liked.indices.astype(np.int64), cursor, heap_scores, heap_ids)
+    topk_finish(heap_scores, heap_ids)
+    masked = np.where(liked.toarray() > 0, -np.inf, scores)
+    expected = np.argsort(-masked, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(heap_ids, expected)
+    np.testing.assert_allclose(heap_scores, np.take_along_axis(masked, expected, 1))
+
+
+def test_topk_with_fewer_candidates_than_k_pads_with_minus_one():
+    scores = np.array([[0.5, 0.1, 0.9]], np.float32)
+    heap_scores, heap_ids = new_heaps(1, 5)
+    cursor = np.zeros(1, np.int64)
+    topk_update(scores, np.arange(3, dtype=np.int64), np.array([0, 1], np.int64), np.array([1], np.int64),
+                cursor, heap_scores, heap_ids)
+    topk_finish(heap_scores, heap_ids)
+    assert heap_ids.tolist() == [[2, 0, -1, -1, -1]]

@@ -1,0 +1,56 @@
+"""Training objective of implicit ALS, in pieces that can be summed over shards.
+
+For a side whose rows are X and fixed side Y (see ``solve`` for the notation), the objective is
+
+    sum_u [ x_u^T gram x_u + sum_{i in S_u} (c_ui (1 - s)^2 - alpha0 s^2) + reg_u |x_u|^2 ] + other side's reg
+
+with s = x_u . y_i and gram = alpha0 Y^T Y: the Gram trick turns the sum over every (u, i) pair
+into one f x f quadratic form per row plus a correction on the observed entries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .solve import _JIT, _dot, confidence, row_regularization
+
+
+@njit(**_JIT)
+def row_penalties(indptr, X, gram, lam, nu, alpha0, n_fixed):
+    """(sum_u x_u^T gram x_u, sum_u reg_u |x_u|^2) over the shard's rows, in float64."""
+    n_rows, f = X.shape
+    quadratic = 0.0
+    regularization = 0.0
+    for u in range(n_rows):
+        x = X[u]
+        for j in range(f):
+            acc = 0.0
+            for k in range(f):
+                acc += gram[j, k] * x[k]
+            quadratic += acc * x[j]
+        reg = row_regularization(indptr[u + 1] - indptr[u], lam, nu, alpha0, n_fixed)
+        regularization += reg * _dot(x, x, f)
+    return quadratic, regularization
+
+
+@njit(**_JIT)
+def observed_loss_block(indptr, indices, values, cursor, block_lo, block_hi, Y_block, X, kind, alpha, alpha0, eps):
+    """sum over observed entries with column in [block_lo, block_hi) of c (1 - s)^2 - alpha0 s^2.
+
+    cursor: (n_rows,) int64 next unread entry of each row, advanced past the block. For a fixed
+    side held whole, pass cursor = indptr[:-1], block [0, n_fixed) and Y_block = Y.
+    """
+    n_rows, f = X.shape
+    total = 0.0
+    for u in range(n_rows):
+        x = X[u]
+        idx = cursor[u]
+        stop = indptr[u + 1]
+        while idx < stop and indices[idx] < block_hi:
+            s = _dot(Y_block[indices[idx] - block_lo], x, f)
+            c = confidence(values[idx], kind, alpha, alpha0, eps)
+            total += c * (1.0 - s) * (1.0 - s) - alpha0 * s * s
+            idx += 1
+        cursor[u] = idx
+    return total

@@ -1,0 +1,241 @@
+"""Row solves of implicit ALS: for each row u of a shard, minimise over x
+
+    sum_{i in S_u} c_ui (1 - x.y_i)^2 + alpha0 * sum_{i not in S_u} (x.y_i)^2 + reg_u |x|^2
+
+whose normal equations are
+
+    (alpha0 * Y^T Y + sum_{i in S_u} (c_ui - alpha0) y_i y_i^T + reg_u I) x = sum_{i in S_u} c_ui y_i.
+
+``gram`` is always ``alpha0 * Y^T Y`` (f x f) of the whole fixed side. Confidence
+``c = alpha0 + alpha * g(r)`` with g(r) = r (linear), log(1 + r / eps) (log) or 1 (constant);
+with alpha0 = 1 and linear this is Hu, Koren & Volinsky (2008). Regularisation is
+``reg_u = lam * (n_u + alpha0 * n_fixed) ** nu`` (nu = 0: plain lam; nu = 1: Rendle et al. 2022).
+
+Every kernel works on one shard: CSR arrays with a local ``indptr``, column indices into the
+fixed factor matrix ``Y`` (n_fixed x f, C-contiguous), and the shard's output rows ``X``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+LINEAR, LOG, CONSTANT = 0, 1, 2
+CONFIDENCE_KINDS = {"linear": LINEAR, "log": LOG, "constant": CONSTANT}
+
+_JIT = dict(cache=True, nogil=True, fastmath=True)
+
+
+@njit(**_JIT)
+def confidence(value, kind, alpha, alpha0, eps):
+    """c = alpha0 + alpha * g(value); see the module docstring."""
+    if kind == LINEAR:
+        return alpha0 + alpha * value
+    if kind == LOG:
+        return alpha0 + alpha * np.log1p(value / eps)
+    return alpha0 + alpha
+
+
+@njit(**_JIT)
+def row_regularization(count, lam, nu, alpha0, n_fixed):
+    """lam * (count + alpha0 * n_fixed) ** nu; plain lam when nu == 0."""
+    if nu == 0.0:
+        return lam
+    return lam * (count + alpha0 * n_fixed) ** nu
+
+
+@njit(**_JIT)
+def _dot(a, b, f):
+    total = a[0] * 0
+    for k in range(f):
+        total += a[k] * b[k]
+    return total
+
+
+@njit(**_JIT)
+def _symv(G, x, out, f):
+    """out = G @ x for a symmetric f x f G."""
+    for j in range(f):
+        acc = G[j, 0] * 0
+        for k in range(f):
+            acc += G[j, k] * x[k]
+        out[j] = acc
+
+
+@njit(**_JIT)
+def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, cg_steps):
+    """Conjugate-gradient solve of every row, warm-started from X (updated in place).
+
+    Never forms the f x f system: each step costs one pass over the row's entries (a dot and an
+    axpy each) plus one f x f product with gram, as in implicit's CG (Takacs et al. 2011).
+    """
+    n_rows, f = X.shape
+    n_fixed = Y.shape[0]
+    r = np.empty(f, dtype=X.dtype)
+    p = np.empty(f, dtype=X.dtype)
+    Ap = np.empty(f, dtype=X.dtype)
+    for u in range(n_rows):
+        start, stop = indptr[u], indptr[u + 1]
+        reg = row_regularization(stop - start, lam, nu, alpha0, n_fixed)
+        x = X[u]
+        # r = b - A x
+        _symv(gram, x, r, f)
+        for k in range(f):
+            r[k] = -r[k] - reg * x[k]
+        for idx in range(start, stop):
+            y = Y[indices[idx]]
+            c = confidence(values[idx], kind, alpha, alpha0, eps)
+            coef = c - (c - alpha0) * _dot(y, x, f)
+            for k in range(f):
+                r[k] += coef * y[k]
+        rs_old = _dot(r, r, f)
+        if rs_old < 1e-20:
+            continue
+        for k in range(f):
+            p[k] = r[k]
+        for _ in range(cg_steps):
+            _symv(gram, p, Ap, f)
+            for k in range(f):
+                Ap[k] += reg * p[k]
+            for idx in range(start, stop):
+                y = Y[indices[idx]]
+                c = confidence(values[idx], kind, alpha, alpha0, eps)
+                coef = (c - alpha0) * _dot(y, p, f)
+                for k in range(f):
+                    Ap[k] += coef * y[k]
+            step = rs_old / _dot(p, Ap, f)
+            for k in range(f):
+                x[k] += step * p[k]
+                r[k] -= step * Ap[k]
+            rs_new = _dot(r, r, f)
+            if rs_new < 1e-20:
+                break
+            beta = rs_new / rs_old
+            for k in range(f):
+                p[k] = r[k] + beta * p[k]
+            rs_old = rs_new
+
+
+@njit(**_JIT)
+def cholesky_solve_inplace(A, b, f):
+    """Solve A z = b for symmetric positive definite A (lower triangle used); A and b overwritten, z in b.
+
+    Returns False when A is not positive definite (a pivot <= 0).
+    """
+    for j in range(f):
+        diag = A[j, j]
+        for k in range(j):
+            diag -= A[j, k] * A[j, k]
+        if diag <= 0:
+            return False
+        diag = np.sqrt(diag)
+        A[j, j] = diag
+        for i in range(j + 1, f):
+            acc = A[i, j]
+            for k in range(j):
+                acc -= A[i, k] * A[j, k]
+            A[i, j] = acc / diag
+    for i in range(f):  # L z = b
+        acc = b[i]
+        for k in range(i):
+            acc -= A[i, k] * b[k]
+        b[i] = acc / A[i, i]
+    for i in range(f - 1, -1, -1):  # L^T x = z
+        acc = b[i]
+        for k in range(i + 1, f):
+            acc -= A[k, i] * b[k]
+        b[i] = acc / A[i, i]
+    return True
+
+
+@njit(**_JIT)
+def _add_rank_one_lower(A, y, weight, f):
+    for i in range(f):
+        wy = weight * y[i]
+        for k in range(i + 1):
+            A[i, k] += wy * y[k]
+
+
+@njit(**_JIT)
+def cholesky_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu):
+    """Exact solve of every row: form the f x f normal equations (lower triangle) and factor them.
+
+    Returns the number of rows whose system was not positive definite (left unchanged).
+    """
+    n_rows, f = X.shape
+    n_fixed = Y.shape[0]
+    A = np.empty((f, f), dtype=np.float64)
+    b = np.empty(f, dtype=np.float64)
+    failures = 0
+    for u in range(n_rows):
+        start, stop = indptr[u], indptr[u + 1]
+        reg = row_regularization(stop - start, lam, nu, alpha0, n_fixed)
+        for i in range(f):
+            b[i] = 0.0
+            for k in range(i + 1):
+                A[i, k] = gram[i, k]
+            A[i, i] += reg
+        for idx in range(start, stop):
+            y = Y[indices[idx]]
+            c = confidence(values[idx], kind, alpha, alpha0, eps)
+            _add_rank_one_lower(A, y, c - alpha0, f)
+            for k in range(f):
+                b[k] += c * y[k]
+        if cholesky_solve_inplace(A, b, f):
+            for k in range(f):
+                X[u, k] = b[k]
+        else:
+            failures += 1
+    return failures
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocked normal equations: the fixed side is streamed in row blocks (as Spark's block ALS does)
+# when it does not fit in memory. Columns are sorted within each row, so each row's entries in
+# block [lo, hi) start at its cursor and the cursor only moves forward.
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def accumulate_block(indptr, indices, values, cursor, block_lo, block_hi, Y_block, A, b, kind, alpha, alpha0, eps):
+    """Add the entries with column in [block_lo, block_hi) to each row's normal equations.
+
+    A: (n_rows, f, f) float64, lower triangles; b: (n_rows, f) float64; cursor: (n_rows,) int64,
+    each row's next unread entry (start it at indptr[:-1]).
+    """
+    n_rows = len(indptr) - 1
+    f = Y_block.shape[1]
+    for u in range(n_rows):
+        idx = cursor[u]
+        stop = indptr[u + 1]
+        while idx < stop and indices[idx] < block_hi:
+            y = Y_block[indices[idx] - block_lo]
+            c = confidence(values[idx], kind, alpha, alpha0, eps)
+            _add_rank_one_lower(A[u], y, c - alpha0, f)
+            for k in range(f):
+                b[u, k] += c * y[k]
+            idx += 1
+        cursor[u] = idx
+
+
+@njit(**_JIT)
+def solve_accumulated(indptr, A, b, gram, X, lam, nu, alpha0, n_fixed):
+    """Finish blocked normal equations (add gram and reg) and solve each row into X.
+
+    Returns the number of rows whose system was not positive definite (left unchanged).
+    """
+    n_rows, f = X.shape
+    failures = 0
+    for u in range(n_rows):
+        reg = row_regularization(indptr[u + 1] - indptr[u], lam, nu, alpha0, n_fixed)
+        Au = A[u]
+        for i in range(f):
+            for k in range(i + 1):
+                Au[i, k] += gram[i, k]
+            Au[i, i] += reg
+        if cholesky_solve_inplace(Au, b[u], f):
+            for k in range(f):
+                X[u, k] = b[u, k]
+        else:
+            failures += 1
+    return failures
