@@ -17,21 +17,24 @@ from .solve import _JIT, _dot, confidence, row_regularization
 
 
 @njit(**_JIT)
+def regularization_sum(indptr, X, lam, nu, alpha0, n_fixed):
+    """sum_u reg_u |x_u|^2 over the shard's rows, in float64."""
+    n_rows, f = X.shape
+    total = 0.0
+    for u in range(n_rows):
+        reg = row_regularization(indptr[u + 1] - indptr[u], lam, nu, alpha0, n_fixed)
+        total += reg * _dot(X[u], X[u], f)
+    return total
+
+
+def gram_quadratic(X, gram):
+    """sum_u x_u^T gram x_u (float64), through one matrix product."""
+    return float(np.einsum("ij,ij->", X @ gram, X, dtype=np.float64))
+
+
 def row_penalties(indptr, X, gram, lam, nu, alpha0, n_fixed):
     """(sum_u x_u^T gram x_u, sum_u reg_u |x_u|^2) over the shard's rows, in float64."""
-    n_rows, f = X.shape
-    quadratic = 0.0
-    regularization = 0.0
-    for u in range(n_rows):
-        x = X[u]
-        for j in range(f):
-            acc = 0.0
-            for k in range(f):
-                acc += gram[j, k] * x[k]
-            quadratic += acc * x[j]
-        reg = row_regularization(indptr[u + 1] - indptr[u], lam, nu, alpha0, n_fixed)
-        regularization += reg * _dot(x, x, f)
-    return quadratic, regularization
+    return gram_quadratic(X, gram), regularization_sum(indptr, X, lam, nu, alpha0, n_fixed)
 
 
 @njit(**_JIT)

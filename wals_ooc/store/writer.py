@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -40,7 +41,7 @@ from .sources import BadRowReport, InputError, InputSpec, RowBatch, read_batches
 RECORD = np.dtype([("row", np.int32), ("col", np.int32), ("value", np.float32)])
 # bytes of working memory per entry while assembling one shard (records, sort keys, order, output)
 ASSEMBLE_BYTES_PER_NNZ = 48
-DEFAULT_ROW_BLOCK = 1024
+DEFAULT_ROW_BLOCK = 4096
 
 
 @dataclass
@@ -247,6 +248,7 @@ def write_store(
                 "n_items": report.n_items,
                 "nnz": report.nnz,
                 "id_kind": id_kind,
+                "store_id": uuid.uuid4().hex,
                 "rows_read": report.rows_read,
                 "duplicates_summed": report.duplicates_summed,
                 "zeros_dropped": report.bad_rows.zeros_dropped,

@@ -1,0 +1,223 @@
+"""The training loop: initialise or resume a factor store, then alternate planned half-sweeps,
+committing a checkpoint after each one."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import dask
+import threadpoolctl
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import WALSConfig
+from ..memory import MemoryBudget
+from ..store.reader import InteractionStore
+from .factors import Checkpoint, FactorStore, check_interactions_match
+from .half_sweep import HalfSweepJob, LocalState, init_task, release_caches, run_half_sweep, run_tasks
+from .plan import HalfSweepPlan, plan_half_sweep
+
+log = logging.getLogger("wals_ooc")
+
+SIDES = ("user", "item")
+
+
+@dataclass
+class IterationReport:
+    """One finished iteration: its objective and where its time went."""
+
+    iteration: int
+    loss: float | None
+    seconds: float
+    user_seconds: float
+    item_seconds: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def worker_threads(client) -> int:
+    """Threads of one worker process: the concurrency a per-process plan must budget for."""
+    if client is None:
+        return os.cpu_count() or 1
+    per_worker = client.nthreads()
+    return max(per_worker.values()) if per_worker else 1
+
+
+def _block_nnz(store: InteractionStore, side: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each shard: first row of each row block and the entries in it (read at block bounds only)."""
+    n_rows = store.n_rows(side)
+    starts = np.arange(0, n_rows, store.row_block, dtype=np.int64)
+    at = store.group[{"user": "by_user", "item": "by_item"}[side]]["indptr"].get_coordinate_selection(
+        np.append(starts, n_rows)
+    )
+    per_block = np.diff(at)
+    out = []
+    for lo, hi in store.shard_ranges(side):
+        mask = (starts >= lo) & (starts < hi)
+        out.append((starts[mask], per_block[mask]))
+    return out
+
+
+def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, concurrency: int,
+               local: bool = True) -> dict[str, HalfSweepPlan]:
+    """The plan of each side's half-sweep (the same every iteration)."""
+    itemsize = config.np_dtype.itemsize
+    return {
+        side: plan_half_sweep(
+            side,
+            store.shard_ranges(side),
+            _block_nnz(store, side),
+            store.n_rows("item" if side == "user" else "user"),
+            config.factors,
+            itemsize,
+            config.solver,
+            allowance,
+            concurrency,
+            local,
+        )
+        for side in SIDES
+    }
+
+
+def _open_or_create(store, location, config, resume, storage_options) -> FactorStore:
+    if resume and FactorStore.exists(location, storage_options):
+        model = FactorStore.open(location, "r+", storage_options)
+        check_interactions_match(model, store)
+        recorded = model.config
+        wanted = config.objective_dict()
+        have = recorded.objective_dict()
+        if config.random_state is None:
+            wanted["random_state"] = have["random_state"]
+        if wanted != have:
+            diff = {k: (have[k], wanted[k]) for k in wanted if have[k] != wanted[k]}
+            raise ValueError(f"model {location} was trained with other settings {diff}; pass resume=False to start over")
+        return model
+    seed = config.random_state if config.random_state is not None else int(np.random.SeedSequence().entropy % 2**31)
+    return FactorStore.create(location, config, store, seed, storage_options)
+
+
+def _initialise(model: FactorStore, store: InteractionStore, config: WALSConfig, client, threads: int) -> None:
+    tasks = []
+    span = store.row_block * 64
+    for side in SIDES:
+        n = store.n_rows(side)
+        for lo in range(0, n, span):
+            tasks.append(
+                dask.delayed(init_task, pure=False)(
+                    model.location, model.storage_options, side, 0, lo, min(n, lo + span), model.seed,
+                    store.row_block, config.init_scale, config.dtype, dask_key_name=f"init-{side}-{lo}",
+                )
+            )
+    grams = run_tasks(tasks, client, threads)
+    sides = [side for side in SIDES for _ in range(0, store.n_rows(side), span)]
+    for side in SIDES:
+        model.set_gram(side, 0, _sum_in_order(g for g, s in zip(grams, sides) if s == side))
+    model.commit(Checkpoint(step=0, slots={"user": 0, "item": 0}))
+
+
+def _sum_in_order(parts) -> np.ndarray:
+    """Sum f x f partials in the given order (fixed order: the same result on any scheduler)."""
+    total = None
+    for part in parts:
+        total = part.copy() if total is None else total + part
+    return total
+
+
+def train(
+    store: InteractionStore,
+    model_location: str,
+    config: WALSConfig,
+    *,
+    client=None,
+    threads: int | None = None,
+    resume: bool = True,
+    callback: Callable[[int, float, float | None], None] | None = None,
+    progress: bool | None = None,
+    memory_budget: int | str | None = None,
+    storage_options: dict | None = None,
+) -> FactorStore:
+    """Fit factors into ``model_location``, resuming from its last completed half-sweep.
+
+    callback(iteration, seconds, loss) is called after each iteration, like implicit's.
+    """
+    budget = MemoryBudget.start(memory_budget)
+    threads = threads or worker_threads(client)
+    model = _open_or_create(store, model_location, config, resume, storage_options)
+    if model.checkpoint is None:
+        _initialise(model, store, config, client, threads)
+    local = client is None
+    plans = make_plans(store, config, budget.allowance, threads, local)
+    for plan in plans.values():
+        log.info(plan.describe())
+    state = None
+    if local and all(p.mode == "resident" for p in plans.values()):
+        state = LocalState(cache_bytes=max(0, min(p.spare_bytes for p in plans.values())))
+
+    checkpoint = model.checkpoint
+    history = model.loss_history[: checkpoint.iteration]
+    total_steps = 2 * config.iterations
+    remaining_tasks = sum(len(plans[SIDES[s % 2]].tasks) for s in range(checkpoint.step, total_steps))
+    side_seconds = {"user": 0.0, "item": 0.0}
+    try:
+        with threadpoolctl.threadpool_limits(1, user_api="blas"), tqdm(total=remaining_tasks, desc="train", unit="shard", disable=None if progress is None else not progress) as bar:
+            if history and history[-1].get("loss") is not None:
+                bar.set_postfix(loss=f"{history[-1]['loss']:.6g}", it=checkpoint.iteration)
+            while checkpoint.step < total_steps:
+                started = time.perf_counter()
+                side = SIDES[checkpoint.step % 2]
+                fixed = SIDES[1 - checkpoint.step % 2]
+                plan = plans[side]
+                if state is not None:
+                    state.ensure(model.location, storage_options, fixed, checkpoint.slots[fixed])
+                    state.ensure(model.location, storage_options, side, checkpoint.slots[side])
+                gram = config.alpha0 * model.gram(fixed, checkpoint.slots[fixed])
+                job = HalfSweepJob(
+                    interactions=store.location, model=model.location, storage_options=storage_options,
+                    side=side, fixed_side=fixed, step=checkpoint.step, fixed_slot=checkpoint.slots[fixed],
+                    warm_slot=checkpoint.slots[side], out_slot=1 - checkpoint.slots[side], config=config,
+                    mode=plan.mode, solver=plan.solver, block_rows=plan.block_rows, row_batch=plan.row_batch,
+                    n_fixed=plan.n_fixed, gram=gram.astype(config.np_dtype), loss=config.compute_loss and side == "item",
+                )
+                label = f"{side}s-it{checkpoint.iteration:03d}"
+                try:
+                    results = run_half_sweep(job, plan.tasks, state, client, threads, bar, label)
+                except BaseException:
+                    state = None  # its arrays may hold a half-solved side: never reuse them
+                    raise
+                if state is not None:
+                    state.factors[side] = (state.factors[side][0], job.out_slot)
+                failures = sum(r.failures for r in results)
+                if failures:
+                    log.warning("%d %s rows had a singular system and kept their previous factors", failures, side)
+                model.set_gram(side, job.out_slot, _sum_in_order(r.gram for r in results))
+                side_seconds[side] = time.perf_counter() - started
+                slots = dict(checkpoint.slots)
+                slots[side] = job.out_slot
+                regularization = float(sum(r.regularization for r in results))
+                if side == "user":
+                    checkpoint = Checkpoint(checkpoint.step + 1, slots, pending_user_reg=regularization)
+                    model.commit(checkpoint)
+                    continue
+                loss = None
+                if config.compute_loss:
+                    loss = float(sum(r.quadratic + r.observed for r in results)) + regularization + checkpoint.pending_user_reg
+                report = IterationReport(
+                    checkpoint.iteration, loss, side_seconds["user"] + side_seconds["item"],
+                    side_seconds["user"], side_seconds["item"],
+                )
+                history.append(report.to_dict())
+                checkpoint = Checkpoint(checkpoint.step + 1, slots)
+                model.commit(checkpoint, history)
+                if loss is not None:
+                    bar.set_postfix(loss=f"{loss:.6g}", it=report.iteration + 1)
+                if callback is not None:
+                    callback(report.iteration, report.seconds, loss)
+        model.group.attrs.update({"complete": True, "config": config.to_dict(), "iterations_done": checkpoint.iteration})
+    finally:
+        release_caches()
+    return model
