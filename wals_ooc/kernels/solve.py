@@ -73,8 +73,11 @@ def max_row_nnz(indptr):
 
 
 @njit(**_JIT)
-def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, cg_steps):
+def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, cg_steps, observed_loss=False):
     """Conjugate-gradient solve of every row, warm-started from X (updated in place).
+
+    Returns sum over entries of c (1 - s)^2 - alpha0 s^2 at the solution (s = x.y) when
+    ``observed_loss`` is set (see ``loss``), computed from the gathered rows; else 0.
 
     Never forms a row's f x f system (Takacs et al. 2011, as implicit's CG). The fixed rows a
     row touches are gathered once into a contiguous scratch block with their confidences, so
@@ -88,6 +91,7 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     r = np.empty(f, dtype=X.dtype)
     p = np.empty(f, dtype=X.dtype)
     Ap = np.empty(f, dtype=X.dtype)
+    observed = 0.0
     for u in range(n_rows):
         start, stop = indptr[u], indptr[u + 1]
         n_u = stop - start
@@ -98,22 +102,22 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
         _symv(gram, x, r, f)
         for k in range(f):
             r[k] = -r[k] - reg * x[k]
-        for t in range(n_u):
-            y = Y[indices[start + t]]
-            if gathered:
+        if gathered:  # a loop of independent copies: many cache misses in flight at once
+            for t in range(n_u):
+                source = Y[indices[start + t]]
                 for k in range(f):
-                    Y_row[t, k] = y[k]
+                    Y_row[t, k] = source[k]
+        for t in range(n_u):
+            y = Y_row[t] if gathered else Y[indices[start + t]]
             c = confidence(values[start + t], kind, alpha, alpha0, eps)
             weight[t] = c - alpha0
             coef = c - weight[t] * _dot(y, x, f)
             for k in range(f):
                 r[k] += coef * y[k]
         rs_old = _dot(r, r, f)
-        if rs_old < 1e-20:
-            continue
         for k in range(f):
             p[k] = r[k]
-        for _ in range(cg_steps):
+        for _ in range(cg_steps if rs_old >= 1e-20 else 0):
             _symv(gram, p, Ap, f)
             for k in range(f):
                 Ap[k] += reg * p[k]
@@ -133,6 +137,13 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
             for k in range(f):
                 p[k] = r[k] + beta * p[k]
             rs_old = rs_new
+        if observed_loss:
+            for t in range(n_u):
+                y = Y_row[t] if gathered else Y[indices[start + t]]
+                score = _dot(y, x, f)
+                c = weight[t] + alpha0
+                observed += c * (1.0 - score) * (1.0 - score) - alpha0 * score * score
+    return observed
 
 
 @njit(**_JIT)

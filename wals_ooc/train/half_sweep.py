@@ -208,7 +208,9 @@ def solve_task(job: HalfSweepJob, task: SolveTask, local: LocalState | None = No
     if job.mode == "resident":
         Y = local.factors[job.fixed_side][0] if local is not None else _fixed_on_worker(job)
         if job.solver == "cg":
-            cg_solve_rows(csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu, cfg.cg_steps)
+            result.observed = cg_solve_rows(
+                csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu, cfg.cg_steps, job.loss
+            )
         else:
             result.failures = cholesky_solve_rows(csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu)
 
@@ -236,6 +238,7 @@ def solve_task(job: HalfSweepJob, task: SolveTask, local: LocalState | None = No
     result.regularization = regularization_sum(csr.indptr, X, lam, nu, float(cfg.alpha0), job.n_fixed)
     if job.loss:
         result.quadratic = gram_quadratic(X, job.gram)
+    if job.loss and not (job.mode == "resident" and job.solver == "cg"):  # CG returned it already
         cursor = csr.indptr[:-1].copy()
         for lo, hi, Y_block in fixed_blocks():
             result.observed += observed_loss_block(csr.indptr, csr.indices, csr.values, cursor, lo, hi, Y_block, X, kind, alpha, alpha0, eps)
