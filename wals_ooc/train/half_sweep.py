@@ -82,12 +82,20 @@ _blas_limited = False
 
 
 def single_threaded_blas_in_worker() -> None:
-    """Cap BLAS at one thread in a worker process, once: the parallelism is one task per thread,
-    and a BLAS thread pool per task would oversubscribe the cores (and spin while it waits)."""
+    """On a distributed worker, cap BLAS at one thread, once: the parallelism is one task per
+    thread, and a BLAS pool per task would oversubscribe the cores (and spin while it waits).
+    Locally the driver caps BLAS around the computation instead, and restores it after."""
     global _blas_limited
-    if not _blas_limited:
-        threadpoolctl.threadpool_limits(1, user_api="blas")
-        _blas_limited = True
+    if _blas_limited:
+        return
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return
+    threadpoolctl.threadpool_limits(1, user_api="blas")
+    _blas_limited = True
 
 
 def release_caches() -> None:
@@ -186,8 +194,7 @@ def _kernel_scalars(config: WALSConfig):
 def solve_task(job: HalfSweepJob, task: SolveTask, local: LocalState | None = None) -> TaskResult:
     """Solve rows ``[task.row_start, task.row_stop)`` of ``job.side`` and write them to ``job.out_slot``."""
     started = time.perf_counter()
-    if local is None:
-        single_threaded_blas_in_worker()
+    single_threaded_blas_in_worker()
     cfg = job.config
     store = _interactions(job.interactions, job.storage_options)
     lo_row, hi_row = task.row_start, task.row_stop

@@ -1,0 +1,160 @@
+"""Ranking metrics at K, computed streaming over the test store's user shards.
+
+For each test user known to the model: recommend the top K items, excluding the user's training
+items, and compare them with the held-out items T_u:
+
+    precision@K = hits / K                 recall@K = hits / |T_u|
+    ndcg@K      = DCG / ideal DCG (binary relevance, ideal over min(K, |T_u|) hits)
+    map@K       = sum_r P@r * rel_r / min(K, |T_u|)
+    auc         = 1 - mean over t in T_u of (# non-training, non-test items scored above t) / # such items
+
+Metrics are averaged over users with at least one held-out item the model knows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import dask
+import numpy as np
+import threadpoolctl
+
+from ..memory import MemoryBudget
+from ..serve.recommend import item_source, score_block_rows
+from ..serve.scoring import top_k
+from ..store.reader import InteractionStore
+from ..train.factors import FactorStore
+from ..train.half_sweep import run_tasks, single_threaded_blas_in_worker
+
+METRICS = ("precision", "recall", "ndcg", "map", "auc")
+
+
+@dataclass
+class MetricSums:
+    """Per-metric sums over users, and the counts they are divided by."""
+
+    users: int = 0
+    skipped_users: int = 0
+    skipped_items: int = 0
+    sums: dict = field(default_factory=lambda: {m: 0.0 for m in METRICS})
+
+    def add(self, other: MetricSums) -> None:
+        self.users += other.users
+        self.skipped_users += other.skipped_users
+        self.skipped_items += other.skipped_items
+        for m in METRICS:
+            self.sums[m] += other.sums[m]
+
+    def means(self, k: int) -> dict:
+        out = {f"{m}@{k}" if m != "auc" else m: (self.sums[m] / self.users if self.users else float("nan")) for m in METRICS}
+        out.update(users=self.users, skipped_users=self.skipped_users, skipped_test_items=self.skipped_items)
+        return out
+
+
+def ranking_metrics(rec_ids: np.ndarray, test_indptr: np.ndarray, test_ids: np.ndarray, outranked: np.ndarray | None,
+                    n_candidates: np.ndarray | None, k: int) -> MetricSums:
+    """Metric sums for a batch of users from their top-K lists and held-out ids (CSR, sorted)."""
+    sums = MetricSums()
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    for u in range(len(test_indptr) - 1):
+        truth = test_ids[test_indptr[u] : test_indptr[u + 1]]
+        if not len(truth):
+            continue
+        relevant = np.isin(rec_ids[u, :k], truth)
+        hits = int(relevant.sum())
+        sums.users += 1
+        sums.sums["precision"] += hits / k
+        sums.sums["recall"] += hits / len(truth)
+        ideal = discounts[: min(k, len(truth))].sum()
+        sums.sums["ndcg"] += float((relevant * discounts).sum() / ideal)
+        precision_at = np.cumsum(relevant) / np.arange(1, k + 1)
+        sums.sums["map"] += float((precision_at * relevant).sum() / min(k, len(truth)))
+        if outranked is not None:
+            negatives = n_candidates[u]
+            ranks = outranked[test_indptr[u] : test_indptr[u + 1]]
+            sums.sums["auc"] += float(1.0 - (ranks / negatives).mean()) if negatives > 0 else 1.0
+    return sums
+
+
+def _evaluate_shard(model_location, train_location, test_location, storage_options, lo, hi, k, allowance, max_users_seed):
+    single_threaded_blas_in_worker()
+    model = FactorStore.open(model_location, "r", storage_options)
+    train = InteractionStore(train_location, storage_options)
+    test = InteractionStore(test_location, storage_options)
+    shard = test.rows("user", lo, hi)
+    has_rows = np.diff(shard.indptr) > 0
+    users = train.index_of("user", test.ids("user")[lo:hi], missing="mark")
+    sums = MetricSums()
+    known = (users >= 0) & has_rows
+    sums.skipped_users = int(((users < 0) & has_rows).sum())
+    if max_users_seed is not None:
+        fraction, seed = max_users_seed
+        known &= np.random.default_rng([seed, lo]).random(len(known)) < fraction
+    rows = np.flatnonzero(known)
+    if not len(rows):
+        return sums
+    # held-out items in the model's item numbering; unknown items are dropped and counted
+    test_indptr = [0]
+    test_ids = []
+    item_map = test.ids("item")
+    for r in rows:
+        items = train.index_of("item", item_map[shard.indices[shard.indptr[r] : shard.indptr[r + 1]]], missing="mark")
+        sums.skipped_items += int((items < 0).sum())
+        items = np.sort(items[items >= 0])
+        test_ids.append(items)
+        test_indptr.append(test_indptr[-1] + len(items))
+    test_csr = (np.asarray(test_indptr, np.int64), np.concatenate(test_ids).astype(np.int64))
+    # training items to exclude: the train store's rows of these users
+    user_rows = users[rows]
+    exclude_indptr = [0]
+    exclude_ids = []
+    span = train.rows("user", int(user_rows.min()), int(user_rows.max()) + 1)
+    for u in user_rows:
+        local = u - span.row_start
+        ids = span.indices[span.indptr[local] : span.indptr[local + 1]]
+        exclude_ids.append(ids)
+        exclude_indptr.append(exclude_indptr[-1] + len(ids))
+    exclude = (np.asarray(exclude_indptr, np.int64), np.concatenate(exclude_ids).astype(np.int64))
+    queries = np.asarray(model.current("user").get_orthogonal_selection((user_rows, slice(None))))
+    block_rows = score_block_rows(len(rows), queries.shape[1], allowance)
+    rec_ids, _, outranked = top_k(queries, item_source(model, allowance, block_rows), k, exclude=exclude, test=test_csr)
+    n_candidates = train.n_items - np.diff(exclude[0]) - np.diff(test_csr[0])
+    batch = ranking_metrics(rec_ids, test_csr[0], test_csr[1], outranked, n_candidates, k)
+    batch.skipped_users, batch.skipped_items = sums.skipped_users, sums.skipped_items
+    return batch
+
+
+def evaluate(
+    model: FactorStore,
+    train: InteractionStore,
+    test: InteractionStore,
+    k: int = 10,
+    user_fraction: float | None = None,
+    seed: int = 0,
+    client=None,
+    threads: int | None = None,
+    memory_budget=None,
+    storage_options: dict | None = None,
+) -> dict:
+    """precision@k, recall@k, ndcg@k, map@k and AUC of a model on a held-out store.
+
+    user_fraction: evaluate a seeded random share of the test users (None: all of them).
+    """
+    budget = MemoryBudget.start(memory_budget)
+    threads = threads or (os.cpu_count() or 1)
+    allowance = budget.allowance // max(1, threads)
+    sample = None if user_fraction is None else (float(user_fraction), seed)
+    tasks = [
+        dask.delayed(_evaluate_shard, pure=False)(
+            model.location, train.location, test.location, storage_options, lo, hi, k, allowance, sample,
+            dask_key_name=f"evaluate-shard{n:05d}",
+        )
+        for n, (lo, hi) in enumerate(test.shard_ranges("user"))
+        if hi > lo
+    ]
+    total = MetricSums()
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        for part in run_tasks(tasks, client, threads):
+            total.add(part)
+    return total.means(k)

@@ -1,0 +1,94 @@
+"""Out-of-core train/test split of an interaction store, per user, seeded.
+
+Each user shard is split independently with a generator seeded by (seed, shard), so the split
+does not depend on the scheduler or the budget. The two outputs are ordinary interaction stores
+keyed by the original ids, written by the same out-of-core writer as ``convert``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from ..store.reader import CSRShard, InteractionStore
+from ..store.sources import RowBatch
+from ..store.writer import ConvertReport, write_store
+
+METHODS = ("random", "leave_one_out")
+
+
+def held_out_mask(shard: CSRShard, method: str, test_fraction: float, min_train: int, rng: np.random.Generator) -> np.ndarray:
+    """Which entries of a shard go to the test side (bool per entry).
+
+    random: round(test_fraction * n_u) random entries of each user; leave_one_out: one random
+    entry. Either way a user keeps at least ``min_train`` entries in training.
+    """
+    counts = np.diff(shard.indptr)
+    if method == "random":
+        wanted = np.rint(test_fraction * counts).astype(np.int64)
+    elif method == "leave_one_out":
+        wanted = np.ones_like(counts)
+    else:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    wanted = np.clip(wanted, 0, np.maximum(0, counts - min_train))
+    rows = np.repeat(np.arange(len(counts)), counts)
+    keys = rng.random(len(rows))
+    order = np.lexsort((keys, rows))  # by row, then random key
+    position = np.empty(len(rows), np.int64)
+    position[order] = np.arange(len(rows)) - shard.indptr[rows[order]]
+    return position < wanted[rows]
+
+
+def _shard_batches(store: InteractionStore, method, test_fraction, min_train, seed, want_test: bool) -> Iterator[RowBatch]:
+    user_ids = store.ids("user")
+    item_ids = store.ids("item")
+    for k, (lo, hi) in enumerate(store.shard_ranges("user")):
+        shard = store.rows("user", lo, hi)
+        held = held_out_mask(shard, method, test_fraction, min_train, np.random.default_rng([seed, k]))
+        keep = held if want_test else ~held
+        rows = np.repeat(np.arange(lo, hi), np.diff(shard.indptr))[keep]
+        users, items = user_ids[rows], item_ids[shard.indices[keep]]
+        if store.id_kind == "str":
+            users, items = pa.array(users.astype(object), pa.string()), pa.array(items.astype(object), pa.string())
+        if keep.any():
+            yield RowBatch(users, items, shard.values[keep])
+
+
+@dataclass
+class SplitReport:
+    train: ConvertReport
+    test: ConvertReport
+
+
+def split(
+    store: InteractionStore | str,
+    train_out: str | os.PathLike,
+    test_out: str | os.PathLike,
+    method: str = "random",
+    test_fraction: float = 0.2,
+    min_train: int = 1,
+    seed: int = 0,
+    **store_options,
+) -> SplitReport:
+    """Write the train and test stores; each entry lands in exactly one of them."""
+    if isinstance(store, (str, os.PathLike)):
+        store = InteractionStore(store)
+    if not 0 <= test_fraction < 1:
+        raise ValueError("test_fraction must be in [0, 1)")
+    reports = []
+    for out, want_test in ((train_out, False), (test_out, True)):
+        reports.append(
+            write_store(
+                _shard_batches(store, method, test_fraction, min_train, seed, want_test),
+                out,
+                row_block=store.row_block,
+                source_attrs={"split_of": store.location, "method": method, "test_fraction": test_fraction,
+                              "seed": seed, "side": "test" if want_test else "train"},
+                **store_options,
+            )
+        )
+    return SplitReport(*reports)

@@ -1,0 +1,271 @@
+"""The user-facing model: ``WALS`` (fit, recommend, similar, fold-in, evaluate) and ``load``.
+
+In the spirit of ``implicit.als.AlternatingLeastSquares``, but the data and the factors stay on
+disk: ``fit`` takes an interaction store and writes a factor store; the serving methods take and
+return original ids.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import zarr
+
+from .config import WALSConfig
+from .evaluate.metrics import evaluate as evaluate_model
+from .memory import MemoryBudget, to_bytes
+from .serve.fold_in import fold_in, merge_entries
+from .serve.recommend import item_source, recommend_all as recommend_all_shards, score_block_rows
+from .serve.scoring import FactorSource, top_k
+from .store.reader import InteractionStore
+from .train.factors import FactorStore, default_model_location
+from .train.trainer import train
+
+
+def _as_store(store: InteractionStore | str | os.PathLike, storage_options: dict | None) -> InteractionStore:
+    return store if isinstance(store, InteractionStore) else InteractionStore(store, storage_options)
+
+
+class WALS:
+    """Implicit-feedback ALS (Hu, Koren & Volinsky 2008; Rendle et al. 2022 options) out of core.
+
+    Parameters are those of ``WALSConfig``; ``memory_budget`` caps each stage's peak RSS (bytes
+    or "8GB"; default half the RAM) and ``threads`` the local task threads (default all cores).
+    """
+
+    def __init__(
+        self,
+        factors: int = 64,
+        regularization: float = 0.01,
+        alpha: float = 1.0,
+        alpha0: float = 1.0,
+        confidence: str = "linear",
+        eps: float = 1.0,
+        nu: float = 0.0,
+        iterations: int = 15,
+        solver: str = "cg",
+        cg_steps: int = 3,
+        dtype: str = "float32",
+        random_state: int | None = None,
+        init_scale: float = 0.01,
+        compute_loss: bool = True,
+        memory_budget: int | str | None = None,
+        threads: int | None = None,
+    ):
+        self.config = WALSConfig(
+            factors=factors, regularization=regularization, alpha=alpha, alpha0=alpha0, confidence=confidence,
+            eps=eps, nu=nu, iterations=iterations, solver=solver, cg_steps=cg_steps, dtype=dtype,
+            random_state=random_state, init_scale=init_scale, compute_loss=compute_loss,
+        )
+        self.memory_budget = memory_budget
+        self.threads = threads
+        self.interactions: InteractionStore | None = None
+        self.factors_store: FactorStore | None = None
+        self.storage_options: dict | None = None
+
+    # -- training -------------------------------------------------------------------------------
+    def fit(
+        self,
+        store: InteractionStore | str | os.PathLike,
+        factors_store: str | os.PathLike | None = None,
+        client=None,
+        resume: bool = True,
+        callback: Callable[[int, float, float | None], None] | None = None,
+        progress: bool | None = None,
+        storage_options: dict | None = None,
+    ) -> WALS:
+        """Train on an interaction store, writing factors to ``factors_store``.
+
+        Default ``factors_store``: ``<store>-model.zarr`` beside the store. With ``resume`` an
+        existing factor store of the same data and settings continues from its last completed
+        half-sweep (also to train further after raising ``iterations``). ``client``: a
+        distributed Client to run the shard solves on its workers.
+        """
+        self.storage_options = storage_options
+        self.interactions = _as_store(store, storage_options)
+        location = os.fspath(factors_store) if factors_store is not None else default_model_location(self.interactions.location)
+        self.factors_store = train(
+            self.interactions, location, self.config, client=client, threads=self.threads, resume=resume,
+            callback=callback, progress=progress, memory_budget=self.memory_budget, storage_options=storage_options,
+        )
+        return self
+
+    def _trained(self) -> tuple[InteractionStore, FactorStore]:
+        if self.factors_store is None or self.interactions is None:
+            raise RuntimeError("the model has no factors: fit it or wals_ooc.load() a trained one")
+        return self.interactions, self.factors_store
+
+    # -- factors --------------------------------------------------------------------------------
+    @property
+    def user_factors(self) -> zarr.Array:
+        """Current user factors (n_users x f) as a Zarr array: slice it, nothing is loaded."""
+        return self._trained()[1].current("user")
+
+    @property
+    def item_factors(self) -> zarr.Array:
+        return self._trained()[1].current("item")
+
+    @property
+    def loss_history(self) -> list[dict]:
+        return self._trained()[1].loss_history
+
+    def to_numpy(self) -> tuple[np.ndarray, np.ndarray]:
+        """(user_factors, item_factors) as NumPy arrays: loads both whole, so check they fit."""
+        model = self._trained()[1]
+        needed = model.current("user").nbytes + model.current("item").nbytes
+        if needed > to_bytes(self.memory_budget):
+            raise MemoryError(f"factors take {needed} bytes, over the memory budget; slice user_factors instead")
+        return model.current("user")[:], model.current("item")[:]
+
+    def to_implicit(self):
+        """An ``implicit.cpu.als.AlternatingLeastSquares`` holding these factors (loads them)."""
+        from implicit.cpu.als import AlternatingLeastSquares
+
+        users, items = self.to_numpy()
+        cfg = self.config
+        model = AlternatingLeastSquares(factors=cfg.factors, regularization=cfg.regularization, alpha=cfg.alpha,
+                                        iterations=cfg.iterations, dtype=cfg.np_dtype)
+        model.user_factors, model.item_factors = users, items
+        return model
+
+    # -- serving --------------------------------------------------------------------------------
+    def _allowance(self) -> int:
+        return MemoryBudget.start(self.memory_budget).allowance
+
+    def _liked(self, side: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """CSR (indptr, sorted ids) of the stored entries of the given rows."""
+        store = self._trained()[0]
+        indptr, ids = [0], []
+        for row in rows:  # row -1: unknown to the store, nothing to exclude
+            found = store.rows(side, int(row), int(row) + 1).indices if row >= 0 else np.zeros(0, np.int32)
+            ids.append(found.astype(np.int64))
+            indptr.append(indptr[-1] + len(found))
+        return np.asarray(indptr, np.int64), (np.concatenate(ids) if ids else np.zeros(0, np.int64))
+
+    def recommend(
+        self,
+        user_ids: Any,
+        N: int = 10,
+        filter_already_liked: bool = True,
+        items: Iterable | None = None,
+        user_vectors: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-N (original item ids, scores) for each user, best first; shapes (n_users, N).
+
+        items: restrict candidates to these original item ids. user_vectors: score these
+        vectors (e.g. from ``recalculate_user``) instead of the stored users' factors.
+        Slots beyond the available candidates hold -1 (or "") with score -inf.
+        """
+        store, model = self._trained()
+        if user_vectors is None:
+            rows = store.index_of("user", user_ids)
+            queries = _rows_of(model.current("user"), rows)
+        else:  # new users may be unknown to the store: they have nothing to filter
+            queries = np.atleast_2d(user_vectors)
+            rows = store.index_of("user", user_ids, missing="mark") if user_ids is not None else np.full(len(queries), -1)
+        candidates = None if items is None else np.unique(store.index_of("item", list(items)))
+        exclude = self._liked("user", rows) if filter_already_liked else None
+        allowance = self._allowance()
+        source = item_source(model, allowance, score_block_rows(len(queries), queries.shape[1], allowance))
+        ids, scores, _ = top_k(queries, source, N, exclude=exclude, candidates=candidates)
+        return _original_ids(store.ids("item"), ids), scores
+
+    def recommend_all(self, N: int = 10, output: str | os.PathLike | None = None, filter_already_liked: bool = True,
+                      format: str = "zarr", client=None, overwrite: bool = False) -> str:
+        """Write top-N for every user to ``output`` (Zarr group or Parquet directory), streaming shards."""
+        store, model = self._trained()
+        output = os.fspath(output) if output is not None else model.location.rstrip("/") + f"-top{N}" + (".zarr" if format == "zarr" else "")
+        return recommend_all_shards(model, store, output, N, filter_already_liked, format, client, self.threads,
+                                    self.memory_budget, self.storage_options, overwrite)
+
+    def _similar(self, side: str, ids: Any, N: int, filter_self: bool) -> tuple[np.ndarray, np.ndarray]:
+        store, model = self._trained()
+        rows = store.index_of(side, ids)
+        array = model.current(side)
+        allowance = self._allowance()
+        source = FactorSource(array, score_block_rows(len(rows), array.shape[1], allowance), normalized=True)
+        queries = source.rows(rows)
+        exclude = (np.arange(len(rows) + 1, dtype=np.int64), rows.astype(np.int64)) if filter_self else None
+        ids_out, scores, _ = top_k(queries, source, N, exclude=exclude)
+        return _original_ids(store.ids(side), ids_out), scores
+
+    def similar_items(self, item_ids: Any, N: int = 10, filter_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The N items most similar (cosine of factors) to each given item; itself first unless filtered."""
+        return self._similar("item", item_ids, N, filter_self)
+
+    def similar_users(self, user_ids: Any, N: int = 10, filter_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        return self._similar("user", user_ids, N, filter_self)
+
+    def _recalculate(self, side: str, interactions: Any) -> np.ndarray:
+        store, model = self._trained()
+        other = "item" if side == "user" else "user"
+        ids, values = _pairs(interactions)
+        columns = store.index_of(other, ids, missing="mark")
+        if (columns < 0).any():
+            raise KeyError(f"unknown {other} ids: {np.asarray(ids)[columns < 0][:5].tolist()}")
+        columns, values = merge_entries(columns, values)
+        fixed = model.current(other)
+        rows = _rows_of(fixed, columns)
+        gram = model.gram(other, model.checkpoint.slots[other])
+        return fold_in(columns, values, rows, gram, fixed.shape[0], model.config)
+
+    def recalculate_user(self, interactions: Any) -> np.ndarray:
+        """Factors of a new or changed user from its interactions, without retraining.
+
+        interactions: {item_id: value}, or (item_ids, values), or a list of item ids (value 1).
+        Solved exactly against the frozen item factors with the model's settings.
+        """
+        return self._recalculate("user", interactions)
+
+    def recalculate_item(self, interactions: Any) -> np.ndarray:
+        """Factors of a new or changed item from {user_id: value} (see ``recalculate_user``)."""
+        return self._recalculate("item", interactions)
+
+    def evaluate(self, test: InteractionStore | str, k: int = 10, user_fraction: float | None = None, seed: int = 0,
+                 client=None) -> dict:
+        """Ranking metrics at k on a held-out store made by ``wals_ooc.split`` (see ``evaluate``)."""
+        store, model = self._trained()
+        return evaluate_model(model, store, _as_store(test, self.storage_options), k, user_fraction, seed, client,
+                              self.threads, self.memory_budget, self.storage_options)
+
+
+def _rows_of(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, np.int64)
+    unique, inverse = np.unique(rows, return_inverse=True)
+    return np.asarray(array.get_orthogonal_selection((unique, slice(None))))[inverse]
+
+
+def _original_ids(id_map: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    missing = -1 if np.issubdtype(id_map.dtype, np.integer) else ""
+    return np.where(rows >= 0, id_map[np.maximum(rows, 0)], missing)
+
+
+def _pairs(interactions: Any) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(interactions, dict):
+        return np.asarray(list(interactions.keys())), np.asarray(list(interactions.values()), np.float64)
+    if isinstance(interactions, tuple) and len(interactions) == 2:
+        return np.asarray(interactions[0]), np.asarray(interactions[1], np.float64)
+    ids = np.asarray(list(interactions))
+    return ids, np.ones(len(ids))
+
+
+def load(
+    path: str | os.PathLike,
+    interactions: InteractionStore | str | None = None,
+    memory_budget: int | str | None = None,
+    threads: int | None = None,
+    storage_options: dict | None = None,
+) -> WALS:
+    """Open a trained model from its factor store (and the interaction store it records)."""
+    model_store = FactorStore.open(path, "r", storage_options)
+    if model_store.checkpoint is None:
+        raise RuntimeError(f"{path} has no trained factors yet")
+    cfg = model_store.config
+    model = WALS(**{k: v for k, v in cfg.to_dict().items()}, memory_budget=memory_budget, threads=threads)
+    model.factors_store = model_store
+    model.storage_options = storage_options
+    location = interactions if interactions is not None else model_store.group.attrs["interactions"]["location"]
+    model.interactions = _as_store(location, storage_options)
+    return model

@@ -1,0 +1,151 @@
+"""Top-N recommendations for every user, streamed over user shards as Dask tasks.
+
+Each task reads one shard's user factors and already-liked items, scores them against the item
+factors block by block, and writes its rows of the output (a Zarr group, or one Parquet file
+per shard). Memory per task: the shard's rows and one score tile.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import dask
+import numpy as np
+import pyarrow as pa
+import threadpoolctl
+import pyarrow.parquet as pq
+import zarr
+
+from ..memory import MemoryBudget
+from ..store.format import open_group
+from ..store.reader import InteractionStore
+from ..train.factors import FactorStore
+from ..train.half_sweep import run_tasks, single_threaded_blas_in_worker
+from .scoring import FactorSource, top_k
+
+RECOMMENDATIONS_KIND = "wals-ooc/recommendations"
+
+_lock = threading.Lock()
+_items_in_memory: dict[tuple, np.ndarray] = {}
+
+
+def score_block_rows(n_queries: int, factors: int, allowance: int) -> int:
+    """Item rows per score tile so the tile and the item block take about an eighth of the allowance."""
+    per_row = 4 * (n_queries + factors)
+    return int(max(256, min(1 << 20, (allowance // 8) // max(1, per_row))))
+
+
+def item_source(model: FactorStore, allowance: int, block_rows: int) -> FactorSource:
+    """The current item factors: held in memory (once per process) when they fit a quarter of the
+    allowance, else read from Zarr block by block."""
+    array = model.current("item")
+    if array.nbytes <= allowance // 4:
+        key = (model.location, model.checkpoint.slots["item"], model.checkpoint.step)
+        with _lock:
+            if key not in _items_in_memory:
+                _items_in_memory.clear()
+                _items_in_memory[key] = np.ascontiguousarray(array[:])
+            array = _items_in_memory[key]
+    return FactorSource(array, block_rows)
+
+
+def _recommend_shard(model_location, interactions_location, storage_options, start, stop, n, filter_liked,
+                     allowance, output, fmt) -> int:
+    single_threaded_blas_in_worker()
+    model = FactorStore.open(model_location, "r", storage_options)
+    store = InteractionStore(interactions_location, storage_options)
+    queries = model.current("user")[start:stop]
+    block_rows = score_block_rows(stop - start, queries.shape[1], allowance)
+    liked = None
+    if filter_liked:
+        shard = store.rows("user", start, stop)
+        liked = (shard.indptr, shard.indices.astype(np.int64))
+    ids, scores, _ = top_k(queries, item_source(model, allowance, block_rows), n, exclude=liked)
+    item_ids = store.ids("item")
+    original = np.where(ids >= 0, item_ids[np.maximum(ids, 0)], _missing(item_ids.dtype))
+    if fmt == "zarr":
+        group = open_group(output, "r+", storage_options)
+        group["item_ids"][start:stop] = original
+        group["scores"][start:stop] = scores
+    else:
+        users = np.repeat(store.ids("user")[start:stop], n)
+        ranks = np.tile(np.arange(1, n + 1, dtype=np.int32), stop - start)
+        keep = ids.ravel() >= 0
+        table = pa.table({
+            "user": pa.array(users[keep]), "rank": pa.array(ranks[keep]),
+            "item": pa.array(original.ravel()[keep]), "score": pa.array(scores.ravel()[keep]),
+        })
+        pq.write_table(table, os.path.join(output, f"part-{start:012d}.parquet"))
+    return stop - start
+
+
+def _missing(dtype):
+    return -1 if np.issubdtype(dtype, np.integer) else ""
+
+
+def recommend_all(
+    model: FactorStore,
+    store: InteractionStore,
+    output: str,
+    n: int = 10,
+    filter_already_liked: bool = True,
+    fmt: str = "zarr",
+    client=None,
+    threads: int | None = None,
+    memory_budget=None,
+    storage_options: dict | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Write the top ``n`` items of every user to ``output`` (Zarr group or Parquet directory).
+
+    Zarr layout: user_ids (n_users,), item_ids (n_users, n) original ids, scores (n_users, n);
+    missing slots (fewer than n candidates) hold -1 or "" with score -inf. ``complete`` is set last.
+    """
+    if fmt not in ("zarr", "parquet"):
+        raise ValueError("fmt must be zarr or parquet")
+    budget = MemoryBudget.start(memory_budget)
+    threads = threads or (os.cpu_count() or 1)
+    allowance = budget.allowance // max(1, threads)
+    if fmt == "zarr":
+        group = open_group(output, "w" if overwrite else "w-", storage_options)
+        group.attrs.update({"kind": RECOMMENDATIONS_KIND, "format_version": 1, "complete": False, "n": n})
+        user_ids = store.ids("user")
+        item_dtype = store.ids("item").dtype
+        rows = store.row_block
+        group.create_array("user_ids", shape=(store.n_users,), dtype=user_ids.dtype if user_ids.dtype.kind != "T" else str,
+                           chunks=(max(1, min(store.n_users, 1 << 20)),))[:] = user_ids
+        group.create_array("item_ids", shape=(store.n_users, n), dtype=item_dtype if item_dtype.kind != "T" else str,
+                           chunks=(rows, n))
+        group.create_array("scores", shape=(store.n_users, n), dtype=np.float32, chunks=(rows, n))
+    else:
+        if os.path.exists(output) and os.listdir(output) and not overwrite:
+            raise FileExistsError(f"{output} exists and is not empty")
+        os.makedirs(output, exist_ok=True)
+    tasks = [
+        dask.delayed(_recommend_shard, pure=False)(
+            model.location, store.location, storage_options, lo, hi, n, filter_already_liked, allowance, output, fmt,
+            dask_key_name=f"recommend-shard{k:05d}",
+        )
+        for k, (lo, hi) in enumerate(store.shard_ranges("user"))
+        if hi > lo
+    ]
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        run_tasks(tasks, client, threads)
+    with _lock:
+        _items_in_memory.clear()
+    if fmt == "zarr":
+        group.attrs["complete"] = True
+    else:
+        with open(os.path.join(output, "_SUCCESS"), "w") as marker:
+            marker.write("complete\n")
+    return output
+
+
+def open_recommendations(location: str, storage_options: dict | None = None) -> zarr.Group:
+    """A finished recommend_all output (refuses an interrupted one)."""
+    from ..store.format import check_complete
+
+    group = open_group(location, "r", storage_options)
+    check_complete(group, RECOMMENDATIONS_KIND, location, 1)
+    return group
