@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole job on the bundled example: convert -> inspect -> split -> train -> evaluate -> serve.
+# Outputs go to ./example-output (removed and made afresh each run).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${1:-example-output}"
+rm -rf "$out" && mkdir -p "$out"
+
+wals-ooc convert "$here/plays.csv" "$out/plays.zarr" --user-col user --item-col artist --value-col plays --row-block 64 -q
+wals-ooc info "$out/plays.zarr"
+wals-ooc split "$out/plays.zarr" "$out/train.zarr" "$out/test.zarr" --test-fraction 0.2 --seed 1 -q
+wals-ooc train "$out/train.zarr" --model "$out/model.zarr" --factors 32 --iterations 10 --alpha 2 --regularization 0.05 --seed 0
+wals-ooc evaluate "$out/model.zarr" "$out/test.zarr" -k 10
+wals-ooc recommend "$out/model.zarr" --users listener_0000 listener_0001 -n 5
+wals-ooc similar "$out/model.zarr" --items artist_000 -n 5
+wals-ooc recommend "$out/model.zarr" --all --output "$out/top10.parquet" --format parquet -n 10
+echo "done: stores, model and recommendations are in $out/"
