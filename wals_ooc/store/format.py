@@ -29,7 +29,7 @@ INTERACTIONS_KIND = "wals-ooc/interactions"
 ORIENTATIONS = ("by_user", "by_item")
 SIDES = {"user": "by_user", "item": "by_item"}
 ID_ARRAYS = {"user": "user_ids", "item": "item_ids"}
-CSR_CHUNK = 1 << 20
+CSR_CHUNK = 1 << 18
 
 
 class StoreError(RuntimeError):

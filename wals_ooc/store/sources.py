@@ -244,7 +244,32 @@ def _resolve_column(path: str, spec_col: str | int | None, names: list[str], rol
     return spec_col
 
 
+def _text_chunks(path: str, chunk_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """Whole lines of a (possibly gzip) text file, about ``chunk_bytes`` at a time, with the
+    1-based line number each chunk starts at. Memory: one chunk (a longer line grows it)."""
+    stream = pa.input_stream(path, compression="gzip" if _is_gzip(path) else None)
+    leftover = b""
+    line = 1
+    with stream:
+        while True:
+            data = stream.read(chunk_bytes)
+            if not data:
+                break
+            data = leftover + data
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                leftover = data
+                continue
+            chunk, leftover = data[:cut], data[cut:]
+            yield chunk, line
+            line += chunk.count(b"\n")
+    if leftover:
+        yield leftover + b"\n", line
+
+
 def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: int) -> Iterator[RowBatch]:
+    """Parse line-aligned chunks with Arrow one at a time (Arrow's own streaming reader reads
+    many blocks ahead, which would break the memory budget)."""
     head = _open_text_head(path)
     if not head.strip():
         raise InputError(path, 1, None, "empty input: no rows")
@@ -260,77 +285,77 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
     used = [name for name in wanted if name is not None]
     if len(set(used)) != len(used):
         raise InputError(path, 1, None, f"user, item and value columns must differ, got {used}")
-
-    malformed_lines: list[int] = []
-
-    def on_invalid_row(row) -> str:
-        error = InputError(
-            path, row.number, None,
-            f"malformed row: expected {row.expected_columns} fields, got {row.actual_columns}: {row.text[:80]!r}",
-        )
-        if spec.on_bad_lines == "error":
-            raise error
-        report.add(error)
-        malformed_lines.append(row.number)
-        return "skip"
-
-    header_lines = 1 if spec.header else 0
-    emitted = 0
-
-    def line_of_record(record: int) -> int:
-        """Physical line of the record-th (0-based) row pyarrow emitted, given the skipped lines."""
-        line = header_lines + record + 1
-        # every skipped line before this one shifts it down by one
-        while True:
-            shifted = header_lines + record + 1 + bisect_right(malformed_lines, line)
-            if shifted == line:
-                return line
-            line = shifted
-
-    read_options = pacsv.ReadOptions(
-        block_size=block_bytes,
-        use_threads=False,
-        autogenerate_column_names=not spec.header,
-    )
-    parse_options = pacsv.ParseOptions(
-        delimiter=spec.delimiter, invalid_row_handler=on_invalid_row, ignore_empty_lines=False
-    )
+    validator = _BatchValidator(path, spec, (wanted[0], wanted[1], wanted[2]), report)
     convert_options = pacsv.ConvertOptions(
         include_columns=used,
         column_types={name: pa.string() for name in used},
         strings_can_be_null=False,
         quoted_strings_can_be_null=False,
     )
-    validator = _BatchValidator(path, spec, (wanted[0], wanted[1], wanted[2]), report)
-    try:
-        stream = pa.input_stream(path, compression="gzip" if _is_gzip(path) else None)
-        with pacsv.open_csv(stream, read_options, parse_options, convert_options) as reader:
-            for record_batch in reader:
-                users = record_batch.column(wanted[0])
-                items = record_batch.column(wanted[1])
-                values = record_batch.column(wanted[2]) if wanted[2] is not None else None
-                blank = _blank_rows(users, items, values)
-                base = emitted
-                emitted += len(users)
-                if blank is not None:
-                    report.blank_lines += int(blank.sum())
-                    keep = pa.array(np.flatnonzero(~blank))
-                    rows_kept = np.flatnonzero(~blank)
-                    users, items = users.take(keep), items.take(keep)
-                    values = values.take(keep) if values is not None else None
-                else:
-                    rows_kept = None
-                batch = validator.validate(
-                    users, items, values,
-                    lambda row, base=base, rows_kept=rows_kept: line_of_record(
-                        base + (int(rows_kept[row]) if rows_kept is not None else int(row))
-                    ),
-                )
-                if batch is not None:
-                    yield batch
-    except pa.ArrowInvalid as exc:
-        raise InputError(path, None, None, f"unreadable CSV: {exc}") from exc
-    if emitted == 0 and report.skipped == 0:
+    rows_seen = 0
+    for chunk, first_line in _text_chunks(path, block_bytes):
+        if first_line == 1 and spec.header:  # drop the header line
+            newline = chunk.index(b"\n") + 1
+            chunk, first_line = chunk[newline:], 2
+            if not chunk:
+                continue
+        malformed: list[int] = []  # line numbers, within this chunk, that were skipped
+        first_error: list[InputError] = []
+
+        def on_invalid_row(row, first_line=first_line, malformed=malformed, first_error=first_error) -> str:
+            error = InputError(
+                path, first_line + row.number - 1, None,
+                f"malformed row: expected {row.expected_columns} fields, got {row.actual_columns}: {row.text[:80]!r}",
+            )
+            if spec.on_bad_lines == "error":
+                first_error.append(error)  # Arrow stops with ArrowInvalid; we raise this instead
+                return "error"
+            report.add(error)
+            malformed.append(row.number)
+            return "skip"
+
+        try:
+            table = pacsv.read_csv(
+                pa.BufferReader(chunk),
+                read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=len(chunk) + 1),
+                parse_options=pacsv.ParseOptions(
+                    delimiter=spec.delimiter, invalid_row_handler=on_invalid_row, ignore_empty_lines=False
+                ),
+                convert_options=convert_options,
+            )
+        except pa.ArrowInvalid as exc:
+            if first_error:
+                raise first_error[0] from None
+            raise InputError(path, first_line, None, f"unreadable CSV: {exc}") from exc
+
+        def line_of(record: int, first_line=first_line, malformed=malformed) -> int:
+            """Line of the record-th (0-based) row Arrow returned: skipped lines shift it down."""
+            local = record + 1
+            while True:
+                shifted = record + 1 + bisect_right(malformed, local)
+                if shifted == local:
+                    return first_line + local - 1
+                local = shifted
+
+        users = table.column(wanted[0]).combine_chunks()
+        items = table.column(wanted[1]).combine_chunks()
+        values = table.column(wanted[2]).combine_chunks() if wanted[2] is not None else None
+        rows_seen += len(users)
+        blank = _blank_rows(users, items, values)
+        kept_rows = None
+        if blank is not None:
+            report.blank_lines += int(blank.sum())
+            kept_rows = np.flatnonzero(~blank)
+            take = pa.array(kept_rows)
+            users, items = users.take(take), items.take(take)
+            values = values.take(take) if values is not None else None
+        batch = validator.validate(
+            users, items, values,
+            lambda row, kept_rows=kept_rows, line_of=line_of: line_of(int(kept_rows[row]) if kept_rows is not None else int(row)),
+        )
+        if batch is not None:
+            yield batch
+    if rows_seen == 0 and report.skipped == 0:
         raise InputError(path, None, None, "empty input: a header but no rows")
 
 

@@ -5,9 +5,10 @@ Four streaming passes, each holding at most one batch or one shard in memory:
 1. collect: validate input batches, spill them to an Arrow IPC file, gather the distinct ids;
 2. map:     sorted distinct ids become the id maps; rows are rewritten as (user, item, value)
             int32/int32/float32 records and entries per row are counted;
-3. bucket:  shard bounds are chosen from the counts (balanced nnz, aligned to ``row_block``) and
-            each record is appended to its user shard's and its item shard's bucket file;
-4. assemble: each bucket is sorted, duplicates summed, and written as that shard's CSR rows.
+3. bucket:  shard bounds are chosen from the counts (balanced nnz, aligned to ``row_block``),
+            cut into assembly units that fit the budget, and each record is appended to its
+            user unit's and its item unit's bucket file;
+4. assemble: each bucket is sorted, duplicates summed, and appended as those rows of the CSR.
 
 The store's ``complete`` flag is set last, so an interrupted conversion never opens as complete.
 """
@@ -134,24 +135,34 @@ def lookup_sorted(sorted_ids: np.ndarray, ids: np.ndarray | pa.Array) -> np.ndar
 
 
 def plan_shard_bounds(row_counts: np.ndarray, row_block: int, target_nnz: int) -> list[int]:
-    """Shard bounds over rows: multiples of ``row_block`` holding about ``target_nnz`` entries each.
+    """Shard bounds over rows: multiples of ``row_block`` holding at most about ``target_nnz`` entries.
 
-    A block of rows is never split, so a shard exceeds the target only when one block does.
+    A cut goes before each block that takes the running total past a multiple of the target
+    (vectorised: no Python loop over rows). A block is never split, so a shard exceeds the
+    target only when one block does.
     """
     n_rows = len(row_counts)
     if n_rows == 0:
         return [0, 0]
     block_starts = np.arange(0, n_rows, row_block)
-    block_nnz = np.add.reduceat(row_counts.astype(np.int64), block_starts)
-    bounds = [0]
-    acc = 0
-    for k, nnz in enumerate(block_nnz):
-        if acc and acc + nnz > target_nnz:
-            bounds.append(int(block_starts[k]))
-            acc = 0
-        acc += int(nnz)
-    bounds.append(n_rows)
-    return bounds
+    cumulative = np.cumsum(np.add.reduceat(row_counts.astype(np.int64), block_starts))
+    n_parts = max(1, -(-int(cumulative[-1]) // max(1, target_nnz)))
+    cut_blocks = np.searchsorted(cumulative, np.arange(1, n_parts, dtype=np.int64) * target_nnz, side="right")
+    cut_blocks = np.unique(cut_blocks[(cut_blocks > 0) & (cut_blocks < len(block_starts))])
+    return [0] + [int(block_starts[b]) for b in cut_blocks] + [n_rows]
+
+
+def assembly_units(row_counts: np.ndarray, shard_bounds: list[int], unit_nnz: int) -> list[int]:
+    """Bounds of the row ranges assembled one at a time: the shard bounds, cut further (at any
+    row) wherever a shard holds more than ``unit_nnz`` entries, so assembly fits the budget even
+    when one row block of a power-law side is huge. Only a single row can exceed it."""
+    units = [0]
+    for lo, hi in zip(shard_bounds[:-1], shard_bounds[1:]):
+        inner = plan_shard_bounds(row_counts[lo:hi], 1, unit_nnz)
+        units.extend(lo + b for b in inner[1:])
+    if len(units) == 1:
+        units.append(0)
+    return units
 
 
 def default_shard_nnz(nnz: int, allowance: int) -> int:
@@ -230,11 +241,14 @@ def write_store(
         raw_nnz = int(counts["user"].sum())
         target = shard_nnz or default_shard_nnz(raw_nnz, budget.allowance)
         bounds = {side: plan_shard_bounds(counts[side], row_block, target) for side in ("user", "item")}
+        unit_nnz = max(1, budget.allowance // (3 * ASSEMBLE_BYTES_PER_NNZ))
+        units = {side: assembly_units(counts[side], bounds[side], unit_nnz) for side in ("user", "item")}
         del counts
-        buckets = _bucket(mapped_path, workspace, bounds, budget, disable)
+        buckets = _bucket(mapped_path, workspace, units, budget, disable)
         nnz = {}
         for side, orientation, n_cols in (("user", "by_user", len(item_ids)), ("item", "by_item", len(user_ids))):
-            nnz[side] = _assemble(group, orientation, buckets[side], bounds[side], n_cols, row_block, disable)
+            nnz[side] = _assemble(group, orientation, buckets[side], units[side], n_cols, disable)
+            group[orientation].attrs.update({"shard_bounds": [int(b) for b in bounds[side]], "row_block": int(row_block)})
         assert nnz["user"] == nnz["item"], "both orientations must hold the same entries"
         _write_ids(group, "user_ids", user_ids, id_kind)
         _write_ids(group, "item_ids", item_ids, id_kind)
@@ -264,8 +278,8 @@ def write_store(
 
 def _collect(batches, workspace, budget, report, disable):
     """Pass 1: spill every validated batch to Arrow IPC and gather the distinct ids."""
-    users = DistinctIds(merge_bytes=max(1 << 20, budget.allowance // 8))
-    items = DistinctIds(merge_bytes=max(1 << 20, budget.allowance // 8))
+    users = DistinctIds(merge_bytes=max(1 << 20, budget.allowance // 16))
+    items = DistinctIds(merge_bytes=max(1 << 20, budget.allowance // 16))
     path = workspace.file("rows.arrow")
     writer = None
     id_kind = None
@@ -316,7 +330,7 @@ def _column(batch: pa.RecordBatch, k: int):
 
 def _bucket(mapped_path, workspace, bounds, budget, disable):
     """Pass 3: append each record to its user shard's and its item shard's bucket file."""
-    chunk_rows = max(1 << 14, budget.allowance // (8 * RECORD.itemsize))
+    chunk_rows = max(1 << 14, budget.allowance // (16 * RECORD.itemsize))
     paths = {
         side: [workspace.file(f"{side}-{k:06d}.records") for k in range(len(bounds[side]) - 1)]
         for side in ("user", "item")
@@ -406,8 +420,8 @@ class ChunkAppender:
         return self.written
 
 
-def _assemble(group, orientation, bucket_paths, bounds, n_cols, row_block, disable) -> int:
-    """Pass 4: sort each shard's bucket, sum duplicates, and append its CSR rows to the store."""
+def _assemble(group, orientation, bucket_paths, bounds, n_cols, disable) -> int:
+    """Pass 4: sort each unit's bucket, sum duplicates, and append its CSR rows to the store."""
     n_rows = bounds[-1]
     csr = group.create_group(orientation)
     indptr_out = ChunkAppender(_csr_array(csr, "indptr", n_rows + 1, np.int64), start=1)  # [0] is fill 0
@@ -426,7 +440,7 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, row_block, disab
         offset += len(indices)
     for appender in (indptr_out, indices_out, values_out):
         appender.close()
-    csr.attrs.update({"shard_bounds": [int(b) for b in bounds], "row_block": int(row_block), "n_cols": int(n_cols)})
+    csr.attrs["n_cols"] = int(n_cols)
     return offset
 
 
@@ -499,7 +513,7 @@ def convert(
     spec = InputSpec(user_col, item_col, value_col, delimiter, header, id_type, on_bad_lines)
     report = ConvertReport(store=os.fspath(store))
     budget_bytes = MemoryBudget.start(memory_budget).allowance
-    block_bytes = int(min(64 << 20, max(1 << 20, budget_bytes // 24)))
+    block_bytes = int(min(64 << 20, max(1 << 20, budget_bytes // 48)))
     batches = read_batches(paths, spec, report.bad_rows, block_bytes=block_bytes)
     sources = {
         "inputs": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in paths if os.path.exists(p)],

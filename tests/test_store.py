@@ -1,0 +1,273 @@
+"""Interaction store: round trips against scipy.sparse, the bad-input catalogue, interruption."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import hashlib
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import scipy.sparse as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import wals_ooc
+from wals_ooc.store import InputError, StoreError, open_store, write_store
+from wals_ooc.store.sources import RowBatch
+
+from .conftest import store_to_scipy
+
+
+def _write_csv(path, rows, header="user,item,value"):
+    with open(path, "w") as handle:
+        if header:
+            handle.write(header + "\n")
+        for u, i, v in rows:
+            handle.write(f"{u},{i},{v}\n")
+
+
+def _expected(rows):
+    """scipy CSR built in memory from the rows: duplicates summed, zeros dropped, ids sorted."""
+    users = sorted({u for u, i, v in rows if v != 0} | set())
+    items = sorted({i for u, i, v in rows if v != 0})
+    # ids that only ever have zero values vanish; ids with a nonzero sum stay
+    frame = pd.DataFrame(rows, columns=["u", "i", "v"])
+    frame = frame[frame.v != 0]
+    users = np.array(sorted(frame.u.unique()))
+    items = np.array(sorted(frame.i.unique()))
+    r = np.searchsorted(users, frame.u.to_numpy())
+    c = np.searchsorted(items, frame.i.to_numpy())
+    matrix = sp.coo_matrix((frame.v.to_numpy(np.float64), (r, c)), shape=(len(users), len(items))).tocsr()
+    matrix.sum_duplicates()
+    matrix.eliminate_zeros()
+    return users, items, matrix
+
+
+def _assert_store_equals(store, users, items, matrix):
+    assert store.shape == matrix.shape
+    assert store.nnz == matrix.nnz
+    np.testing.assert_array_equal(store.ids("user"), users)
+    np.testing.assert_array_equal(store.ids("item"), items)
+    for side, expected in (("user", matrix), ("item", matrix.T.tocsr())):
+        got = store_to_scipy(store, side)
+        expected = expected.copy()
+        expected.sort_indices()
+        np.testing.assert_array_equal(got.indptr, expected.indptr)
+        np.testing.assert_array_equal(got.indices, expected.indices)
+        np.testing.assert_allclose(got.data, expected.data, rtol=1e-6)
+        bounds = store.shard_bounds(side)
+        assert bounds[0] == 0 and bounds[-1] == store.n_rows(side)
+        assert all(b % store.row_block == 0 for b in bounds[:-1])
+        assert sum(store.shard_nnz(side)) == store.nnz
+
+
+rows_strategy = st.lists(
+    st.tuples(st.integers(0, 40), st.integers(0, 25), st.sampled_from([0, 1, 2, 3, 0.5, 7.25])),
+    min_size=1, max_size=300,
+).filter(lambda rows: any(v != 0 for _, _, v in rows))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=rows_strategy, row_block=st.sampled_from([1, 3, 8]), shard_nnz=st.sampled_from([5, 40, 10_000]))
+def test_round_trip_equals_scipy_both_orientations(tmp_path_factory, rows, row_block, shard_nnz):
+    tmp = tmp_path_factory.mktemp("rt")
+    _write_csv(tmp / "in.csv", rows)
+    wals_ooc.convert(str(tmp / "in.csv"), str(tmp / "s.zarr"), row_block=row_block, shard_nnz=shard_nnz, progress=False)
+    _assert_store_equals(open_store(str(tmp / "s.zarr")), *_expected(rows))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(st.sampled_from(["ann", "bob", "zoë", "李", "a b"]), st.sampled_from(["x", "y", "ω", "q-1"]),
+                               st.integers(0, 4)), min_size=1, max_size=60).filter(lambda r: any(v for _, _, v in r)))
+def test_round_trip_string_ids(tmp_path_factory, rows):
+    tmp = tmp_path_factory.mktemp("rts")
+    _write_csv(tmp / "in.csv", rows)
+    wals_ooc.convert(str(tmp / "in.csv"), str(tmp / "s.zarr"), row_block=2, shard_nnz=3, progress=False)
+    store = open_store(str(tmp / "s.zarr"))
+    users, items, matrix = _expected(rows)
+    # the store orders string ids by their UTF-8 bytes (code point order)
+    assert [str(u) for u in store.ids("user")] == sorted(users.tolist(), key=lambda s: s.encode())
+    assert store.id_kind == "str"
+    frame = pd.DataFrame(rows, columns=["u", "i", "v"]).groupby(["u", "i"]).v.sum()
+    frame = frame[frame != 0]
+    got = store_to_scipy(store).tocoo()
+    pairs = {(str(store.ids("user")[r]), str(store.ids("item")[c])): v for r, c, v in zip(got.row, got.col, got.data)}
+    assert pairs == {k: float(v) for k, v in frame.items()}
+    np.testing.assert_array_equal(store.index_of("user", [str(store.ids("user")[0])]), [0])
+
+
+def test_many_files_gzip_and_parquet_equal_one_csv(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [(int(u), int(i), int(v)) for u, i, v in zip(rng.integers(0, 50, 900), rng.integers(0, 30, 900), rng.integers(0, 4, 900))]
+    _write_csv(tmp_path / "all.csv", rows)
+    _write_csv(tmp_path / "a.csv", rows[:300])
+    with gzip.open(tmp_path / "b.csv.gz", "wt") as handle:
+        handle.write("user,item,value\n" + "".join(f"{u},{i},{v}\n" for u, i, v in rows[300:600]))
+    pq.write_table(pa.table({"user": [r[0] for r in rows[600:]], "item": [r[1] for r in rows[600:]],
+                             "value": [float(r[2]) for r in rows[600:]]}), tmp_path / "c.parquet")
+    wals_ooc.convert(str(tmp_path / "all.csv"), str(tmp_path / "one.zarr"), row_block=4, progress=False)
+    wals_ooc.convert([str(tmp_path / n) for n in ("a.csv", "b.csv.gz", "c.parquet")], str(tmp_path / "three.zarr"),
+                     row_block=4, progress=False)
+    one, three = open_store(str(tmp_path / "one.zarr")), open_store(str(tmp_path / "three.zarr"))
+    for side in ("user", "item"):
+        a, b = store_to_scipy(one, side), store_to_scipy(three, side)
+        assert (a != b).nnz == 0
+    _assert_store_equals(one, *_expected(rows))
+
+
+def test_no_value_column_counts_ones_and_named_columns(tmp_path):
+    (tmp_path / "in.tsv").write_text("ts\tartist\tlistener\n1\ta\tx\n2\ta\tx\n3\tb\ty\n")
+    wals_ooc.convert(str(tmp_path / "in.tsv"), str(tmp_path / "s.zarr"), user_col="listener", item_col="artist",
+                     value_col=None, delimiter="\t", progress=False)
+    store = open_store(str(tmp_path / "s.zarr"))
+    assert store_to_scipy(store).toarray().tolist() == [[2.0, 0.0], [0.0, 1.0]]
+
+
+def test_no_header_positions(tmp_path):
+    (tmp_path / "in.csv").write_text("5,7,2\n5,8,1\n")
+    wals_ooc.convert(str(tmp_path / "in.csv"), str(tmp_path / "s.zarr"), header=False, progress=False)
+    assert open_store(str(tmp_path / "s.zarr")).ids("item").tolist() == [7, 8]
+
+
+BAD_INPUTS = [
+    ("user,item,value\n1,2,3\n4,5\n", "in.csv:3", None, "malformed row: expected 3 fields, got 2"),
+    ("user,item,value\n1,2,3\n4,5,6,7\n", "in.csv:3", None, "malformed row: expected 3 fields, got 4"),
+    ("user,item,value\n1,2,3\n4,5,abc\n", "in.csv:3", "value", "non-numeric value: 'abc'"),
+    ("user,item,value\n1,2,3\n\n4,5,NaN\n", "in.csv:4", "value", "value is NaN"),
+    ("user,item,value\n1,2,inf\n", "in.csv:2", "value", "value is infinite"),
+    ("user,item,value\n1,2,3\n1,2,-1\n", "in.csv:3", "value", "value is negative"),
+    ("user,item,value\n1,2,3\n4,5,\n", "in.csv:3", "value", "non-numeric value: ''"),
+    ("user,item,value\n1,2,3\n1.5,2,3\n", "in.csv:3", "user", "non-integer id: '1.5'"),
+]
+
+
+@pytest.mark.parametrize("text,where,field,reason", BAD_INPUTS)
+def test_bad_input_is_located(tmp_path, text, where, field, reason):
+    path = tmp_path / "in.csv"
+    path.write_text(text)
+    with pytest.raises(InputError) as info:
+        wals_ooc.convert(str(path), str(tmp_path / "s.zarr"), id_type="int", progress=False)
+    message = str(info.value)
+    assert where in message and reason in message, message
+    if field:
+        assert f"field {field!r}" in message
+    assert info.value.line == int(where.split(":")[1])
+
+
+def test_skip_bad_lines_counts_and_keeps_the_good_ones(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_text("user,item,value\n1,2,3\n4,5\n4,5,abc\n6,7,-2\n\n8,9,nan\n10,11,1\n12,13,0\n")
+    report = wals_ooc.convert(str(path), str(tmp_path / "s.zarr"), on_bad_lines="skip", progress=False)
+    assert report.bad_rows.skipped == 4
+    assert report.bad_rows.zeros_dropped == 1
+    assert report.bad_rows.blank_lines == 1
+    assert any("in.csv:3" in e for e in report.bad_rows.examples)
+    assert any("in.csv:7" in e and "NaN" in e for e in report.bad_rows.examples)
+    store = open_store(str(tmp_path / "s.zarr"))
+    assert store.ids("user").tolist() == [1, 10]
+    assert store.nnz == 2
+
+
+def test_unknown_column_and_empty_inputs(tmp_path):
+    (tmp_path / "h.csv").write_text("user,item,value\n1,2,3\n")
+    with pytest.raises(InputError, match=r"h.csv:1: field 'plays': unknown value column"):
+        wals_ooc.convert(str(tmp_path / "h.csv"), str(tmp_path / "a.zarr"), value_col="plays", progress=False)
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(InputError, match="empty.csv: empty input"):
+        wals_ooc.convert(str(tmp_path / "empty.csv"), str(tmp_path / "b.zarr"), progress=False)
+    (tmp_path / "header_only.csv").write_text("user,item,value\n")
+    with pytest.raises(InputError, match="header_only.csv: empty input"):
+        wals_ooc.convert(str(tmp_path / "header_only.csv"), str(tmp_path / "c.zarr"), progress=False)
+    with pytest.raises(InputError, match="no such file"):
+        wals_ooc.convert(str(tmp_path / "missing.csv"), str(tmp_path / "d.zarr"), progress=False)
+    (tmp_path / "zeros.csv").write_text("user,item,value\n1,2,0\n")
+    with pytest.raises(InputError, match="no valid rows"):
+        wals_ooc.convert(str(tmp_path / "zeros.csv"), str(tmp_path / "e.zarr"), progress=False)
+
+
+def test_inputs_are_never_modified_and_never_overwritten(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_text("user,item,value\n1,2,3\n4,5,6\n")
+    before = hashlib.sha256(path.read_bytes()).hexdigest(), os.stat(path).st_mtime_ns
+    wals_ooc.convert(str(path), str(tmp_path / "s.zarr"), progress=False)
+    assert (hashlib.sha256(path.read_bytes()).hexdigest(), os.stat(path).st_mtime_ns) == before
+    with pytest.raises(ValueError, match="would overwrite the input"):
+        wals_ooc.convert(str(path), str(path), overwrite=True, progress=False)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before[0]
+
+
+def test_interrupted_conversion_never_opens_as_complete(tmp_path):
+    def batches():
+        yield RowBatch(np.array([1, 2], np.int64), np.array([3, 4], np.int64), np.array([1, 1], np.float32))
+        raise KeyboardInterrupt("simulated interruption")
+
+    target = str(tmp_path / "s.zarr")
+    with pytest.raises(KeyboardInterrupt):
+        write_store(batches(), target, progress=False)
+    assert os.path.exists(target)
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(target)
+    with pytest.raises(StoreError, match="incomplete"):  # not silently reused, not silently replaced
+        write_store(iter([]), target, progress=False)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".wals-ooc-convert-")], "spill files left behind"
+
+
+def test_existing_store_needs_overwrite(tmp_path):
+    (tmp_path / "in.csv").write_text("user,item,value\n1,2,3\n")
+    wals_ooc.convert(str(tmp_path / "in.csv"), str(tmp_path / "s.zarr"), progress=False)
+    with pytest.raises(StoreError, match="already exists and is complete"):
+        wals_ooc.convert(str(tmp_path / "in.csv"), str(tmp_path / "s.zarr"), progress=False)
+    wals_ooc.convert(str(tmp_path / "in.csv"), str(tmp_path / "s.zarr"), overwrite=True, progress=False)
+
+
+def test_conversion_killed_mid_way_leaves_an_incomplete_store(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from wals_ooc.synthetic import SyntheticSpec, write_csv
+
+    csv_path = tmp_path / "big.csv"
+    write_csv(SyntheticSpec(n_users=20_000, n_items=5_000, rows=1_500_000, seed=1), csv_path)
+    target = tmp_path / "s.zarr"
+    code = f"import wals_ooc; wals_ooc.convert({str(csv_path)!r}, {str(target)!r}, shard_nnz=20000, progress=False)"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 60
+    while not (target / "zarr.json").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(str(target))
+
+
+def test_conversion_peak_rss_stays_under_budget_for_input_several_times_the_allowance(tmp_path):
+    from wals_ooc.synthetic import SyntheticSpec, write_csv
+
+    from .conftest import run_python
+
+    csv_path = tmp_path / "big.csv"
+    write_csv(SyntheticSpec(n_users=300_000, n_items=60_000, rows=7_000_000, seed=3), csv_path)
+    size = os.path.getsize(csv_path)
+    allowance = 64 * 2**20
+    assert size > 1.5 * allowance
+    code = f"""
+import json, wals_ooc
+from wals_ooc.memory import current_rss, peak_rss, warm_libraries
+warm_libraries()
+budget = current_rss() + {allowance}
+report = wals_ooc.convert({str(csv_path)!r}, {str(tmp_path / 's.zarr')!r}, memory_budget=budget, progress=False)
+print(json.dumps({{"budget": budget, "peak": peak_rss(), "nnz": report.nnz}}))
+"""
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["nnz"] > 4_000_000
+    assert figures["peak"] <= figures["budget"], figures
