@@ -9,6 +9,7 @@ divide between shards, buffers and caches.
 from __future__ import annotations
 
 import resource
+import sys
 from dataclasses import dataclass
 
 import psutil
@@ -44,8 +45,20 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    """Highest resident set size this process has reached, in bytes (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Highest resident set size this process has reached, in bytes.
+
+    Linux: VmHWM of this address space. ``ru_maxrss`` is not used there because it survives
+    ``execve``: a child started from a large parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, others KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 _warmed = False
