@@ -15,6 +15,7 @@ import zarr
 
 from .config import WALSConfig
 from .evaluate.metrics import evaluate as evaluate_model
+from .kernels.warm import warm_serving_kernels
 from .memory import MemoryBudget, to_bytes
 from .serve.fold_in import fold_in, merge_entries
 from .serve.recommend import item_source, recommend_all as recommend_all_shards, score_block_rows
@@ -132,6 +133,7 @@ class WALS:
 
     # -- serving --------------------------------------------------------------------------------
     def _allowance(self) -> int:
+        warm_serving_kernels()
         return MemoryBudget.start(self.memory_budget).allowance
 
     def _liked(self, side: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ import dask
 import numpy as np
 import threadpoolctl
 
+from ..kernels.warm import warm_serving_kernels
 from ..memory import MemoryBudget
 from ..serve.recommend import item_source, score_block_rows
 from ..serve.scoring import top_k
@@ -141,6 +142,7 @@ def evaluate(
 
     user_fraction: evaluate a seeded random share of the test users (None: all of them).
     """
+    warm_serving_kernels()  # fixed per-process cost: part of the baseline
     budget = MemoryBudget.start(memory_budget)
     threads = threads or (os.cpu_count() or 1)
     allowance = budget.allowance // max(1, threads)

@@ -15,6 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import WALSConfig
+from ..kernels.warm import warm_training_kernels
 from ..memory import MemoryBudget
 from ..store.reader import InteractionStore
 from .factors import Checkpoint, FactorStore, check_interactions_match
@@ -64,7 +65,7 @@ def _block_nnz(store: InteractionStore, side: str) -> list[tuple[np.ndarray, np.
 
 
 def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, concurrency: int,
-               local: bool = True) -> dict[str, HalfSweepPlan]:
+               local: bool = True, max_block_rows: int | None = None) -> dict[str, HalfSweepPlan]:
     """The plan of each side's half-sweep (the same every iteration)."""
     itemsize = config.np_dtype.itemsize
     return {
@@ -79,6 +80,7 @@ def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, conc
             allowance,
             concurrency,
             local,
+            max_block_rows,
         )
         for side in SIDES
     }
@@ -140,18 +142,22 @@ def train(
     progress: bool | None = None,
     memory_budget: int | str | None = None,
     storage_options: dict | None = None,
+    max_block_rows: int | None = None,
 ) -> FactorStore:
     """Fit factors into ``model_location``, resuming from its last completed half-sweep.
 
     callback(iteration, seconds, loss) is called after each iteration, like implicit's.
+    max_block_rows: always stream the fixed side in blocks of at most this many rows (exact
+    Cholesky on accumulated normal equations), even when it would fit in memory.
     """
+    warm_training_kernels(config.dtype)  # fixed per-process cost: part of the baseline
     budget = MemoryBudget.start(memory_budget)
     threads = threads or worker_threads(client)
     model = _open_or_create(store, model_location, config, resume, storage_options)
     if model.checkpoint is None:
         _initialise(model, store, config, client, threads)
     local = client is None
-    plans = make_plans(store, config, budget.allowance, threads, local)
+    plans = make_plans(store, config, budget.allowance, threads, local, max_block_rows)
     for plan in plans.values():
         log.info(plan.describe())
     state = None

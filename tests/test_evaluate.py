@@ -1,0 +1,101 @@
+"""Out-of-core split and streamed ranking metrics, against brute force on dense NumPy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import wals_ooc
+from wals_ooc import WALS, open_store
+
+from .conftest import store_to_scipy
+
+
+def _entries(store) -> set[tuple[int, int, float]]:
+    R = store_to_scipy(store).tocoo()
+    users, items = store.ids("user"), store.ids("item")
+    return {(int(users[r]), int(items[c]), float(v)) for r, c, v in zip(R.row, R.col, R.data)}
+
+
+@pytest.mark.parametrize("method", ["random", "leave_one_out"])
+def test_split_partitions_the_entries_and_is_seeded(small_store, tmp_path, method):
+    store = open_store(small_store)
+    wals_ooc.split(store, tmp_path / "tr.zarr", tmp_path / "te.zarr", method=method, test_fraction=0.25, seed=3, progress=False)
+    train, test = open_store(tmp_path / "tr.zarr"), open_store(tmp_path / "te.zarr")
+    all_entries, train_entries, test_entries = _entries(store), _entries(train), _entries(test)
+    assert train_entries | test_entries == all_entries
+    assert not train_entries & test_entries
+    counts = np.diff(store_to_scipy(store).indptr)
+    test_counts = {}
+    for user, _, _ in test_entries:
+        test_counts[user] = test_counts.get(user, 0) + 1
+    train_users = {user for user, _, _ in train_entries}
+    for row, user in enumerate(store.ids("user")):
+        held = test_counts.get(int(user), 0)
+        if method == "leave_one_out":
+            assert held == (1 if counts[row] >= 2 else 0)
+        else:
+            assert held == min(int(np.rint(0.25 * counts[row])), counts[row] - 1)
+        assert int(user) in train_users  # min_train = 1: every user keeps an entry
+    wals_ooc.split(store, tmp_path / "tr2.zarr", tmp_path / "te2.zarr", method=method, test_fraction=0.25, seed=3, progress=False)
+    assert _entries(open_store(tmp_path / "te2.zarr")) == test_entries
+    wals_ooc.split(store, tmp_path / "tr3.zarr", tmp_path / "te3.zarr", method=method, test_fraction=0.25, seed=4, progress=False)
+    assert _entries(open_store(tmp_path / "te3.zarr")) != test_entries
+
+
+def brute_force_metrics(scores, train_R, test_pairs, k):
+    """The metrics of evaluate/metrics.py from the dense score matrix."""
+    totals = {"precision": 0.0, "recall": 0.0, "ndcg": 0.0, "map": 0.0, "auc": 0.0}
+    users = 0
+    for u, truth in test_pairs.items():
+        truth = np.array(sorted(truth))
+        row = scores[u].astype(np.float64).copy()
+        liked = train_R.indices[train_R.indptr[u]: train_R.indptr[u + 1]]
+        row[liked] = -np.inf
+        top = np.argsort(-row, kind="stable")[:k]
+        relevant = np.isin(top, truth)
+        users += 1
+        totals["precision"] += relevant.sum() / k
+        totals["recall"] += relevant.sum() / len(truth)
+        discounts = 1 / np.log2(np.arange(2, k + 2))
+        totals["ndcg"] += (relevant * discounts).sum() / discounts[: min(k, len(truth))].sum()
+        totals["map"] += sum(relevant[: r + 1].mean() for r in range(k) if relevant[r]) / min(k, len(truth))
+        negatives = np.setdiff1d(np.arange(len(row)), np.concatenate([liked, truth]))
+        totals["auc"] += 1 - np.mean([(scores[u][negatives] > scores[u][t]).sum() / len(negatives) for t in truth])
+    return {name: value / users for name, value in totals.items()}, users
+
+
+def test_metrics_equal_brute_force(small_store, tmp_path):
+    wals_ooc.split(small_store, tmp_path / "tr.zarr", tmp_path / "te.zarr", test_fraction=0.3, seed=1, progress=False)
+    train, test = open_store(tmp_path / "tr.zarr"), open_store(tmp_path / "te.zarr")
+    model = WALS(factors=8, iterations=5, random_state=0, alpha=3.0, regularization=0.05)
+    model.fit(train, tmp_path / "m.zarr", progress=False)
+    k = 5
+    got = model.evaluate(test, k=k)
+
+    users, items = model.to_numpy()
+    scores = users @ items.T
+    train_R = store_to_scipy(train)
+    test_R = store_to_scipy(test).tocoo()
+    test_pairs: dict[int, set] = {}
+    for r, c in zip(test_R.row, test_R.col):
+        u = int(train.index_of("user", test.ids("user")[[r]], missing="mark")[0])
+        i = int(train.index_of("item", test.ids("item")[[c]], missing="mark")[0])
+        if u >= 0 and i >= 0:
+            test_pairs.setdefault(u, set()).add(i)
+    expected, n_users = brute_force_metrics(scores, train_R, test_pairs, k)
+    assert got["users"] == n_users > 50
+    for name in ("precision", "recall", "ndcg", "map"):
+        assert got[f"{name}@{k}"] == pytest.approx(expected[name], abs=1e-9), name
+    assert got["auc"] == pytest.approx(expected["auc"], abs=1e-6)
+    assert got["auc"] > 0.6  # the model learned something beyond chance
+
+
+def test_evaluate_user_fraction_is_seeded_and_a_subset(small_store, tmp_path):
+    wals_ooc.split(small_store, tmp_path / "tr.zarr", tmp_path / "te.zarr", test_fraction=0.3, seed=1, progress=False)
+    model = WALS(factors=4, iterations=2, random_state=0).fit(str(tmp_path / "tr.zarr"), tmp_path / "m.zarr", progress=False)
+    whole = model.evaluate(str(tmp_path / "te.zarr"), k=5)
+    part = model.evaluate(str(tmp_path / "te.zarr"), k=5, user_fraction=0.5, seed=9)
+    again = model.evaluate(str(tmp_path / "te.zarr"), k=5, user_fraction=0.5, seed=9)
+    assert part == again
+    assert 0.3 * whole["users"] < part["users"] < 0.7 * whole["users"]

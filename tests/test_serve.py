@@ -1,0 +1,181 @@
+"""Serving from a trained factor store: top-K against argsort of dense scores, cosine similarity,
+fold-in against the closed-form row, recommend_all outputs, load and export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import wals_ooc
+from wals_ooc import WALS, open_store
+from wals_ooc.serve.recommend import open_recommendations
+
+from .conftest import assert_close_rel, store_to_scipy
+from .reference import dense_solve
+
+
+@pytest.fixture(scope="module")
+def trained(small_store, tmp_path_factory):
+    location = str(tmp_path_factory.mktemp("models") / "model.zarr")
+    model = WALS(factors=8, iterations=6, alpha=2.0, alpha0=0.5, regularization=0.01, nu=1.0, solver="cholesky",
+                 dtype="float64", random_state=2)
+    model.fit(small_store, location, progress=False)
+    return model
+
+
+def _dense(model):
+    users, items = model.to_numpy()
+    return users, items, store_to_scipy(open_store(model.interactions.location))
+
+
+def _check_top_k(got_ids, got_scores, scores_row, allowed, n):
+    """Our top-n equals the dense argsort over allowed items (order checked where scores differ)."""
+    candidates = np.flatnonzero(allowed)
+    order = candidates[np.argsort(-scores_row[candidates], kind="stable")][:n]
+    expected = scores_row[order]
+    valid = got_ids >= 0
+    assert valid.sum() == len(order)
+    np.testing.assert_allclose(got_scores[valid], expected, rtol=1e-6, atol=1e-9)
+    assert set(got_ids[valid]) == set(order) or np.allclose(np.sort(scores_row[got_ids[valid]]), np.sort(expected))
+    assert np.all(np.diff(got_scores[valid]) <= 1e-12)
+
+
+def test_recommend_equals_argsort_of_dense_scores(trained):
+    users, items, R = _dense(trained)
+    store = trained.interactions
+    user_rows = np.arange(0, store.n_users, 37)
+    user_ids = store.ids("user")[user_rows]
+    for filter_liked in (True, False):
+        ids, scores = trained.recommend(user_ids, N=12, filter_already_liked=filter_liked)
+        assert ids.shape == (len(user_rows), 12)
+        rows_of_ids = store.index_of("item", ids.ravel()).reshape(ids.shape)
+        for k, u in enumerate(user_rows):
+            allowed = np.ones(store.n_items, bool)
+            if filter_liked:
+                allowed[R.indices[R.indptr[u]: R.indptr[u + 1]]] = False
+            _check_top_k(rows_of_ids[k], scores[k], users[u] @ items.T, allowed, 12)
+
+
+def test_recommend_restricted_to_items_and_fewer_candidates_than_n(trained):
+    users, items, R = _dense(trained)
+    store = trained.interactions
+    item_ids = store.ids("item")[[3, 5, 8, 13, 21, 34]]
+    user = 7
+    ids, scores = trained.recommend(store.ids("user")[[user]], N=10, items=item_ids, filter_already_liked=True)
+    liked = set(R.indices[R.indptr[user]: R.indptr[user + 1]])
+    allowed_rows = [r for r in (3, 5, 8, 13, 21, 34) if r not in liked]
+    got = store.index_of("item", ids[0][scores[0] > -np.inf])
+    assert sorted(got) == sorted(allowed_rows)
+    assert np.all(scores[0][len(allowed_rows):] == -np.inf)
+    assert np.all(ids[0][len(allowed_rows):] == -1)
+
+
+def test_unknown_user_is_a_clear_error(trained):
+    with pytest.raises(KeyError, match="unknown"):
+        trained.recommend([10**9], N=5)
+
+
+def test_similar_items_and_users_equal_dense_cosine(trained):
+    users, items, _ = _dense(trained)
+    store = trained.interactions
+    for side, factors, method in (("item", items, trained.similar_items), ("user", users, trained.similar_users)):
+        unit = factors / np.linalg.norm(factors, axis=1, keepdims=True)
+        rows = np.array([0, 4, 9])
+        ids, scores = method(store.ids(side)[rows], N=6)
+        got_rows = store.index_of(side, ids.ravel()).reshape(ids.shape)
+        for k, r in enumerate(rows):
+            cosine = unit @ unit[r]
+            _check_top_k(got_rows[k], scores[k], cosine, np.ones(len(cosine), bool), 6)
+            assert got_rows[k][0] == r
+        ids, _ = method(store.ids(side)[rows], N=6, filter_self=True)
+        got_rows = store.index_of(side, ids.ravel()).reshape(ids.shape)
+        assert all(r not in got_rows[k] for k, r in enumerate(rows))
+
+
+def test_fold_in_equals_the_row_the_trainer_would_compute(trained):
+    users, items, R = _dense(trained)
+    store = trained.interactions
+    cfg = trained.config
+    kwargs = dict(kind=cfg.confidence, alpha=cfg.alpha, alpha0=cfg.alpha0, eps=cfg.eps, lam=cfg.regularization, nu=cfg.nu)
+    expected_users = dense_solve(R[:5], items, **kwargs)
+    for u in range(5):
+        cols = R.indices[R.indptr[u]: R.indptr[u + 1]]
+        vals = R.data[R.indptr[u]: R.indptr[u + 1]]
+        mapping = dict(zip(store.ids("item")[cols].tolist(), vals.tolist()))
+        assert_close_rel(trained.recalculate_user(mapping), expected_users[u], 1e-9)
+    # the item side, with one entry split in two that must be summed back
+    Rt = R.T.tocsr()
+    cols = Rt.indices[Rt.indptr[2]: Rt.indptr[3]]
+    vals = Rt.data[Rt.indptr[2]: Rt.indptr[3]].astype(np.float64)
+    ids = np.append(store.ids("user")[cols], store.ids("user")[cols[0]])
+    values = np.append(vals - np.eye(len(vals))[0] * 0.5 * vals[0], 0.5 * vals[0])
+    expected_item = dense_solve(Rt[2:3], users, **kwargs)[0]
+    assert_close_rel(trained.recalculate_item((ids, values)), expected_item, 1e-9)
+    with pytest.raises(KeyError, match="unknown"):
+        trained.recalculate_user({10**9: 1.0})
+
+
+def test_recommend_for_folded_in_vector_of_a_new_user(trained):
+    users, items, _ = _dense(trained)
+    store = trained.interactions
+    liked = store.ids("item")[[1, 2, 3]]
+    vector = trained.recalculate_user(list(liked))
+    ids, scores = trained.recommend(None, N=5, user_vectors=vector, filter_already_liked=False)
+    expected = np.argsort(-(items @ vector), kind="stable")[:5]
+    np.testing.assert_allclose(scores[0], (items @ vector)[expected], rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "parquet"])
+def test_recommend_all_equals_per_user_recommend(trained, tmp_path, fmt):
+    store = trained.interactions
+    output = trained.recommend_all(N=7, output=str(tmp_path / f"top.{fmt}"), format=fmt)
+    expected_ids, expected_scores = trained.recommend(store.ids("user"), N=7)
+    if fmt == "zarr":
+        group = open_recommendations(output)
+        np.testing.assert_array_equal(group["user_ids"][:], store.ids("user"))
+        got_ids, got_scores = group["item_ids"][:], group["scores"][:]
+    else:
+        table = pq.read_table(output).to_pandas().sort_values(["user", "rank"])
+        order = np.argsort(store.index_of("user", table["user"].to_numpy()), kind="stable")
+        table = table.iloc[order]
+        got_ids = table["item"].to_numpy().reshape(store.n_users, -1)
+        got_scores = table["score"].to_numpy().reshape(store.n_users, -1)
+        expected_ids, expected_scores = expected_ids[:, : got_ids.shape[1]], expected_scores[:, : got_ids.shape[1]]
+    np.testing.assert_allclose(got_scores, expected_scores.astype(np.float32), rtol=1e-6)
+    same = np.isclose(got_scores, expected_scores, rtol=1e-6)
+    assert (got_ids[same] == expected_ids[same]).mean() > 0.99
+
+
+def test_recommend_all_refuses_to_overwrite_unless_asked(trained, tmp_path):
+    out = str(tmp_path / "top.zarr")
+    trained.recommend_all(N=3, output=out)
+    with pytest.raises(Exception):
+        trained.recommend_all(N=3, output=out)
+    trained.recommend_all(N=3, output=out, overwrite=True)
+
+
+def test_load_serves_the_same_and_exports_to_numpy_and_implicit(trained):
+    loaded = wals_ooc.load(trained.factors_store.location)
+    store = trained.interactions
+    user_ids = store.ids("user")[:20]
+    a = trained.recommend(user_ids, N=5)
+    b = loaded.recommend(user_ids, N=5)
+    np.testing.assert_array_equal(a[0], b[0])
+    users, items = loaded.to_numpy()
+    assert users.shape == (store.n_users, 8) and items.shape == (store.n_items, 8)
+    assert loaded.loss_history == trained.loss_history
+
+    implicit_model = loaded.to_implicit()
+    R = store_to_scipy(store).tocsr()
+    rows = np.arange(20)
+    got_ids, got_scores = implicit_model.recommend(rows, R[rows], N=5, filter_already_liked_items=True)
+    ours_rows = store.index_of("item", a[0].ravel()).reshape(a[0].shape)
+    np.testing.assert_allclose(got_scores, a[1], rtol=1e-5)
+    same = np.isclose(got_scores, a[1], rtol=1e-6)
+    assert (got_ids[same] == ours_rows[same]).mean() > 0.99
+
+
+def test_unfitted_model_says_so():
+    with pytest.raises(RuntimeError, match="fit"):
+        WALS().recommend([1])

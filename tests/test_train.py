@@ -1,0 +1,236 @@
+"""The trainer on real stores with the threaded scheduler: against the dense closed-form ALS,
+falling loss, reported loss = dense objective, determinism, blocked = resident, kill -9 resume,
+and peak RSS under the budget."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from wals_ooc import WALSConfig, open_store
+from wals_ooc.train import FactorStore, train
+from wals_ooc.train.objective import objective
+
+from .conftest import assert_close_rel, run_python, store_to_scipy
+from .reference import dense_objective, dense_solve
+
+OBJECTIVES = {
+    "hu": dict(alpha=2.0, alpha0=1.0, regularization=0.1, nu=0.0, confidence="linear"),
+    "rendle": dict(alpha=3.0, alpha0=0.3, regularization=0.002, nu=1.0, confidence="log"),
+}
+
+
+def _reference_kwargs(config: WALSConfig) -> dict:
+    return dict(kind=config.confidence, alpha=config.alpha, alpha0=config.alpha0, eps=config.eps,
+                lam=config.regularization, nu=config.nu)
+
+
+def _factors(model: FactorStore) -> tuple[np.ndarray, np.ndarray]:
+    return model.current("user")[:], model.current("item")[:]
+
+
+def _fit(store, location, **settings) -> FactorStore:
+    extra = {k: settings.pop(k) for k in ("threads", "max_block_rows", "resume", "client") if k in settings}
+    config = WALSConfig(**{"factors": 8, "iterations": 4, "random_state": 0, **settings})
+    return train(store, str(location), config, progress=False, **{"resume": False, **extra})
+
+
+@pytest.mark.parametrize("objective_name", sorted(OBJECTIVES))
+def test_cholesky_trainer_equals_dense_closed_form_als(small_store, tmp_path, objective_name):
+    """Two more iterations after a checkpoint equal the dense NumPy ALS from that checkpoint."""
+    store = open_store(small_store)
+    settings = dict(OBJECTIVES[objective_name], solver="cholesky", dtype="float64")
+    model = _fit(store, tmp_path / "m.zarr", iterations=2, **settings)
+    X, Y = _factors(model)
+    model = _fit(store, tmp_path / "m.zarr", iterations=4, resume=True, **settings)
+    R = store_to_scipy(store)
+    kwargs = _reference_kwargs(model.config)
+    for _ in range(2):
+        X = dense_solve(R, Y, **kwargs)
+        Y = dense_solve(R.T.tocsr(), X, **kwargs)
+    got_X, got_Y = _factors(model)
+    assert_close_rel(got_X, X, 1e-8)
+    assert_close_rel(got_Y, Y, 1e-8)
+
+
+@pytest.mark.parametrize("solver", ["cg", "cholesky"])
+@pytest.mark.parametrize("objective_name", sorted(OBJECTIVES))
+def test_loss_never_rises_and_reported_loss_is_the_dense_objective(small_store, tmp_path, solver, objective_name):
+    store = open_store(small_store)
+    seen = []
+    config = WALSConfig(factors=8, iterations=8, random_state=1, solver=solver, **OBJECTIVES[objective_name])
+    model = train(store, str(tmp_path / "m.zarr"), config, progress=False, callback=lambda it, s, loss: seen.append(loss))
+    losses = [entry["loss"] for entry in model.loss_history]
+    assert losses == pytest.approx(seen)
+    assert len(losses) == 8
+    assert all(later <= earlier * (1 + 1e-6) for earlier, later in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.8 * losses[0]
+    X, Y = _factors(model)
+    dense = dense_objective(store_to_scipy(store), X, Y, **_reference_kwargs(config))
+    assert losses[-1] == pytest.approx(dense, rel=1e-4)
+    assert objective(store, model.current("user"), model.current("item"), config) == pytest.approx(dense, rel=1e-6)
+
+
+def test_cg_converges_to_the_cholesky_solution_with_more_steps(small_store, tmp_path):
+    store = open_store(small_store)
+    exact = _fit(store, tmp_path / "exact.zarr", solver="cholesky", dtype="float64", iterations=3)
+    X_exact, _ = _factors(exact)
+    errors = []
+    for steps in (1, 3, 8):
+        model = _fit(store, tmp_path / f"cg{steps}.zarr", solver="cg", cg_steps=steps, dtype="float64", iterations=3)
+        X, _ = _factors(model)
+        errors.append(np.linalg.norm(X - X_exact) / np.linalg.norm(X_exact))
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < 1e-3, errors
+
+
+def test_same_seed_same_factors_and_other_seed_other_factors(small_store, tmp_path):
+    store = open_store(small_store)
+    a = _factors(_fit(store, tmp_path / "a.zarr", random_state=5, threads=2))
+    b = _factors(_fit(store, tmp_path / "b.zarr", random_state=5, threads=1))
+    c = _factors(_fit(store, tmp_path / "c.zarr", random_state=6, threads=2))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.allclose(a[0], c[0])
+
+
+def test_blocked_fixed_side_equals_resident(small_store, tmp_path):
+    """Streaming the fixed side in 37-row blocks (accumulated normal equations) gives the same
+    factors as holding it whole, with the exact solver."""
+    store = open_store(small_store)
+    settings = dict(solver="cholesky", dtype="float64", iterations=3, **OBJECTIVES["rendle"])
+    resident = _factors(_fit(store, tmp_path / "r.zarr", **settings))
+    blocked_model = _fit(store, tmp_path / "b.zarr", max_block_rows=37, **settings)
+    blocked = _factors(blocked_model)
+    assert_close_rel(blocked[0], resident[0], 1e-9)
+    assert_close_rel(blocked[1], resident[1], 1e-9)
+    assert [e["loss"] for e in blocked_model.loss_history] == pytest.approx(
+        [e["loss"] for e in FactorStore.open(str(tmp_path / "r.zarr")).loss_history], rel=1e-9)
+
+
+def test_resume_refuses_other_settings_and_continues_when_iterations_grow(small_store, tmp_path):
+    store = open_store(small_store)
+    _fit(store, tmp_path / "m.zarr", iterations=2)
+    with pytest.raises(ValueError, match="other settings"):
+        _fit(store, tmp_path / "m.zarr", iterations=3, resume=True, alpha=7.0)
+    straight = _factors(_fit(store, tmp_path / "straight.zarr", iterations=3))
+    continued = _fit(store, tmp_path / "m.zarr", iterations=3, resume=True)
+    assert continued.checkpoint.iteration == 3 and continued.complete
+    np.testing.assert_array_equal(_factors(continued)[0], straight[0])
+
+
+KILL_AND_TRAIN = """
+import os, signal, sys
+import wals_ooc.train.half_sweep as half_sweep
+from wals_ooc import WALSConfig, open_store
+from wals_ooc.train import train
+
+kill_at = int(sys.argv[1])
+calls = [0]
+real_solve = half_sweep.solve_task
+
+def solve_then_maybe_die(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)  # mid half-sweep: earlier tasks of it already wrote
+    return real_solve(*args, **kwargs)
+
+if kill_at:
+    half_sweep.solve_task = solve_then_maybe_die
+config = WALSConfig(factors=8, iterations=4, random_state=3, solver=sys.argv[2])
+train(open_store(sys.argv[3]), sys.argv[4], config, progress=False, threads=2, resume=True)
+print("finished")
+"""
+
+
+@pytest.mark.parametrize("solver", ["cg", "cholesky"])
+def test_kill_9_mid_half_sweep_then_resume_equals_uninterrupted(small_store, tmp_path, solver):
+    script = tmp_path / "kill_and_train.py"
+    script.write_text(KILL_AND_TRAIN)
+    import subprocess
+    import sys
+
+    def run(kill_at: int, location: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), str(kill_at), solver, small_store, location],
+                              capture_output=True, text=True, timeout=300)
+
+    straight = run(0, str(tmp_path / "straight.zarr"))
+    assert straight.returncode == 0, straight.stderr
+    n_tasks = len(open_store(small_store).shard_ranges("user"))
+    killed_at = 3 * n_tasks + 2  # inside the second iteration's user half-sweep
+    killed = run(killed_at, str(tmp_path / "resumed.zarr"))
+    assert killed.returncode == -9, killed.stderr
+    interrupted = FactorStore.open(str(tmp_path / "resumed.zarr"))
+    assert not interrupted.complete
+    assert interrupted.checkpoint.step < 8
+    resumed = run(0, str(tmp_path / "resumed.zarr"))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = FactorStore.open(str(tmp_path / "straight.zarr")), FactorStore.open(str(tmp_path / "resumed.zarr"))
+    np.testing.assert_array_equal(_factors(a)[0], _factors(b)[0])
+    np.testing.assert_array_equal(_factors(a)[1], _factors(b)[1])
+    assert [e["loss"] for e in a.loss_history] == [e["loss"] for e in b.loss_history]
+
+
+def test_training_peak_rss_stays_under_budget_on_a_store_several_times_the_allowance(tmp_path):
+    """Factors and interactions together are several times the 64 MiB allowance: the planner
+    streams the fixed side in blocks and peak RSS stays under the budget."""
+    from wals_ooc.synthetic import SyntheticSpec, write_synthetic_store
+
+    path = str(tmp_path / "big.zarr")
+    write_synthetic_store(SyntheticSpec(n_users=1_200_000, n_items=400_000, rows=5_000_000, seed=4), path, progress=False)
+    allowance = 72 * 2**20  # the 64 MiB minimum, and room for what opening the store allocates
+    code = f"""
+import json
+from wals_ooc import WALSConfig, open_store
+from wals_ooc.memory import current_rss, peak_rss, warm_libraries
+from wals_ooc.kernels.warm import warm_training_kernels
+from wals_ooc.train import train, make_plans
+warm_libraries()
+warm_training_kernels()  # loaded kernels are a fixed cost: the baseline, as train() measures it
+store = open_store({path!r})
+budget = current_rss() + {allowance}
+config = WALSConfig(factors=16, iterations=1, random_state=0, solver="cg")
+model = train(store, {str(tmp_path / 'model.zarr')!r}, config, memory_budget=budget, threads=2, progress=False)
+modes = sorted({{p.mode for p in make_plans(store, config, budget - current_rss(), 2).values()}})
+print(json.dumps({{"budget": budget, "peak": peak_rss(), "modes": modes, "loss": model.loss_history[-1]["loss"]}}))
+"""
+    done = run_python(code, timeout=600)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(tmp_path) for f in files)
+    assert on_disk > 3 * allowance, on_disk
+    assert "blocked" in figures["modes"], figures
+    assert figures["peak"] <= figures["budget"], figures
+
+
+def test_kernel_warm_up_covers_every_signature_training_and_serving_use(small_store, tmp_path):
+    """The budget's baseline is measured after loading the kernels; a run that compiled a new
+    signature later would spend the allowance on code instead of data."""
+    code = f"""
+import json
+import numba
+from wals_ooc import WALS
+from wals_ooc.kernels import loss, rank, solve, topk
+from wals_ooc.kernels.warm import warm_serving_kernels, warm_training_kernels
+
+kernels = [k for m in (loss, rank, solve, topk) for k in vars(m).values() if isinstance(k, numba.core.registry.CPUDispatcher)]
+warm_training_kernels("float32"); warm_serving_kernels()
+before = {{k.__name__: len(k.signatures) for k in kernels}}
+model = WALS(factors=4, iterations=2, random_state=0).fit({small_store!r}, {str(tmp_path / 'm.zarr')!r}, progress=False)
+model.recommend(model.interactions.ids("user")[:3], N=3)
+model.recalculate_user(list(model.interactions.ids("item")[:3]))
+WALS(factors=4, iterations=1, solver="cholesky", random_state=0).fit({small_store!r}, {str(tmp_path / 'c.zarr')!r}, progress=False)
+from wals_ooc.train import train
+from wals_ooc import WALSConfig, open_store
+train(open_store({small_store!r}), {str(tmp_path / 'b.zarr')!r}, WALSConfig(factors=4, iterations=1), progress=False, max_block_rows=50)
+after = {{k.__name__: len(k.signatures) for k in kernels}}
+print(json.dumps({{"before": before, "after": after}}))
+"""
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    grown = {name: (counts["before"][name], n) for name, n in counts["after"].items() if n != counts["before"][name]}
+    assert not grown, grown

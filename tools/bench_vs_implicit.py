@@ -1,0 +1,180 @@
+"""wals-ooc against implicit's CPU ALS: same matrix, factors, iterations, regularization, solver
+and threads, side by side in one run.
+
+Each trainer runs in its own fresh process (so peak RSS is its own), alternating, ``--repeats``
+times. Printed per factor count: median seconds per iteration (the first iteration of each run
+is reported apart: it includes Numba's cache load and implicit's set-up), the ratio
+wals-ooc / implicit, the final training objective of each (both scored by the same streamed
+objective, wals_ooc.train.objective), and peak RSS. The Numba compile/cache-load time of
+wals-ooc is measured on a tiny warm-up fit before the timed one.
+
+    python tools/bench_vs_implicit.py                       # 16M nnz, lastfm-360k shape, f=64
+    python tools/bench_vs_implicit.py --factors 32 64 128 --repeats 3
+    python tools/bench_vs_implicit.py --scale 0.1           # a 10x smaller matrix, quick look
+
+Confidence is Hu et al.'s c = 1 + alpha * r for both: implicit is given the matrix 1 + alpha * r
+with its own alpha = 1, which is how it builds that confidence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+DEFAULT_DIR = os.path.join(tempfile.gettempdir(), "wals-bench")
+
+
+def ensure_store(path: str, scale: float) -> None:
+    """Generate the lastfm-360k-shaped store (scaled) unless it is already there and complete."""
+    from wals_ooc.store import open_store
+    from wals_ooc.synthetic import SyntheticSpec, write_synthetic_store
+
+    try:
+        open_store(path)
+        return
+    except Exception:
+        pass
+    spec = SyntheticSpec(n_users=int(360_000 * scale), n_items=int(160_000 * scale), rows=int(23_500_000 * scale), seed=42)
+    started = time.perf_counter()
+    report = write_synthetic_store(spec, path, overwrite=True, progress=False)
+    print(f"generated {path}: {report.n_users} x {report.n_items}, nnz {report.nnz:,} "
+          f"in {time.perf_counter() - started:.0f}s", flush=True)
+
+
+def child_wals(args) -> dict:
+    import wals_ooc
+    from wals_ooc.memory import peak_rss
+    from wals_ooc.synthetic import SyntheticSpec, write_synthetic_store
+    from wals_ooc.train.objective import objective
+
+    settings = dict(factors=args.factors, regularization=args.regularization, alpha=args.alpha,
+                    solver=args.solver, cg_steps=args.cg_steps, random_state=0, threads=args.threads)
+    with tempfile.TemporaryDirectory() as tmp:  # warm-up: Numba compile (first ever) or cache load
+        small = os.path.join(tmp, "warm.zarr")
+        write_synthetic_store(SyntheticSpec(n_users=300, n_items=200, rows=3000, seed=1), small, progress=False)
+        started = time.perf_counter()
+        wals_ooc.WALS(iterations=1, **settings).fit(small, os.path.join(tmp, "m.zarr"), progress=False)
+        warmup = time.perf_counter() - started
+    times: list[float] = []
+    model = wals_ooc.WALS(iterations=args.iterations, memory_budget=args.memory_budget, **settings)
+    model.fit(args.store, os.path.join(args.workdir, "wals-model.zarr"), resume=False, progress=False,
+              callback=lambda it, seconds, loss: times.append(seconds))
+    peak = peak_rss()
+    store = wals_ooc.open_store(args.store)
+    loss = objective(store, model.user_factors, model.item_factors, model.config)
+    return {"times": times, "warmup": warmup, "loss": loss, "peak_rss": peak,
+            "reported_loss": model.loss_history[-1]["loss"]}
+
+
+def child_implicit(args) -> dict:
+    import numpy as np
+    import scipy.sparse as sp
+    from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    import wals_ooc
+    from wals_ooc.memory import peak_rss
+    from wals_ooc.train.objective import objective
+
+    store = wals_ooc.open_store(args.store)
+    shard = store.rows("user", 0, store.n_users)
+    matrix = sp.csr_matrix((1 + args.alpha * shard.values, shard.indices, shard.indptr), shape=store.shape)
+    del shard
+    model = AlternatingLeastSquares(factors=args.factors, regularization=args.regularization, alpha=1.0,
+                                    iterations=args.iterations, use_cg=args.solver == "cg",
+                                    num_threads=args.threads, random_state=0, calculate_training_loss=False)
+    model.cg_steps = args.cg_steps  # an attribute, not a constructor argument, in implicit 0.7
+    times: list[float] = []
+    with threadpool_limits(1, "blas"):  # implicit's own advice; its threads are num_threads
+        model.fit(matrix, show_progress=False, callback=lambda it, seconds, loss: times.append(seconds))
+    peak = peak_rss()
+    config = wals_ooc.WALSConfig(factors=args.factors, regularization=args.regularization, alpha=args.alpha)
+    loss = objective(store, np.asarray(model.user_factors), np.asarray(model.item_factors), config)
+    return {"times": times, "warmup": 0.0, "loss": loss, "peak_rss": peak}
+
+
+def run_child(peer: str, args, factors: int) -> dict:
+    command = [sys.executable, __file__, "--child", peer, "--store", args.store, "--workdir", args.workdir,
+               "--factors", str(factors), "--iterations", str(args.iterations), "--threads", str(args.threads),
+               "--solver", args.solver, "--cg-steps", str(args.cg_steps), "--regularization", str(args.regularization),
+               "--alpha", str(args.alpha), "--memory-budget", str(args.memory_budget)]
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"{peer} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", help="interaction store to train on (default: generate one in --workdir)")
+    parser.add_argument("--workdir", default=DEFAULT_DIR)
+    parser.add_argument("--scale", type=float, default=1.0, help="size of the generated matrix relative to 16M nnz")
+    parser.add_argument("--factors", type=int, nargs="+", default=[64])
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--solver", choices=["cg", "cholesky"], default="cg")
+    parser.add_argument("--cg-steps", type=int, default=3)
+    parser.add_argument("--regularization", type=float, default=0.01)
+    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--memory-budget", default="4GB", help="wals-ooc's budget (implicit has none)")
+    parser.add_argument("--child", choices=["wals", "implicit"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        args.factors = args.factors[0]
+        result = (child_wals if args.child == "wals" else child_implicit)(args)
+        print(json.dumps(result))
+        return
+
+    os.makedirs(args.workdir, exist_ok=True)
+    if args.store is None:
+        args.store = os.path.join(args.workdir, f"lastfm-shape-{args.scale:g}.zarr")
+        ensure_store(args.store, args.scale)
+    print(f"store {args.store}; {args.iterations} iterations x {args.repeats} repeats, {args.threads} threads, "
+          f"solver {args.solver}" + (f" ({args.cg_steps} CG steps)" if args.solver == "cg" else ""), flush=True)
+    try:
+        import pyspark  # noqa: F401
+        print("pyspark is installed but the Spark column is not implemented in this tool yet")
+    except ImportError:
+        print("pyspark not installed: no Spark column")
+
+    from wals_ooc.memory import format_bytes
+
+    for factors in args.factors:
+        runs: dict[str, list[dict]] = {"wals": [], "implicit": []}
+        for repeat in range(args.repeats):
+            for peer in ("wals", "implicit"):
+                result = run_child(peer, args, factors)
+                runs[peer].append(result)
+                print(f"  f={factors} run {repeat + 1} {peer:8s} s/iteration {[round(t, 2) for t in result['times']]}"
+                      f" loss {result['loss']:.6g} peak RSS {format_bytes(result['peak_rss'])}", flush=True)
+        summary = {}
+        for peer, results in runs.items():
+            steady = [t for r in results for t in r["times"][1:]]
+            summary[peer] = {
+                "median_s_per_iteration": statistics.median(steady),
+                "median_first_iteration_s": statistics.median(r["times"][0] for r in results),
+                "final_loss": statistics.median(r["loss"] for r in results),
+                "peak_rss": max(r["peak_rss"] for r in results),
+                "warmup_s": statistics.median(r["warmup"] for r in results),
+            }
+        ratio = summary["wals"]["median_s_per_iteration"] / summary["implicit"]["median_s_per_iteration"]
+        loss_ratio = summary["wals"]["final_loss"] / summary["implicit"]["final_loss"]
+        print(f"\nf={factors}: median seconds per iteration (iterations 2..{args.iterations}, {args.repeats} runs)")
+        for peer, row in summary.items():
+            print(f"  {peer:8s} {row['median_s_per_iteration']:8.3f} s   first iteration {row['median_first_iteration_s']:.2f} s"
+                  f"   final loss {row['final_loss']:.6g}   peak RSS {format_bytes(row['peak_rss'])}"
+                  + (f"   numba warm-up fit {row['warmup_s']:.2f} s" if peer == "wals" else ""))
+        print(f"  ratio wals-ooc / implicit: time {ratio:.3f}x, final loss {loss_ratio:.4f}x\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Load every kernel a stage will call, with the argument types it will call them with, before
+the stage measures its memory baseline.
+
+Loading a compiled Numba kernel (from its on-disk cache, or compiling it the first time) costs
+tens of MB of LLVM state per process whatever the data size, so it belongs to the baseline the
+budget's allowance is counted from, not to the allowance. ``tests/test_train.py`` checks that a
+training run adds no kernel signature beyond these.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .loss import observed_loss_block, regularization_sum
+from .rank import rank_counts_update
+from .solve import CONFIDENCE_KINDS, accumulate_block, cg_solve_rows, cholesky_solve_rows, solve_accumulated
+from .topk import new_heaps, topk_finish, topk_update
+
+_warmed: set[tuple] = set()
+
+
+def _tiny_rows(dtype: np.dtype):
+    """Two rows of a 3-column problem, typed as the store reader and the trainer type them."""
+    indptr = np.array([0, 2, 3], np.int64)
+    indices = np.array([0, 2, 1], np.int32)
+    values = np.array([1.0, 2.0, 3.0], np.float32)
+    Y = np.eye(3, 2, dtype=dtype) + dtype.type(0.1)
+    gram = (Y.T @ Y).astype(dtype)
+    return indptr, indices, values, Y, gram
+
+
+def warm_training_kernels(dtype: str | np.dtype = "float32") -> None:
+    """Every solve and loss kernel, in ``dtype`` (training's and fold-in's signatures)."""
+    dtype = np.dtype(dtype)
+    key = ("train", dtype.str)
+    if key in _warmed:
+        return
+    t = dtype.type
+    kind = CONFIDENCE_KINDS["linear"]  # the kind is a runtime int: one signature for all
+    indptr, indices, values, Y, gram = _tiny_rows(dtype)
+    X = np.zeros((2, 2), dtype)
+    scalars = (kind, t(1.0), t(1.0), t(1.0))
+    cg_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 2, True)
+    cholesky_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0)
+    A = np.zeros((2, 2, 2), np.float64)
+    b = np.zeros((2, 2), np.float64)
+    cursor = indptr[:-1].copy()
+    accumulate_block(indptr, indices, values, cursor, 0, 3, Y, A, b, *scalars)
+    solve_accumulated(indptr, A, b, gram, X, 0.1, 0.0, 1.0, 3)
+    regularization_sum(indptr, X, 0.1, 0.0, 1.0, 3)
+    cursor = indptr[:-1].copy()
+    observed_loss_block(indptr, indices, values, cursor, 0, 3, Y, X, *scalars)
+    _warmed.add(key)
+
+
+def warm_serving_kernels() -> None:
+    """Top-K and rank counting over float32 score blocks."""
+    if "serve" in _warmed:
+        return
+    scores = np.ones((2, 3), np.float32)
+    ids = np.arange(3, dtype=np.int64)
+    exclude_indptr = np.array([0, 1, 1], np.int64)
+    exclude_ids = np.array([1], np.int64)
+    heap_scores, heap_ids = new_heaps(2, 2)
+    topk_update(scores, ids, exclude_indptr, exclude_ids, exclude_indptr[:-1].copy(), heap_scores, heap_ids)
+    topk_finish(heap_scores, heap_ids)
+    test_indptr = np.array([0, 1, 1], np.int64)
+    rank_counts_update(scores, ids, exclude_indptr, exclude_ids, exclude_indptr[:-1].copy(), test_indptr,
+                       np.array([2], np.int64), np.ones(1, np.float32), np.zeros(1, np.int64))
+    _warmed.add("serve")
