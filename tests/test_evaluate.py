@@ -99,3 +99,42 @@ def test_evaluate_user_fraction_is_seeded_and_a_subset(small_store, tmp_path):
     again = model.evaluate(str(tmp_path / "te.zarr"), k=5, user_fraction=0.5, seed=9)
     assert part == again
     assert 0.3 * whole["users"] < part["users"] < 0.7 * whole["users"]
+
+
+def test_splits_by_order_hold_out_each_users_latest_entries(tmp_path):
+    import pandas as pd
+
+    rng = np.random.default_rng(9)
+    n = 4000
+    frame = pd.DataFrame({"u": rng.integers(0, 120, n), "i": rng.integers(0, 300, n), "t": rng.permutation(n)})
+    frame = frame.drop_duplicates(["u", "i"])
+    frame.to_csv(tmp_path / "log.csv", index=False)
+    wals_ooc.convert(str(tmp_path / "log.csv"), str(tmp_path / "s.zarr"), user_col="u", item_col="i", value_col=None,
+                     order_col="t", row_block=16, shard_nnz=400, progress=False)
+    latest = frame.sort_values("t").groupby("u").tail(1)
+    wals_ooc.split(tmp_path / "s.zarr", tmp_path / "tr.zarr", tmp_path / "te.zarr", method="leave_last_out", progress=False)
+    test_entries = {(u, i) for u, i, _ in _entries(open_store(tmp_path / "te.zarr"))}
+    counts = frame.groupby("u").size()
+    assert test_entries == {(u, i) for u, i in zip(latest["u"], latest["i"]) if counts[u] >= 2}
+
+    wals_ooc.split(tmp_path / "s.zarr", tmp_path / "tr2.zarr", tmp_path / "te2.zarr", method="last_fraction",
+                   test_fraction=0.3, progress=False)
+    train, test = open_store(tmp_path / "tr2.zarr"), open_store(tmp_path / "te2.zarr")
+    assert train.has_order and test.has_order  # the splits keep the order for further splitting
+    times = {(u, i): t for u, i, t in zip(frame["u"], frame["i"], frame["t"])}
+    test_by_user: dict = {}
+    for u, i, _ in _entries(test):
+        test_by_user.setdefault(u, []).append(times[(u, i)])
+    for u, i, _ in _entries(train):
+        if u in test_by_user:
+            assert times[(u, i)] < min(test_by_user[u])  # everything held out is later than all training
+
+    with pytest.raises(ValueError, match="order"):
+        wals_ooc.split(_plain_store(tmp_path), tmp_path / "a.zarr",
+                       tmp_path / "b.zarr", method="leave_last_out", progress=False)
+
+
+def _plain_store(tmp_path):
+    path = tmp_path / "plain.zarr"
+    wals_ooc.convert(str(tmp_path / "log.csv"), str(path), user_col="u", item_col="i", value_col=None, progress=False)
+    return str(path)

@@ -272,3 +272,39 @@ print(json.dumps({{"budget": budget, "peak": peak_rss(), "nnz": report.nnz}}))
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["nnz"] > 4_000_000
     assert figures["peak"] <= figures["budget"], done.stdout
+
+
+def test_order_column_keeps_the_latest_of_summed_duplicates_in_both_orientations(tmp_path):
+    rng = np.random.default_rng(4)
+    n = 3000
+    frame = pd.DataFrame({"u": rng.integers(0, 80, n), "i": rng.integers(0, 50, n), "v": rng.integers(1, 4, n),
+                          "t": rng.permutation(n) * 10.0})
+    frame.to_csv(tmp_path / "log.csv", index=False)
+    wals_ooc.convert(str(tmp_path / "log.csv"), str(tmp_path / "s.zarr"), user_col="u", item_col="i", value_col="v",
+                     order_col="t", row_block=8, shard_nnz=300, progress=False)
+    store = open_store(tmp_path / "s.zarr")
+    assert store.has_order
+    expected = frame.groupby(["u", "i"]).agg(v=("v", "sum"), t=("t", "max")).reset_index()
+    for side, row_col, col_col in (("user", "u", "i"), ("item", "i", "u")):
+        shard = store.rows(side, 0, store.n_rows(side), with_order=True)
+        rows = store.ids(side)[np.repeat(np.arange(store.n_rows(side)), np.diff(shard.indptr))]
+        other = "item" if side == "user" else "user"
+        got = pd.DataFrame({row_col: rows, col_col: store.ids(other)[shard.indices], "v": shard.values, "t": shard.order})
+        merged = expected.merge(got, on=["u", "i"], suffixes=("", "_got"))
+        assert len(merged) == len(expected) == len(got)
+        np.testing.assert_array_equal(merged["t"], merged["t_got"])
+        np.testing.assert_allclose(merged["v"], merged["v_got"])
+    wals_ooc.convert(str(tmp_path / "log.csv"), str(tmp_path / "plain.zarr"), user_col="u", item_col="i",
+                     value_col="v", progress=False)
+    with pytest.raises(StoreError, match="order"):
+        open_store(tmp_path / "plain.zarr").rows("user", 0, 1, with_order=True)
+
+
+@pytest.mark.parametrize("cell, reason", [("soon", "non-numeric order"), ("nan", "order is not finite")])
+def test_bad_order_value_is_located(tmp_path, cell, reason):
+    path = tmp_path / "log.csv"
+    path.write_text(f"u,i,v,t\n1,2,3,10\n1,3,1,{cell}\n")
+    with pytest.raises(InputError) as caught:
+        wals_ooc.convert(str(path), str(tmp_path / "s.zarr"), user_col="u", item_col="i", value_col="v", order_col="t",
+                         progress=False)
+    assert f"{path}:3" in str(caught.value) and "'t'" in str(caught.value) and reason in str(caught.value)

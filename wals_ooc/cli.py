@@ -55,6 +55,7 @@ def cmd_convert(args) -> int:
     value_col = None if args.no_value else args.value_col
     report = convert(
         args.inputs, args.store, user_col=args.user_col, item_col=args.item_col, value_col=value_col,
+        order_col=args.order_col,
         delimiter=args.delimiter.encode().decode("unicode_escape"), header=not args.no_header, id_type=args.id_type,
         on_bad_lines=args.on_bad_lines, memory_budget=args.memory_budget, shard_nnz=args.shard_nnz,
         row_block=args.row_block, tmp_dir=args.tmp_dir, overwrite=args.overwrite, progress=_progress(args),
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user-col", default="0", help="user column name or 0-based position (default 0)")
     p.add_argument("--item-col", default="1", help="item column name or position (default 1)")
     p.add_argument("--value-col", default="2", help="value column name or position (default 2)")
+    p.add_argument("--order-col", default=None,
+                   help="numeric column ordering rows in time (timestamp); enables split --method leave_last_out")
     p.add_argument("--no-value", action="store_true", help="no value column: each row counts 1")
     p.add_argument("--delimiter", default=",", help="field delimiter (\\t for tab)")
     p.add_argument("--no-header", action="store_true", help="the files have no header line")
@@ -292,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("train")
     p.add_argument("test")
-    p.add_argument("--method", choices=("random", "leave_one_out"), default="random")
+    p.add_argument("--method", choices=("random", "leave_one_out", "leave_last_out", "last_fraction"), default="random",
+                   help="random share / one random entry / the latest entry / the latest share of each user "
+                        "(the last two need a store converted with --order-col)")
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--min-train", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

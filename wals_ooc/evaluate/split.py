@@ -18,26 +18,32 @@ from ..store.reader import CSRShard, InteractionStore
 from ..store.sources import RowBatch
 from ..store.writer import ConvertReport, write_store
 
-METHODS = ("random", "leave_one_out")
+METHODS = ("random", "leave_one_out", "leave_last_out", "last_fraction")
+BY_ORDER = ("leave_last_out", "last_fraction")  # need a store converted with an order column
 
 
 def held_out_mask(shard: CSRShard, method: str, test_fraction: float, min_train: int, rng: np.random.Generator) -> np.ndarray:
     """Which entries of a shard go to the test side (bool per entry).
 
     random: round(test_fraction * n_u) random entries of each user; leave_one_out: one random
-    entry. Either way a user keeps at least ``min_train`` entries in training.
+    entry; leave_last_out: the user's latest entry (by the store's order; ties at random);
+    last_fraction: the user's latest round(test_fraction * n_u) entries. Either way a user keeps
+    at least ``min_train`` entries in training.
     """
     counts = np.diff(shard.indptr)
-    if method == "random":
+    if method in ("random", "last_fraction"):
         wanted = np.rint(test_fraction * counts).astype(np.int64)
-    elif method == "leave_one_out":
+    elif method in ("leave_one_out", "leave_last_out"):
         wanted = np.ones_like(counts)
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     wanted = np.clip(wanted, 0, np.maximum(0, counts - min_train))
     rows = np.repeat(np.arange(len(counts)), counts)
     keys = rng.random(len(rows))
-    order = np.lexsort((keys, rows))  # by row, then random key
+    if method in BY_ORDER:  # latest first within each row, random among equal times
+        order = np.lexsort((keys, -shard.order, rows))
+    else:
+        order = np.lexsort((keys, rows))  # by row, then random key
     position = np.empty(len(rows), np.int64)
     position[order] = np.arange(len(rows)) - shard.indptr[rows[order]]
     return position < wanted[rows]
@@ -47,7 +53,7 @@ def _shard_batches(store: InteractionStore, method, test_fraction, min_train, se
     user_ids = store.ids("user")
     item_ids = store.ids("item")
     for k, (lo, hi) in enumerate(store.shard_ranges("user")):
-        shard = store.rows("user", lo, hi)
+        shard = store.rows("user", lo, hi, with_order=store.has_order)
         held = held_out_mask(shard, method, test_fraction, min_train, np.random.default_rng([seed, k]))
         keep = held if want_test else ~held
         rows = np.repeat(np.arange(lo, hi), np.diff(shard.indptr))[keep]
@@ -55,7 +61,7 @@ def _shard_batches(store: InteractionStore, method, test_fraction, min_train, se
         if store.id_kind == "str":
             users, items = pa.array(users.astype(object), pa.string()), pa.array(items.astype(object), pa.string())
         if keep.any():
-            yield RowBatch(users, items, shard.values[keep])
+            yield RowBatch(users, items, shard.values[keep], shard.order[keep] if shard.order is not None else None)
 
 
 @dataclass
@@ -79,6 +85,9 @@ def split(
         store = InteractionStore(store)
     if not 0 <= test_fraction < 1:
         raise ValueError("test_fraction must be in [0, 1)")
+    if method in BY_ORDER and not store.has_order:
+        raise ValueError(f"method {method!r} splits by time, but {store.location} has no entry order: "
+                         "convert it with an order column (--order-col)")
     reports = []
     for out, want_test in ((train_out, False), (test_out, True)):
         reports.append(

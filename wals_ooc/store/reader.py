@@ -14,6 +14,7 @@ from .format import (
     ID_ARRAYS,
     INTERACTIONS_KIND,
     SIDES,
+    StoreError,
     check_complete,
     open_group,
     shard_ranges,
@@ -27,6 +28,7 @@ class CSRShard:
     indptr: int64 (rows + 1,), starting at 0.
     indices: int32 (nnz,), column index in the other side's numbering, sorted within a row.
     values: float32 (nnz,), interaction values.
+    order: float64 (nnz,), each entry's place in time, when asked for and the store has it.
     """
 
     row_start: int
@@ -34,6 +36,7 @@ class CSRShard:
     indptr: np.ndarray
     indices: np.ndarray
     values: np.ndarray
+    order: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
@@ -104,14 +107,24 @@ class InteractionStore:
         stop = self.n_rows(side) if stop is None else stop
         return self._csr(side)["indptr"][start : stop + 1]
 
-    def rows(self, side: str, start: int, stop: int) -> CSRShard:
-        """CSR rows ``[start, stop)`` of a side's orientation."""
+    @property
+    def has_order(self) -> bool:
+        """Whether entries carry an order (converted with an order column)."""
+        return bool(self.group.attrs.get("has_order", False))
+
+    def rows(self, side: str, start: int, stop: int, with_order: bool = False) -> CSRShard:
+        """CSR rows ``[start, stop)`` of a side's orientation (and their order, if asked)."""
         group = self._csr(side)
         indptr = group["indptr"][start : stop + 1].astype(np.int64)
         lo, hi = int(indptr[0]), int(indptr[-1])
         indices = group["indices"][lo:hi]
         values = group["values"][lo:hi]
-        return CSRShard(start, stop, indptr - lo, indices, values)
+        order = None
+        if with_order:
+            if not self.has_order:
+                raise StoreError(f"{self.location} has no entry order: convert with an order column (--order-col)")
+            order = group["order"][lo:hi]
+        return CSRShard(start, stop, indptr - lo, indices, values, order)
 
     def shard(self, side: str, k: int) -> CSRShard:
         start, stop = self.shard_ranges(side)[k]

@@ -41,6 +41,8 @@ class InputSpec:
 
     user_col, item_col, value_col: column names (with a header) or 0-based positions.
     value_col None means every row counts 1.
+    order_col: optional numeric column giving each row's place in time (a timestamp, a sequence
+    number); kept per entry (the latest of summed duplicates) for splits by order.
     id_kind: "int", "str", or "auto" (int if the first batch's ids all parse as integers).
     on_bad_lines: "error" raises InputError at the first bad row; "skip" counts and drops it.
     """
@@ -48,6 +50,7 @@ class InputSpec:
     user_col: str | int = 0
     item_col: str | int = 1
     value_col: str | int | None = 2
+    order_col: str | int | None = None
     delimiter: str = ","
     header: bool = True
     id_kind: str = "auto"
@@ -90,11 +93,13 @@ class BadRowReport:
 
 @dataclass
 class RowBatch:
-    """Validated rows: ids as int64 NumPy arrays or Arrow string arrays, values float32."""
+    """Validated rows: ids as int64 NumPy arrays or Arrow string arrays, values float32,
+    order float64 (None without an order column)."""
 
     users: np.ndarray | pa.Array
     items: np.ndarray | pa.Array
     values: np.ndarray
+    order: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.values)
@@ -152,11 +157,12 @@ def _guess_id_kind(column: pa.Array) -> str:
 class _BatchValidator:
     """Turns string columns into a RowBatch, raising or skipping located errors."""
 
-    def __init__(self, path: str, spec: InputSpec, names: tuple[str, str, str | None], report: BadRowReport):
+    def __init__(self, path: str, spec: InputSpec, names: tuple[str, str, str | None, str | None], report: BadRowReport):
         self.path, self.spec, self.names, self.report = path, spec, names, report
         self.id_kind = spec.id_kind
 
-    def validate(self, users: pa.Array, items: pa.Array, values: pa.Array | None, line_of) -> RowBatch | None:
+    def validate(self, users: pa.Array, items: pa.Array, values: pa.Array | None, line_of,
+                 order: pa.Array | None = None) -> RowBatch | None:
         n = len(users)
         if self.id_kind == "auto":
             self.id_kind = _guess_id_kind(users) if n else "auto"
@@ -164,7 +170,7 @@ class _BatchValidator:
                 self.id_kind = "str"
         keep = np.ones(n, dtype=bool)
         problems: list[tuple[int, str, str]] = []  # (row, field, reason)
-        user_name, item_name, value_name = self.names
+        user_name, item_name, value_name, order_name = self.names
 
         if self.id_kind == "int":
             user_num, user_ok = _convert_numbers(users, "int")
@@ -192,6 +198,16 @@ class _BatchValidator:
                 problems.append((row, value_name, f"{_value_problem(float(vals[row]))}: {values[row].as_py()!r}"))
             keep &= value_ok & ~bad_value
 
+        times = None
+        if order is not None:
+            times, order_ok = _convert_numbers(order, "float")
+            for row in np.flatnonzero(~order_ok):
+                problems.append((row, order_name, f"non-numeric order: {order[row].as_py()!r}"))
+            not_finite = order_ok & ~np.isfinite(times)
+            for row in np.flatnonzero(not_finite):
+                problems.append((row, order_name, f"order is not finite: {order[row].as_py()!r}"))
+            keep &= order_ok & ~not_finite
+
         if problems:
             problems.sort()
             if self.spec.on_bad_lines == "error":
@@ -206,13 +222,14 @@ class _BatchValidator:
         if not keep.all():
             idx = np.flatnonzero(keep)
             users, items, vals = users.take(pa.array(idx)), items.take(pa.array(idx)), vals[idx]
+            times = times[idx] if times is not None else None
             if self.id_kind == "int":
                 user_num, item_num = user_num[idx], item_num[idx]
         if not len(vals):
             return None
         if self.id_kind == "int":
-            return RowBatch(user_num.astype(np.int64), item_num.astype(np.int64), vals.astype(np.float32))
-        return RowBatch(users.cast(pa.string()), items.cast(pa.string()), vals.astype(np.float32))
+            return RowBatch(user_num.astype(np.int64), item_num.astype(np.int64), vals.astype(np.float32), times)
+        return RowBatch(users.cast(pa.string()), items.cast(pa.string()), vals.astype(np.float32), times)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,11 +298,12 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
         _resolve_column(path, spec.user_col, names, "user"),
         _resolve_column(path, spec.item_col, names, "item"),
         _resolve_column(path, spec.value_col, names, "value"),
+        _resolve_column(path, spec.order_col, names, "order"),
     ]
     used = [name for name in wanted if name is not None]
     if len(set(used)) != len(used):
-        raise InputError(path, 1, None, f"user, item and value columns must differ, got {used}")
-    validator = _BatchValidator(path, spec, (wanted[0], wanted[1], wanted[2]), report)
+        raise InputError(path, 1, None, f"user, item, value and order columns must differ, got {used}")
+    validator = _BatchValidator(path, spec, (wanted[0], wanted[1], wanted[2], wanted[3]), report)
     convert_options = pacsv.ConvertOptions(
         include_columns=used,
         column_types={name: pa.string() for name in used},
@@ -340,6 +358,7 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
         users = table.column(wanted[0]).combine_chunks()
         items = table.column(wanted[1]).combine_chunks()
         values = table.column(wanted[2]).combine_chunks() if wanted[2] is not None else None
+        order = table.column(wanted[3]).combine_chunks() if wanted[3] is not None else None
         rows_seen += len(users)
         blank = _blank_rows(users, items, values)
         kept_rows = None
@@ -349,9 +368,11 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
             take = pa.array(kept_rows)
             users, items = users.take(take), items.take(take)
             values = values.take(take) if values is not None else None
+            order = order.take(take) if order is not None else None
         batch = validator.validate(
             users, items, values,
             lambda row, kept_rows=kept_rows, line_of=line_of: line_of(int(kept_rows[row]) if kept_rows is not None else int(row)),
+            order,
         )
         if batch is not None:
             yield batch
@@ -386,16 +407,18 @@ def _parquet_batches(path: str, spec: InputSpec, report: BadRowReport, batch_row
         _resolve_column(path, spec.user_col, names, "user"),
         _resolve_column(path, spec.item_col, names, "item"),
         _resolve_column(path, spec.value_col, names, "value"),
+        _resolve_column(path, spec.order_col, names, "order"),
     ]
     if parquet.metadata.num_rows == 0:
         raise InputError(path, None, None, "empty input: no rows")
     used = [name for name in wanted if name is not None]
-    validator = _BatchValidator(path, spec, (wanted[0], wanted[1], wanted[2]), report)
+    validator = _BatchValidator(path, spec, (wanted[0], wanted[1], wanted[2], wanted[3]), report)
     start = 0
     for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=used):
         columns = [record_batch.column(name).cast(pa.string()) for name in wanted[:2]]
         values = record_batch.column(wanted[2]).cast(pa.string()) if wanted[2] is not None else None
-        batch = validator.validate(columns[0], columns[1], values, lambda row, start=start: start + int(row) + 1)
+        order = record_batch.column(wanted[3]).cast(pa.string()) if wanted[3] is not None else None
+        batch = validator.validate(columns[0], columns[1], values, lambda row, start=start: start + int(row) + 1, order)
         start += record_batch.num_rows
         if batch is not None:
             yield batch

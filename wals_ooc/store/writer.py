@@ -40,6 +40,8 @@ from .format import (
 from .sources import BadRowReport, InputError, InputSpec, RowBatch, read_batches
 
 RECORD = np.dtype([("row", np.int32), ("col", np.int32), ("value", np.float32)])
+# with an order column: each entry also carries its place in time (the latest wins on duplicates)
+ORDERED_RECORD = np.dtype([("row", np.int32), ("col", np.int32), ("value", np.float32), ("order", np.float64)])
 # bytes of working memory per entry while assembling one shard (records, sort keys, order, output)
 ASSEMBLE_BYTES_PER_NNZ = 48
 DEFAULT_ROW_BLOCK = 4096
@@ -235,19 +237,20 @@ def write_store(
     workspace = _Workspace(store, tmp_dir)
     disable = None if progress is None else not progress
     try:
-        spill, id_kind, user_ids, item_ids = _collect(batches, workspace, budget, report, disable)
-        counts, mapped_path = _map_rows(spill, workspace, user_ids, item_ids, budget, disable)
+        spill, id_kind, user_ids, item_ids, record = _collect(batches, workspace, budget, report, disable)
+        counts, mapped_path = _map_rows(spill, workspace, user_ids, item_ids, record, disable)
         report.n_users, report.n_items = len(user_ids), len(item_ids)
         raw_nnz = int(counts["user"].sum())
         target = shard_nnz or default_shard_nnz(raw_nnz, budget.allowance)
         bounds = {side: plan_shard_bounds(counts[side], row_block, target) for side in ("user", "item")}
-        unit_nnz = max(1, budget.allowance // (4 * ASSEMBLE_BYTES_PER_NNZ))
+        per_entry = ASSEMBLE_BYTES_PER_NNZ + 3 * (record.itemsize - RECORD.itemsize)  # order: kept, sorted, reduced
+        unit_nnz = max(1, budget.allowance // (4 * per_entry))
         units = {side: assembly_units(counts[side], bounds[side], unit_nnz) for side in ("user", "item")}
         del counts
-        buckets = _bucket(mapped_path, workspace, units, budget, disable)
+        buckets = _bucket(mapped_path, workspace, units, budget, record, disable)
         nnz = {}
         for side, orientation, n_cols in (("user", "by_user", len(item_ids)), ("item", "by_item", len(user_ids))):
-            nnz[side] = _assemble(group, orientation, buckets[side], units[side], n_cols, disable)
+            nnz[side] = _assemble(group, orientation, buckets[side], units[side], n_cols, record, disable)
             group[orientation].attrs.update({"shard_bounds": [int(b) for b in bounds[side]], "row_block": int(row_block)})
         assert nnz["user"] == nnz["item"], "both orientations must hold the same entries"
         _write_ids(group, "user_ids", user_ids, id_kind)
@@ -262,6 +265,7 @@ def write_store(
                 "n_items": report.n_items,
                 "nnz": report.nnz,
                 "id_kind": id_kind,
+                "has_order": record is ORDERED_RECORD,
                 "store_id": uuid.uuid4().hex,
                 "rows_read": report.rows_read,
                 "duplicates_summed": report.duplicates_summed,
@@ -277,7 +281,9 @@ def write_store(
 
 
 def _collect(batches, workspace, budget, report, disable):
-    """Pass 1: spill every validated batch to Arrow IPC and gather the distinct ids."""
+    """Pass 1: spill every validated batch to Arrow IPC and gather the distinct ids.
+
+    Returns the spill path, the id kind, the sorted distinct ids and the record dtype of pass 2."""
     users = DistinctIds(merge_bytes=max(1 << 20, budget.allowance // 16))
     items = DistinctIds(merge_bytes=max(1 << 20, budget.allowance // 16))
     path = workspace.file("rows.arrow")
@@ -289,9 +295,12 @@ def _collect(batches, workspace, budget, report, disable):
             if writer is None:
                 id_kind = kind
                 id_type = pa.int64() if kind == "int" else pa.string()
-                schema = pa.schema([("user", id_type), ("item", id_type), ("value", pa.float32())])
+                fields = [("user", id_type), ("item", id_type), ("value", pa.float32())]
+                has_order = batch.order is not None
+                schema = pa.schema(fields + ([("order", pa.float64())] if has_order else []))
                 writer = pa.ipc.new_stream(pa.OSFile(path, "wb"), schema)
-            table = pa.record_batch([pa.array(batch.users), pa.array(batch.items), pa.array(batch.values)], schema=schema)
+            columns = [pa.array(batch.users), pa.array(batch.items), pa.array(batch.values)]
+            table = pa.record_batch(columns + ([pa.array(batch.order)] if has_order else []), schema=schema)
             writer.write_batch(table)
             users.add(batch.users)
             items.add(batch.items)
@@ -300,10 +309,10 @@ def _collect(batches, workspace, budget, report, disable):
     if writer is None:
         raise InputError(report.store, None, None, "empty input: no valid rows to convert")
     writer.close()
-    return path, id_kind, users.sorted_ids(), items.sorted_ids()
+    return path, id_kind, users.sorted_ids(), items.sorted_ids(), ORDERED_RECORD if has_order else RECORD
 
 
-def _map_rows(spill_path, workspace, user_ids, item_ids, budget, disable):
+def _map_rows(spill_path, workspace, user_ids, item_ids, record, disable):
     """Pass 2: original ids -> row indices, written as fixed-size records; count entries per row."""
     counts = {"user": np.zeros(len(user_ids), np.int64), "item": np.zeros(len(item_ids), np.int64)}
     mapped_path = workspace.file("rows.records")
@@ -311,10 +320,12 @@ def _map_rows(spill_path, workspace, user_ids, item_ids, budget, disable):
         desc="map ids", unit="rows", unit_scale=True, disable=disable
     ) as bar:
         for batch in pa.ipc.open_stream(source):
-            records = np.empty(batch.num_rows, RECORD)
+            records = np.empty(batch.num_rows, record)
             records["row"] = lookup_sorted(user_ids, _column(batch, 0))
             records["col"] = lookup_sorted(item_ids, _column(batch, 1))
             records["value"] = batch.column(2).to_numpy()
+            if "order" in record.names:
+                records["order"] = batch.column(3).to_numpy()
             counts["user"] += np.bincount(records["row"], minlength=len(user_ids))
             counts["item"] += np.bincount(records["col"], minlength=len(item_ids))
             records.tofile(sink)
@@ -328,19 +339,19 @@ def _column(batch: pa.RecordBatch, k: int):
     return column.to_numpy() if pa.types.is_integer(column.type) else column
 
 
-def _bucket(mapped_path, workspace, bounds, budget, disable):
+def _bucket(mapped_path, workspace, bounds, budget, record, disable):
     """Pass 3: append each record to its user shard's and its item shard's bucket file."""
-    chunk_rows = max(1 << 14, budget.allowance // (16 * RECORD.itemsize))
+    chunk_rows = max(1 << 14, budget.allowance // (16 * record.itemsize))
     paths = {
         side: [workspace.file(f"{side}-{k:06d}.records") for k in range(len(bounds[side]) - 1)]
         for side in ("user", "item")
     }
-    total = os.path.getsize(mapped_path) // RECORD.itemsize
+    total = os.path.getsize(mapped_path) // record.itemsize
     with open(mapped_path, "rb") as source, tqdm(
         desc="bucket", total=total, unit="rows", unit_scale=True, disable=disable
     ) as bar:
         while True:
-            records = np.fromfile(source, RECORD, count=chunk_rows)
+            records = np.fromfile(source, record, count=chunk_rows)
             if not len(records):
                 break
             for side, key in (("user", "row"), ("item", "col")):
@@ -360,8 +371,8 @@ def _bucket(mapped_path, workspace, bounds, budget, disable):
 
 
 def _swap_row_col(records: np.ndarray) -> np.ndarray:
-    swapped = np.empty(len(records), RECORD)
-    swapped["row"], swapped["col"], swapped["value"] = records["col"], records["row"], records["value"]
+    swapped = records.copy()
+    swapped["row"], swapped["col"] = records["col"], records["row"]
     return swapped
 
 
@@ -420,41 +431,49 @@ class ChunkAppender:
         return self.written
 
 
-def _assemble(group, orientation, bucket_paths, bounds, n_cols, disable) -> int:
+def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, disable) -> int:
     """Pass 4: sort each unit's bucket, sum duplicates, and append its CSR rows to the store."""
     n_rows = bounds[-1]
     csr = group.create_group(orientation)
     indptr_out = ChunkAppender(_csr_array(csr, "indptr", n_rows + 1, np.int64), start=1)  # [0] is fill 0
     indices_out = ChunkAppender(_csr_array(csr, "indices", 0, np.int32))
     values_out = ChunkAppender(_csr_array(csr, "values", 0, np.float32))
+    order_out = ChunkAppender(_csr_array(csr, "order", 0, np.float64)) if "order" in record.names else None
     offset = 0
     for k, path in enumerate(tqdm(bucket_paths, desc=f"assemble {orientation}", unit="shards", disable=disable)):
         # passed without a name here, so rows_to_csr can free the records once it has read them
-        indptr, indices, values = rows_to_csr(
-            np.fromfile(path, RECORD) if os.path.exists(path) else np.empty(0, RECORD), bounds[k], bounds[k + 1], n_cols
+        indptr, indices, values, order = rows_to_csr(
+            np.fromfile(path, record) if os.path.exists(path) else np.empty(0, record), bounds[k], bounds[k + 1], n_cols
         )
         if os.path.exists(path):
             os.remove(path)
         indices_out.append(indices)
         values_out.append(values)
+        if order_out is not None:
+            order_out.append(order)
         indptr_out.append(indptr[1:] + offset)
         offset += len(indices)
-    for appender in (indptr_out, indices_out, values_out):
-        appender.close()
+    for appender in (indptr_out, indices_out, values_out, order_out):
+        if appender is not None:
+            appender.close()
     csr.attrs["n_cols"] = int(n_cols)
     return offset
 
 
 def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int):
-    """Records of rows in ``[row_start, row_stop)`` -> (indptr, indices, values), duplicates summed.
+    """Records of rows in ``[row_start, row_stop)`` -> (indptr, indices, values, order), duplicates
+    summed (order: the latest of them, or None when the records carry no order).
 
     Entries come out sorted by row, then column; values are summed in float64 then cast.
     """
     n_rows = row_stop - row_start
+    has_order = "order" in records.dtype.names
     if not len(records):
-        return np.zeros(n_rows + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.float32)
+        return (np.zeros(n_rows + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.float32),
+                np.empty(0, np.float64) if has_order else None)
     keys = (records["row"].astype(np.int64) - row_start) * n_cols + records["col"]
     raw_values = records["value"].copy()
+    raw_order = records["order"].copy() if has_order else None
     del records  # the caller holds no other reference: 12 bytes per entry back before sorting
     order = np.argsort(keys, kind="stable")
     keys = keys[order]
@@ -463,13 +482,14 @@ def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int)
     starts = np.flatnonzero(first)
     del first
     values = np.add.reduceat(raw_values[order], starts, dtype=np.float64).astype(np.float32)
-    del raw_values, order
+    latest = np.maximum.reduceat(raw_order[order], starts) if has_order else None
+    del raw_values, raw_order, order
     keys = keys[starts]
     rows = keys // n_cols
     indices = (keys - rows * n_cols).astype(np.int32)
     indptr = np.zeros(n_rows + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
-    return indptr, indices, values
+    return indptr, indices, values, latest
 
 
 def _write_ids(group: zarr.Group, name: str, ids: np.ndarray, id_kind: str) -> None:
@@ -491,6 +511,7 @@ def convert(
     user_col: str | int = 0,
     item_col: str | int = 1,
     value_col: str | int | None = 2,
+    order_col: str | int | None = None,
     delimiter: str = ",",
     header: bool = True,
     id_type: str = "auto",
@@ -515,7 +536,8 @@ def convert(
         for path in paths:
             if os.path.abspath(path) == target or os.path.abspath(path).startswith(target + os.sep):
                 raise ValueError(f"the store {store} would overwrite the input {path}")
-    spec = InputSpec(user_col, item_col, value_col, delimiter, header, id_type, on_bad_lines)
+    spec = InputSpec(user_col=user_col, item_col=item_col, value_col=value_col, order_col=order_col, delimiter=delimiter,
+                     header=header, id_kind=id_type, on_bad_lines=on_bad_lines)
     report = ConvertReport(store=os.fspath(store))
     budget_bytes = MemoryBudget.start(memory_budget).allowance
     block_bytes = int(min(64 << 20, max(1 << 20, budget_bytes // 48)))
@@ -525,6 +547,7 @@ def convert(
         "user_col": str(user_col),
         "item_col": str(item_col),
         "value_col": None if value_col is None else str(value_col),
+        "order_col": None if order_col is None else str(order_col),
     }
     return write_store(
         batches,
