@@ -55,7 +55,7 @@ def peak_rss() -> int:
             for line in status:
                 if line.startswith(b"VmHWM:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except OSError:  # no /proc (not Linux): fall back to getrusage below
         pass
     scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, others KiB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

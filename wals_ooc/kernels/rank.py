@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from numba import njit
 
+from .topk import skip_to
+
 _JIT = dict(cache=True, nogil=True)
 
 
@@ -24,9 +26,8 @@ def rank_counts_update(scores, col_ids, exclude_indptr, exclude_ids, exclude_cur
         stop = exclude_indptr[u + 1]
         for j in range(m):
             cid = col_ids[j]
-            while cur < stop and exclude_ids[cur] < cid:
-                cur += 1
-            if cur < stop and exclude_ids[cur] == cid:
+            cur, excluded = skip_to(exclude_ids, cur, stop, cid)
+            if excluded:
                 continue
             is_test = False
             for t in range(t0, t1):

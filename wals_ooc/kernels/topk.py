@@ -41,6 +41,15 @@ def _less(score_a, id_a, score_b, id_b):
 
 
 @njit(**_JIT)
+def skip_to(sorted_ids, cursor, stop, target):
+    """Advance ``cursor`` over ``sorted_ids[cursor:stop]`` past ids below ``target``; return the new
+    cursor and whether ``target`` itself is listed (an excluded id)."""
+    while cursor < stop and sorted_ids[cursor] < target:
+        cursor += 1
+    return cursor, cursor < stop and sorted_ids[cursor] == target
+
+
+@njit(**_JIT)
 def topk_update(scores, col_ids, exclude_indptr, exclude_indices, exclude_cursor, heap_scores, heap_ids):
     """Fold a block of scores into each row's heap of the K best.
 
@@ -58,9 +67,8 @@ def topk_update(scores, col_ids, exclude_indptr, exclude_indices, exclude_cursor
         hi = heap_ids[u]
         for j in range(m):
             cid = col_ids[j]
-            while cur < stop and exclude_indices[cur] < cid:
-                cur += 1
-            if cur < stop and exclude_indices[cur] == cid:
+            cur, excluded = skip_to(exclude_indices, cur, stop, cid)
+            if excluded:
                 continue
             s = scores[u, j]
             if _less(hs[0], hi[0], s, cid):
