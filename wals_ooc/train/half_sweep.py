@@ -49,6 +49,7 @@ from .plan import SolveTask
 _lock = threading.RLock()
 _opened: dict[tuple, Any] = {}
 _worker_fixed: dict[tuple, np.ndarray] = {}
+_worker_shards: dict[tuple, "LocalState"] = {}  # CSR shards a worker keeps between half-sweeps
 
 
 def _interactions(location: str, storage_options: dict | None) -> InteractionStore:
@@ -99,10 +100,21 @@ def single_threaded_blas_in_worker() -> None:
 
 
 def release_caches() -> None:
-    """Forget opened stores and any fixed side held by this process."""
+    """Forget opened stores, and any fixed side and shards held by this process."""
     with _lock:
         _worker_fixed.clear()
+        _worker_shards.clear()
         _opened.clear()
+
+
+def _shard_cache_on_worker(job: HalfSweepJob) -> LocalState:
+    """This worker's shard cache for the job's training run (one run's cache at a time)."""
+    key = (job.interactions, job.model)
+    with _lock:
+        if key not in _worker_shards:
+            _worker_shards.clear()
+            _worker_shards[key] = LocalState(cache_bytes=job.shard_cache_bytes)
+        return _worker_shards[key]
 
 
 @dataclass
@@ -168,6 +180,7 @@ class HalfSweepJob:
     n_fixed: int
     gram: np.ndarray  # alpha0 * fixed^T fixed, (f, f) in the factor dtype
     loss: bool
+    shard_cache_bytes: int = 0  # on cluster workers: CSR shards kept between half-sweeps
 
 
 @dataclass
@@ -198,7 +211,12 @@ def solve_task(job: HalfSweepJob, task: SolveTask, local: LocalState | None = No
     cfg = job.config
     store = _interactions(job.interactions, job.storage_options)
     lo_row, hi_row = task.row_start, task.row_stop
-    csr = local.rows(store, job.side, lo_row, hi_row) if local is not None else store.rows(job.side, lo_row, hi_row)
+    if local is not None:
+        csr = local.rows(store, job.side, lo_row, hi_row)
+    elif job.shard_cache_bytes:
+        csr = _shard_cache_on_worker(job).rows(store, job.side, lo_row, hi_row)
+    else:
+        csr = store.rows(job.side, lo_row, hi_row)
     f = cfg.factors
     kind, alpha, alpha0, eps = _kernel_scalars(cfg)
     lam, nu = float(cfg.regularization), float(cfg.nu)

@@ -3,6 +3,7 @@ committing a checkpoint after each one."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -161,8 +162,11 @@ def train(
     for plan in plans.values():
         log.info(plan.describe())
     state = None
-    if local and all(p.mode == "resident" for p in plans.values()):
-        state = LocalState(cache_bytes=max(0, min(p.spare_bytes for p in plans.values())))
+    # what both half-sweeps leave unused caches CSR shards between iterations (per process)
+    all_resident = all(p.mode == "resident" for p in plans.values())
+    cache_bytes = max(0, min(p.spare_bytes for p in plans.values())) if all_resident else 0
+    if local and all_resident:
+        state = LocalState(cache_bytes=cache_bytes)
 
     checkpoint = model.checkpoint
     history = model.loss_history[: checkpoint.iteration]
@@ -188,6 +192,7 @@ def train(
                     warm_slot=checkpoint.slots[side], out_slot=1 - checkpoint.slots[side], config=config,
                     mode=plan.mode, solver=plan.solver, block_rows=plan.block_rows, row_batch=plan.row_batch,
                     n_fixed=plan.n_fixed, gram=gram.astype(config.np_dtype), loss=config.compute_loss and side == "item",
+                    shard_cache_bytes=0 if local else cache_bytes,
                 )
                 label = f"{side}s-it{checkpoint.iteration:03d}"
                 try:
@@ -226,4 +231,7 @@ def train(
         model.group.attrs.update({"complete": True, "config": config.to_dict(), "iterations_done": checkpoint.iteration})
     finally:
         release_caches()
+        if client is not None:
+            with contextlib.suppress(Exception):  # a dead worker has nothing left to release
+                client.run(release_caches)
     return model
