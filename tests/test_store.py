@@ -308,3 +308,27 @@ def test_bad_order_value_is_located(tmp_path, cell, reason):
         wals_ooc.convert(str(path), str(tmp_path / "s.zarr"), user_col="u", item_col="i", value_col="v", order_col="t",
                          progress=False)
     assert f"{path}:3" in str(caught.value) and "'t'" in str(caught.value) and reason in str(caught.value)
+
+
+def test_a_row_longer_than_an_assembly_unit_is_summed_in_chunks(tmp_path):
+    """One item holds 500k entries, more than an assembly unit under an 80 MiB allowance: it is
+    summed through the dense per-column path and equals the in-memory groupby."""
+    from wals_ooc.memory import current_rss, warm_libraries
+
+    rng = np.random.default_rng(12)
+    n = 600_000
+    items = np.where(np.arange(n) < 500_000, 7, rng.integers(0, 1000, n))
+    frame = pd.DataFrame({"u": rng.integers(0, 300_000, n), "i": items, "v": rng.integers(1, 5, n), "t": rng.permutation(n)})
+    frame.to_csv(tmp_path / "log.csv", index=False)
+    warm_libraries()
+    wals_ooc.convert(str(tmp_path / "log.csv"), str(tmp_path / "s.zarr"), user_col="u", item_col="i", value_col="v",
+                     order_col="t", memory_budget=current_rss() + 80 * 2**20, progress=False)
+    store = open_store(tmp_path / "s.zarr")
+    row = int(store.index_of("item", [7])[0])
+    shard = store.rows("item", row, row + 1, with_order=True)
+    assert shard.nnz == len(frame[frame["i"] == 7].groupby("u")) > 200_000  # from 500k raw entries
+    expected = frame[frame["i"] == 7].groupby("u").agg(v=("v", "sum"), t=("t", "max"))
+    np.testing.assert_array_equal(store.ids("user")[shard.indices], expected.index.to_numpy())
+    np.testing.assert_array_equal(shard.values, expected["v"].to_numpy(np.float32))
+    np.testing.assert_array_equal(shard.order, expected["t"].to_numpy(np.float64))
+    assert store.nnz == len(frame.groupby(["u", "i"]))

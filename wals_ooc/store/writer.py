@@ -157,13 +157,17 @@ def plan_shard_bounds(row_counts: np.ndarray, row_block: int, target_nnz: int) -
 def assembly_units(row_counts: np.ndarray, shard_bounds: list[int], unit_nnz: int) -> list[int]:
     """Bounds of the row ranges assembled one at a time: the shard bounds, cut further (at any
     row) wherever a shard holds more than ``unit_nnz`` entries, so assembly fits the budget even
-    when one row block of a power-law side is huge. Only a single row can exceed it."""
+    when one row block of a power-law side is huge. A row of more than ``unit_nnz`` entries is a
+    unit of its own (assembled by ``dense_row_to_csr``); other units hold at most about twice it."""
     units = [0]
     for lo, hi in zip(shard_bounds[:-1], shard_bounds[1:]):
         inner = plan_shard_bounds(row_counts[lo:hi], 1, unit_nnz)
         units.extend(lo + b for b in inner[1:])
     if len(units) == 1:
         units.append(0)
+    heavy = np.flatnonzero(row_counts > unit_nnz)
+    if len(heavy):
+        units = sorted(set(units) | set(heavy.tolist()) | set((heavy + 1).tolist()))
     return units
 
 
@@ -250,7 +254,8 @@ def write_store(
         buckets = _bucket(mapped_path, workspace, units, budget, record, disable)
         nnz = {}
         for side, orientation, n_cols in (("user", "by_user", len(item_ids)), ("item", "by_item", len(user_ids))):
-            nnz[side] = _assemble(group, orientation, buckets[side], units[side], n_cols, record, disable)
+            nnz[side] = _assemble(group, orientation, buckets[side], units[side], n_cols, record, unit_nnz,
+                                  budget.allowance, disable)
             group[orientation].attrs.update({"shard_bounds": [int(b) for b in bounds[side]], "row_block": int(row_block)})
         assert nnz["user"] == nnz["item"], "both orientations must hold the same entries"
         _write_ids(group, "user_ids", user_ids, id_kind)
@@ -431,8 +436,12 @@ class ChunkAppender:
         return self.written
 
 
-def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, disable) -> int:
-    """Pass 4: sort each unit's bucket, sum duplicates, and append its CSR rows to the store."""
+def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz, allowance, disable) -> int:
+    """Pass 4: sort each unit's bucket, sum duplicates, and append its CSR rows to the store.
+
+    A unit is at most ``unit_nnz`` entries unless it is one row with more (a very popular item):
+    that row is summed in chunks into a dense accumulator over the columns instead.
+    """
     n_rows = bounds[-1]
     csr = group.create_group(orientation)
     indptr_out = ChunkAppender(_csr_array(csr, "indptr", n_rows + 1, np.int64), start=1)  # [0] is fill 0
@@ -441,10 +450,13 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, disable)
     order_out = ChunkAppender(_csr_array(csr, "order", 0, np.float64)) if "order" in record.names else None
     offset = 0
     for k, path in enumerate(tqdm(bucket_paths, desc=f"assemble {orientation}", unit="shards", disable=disable)):
-        # passed without a name here, so rows_to_csr can free the records once it has read them
-        indptr, indices, values, order = rows_to_csr(
-            np.fromfile(path, record) if os.path.exists(path) else np.empty(0, record), bounds[k], bounds[k + 1], n_cols
-        )
+        entries = os.path.getsize(path) // record.itemsize if os.path.exists(path) else 0
+        if entries > unit_nnz and bounds[k + 1] - bounds[k] == 1 and n_cols * DENSE_ROW_BYTES <= allowance // 2:
+            indptr, indices, values, order = dense_row_to_csr(path, record, n_cols, unit_nnz)
+        else:  # passed without a name, so rows_to_csr can free the records once it has read them
+            indptr, indices, values, order = rows_to_csr(
+                np.fromfile(path, record) if entries else np.empty(0, record), bounds[k], bounds[k + 1], n_cols
+            )
         if os.path.exists(path):
             os.remove(path)
         indices_out.append(indices)
@@ -458,6 +470,30 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, disable)
             appender.close()
     csr.attrs["n_cols"] = int(n_cols)
     return offset
+
+
+DENSE_ROW_BYTES = 17  # per column: float64 sum, float64 latest order, bool seen
+
+
+def dense_row_to_csr(path: str, record: np.dtype, n_cols: int, chunk_entries: int):
+    """The one row in a bucket file -> (indptr, indices, values, order), read ``chunk_entries`` at a
+    time into per-column sums (memory: n_cols * DENSE_ROW_BYTES plus one chunk)."""
+    has_order = "order" in record.names
+    sums = np.zeros(n_cols, np.float64)
+    seen = np.zeros(n_cols, bool)
+    latest = np.full(n_cols, -np.inf) if has_order else None
+    with open(path, "rb") as source:
+        while True:
+            records = np.fromfile(source, record, count=chunk_entries)
+            if not len(records):
+                break
+            np.add.at(sums, records["col"], records["value"])
+            seen[records["col"]] = True
+            if has_order:
+                np.maximum.at(latest, records["col"], records["order"])
+    indices = np.flatnonzero(seen).astype(np.int32)
+    order = latest[indices] if has_order else None
+    return np.array([0, len(indices)], np.int64), indices, sums[indices].astype(np.float32), order
 
 
 def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int):
