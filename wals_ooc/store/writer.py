@@ -15,6 +15,7 @@ The store's ``complete`` flag is set last, so an interrupted conversion never op
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -38,6 +39,8 @@ from .format import (
     open_group,
 )
 from .sources import BadRowReport, InputError, InputSpec, RowBatch, read_batches
+
+log = logging.getLogger("wals_ooc")
 
 RECORD = np.dtype([("row", np.int32), ("col", np.int32), ("value", np.float32)])
 # with an order column: each entry also carries its place in time (the latest wins on duplicates)
@@ -454,6 +457,9 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz
         if entries > unit_nnz and bounds[k + 1] - bounds[k] == 1 and n_cols * DENSE_ROW_BYTES <= allowance // 2:
             indptr, indices, values, order = dense_row_to_csr(path, record, n_cols, unit_nnz)
         else:  # passed without a name, so rows_to_csr can free the records once it has read them
+            if entries > 2 * unit_nnz:
+                log.warning("row %d of %s has %d entries: assembling it in memory may exceed the budget",
+                            bounds[k], orientation, entries)
             indptr, indices, values, order = rows_to_csr(
                 np.fromfile(path, record) if entries else np.empty(0, record), bounds[k], bounds[k + 1], n_cols
             )
