@@ -17,29 +17,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 
-DEFAULT_DIR = os.path.join(tempfile.gettempdir(), "wals-bench")
-ROWS_PER_NNZ = 23_500_000 / 16_449_626  # the generator's duplicates: rows needed per distinct entry
+from bench_vs_implicit import DEFAULT_DIR, ensure_store
 
-
-def ensure_store(path: str, nnz_millions: float) -> None:
-    from wals_ooc.store import open_store
-    from wals_ooc.synthetic import SyntheticSpec, write_synthetic_store
-
-    try:
-        open_store(path)
-        return
-    except Exception:
-        pass
-    scale = nnz_millions * 1e6 / 16_449_626
-    spec = SyntheticSpec(n_users=int(360_000 * scale), n_items=int(160_000 * scale),
-                         rows=int(nnz_millions * 1e6 * ROWS_PER_NNZ), seed=7)
-    started = time.perf_counter()
-    report = write_synthetic_store(spec, path, overwrite=True, progress=False, memory_budget="4GB")
-    print(f"generated {path}: {report.n_users:,} x {report.n_items:,}, nnz {report.nnz:,} "
-          f"in {time.perf_counter() - started:.0f}s", flush=True)
+NNZ_AT_SCALE_1 = 16_449_626  # distinct entries the lastfm-shaped generator makes at scale 1
 
 
 def child(args) -> None:
@@ -79,7 +60,7 @@ def main() -> None:
     rows = []
     for size in sizes:
         store = os.path.join(args.workdir, f"scale-{size:g}M.zarr")
-        ensure_store(store, size)
+        ensure_store(store, size * 1e6 / NNZ_AT_SCALE_1, seed=7)
         command = [sys.executable, __file__, "--child", "--store", store, "--factors", str(args.factors),
                    "--iterations", str(args.iterations), "--threads", str(args.threads), "--memory-budget", args.memory_budget]
         done = subprocess.run(command, capture_output=True, text=True)

@@ -30,20 +30,21 @@ import time
 DEFAULT_DIR = os.path.join(tempfile.gettempdir(), "wals-bench")
 
 
-def ensure_store(path: str, scale: float) -> None:
-    """Generate the lastfm-360k-shaped store (scaled) unless it is already there and complete."""
-    from wals_ooc.store import open_store
+def ensure_store(path: str, scale: float, seed: int = 42) -> None:
+    """Generate the lastfm-360k-shaped store (23.5M rows x ``scale``) unless it is already there
+    and complete (an incomplete one is regenerated)."""
+    from wals_ooc.store import StoreError, open_store
     from wals_ooc.synthetic import SyntheticSpec, write_synthetic_store
 
     try:
         open_store(path)
         return
-    except Exception:
+    except (FileNotFoundError, StoreError):
         pass
-    spec = SyntheticSpec(n_users=int(360_000 * scale), n_items=int(160_000 * scale), rows=int(23_500_000 * scale), seed=42)
+    spec = SyntheticSpec(n_users=int(360_000 * scale), n_items=int(160_000 * scale), rows=int(23_500_000 * scale), seed=seed)
     started = time.perf_counter()
-    report = write_synthetic_store(spec, path, overwrite=True, progress=False)
-    print(f"generated {path}: {report.n_users} x {report.n_items}, nnz {report.nnz:,} "
+    report = write_synthetic_store(spec, path, overwrite=True, progress=False, memory_budget="4GB")
+    print(f"generated {path}: {report.n_users:,} x {report.n_items:,}, nnz {report.nnz:,} "
           f"in {time.perf_counter() - started:.0f}s", flush=True)
 
 

@@ -44,19 +44,27 @@ def current_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _vm_hwm() -> int | None:
+    """VmHWM from /proc/self/status in bytes; None without /proc (not Linux)."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def peak_rss() -> int:
     """Highest resident set size this process has reached, in bytes.
 
     Linux: VmHWM of this address space. ``ru_maxrss`` is not used there because it survives
     ``execve``: a child started from a large parent would report the parent's peak.
     """
-    try:
-        with open("/proc/self/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # no /proc (not Linux): fall back to getrusage below
-        pass
+    high_water = _vm_hwm()
+    if high_water is not None:
+        return high_water
     scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, others KiB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
@@ -85,7 +93,7 @@ def return_freed_memory_to_os() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 20)
     except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
+        return
 
 
 def warm_libraries() -> None:
