@@ -15,12 +15,10 @@ from dataclasses import dataclass
 import psutil
 from dask.utils import format_bytes, parse_bytes
 
+from .errors import MemoryBudgetError
+
 DEFAULT_BUDGET_FRACTION = 0.5
 MIN_ALLOWANCE = 64 * 2**20
-
-
-class MemoryBudgetError(ValueError):
-    """The budget cannot hold even the smallest unit of work."""
 
 
 def default_memory_budget() -> int:

@@ -13,20 +13,18 @@ Metrics are averaged over users with at least one held-out item the model knows.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import dask
 import numpy as np
-import threadpoolctl
 
+from ..execute import Executor, single_threaded_blas_in_worker
 from ..kernels.warm import warm_serving_kernels
 from ..memory import MemoryBudget
 from ..serve.recommend import item_source, score_block_rows
 from ..serve.scoring import top_k
 from ..store.reader import InteractionStore
 from ..train.factors import FactorStore
-from ..train.half_sweep import run_tasks, single_threaded_blas_in_worker
 
 METRICS = ("precision", "recall", "ndcg", "map", "auc")
 
@@ -137,6 +135,7 @@ def evaluate(
     threads: int | None = None,
     memory_budget=None,
     storage_options: dict | None = None,
+    executor: Executor | None = None,
 ) -> dict:
     """precision@k, recall@k, ndcg@k, map@k and AUC of a model on a held-out store.
 
@@ -144,8 +143,8 @@ def evaluate(
     """
     warm_serving_kernels()  # fixed per-process cost: part of the baseline
     budget = MemoryBudget.start(memory_budget)
-    threads = threads or (os.cpu_count() or 1)
-    allowance = budget.allowance // max(1, threads)
+    executor = Executor.of(executor, client, threads)
+    allowance = budget.allowance // executor.threads_per_process
     sample = None if user_fraction is None else (float(user_fraction), seed)
     tasks = [
         dask.delayed(_evaluate_shard, pure=False)(
@@ -156,7 +155,7 @@ def evaluate(
         if hi > lo
     ]
     total = MetricSums()
-    with threadpoolctl.threadpool_limits(1, user_api="blas"):
-        for part in run_tasks(tasks, client, threads):
+    with executor.single_threaded_blas():
+        for part in executor.run(tasks):
             total.add(part)
     return total.means(k)

@@ -13,16 +13,15 @@ import threading
 import dask
 import numpy as np
 import pyarrow as pa
-import threadpoolctl
 import pyarrow.parquet as pq
 import zarr
 
+from ..execute import Executor, single_threaded_blas_in_worker
 from ..kernels.warm import warm_serving_kernels
 from ..memory import MemoryBudget
 from ..store.format import open_group
 from ..store.reader import InteractionStore
 from ..train.factors import FactorStore
-from ..train.half_sweep import run_tasks, single_threaded_blas_in_worker
 from .scoring import FactorSource, top_k
 
 RECOMMENDATIONS_KIND = "wals-ooc/recommendations"
@@ -97,6 +96,7 @@ def recommend_all(
     memory_budget=None,
     storage_options: dict | None = None,
     overwrite: bool = False,
+    executor: Executor | None = None,
 ) -> str:
     """Write the top ``n`` items of every user to ``output`` (Zarr group or Parquet directory).
 
@@ -107,8 +107,8 @@ def recommend_all(
         raise ValueError("fmt must be zarr or parquet")
     warm_serving_kernels()  # fixed per-process cost: part of the baseline
     budget = MemoryBudget.start(memory_budget)
-    threads = threads or (os.cpu_count() or 1)
-    allowance = budget.allowance // max(1, threads)
+    executor = Executor.of(executor, client, threads)
+    allowance = budget.allowance // executor.threads_per_process
     if fmt == "zarr":
         group = open_group(output, "w" if overwrite else "w-", storage_options)
         group.attrs.update({"kind": RECOMMENDATIONS_KIND, "format_version": 1, "complete": False, "n": n})
@@ -132,8 +132,8 @@ def recommend_all(
         for k, (lo, hi) in enumerate(store.shard_ranges("user"))
         if hi > lo
     ]
-    with threadpoolctl.threadpool_limits(1, user_api="blas"):
-        run_tasks(tasks, client, threads)
+    with executor.single_threaded_blas():
+        executor.run(tasks)
     with _lock:
         _items_in_memory.clear()
     if fmt == "zarr":

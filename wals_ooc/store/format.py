@@ -24,16 +24,14 @@ from typing import Any
 
 import zarr
 
+from ..errors import StoreError
+
 FORMAT_VERSION = 1
 INTERACTIONS_KIND = "wals-ooc/interactions"
 ORIENTATIONS = ("by_user", "by_item")
 SIDES = {"user": "by_user", "item": "by_item"}
 ID_ARRAYS = {"user": "user_ids", "item": "item_ids"}
 CSR_CHUNK = 1 << 18
-
-
-class StoreError(RuntimeError):
-    """A store is missing, incomplete, of another kind or of an unknown format version."""
 
 
 def is_local(location: str | os.PathLike) -> bool:

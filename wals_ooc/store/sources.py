@@ -24,15 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-
-class InputError(ValueError):
-    """Bad input, located: which file, which line (or Parquet row), which field."""
-
-    def __init__(self, path: str, line: int | None, field: str | None, message: str):
-        self.path, self.line, self.field, self.reason = path, line, field, message
-        where = path if line is None else f"{path}:{line}"
-        what = f" field {field!r}:" if field is not None else ""
-        super().__init__(f"{where}:{what} {message}")
+from ..errors import InputError
 
 
 @dataclass

@@ -17,18 +17,16 @@ half-sweep, read once from Zarr and shared by its threads.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import dask
-import threadpoolctl
 import numpy as np
-from dask.callbacks import Callback
 
 from ..config import WALSConfig
+from ..execute import Executor, single_threaded_blas_in_worker
 from ..kernels.gram import block_gram
 from ..kernels.loss import gram_quadratic, observed_loss_block, regularization_sum
 from ..kernels.solve import (
@@ -77,26 +75,6 @@ def _fixed_on_worker(job: HalfSweepJob) -> np.ndarray:
             array = _factor_array(job.model, job.storage_options, job.fixed_side, job.fixed_slot)
             _worker_fixed[key] = np.ascontiguousarray(array[:])
         return _worker_fixed[key]
-
-
-_blas_limited = False
-
-
-def single_threaded_blas_in_worker() -> None:
-    """On a distributed worker, cap BLAS at one thread, once: the parallelism is one task per
-    thread, and a BLAS pool per task would oversubscribe the cores (and spin while it waits).
-    Locally the driver caps BLAS around the computation instead, and restores it after."""
-    global _blas_limited
-    if _blas_limited:
-        return
-    try:
-        from distributed import get_worker
-
-        get_worker()
-    except (ImportError, ValueError):
-        return
-    threadpoolctl.threadpool_limits(1, user_api="blas")
-    _blas_limited = True
 
 
 def release_caches() -> None:
@@ -295,50 +273,15 @@ def init_task(
 
 
 # ---------------------------------------------------------------------------------------------
-# Running tasks under any Dask scheduler
+# Running a half-sweep
 # ---------------------------------------------------------------------------------------------
 
 
-class _TaskProgress(Callback):
-    """Advances a progress bar as threaded-scheduler tasks whose key starts with a prefix finish."""
-
-    def __init__(self, bar, prefix: str):
-        super().__init__()
-        self.bar, self.prefix = bar, prefix
-
-    def _posttask(self, key, result, dsk, state, worker_id):
-        if isinstance(key, str) and key.startswith(self.prefix):
-            self.bar.update(1)
-
-
-def run_tasks(tasks: Sequence, client=None, threads: int = 1, bar=None, prefix: str = "", retries: int = 3) -> list:
-    """Compute Dask delayed tasks and return their results in order.
-
-    client: a distributed Client (tasks run on its workers and are retried up to ``retries``
-    times if a worker dies), or None for the local threaded scheduler with ``threads`` threads.
-    """
-    if not tasks:
-        return []
-    if client is not None:
-        from distributed import as_completed
-
-        futures = client.compute(list(tasks), retries=retries)
-        for _ in as_completed(futures):
-            if bar is not None:
-                bar.update(1)
-        return client.gather(futures)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(dask.config.set(scheduler="threads", num_workers=threads))
-        if bar is not None:
-            stack.enter_context(_TaskProgress(bar, prefix))
-        return list(dask.compute(*tasks))
-
-
-def run_half_sweep(job: HalfSweepJob, tasks: Sequence[SolveTask], local: LocalState | None, client, threads: int,
+def run_half_sweep(job: HalfSweepJob, tasks: Sequence[SolveTask], local: LocalState | None, executor: Executor,
                    bar, label: str) -> list[TaskResult]:
     """Run every task of a planned half-sweep; results come back in task order."""
     delayed = [
         dask.delayed(solve_task, pure=False)(job, task, local, dask_key_name=f"solve-{label}-{task.name}")
         for task in tasks
     ]
-    return run_tasks(delayed, client, threads, bar, prefix=f"solve-{label}")
+    return executor.run(delayed, bar, prefix=f"solve-{label}")

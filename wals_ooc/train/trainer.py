@@ -3,24 +3,22 @@ committing a checkpoint after each one."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import dask
-import threadpoolctl
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import WALSConfig
+from ..execute import Executor
 from ..kernels.warm import warm_training_kernels
 from ..memory import MemoryBudget
 from ..store.reader import InteractionStore
 from .factors import Checkpoint, FactorStore, check_interactions_match
-from .half_sweep import HalfSweepJob, LocalState, init_task, release_caches, run_half_sweep, run_tasks
+from .half_sweep import HalfSweepJob, LocalState, init_task, release_caches, run_half_sweep
 from .plan import HalfSweepPlan, plan_half_sweep
 
 log = logging.getLogger("wals_ooc")
@@ -40,14 +38,6 @@ class IterationReport:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def worker_threads(client) -> int:
-    """Threads of one worker process: the concurrency a per-process plan must budget for."""
-    if client is None:
-        return os.cpu_count() or 1
-    per_worker = client.nthreads()
-    return max(per_worker.values()) if per_worker else 1
 
 
 def _block_nnz(store: InteractionStore, side: str) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -104,7 +94,7 @@ def _open_or_create(store, location, config, resume, storage_options) -> FactorS
     return FactorStore.create(location, config, store, seed, storage_options)
 
 
-def _initialise(model: FactorStore, store: InteractionStore, config: WALSConfig, client, threads: int) -> None:
+def _initialise(model: FactorStore, store: InteractionStore, config: WALSConfig, executor: Executor) -> None:
     tasks = []
     span = store.row_block * 64
     for side in SIDES:
@@ -116,7 +106,7 @@ def _initialise(model: FactorStore, store: InteractionStore, config: WALSConfig,
                     store.row_block, config.init_scale, config.dtype, dask_key_name=f"init-{side}-{lo}",
                 )
             )
-    grams = run_tasks(tasks, client, threads)
+    grams = executor.run(tasks)
     sides = [side for side in SIDES for _ in range(0, store.n_rows(side), span)]
     for side in SIDES:
         model.set_gram(side, 0, _sum_in_order(g for g, s in zip(grams, sides) if s == side))
@@ -144,21 +134,23 @@ def train(
     memory_budget: int | str | None = None,
     storage_options: dict | None = None,
     max_block_rows: int | None = None,
+    executor: Executor | None = None,
 ) -> FactorStore:
     """Fit factors into ``model_location``, resuming from its last completed half-sweep.
 
     callback(iteration, seconds, loss) is called after each iteration, like implicit's.
     max_block_rows: always stream the fixed side in blocks of at most this many rows (exact
     Cholesky on accumulated normal equations), even when it would fit in memory.
+    executor: where tasks run (default: ``Executor(client, threads)``).
     """
     warm_training_kernels(config.dtype)  # fixed per-process cost: part of the baseline
     budget = MemoryBudget.start(memory_budget)
-    threads = threads or worker_threads(client)
+    executor = Executor.of(executor, client, threads)
     model = _open_or_create(store, model_location, config, resume, storage_options)
     if model.checkpoint is None:
-        _initialise(model, store, config, client, threads)
-    local = client is None
-    plans = make_plans(store, config, budget.allowance, threads, local, max_block_rows)
+        _initialise(model, store, config, executor)
+    local = executor.is_local
+    plans = make_plans(store, config, budget.allowance, executor.threads_per_process, local, max_block_rows)
     for plan in plans.values():
         log.info(plan.describe())
     state = None
@@ -174,7 +166,7 @@ def train(
     remaining_tasks = sum(len(plans[SIDES[s % 2]].tasks) for s in range(checkpoint.step, total_steps))
     side_seconds = {"user": 0.0, "item": 0.0}
     try:
-        with threadpoolctl.threadpool_limits(1, user_api="blas"), tqdm(total=remaining_tasks, desc="train", unit="shard", disable=None if progress is None else not progress) as bar:
+        with executor.single_threaded_blas(), tqdm(total=remaining_tasks, desc="train", unit="shard", disable=None if progress is None else not progress) as bar:
             if history and history[-1].get("loss") is not None:
                 bar.set_postfix(loss=f"{history[-1]['loss']:.6g}", it=checkpoint.iteration)
             while checkpoint.step < total_steps:
@@ -196,7 +188,7 @@ def train(
                 )
                 label = f"{side}s-it{checkpoint.iteration:03d}"
                 try:
-                    results = run_half_sweep(job, plan.tasks, state, client, threads, bar, label)
+                    results = run_half_sweep(job, plan.tasks, state, executor, bar, label)
                 except BaseException:
                     state = None  # its arrays may hold a half-solved side: never reuse them
                     raise
@@ -230,8 +222,5 @@ def train(
                     callback(report.iteration, report.seconds, loss)
         model.group.attrs.update({"complete": True, "config": config.to_dict(), "iterations_done": checkpoint.iteration})
     finally:
-        release_caches()
-        if client is not None:
-            with contextlib.suppress(Exception):  # a dead worker has nothing left to release
-                client.run(release_caches)
+        executor.run_everywhere(release_caches)
     return model
