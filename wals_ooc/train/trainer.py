@@ -35,6 +35,8 @@ class IterationReport:
     seconds: float
     user_seconds: float
     item_seconds: float
+    user_fixed_bytes: int = 0  # bytes of item factors the user half-sweep's tasks read
+    item_fixed_bytes: int = 0  # bytes of user factors the item half-sweep's tasks read
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -56,7 +58,7 @@ def _block_nnz(store: InteractionStore, side: str) -> list[tuple[np.ndarray, np.
 
 
 def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, concurrency: int,
-               local: bool = True, max_block_rows: int | None = None) -> dict[str, HalfSweepPlan]:
+               local: bool = True, max_block_rows: int | None = None, processes: int = 1) -> dict[str, HalfSweepPlan]:
     """The plan of each side's half-sweep (the same every iteration)."""
     itemsize = config.np_dtype.itemsize
     return {
@@ -72,6 +74,8 @@ def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, conc
             concurrency,
             local,
             max_block_rows,
+            config.cg_steps,
+            processes,
         )
         for side in SIDES
     }
@@ -150,12 +154,13 @@ def train(
     if model.checkpoint is None:
         _initialise(model, store, config, executor)
     local = executor.is_local
-    plans = make_plans(store, config, budget.allowance, executor.threads_per_process, local, max_block_rows)
+    processes = 1 if local else max(1, executor.total_threads // executor.threads_per_process)
+    plans = make_plans(store, config, budget.allowance, executor.threads_per_process, local, max_block_rows, processes)
     for plan in plans.values():
         log.info(plan.describe())
     state = None
     # what both half-sweeps leave unused caches CSR shards between iterations (per process)
-    all_resident = all(p.mode == "resident" for p in plans.values())
+    all_resident = all(p.mode == "resident" and (p.holds_own or not local) for p in plans.values())
     cache_bytes = max(0, min(p.spare_bytes for p in plans.values())) if all_resident else 0
     if local and all_resident:
         state = LocalState(cache_bytes=cache_bytes)
@@ -165,6 +170,7 @@ def train(
     total_steps = 2 * config.iterations
     remaining_tasks = sum(len(plans[SIDES[s % 2]].tasks) for s in range(checkpoint.step, total_steps))
     side_seconds = {"user": 0.0, "item": 0.0}
+    side_fixed_bytes = {"user": 0, "item": 0}
     try:
         with executor.single_threaded_blas(), tqdm(total=remaining_tasks, desc="train", unit="shard", disable=None if progress is None else not progress) as bar:
             if history and history[-1].get("loss") is not None:
@@ -184,7 +190,7 @@ def train(
                     warm_slot=checkpoint.slots[side], out_slot=1 - checkpoint.slots[side], config=config,
                     mode=plan.mode, solver=plan.solver, block_rows=plan.block_rows, row_batch=plan.row_batch,
                     n_fixed=plan.n_fixed, gram=gram.astype(config.np_dtype), loss=config.compute_loss and side == "item",
-                    shard_cache_bytes=0 if local else cache_bytes,
+                    shard_cache_bytes=0 if local else cache_bytes, task_threads=plan.task_threads,
                 )
                 label = f"{side}s-it{checkpoint.iteration:03d}"
                 try:
@@ -199,6 +205,7 @@ def train(
                     log.warning("%d %s rows had a singular system and kept their previous factors", failures, side)
                 model.set_gram(side, job.out_slot, _sum_in_order(r.gram for r in results))
                 side_seconds[side] = time.perf_counter() - started
+                side_fixed_bytes[side] = sum(r.fixed_bytes_read for r in results)
                 slots = dict(checkpoint.slots)
                 slots[side] = job.out_slot
                 regularization = float(sum(r.regularization for r in results))
@@ -211,7 +218,7 @@ def train(
                     loss = float(sum(r.quadratic + r.observed for r in results)) + regularization + checkpoint.pending_user_reg
                 report = IterationReport(
                     checkpoint.iteration, loss, side_seconds["user"] + side_seconds["item"],
-                    side_seconds["user"], side_seconds["item"],
+                    side_seconds["user"], side_seconds["item"], side_fixed_bytes["user"], side_fixed_bytes["item"],
                 )
                 history.append(report.to_dict())
                 checkpoint = Checkpoint(checkpoint.step + 1, slots)
