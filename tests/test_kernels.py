@@ -39,7 +39,7 @@ def test_cholesky_equals_dense_closed_form(setting, seed):
     X = np.zeros((R.shape[0], Y.shape[1]), np.float32)
     kind, alpha, alpha0, eps, lam, nu = _args(setting)
     failures = cholesky_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), X,
-                                   kind, alpha, alpha0, eps, lam, nu)
+                                   kind, alpha, alpha0, eps, lam, nu, Y.shape[0])
     assert failures == 0
     expected = dense_solve(R, Y, **{k: setting[k] for k in ("kind", "alpha", "alpha0", "lam", "nu")})
     np.testing.assert_allclose(X, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
@@ -51,7 +51,7 @@ def test_cholesky_float64_is_exact(setting):
     X = np.zeros((R.shape[0], Y.shape[1]), np.float64)
     kind, alpha, alpha0, eps, lam, nu = _args(setting)
     cholesky_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), X,
-                        kind, alpha, alpha0, eps, lam, nu)
+                        kind, alpha, alpha0, eps, lam, nu, Y.shape[0])
     expected = dense_solve(R, Y, **{k: setting[k] for k in ("kind", "alpha", "alpha0", "lam", "nu")})
     np.testing.assert_allclose(X, expected, rtol=1e-9, atol=1e-12)
 
@@ -65,7 +65,7 @@ def test_cg_converges_to_closed_form_with_more_steps(setting):
     for steps in (1, 2, 4, 8):
         X = np.zeros_like(expected)
         cg_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), X,
-                      kind, alpha, alpha0, eps, lam, nu, steps)
+                      kind, alpha, alpha0, eps, lam, nu, Y.shape[0], steps)
         errors.append(np.linalg.norm(X - expected) / np.linalg.norm(expected))
     assert all(later <= earlier * 1.0001 for earlier, later in zip(errors, errors[1:])), errors
     assert errors[-1] < 1e-6, errors  # f = 8 steps: exact up to rounding
@@ -80,7 +80,7 @@ def test_cg_float32_warm_start_reaches_closed_form():
     errors = []
     for _ in range(6):  # warm-started rounds of 3 steps, as successive training iterations do
         cg_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), X,
-                      kind, alpha, alpha0, eps, lam, nu, 3)
+                      kind, alpha, alpha0, eps, lam, nu, Y.shape[0], 3)
         errors.append(np.linalg.norm(X - expected) / np.linalg.norm(expected))
     assert errors[0] < 0.2 and errors[-1] < 1e-4, errors
 
@@ -167,13 +167,14 @@ def test_blocked_cg_passes_equal_row_by_row_cg(setting):
     indptr, gram, n, f = R.indptr.astype(np.int64), _gram(Y, alpha0), R.shape[0], Y.shape[1]
     start = np.random.default_rng(1).normal(0, 0.1, size=(n, f))
     expected = start.copy()
-    expected_loss = cg_solve_rows(indptr, R.indices, R.data, Y, gram, expected, kind, alpha, alpha0, eps, lam, nu, 3, True)
+    expected_loss = cg_solve_rows(indptr, R.indices, R.data, Y, gram, expected, kind, alpha, alpha0, eps, lam, nu, Y.shape[0], 3, True)
 
     X = start.copy()
     reg = np.empty(n)
     row_regularizations(indptr, lam, nu, alpha0, Y.shape[0], reg)
     Res, P, AP = np.zeros((n, f)), np.zeros((n, f)), np.zeros((n, f))
     rs, steps, loss_terms = np.zeros(n), np.zeros(n), np.zeros((n, 3))
+    gather = np.zeros((4, f))  # smaller than a row's entries in a block: the kernels gather in pieces
 
     def sweep(kernel):
         cursor = indptr[:-1].copy()
@@ -181,12 +182,12 @@ def test_blocked_cg_passes_equal_row_by_row_cg(setting):
             kernel(cursor, lo, min(lo + 13, Y.shape[0]))
         assert (cursor == indptr[1:]).all()
 
-    sweep(lambda cur, lo, hi: cg_residual_block(indptr, R.indices, R.data, cur, lo, hi, Y[lo:hi], X, Res, kind, alpha, alpha0, eps))
+    sweep(lambda cur, lo, hi: cg_residual_block(indptr, R.indices, R.data, cur, lo, hi, Y[lo:hi], X, Res, gather, kind, alpha, alpha0, eps))
     cg_begin(X, Res, X @ gram, reg, P, rs)
     for step in range(3):
         AP[:] = 0
         sweep(lambda cur, lo, hi: cg_product_block(indptr, R.indices, R.data, cur, lo, hi, Y[lo:hi], P, AP, X, loss_terms,
-                                                   step == 2, kind, alpha, alpha0, eps))
+                                                   step == 2, gather, kind, alpha, alpha0, eps))
         cg_step(X, Res, P, AP, P @ gram, reg, rs, steps)
     np.testing.assert_allclose(X, expected, rtol=1e-10, atol=1e-12)
     assert cg_observed_loss(loss_terms, steps) == pytest.approx(expected_loss, rel=1e-9)

@@ -33,7 +33,7 @@ def _factors(model: FactorStore) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fit(store, location, **settings) -> FactorStore:
-    extra = {k: settings.pop(k) for k in ("threads", "max_block_rows", "resume", "client") if k in settings}
+    extra = {k: settings.pop(k) for k in ("threads", "max_block_rows", "resume", "client", "blocked_method") if k in settings}
     config = WALSConfig(**{"factors": 8, "iterations": 4, "random_state": 0, **settings})
     return train(store, str(location), config, progress=False, **{"resume": False, **extra})
 
@@ -97,26 +97,28 @@ def test_same_seed_same_factors_and_other_seed_other_factors(small_store, tmp_pa
     assert not np.allclose(a[0], c[0])
 
 
-@pytest.mark.parametrize("solver", ["cholesky", "cg"])
-def test_blocked_fixed_side_equals_resident_and_reads_it_as_often_as_planned(small_store, tmp_path, solver):
-    """Streaming the fixed side in 37-row blocks from a scratch copy (accumulated normal
-    equations for Cholesky, one sweep per pass for CG) gives the same factors and losses as
+@pytest.mark.parametrize("solver,method", [("cholesky", "expanded"), ("cholesky", "cholesky"), ("cg", "expanded"), ("cg", "cg")])
+def test_blocked_fixed_side_equals_resident_and_reads_it_as_often_as_planned(small_store, tmp_path, solver, method):
+    """Sweeping the fixed side in 37-row windows of a scratch copy (expanded entry rows;
+    accumulated normal equations; CG one sweep per pass) gives the same factors and losses as
     holding it whole, and reads the fixed side exactly as many times as the plan says."""
     from wals_ooc.train import make_plans
 
     store = open_store(small_store)
     settings = dict(solver=solver, dtype="float64", iterations=3, **OBJECTIVES["rendle"])
-    resident = _factors(_fit(store, tmp_path / "r.zarr", **settings))
-    blocked_model = _fit(store, tmp_path / "b.zarr", max_block_rows=37, threads=2, **settings)
+    resident_model = _fit(store, tmp_path / "r.zarr", **settings)
+    resident = _factors(resident_model)
+    blocked_model = _fit(store, tmp_path / "b.zarr", max_block_rows=37, threads=2, blocked_method=method, **settings)
     blocked = _factors(blocked_model)
     assert_close_rel(blocked[0], resident[0], 1e-9)
     assert_close_rel(blocked[1], resident[1], 1e-9)
     assert [e["loss"] for e in blocked_model.loss_history] == pytest.approx(
-        [e["loss"] for e in FactorStore.open(str(tmp_path / "r.zarr")).loss_history], rel=1e-9)
-    plans = make_plans(store, blocked_model.config, 2**30, 2, max_block_rows=37)
+        [e["loss"] for e in resident_model.loss_history], rel=1e-9)
+    plans = make_plans(store, blocked_model.config, 2**30, 2, max_block_rows=37, blocked_method=method)
     for side in ("user", "item"):
         plan = plans[side]
-        assert plan.mode == "blocked" and plan.fixed_passes > 1
+        assert plan.mode == "blocked" and {t.method for t in plan.tasks} == {method}
+        assert plan.fixed_passes == sum(t.sweeps for t in plan.tasks) >= len(plan.tasks)
         assert f"read {plan.fixed_passes} times" in plan.describe()
         expected = plan.fixed_passes * plan.fixed_bytes
         assert [e[f"{side}_fixed_bytes"] for e in blocked_model.loss_history] == [expected] * 3

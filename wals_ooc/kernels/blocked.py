@@ -5,8 +5,11 @@ columns are sorted within each row, so each row's entries in a block start at it
 and the cursor only moves forward: one sweep of the blocks visits every entry once. The
 notation is that of ``solve``.
 
-Two solvers:
+Three ways:
 
+- Expanded rows: one sweep copies every entry's fixed row into an (nnz, f) array, and the
+  resident kernels solve against it, CG or Cholesky, with the very same arithmetic (f numbers
+  an entry: for tasks whose entries fit).
 - Conjugate gradient, one sweep of the blocks per CG pass ("column blocks outermost"): a row
   keeps only its CG vectors (x, r, p, Ap: 4f numbers), so a task can hold many rows and every
   block is read once per pass for all of them. The dense part of each product (gram @ p for all
@@ -36,71 +39,123 @@ def row_regularizations(indptr, lam, nu, alpha0, n_fixed, out):
 
 
 # ---------------------------------------------------------------------------------------------
+# Expanded rows: each entry's fixed row copied out of the blocks in one sweep
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def expand_block(indptr, indices, cursor, block_lo, block_hi, Y_block, rows):
+    """rows[e] = Y[indices[e]] for every entry e whose column is in [block_lo, block_hi).
+
+    After one sweep of the blocks, ``rows`` (nnz, f) holds every entry's fixed row in entry
+    order, and the resident kernels solve against it with ``indices = arange(nnz)``: the same
+    arithmetic as against the whole fixed side.
+    """
+    n_rows = len(indptr) - 1
+    f = Y_block.shape[1]
+    for u in range(n_rows):
+        idx = cursor[u]
+        stop = indptr[u + 1]
+        while idx < stop and indices[idx] < block_hi:
+            source = Y_block[indices[idx] - block_lo]
+            target = rows[idx]
+            for k in range(f):
+                target[k] = source[k]
+            idx += 1
+        cursor[u] = idx
+
+
+# ---------------------------------------------------------------------------------------------
 # Conjugate gradient, one sweep of the fixed blocks per pass
 # ---------------------------------------------------------------------------------------------
 
 
 @njit(**_JIT)
-def cg_residual_block(indptr, indices, values, cursor, block_lo, block_hi, Y_block, X, R, kind, alpha, alpha0, eps):
+def _gather_segment(indices, first, last, block_lo, Y_block, gather):
+    """Copy the block rows of entries [first, last) into gather[:last - first]: a loop of
+    independent loads, which keeps many cache misses in flight (chasing them one by one between
+    the arithmetic would wait for each)."""
+    f = Y_block.shape[1]
+    for t in range(last - first):
+        source = Y_block[indices[first + t] - block_lo]
+        for k in range(f):
+            gather[t, k] = source[k]
+
+
+@njit(**_JIT)
+def cg_residual_block(indptr, indices, values, cursor, block_lo, block_hi, Y_block, X, R, gather,
+                      kind, alpha, alpha0, eps):
     """R[u] += sum over the row's entries in the block of (c - (c - alpha0) y.x_u) y.
 
     Summed over every block this is b - S x of the row's system (the sparse part of the
-    residual); ``cg_begin`` adds the dense part.
+    residual); ``cg_begin`` adds the dense part. gather: (m, f) scratch in Y's dtype.
     """
     n_rows, f = X.shape
     T = X.dtype.type
+    cap = gather.shape[0]
     for u in range(n_rows):
         idx = cursor[u]
         stop = indptr[u + 1]
         if idx >= stop or indices[idx] >= block_hi:
             continue
+        end = idx
+        while end < stop and indices[end] < block_hi:
+            end += 1
+        cursor[u] = end
         x = X[u]
         r = R[u]
-        while idx < stop and indices[idx] < block_hi:
-            y = Y_block[indices[idx] - block_lo]
-            c = T(confidence(values[idx], kind, alpha, alpha0, eps))
-            coef = c - (c - alpha0) * _dot(y, x, f)
-            for k in range(f):
-                r[k] += coef * y[k]
-            idx += 1
-        cursor[u] = idx
+        for first in range(idx, end, cap):
+            last = min(end, first + cap)
+            _gather_segment(indices, first, last, block_lo, Y_block, gather)
+            for t in range(last - first):
+                y = gather[t]
+                c = T(confidence(values[first + t], kind, alpha, alpha0, eps))
+                coef = c - (c - alpha0) * _dot(y, x, f)
+                for k in range(f):
+                    r[k] += coef * y[k]
 
 
 @njit(**_JIT)
 def cg_product_block(indptr, indices, values, cursor, block_lo, block_hi, Y_block, P, AP, X, loss_terms, with_loss,
-                     kind, alpha, alpha0, eps):
+                     gather, kind, alpha, alpha0, eps):
     """AP[u] += sum over the row's entries in the block of (c - alpha0) (y.p_u) y.
 
     with_loss: also accumulate, per row, the observed loss at x_u + t p_u as a polynomial in
     the step t: loss_terms[u] += (sum c(1-s)^2 - alpha0 s^2, -2 sum q (c(1-s) + alpha0 s),
-    sum (c - alpha0) q^2) with s = y.x_u, q = y.p_u (float64).
+    sum (c - alpha0) q^2) with s = y.x_u, q = y.p_u (float64). gather: (m, f) scratch.
     """
     n_rows, f = X.shape
     T = X.dtype.type
+    cap = gather.shape[0]
     for u in range(n_rows):
         idx = cursor[u]
         stop = indptr[u + 1]
         if idx >= stop or indices[idx] >= block_hi:
             continue
+        end = idx
+        while end < stop and indices[end] < block_hi:
+            end += 1
+        cursor[u] = end
         p = P[u]
         ap = AP[u]
         x = X[u]
-        while idx < stop and indices[idx] < block_hi:
-            y = Y_block[indices[idx] - block_lo]
-            c = T(confidence(values[idx], kind, alpha, alpha0, eps))
-            w = c - alpha0
-            q = _dot(y, p, f)
-            coef = w * q
-            for k in range(f):
-                ap[k] += coef * y[k]
-            if with_loss:
-                s = np.float64(_dot(y, x, f))
-                c64, q64 = np.float64(c), np.float64(q)
-                loss_terms[u, 0] += c64 * (1.0 - s) * (1.0 - s) - alpha0 * s * s
-                loss_terms[u, 1] -= 2.0 * q64 * (c64 * (1.0 - s) + alpha0 * s)
-                loss_terms[u, 2] += (c64 - alpha0) * q64 * q64
-            idx += 1
-        cursor[u] = idx
+        for first in range(idx, end, cap):
+            last = min(end, first + cap)
+            _gather_segment(indices, first, last, block_lo, Y_block, gather)
+            for t in range(last - first):
+                y = gather[t]
+                c = T(confidence(values[first + t], kind, alpha, alpha0, eps))
+                w = c - alpha0
+                q = _dot(y, p, f)
+                coef = w * q
+                for k in range(f):
+                    ap[k] += coef * y[k]
+                if with_loss:
+                    s = np.float64(_dot(y, x, f))
+                    c64, q64 = np.float64(c), np.float64(q)
+                    loss_terms[u, 0] += c64 * (1.0 - s) * (1.0 - s) - alpha0 * s * s
+                    loss_terms[u, 1] -= 2.0 * q64 * (c64 * (1.0 - s) + alpha0 * s)
+                    loss_terms[u, 2] += (c64 - alpha0) * q64 * q64
 
 
 @njit(**_JIT)

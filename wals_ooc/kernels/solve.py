@@ -12,7 +12,9 @@ with alpha0 = 1 and linear this is Hu, Koren & Volinsky (2008). Regularisation i
 ``reg_u = lam * (n_u + alpha0 * n_fixed) ** nu`` (nu = 0: plain lam; nu = 1: Rendle et al. 2022).
 
 Every kernel works on one shard: CSR arrays with a local ``indptr``, column indices into the
-fixed factor matrix ``Y`` (n_fixed x f, C-contiguous), and the shard's output rows ``X``.
+fixed factor matrix ``Y`` (C-contiguous; the whole fixed side, or any rows holding the entries'
+fixed rows, e.g. one copy per entry), the shard's output rows ``X``, and ``n_fixed``, the
+rows of the whole fixed side (for the regularization).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def max_row_nnz(indptr):
 
 
 @njit(**_JIT)
-def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, cg_steps, observed_loss=False):
+def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, n_fixed, cg_steps, observed_loss=False):
     """Conjugate-gradient solve of every row, warm-started from X (updated in place).
 
     Returns sum over entries of c (1 - s)^2 - alpha0 s^2 at the solution (s = x.y) when
@@ -90,7 +92,6 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     """
     n_rows, f = X.shape
     T = X.dtype.type
-    n_fixed = Y.shape[0]
     gather_cap = min(max_row_nnz(indptr), GATHER_MAX_ENTRIES)  # longer rows read Y directly
     Y_row = np.empty((gather_cap, f), dtype=X.dtype)
     weight = np.empty(max_row_nnz(indptr), dtype=X.dtype)  # c - alpha0 of each entry
@@ -194,13 +195,12 @@ def _add_rank_one_lower(A, y, weight, f):
 
 
 @njit(**_JIT)
-def cholesky_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu):
+def cholesky_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, n_fixed):
     """Exact solve of every row: form the f x f normal equations (lower triangle) and factor them.
 
     Returns the number of rows whose system was not positive definite (left unchanged).
     """
     n_rows, f = X.shape
-    n_fixed = Y.shape[0]
     A = np.empty((f, f), dtype=np.float64)
     b = np.empty(f, dtype=np.float64)
     failures = 0

@@ -13,8 +13,8 @@ Under the threaded scheduler the driver passes a ``LocalState`` when both factor
 held whole in memory (so nothing is read back from Zarr) and a pinned cache of CSR rows filled
 up to the plan's spare bytes. Otherwise (and on a cluster) each process keeps the fixed side of
 the running half-sweep (``fixed_side``): whole when it fits, else a local scratch copy that
-tasks read in blocks. A blocked CG task runs alone in its process and spreads its rows over
-the process's threads, so every block it reads serves all of them.
+tasks sweep in mapped windows. A blocked task runs alone in its process and spreads its rows
+over the process's threads, so every window it maps serves all of them.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from ..kernels.blocked import (
     cg_product_block,
     cg_residual_block,
     cg_step,
+    expand_block,
     row_regularizations,
     solve_accumulated,
 )
@@ -55,8 +56,9 @@ from .plan import SolveTask
 _lock = threading.RLock()
 _opened: dict[tuple, Any] = {}
 _worker_shards: dict[tuple, "LocalState"] = {}  # CSR shards a worker keeps between half-sweeps
-_blocked_task = threading.Lock()  # one blocked CG task at a time per process: it uses every thread
+_blocked_task = threading.Lock()  # one blocked task at a time per process: it uses every thread
 _pool: ThreadPoolExecutor | None = None
+GATHER_ENTRIES = 256  # rows of a blocked CG task's gather scratch (per thread)
 
 
 def _interactions(location: str, storage_options: dict | None) -> InteractionStore:
@@ -201,7 +203,7 @@ class HalfSweepJob:
     gram: np.ndarray  # alpha0 * fixed^T fixed, (f, f) in the factor dtype
     loss: bool
     shard_cache_bytes: int = 0  # on cluster workers: CSR shards kept between half-sweeps
-    task_threads: int = 1  # blocked CG: threads a task spreads its rows over
+    task_threads: int = 1  # blocked: threads a task spreads its rows over
 
 
 @dataclass
@@ -230,7 +232,7 @@ def solve_task(job: HalfSweepJob, task: SolveTask, local: LocalState | None = No
     """Solve rows ``[task.row_start, task.row_stop)`` of ``job.side`` and write them to ``job.out_slot``."""
     started = time.perf_counter()
     single_threaded_blas_in_worker()
-    if job.mode == "blocked" and job.solver == "cg":
+    if job.mode == "blocked":
         with _blocked_task:
             return _solve(job, task, local, started)
     return _solve(job, task, local, started)
@@ -267,20 +269,20 @@ def _solve(job: HalfSweepJob, task: SolveTask, local: LocalState | None, started
             result.fixed_bytes_read += Y.nbytes if made else 0
         if job.solver == "cg":
             result.observed = cg_solve_rows(
-                csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu, cfg.cg_steps, job.loss
+                csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu, job.n_fixed,
+                cfg.cg_steps, job.loss
             )
         else:
-            result.failures = cholesky_solve_rows(csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu)
+            result.failures = cholesky_solve_rows(csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps,
+                                                  lam, nu, job.n_fixed)
             if job.loss:
                 cursor = csr.indptr[:-1].copy()
                 result.observed = observed_loss_block(csr.indptr, csr.indices, csr.values, cursor, 0, job.n_fixed, Y, X,
                                                       kind, alpha, alpha0, eps)
     else:
         scratch, _ = _fixed_of(job)
-        if job.solver == "cg":
-            _blocked_cg(job, csr, X, scratch, result)
-        else:
-            _blocked_cholesky(job, csr, X, scratch, result)
+        {"expanded": _blocked_expanded, "cg": _blocked_cg, "cholesky": _blocked_cholesky}[task.method](
+            job, csr, X, scratch, result)
 
     result.regularization = regularization_sum(csr.indptr, X, lam, nu, float(cfg.alpha0), job.n_fixed)
     if job.loss:
@@ -291,13 +293,47 @@ def _solve(job: HalfSweepJob, task: SolveTask, local: LocalState | None, started
     return result
 
 
-def _sweep(job: HalfSweepJob, scratch: ScratchCopy, buffer: np.ndarray, result: TaskResult, per_block) -> None:
-    """Read the fixed side block by block from the scratch copy and call ``per_block(lo, hi, Y_block)``."""
+def _sweep(job: HalfSweepJob, scratch: ScratchCopy, result: TaskResult, per_block) -> None:
+    """Map the scratch copy window by window and call ``per_block(lo, hi, Y_block)`` on each."""
     for lo in range(0, job.n_fixed, job.block_rows):
         hi = min(job.n_fixed, lo + job.block_rows)
-        Y_block = scratch.read(lo, hi, buffer)
-        result.fixed_bytes_read += Y_block.nbytes
-        per_block(lo, hi, Y_block)
+        with scratch.window(lo, hi) as Y_block:
+            result.fixed_bytes_read += Y_block.nbytes
+            per_block(lo, hi, Y_block)
+            del Y_block  # the window is unmapped on leaving: hold no view of it
+
+
+def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: ScratchCopy, result: TaskResult) -> None:
+    """One sweep copies every entry's fixed row out; then the resident kernels solve the rows."""
+    cfg = job.config
+    kind, alpha, alpha0, eps = _kernel_scalars(cfg)
+    lam, nu = float(cfg.regularization), float(cfg.nu)
+    indptr = csr.indptr
+    rows = np.empty((csr.nnz, cfg.factors), cfg.np_dtype)
+    cursor = indptr[:-1].copy()
+    parts = _row_parts(indptr, job.task_threads)
+    _sweep(job, scratch, result, lambda lo, hi, Y_block: _in_parts(parts, lambda a, b: expand_block(
+        indptr[a:b + 1], csr.indices, cursor[a:b], lo, hi, Y_block, rows)))
+    entry = np.arange(csr.nnz, dtype=np.int32)
+    observed = [0.0] * len(parts)
+    failures = [0] * len(parts)
+
+    def solve(a: int, b: int) -> None:
+        part = parts.index((a, b))
+        ip = indptr[a:b + 1]
+        if job.solver == "cg":
+            observed[part] = cg_solve_rows(ip, entry, csr.values, rows, job.gram, X[a:b], kind, alpha, alpha0, eps,
+                                           lam, nu, job.n_fixed, cfg.cg_steps, job.loss)
+            return
+        failures[part] = cholesky_solve_rows(ip, entry, csr.values, rows, job.gram, X[a:b], kind, alpha, alpha0, eps, lam, nu,
+                                             job.n_fixed)
+        if job.loss:
+            observed[part] = observed_loss_block(ip, entry, csr.values, ip[:-1].copy(), 0, csr.nnz, rows, X[a:b],
+                                                 kind, alpha, alpha0, eps)
+
+    _in_parts(parts, solve)
+    result.observed += sum(observed)
+    result.failures += sum(failures)
 
 
 def _blocked_cg(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: ScratchCopy, result: TaskResult) -> None:
@@ -313,14 +349,17 @@ def _blocked_cg(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: Scratc
     rs, steps = np.zeros(n, dtype), np.zeros(n, dtype)
     loss_terms = np.zeros((n if job.loss else 0, 3))
     cursor = np.empty(n, np.int64)
-    buffer = np.empty((min(job.block_rows, job.n_fixed), f), dtype)
+    gathers = [np.empty((GATHER_ENTRIES, f), dtype) for _ in parts]
 
     def sweep(kernel) -> None:
         cursor[:] = indptr[:-1]
-        _sweep(job, scratch, buffer, result, lambda lo, hi, Y_block: _in_parts(parts, lambda a, b: kernel(a, b, lo, hi, Y_block)))
+        _sweep(job, scratch, result, lambda lo, hi, Y_block: _in_parts(parts, lambda a, b: kernel(a, b, lo, hi, Y_block)))
+
+    def gather(a: int) -> np.ndarray:
+        return gathers[[p[0] for p in parts].index(a)]
 
     sweep(lambda a, b, lo, hi, Yb: cg_residual_block(indptr[a:b + 1], indices, values, cursor[a:b], lo, hi, Yb, X[a:b], R[a:b],
-                                                     kind, alpha, alpha0, eps))
+                                                     gather(a), kind, alpha, alpha0, eps))
 
     def begin(a: int, b: int) -> None:
         np.dot(X[a:b], G, out=D[a:b])
@@ -332,7 +371,7 @@ def _blocked_cg(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: Scratc
         AP[:] = 0
         sweep(lambda a, b, lo, hi, Yb: cg_product_block(
             indptr[a:b + 1], indices, values, cursor[a:b], lo, hi, Yb, P[a:b], AP[a:b], X[a:b],
-            loss_terms[a:b] if with_loss else loss_terms, with_loss, kind, alpha, alpha0, eps))
+            loss_terms[a:b] if with_loss else loss_terms, with_loss, gather(a), kind, alpha, alpha0, eps))
 
         def finish(a: int, b: int) -> None:
             np.dot(P[a:b], G, out=D[a:b])
@@ -348,7 +387,6 @@ def _blocked_cholesky(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
     cfg = job.config
     kind, alpha, alpha0, eps = _kernel_scalars(cfg)
     f = cfg.factors
-    buffer = np.empty((min(job.block_rows, job.n_fixed), f), cfg.np_dtype)
     for b0 in range(0, csr.n_rows, job.row_batch):
         b1 = min(csr.n_rows, b0 + job.row_batch)
         indptr = csr.indptr[b0 : b1 + 1]
@@ -356,8 +394,10 @@ def _blocked_cholesky(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
         b = np.zeros((b1 - b0, f), dtype=np.float64)
         c_sum = np.zeros(b1 - b0)
         cursor = indptr[:-1].copy()
-        _sweep(job, scratch, buffer, result, lambda lo, hi, Y_block: accumulate_block(
-            indptr, csr.indices, csr.values, cursor, lo, hi, Y_block, A, b, c_sum, kind, alpha, alpha0, eps))
+        parts = _row_parts(indptr - indptr[0], job.task_threads)
+        _sweep(job, scratch, result, lambda lo, hi, Y_block: _in_parts(parts, lambda p, q: accumulate_block(
+            indptr[p:q + 1], csr.indices, csr.values, cursor[p:q], lo, hi, Y_block, A[p:q], b[p:q], c_sum[p:q],
+            kind, alpha, alpha0, eps)))
         failures, observed = solve_accumulated(indptr, A, b, c_sum, job.gram, X[b0:b1], float(cfg.regularization),
                                                float(cfg.nu), float(cfg.alpha0), job.n_fixed)
         result.failures += failures

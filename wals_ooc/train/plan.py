@@ -7,19 +7,23 @@ tested without running anything (the rechunker habit). Two ways to reach the fix
   rows are solved with CG or Cholesky against it. Chosen when it fits in the allowance. A local
   run also holds the solved side when both fit (``holds_own``), so nothing is read back.
 - "blocked": the fixed side does not fit. Each process copies it once into a local scratch file
-  (decompressed; the page cache serves repeats without counting in the RSS) and tasks read it
-  in blocks of ``block_rows`` rows. CG sweeps the blocks once per pass for all rows of a task
-  (a row keeps 4f numbers, so tasks are large and few: ``1 + cg_steps`` sweeps a task);
-  Cholesky accumulates f x f normal equations for ``row_batch`` rows at a time (one sweep per
-  row batch).
+  (decompressed), and tasks sweep it in windows of ``block_rows`` rows mapped from the page
+  cache (see ``fixed_side``: a sweep costs ~20 ms of CPU a GB, and counts one window in the
+  RSS). Blocked tasks run one at a time per process, their rows spread over its threads, so
+  each sweep serves all of them. A task is one of:
+  "expanded": one sweep copies each entry's fixed row out (f numbers an entry), then the
+  resident kernels solve against the copies, with the same arithmetic as the resident plan;
+  "cg": for a row block too heavy to expand, CG with one sweep per pass (4f numbers a row,
+  ``1 + cg_steps`` sweeps); "cholesky": f x f normal equations accumulated for ``row_batch``
+  rows at a time, one sweep per batch.
 
-``fixed_passes`` is how many times a half-sweep reads the whole fixed side (blocked: from the
-scratch copies); the executor counts what it reads, and tests hold the two equal.
+``fixed_passes`` is how many times a half-sweep reads the whole fixed side (blocked: sweeps of
+the scratch copies); the executor counts what it reads, and tests hold the two equal.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -28,9 +32,11 @@ from ..memory import format_bytes
 # working bytes per stored entry in a task: indices + values as read, zarr decode buffers, and
 # the per-entry arrays a kernel call touches
 BYTES_PER_ENTRY = 24
-# share of the allowance a plan may commit; the rest covers Zarr's decode buffers, allocator
-# slack and Dask (measured: a plan of 45 MiB in 64 MiB peaked at 74 MiB; at 0.5 it stays under)
-PLAN_HEADROOM = 0.5
+# what a plan leaves of the allowance for Zarr's decode buffers, allocator slack and Dask: a
+# share, and at least a fixed amount (measured: a plan of 45 MiB in 64 MiB peaked at 74 MiB,
+# so small allowances keep half; large ones peak at a fixed overhead plus a few percent)
+PLAN_HEADROOM = 0.2
+PLAN_RESERVE = 64 << 20
 # bytes of fixed factors a blocked task reads at a time: a block is swept by every row of the
 # task before the next is read, so it should stay in the last-level cache (measured in
 # tools/bench_scale.py --blocked)
@@ -46,6 +52,8 @@ class SolveTask:
     row_start: int
     row_stop: int
     nnz: int
+    method: str = "resident"  # blocked tasks: "expanded", "cg" or "cholesky" (see the module docstring)
+    sweeps: int = 0  # sweeps of the fixed side (blocked tasks)
 
     @property
     def name(self) -> str:
@@ -101,12 +109,15 @@ class HalfSweepPlan:
             held = "both sides held" if self.holds_own else f"{self.side} factors read and written per task"
             lines.append(f"  fixed side ({format_bytes(self.fixed_bytes)}) read once per process and shared by its tasks; {held}")
         else:
-            per_task = f"1 + {self.fixed_passes // max(1, len(self.tasks)) - 1} CG steps" if self.solver == "cg" else (
-                f"one per batch of {self.row_batch} rows")
+            methods = {}
+            for task in self.tasks:
+                count, sweeps = methods.get(task.method, (0, 0))
+                methods[task.method] = (count + 1, sweeps + task.sweeps)
+            how = ", ".join(f"{count} {method} ({sweeps} sweeps)" for method, (count, sweeps) in methods.items())
             lines.append(
                 f"  fixed side ({format_bytes(self.fixed_bytes)}) copied once per process to a local scratch file, then read "
-                f"{self.fixed_passes} times in blocks of {self.block_rows} rows ({per_task} a task): "
-                f"{format_bytes(self.fixed_passes * self.fixed_bytes)} read per half-sweep"
+                f"{self.fixed_passes} times in windows of {self.block_rows} rows mapped from the page cache "
+                f"({format_bytes(self.fixed_passes * self.fixed_bytes)} per half-sweep); tasks: {how}"
             )
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -184,8 +195,9 @@ def balanced_tasks(shard_ranges, shard_block_nnz, entry_bytes: int, bytes_per_ro
 
 
 def usable_bytes(allowance: int) -> int:
-    """What a plan may commit of the allowance (see PLAN_HEADROOM)."""
-    return int(allowance * PLAN_HEADROOM)
+    """What a plan may commit of the allowance (see PLAN_HEADROOM and PLAN_RESERVE)."""
+    reserve = max(allowance * PLAN_HEADROOM, min(allowance / 2, PLAN_RESERVE))
+    return int(allowance - reserve)
 
 
 def blocked_cg_row_bytes(factors: int, itemsize: int) -> int:
@@ -212,6 +224,7 @@ def plan_half_sweep(
     max_block_rows: int | None = None,
     cg_steps: int = 3,
     processes: int = 1,
+    blocked_method: str | None = None,
 ) -> HalfSweepPlan:
     """Plan one half-sweep within ``allowance`` bytes for ``concurrency`` simultaneous tasks.
 
@@ -221,6 +234,8 @@ def plan_half_sweep(
     ("resident") when they fit, so no factor is read back from Zarr; otherwise (and on a
     cluster) each process holds the fixed side. processes: worker processes (cluster).
     max_block_rows: stream the fixed side in blocks of at most this many rows even if it fits.
+    blocked_method: "expanded", "cg" or "cholesky" for every blocked task (default: expanded
+    where the entries fit, else the solver's streamed method); for tests and benchmarks.
     """
     usable = usable_bytes(allowance)
     n_rows = shard_ranges[-1][1] if shard_ranges else 0
@@ -249,32 +264,44 @@ def plan_half_sweep(
                 return plan("resident", solver, tasks, resident, n_fixed, 0, task_bytes, spare, holds_own, 1)
         notes.append(f"the fixed side ({format_bytes(fixed_bytes)}) and a task beside it do not fit in {format_bytes(usable)}")
 
-    block_bytes = min(BLOCK_BYTES, usable // 8)  # the rest holds rows: fewer tasks, fewer passes
+    block_bytes = min(BLOCK_BYTES, usable // 8)  # the rest holds rows: fewer tasks, fewer sweeps
     block_rows = max(1, min(n_fixed, block_bytes // (factors * itemsize), max_block_rows or n_fixed))
     block_bytes = block_rows * factors * itemsize
-    if solver == "cg":
-        # one task at a time per process, its rows spread over the process's threads
-        state_row = blocked_cg_row_bytes(factors, itemsize) + row_bytes // 2
-        room = max(1, usable - block_bytes)
-        tasks, task_bytes = balanced_tasks(shard_ranges, shard_block_nnz, BLOCKED_BYTES_PER_ENTRY, state_row, room,
-                                           multiple=max(1, processes))
-        if task_bytes > room:
-            notes.append(f"a row block needs {format_bytes(task_bytes)}: over the budget's share")
-        passes = len(tasks) * (1 + cg_steps)
-        return plan("blocked", "cg", tasks, 0, block_rows, 0, task_bytes + block_bytes, 0, False, passes, at_once=1)
+    room = max(1, usable - block_bytes)  # one blocked task at a time per process, one window mapped
+    expanded_entry = BYTES_PER_ENTRY + 4 + factors * itemsize  # CSR, an index and the entry's fixed row
+    tasks, _ = balanced_tasks(shard_ranges, shard_block_nnz, expanded_entry, row_bytes, room, multiple=max(1, processes))
+    def expands(task: SolveTask) -> bool:
+        fits = task.nnz * expanded_entry + (task.row_stop - task.row_start) * row_bytes <= room
+        return blocked_method == "expanded" or (blocked_method is None and fits)
 
-    # Cholesky: each task holds normal equations for a batch of rows and sweeps the blocks per batch
-    per_thread = usable // max(1, concurrency)
-    normal_eq_row = factors * factors * 8 + factors * 8 + 16  # A (float64), b, confidence sum, cursor
-    remaining = max(1, per_thread - block_bytes)
-    tasks, entry_bytes = _tasks(shard_ranges, shard_block_nnz, row_bytes, max(1, remaining // 2))
-    row_batch = int(max(1, (remaining - entry_bytes) // normal_eq_row))
-    largest_rows = max([t.row_stop - t.row_start for t in tasks] or [1])
-    task_bytes = entry_bytes + min(row_batch, largest_rows) * normal_eq_row + block_bytes
-    if entry_bytes > remaining // 2:
-        notes.append(f"a row block needs {format_bytes(entry_bytes)}: over the per-task share of the budget")
-    passes = sum(-(-(t.row_stop - t.row_start) // row_batch) for t in tasks)
-    return plan("blocked", "cholesky", tasks, 0, block_rows, row_batch, task_bytes, 0, False, passes)
+    method = blocked_method if blocked_method in ("cg", "cholesky") else solver
+    streamed = [t.nnz * BLOCKED_BYTES_PER_ENTRY + (t.row_stop - t.row_start) * row_bytes for t in tasks if not expands(t)]
+    normal_row = normal_equations_row_bytes(factors)
+    row_batch = max(1, (room - max(streamed)) // normal_row) if streamed and method == "cholesky" else 0
+    planned, heaviest = [], 0
+    for task in tasks:
+        rows = task.row_stop - task.row_start
+        if expands(task):
+            planned.append(replace(task, method="expanded", sweeps=1))
+            heaviest = max(heaviest, task.nnz * expanded_entry + rows * row_bytes)
+            continue
+        weight = task.nnz * BLOCKED_BYTES_PER_ENTRY + rows * row_bytes
+        if method == "cg":  # too heavy to expand: CG vectors per row, a sweep per pass
+            planned.append(replace(task, method="cg", sweeps=1 + cg_steps))
+            weight += rows * blocked_cg_row_bytes(factors, itemsize)
+        else:  # normal equations of row_batch rows at a time, a sweep per batch
+            planned.append(replace(task, method="cholesky", sweeps=-(-rows // row_batch)))
+            weight += min(rows, row_batch) * normal_row
+        heaviest = max(heaviest, weight)
+    if heaviest > room:
+        notes.append(f"a row block needs {format_bytes(heaviest)}: over the budget's share ({format_bytes(room)})")
+    passes = sum(t.sweeps for t in planned)
+    return plan("blocked", solver, planned, 0, block_rows, row_batch, heaviest + block_bytes, 0, False, passes, at_once=1)
+
+
+def normal_equations_row_bytes(factors: int) -> int:
+    """A row's f x f normal equations (float64), right-hand side, confidence sum and cursor."""
+    return factors * factors * 8 + factors * 8 + 16
 
 
 def _other(side: str) -> str:

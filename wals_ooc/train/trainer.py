@@ -58,7 +58,8 @@ def _block_nnz(store: InteractionStore, side: str) -> list[tuple[np.ndarray, np.
 
 
 def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, concurrency: int,
-               local: bool = True, max_block_rows: int | None = None, processes: int = 1) -> dict[str, HalfSweepPlan]:
+               local: bool = True, max_block_rows: int | None = None, processes: int = 1,
+               blocked_method: str | None = None) -> dict[str, HalfSweepPlan]:
     """The plan of each side's half-sweep (the same every iteration)."""
     itemsize = config.np_dtype.itemsize
     return {
@@ -76,6 +77,7 @@ def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, conc
             max_block_rows,
             config.cg_steps,
             processes,
+            blocked_method,
         )
         for side in SIDES
     }
@@ -139,12 +141,13 @@ def train(
     storage_options: dict | None = None,
     max_block_rows: int | None = None,
     executor: Executor | None = None,
+    blocked_method: str | None = None,
 ) -> FactorStore:
     """Fit factors into ``model_location``, resuming from its last completed half-sweep.
 
     callback(iteration, seconds, loss) is called after each iteration, like implicit's.
-    max_block_rows: always stream the fixed side in blocks of at most this many rows (exact
-    Cholesky on accumulated normal equations), even when it would fit in memory.
+    max_block_rows: always stream the fixed side in blocks of at most this many rows, even when
+    it would fit in memory; blocked_method: how blocked tasks solve (see ``plan``), for tests.
     executor: where tasks run (default: ``Executor(client, threads)``).
     """
     warm_training_kernels(config.dtype)  # fixed per-process cost: part of the baseline
@@ -155,7 +158,8 @@ def train(
         _initialise(model, store, config, executor)
     local = executor.is_local
     processes = 1 if local else max(1, executor.total_threads // executor.threads_per_process)
-    plans = make_plans(store, config, budget.allowance, executor.threads_per_process, local, max_block_rows, processes)
+    plans = make_plans(store, config, budget.allowance, executor.threads_per_process, local, max_block_rows, processes,
+                       blocked_method)
     for plan in plans.values():
         log.info(plan.describe())
     state = None
