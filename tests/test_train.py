@@ -256,3 +256,33 @@ print(json.dumps({{"before": before, "after": after}}))
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     grown = {name: (counts["before"][name], n) for name, n in counts["after"].items() if n != counts["before"][name]}
     assert not grown, grown
+
+
+def test_a_nan_in_one_shard_solve_raises_and_keeps_the_previous_slot(small_store, tmp_path, monkeypatch):
+    """Non-finite factors are never committed: the half-sweep raises NumericalError and the
+    model stays at its last completed half-sweep, factors and all; a resume then trains on."""
+    import wals_ooc.train.half_sweep as half_sweep
+    from wals_ooc.errors import NumericalError
+
+    store = open_store(small_store)
+    model = _fit(store, tmp_path / "m.zarr", iterations=1)
+    before, factors_before = model.checkpoint, _factors(model)
+    real, calls = half_sweep.cg_solve_rows, []
+
+    def one_nan(indptr, indices, values, Y, gram, X, *rest):
+        observed = real(indptr, indices, values, Y, gram, X, *rest)
+        calls.append(len(X))
+        if len(calls) == 2:  # the second shard of the next user half-sweep
+            X[len(X) // 2, 3] = np.nan
+        return observed
+
+    monkeypatch.setattr(half_sweep, "cg_solve_rows", one_nan)
+    with pytest.raises(NumericalError, match=r"user half-sweep of iteration 1 produced non-finite factors .* keeps its last"):
+        _fit(store, tmp_path / "m.zarr", iterations=2, resume=True, threads=1)
+    kept = FactorStore.open(str(tmp_path / "m.zarr"))
+    assert kept.checkpoint.to_dict() == before.to_dict()
+    for now, then in zip(_factors(kept), factors_before):
+        np.testing.assert_array_equal(now, then)
+    monkeypatch.setattr(half_sweep, "cg_solve_rows", real)
+    resumed = _fit(store, tmp_path / "m.zarr", iterations=2, resume=True)
+    assert resumed.checkpoint.iteration == 2 and all(np.isfinite(part).all() for part in _factors(resumed))

@@ -75,11 +75,17 @@ class UnknownIdError(WalsError, KeyError):
     """Ids that the store does not know."""
 
 
+class NumericalError(WalsError, ArithmeticError):
+    """A computation produced non-finite numbers (NaN or inf): settings or data that make the
+    problem ill-posed (e.g. huge alpha or values, a regularization of zero). Nothing is committed."""
+
+
 __all__ = [
     "CorruptStoreError",
     "DataMismatchError",
     "InputError",
     "MemoryBudgetError",
+    "NumericalError",
     "PathError",
     "SettingError",
     "StoreError",

@@ -177,7 +177,7 @@ def cg_step(X, R, P, AP, PG, reg, rs, steps):
     n_rows, f = X.shape
     for u in range(n_rows):
         steps[u] = 0
-        if not rs[u] >= CONVERGED:  # converged (and NaN: never stepped on)
+        if rs[u] < CONVERGED:  # converged (a NaN steps on, so the NaN reaches x and is caught)
             continue
         p, ap, x, r = P[u], AP[u], X[u], R[u]
         for k in range(f):

@@ -125,7 +125,7 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
         rs_old = _dot(r, r, f)
         for k in range(f):
             p[k] = r[k]
-        for _ in range(cg_steps if rs_old >= 1e-20 else 0):
+        for _ in range(0 if rs_old < 1e-20 else cg_steps):  # NaN steps on, so the NaN reaches x and is caught
             _symv(gram, p, Ap, f)
             for k in range(f):
                 Ap[k] += reg * p[k]
@@ -158,12 +158,18 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
 def cholesky_solve_inplace(A, b, f):
     """Solve A z = b for symmetric positive definite A (lower triangle used); A and b overwritten, z in b.
 
-    Returns False when A is not positive definite (a pivot <= 0).
+    Returns False when A is not positive definite (a pivot <= 0). A system holding NaN or inf
+    gives a NaN solution (and True), so the half-sweep's finite check reports it instead of the
+    row being kept as a mere failure.
     """
     for j in range(f):
         diag = A[j, j]
         for k in range(j):
             diag -= A[j, k] * A[j, k]
+        if diag != diag or diag == np.inf:
+            for i in range(f):
+                b[i] = np.nan
+            return True
         if diag <= 0:
             return False
         diag = np.sqrt(diag)

@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import WALSConfig
+from ..errors import NumericalError
 from ..execute import Executor
 from ..kernels.warm import warm_training_kernels
 from ..memory import MemoryBudget
@@ -119,6 +120,13 @@ def _initialise(model: FactorStore, store: InteractionStore, config: WALSConfig,
     model.commit(Checkpoint(step=0, slots={"user": 0, "item": 0}))
 
 
+def _finite(result) -> bool:
+    """A task's factors are finite iff their Gram is (a NaN or inf in a row reaches it), and so
+    must be its pieces of the objective."""
+    pieces = (result.quadratic, result.observed, result.regularization)
+    return result.gram is not None and bool(np.isfinite(result.gram).all()) and bool(np.isfinite(pieces).all())
+
+
 def _sum_in_order(parts) -> np.ndarray:
     """Sum f x f partials in the given order (fixed order: the same result on any scheduler)."""
     total = None
@@ -202,6 +210,15 @@ def train(
                 except BaseException:
                     state = None  # its arrays may hold a half-solved side: never reuse them
                     raise
+                broken = [task for task, r in zip(plan.tasks, results) if not _finite(r)]
+                if broken:
+                    state = None  # in-memory factors of this side hold the bad rows: never reuse them
+                    where = ", ".join(f"[{t.row_start}, {t.row_stop})" for t in broken[:5]) + (" ..." if len(broken) > 5 else "")
+                    raise NumericalError(
+                        f"the {side} half-sweep of iteration {checkpoint.iteration} produced non-finite factors (NaN or inf) "
+                        f"in {side} rows {where}; nothing was committed: {model.location} keeps its last completed "
+                        f"half-sweep (step {checkpoint.step}). Check the settings (alpha, regularization, eps) and the input values"
+                    )
                 if state is not None:
                     state.factors[side] = (state.factors[side][0], job.out_slot)
                 failures = sum(r.failures for r in results)
