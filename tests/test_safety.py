@@ -381,6 +381,13 @@ def test_a_flipped_byte_in_any_chunk_is_an_error_naming_store_array_and_chunk(ba
     assert leftovers(tmp_path) == []
 
 
+def test_a_missing_chunk_is_an_error_not_zeros(base, tmp_path):
+    store = copy(base.data, tmp_path / "data.zarr")
+    (store / "by_user" / "values" / "c" / "0").unlink()
+    with pytest.raises(CorruptStoreError, match=rf"{store}: chunk \(0,\) of array by_user/values is missing"):
+        open_store(store).rows("user", 0, 3)
+
+
 def test_a_flipped_byte_in_a_factor_chunk_is_an_error_when_serving(base, tmp_path, capsys):
     model = copy(base.model, tmp_path / "model.zarr")
     slot = FactorStore.open(model).checkpoint.slots["user"]

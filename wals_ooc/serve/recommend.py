@@ -141,8 +141,8 @@ def recommend_all(
             item_dtype = ids.ids("item").dtype
             rows = int(model.group.attrs["row_block"])
             create_array(group, "item_ids", shape=(n_users, n), dtype=item_dtype if item_dtype.kind != "T" else str,
-                         chunks=(rows, n))
-            create_array(group, "scores", shape=(n_users, n), dtype=np.float32, chunks=(rows, n))
+                         chunks=(rows, n), dense=True)
+            create_array(group, "scores", shape=(n_users, n), dtype=np.float32, chunks=(rows, n), dense=True)
         tasks = [
             dask.delayed(_recommend_shard, pure=False)(
                 model.location, store.location if filter_already_liked else None, storage_options, lo, hi, n,

@@ -51,6 +51,8 @@ ID_NODES = ("user_ids", "item_ids")
 CSR_CHUNK = 1 << 18
 #: root attribute of a pointer store: the child group holding the current generation
 GENERATION_ATTR = "wals_ooc_generation"
+#: array attribute: every chunk was written, so a missing one is damage (see ``create_array``)
+DENSE_ATTR = "wals_ooc_dense"
 
 
 def is_local(location: str | os.PathLike) -> bool:
@@ -77,37 +79,47 @@ class _ChecksumStore(WrapperStore):
     Zarr's codec checks it too, but cannot say which store, array and chunk failed; this can.
     """
 
-    def __init__(self, store, location: str = ""):
+    def __init__(self, store, location: str = "", finished: bool = False):
         super().__init__(store)
         self._location = location
-        self._checked: dict[str, bool] = {}  # array path -> its chunks end with a crc32c
+        self._finished = finished  # opened read-only: arrays marked dense must have every chunk
+        self._checked: dict[str, tuple[bool, bool]] = {}  # array path -> (crc32c last, dense)
 
     def _with_store(self, store):
-        return type(self)(store, self._location)
+        return type(self)(store, self._location, self._finished)
 
-    async def _has_checksum(self, array_path: str, prototype) -> bool:
+    async def _kind_of(self, array_path: str, prototype) -> tuple[bool, bool]:
         if array_path not in self._checked:
             key = f"{array_path}/zarr.json" if array_path else "zarr.json"
             raw = await self._store.get(key, prototype)
-            codecs = []
+            meta = {}
             if raw is not None:
                 try:
-                    codecs = json.loads(raw.to_bytes()).get("codecs", [])
+                    meta = json.loads(raw.to_bytes())
                 except (ValueError, AttributeError):
-                    codecs = []
+                    meta = {}
+            codecs = meta.get("codecs") or []
             last = codecs[-1] if codecs else None
-            self._checked[array_path] = isinstance(last, dict) and last.get("name") == "crc32c"
+            dense = bool((meta.get("attributes") or {}).get(DENSE_ATTR))
+            self._checked[array_path] = (isinstance(last, dict) and last.get("name") == "crc32c", dense)
         return self._checked[array_path]
 
     async def get(self, key, prototype, byte_range=None):
         value = await self._store.get(key, prototype, byte_range)
-        if value is None or byte_range is not None or key.endswith("zarr.json"):
+        if byte_range is not None or key.endswith("zarr.json"):
             return value
         match = _CHUNK_KEY.match(key)
         if match is None:
             return value
         array_path = match.group(1) or ""
-        if await self._has_checksum(array_path, prototype):
+        checksum, dense = await self._kind_of(array_path, prototype)
+        if value is None:
+            if dense and self._finished:
+                coords = tuple(int(c) for c in match.group(2).split("/") if c)
+                raise CorruptStoreError(f"{self._location}: chunk {coords} of array {array_path or '/'} is missing: "
+                                        "the store is incomplete or damaged; write it again from its source")
+            return value
+        if checksum:
             data = value.as_numpy_array()
             stored = bytes(data[-4:]) if len(data) >= 4 else b""
             if len(data) < 4 or np.uint32(google_crc32c.value(bytes(data[:-4]))).tobytes() != stored:
@@ -137,7 +149,7 @@ def open_group(
     ``StoreNotFoundError``. Only ``wals_ooc.store.lifecycle`` creates groups ("w").
     """
     text = os.fspath(location)
-    store = _ChecksumStore(_zarr_store(text, mode == "r", storage_options), text)
+    store = _ChecksumStore(_zarr_store(text, mode == "r", storage_options), text, finished=mode == "r")
     if mode not in ("r", "r+"):
         return zarr.open_group(store=store, mode=mode, zarr_format=3)
     try:
@@ -163,13 +175,18 @@ def checksummed(compressors: Any = None) -> tuple:
     return (*compressors, Crc32cCodec())
 
 
-def create_array(group: zarr.Group, name: str, *, compressors: Any = None, **kwargs) -> zarr.Array:
+def create_array(group: zarr.Group, name: str, *, compressors: Any = None, dense: bool = False, **kwargs) -> zarr.Array:
     """Create an array of a wals-ooc store: every chunk carries a crc32c checksum.
 
     Arguments are those of ``zarr.Group.create_array``; ``compressors`` (None: none) come
-    before the checksum. ``wals_ooc.store.lifecycle`` refuses to finish a store holding an
-    array made any other way.
+    before the checksum. dense: every chunk is written (even one equal to the fill value), so
+    a chunk missing from a finished store is an error instead of reading as the fill value
+    (for arrays written whole, such as CSR arrays and id maps). ``wals_ooc.store.lifecycle``
+    refuses to finish a store holding an array made without the checksum.
     """
+    if dense:
+        kwargs["config"] = {**(kwargs.get("config") or {}), "write_empty_chunks": True}
+        kwargs["attributes"] = {**(kwargs.get("attributes") or {}), DENSE_ATTR: True}
     return group.create_array(name, compressors=checksummed(compressors), **kwargs)
 
 

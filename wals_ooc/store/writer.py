@@ -194,7 +194,7 @@ def write_store(
     batches: Iterable[RowBatch],
     store: str | os.PathLike,
     *,
-    memory_budget: int | str | None = None,
+    memory_budget: MemoryBudget | int | str | None = None,
     shard_nnz: int | None = None,
     row_block: int = DEFAULT_ROW_BLOCK,
     tmp_dir: str | None = None,
@@ -215,7 +215,8 @@ def write_store(
     """
     store = os.fspath(store)
     _check_layout_args(row_block, shard_nnz)
-    budget = MemoryBudget.start(memory_budget)  # measured before the door opens anything
+    # measured once, before the door opens anything (convert passes the budget it started)
+    budget = memory_budget if isinstance(memory_budget, MemoryBudget) else MemoryBudget.start(memory_budget)
     with output_store(store, INTERACTIONS_KIND, version=FORMAT_VERSION, overwrite=overwrite, inputs=inputs,
                       storage_options=storage_options, tmp_dir=tmp_dir) as out:
         return build_store(batches, out, memory_budget=budget, shard_nnz=shard_nnz, row_block=row_block,
@@ -392,6 +393,7 @@ def _csr_array(group: zarr.Group, name: str, shape: int, dtype) -> zarr.Array:
     return create_array(
         group,
         name,
+        dense=True,
         shape=(shape,),
         dtype=dtype,
         chunks=(CSR_CHUNK,),
@@ -546,7 +548,8 @@ def _write_ids(group: zarr.Group, name: str, ids: np.ndarray, id_kind: str) -> N
     else:
         data = np.array([value.decode("utf-8") for value in ids], dtype=np.dtypes.StringDType())
         dtype = str
-    array = create_array(group, name, shape=(len(ids),), dtype=dtype, chunks=(max(1, min(len(ids), CSR_CHUNK)),))
+    array = create_array(group, name, shape=(len(ids),), dtype=dtype, chunks=(max(1, min(len(ids), CSR_CHUNK)),),
+                         dense=True)
     if len(ids):
         array[:] = data
 
@@ -584,7 +587,8 @@ def convert(
     spec = InputSpec(user_col=user_col, item_col=item_col, value_col=value_col, order_col=order_col, delimiter=delimiter,
                      header=header, id_kind=id_type, on_bad_lines=on_bad_lines)
     report = ConvertReport(store=os.fspath(store))
-    budget_bytes = MemoryBudget.start(memory_budget).allowance
+    budget = MemoryBudget.start(memory_budget)
+    budget_bytes = budget.allowance
     block_bytes = int(min(64 << 20, max(1 << 20, budget_bytes // 48)))
     reading: list[str] = [paths[0] if paths else ""]
     batches = _located(read_batches(paths, spec, report.bad_rows, block_bytes=block_bytes,
@@ -599,7 +603,7 @@ def convert(
     return write_store(
         batches,
         store,
-        memory_budget=memory_budget,
+        memory_budget=budget,
         shard_nnz=shard_nnz,
         row_block=row_block,
         tmp_dir=tmp_dir,

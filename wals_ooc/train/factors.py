@@ -35,7 +35,7 @@ import zarr
 
 from ..config import WALSConfig
 from ..errors import DataMismatchError, StoreError
-from ..store.format import ID_NODES, KIND_PREFIX, create_array, is_local, local_path, open_group
+from ..store.format import DENSE_ATTR, ID_NODES, KIND_PREFIX, create_array, is_local, local_path, open_group
 from ..store.reader import IdMaps, InteractionStore
 
 MODEL_KIND = "wals-ooc/model"
@@ -82,9 +82,11 @@ def _copy_node(node, target: zarr.Group, name: str) -> None:
             _copy_node(member, group, child)
         return
     compressors = [c for c in node.compressors if type(c).__name__ != "Crc32cCodec"]
+    attrs = dict(node.attrs)
     array = create_array(target, name, shape=node.shape, dtype=node.dtype, chunks=node.chunks,
-                         compressors=compressors or None, fill_value=node.fill_value)
-    array.attrs.update(dict(node.attrs))
+                         compressors=compressors or None, fill_value=node.fill_value,
+                         dense=bool(attrs.pop(DENSE_ATTR, False)))
+    array.attrs.update(attrs)
     if not node.ndim or not node.shape[0]:
         if node.ndim == 0:
             array[()] = node[()]
