@@ -232,6 +232,8 @@ def test_a_file_or_a_store_of_another_kind_is_refused_even_with_overwrite(base, 
     assert "is a wals-ooc/model store, not a wals-ooc/interactions store" in one_line_error(code, err, "convert", model)
     code, _, err = run(capsys, "train", base.train, "--model", base.data, "--no-resume", "-q")  # data as a model
     one_line_error(code, err, "train", base.data)
+    code, _, err = run(capsys, "convert", base.csv, model / "user" / "new.zarr", "-q")  # inside a store
+    assert f"is inside the wals-ooc store {model / 'user'}" in one_line_error(code, err, "convert", model)
     assert (snapshot(notes), snapshot(model)) == before
 
 

@@ -336,6 +336,21 @@ def _inspect(place: _Place, path: str | None = None) -> TargetState:
     return TargetState("other")
 
 
+def _enclosing_store(place: _Place) -> str | None:
+    """The nearest directory above the target that is a Zarr store or group, if any."""
+    parent = place.parent
+    for _ in range(64):
+        if not parent or (place.local and parent == os.path.dirname(parent)):
+            return None
+        if place.exists(place.join(parent, "zarr.json")):
+            return place.url(parent)
+        up = os.path.dirname(parent) if place.local else place.fs._parent(parent)
+        if up == parent:
+            return None
+        parent = up
+    return None
+
+
 def inspect_target(location: str | os.PathLike, storage_options: dict | None = None) -> TargetState:
     """What is at a location (see ``TargetState``), without writing anything."""
     return _inspect(_Place(os.fspath(location), storage_options))
@@ -610,6 +625,10 @@ class Output:
         if self.layout == "files" and not self.place.local:
             raise PathError(f"{self.target}: a directory of files can only be written to a local disk; "
                             "write a Zarr store to an object store")
+        outer = _enclosing_store(self.place)
+        if outer is not None:
+            raise PathError(f"{self.target} is inside the wals-ooc store {outer}: refusing to write into it "
+                            "(nothing was changed); choose a path outside it")
         state = _inspect(self.place)
         self._refuse(state)
         return state
