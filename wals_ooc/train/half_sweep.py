@@ -402,7 +402,7 @@ def _blocked_cholesky(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
                                                float(cfg.nu), float(cfg.alpha0), job.n_fixed)
         result.failures += failures
         result.observed += observed
-        del A, b
+        A = b = None  # freed before the next batch allocates its own
 
 
 def init_task(
