@@ -79,6 +79,65 @@ def max_row_nnz(indptr):
 
 
 @njit(**_JIT)
+def _fixed_row(rows, ids, base, t):
+    """The t-th fixed factor row of a row: ``rows[t]`` of a gathered block (``ids`` None: Numba
+    compiles that case without the branch) or ``rows[ids[base + t]]`` of Y itself."""
+    if ids is None:
+        return rows[t]
+    return rows[ids[base + t]]
+
+
+@njit(**_JIT)
+def _cg_row(rows, ids, base, n_u, values, weight, x, r, p, Ap, gram, reg, kind, alpha, alpha0, eps, cg_steps, f,
+            observed_loss):
+    """CG on one row, its fixed factors being ``_fixed_row(rows, ids, base, t)`` for t < n_u.
+    Returns the row's observed-loss terms sum c (1 - s)^2 - alpha0 s^2 at the solution when
+    ``observed_loss`` is set, else 0."""
+    T = x.dtype.type
+    # r = b - A x
+    _symv(gram, x, r, f)
+    for k in range(f):
+        r[k] = -r[k] - reg * x[k]
+    for t in range(n_u):
+        y = _fixed_row(rows, ids, base, t)
+        c = T(confidence(values[t], kind, alpha, alpha0, eps))
+        w = c - alpha0
+        weight[t] = w
+        coef = c - w * _dot(y, x, f)
+        for k in range(f):
+            r[k] += coef * y[k]
+    rs_old = _dot(r, r, f)
+    for k in range(f):
+        p[k] = r[k]
+    for _ in range(0 if rs_old < 1e-20 else cg_steps):  # NaN steps on, so the NaN reaches x and is caught
+        _symv(gram, p, Ap, f)
+        for k in range(f):
+            Ap[k] += reg * p[k]
+        for t in range(n_u):
+            y = _fixed_row(rows, ids, base, t)
+            coef = weight[t] * _dot(y, p, f)
+            for k in range(f):
+                Ap[k] += coef * y[k]
+        step = rs_old / _dot(p, Ap, f)
+        for k in range(f):
+            x[k] += step * p[k]
+            r[k] -= step * Ap[k]
+        rs_new = _dot(r, r, f)
+        if rs_new < 1e-20:
+            break
+        beta = rs_new / rs_old
+        for k in range(f):
+            p[k] = r[k] + beta * p[k]
+        rs_old = rs_new
+    observed = 0.0
+    for t in range(n_u if observed_loss else 0):
+        score = _dot(_fixed_row(rows, ids, base, t), x, f)
+        c = weight[t] + alpha0
+        observed += c * (1 - score) * (1 - score) - alpha0 * score * score
+    return observed
+
+
+@njit(**_JIT)
 def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, n_fixed, cg_steps, observed_loss=False):
     """Conjugate-gradient solve of every row, warm-started from X (updated in place).
 
@@ -86,13 +145,14 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     ``observed_loss`` is set (see ``loss``), computed from the gathered rows; else 0.
 
     Never forms a row's f x f system (Takacs et al. 2011, as implicit's CG). The fixed rows a
-    row touches are gathered once into a contiguous scratch block with their confidences, so
-    the CG steps after the first read them from cache instead of chasing random rows of Y.
+    row touches are gathered once into a contiguous scratch block, so the CG steps after the
+    first read them from cache instead of chasing random rows of Y; rows longer than the block
+    read Y directly (the same arithmetic, one code path: ``_cg_row``).
     Arithmetic stays in X's dtype (scalars are cast to it), so float32 runs 8 lanes wide.
     """
     n_rows, f = X.shape
     T = X.dtype.type
-    gather_cap = min(max_row_nnz(indptr), GATHER_MAX_ENTRIES)  # longer rows read Y directly
+    gather_cap = min(max_row_nnz(indptr), GATHER_MAX_ENTRIES)
     Y_row = np.empty((gather_cap, f), dtype=X.dtype)
     weight = np.empty(max_row_nnz(indptr), dtype=X.dtype)  # c - alpha0 of each entry
     r = np.empty(f, dtype=X.dtype)
@@ -103,54 +163,18 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
         start, stop = indptr[u], indptr[u + 1]
         n_u = stop - start
         reg = T(row_regularization(n_u, lam, nu, alpha0, n_fixed))
-        x = X[u]
-        gathered = n_u <= gather_cap
-        # r = b - A x, gathering the row's fixed factors on the way
-        _symv(gram, x, r, f)
-        for k in range(f):
-            r[k] = -r[k] - reg * x[k]
-        if gathered:  # a loop of independent copies: many cache misses in flight at once
+        row_values = values[start:stop]
+        if n_u <= gather_cap:  # a loop of independent copies: many cache misses in flight at once
             for t in range(n_u):
                 source = Y[indices[start + t]]
                 for k in range(f):
                     Y_row[t, k] = source[k]
-        for t in range(n_u):
-            y = Y_row[t] if gathered else Y[indices[start + t]]
-            c = T(confidence(values[start + t], kind, alpha, alpha0, eps))
-            w = c - alpha0
-            weight[t] = w
-            coef = c - w * _dot(y, x, f)
-            for k in range(f):
-                r[k] += coef * y[k]
-        rs_old = _dot(r, r, f)
-        for k in range(f):
-            p[k] = r[k]
-        for _ in range(0 if rs_old < 1e-20 else cg_steps):  # NaN steps on, so the NaN reaches x and is caught
-            _symv(gram, p, Ap, f)
-            for k in range(f):
-                Ap[k] += reg * p[k]
-            for t in range(n_u):
-                y = Y_row[t] if gathered else Y[indices[start + t]]
-                coef = weight[t] * _dot(y, p, f)
-                for k in range(f):
-                    Ap[k] += coef * y[k]
-            step = rs_old / _dot(p, Ap, f)
-            for k in range(f):
-                x[k] += step * p[k]
-                r[k] -= step * Ap[k]
-            rs_new = _dot(r, r, f)
-            if rs_new < 1e-20:
-                break
-            beta = rs_new / rs_old
-            for k in range(f):
-                p[k] = r[k] + beta * p[k]
-            rs_old = rs_new
-        if observed_loss:
-            for t in range(n_u):
-                y = Y_row[t] if gathered else Y[indices[start + t]]
-                score = _dot(y, x, f)
-                c = weight[t] + alpha0
-                observed += c * (1 - score) * (1 - score) - alpha0 * score * score
+            row_observed = _cg_row(Y_row, None, 0, n_u, row_values, weight, X[u], r, p, Ap, gram, reg,
+                                   kind, alpha, alpha0, eps, cg_steps, f, observed_loss)
+        else:
+            row_observed = _cg_row(Y, indices, start, n_u, row_values, weight, X[u], r, p, Ap, gram, reg,
+                                   kind, alpha, alpha0, eps, cg_steps, f, observed_loss)
+        observed += row_observed
     return observed
 
 
