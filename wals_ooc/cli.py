@@ -23,12 +23,10 @@ def _progress(args) -> bool | None:
     return False if getattr(args, "quiet", False) else None
 
 
-def _ids(values: list[str]):
-    """Ids from the command line: integers when they all parse, else strings."""
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        return values
+def _ids(store, side: str, values: list[str]) -> list:
+    """Ids from the command line as the store spells them (its integers as int, text as given);
+    an unknown one raises UnknownIdError naming it."""
+    return [_plain(v) for v in store.ids_of(side, store.index_of(side, values))]
 
 
 @contextlib.contextmanager
@@ -73,14 +71,15 @@ def cmd_info(args) -> int:
     print(f"store       {store.location}")
     print(f"shape       {store.n_users} users x {store.n_items} items")
     print(f"nnz         {store.nnz}  (density {store.density:.3g})")
-    print(f"id kind     {store.id_kind}")
+    kinds = store.id_kinds
+    print(f"id kind     users {kinds['user']}, items {kinds['item']}")
     for side in ("user", "item"):
         nnz = store.shard_nnz(side)
         print(f"{side} shards {store.n_shards(side)} (entries per shard min {min(nnz)}, max {max(nnz)}), row block {store.row_block}")
     for side in ("user", "item"):
         counts = _top_rows(store, side, args.top)
-        ids = store.ids(side)
-        listed = ", ".join(f"{ids[row]} ({count})" for row, count in counts)
+        ids = store.ids_of(side, [row for row, _ in counts])
+        listed = ", ".join(f"{ident} ({count})" for ident, (_, count) in zip(ids.tolist(), counts))
         print(f"top {side}s  {listed}")
     return 0
 
@@ -153,7 +152,7 @@ def cmd_recommend(args) -> int:
         return 0
     if not args.users:
         raise ValueError("give --users ID... or --all")
-    users = _ids(args.users)
+    users = _ids(model.interactions, "user", args.users)
     ids, scores = model.recommend(users, N=args.n, filter_already_liked=not args.no_filter)
     for user, row_ids, row_scores in zip(users, ids, scores):
         listed = [{"item": _plain(i), "score": round(float(s), 6)} for i, s in zip(row_ids, row_scores) if s > -np.inf]
@@ -166,7 +165,7 @@ def cmd_similar(args) -> int:
 
     model = load(args.model, memory_budget=args.memory_budget)
     side = "user" if args.users else "item"
-    ids_in = _ids(args.users or args.items)
+    ids_in = _ids(model.interactions, side, args.users or args.items)
     method = model.similar_users if side == "user" else model.similar_items
     ids, scores = method(ids_in, N=args.n, filter_self=args.filter_self)
     for query, row_ids, row_scores in zip(ids_in, ids, scores):

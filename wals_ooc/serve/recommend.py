@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from ..errors import SettingError
 from ..execute import Executor, single_threaded_blas_in_worker
 from ..kernels.warm import warm_serving_kernels
 from ..memory import MemoryBudget
@@ -62,26 +63,21 @@ def _recommend_shard(model_location, interactions_location, storage_options, sta
         shard = store.rows("user", start, stop)
         liked = (shard.indptr, shard.indices.astype(np.int64))
     ids, scores, _ = top_k(queries, item_source(model, allowance, block_rows), n, exclude=liked)
-    item_ids = store.ids("item")
-    original = np.where(ids >= 0, item_ids[np.maximum(ids, 0)], _missing(item_ids.dtype))
     if fmt == "zarr":
         group = open_group(output, "r+", storage_options)
-        group["item_ids"][start:stop] = original
+        group["user_ids"][start:stop] = store.ids_of("user", np.arange(start, stop))
+        group["item_ids"][start:stop] = store.ids_of("item", ids)  # -1 slots: -1 or ""
         group["scores"][start:stop] = scores
     else:
-        users = np.repeat(store.ids("user")[start:stop], n)
-        ranks = np.tile(np.arange(1, n + 1, dtype=np.int32), stop - start)
         keep = ids.ravel() >= 0
+        user_rows = np.repeat(np.arange(start, stop), n)[keep]
+        ranks = np.tile(np.arange(1, n + 1, dtype=np.int32), stop - start)
         table = pa.table({
-            "user": pa.array(users[keep]), "rank": pa.array(ranks[keep]),
-            "item": pa.array(original.ravel()[keep]), "score": pa.array(scores.ravel()[keep]),
+            "user": store.ids_of("user", user_rows, as_arrow=True), "rank": pa.array(ranks[keep]),
+            "item": store.ids_of("item", ids.ravel()[keep], as_arrow=True), "score": pa.array(scores.ravel()[keep]),
         })
         pq.write_table(table, os.path.join(output, f"part-{start:012d}.parquet"))
     return stop - start
-
-
-def _missing(dtype):
-    return -1 if np.issubdtype(dtype, np.integer) else ""
 
 
 def recommend_all(
@@ -104,7 +100,9 @@ def recommend_all(
     missing slots (fewer than n candidates) hold -1 or "" with score -inf. ``complete`` is set last.
     """
     if fmt not in ("zarr", "parquet"):
-        raise ValueError("fmt must be zarr or parquet")
+        raise SettingError(f"format must be zarr or parquet, not {fmt!r}", flags={"format": "--format"})
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise SettingError(f"N must be an integer >= 1, got {n!r}", flags={"N": "-n"})
     warm_serving_kernels()  # fixed per-process cost: part of the baseline
     budget = MemoryBudget.start(memory_budget)
     executor = Executor.of(executor, client, threads)
@@ -112,12 +110,11 @@ def recommend_all(
     if fmt == "zarr":
         group = open_group(output, "w" if overwrite else "w-", storage_options)
         group.attrs.update({"kind": RECOMMENDATIONS_KIND, "format_version": 1, "complete": False, "n": n})
-        user_ids = store.ids("user")
-        item_dtype = store.ids("item").dtype
+        kinds = store.id_kinds
         rows = store.row_block
-        group.create_array("user_ids", shape=(store.n_users,), dtype=user_ids.dtype if user_ids.dtype.kind != "T" else str,
-                           chunks=(max(1, min(store.n_users, 1 << 20)),))[:] = user_ids
-        group.create_array("item_ids", shape=(store.n_users, n), dtype=item_dtype if item_dtype.kind != "T" else str,
+        group.create_array("user_ids", shape=(store.n_users,), dtype=np.int64 if kinds["user"] == "int" else str,
+                           chunks=(rows,))  # written shard by shard, like the rest
+        group.create_array("item_ids", shape=(store.n_users, n), dtype=np.int64 if kinds["item"] == "int" else str,
                            chunks=(rows, n))
         group.create_array("scores", shape=(store.n_users, n), dtype=np.float32, chunks=(rows, n))
     else:
