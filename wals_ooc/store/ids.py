@@ -175,7 +175,7 @@ class DistinctIds:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         self.kind = kind
         self.workdir = workdir
-        self.memory_bytes = max(1 << 20, int(memory_bytes))
+        self.memory_bytes = max(1 << 12, int(memory_bytes))
         self.name = name
         self.merged: _Block | None = None
         self.pending: list[_Block] = []

@@ -284,10 +284,10 @@ def _delimiter_hint(names: list[str], delimiter: str) -> str:
     """A hint when the header is one field holding another likely delimiter."""
     if len(names) != 1:
         return ""
-    for candidate, shown in (("\t", "\\t"), (";", ";"), ("|", "|"), (",", ",")):
+    for candidate, spelled, described in (("\t", "\\t", "tabs"), (";", ";", "';'"), ("|", "|", "'|'"), (",", ",", "','")):
         if candidate != delimiter and candidate in names[0]:
-            return (f"; the header is one field {names[0]!r}: is the delimiter {shown!r}? "
-                    f"pass delimiter={shown!r} (--delimiter '{shown}')")
+            return (f"; the header is one field {names[0]!r}, with {described} in it: "
+                    f"pass delimiter='{spelled}' (--delimiter '{spelled}')")
     return ""
 
 
@@ -516,7 +516,7 @@ def _parquet_ids(path: str, column: pa.Array, name: str, start: int) -> pa.Array
         if not integral.all():
             row = int(np.flatnonzero(~integral)[0])
             raise InputError(path, start + row + 1, name,
-                             f"id {numbers[row]!r} in a float column is not an integer: ids must be integers or strings")
+                             f"id {float(numbers[row])!r} in a float column is not an integer: ids must be integers or strings")
         return pa.array(numbers.astype(np.int64), mask=column.is_null().to_numpy(zero_copy_only=False) if column.null_count else None)
     raise InputError(path, None, name, f"id column of type {kind}: ids must be integers or strings "
                      "(a float column is read as integers when every value is integral)")
