@@ -24,8 +24,8 @@ from wals_ooc.errors import InputError, SettingError, UnknownIdError
 from wals_ooc.memory import current_rss, warm_libraries
 from wals_ooc.store import ids as id_maps
 from wals_ooc.store.ids import DistinctIds, IdIndex, as_text, write_id_map
-from wals_ooc.store.sources import BadRowReport, InputSpec, read_batches
-from wals_ooc.store.writer import write_store
+from wals_ooc.store.sources import InputSpec, read_batches
+from wals_ooc.store.writer import ConvertReport, write_store
 
 from .conftest import store_to_scipy
 
@@ -88,9 +88,9 @@ def _budgets():
 def _convert_with_blocks(path, out, budget, block_bytes, **spec):
     """convert() with an explicit CSV block size (convert derives it from the budget: >= 1 MiB)."""
     spec = InputSpec(**spec)
-    report = BadRowReport()
-    batches = read_batches([str(path)], spec, report, block_bytes=block_bytes)
-    return write_store(batches, out, memory_budget=budget, progress=False, id_type=spec.id_kind,
+    report = ConvertReport(store=out)
+    batches = read_batches([str(path)], spec, report.bad_rows, block_bytes=block_bytes)
+    return write_store(batches, out, memory_budget=budget, progress=False, id_type=spec.id_kind, report=report,
                        source_name=str(path), source_attrs={"input": str(path)})
 
 
@@ -134,9 +134,12 @@ def test_same_input_same_store_at_every_budget_and_block_size(tmp_path_factory, 
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=st.lists(st.tuples(_ids, _ids, st.integers(1, 4)), min_size=12, max_size=40))
-def test_every_id_round_trips_through_recommend_similar_fold_in_and_evaluate(tmp_path_factory, rows):
+@given(users=st.lists(_ids, min_size=2, max_size=8, unique=True), items=st.lists(_ids, min_size=3, max_size=10, unique=True),
+       values=st.lists(st.integers(1, 4), min_size=3, max_size=3))
+def test_every_id_round_trips_through_recommend_similar_fold_in_and_evaluate(tmp_path_factory, users, items, values):
     tmp = tmp_path_factory.mktemp("roundtrip")
+    # each user has three items, so the split holds one of them out
+    rows = [(user, items[(j + d) % len(items)], values[d]) for j, user in enumerate(users) for d in range(3)]
     _write_rows(tmp / "log.csv", rows)
     wals_ooc.convert(str(tmp / "log.csv"), str(tmp / "all.zarr"), progress=False)
     wals_ooc.split(str(tmp / "all.zarr"), tmp / "train.zarr", tmp / "test.zarr", test_fraction=0.3, seed=1, progress=False)

@@ -76,18 +76,27 @@ def text_from_buffers(offsets: np.ndarray, data: np.ndarray) -> pa.Array:
     return pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(data)))
 
 
+def _as_list(ids: Any) -> list:
+    """Query ids as a list of Python objects: one id, or any iterable of them."""
+    if isinstance(ids, (str, bytes)) or np.isscalar(ids):
+        return [ids]
+    if isinstance(ids, np.ndarray):
+        return ids.ravel().tolist()
+    return list(ids)
+
+
 def as_text(ids: Any) -> pa.Array:
-    """Ids as an Arrow large_string array: str as is, bytes decoded as UTF-8, integers as str(int)."""
+    """Ids as an Arrow large_string array: str as is, bytes decoded as UTF-8, others (integers)
+    as ``str(value)``. Lists are converted element by element (never to a fixed-width array)."""
     if isinstance(ids, pa.ChunkedArray):
         ids = ids.combine_chunks()
     if isinstance(ids, pa.Array):
         if pa.types.is_integer(ids.type):
             ids = ids.cast(pa.int64())
         return ids.cast(pa.large_string())
-    array = np.asarray(ids) if not isinstance(ids, np.ndarray) else ids
-    if array.dtype.kind in "iu":
-        return pa.array(array.ravel().astype(np.int64)).cast(pa.large_string())
-    values = [v.decode("utf-8") if isinstance(v, bytes) else v if type(v) is str else str(v) for v in array.ravel().tolist()]
+    if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu":
+        return pa.array(ids.ravel().astype(np.int64)).cast(pa.large_string())
+    values = [v if type(v) is str else v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in _as_list(ids)]
     return pa.array(values, type=pa.large_string())
 
 
@@ -181,6 +190,7 @@ class DistinctIds:
         self.pending: list[_Block] = []
         self.pending_bytes = 0
         self.runs: list[str] = []
+        self._files = 0  # spill files made so far: each gets a new name
 
     # -- adding ---------------------------------------------------------------------------------
     def add(self, ids: np.ndarray | pa.Array) -> None:
@@ -225,7 +235,8 @@ class DistinctIds:
 
     # -- spilled runs ---------------------------------------------------------------------------
     def _spill(self, block: _Block) -> str:
-        path = os.path.join(self.workdir, f"{self.name}-run{len(self.runs):05d}.arrow")
+        self._files += 1
+        path = os.path.join(self.workdir, f"{self.name}-run{self._files:05d}.arrow")
         _write_run(path, block)
         return path
 
@@ -248,7 +259,8 @@ class DistinctIds:
             merged_runs = []
             for k in range(0, len(runs), fan_in):
                 group = runs[k : k + fan_in]
-                path = os.path.join(self.workdir, f"{self.name}-merge{level}-{k:05d}.arrow")
+                self._files += 1
+                path = os.path.join(self.workdir, f"{self.name}-merge{self._files:05d}.arrow")
                 _write_run(path, _merge_runs(group, self.kind))
                 for old in group:
                     os.remove(old)
@@ -276,7 +288,8 @@ def _write_run(path: str, blocks: _Block | Iterable[_Block]) -> None:
             block = _Block(np.concatenate([carry.keys, block.keys]),
                            pa.concat_arrays([carry.text, block.text]) if block.text is not None else None)
         if writer is None:
-            writer = pa.ipc.new_file(path, _run_schema("int" if block.text is None else "str"))
+            schema = _run_schema("int" if block.text is None else "str")
+            writer = pa.ipc.new_file(path, schema)
         start = 0
         n = len(block)
         while n - start > RUN_BATCH:
@@ -285,19 +298,19 @@ def _write_run(path: str, blocks: _Block | Iterable[_Block]) -> None:
                 cut += 1
             if cut >= n:
                 break
-            _write_batch(writer, block.slice(start, cut))
+            _write_batch(writer, schema, block.slice(start, cut))
             start = cut
         carry = block.slice(start, n)
     if writer is None:
         return
     if carry is not None and len(carry):
-        _write_batch(writer, carry)
+        _write_batch(writer, schema, carry)
     writer.close()
 
 
-def _write_batch(writer, block: _Block) -> None:
+def _write_batch(writer, schema: pa.Schema, block: _Block) -> None:
     columns = [pa.array(block.keys)] + ([block.text] if block.text is not None else [])
-    writer.write_batch(pa.record_batch(columns, schema=writer.schema))
+    writer.write_batch(pa.record_batch(columns, schema=schema))
 
 
 def _run_batches(path: str) -> int:
@@ -520,8 +533,12 @@ class IdIndex:
         canonical = self.id_type != "int"  # only ids converted with id_type="int" merge "007" and "7"
         if isinstance(ids, (pa.Array, pa.ChunkedArray)):
             ids = ids.to_numpy(zero_copy_only=False)
-        array = np.asarray(ids) if not isinstance(ids, np.ndarray) else ids
-        array = array.ravel()
+        if isinstance(ids, np.ndarray):
+            array = ids.ravel()
+        else:  # keep each id's own type: a list of mixed ids must not become strings
+            values = _as_list(ids)
+            array = np.empty(len(values), dtype=object)
+            array[:] = values
         if array.dtype.kind == "i":
             return array.astype(np.int64), np.ones(len(array), bool)
         if array.dtype.kind == "u":

@@ -41,7 +41,7 @@ class InputSpec:
     number); kept per entry (the latest of summed duplicates) for splits by order.
     id_kind: "auto" (ids stay text here; the writer makes a side integer when every id of the
     whole input is a canonical integer), "int" (parse as integers, so "007" and "7" are one
-    id) or "str" (text, always).
+    id) or "str" (text, always); or a dict of them for "user" and "item".
     on_bad_lines: "error" raises InputError at the first bad row; "skip" counts and drops it.
     """
 
@@ -51,18 +51,25 @@ class InputSpec:
     order_col: str | int | None = None
     delimiter: str = ","
     header: bool = True
-    id_kind: str = "auto"
+    id_kind: str | dict = "auto"
     on_bad_lines: str = "error"
 
     def __post_init__(self) -> None:
-        if self.id_kind not in ("auto", "int", "str"):
-            raise SettingError(f"id_type must be auto, int or str, not {self.id_kind!r}", flags={"id_type": "--id-type"})
+        kinds = self.id_kind.values() if isinstance(self.id_kind, dict) else [self.id_kind]
+        if isinstance(self.id_kind, dict) and set(self.id_kind) != {"user", "item"} or any(
+                k not in ("auto", "int", "str") for k in kinds):
+            raise SettingError(f"id_type must be auto, int or str (or a dict of them for user and item), "
+                               f"not {self.id_kind!r}", flags={"id_type": "--id-type"})
         if self.on_bad_lines not in ("error", "skip"):
             raise SettingError(f"on_bad_lines must be error or skip, not {self.on_bad_lines!r}",
                                flags={"on_bad_lines": "--on-bad-lines"})
         if len(self.delimiter) != 1 or self.delimiter in ('"', "\n", "\r"):
             raise SettingError(f"delimiter must be one character other than a quote or a newline, not {self.delimiter!r}",
                                flags={"delimiter": "--delimiter"})
+
+
+def _kind_of(spec: InputSpec, side: str) -> str:
+    return spec.id_kind[side] if isinstance(spec.id_kind, dict) else spec.id_kind
 
 
 @dataclass
@@ -159,19 +166,20 @@ class _BatchValidator:
     def __init__(self, path: str, spec: InputSpec, names: tuple[str, str, str | None, str | None], report: BadRowReport):
         self.path, self.spec, self.names, self.report = path, spec, names, report
 
-    def _ids(self, column: pa.Array, name: str, problems: list, keep: np.ndarray) -> np.ndarray | pa.Array:
+    def _ids(self, column: pa.Array, name: str, side: str, problems: list, keep: np.ndarray) -> np.ndarray | pa.Array:
         """One id column: int64 (integer columns, or text parsed with id_kind "int") or text."""
+        kind = _kind_of(self.spec, side)
         missing = column.is_null().to_numpy(zero_copy_only=False) if column.null_count else None
         if missing is not None:
             for row in np.flatnonzero(missing):
                 problems.append((row, name, "missing id"))
             keep &= ~missing
         if pa.types.is_integer(column.type):
-            if self.spec.id_kind == "str":
+            if kind == "str":
                 return as_text(column)
             return column.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         text = as_text(column)
-        if self.spec.id_kind == "int":
+        if kind == "int":
             offsets, data = text_buffers(text)
             values, ok = parse_ints_each(offsets, data, False)
             if missing is not None:
@@ -194,8 +202,8 @@ class _BatchValidator:
         keep = np.ones(n, dtype=bool)
         problems: list[tuple[int, str, str]] = []  # (row, field, reason)
         user_name, item_name, value_name, order_name = self.names
-        user_ids = self._ids(users, user_name, problems, keep)
-        item_ids = self._ids(items, item_name, problems, keep)
+        user_ids = self._ids(users, user_name, "user", problems, keep)
+        item_ids = self._ids(items, item_name, "item", problems, keep)
 
         if values is None:
             vals = np.ones(n, dtype=np.float32)
