@@ -183,9 +183,21 @@ def _same(a_off, a_data, i, b_off, b_data, j):
 @njit(**_JIT)
 def equal_pairs(a_off, a_data, a_idx, b_off, b_data, b_idx):
     """Whether string a_idx[k] of A equals string b_idx[k] of B, for each k: bool (len(a_idx),)."""
-    out = np.empty(len(a_idx), np.bool_)
-    for k in range(len(a_idx)):
-        out[k] = _same(a_off, a_data, a_idx[k], b_off, b_data, b_idx[k])
+    n = len(a_idx)
+    out = np.empty(n, np.bool_)
+    for k in range(n):
+        i = a_idx[k]
+        j = b_idx[k]
+        s = a_off[i]
+        length = a_off[i + 1] - s
+        t = b_off[j]
+        same = length == b_off[j + 1] - t
+        if same:
+            for m in range(length):
+                if a_data[s + m] != b_data[t + m]:
+                    same = False
+                    break
+        out[k] = same
     return out
 
 

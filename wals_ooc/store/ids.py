@@ -106,6 +106,20 @@ def hash_text(text: pa.Array) -> np.ndarray:
     return hash_strings(offsets, data)
 
 
+def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, index of each value in them), by sorting: NumPy 2's hash-based
+    ``np.unique`` is many times slower on row numbers."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    new = np.empty(len(ordered), bool)
+    if len(ordered):
+        new[0] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    inverse = np.empty(len(values), np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    return ordered[new], inverse
+
+
 def _sorted_distinct(values: np.ndarray) -> np.ndarray:
     """np.unique by sorting (NumPy 2's hash-based unique is several times slower on ids)."""
     ordered = np.sort(values)
@@ -637,9 +651,9 @@ class IdIndex:
             colliding = found & np.isin(sorted_keys, self._collisions[:, 0])
         check = np.flatnonzero(found & ~colliding)
         if len(check):
-            unique_rows, inverse = np.unique(rows[check], return_inverse=True)
+            unique_rows, inverse = _unique_inverse(rows[check])
             row_offsets, row_data = self.text_of_rows(unique_rows)
-            same = equal_pairs(query_offsets, query_data, order[check], row_offsets, row_data, inverse.astype(np.int64))
+            same = equal_pairs(query_offsets, query_data, order[check], row_offsets, row_data, inverse)
             rows[check[~same]] = -1
         for k in np.flatnonzero(colliding):  # a hash several ids share: compare with each of them
             entry = self._collisions[np.searchsorted(self._collisions[:, 0], sorted_keys[k])]
@@ -660,7 +674,7 @@ class IdIndex:
             offsets = self._offsets[int(rows[0]) : int(rows[-1]) + 2]
             data = self._bytes[int(offsets[0]) : int(offsets[-1])]
             return offsets - offsets[0], data
-        positions = np.union1d(rows, rows + 1)
+        positions = _sorted_distinct(np.concatenate([rows, rows + 1]))
         bounds = _fixed_at(self._offsets, positions)
         starts = bounds[np.searchsorted(positions, rows)]
         stops = bounds[np.searchsorted(positions, rows + 1)]
@@ -683,7 +697,7 @@ class IdIndex:
         rows = np.asarray(rows, np.int64).ravel()
         if len(rows) and rows[0] >= 0 and np.all(np.diff(rows) == 1):
             return text_from_buffers(*self.text_of_rows(rows))
-        unique, inverse = np.unique(rows, return_inverse=True)
+        unique, inverse = _unique_inverse(rows)
         offsets, data = self.text_of_rows(unique)
         return text_from_buffers(offsets, data).take(pa.array(inverse))
 
@@ -720,7 +734,7 @@ class IdIndex:
             return np.zeros(0, np.int64)
         if rows[0] >= 0 and np.all(np.diff(rows) == 1):
             return self._key[int(rows[0]) : int(rows[-1]) + 1]
-        unique, inverse = np.unique(rows, return_inverse=True)
+        unique, inverse = _unique_inverse(rows)
         return _fixed_at(self._key, unique)[inverse]
 
     def arrow_ids(self, start: int, stop: int) -> pa.Array:
