@@ -198,6 +198,11 @@ def test_200_uuid_users_and_items_every_user_recommended_every_test_entry_counte
     assert metrics["users"] == len({u for (u, _) in test_entries}) == test.n_users
     with pytest.raises(UnknownIdError, match=r"unknown user id in .*train.zarr: '/an/absolute/path' \(1 of 1 not found\)"):
         model.recommend(["/an/absolute/path"])
+    from wals_ooc.serve.recommend import open_recommendations
+
+    top = open_recommendations(model.recommend_all(N=5, output=str(tmp_path / "top.zarr")))
+    np.testing.assert_array_equal(top["user_ids"][:], train.ids("user"))
+    assert set(np.asarray(top["item_ids"][:]).ravel().tolist()) <= set(items)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,6 +311,22 @@ def test_distinct_ids_spill_merge_and_switch_to_text(tmp_path, tiny_chunks):
     assert merged == sorted(every, key=lambda s: (xxhash.xxh64_intdigest(s.encode()), s.encode()))
 
 
+def test_conversion_with_the_map_searched_chunk_by_chunk_gives_the_same_store(tmp_path, tiny_chunks, monkeypatch):
+    """Pass 2 holds the keys in memory when they fit; when not, it searches the map chunk by chunk.
+    Both give the same rows (tiny chunks, so the map spans many)."""
+    from wals_ooc.store import writer
+
+    rng = np.random.default_rng(5)
+    users = [str(uuid.UUID(int=int(x))) for x in rng.integers(0, 2**62, 300)]
+    rows = [(users[int(u)], str(int(i)), 1 + int(i) % 3) for u, i in zip(rng.integers(0, 300, 2000), rng.integers(0, 150, 2000))]
+    _write_rows(tmp_path / "log.csv", rows)
+    wals_ooc.convert(str(tmp_path / "log.csv"), str(tmp_path / "held.zarr"), progress=False)
+    monkeypatch.setattr(writer._RowMapper, "hold_keys", False)
+    wals_ooc.convert(str(tmp_path / "log.csv"), str(tmp_path / "chunked.zarr"), progress=False)
+    assert _store_bytes(tmp_path / "held.zarr") == _store_bytes(tmp_path / "chunked.zarr")
+    assert _entries(open_store(tmp_path / "chunked.zarr")) == _expected(rows, {"user": "str", "item": "int"})
+
+
 # ---------------------------------------------------------------------------------------------
 # the id type rule
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +343,16 @@ def test_ids_that_differ_as_text_are_never_merged_unless_int_is_asked(tmp_path):
     merged = open_store(tmp_path / "int.zarr")
     assert merged.id_kinds == {"user": "int", "item": "str"}
     assert _entries(merged) == {(7, "a"): 3.0, (7, "b"): 3.0, (0, "b"): 1.0, (0, "a"): 1.0}
+
+
+def test_split_keeps_the_source_kinds_whichever_ids_each_side_gets(tmp_path):
+    """The only non-integer item lands on one side of the split: both sides stay text ids."""
+    rows = [("1", "1", 1), ("1", "2", 1), ("1", "x", 1), ("2", "1", 1), ("2", "2", 1), ("2", "3", 1)]
+    _write_rows(tmp_path / "s.csv", rows)
+    wals_ooc.convert(str(tmp_path / "s.csv"), str(tmp_path / "all.zarr"), progress=False)
+    wals_ooc.split(str(tmp_path / "all.zarr"), tmp_path / "tr.zarr", tmp_path / "te.zarr", method="leave_one_out", progress=False)
+    kinds = [open_store(tmp_path / name).id_kinds for name in ("all.zarr", "tr.zarr", "te.zarr")]
+    assert kinds == [{"user": "int", "item": "str"}] * 3
 
 
 def test_a_late_non_integer_id_gives_text_ids_at_every_budget(tmp_path):

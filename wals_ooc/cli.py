@@ -213,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-value", action="store_true", help="no value column: each row counts 1")
     p.add_argument("--delimiter", default=",", help="field delimiter (\\t for tab)")
     p.add_argument("--no-header", action="store_true", help="the files have no header line")
-    p.add_argument("--id-type", choices=("auto", "int", "str"), default="auto")
+    p.add_argument("--id-type", choices=("auto", "int", "str"), default="auto",
+                   help="auto: a column's ids are integers when every one of them is written as one (no leading "
+                        "zeros, sign or spaces), else text, so 007 and 7 stay two ids; int: parse as integers "
+                        "(007 and 7 are one id); str: always text")
     p.add_argument("--on-bad-lines", choices=("error", "skip"), default="error",
                    help="error: stop at the first bad row naming file, line and field; skip: count and drop")
     p.add_argument("--shard-nnz", type=int, default=None, help="entries per shard (default from the budget)")

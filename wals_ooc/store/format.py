@@ -8,8 +8,10 @@ An interaction store is a Zarr v3 group::
         indices  int32 (nnz,)           item index of each entry, sorted within a row
         values   float32 (nnz,)         summed interaction value (counts, plays, ...)
       by_item/                  CSR of the transpose (items x users), same arrays
-      user_ids  (n_users,)      original user id of each row, sorted (int64 or string)
-      item_ids  (n_items,)      original item id of each column, sorted
+      user_ids/                 id map of the users: row <-> original id (see ``ids``: int64 ids
+                                sorted by value, or text ids as UTF-8 bytes + offsets ordered by
+                                their XXH64 hash, with the sorted keys searched chunk by chunk)
+      item_ids/                 id map of the items
 
 Shards are contiguous row ranges ``[shard_bounds[k], shard_bounds[k+1])``; every bound is a
 multiple of ``row_block``, the row-chunk size of the factor arrays, so two shard tasks never
@@ -26,7 +28,7 @@ import zarr
 
 from ..errors import StoreError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: id maps are groups (ids.py), not whole-array string maps
 INTERACTIONS_KIND = "wals-ooc/interactions"
 ORIENTATIONS = ("by_user", "by_item")
 SIDES = {"user": "by_user", "item": "by_item"}
