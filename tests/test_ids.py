@@ -358,7 +358,8 @@ def test_split_keeps_the_source_kinds_whichever_ids_each_side_gets(tmp_path):
 def test_a_late_non_integer_id_gives_text_ids_at_every_budget(tmp_path):
     """The issue's case: a column of integers with an "abc" far down; the kind is decided by the
     whole input, so every budget gives the same store, and the integers keep their text."""
-    rows = [(str(k % 5000), str(k % 300), 1) for k in range(60_000)] + [("abc", "1", 1)]
+    rows = [(str(k % 5000), str(k % 300), 1) for k in range(150_000)] + [("abc", "1", 1)]  # 1.9 MB: several
+    # blocks at the smallest budget (blocks of allowance / 48), one at the others
     _write_rows(tmp_path / "late.csv", rows)
     stores = []
     for k, budget in enumerate(_budgets()):

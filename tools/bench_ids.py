@@ -4,7 +4,9 @@ Builds (once, out of core, with wals-ooc's own writer: ``DistinctIds`` + ``write
 map of ``--ids`` random UUIDs, then in a fresh process under a budget of its warmed baseline +
 ``--allowance``, ``--repeats`` times: ``ids_of`` of ``--queries`` random rows (row -> id) and
 ``index_of`` of those ids, shuffled, plus 10% unknown UUIDs (id -> row, every answer checked).
-Prints the median seconds and lookups/s, and the process's peak RSS against its budget.
+Then the same for 1 and 1,000 random rows (what a recommend call or a small batch costs: only the
+chunks they fall in are read). Prints the medians and lookups/s, and the process's peak RSS
+against its budget.
 
 ``--peer-ids N`` also times the in-memory way at a size that fits (pyarrow ``index_in`` over N
 ids held in RAM, the same number of queries), measured in the same run for a ratio.
@@ -98,16 +100,28 @@ def child_lookup(args) -> dict:
         present = index.ids_of(rows, as_arrow=True)  # row -> id, any order
         to_id.append(time.perf_counter() - started)
         order = rng.permutation(args.queries)
-        queries = pa.concat_arrays([present, absent]).take(pa.array(order))
-        expected = np.concatenate([rows, np.full(n_absent, -1)])[order]
+        queries = pa.concat_arrays([present, absent])
         del present
+        queries = queries.take(pa.array(order))
+        expected = np.concatenate([rows, np.full(n_absent, -1)])[order]
+        del rows, order
         started = time.perf_counter()
         found = index.index_of(queries, missing="mark")  # id -> row, verified by bytes
         to_row.append(time.perf_counter() - started)
         if not np.array_equal(found, expected):
             raise SystemExit(f"wrong rows: {(found != expected).sum()} of {len(found)}")
         del queries, found, expected
-    return {"index_of": to_row, "ids_of": to_id, "peak_rss": peak_rss(), "budget": budget, "n": index.n}
+    sparse = {}
+    for size in (1, 1000):  # a recommend call, a small batch: only the chunks they need are read
+        times = []
+        for _ in range(args.repeats):
+            rows = rng.integers(0, index.n, size)
+            started = time.perf_counter()
+            found = index.index_of(index.ids_of(rows, as_arrow=True))
+            times.append(time.perf_counter() - started)
+            assert np.array_equal(found, rows)
+        sparse[str(size)] = times
+    return {"index_of": to_row, "ids_of": to_id, "sparse": sparse, "peak_rss": peak_rss(), "budget": budget, "n": index.n}
 
 
 def child_peer(args) -> dict:
@@ -183,6 +197,8 @@ def main() -> None:
           + ", ".join(f"{t:.2f}" for t in result["index_of"]) + ")")
     print(f"  ids_of   (row -> id): median {to_id:.2f} s ({(args.queries - args.queries // 10) / to_id:,.0f} rows/s; runs "
           + ", ".join(f"{t:.2f}" for t in result["ids_of"]) + ")")
+    for size, times in result["sparse"].items():
+        print(f"  {int(size):,} random row(s) -> id -> row: median {statistics.median(times) * 1000:.1f} ms")
     within = "within" if result["peak_rss"] <= result["budget"] else "OVER"
     print(f"  peak RSS {format_bytes(result['peak_rss'])}, {within} the budget {format_bytes(result['budget'])} "
           f"(warmed baseline + {args.allowance})")

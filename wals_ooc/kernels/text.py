@@ -228,23 +228,14 @@ def distinct_by_hash(sorted_hashes, order, offsets, data):
 
 
 @njit(**_JIT)
-def gather_ranges(source, source_start, starts, stops):
-    """Concatenate ``source[starts[k] - source_start : stops[k] - source_start]`` for each k.
-
-    Returns (data uint8, offsets int64 (n + 1,)).
-    """
-    n = len(starts)
-    offsets = np.empty(n + 1, np.int64)
-    offsets[0] = 0
-    for k in range(n):
-        offsets[k + 1] = offsets[k] + (stops[k] - starts[k])
-    out = np.empty(offsets[n], np.uint8)
-    for k in range(n):
+def gather_ranges(source, source_start, starts, stops, out, out_offsets):
+    """Copy ``source[starts[k] - source_start : stops[k] - source_start]`` to
+    ``out[out_offsets[k]:out_offsets[k + 1]]`` for each k (the caller sized ``out``)."""
+    for k in range(len(starts)):
         p = starts[k] - source_start
-        q = offsets[k]
+        q = out_offsets[k]
         for m in range(stops[k] - starts[k]):
             out[q + m] = source[p + m]
-    return out, offsets
 
 
 @njit(**_JIT)

@@ -78,7 +78,7 @@ def warm_id_kernels() -> None:
         parse_ints(offsets, data, True)
         parse_ints_each(offsets, data, False)
         distinct_by_hash(np.sort(hashes), order, offsets, data)
-        gather_ranges(data, 0, order, order + 1)
+        gather_ranges(data, 0, order, order + 1, np.zeros(2, np.uint8), np.arange(3, dtype=np.int64))
         csv_record_end(data, 0, 44, 34)
         csv_record_lines(data, 44, 34)
         for other in (writable, readonly):

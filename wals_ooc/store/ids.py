@@ -46,7 +46,7 @@ from .appender import ChunkAppender
 KINDS = ("int", "str")
 KEY_CHUNK = 1 << 16  # rows per chunk of key and offsets
 BYTES_CHUNK = 1 << 20  # bytes per chunk of the id text
-READ_BYTES = 32 << 20  # bytes of one array read at once (a run of consecutive chunks)
+READ_BYTES = 16 << 20  # bytes of one array read at once (a run of consecutive chunks)
 RUN_BATCH = 1 << 14  # rows per record batch of a spilled run
 _EMPTY_BYTES = np.zeros(0, np.uint8)
 
@@ -683,14 +683,13 @@ class IdIndex:
         last = np.maximum(stops - 1, starts) // chunk
         run_first, run_last, item_start = _runs_of_chunks(first, last, chunk)
         total = self._bytes.shape[0]
-        pieces, piece_offsets, base = [], [np.zeros(1, np.int64)], 0
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(stops - starts, out=offsets[1:])
+        data = np.empty(int(offsets[-1]), np.uint8)
         for a, b, lo, hi in zip(run_first.tolist(), run_last.tolist(), item_start[:-1].tolist(), item_start[1:].tolist()):
             window = self._bytes[a * chunk : min(total, (b + 1) * chunk)]
-            data, offsets = gather_ranges(window, a * chunk, starts[lo:hi], stops[lo:hi])
-            pieces.append(data)
-            piece_offsets.append(offsets[1:] + base)
-            base += len(data)
-        return np.concatenate(piece_offsets), (np.concatenate(pieces) if pieces else _EMPTY_BYTES)
+            gather_ranges(window, a * chunk, starts[lo:hi], stops[lo:hi], data, offsets[lo:hi])
+        return offsets, data
 
     def text_of(self, rows: np.ndarray) -> pa.Array:
         """Ids of any rows (any order, repeats allowed) as Arrow large_string (string ids)."""
