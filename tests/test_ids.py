@@ -196,7 +196,7 @@ def test_200_uuid_users_and_items_every_user_recommended_every_test_entry_counte
     test_entries = _entries(test)
     assert metrics["skipped_test_items"] == sum(1 for (_, i) in test_entries if i not in set(train.ids("item").tolist()))
     assert metrics["users"] == len({u for (u, _) in test_entries}) == test.n_users
-    with pytest.raises(UnknownIdError, match=r"unknown user id in .*train.zarr: '/an/absolute/path' \(1 of 1 not found\)"):
+    with pytest.raises(UnknownIdError, match=r"unknown user id in .*model.zarr: '/an/absolute/path' \(1 of 1 not found\)"):
         model.recommend(["/an/absolute/path"])
     from wals_ooc.serve.recommend import open_recommendations
 

@@ -42,6 +42,7 @@ from ..kernels.text import (
     parse_ints_each,
 )
 from .appender import ChunkAppender
+from .format import create_array
 
 KINDS = ("int", "str")
 KEY_CHUNK = 1 << 16  # rows per chunk of key and offsets
@@ -397,10 +398,10 @@ class IdIndexWriter:
         """A 1-d array: empty (to append to), or created holding ``data`` (one Zarr call)."""
         compressors = _compressor(np.dtype(dtype).itemsize)
         if data is not None and len(data):
-            return self.group.create_array(name, data=np.asarray(data, dtype), chunks=(chunk,), compressors=compressors,
-                                           fill_value=0)
-        return self.group.create_array(name, shape=(0,), dtype=dtype, chunks=(chunk,), compressors=compressors,
-                                       fill_value=0)
+            return create_array(self.group, name, data=np.asarray(data, dtype), chunks=(chunk,),
+                                compressors=compressors, fill_value=0, dense=True)
+        return create_array(self.group, name, shape=(0,), dtype=dtype, chunks=(chunk,), compressors=compressors,
+                            fill_value=0, dense=True)
 
     def _add(self, name: str, values: np.ndarray) -> None:
         if name in self.appenders:
