@@ -527,6 +527,23 @@ def test_a_headerless_file_read_with_a_header_is_flagged(tmp_path, caplog):
     assert wals_ooc.convert(str(tmp_path / "nohead.csv"), str(tmp_path / "c.zarr"), header=False, progress=False).rows_read == 3
 
 
+def test_the_command_line_reads_default_columns_by_position_even_under_a_numeric_header(tmp_path, capsys, caplog):
+    from wals_ooc.cli import main
+
+    (tmp_path / "nohead.csv").write_text("1,10,2\n2,20,1\n3,30,2\n")  # header '1' must not be column "1"
+    with caplog.at_level(logging.WARNING, logger="wals_ooc"):
+        assert main(["convert", str(tmp_path / "nohead.csv"), str(tmp_path / "a.zarr"), "-q"]) == 0
+    assert any("looks like data but is read as column names" in m and "--no-header" in m for m in caplog.messages)
+    capsys.readouterr()
+    assert _entries(open_store(tmp_path / "a.zarr")) == {(2, 20): 1.0, (3, 30): 2.0}
+    (tmp_path / "dup.csv").write_text("1,10,1\n2,20,1\n")
+    assert main(["convert", str(tmp_path / "dup.csv"), str(tmp_path / "b.zarr"), "-q"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"wals-ooc convert: error: {tmp_path / 'dup.csv'}:1: duplicate column names in header ['1', '10', '1']; the "
+        "first line looks like data, not a header: if the file has no header, pass header=False (--no-header) and "
+        "name the columns by position")
+
+
 def test_a_one_field_header_with_a_tab_suggests_the_delimiter(tmp_path):
     (tmp_path / "tab.csv").write_text("user\titem\tvalue\n5\t7\t2\n")
     with pytest.raises(InputError) as caught:

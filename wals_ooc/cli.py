@@ -255,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", parents=[common], help="CSV/Parquet (user, item, value) rows -> interaction store")
     p.add_argument("inputs", nargs="+", help="input files (.csv, .csv.gz, .tsv, .parquet)")
     p.add_argument("store", help="output store (a directory, or an fsspec URL)")
-    p.add_argument("--user-col", default="0", help="user column name or 0-based position (default 0)")
-    p.add_argument("--item-col", default="1", help="item column name or position (default 1)")
-    p.add_argument("--value-col", default="2", help="value column name or position (default 2)")
+    p.add_argument("--user-col", default=0, help="user column name or 0-based position (default 0)")
+    p.add_argument("--item-col", default=1, help="item column name or position (default 1)")
+    p.add_argument("--value-col", default=2, help="value column name or position (default 2)")
     p.add_argument("--order-col", default=None,
                    help="numeric column ordering rows in time (timestamp); enables split --method leave_last_out")
     p.add_argument("--no-value", action="store_true", help="no value column: each row counts 1")

@@ -386,7 +386,8 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
         raise InputError(path, 1, None, "empty input: no rows")
     names = first if spec.header else [f"f{k}" for k in range(len(first))]
     if spec.header and len(set(names)) != len(names):
-        raise InputError(path, 1, None, f"duplicate column names in header {names}{_delimiter_hint(names, spec.delimiter)}")
+        raise InputError(path, 1, None, f"duplicate column names in header {names}"
+                         f"{_delimiter_hint(names, spec.delimiter) or _header_hint(names)}")
     columns = (spec.user_col, spec.item_col, spec.value_col, spec.order_col)
     hint = _delimiter_hint(names, spec.delimiter)
     if spec.header and not hint:
