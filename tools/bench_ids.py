@@ -78,9 +78,9 @@ def child_build(args) -> dict:
 def child_lookup(args) -> dict:
     import numpy as np
     import pyarrow as pa
-    import zarr
 
     from wals_ooc.memory import current_rss, peak_rss, to_bytes, warm_libraries
+    from wals_ooc.store.format import open_group
     from wals_ooc.store.ids import IdIndex
 
     warm_libraries()
@@ -88,7 +88,8 @@ def child_lookup(args) -> dict:
 
     warm_serving_kernels()
     budget = current_rss() + to_bytes(args.allowance)
-    index = IdIndex(zarr.open_group(_map_path(args), mode="r")["ids"], _map_path(args))
+    # opened as wals-ooc opens its stores: every chunk read is checked against its crc32c
+    index = IdIndex(open_group(_map_path(args), "r")["ids"], _map_path(args))
     rng = np.random.default_rng(args.seed + 1)
     n_absent = args.queries // 10
     n_present = args.queries - n_absent
@@ -179,9 +180,12 @@ def main() -> None:
 
     os.makedirs(args.workdir, exist_ok=True)
     path = _map_path(args)
+    from wals_ooc.store.format import has_checksum
+
     try:
-        built = bool(zarr.open_group(path, mode="r").attrs.get("complete"))
-    except Exception:  # absent or half-written: build it
+        group = zarr.open_group(path, mode="r")
+        built = bool(group.attrs.get("complete")) and has_checksum(group["ids/key"])
+    except Exception:  # absent, half-written, or from before checksums: build it
         built = False
     if not built:
         print(f"building the id map of {args.ids:,} UUIDs in {path} ...", flush=True)
