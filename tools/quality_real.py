@@ -115,7 +115,7 @@ def factor_store(location: str, users: np.ndarray, items: np.ndarray, store, set
 def score(model_store, train_store, test_store) -> dict:
     from wals_ooc.evaluate.metrics import evaluate
 
-    metrics = evaluate(model_store, train_store, test_store, k=K, threads=2)
+    metrics = evaluate(model_store, train_store, test_store, k=K, threads=2, auc=False)
     return {m: float(metrics[f"{m}@{K}"]) for m in SHOWN}
 
 

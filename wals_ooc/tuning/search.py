@@ -221,6 +221,7 @@ def tune(
             train_full, validation_store, place, validation_method, validation_fraction, seed, memory_budget,
             storage_options, progress)
         data = data_summary(tuning_train, base.eps)
+        space = space.for_data(data)
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=max(4, min(10, n_trials // 4)))
         pruner = (optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, n_trials // 8)), n_warmup_steps=0) if prune
                   else optuna.pruners.NopPruner())

@@ -20,7 +20,7 @@ streams the stored values once.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -43,6 +43,8 @@ class DataSummary:
     mean_value: float  # mean stored value (g of the linear form)
     mean_log_value: float  # mean log(1 + value / eps) (g of the log form)
     eps: float
+    min_value: float = 0.0
+    max_value: float = 0.0
 
     def mean_g(self, confidence: str) -> float:
         """Mean of g(r) over the stored entries for a confidence form."""
@@ -68,12 +70,15 @@ def data_summary(store: InteractionStore, eps: float = 1.0) -> DataSummary:
     """Mean value and mean log value of a store's entries, read a chunk at a time."""
     values = store.group["by_user"]["values"]
     total = total_log = 0.0
+    low, high = math.inf, -math.inf
     for lo in range(0, store.nnz, CSR_CHUNK):
         chunk = np.asarray(values[lo : min(store.nnz, lo + CSR_CHUNK)], np.float64)
         total += float(chunk.sum())
         total_log += float(np.log1p(chunk / eps).sum())
+        low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
     n = max(1, store.nnz)
-    return DataSummary(store.n_users, store.n_items, store.nnz, total / n, total_log / n, float(eps))
+    return DataSummary(store.n_users, store.n_items, store.nnz, total / n, total_log / n, float(eps),
+                       low if store.nnz else 0.0, high if store.nnz else 0.0)
 
 
 def _range(value, name: str, kind: type, positive: bool) -> tuple | None:
@@ -129,6 +134,14 @@ class SearchSpace:
 
     def to_dict(self) -> dict:
         return {k: (list(v) if v is not None else None) for k, v in asdict(self).items()}
+
+    def for_data(self, data: DataSummary) -> SearchSpace:
+        """The space without what cannot matter on this data: when every stored value is the same
+        (clicks, ratings counted as 1), the confidence forms differ only by a scale of alpha, which
+        ``weight`` already covers, so the form is not searched."""
+        if self.confidence is not None and len(self.confidence) > 1 and data.min_value == data.max_value:
+            return replace(self, confidence=None)
+        return self
 
     # -- points and settings ---------------------------------------------------------------------
     def suggest(self, trial) -> dict:
