@@ -230,7 +230,8 @@ def test_cli_prints_the_table_and_the_best_settings(split_stores, tmp_path):
     assert all(line.split()[1] in ("complete", "pruned") for line in lines[1:4])
     assert "trial 2 " in done.stderr  # progress, one line per trial
     summary = json.loads(lines[-1])
-    assert summary["trials"] == {"complete": 3} and summary["best_params"]["nu"] == 0.0
+    assert sum(summary["trials"].values()) == 3 and set(summary["trials"]) <= {"complete", "pruned"}
+    assert summary["best_params"]["nu"] == 0.0  # fixed
     assert any(line.strip().startswith("wals-ooc train STORE --confidence") for line in lines)
     # a typo in a range is one clear line, not a traceback
     bad = subprocess.run(command[:-4] + ["--range", "alpha", "1", "2"], capture_output=True, text=True, timeout=300)
