@@ -167,7 +167,7 @@ def tune_implicit(part, validation, trials: int, seed: int, scratch: str) -> tup
     study = optuna.create_study(
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=max(4, min(10, trials // 4))),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, trials // 8)), n_warmup_steps=EVAL_EVERY + 1),
     )
     # implicit's defaults first, as wals_ooc.tune starts from wals-ooc's
     study.enqueue_trial({"factors": 100, "reg": 0.01, "weight": 1.0 * mean_value})

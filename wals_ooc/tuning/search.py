@@ -223,7 +223,8 @@ def tune(
         data = data_summary(tuning_train, base.eps)
         space = space.for_data(data)
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=max(4, min(10, n_trials // 4)))
-        pruner = (optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, n_trials // 8)), n_warmup_steps=0) if prune
+        # a trial is judged from its second score on (the first, after a few iterations, says too little)
+        pruner = (optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, n_trials // 8)), n_warmup_steps=eval_every + 1) if prune
                   else optuna.pruners.NopPruner())
         study_obj = optuna.create_study(storage=storage, study_name=place.name, direction="maximize", sampler=sampler,
                                         pruner=pruner, load_if_exists=True)
