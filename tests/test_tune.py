@@ -120,8 +120,11 @@ def test_killed_search_resumes_with_its_finished_trials(split_stores, tmp_path):
     retried = study.get_trials()[retry[0].number]
     assert retried.params == before[3][2]  # the cut-off point is trained again
     assert sum(r.state in ("complete", "pruned") for r in result.trials) == 5
-    assert sorted(n for n in os.listdir(tmp_path / "m.tune") if n.startswith("trial-")) == [
+    # the killed trial's half-made store, its lock file and any unfinished build are gone
+    assert sorted(n for n in os.listdir(tmp_path / "m.tune") if "trial-" in n) == [
         f"trial-{result.best_trial:05d}.zarr"]
+    assert result.best_model == str(tmp_path / "m.tune" / f"trial-{result.best_trial:05d}.zarr")
+    assert wals_ooc.load(result.best_model).evaluate(validation, k=10)["ndcg@10"] == pytest.approx(result.best_value)
 
 
 def test_search_stays_under_the_memory_budget_and_prunes(split_stores, tmp_path):
@@ -210,6 +213,21 @@ def test_refuses_what_is_not_its_own(split_stores, tmp_path):
     with locked_workdir(place, recorded):  # as if another search held the study
         with pytest.raises(StoreLockedError):
             wals_ooc.tune(train, validation, n_trials=2, base=TINY, model=tmp_path / "m.zarr", progress=False)
+    # the outputs of the end are checked before the search: nothing is run, nothing written
+    (tmp_path / "report.txt").write_text("mine")
+    with pytest.raises(PathError, match="is a file, not a wals-ooc store"):
+        wals_ooc.tune(train, validation, n_trials=1, base=TINY, model=tmp_path / "report.txt", final=True,
+                      progress=False)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    with pytest.raises(PathError, match="merged store .* is a directory that is not a wals-ooc store"):
+        wals_ooc.tune(train, validation, n_trials=1, base=TINY, model=tmp_path / "n.zarr", final=True,
+                      merged_store=tmp_path / "notes", progress=False)
+    with pytest.raises(PathError, match="inside the store"):
+        wals_ooc.tune(train, validation, n_trials=1, base=TINY, model=os.path.join(train, "m.zarr"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("report", "n.", "notes")) and p.name != "notes.db") == [
+        "notes", "report.txt"]
+    assert os.listdir(tmp_path / "notes") == ["a.txt"] and not os.path.exists(os.path.join(train, "m.tune"))
     # a final model path holding another model is never overwritten
     WALS(**TINY, random_state=1).fit(train, tmp_path / "taken.zarr", progress=False)
     with pytest.raises(PathError, match="other settings or data"):

@@ -56,6 +56,7 @@ def merge(stores: Sequence[InteractionStore | str | os.PathLike], out: str | os.
             yield from store_row_batches(store, with_order)
 
     store_options.setdefault("row_block", opened[0].row_block)
+    store_options.setdefault("inputs", [s.location for s in opened])  # the door refuses to write over one
     return write_store(batches(), out, storage_options=storage_options,
                        source_attrs={"merge_of": [s.location for s in opened],
                                      "merged_store_ids": [s.attrs().get("store_id") for s in opened]},

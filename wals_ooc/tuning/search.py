@@ -25,19 +25,22 @@ from ..evaluate.metrics import METRICS, evaluate
 from ..evaluate.split import METHODS, split
 from ..execute import Executor
 from ..memory import MemoryBudget
+from ..store.format import INTERACTIONS_KIND
+from ..store.lifecycle import TargetState, enclosing_store, inspect_target
 from ..store.merge import merge
 from ..store.reader import InteractionStore
-from ..train.factors import FactorStore, default_model_location, interactions_identity
+from ..train.factors import MODEL_KIND, FactorStore, default_model_location, interactions_identity
 from ..train.trainer import train
 from .space import SEARCHED, DataSummary, SearchSpace, data_summary, trial_config
 from .study import (
     StudyPlace,
     TrialRecord,
-    check_database,
+    check_places,
     format_table,
     locked_workdir,
     open_storage,
     remove_trial_stores,
+    trial_store_complete,
     trial_records,
 )
 
@@ -102,6 +105,10 @@ def _base_config(base: WALSConfig | dict | None, seed: int) -> WALSConfig:
     return config
 
 
+def _merged_target(merged_store, train: InteractionStore, validation: InteractionStore) -> str:
+    return os.fspath(merged_store) if merged_store is not None else _merged_location(train, validation)
+
+
 def _merged_location(train: InteractionStore, validation: InteractionStore) -> str:
     def stem(location: str) -> str:
         base = os.path.basename(location.rstrip("/"))
@@ -111,19 +118,47 @@ def _merged_location(train: InteractionStore, validation: InteractionStore) -> s
     return os.path.join(parent, f"{stem(train.location)}+{stem(validation.location)}.zarr")
 
 
+def _refuse_target(location: str, kind: str, what: str, storage_options) -> TargetState:
+    """Before the search: refuse an output path that cannot be written (checked again by the door
+    when written), so a long search does not end in a refusal."""
+    outer = enclosing_store(location, storage_options)
+    if outer is not None:
+        raise PathError(f"the {what} {location} is inside the store {outer}: refusing to write into it "
+                        "(nothing was changed); give a path outside it")
+    state = inspect_target(location, storage_options)
+    if state.what == "file":
+        raise PathError(f"the {what} {location} is a file, not a wals-ooc store: refusing to write over it "
+                        "(nothing was changed); give another path")
+    if state.what == "other":
+        raise PathError(f"the {what} {location} is a directory that is not a wals-ooc store: refusing to write "
+                        "into it (nothing was changed); give another path")
+    if state.what == "store" and state.kind != kind:
+        raise PathError(f"the {what} {location} is a {state.kind} store, not a {kind} store: refusing to replace "
+                        "it (nothing was changed); give another path")
+    return state
+
+
+def _check_merged_target(location: str, train: InteractionStore, validation: InteractionStore, storage_options) -> None:
+    """The merged store's path: free, or an earlier merge of these two stores (reused)."""
+    state = _refuse_target(location, INTERACTIONS_KIND, "merged store", storage_options)
+    if state.what == "store" and not _is_merge_of(state.attrs, train, validation):
+        raise PathError(f"{location} exists and is not the merge of {train.location} and {validation.location}; "
+                        "give another path for the merged store (merged_store= / --merged-store)")
+
+
+def _is_merge_of(attrs: dict, train: InteractionStore, validation: InteractionStore) -> bool:
+    wanted = [train.attrs().get("store_id"), validation.attrs().get("store_id")]
+    return attrs.get("complete") is True and (attrs.get("sources") or {}).get("merged_store_ids") == wanted
+
+
 def _merged_store(train: InteractionStore, validation: InteractionStore, location: str, memory_budget,
                   storage_options, progress) -> InteractionStore:
-    """train + validation as one store; an earlier merge of the same two stores is reused."""
-    wanted = [train.attrs().get("store_id"), validation.attrs().get("store_id")]
-    try:
-        existing = InteractionStore(location, storage_options)
-    except Exception:  # absent, or not a finished store: the writer refuses anything not ours
-        existing = None
-    if existing is not None:
-        if existing.attrs().get("sources", {}).get("merged_store_ids") == wanted:
-            return existing
-        raise PathError(f"{location} exists and is not the merge of {train.location} and {validation.location}; "
-                        "give another path for the merged store")
+    """train + validation as one store, written through the door; an earlier merge of the same
+    two stores is reused."""
+    _check_merged_target(location, train, validation, storage_options)
+    state = inspect_target(location, storage_options)
+    if state.what == "store":
+        return InteractionStore(location, storage_options)
     merge([train, validation], location, storage_options=storage_options, memory_budget=memory_budget,
           progress=progress)
     return InteractionStore(location, storage_options)
@@ -202,7 +237,7 @@ def tune(
     train_full = _open_store(train_store, storage_options)
     model_location = os.fspath(model) if model is not None else default_model_location(train_full.location)
     place = StudyPlace.beside(model_location, study, study_name, workdir)
-    check_database(place.db)
+    check_places(place)
     validation_store = _open_store(validation, storage_options) if validation is not None else None
     identity = {
         "train": interactions_identity(train_full)["store_id"],
@@ -211,6 +246,11 @@ def tune(
         "metric": key,
         "search": {"space": space.to_dict(), "base": {k: v for k, v in base.to_dict().items() if k != "compute_loss"}},
     }
+    if final:  # the outputs of the end, checked now rather than after the search
+        _check_final_model(model_location, None, None, storage_options)
+        if final is True and validation_store is not None:
+            _check_merged_target(_merged_target(merged_store, train_full, validation_store), train_full,
+                                 validation_store, storage_options)
     executor = Executor.of(None, client, threads)
     with locked_workdir(place, identity, resume), _quiet_optuna():
         storage = open_storage(place)
@@ -249,7 +289,7 @@ def tune(
             workdir=place.workdir, data=data.to_dict(),
         )
         best_store = place.trial_store(best.number)
-        if keep_best and os.path.isdir(best_store):
+        if keep_best and trial_store_complete(best_store):
             result.best_model = best_store
         if final:
             full = _final_store(final, train_full, validation, validation_store, merged_store, memory_budget,
@@ -289,19 +329,20 @@ def _final_store(final, train_full, validation, validation_store, merged_store, 
     if final is True:
         if validation is None:  # carved from train_full: it holds everything
             return train_full
-        location = os.fspath(merged_store) if merged_store is not None else _merged_location(train_full, validation_store)
+        location = _merged_target(merged_store, train_full, validation_store)
         return _merged_store(train_full, validation_store, location, memory_budget, storage_options, progress)
     return _open_store(final, storage_options)
 
 
-def _check_final_model(location: str, config: WALSConfig, store: InteractionStore, storage_options) -> None:
-    """Refuse to overwrite a model of other settings or data; the same one resumes."""
-    if not FactorStore.exists(location, storage_options):
-        if os.path.exists(location) and "://" not in location:
-            raise PathError(f"{location} exists and is not a wals-ooc model store; give another model path")
+def _check_final_model(location: str, config: WALSConfig | None, store: InteractionStore | None,
+                       storage_options) -> None:
+    """The final model's path: free, or a model of the same data and settings (resumed). Before
+    the search only the path is checked (config, store None); after it, the model there too."""
+    state = _refuse_target(location, MODEL_KIND, "model", storage_options)
+    if state.what != "store" or config is None:
         return
     existing = FactorStore.open(location, "r", storage_options)
-    same_data = existing.group.attrs["interactions"].get("store_id") == store.attrs().get("store_id")
+    same_data = existing.group.attrs.get("interactions", {}).get("store_id") == store.attrs().get("store_id")
     if existing.config.objective_dict() != config.objective_dict() or not same_data:
         raise PathError(f"{location} holds a model of other settings or data; give another model path "
                         "(model= / --model) or remove it")

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sqlite3
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -29,6 +28,7 @@ from ..errors import DataMismatchError, PathError, SettingError, StoreLockedErro
 KIND = "wals-ooc/tune"
 MARKER = "tune.json"
 TRIAL_STORE = re.compile(r"^trial-(\d{5,})\.zarr$")
+TRIAL_LEFTOVER = re.compile(r"^\.trial-(\d{5,})\.zarr\.wals-ooc-")  # a killed trial's build or lock file
 CARVED = ("train.zarr", "validation.zarr")  # a validation split carved by the search
 
 
@@ -85,6 +85,18 @@ def open_storage(place: StudyPlace):
     return storage
 
 
+def check_places(place: StudyPlace) -> None:
+    """Refuse a study file or work directory inside a store (never write into what is not ours)."""
+    from ..store.lifecycle import enclosing_store
+
+    for what, path in (("study", place.db), ("tuning work directory", place.workdir)):
+        outer = enclosing_store(path)
+        if outer is not None:
+            raise PathError(f"the {what} {path} is inside the store {outer}: refusing to write into it (nothing "
+                            "was changed); give a path outside it")
+    check_database(place.db)
+
+
 def check_database(db: str) -> None:
     """Refuse a file that exists and is not an Optuna database: never write into others' data."""
     if not os.path.exists(db):
@@ -130,9 +142,7 @@ def locked_workdir(place: StudyPlace, identity: dict, resume: bool = True) -> It
                 raise PathError(f"{place.workdir} belongs to the study {recorded.get('study')!r} in "
                                 f"{recorded.get('db')}; give another work directory")
             if not resume:
-                for name in os.listdir(place.workdir):
-                    if TRIAL_STORE.match(name) or name in CARVED + (MARKER,):
-                        _remove(os.path.join(place.workdir, name))
+                _start_over(place)
                 recorded = None
             wanted = {"kind": KIND, "db": place.db, "study": place.name, **identity}
             if recorded is None:
@@ -179,20 +189,44 @@ def _check_same(recorded: dict, wanted: dict, place: StudyPlace) -> None:
 
 
 def remove_trial_stores(place: StudyPlace, keep: set[int] = frozenset()) -> None:
-    """Remove every trial store in the work directory except those of trials ``keep``."""
+    """Remove every trial store in the work directory except those of trials ``keep``, with what
+    killed trials left beside them (unfinished builds, lock files), through the door."""
+    from ..store.lifecycle import remove_store
+    from ..train.factors import MODEL_KIND
+
     if not os.path.isdir(place.workdir):
         return
+    numbers = set()
     for name in os.listdir(place.workdir):
-        found = TRIAL_STORE.match(name)
-        if found and int(found.group(1)) not in keep:
-            _remove(os.path.join(place.workdir, name))
+        found = TRIAL_STORE.match(name) or TRIAL_LEFTOVER.match(name)
+        if found:
+            numbers.add(int(found.group(1)))
+    for number in sorted(numbers - set(keep)):
+        with contextlib.suppress(StoreLockedError):  # a live writer (never, under the study's lock)
+            remove_store(place.trial_store(number), MODEL_KIND)
 
 
-def _remove(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.exists(path):
-        os.remove(path)
+def trial_store_complete(location: str) -> bool:
+    """A trial's model that finished training (a killed or pruned trial's store is never trusted)."""
+    from ..train.factors import FactorStore
+
+    try:
+        model = FactorStore.open(location, "r")
+    except Exception:  # absent, unfinished or not a model: not one to hand out
+        return False
+    return bool(model.group.attrs.get("complete")) and model.iterations_done >= model.config.iterations
+
+
+def _start_over(place: StudyPlace) -> None:
+    """Remove the study's trial stores, carved split and marker (through the door)."""
+    from ..store.lifecycle import remove_store
+    from ..store.format import INTERACTIONS_KIND
+
+    remove_trial_stores(place)
+    for name in CARVED:
+        remove_store(os.path.join(place.workdir, name), INTERACTIONS_KIND)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(place.workdir, MARKER))
 
 
 # ---------------------------------------------------------------------------------------------
