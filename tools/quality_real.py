@@ -101,15 +101,18 @@ def to_csr(store):
 def factor_store(location: str, users: np.ndarray, items: np.ndarray, store, settings: dict):
     """implicit's factors in a wals-ooc factor store of ``store``, so one evaluator scores both."""
     from wals_ooc.config import WALSConfig
-    from wals_ooc.train.factors import Checkpoint, FactorStore
+    from wals_ooc.store.lifecycle import output_store
+    from wals_ooc.train.factors import MODEL_FORMAT_VERSION, MODEL_KIND, Checkpoint, FactorStore
 
     config = WALSConfig(factors=users.shape[1], regularization=settings["regularization"], alpha=settings["alpha"],
-                        iterations=ITERATIONS, random_state=0)
-    model = FactorStore.create(location, config, store, seed=0)
-    model.slot("user", 0)[:] = users.astype(np.float32)
-    model.slot("item", 0)[:] = items.astype(np.float32)
-    model.commit(Checkpoint(step=2 * ITERATIONS, slots={"user": 0, "item": 0}), complete=True)
-    return model
+                        confidence="linear", iterations=ITERATIONS, random_state=0)
+    with output_store(location, MODEL_KIND, version=MODEL_FORMAT_VERSION, inputs=[store.location]) as out:
+        model = FactorStore.create(out.group, out.location, config, store, seed=0)
+        model.slot("user", 0)[:] = users.astype(np.float32)  # the tool's small data: whole arrays are fine
+        model.slot("item", 0)[:] = items.astype(np.float32)
+        model.commit(Checkpoint(step=2 * ITERATIONS, slots={"user": 0, "item": 0}), complete=True,
+                     iterations_done=ITERATIONS)
+    return FactorStore.open(location)
 
 
 def score(model_store, train_store, test_store) -> dict:
