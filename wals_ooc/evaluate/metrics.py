@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import dask
 import numpy as np
 
+from ..errors import SettingError
 from ..execute import Executor, single_threaded_blas_in_worker
 from ..kernels.warm import warm_serving_kernels
 from ..memory import MemoryBudget
@@ -113,7 +114,7 @@ def _evaluate_shard(model_location, train_location, test_location, storage_optio
     test = InteractionStore(test_location, storage_options)
     shard = test.rows("user", lo, hi)
     has_rows = np.diff(shard.indptr) > 0
-    users = train.index_of("user", test.ids("user")[lo:hi], missing="mark")
+    users = train.index_of("user", test.ids_of("user", np.arange(lo, hi), as_arrow=True), missing="mark")
     sums = MetricSums()
     known = (users >= 0) & has_rows
     sums.skipped_users = int(((users < 0) & has_rows).sum())
@@ -123,16 +124,19 @@ def _evaluate_shard(model_location, train_location, test_location, storage_optio
     rows = np.flatnonzero(known)
     if not len(rows):
         return sums
-    # held-out items in the model's item numbering, sorted per user; unknown items are dropped and counted
+    # held-out items in the model's item numbering (matched by original id), sorted per user;
+    # unknown items are dropped and counted
     indptr, entries = gather_rows(shard.indptr, shard.indices, rows)
-    items = train.index_of("item", test.ids("item")[entries], missing="mark")
+    test_items = np.unique(entries)
+    in_train = train.index_of("item", test.ids_of("item", test_items, as_arrow=True), missing="mark")
+    items = in_train[np.searchsorted(test_items, entries)]
     owner = np.repeat(np.arange(len(rows)), np.diff(indptr))
     sums.skipped_items = int((items < 0).sum())
     owner, items = owner[items >= 0], items[items >= 0]
     order = np.lexsort((items, owner))
     test_indptr = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=len(rows)))]).astype(np.int64)
     test_csr = (test_indptr, items[order].astype(np.int64))
-    # training items to exclude: the train store's rows of these users (ascending: both id maps are sorted)
+    # training items to exclude: the train store's rows of these users (CSR rows: ascending)
     user_rows = users[rows]
     span = train.rows("user", int(user_rows.min()), int(user_rows.max()) + 1)
     exclude_indptr, exclude_ids = gather_rows(span.indptr, span.indices, user_rows - span.row_start)
@@ -166,7 +170,12 @@ def evaluate(
     user_fraction: evaluate a seeded random share of the test users (None: all of them).
     auc: also compute AUC (it ranks every held-out item among all candidates: the costliest
     metric; a search that does not score by it leaves it out).
+    Test users and items are matched to the model's by their original ids.
     """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise SettingError(f"k must be an integer >= 1, got {k!r}", flags={"k": "-k"})
+    if user_fraction is not None and not 0 < user_fraction <= 1:  # also refuses NaN
+        raise SettingError(f"user_fraction must be in (0, 1], got {user_fraction}", flags={"user_fraction": "--user-fraction"})
     warm_serving_kernels()  # fixed per-process cost: part of the baseline
     budget = MemoryBudget.start(memory_budget)
     executor = Executor.of(executor, client, threads)

@@ -11,7 +11,6 @@ import os
 from typing import Iterator, Sequence
 
 import numpy as np
-import pyarrow as pa
 
 from ..errors import DataMismatchError, SettingError
 from .reader import InteractionStore
@@ -19,9 +18,16 @@ from .sources import RowBatch
 from .writer import ConvertReport, write_store
 
 
+def _batch_ids(store: InteractionStore, side: str, rows: np.ndarray):
+    """Original ids of rows as a RowBatch carries them (int64 NumPy, or Arrow text), read only
+    from the id-map chunks those rows are in."""
+    if store.id_map(side).kind == "int":
+        return store.ids_of(side, rows)
+    return store.ids_of(side, rows, as_arrow=True)
+
+
 def store_row_batches(store: InteractionStore, with_order: bool) -> Iterator[RowBatch]:
     """Every entry of a store as (user id, item id, value[, order]) rows, one user shard at a time."""
-    user_ids, item_ids = store.ids("user"), store.ids("item")
     for lo, hi in store.shard_ranges("user"):
         if hi == lo:
             continue
@@ -29,10 +35,8 @@ def store_row_batches(store: InteractionStore, with_order: bool) -> Iterator[Row
         if not shard.nnz:
             continue
         rows = np.repeat(np.arange(lo, hi), np.diff(shard.indptr))
-        users, items = user_ids[rows], item_ids[shard.indices]
-        if store.id_kind == "str":
-            users, items = pa.array(users.astype(object), pa.string()), pa.array(items.astype(object), pa.string())
-        yield RowBatch(users, items, shard.values, shard.order if with_order else None)
+        yield RowBatch(_batch_ids(store, "user", rows), _batch_ids(store, "item", shard.indices), shard.values,
+                       shard.order if with_order else None)
 
 
 def merge(stores: Sequence[InteractionStore | str | os.PathLike], out: str | os.PathLike,
@@ -45,10 +49,14 @@ def merge(stores: Sequence[InteractionStore | str | os.PathLike], out: str | os.
     opened = [s if isinstance(s, InteractionStore) else InteractionStore(s, storage_options) for s in stores]
     if not opened:
         raise SettingError("merge needs at least one store")
-    kinds = {s.id_kind for s in opened}
-    if len(kinds) > 1:
-        raise DataMismatchError("cannot merge stores of integer ids with stores of string ids: "
-                                + ", ".join(f"{s.location} ({s.id_kind})" for s in opened))
+    id_types = {}
+    for side in ("user", "item"):
+        kinds = {s.id_map(side).kind for s in opened}
+        if len(kinds) > 1:
+            raise DataMismatchError(f"cannot merge stores of integer {side} ids with stores of string {side} ids: "
+                                    + ", ".join(f"{s.location} ({s.id_map(side).kind})" for s in opened))
+        first = opened[0].id_map(side)
+        id_types[side] = "str" if first.kind == "str" else first.id_type
     with_order = all(s.has_order for s in opened)
 
     def batches() -> Iterator[RowBatch]:
@@ -57,6 +65,7 @@ def merge(stores: Sequence[InteractionStore | str | os.PathLike], out: str | os.
 
     store_options.setdefault("row_block", opened[0].row_block)
     store_options.setdefault("inputs", [s.location for s in opened])  # the door refuses to write over one
+    store_options.setdefault("id_type", id_types)
     return write_store(batches(), out, storage_options=storage_options,
                        source_attrs={"merge_of": [s.location for s in opened],
                                      "merged_store_ids": [s.attrs().get("store_id") for s in opened]},
