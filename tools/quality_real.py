@@ -50,13 +50,25 @@ EVAL_EVERY = 3
 # ---------------------------------------------------------------------------------------------
 
 
+def _readable(location: str) -> bool:
+    """A finished store this wals-ooc reads (one of an older format is written again)."""
+    import wals_ooc
+    from wals_ooc.errors import WalsError
+
+    try:
+        wals_ooc.open_store(location)
+        return True
+    except (WalsError, OSError):
+        return False
+
+
 def prepare(name: str, workdir: str):
     """Convert and split a data set once; returns (train path, test path, validation method)."""
     import wals_ooc
 
     full = os.path.join(workdir, f"{name}.zarr")
     train, test = os.path.join(workdir, f"{name}-train.zarr"), os.path.join(workdir, f"{name}-test.zarr")
-    done = all(os.path.exists(os.path.join(p, "zarr.json")) for p in (full, train, test))
+    done = all(_readable(p) for p in (full, train, test))
     if name == "lastfm":
         source = os.path.join(SHARED, "hetrec2011-lastfm-2k", "user_artists.dat")
         convert = dict(user_col="userID", item_col="artistID", value_col="weight", delimiter="\t")
@@ -79,7 +91,7 @@ def carve_validation(train: str, method: str, seed: int, workdir: str, name: str
     import wals_ooc
 
     part, validation = (os.path.join(workdir, f"{name}-s{seed}-{p}.zarr") for p in ("part", "validation"))
-    if not all(os.path.exists(os.path.join(p, "zarr.json")) for p in (part, validation)):
+    if not all(_readable(p) for p in (part, validation)):
         wals_ooc.split(train, part, validation, method=method, test_fraction=0.2, seed=seed, overwrite=True,
                        progress=False)
     return part, validation
@@ -106,7 +118,8 @@ def factor_store(location: str, users: np.ndarray, items: np.ndarray, store, set
 
     config = WALSConfig(factors=users.shape[1], regularization=settings["regularization"], alpha=settings["alpha"],
                         confidence="linear", iterations=ITERATIONS, random_state=0)
-    with output_store(location, MODEL_KIND, version=MODEL_FORMAT_VERSION, inputs=[store.location]) as out:
+    with output_store(location, MODEL_KIND, version=MODEL_FORMAT_VERSION, overwrite=True,
+                      inputs=[store.location]) as out:
         model = FactorStore.create(out.group, out.location, config, store, seed=0)
         model.slot("user", 0)[:] = users.astype(np.float32)  # the tool's small data: whole arrays are fine
         model.slot("item", 0)[:] = items.astype(np.float32)
