@@ -864,7 +864,8 @@ def _arrays(location) -> dict:
             out[name] = np.asarray(node[...]).tolist()
         else:
             out[name + "/.attrs"] = dict(node.attrs)
-    varying = ("store_id", "split_id", "split_of", "split_of_store_id", "interactions", "seconds")
+    varying = ("store_id", "split_id", "split_of", "split_of_store_id", "interactions", "seconds",
+               "model_id")
     attrs = {k: v for k, v in group.attrs.items() if k not in varying}
     attrs["sources"] = {k: v for k, v in (attrs.get("sources") or {}).items() if k not in varying}
     attrs["loss_history"] = [{k: v for k, v in e.items() if "seconds" not in k} for e in attrs.get("loss_history", [])]

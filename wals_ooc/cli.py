@@ -159,15 +159,36 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The WALS settings, defaults from ``WALSConfig`` (the one place they are set)."""
+    from .config import WALSConfig
+
+    d = WALSConfig()
+    p.add_argument("--factors", type=int, default=d.factors, help=f"embedding size (default {d.factors})")
+    p.add_argument("--iterations", type=int, default=d.iterations, help=f"(default {d.iterations})")
+    p.add_argument("--regularization", type=float, default=d.regularization, help=f"lambda (default {d.regularization})")
+    p.add_argument("--alpha", type=float, default=d.alpha, help=f"weight of an observed value (default {d.alpha})")
+    p.add_argument("--alpha0", type=float, default=d.alpha0, help=f"weight of unobserved pairs (default {d.alpha0})")
+    p.add_argument("--confidence", choices=("linear", "log", "constant"), default=d.confidence,
+                   help=f"confidence c = alpha0 + alpha * g(value), g: value, log(1 + value / eps) or 1 (default {d.confidence})")
+    p.add_argument("--eps", type=float, default=d.eps, help=f"scale of the log confidence (default {d.eps})")
+    p.add_argument("--nu", type=float, default=d.nu, help=f"frequency-scaled regularization exponent (default {d.nu})")
+    p.add_argument("--solver", choices=("cg", "cholesky"), default=d.solver, help=f"(default {d.solver})")
+    p.add_argument("--cg-steps", type=int, default=d.cg_steps, help=f"(default {d.cg_steps})")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help=f"(default {d.dtype})")
+
+
+def _model_settings(args) -> dict:
+    return dict(factors=args.factors, regularization=args.regularization, alpha=args.alpha, alpha0=args.alpha0,
+                confidence=args.confidence, eps=args.eps, nu=args.nu, iterations=args.iterations, solver=args.solver,
+                cg_steps=args.cg_steps, dtype=args.dtype)
+
+
 def cmd_train(args) -> int:
     from .model import WALS
 
-    model = WALS(
-        factors=args.factors, regularization=args.regularization, alpha=args.alpha, alpha0=args.alpha0,
-        confidence=args.confidence, nu=args.nu, iterations=args.iterations, solver=args.solver, cg_steps=args.cg_steps,
-        dtype=args.dtype, random_state=args.seed, memory_budget=args.memory_budget, threads=args.threads,
-        compute_loss=not args.no_loss,
-    )
+    model = WALS(**_model_settings(args), random_state=args.seed, memory_budget=args.memory_budget, threads=args.threads,
+                 compute_loss=not args.no_loss)
     started = time.perf_counter()
 
     def report(iteration, seconds, loss):
@@ -185,6 +206,52 @@ def cmd_train(args) -> int:
         "model": model.factors_store.location, "iterations": len(history), "seconds": round(elapsed, 3),
         "final_loss": history[-1]["loss"] if history else None, "peak_rss": peak_rss(),
     }))
+    return 0
+
+
+TUNE_FIXABLE = {"confidence": "confidence", "alpha": "weight", "regularization": "reg", "alpha0": "alpha0", "nu": "nu"}
+
+
+def cmd_tune(args) -> int:
+    from .tuning import SearchSpace, tune
+
+    space = {name: None for setting, name in TUNE_FIXABLE.items() if setting in (args.fix or [])}
+    if "confidence" not in space:
+        space["confidence"] = tuple(args.confidence_forms)
+    for name, lo, hi in args.range or []:
+        space[name] = (lo, hi)
+    if args.search_factors:
+        space["factors"] = tuple(args.search_factors)
+    if args.search_iterations:
+        space["iterations"] = tuple(args.search_iterations)
+    final = args.final_store or args.final
+
+    def report(record):
+        if args.quiet:
+            return
+        value = "-" if record.value is None else f"{record.value:.4f}"
+        print(f"trial {record.number} {record.state}: {args.metric}@{args.k} {value} after {record.iterations_done} "
+              f"iterations, {record.seconds or 0:.1f}s", file=sys.stderr)
+
+    with _client(args) as client:
+        result = tune(
+            args.store, args.validation, n_trials=args.trials, metric=args.metric, k=args.k, space=SearchSpace.of(space),
+            base={**_model_settings(args), "random_state": args.seed}, model=args.model, study=args.study,
+            study_name=args.study_name, workdir=args.workdir, validation_fraction=args.validation_fraction,
+            validation_method=args.validation_method, final=final, merged_store=args.merged_store,
+            keep_best=not args.no_keep_best, prune=not args.no_prune, eval_every=args.eval_every,
+            user_fraction=args.user_fraction, seed=args.seed, timeout=args.timeout, resume=not args.no_resume,
+            client=client, threads=args.threads, memory_budget=args.memory_budget, progress=_progress(args),
+            callback=report,
+        )
+    print(result.table())
+    best = result.best_params
+    flags = " ".join(f"--{k.replace('_', '-')} {v:.6g}" if isinstance(v, float) else f"--{k} {v}" for k, v in best.items())
+    print(f"best: trial {result.best_trial}, {result.metric} {result.best_value:.4f} on the validation store")
+    print(f"  wals-ooc train STORE {flags}")
+    print(json.dumps({"best_params": best, "best_value": result.best_value, "metric": result.metric,
+                      "trials": result.counts(), "study": result.study, "best_model": result.best_model,
+                      "final_model": result.final_model, "seconds": round(result.seconds, 2)}))
     return 0
 
 
@@ -302,16 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common], help="fit WALS on a store; resumes from the last checkpoint")
     p.add_argument("store")
     p.add_argument("--model", default=None, help="factor store (default: <store>-model.zarr)")
-    p.add_argument("--factors", type=int, default=64)
-    p.add_argument("--iterations", type=int, default=15)
-    p.add_argument("--regularization", type=float, default=0.01)
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--alpha0", type=float, default=1.0, help="weight of unobserved pairs")
-    p.add_argument("--confidence", choices=("linear", "log", "constant"), default="linear")
-    p.add_argument("--nu", type=float, default=0.0, help="frequency-scaled regularization exponent")
-    p.add_argument("--solver", choices=("cg", "cholesky"), default="cg")
-    p.add_argument("--cg-steps", type=int, default=3)
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    _model_args(p)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-resume", action="store_true", help="start over even if the model store exists")
     p.add_argument("--no-loss", action="store_true", help="skip the per-iteration loss")
@@ -319,6 +377,51 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_args(p)
     _budget_arg(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", parents=[common], help="search the settings that score best on a validation store (Optuna, resumable)",
+                       description="Search WALS settings with Optuna's TPE sampler, stopping weak trials early; the "
+                                   "study is kept in SQLite (default <model>.tune.db) and resumes where it stopped.")
+    p.add_argument("store", help="training store")
+    p.add_argument("--validation", default=None,
+                   help="validation store (e.g. from `wals-ooc split`); without it one is carved from the training store")
+    p.add_argument("--validation-fraction", type=float, default=0.2, help="share carved for validation (default 0.2)")
+    p.add_argument("--validation-method", choices=("random", "leave_one_out", "leave_last_out", "last_fraction"),
+                   default="random", help="how validation is carved (default random)")
+    p.add_argument("--trials", type=int, default=40, help="the search's total number of trials (default 40)")
+    p.add_argument("--metric", choices=("ndcg", "precision", "recall", "map", "auc"), default="ndcg",
+                   help="what is maximised (default ndcg)")
+    p.add_argument("-k", type=int, default=10, help="cut-off of the metric (default 10)")
+    p.add_argument("--model", default=None, help="the final model (default <store>-model.zarr); the study goes beside it")
+    p.add_argument("--study", default=None, help="SQLite file of the study (default <model>.tune.db)")
+    p.add_argument("--study-name", default=None, help="study name inside the file (default wals-ooc)")
+    p.add_argument("--workdir", default=None, help="where trial models go (default <model>.tune/)")
+    p.add_argument("--final", action="store_true",
+                   help="train --model with the best settings on train + validation (merged out of core)")
+    p.add_argument("--final-store", default=None, help="train --model with the best settings on this store instead")
+    p.add_argument("--merged-store", default=None, help="where --final writes train + validation "
+                                                          "(default <train>+<validation>.zarr)")
+    _model_args(p)
+    p.add_argument("--fix", nargs="+", choices=sorted(TUNE_FIXABLE), default=None,
+                   help="settings not searched: they keep the values given (or their defaults)")
+    p.add_argument("--confidence-forms", nargs="+", choices=("linear", "log", "constant"), default=["linear", "log"],
+                   help="confidence forms searched (default linear log)")
+    p.add_argument("--range", nargs=3, action="append", metavar=("NAME", "LOW", "HIGH"), type=str, default=None,
+                   help="search range of weight, reg, alpha0 or nu (see README: Tuning); repeatable")
+    p.add_argument("--search-factors", nargs=2, type=int, metavar=("LOW", "HIGH"), default=None,
+                   help="also search factors in this range")
+    p.add_argument("--search-iterations", nargs=2, type=int, metavar=("LOW", "HIGH"), default=None,
+                   help="also search iterations in this range")
+    p.add_argument("--no-prune", action="store_true", help="train every trial to the end")
+    p.add_argument("--eval-every", type=int, default=3, help="score trials every N iterations for pruning (default 3)")
+    p.add_argument("--user-fraction", type=float, default=None, help="score a share of the validation users")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler, the factors and a carved split (default 0)")
+    p.add_argument("--timeout", type=float, default=None, help="start no trial after this many seconds")
+    p.add_argument("--no-resume", action="store_true", help="start the study over (its earlier trials are removed)")
+    p.add_argument("--no-keep-best", action="store_true", help="remove the best trial's model too")
+    p.add_argument("-q", "--quiet", action="store_true")
+    cluster_args(p)
+    _budget_arg(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("recommend", parents=[common], help="top-N items for some users, or for all of them into a file")
     p.add_argument("model")

@@ -31,6 +31,9 @@ def _as_store(store: InteractionStore | str | os.PathLike, storage_options: dict
     return store if isinstance(store, InteractionStore) else InteractionStore(store, storage_options)
 
 
+_D = WALSConfig()  # the defaults live in WALSConfig only
+
+
 class WALS:
     """Implicit-feedback ALS (Hu, Koren & Volinsky 2008; Rendle et al. 2022 options) out of core.
 
@@ -40,20 +43,20 @@ class WALS:
 
     def __init__(
         self,
-        factors: int = 64,
-        regularization: float = 0.01,
-        alpha: float = 1.0,
-        alpha0: float = 1.0,
-        confidence: str = "linear",
-        eps: float = 1.0,
-        nu: float = 0.0,
-        iterations: int = 15,
-        solver: str = "cg",
-        cg_steps: int = 3,
-        dtype: str = "float32",
-        random_state: int | None = None,
-        init_scale: float = 0.01,
-        compute_loss: bool = True,
+        factors: int = _D.factors,
+        regularization: float = _D.regularization,
+        alpha: float = _D.alpha,
+        alpha0: float = _D.alpha0,
+        confidence: str = _D.confidence,
+        eps: float = _D.eps,
+        nu: float = _D.nu,
+        iterations: int = _D.iterations,
+        solver: str = _D.solver,
+        cg_steps: int = _D.cg_steps,
+        dtype: str = _D.dtype,
+        random_state: int | None = _D.random_state,
+        init_scale: float = _D.init_scale,
+        compute_loss: bool = _D.compute_loss,
         memory_budget: int | str | None = None,
         threads: int | None = None,
     ):

@@ -54,30 +54,60 @@ class MetricSums:
 
 def ranking_metrics(rec_ids: np.ndarray, test_indptr: np.ndarray, test_ids: np.ndarray, outranked: np.ndarray | None,
                     n_candidates: np.ndarray | None, k: int) -> MetricSums:
-    """Metric sums for a batch of users from their top-K lists and held-out ids (CSR, sorted)."""
+    """Metric sums for a batch of users from their top-K lists and held-out ids (CSR, sorted).
+
+    Vectorised over the batch: each (user, id) pair becomes one integer key, and a top-K entry
+    is a hit when its key is among the held-out keys (binary search in the sorted keys).
+    """
     sums = MetricSums()
+    lengths = np.diff(test_indptr)
+    n = len(lengths)
+    active = lengths > 0
+    if not active.any():
+        return sums
+    top = np.asarray(rec_ids[:n, :k], np.int64)
+    width = int(max(test_ids.max(initial=-1), top.max(initial=-1))) + 2  # -1 padding never matches a key
+    test_keys = np.repeat(np.arange(n, dtype=np.int64), lengths) * width + test_ids
+    top_keys = np.arange(n, dtype=np.int64)[:, None] * width + top
+    at = np.minimum(np.searchsorted(test_keys, top_keys), len(test_keys) - 1)
+    relevant = (test_keys[at] == top_keys) & (top >= 0)
+    hits = relevant.sum(axis=1)
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    for u in range(len(test_indptr) - 1):
-        truth = test_ids[test_indptr[u] : test_indptr[u + 1]]
-        if not len(truth):
-            continue
-        relevant = np.isin(rec_ids[u, :k], truth)
-        hits = int(relevant.sum())
-        sums.users += 1
-        sums.sums["precision"] += hits / k
-        sums.sums["recall"] += hits / len(truth)
-        ideal = discounts[: min(k, len(truth))].sum()
-        sums.sums["ndcg"] += float((relevant * discounts).sum() / ideal)
-        precision_at = np.cumsum(relevant) / np.arange(1, k + 1)
-        sums.sums["map"] += float((precision_at * relevant).sum() / min(k, len(truth)))
-        if outranked is not None:
-            negatives = n_candidates[u]
-            ranks = outranked[test_indptr[u] : test_indptr[u + 1]]
-            sums.sums["auc"] += float(1.0 - (ranks / negatives).mean()) if negatives > 0 else 1.0
+    if relevant.shape[1] < k:  # fewer than K candidates: the missing places are misses
+        relevant = np.pad(relevant, ((0, 0), (0, k - relevant.shape[1])))
+    ideal = np.cumsum(discounts)[np.minimum(k, np.maximum(lengths, 1)) - 1]
+    depth = np.minimum(k, np.maximum(lengths, 1))
+    precision_at = np.cumsum(relevant, axis=1) / np.arange(1, k + 1)
+    per_user = {
+        "precision": hits / k,
+        "recall": hits / np.maximum(lengths, 1),
+        "ndcg": (relevant * discounts).sum(axis=1) / ideal,
+        "map": (precision_at * relevant).sum(axis=1) / depth,
+    }
+    sums.users = int(active.sum())
+    for name, values in per_user.items():
+        sums.sums[name] = float(values[active].sum())
+    if outranked is not None:
+        owner = np.repeat(np.arange(n), lengths)
+        negatives = np.asarray(n_candidates, np.float64)
+        ratio = np.asarray(outranked, np.float64) / np.maximum(negatives[owner], 1)
+        mean_ratio = np.bincount(owner, ratio, minlength=n) / np.maximum(lengths, 1)
+        auc = np.where(negatives > 0, 1.0 - mean_ratio, 1.0)
+        sums.sums["auc"] = float(auc[active].sum())
     return sums
 
 
-def _evaluate_shard(model_location, train_location, test_location, storage_options, lo, hi, k, allowance, max_users_seed):
+def gather_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR (indptr, indices) of the given rows of a CSR, in that order, without a Python loop."""
+    starts = indptr[rows].astype(np.int64)
+    counts = (indptr[np.asarray(rows) + 1] - starts).astype(np.int64)
+    out_indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    take = np.repeat(starts - out_indptr[:-1], counts) + np.arange(out_indptr[-1], dtype=np.int64)
+    return out_indptr, indices[take]
+
+
+def _evaluate_shard(model_location, train_location, test_location, storage_options, lo, hi, k, allowance, max_users_seed,
+                    with_auc=True):
     single_threaded_blas_in_worker()
     model = FactorStore.open(model_location, "r", storage_options)
     train = InteractionStore(train_location, storage_options)
@@ -94,33 +124,27 @@ def _evaluate_shard(model_location, train_location, test_location, storage_optio
     rows = np.flatnonzero(known)
     if not len(rows):
         return sums
-    # held-out items in the model's item numbering; unknown items are dropped and counted
-    test_items = np.unique(shard.indices)
+    # held-out items in the model's item numbering (matched by original id), sorted per user;
+    # unknown items are dropped and counted
+    indptr, entries = gather_rows(shard.indptr, shard.indices, rows)
+    test_items = np.unique(entries)
     in_train = train.index_of("item", test.ids_of("item", test_items, as_arrow=True), missing="mark")
-    train_item_of = in_train[np.searchsorted(test_items, shard.indices)]  # per entry of the shard
-    test_indptr = [0]
-    test_ids = []
-    for r in rows:
-        items = train_item_of[shard.indptr[r] : shard.indptr[r + 1]]
-        sums.skipped_items += int((items < 0).sum())
-        items = np.sort(items[items >= 0])
-        test_ids.append(items)
-        test_indptr.append(test_indptr[-1] + len(items))
-    test_csr = (np.asarray(test_indptr, np.int64), np.concatenate(test_ids).astype(np.int64))
-    # training items to exclude: the train store's rows of these users
+    items = in_train[np.searchsorted(test_items, entries)]
+    owner = np.repeat(np.arange(len(rows)), np.diff(indptr))
+    sums.skipped_items = int((items < 0).sum())
+    owner, items = owner[items >= 0], items[items >= 0]
+    order = np.lexsort((items, owner))
+    test_indptr = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=len(rows)))]).astype(np.int64)
+    test_csr = (test_indptr, items[order].astype(np.int64))
+    # training items to exclude: the train store's rows of these users (CSR rows: ascending)
     user_rows = users[rows]
-    exclude_indptr = [0]
-    exclude_ids = []
     span = train.rows("user", int(user_rows.min()), int(user_rows.max()) + 1)
-    for u in user_rows:
-        local = u - span.row_start
-        ids = span.indices[span.indptr[local] : span.indptr[local + 1]]
-        exclude_ids.append(ids)
-        exclude_indptr.append(exclude_indptr[-1] + len(ids))
-    exclude = (np.asarray(exclude_indptr, np.int64), np.concatenate(exclude_ids).astype(np.int64))
+    exclude_indptr, exclude_ids = gather_rows(span.indptr, span.indices, user_rows - span.row_start)
+    exclude = (exclude_indptr, exclude_ids.astype(np.int64))
     queries = np.asarray(model.current("user").get_orthogonal_selection((user_rows, slice(None))))
     block_rows = score_block_rows(len(rows), queries.shape[1], allowance)
-    rec_ids, _, outranked = top_k(queries, item_source(model, allowance, block_rows), k, exclude=exclude, test=test_csr)
+    rec_ids, _, outranked = top_k(queries, item_source(model, allowance, block_rows), k, exclude=exclude,
+                                  test=test_csr if with_auc else None)
     n_candidates = train.n_items - np.diff(exclude[0]) - np.diff(test_csr[0])
     batch = ranking_metrics(rec_ids, test_csr[0], test_csr[1], outranked, n_candidates, k)
     batch.skipped_users, batch.skipped_items = sums.skipped_users, sums.skipped_items
@@ -139,10 +163,13 @@ def evaluate(
     memory_budget=None,
     storage_options: dict | None = None,
     executor: Executor | None = None,
+    auc: bool = True,
 ) -> dict:
     """precision@k, recall@k, ndcg@k, map@k and AUC of a model on a held-out store.
 
     user_fraction: evaluate a seeded random share of the test users (None: all of them).
+    auc: also compute AUC (it ranks every held-out item among all candidates: the costliest
+    metric; a search that does not score by it leaves it out).
     Test users and items are matched to the model's by their original ids.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -156,7 +183,7 @@ def evaluate(
     sample = None if user_fraction is None else (float(user_fraction), seed)
     tasks = [
         dask.delayed(_evaluate_shard, pure=False)(
-            model.location, train.location, test.location, storage_options, lo, hi, k, allowance, sample,
+            model.location, train.location, test.location, storage_options, lo, hi, k, allowance, sample, auc,
             dask_key_name=f"evaluate-shard{n:05d}",
         )
         for n, (lo, hi) in enumerate(test.shard_ranges("user"))
@@ -166,4 +193,7 @@ def evaluate(
     with executor.single_threaded_blas():
         for part in executor.run(tasks):
             total.add(part)
-    return total.means(k)
+    means = total.means(k)
+    if not auc:
+        del means["auc"]
+    return means

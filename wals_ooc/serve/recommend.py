@@ -45,7 +45,8 @@ def item_source(model: FactorStore, allowance: int, block_rows: int) -> FactorSo
     allowance, else read from Zarr block by block."""
     array = model.current("item")
     if array.nbytes <= allowance // 4:
-        key = (model.location, model.checkpoint.slots["item"], model.checkpoint.step)
+        # the model's id too: a model trained again at the same path must not be served from this cache
+        key = (model.location, model.group.attrs.get("model_id"), model.checkpoint.slots["item"], model.checkpoint.step)
         with _lock:
             if key not in _items_in_memory:
                 _items_in_memory.clear()

@@ -910,11 +910,40 @@ def output_file(target: str | os.PathLike, *, overwrite: bool = False, inputs: S
         lock.release()
 
 
+def enclosing_store(location: str | os.PathLike, storage_options: dict | None = None) -> str | None:
+    """The nearest wals-ooc (or any Zarr) store above ``location``, if any: a path inside a store is
+    no place to write (the door refuses it; callers that make directories check it first)."""
+    return _enclosing_store(_Place(os.fspath(location), storage_options))
+
+
+def remove_store(target: str | os.PathLike, kind: str, *, storage_options: dict | None = None) -> bool:
+    """Delete a wals-ooc store of ``kind`` that is ours to drop (a search's trial model), through
+    the door: under its lock (a live writer of it makes this fail with ``StoreLockedError``), with
+    the leftovers of killed writers of it, and the lock file gone afterwards. Absent is fine
+    (returns False); anything else at ``target`` is refused with ``PathError``."""
+    place = _Place(os.fspath(target), storage_options)
+    lock = _Lock(place)
+    with warnings.catch_warnings():  # a dead writer's lock: expected, the store is going anyway
+        warnings.simplefilter("ignore", StaleLockWarning)
+        lock.acquire()
+    try:
+        _recover(place)
+        state = _inspect(place)
+        if state.what == "absent":
+            return False
+        if state.what == "empty" or (state.what == "store" and state.kind == kind):
+            place.remove(place.path)
+            return True
+        raise PathError(f"{place.text} is not a {kind} store: refusing to delete it (nothing was changed)")
+    finally:
+        lock.release()
+
+
 def check_writable_error(exc: OSError, target: str) -> StorageError:
     """An OSError met while writing ``target`` as the StorageError the user sees."""
     return StorageError(f"{target} was not written: {exc.strerror or exc}", path=target, errno=exc.errno,
                         filename=exc.filename if isinstance(exc.filename, str) else None)
 
 
-__all__ = ["Output", "TargetState", "Transaction", "inspect_target", "output_file", "output_store", "owner_token",
-           "sweep_workspaces"]
+__all__ = ["Output", "TargetState", "Transaction", "enclosing_store", "inspect_target", "output_file", "output_store",
+           "owner_token", "remove_store", "sweep_workspaces"]

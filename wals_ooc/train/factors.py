@@ -27,6 +27,7 @@ redoes that half-sweep from the same inputs and ends equal to an uninterrupted r
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +163,7 @@ class FactorStore:
                 "format_version": MODEL_FORMAT_VERSION,
                 "config": config.to_dict(),
                 "seed": int(seed),
+                "model_id": uuid.uuid4().hex,  # tells apart models written at the same path in turn
                 "interactions": interactions_identity(interactions),
                 "n_users": interactions.n_users,
                 "n_items": interactions.n_items,
