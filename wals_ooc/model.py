@@ -18,6 +18,8 @@ from .evaluate.metrics import evaluate as evaluate_model
 from .kernels.warm import warm_serving_kernels
 from .memory import MemoryBudget, to_bytes
 from .serve.fold_in import fold_in, merge_entries
+from .serve.ids import original_ids
+from .serve.liked import liked_csr
 from .serve.recommend import item_source, recommend_all as recommend_all_shards, score_block_rows
 from .serve.scoring import FactorSource, top_k
 from .store.reader import InteractionStore
@@ -138,13 +140,7 @@ class WALS:
 
     def _liked(self, side: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """CSR (indptr, sorted ids) of the stored entries of the given rows."""
-        store = self._trained()[0]
-        indptr, ids = [0], []
-        for row in rows:  # row -1: unknown to the store, nothing to exclude
-            found = store.rows(side, int(row), int(row) + 1).indices if row >= 0 else np.zeros(0, np.int32)
-            ids.append(found.astype(np.int64))
-            indptr.append(indptr[-1] + len(found))
-        return np.asarray(indptr, np.int64), (np.concatenate(ids) if ids else np.zeros(0, np.int64))
+        return liked_csr(self._trained()[0], side, rows)
 
     def recommend(
         self,
@@ -172,7 +168,7 @@ class WALS:
         allowance = self._allowance()
         source = item_source(model, allowance, score_block_rows(len(queries), queries.shape[1], allowance))
         ids, scores, _ = top_k(queries, source, N, exclude=exclude, candidates=candidates)
-        return _original_ids(store.ids("item"), ids), scores
+        return original_ids(store, "item", ids), scores
 
     def recommend_all(self, N: int = 10, output: str | os.PathLike | None = None, filter_already_liked: bool = True,
                       format: str = "zarr", client=None, overwrite: bool = False) -> str:
@@ -191,7 +187,7 @@ class WALS:
         queries = source.rows(rows)
         exclude = (np.arange(len(rows) + 1, dtype=np.int64), rows.astype(np.int64)) if filter_self else None
         ids_out, scores, _ = top_k(queries, source, N, exclude=exclude)
-        return _original_ids(store.ids(side), ids_out), scores
+        return original_ids(store, side, ids_out), scores
 
     def similar_items(self, item_ids: Any, N: int = 10, filter_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The N items most similar (cosine of factors) to each given item; itself first unless filtered."""
@@ -237,11 +233,6 @@ def _rows_of(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, np.int64)
     unique, inverse = np.unique(rows, return_inverse=True)
     return np.asarray(array.get_orthogonal_selection((unique, slice(None))))[inverse]
-
-
-def _original_ids(id_map: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    missing = -1 if np.issubdtype(id_map.dtype, np.integer) else ""
-    return np.where(rows >= 0, id_map[np.maximum(rows, 0)], missing)
 
 
 def _pairs(interactions: Any) -> tuple[np.ndarray, np.ndarray]:
