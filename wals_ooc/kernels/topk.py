@@ -136,6 +136,40 @@ def topk_update(scores, col_ids, exclude_indptr, exclude_indices, exclude_cursor
 
 
 @njit(**_JIT)
+def select_candidates(cand_ids, cand_scores, rows, exclude_indptr, exclude_ids, heap_scores, heap_ids):
+    """Fold candidate lists (e.g. from an approximate index) into the heaps of queries ``rows``,
+    dropping excluded ids exactly.
+
+    cand_ids: (len(rows), m) int64 ids in any order, -1 for none; cand_scores: (len(rows), m)
+    float32 exact scores; exclude_indptr/exclude_ids: CSR of sorted ids to drop per query.
+    Returns (len(rows),) int64: how many candidates of each query survived the exclusion.
+    """
+    m = cand_ids.shape[1]
+    k = heap_scores.shape[1]
+    kept = np.zeros(len(rows), np.int64)
+    for r in range(len(rows)):
+        q = rows[r]
+        lo, hi = exclude_indptr[q], exclude_indptr[q + 1]
+        hs = heap_scores[q]
+        hid = heap_ids[q]
+        for j in range(m):
+            cid = cand_ids[r, j]
+            if cid < 0:
+                continue
+            if hi > lo:
+                at = lo + np.searchsorted(exclude_ids[lo:hi], cid)
+                if at < hi and exclude_ids[at] == cid:
+                    continue
+            kept[r] += 1
+            s = cand_scores[r, j]
+            if _less(hs[0], hid[0], s, cid):
+                hs[0] = s
+                hid[0] = cid
+                _sift_down(hs, hid, k)
+    return kept
+
+
+@njit(**_JIT)
 def keys_of(exclude_indptr, exclude_ids, key_of_id):
     """The excluded ids renumbered through ``key_of_id`` (e.g. item id -> position in norm
     order), sorted within each query: the CSR ``mask_columns`` takes for tiles in that order."""

@@ -1,0 +1,397 @@
+"""An approximate-nearest-neighbour index over one side's factors (faiss), built out of core.
+
+Two metrics, each reduced to a Euclidean search over transformed vectors:
+
+- ``inner_product`` (recommend: users' vectors against item factors): an item ``x`` is stored as
+  ``[x, sqrt(M^2 - |x|^2)]`` with ``M`` the largest item norm and a query ``q`` searched as
+  ``[q, 0]``; then ``|q' - x'|^2 = |q|^2 + M^2 - 2 q.x``, so the nearest are those of largest
+  inner product (Bachrach et al. 2014), and graph or cluster indexes built for distances work;
+- ``cosine`` (similar items or users): rows are normalized.
+
+Candidates are re-scored exactly (``q . x`` from the stored vectors) before they are ranked, so
+a returned score is the exact one; only which items are candidates is approximate.
+
+The index is built by streaming the factor store block by block (one pass for the norms and, for
+IVF, a sample to train the coarse quantizer; one pass to add), so only the index itself and one
+block are ever in memory; its size is estimated first and checked against the budget. It is
+saved as a directory (``index.faiss`` and ``_wals_ooc.json``), by default beside the model, and
+records the model checkpoint it was built from: opening it for another checkpoint (or another
+model at the same path) is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataMismatchError, MemoryBudgetError, PathError, SettingError, StoreError
+from ..memory import MemoryBudget, format_bytes
+from ..outputs import building, is_local, read_marker
+
+INDEX_KIND = "wals-ooc/ann-index"
+INDEX_FORMAT_VERSION = 1
+INDEX_FILE = "index.faiss"
+METRICS = ("inner_product", "cosine")
+KINDS = ("hnsw", "ivf")
+SIDES = ("user", "item")
+BUILD_BLOCK = 1 << 16  # factor rows read and added at once
+
+
+@dataclass
+class IndexSettings:
+    """How the index is built and searched.
+
+    kind: "hnsw" (graph; best recall per query time, slower to build) or "ivf" (inverted lists
+    over k-means cells; fast to build). hnsw_m: graph neighbours per node; ef_construction:
+    candidate list while building; ef_search: candidate list while searching (recall vs speed).
+    nlist: IVF cells (default 4 sqrt(n)); nprobe: cells searched per query.
+    max_fetch: most candidates fetched per query to make up for filtered (already liked) items;
+    a query left with fewer than N after filtering is answered exactly.
+    """
+
+    kind: str = "hnsw"
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 64
+    nlist: int | None = None
+    nprobe: int = 32
+    max_fetch: int = 1024
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise SettingError(f"index kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe", "max_fetch"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise SettingError(f"index setting {name} must be a positive integer, got {value!r}")
+        if self.nlist is not None and (not isinstance(self.nlist, (int, np.integer)) or self.nlist < 1):
+            raise SettingError(f"index setting nlist must be a positive integer, got {self.nlist!r}")
+
+    def cells(self, n_rows: int) -> int:
+        return int(self.nlist or max(1, min(n_rows // 39, int(4 * np.sqrt(n_rows)))))
+
+
+def default_index_location(model_location: str, side: str, metric: str) -> str:
+    """``model.zarr`` -> ``model-item-inner_product.ann`` beside it."""
+    if not is_local(model_location):
+        raise PathError(f"the model {model_location} is not on a local disk: give the index a local path (output=/--output)")
+    base = model_location.removeprefix("file://").rstrip("/")
+    base = base[: -len(".zarr")] if base.endswith(".zarr") else base
+    return f"{base}-{side}-{metric}.ann"
+
+
+def default_metric(side: str) -> str:
+    """Items are indexed for recommendation (inner product), users for similarity (cosine)."""
+    return "inner_product" if side == "item" else "cosine"
+
+
+def model_binding(model, side: str) -> dict[str, Any]:
+    """What identifies the factors an index is built from: the model's location and identity,
+    its checkpoint, and a fingerprint of some of the side's current factor rows."""
+    checkpoint = model.checkpoint
+    if checkpoint is None:
+        raise StoreError(f"{model.location} has no trained factors yet")
+    array = model.current(side)
+    attrs = model.group.attrs
+    return {
+        "model": os.path.abspath(model.location) if is_local(model.location) else model.location,
+        "model_id": attrs.get("model_id") or attrs.get("store_id"),
+        "step": checkpoint.step,
+        "slot": checkpoint.slots[side],
+        "shape": [int(s) for s in array.shape],
+        "fingerprint": factor_fingerprint(array),
+    }
+
+
+def factor_fingerprint(array) -> str:
+    """SHA-1 of four factor rows (first, last, two between): differs between trainings."""
+    n = int(array.shape[0])
+    rows = np.unique(np.array([0, n // 3, (2 * n) // 3, n - 1], np.int64).clip(0, max(0, n - 1)))
+    sample = np.ascontiguousarray(np.asarray(array.get_orthogonal_selection((rows, slice(None)))))
+    return hashlib.sha1(sample.tobytes() + str(array.shape).encode()).hexdigest()
+
+
+def estimated_bytes(kind: str, n_rows: int, dims: int, settings: IndexSettings) -> int:
+    """Memory an index of this shape holds (vectors, graph links or list ids, with overheads)."""
+    vectors = 4 * n_rows * dims
+    if kind == "hnsw":
+        links = n_rows * (2 * settings.hnsw_m * 4) * 1.1 + 24 * n_rows  # level 0 + upper levels, offsets
+        return int(1.05 * (vectors + links))
+    cells = settings.cells(n_rows)
+    return int(1.05 * (vectors + 16 * n_rows + 4 * cells * dims))  # + ids and the direct map
+
+
+class AnnIndex:
+    """A saved ANN index over one side's factors, bound to the model checkpoint it was built from."""
+
+    def __init__(self, location: str, meta: dict, faiss_index):
+        self.location = location
+        self.meta = meta
+        self.index = faiss_index
+        self.settings = IndexSettings(**meta["settings"])
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def side(self) -> str:
+        return self.meta["side"]
+
+    @property
+    def metric(self) -> str:
+        return self.meta["metric"]
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.meta["binding"]["shape"][0])
+
+    @property
+    def factors(self) -> int:
+        return int(self.meta["binding"]["shape"][1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.meta["bytes"])
+
+    def describe(self) -> str:
+        s = self.settings
+        how = (f"hnsw M={s.hnsw_m} ef_construction={s.ef_construction} ef_search={s.ef_search}" if s.kind == "hnsw"
+               else f"ivf nlist={self.meta['nlist']} nprobe={s.nprobe}")
+        return (f"{self.location}: {self.side} factors ({self.n_rows} x {self.factors}), {self.metric}, {how}, "
+                f"{format_bytes(self.nbytes)}, model step {self.meta['binding']['step']}")
+
+    # -- building --------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        model,
+        location: str | None = None,
+        side: str = "item",
+        metric: str | None = None,
+        settings: IndexSettings | None = None,
+        memory_budget=None,
+        threads: int | None = None,
+        overwrite: bool = False,
+        progress=None,
+    ) -> AnnIndex:
+        """Build the index of ``model``'s current ``side`` factors and save it at ``location``
+        (default: beside the model)."""
+        import faiss
+
+        if side not in SIDES:
+            raise SettingError(f"side must be user or item, got {side!r}")
+        metric = metric or default_metric(side)
+        if metric not in METRICS:
+            raise SettingError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        settings = settings or IndexSettings()
+        settings.validate()
+        location = os.fspath(location) if location is not None else default_index_location(model.location, side, metric)
+        if not is_local(location):
+            raise PathError(f"an index is saved on a local disk; {location} is not local")
+        budget = MemoryBudget.start(memory_budget)
+        binding = model_binding(model, side)
+        array = model.current(side)
+        n, f = int(array.shape[0]), int(array.shape[1])
+        dims = f + 1 if metric == "inner_product" else f
+        needed = estimated_bytes(settings.kind, n, dims, settings) + 2 * BUILD_BLOCK * dims * 4
+        if settings.kind == "ivf":
+            needed += _sample_size(n, settings.cells(n)) * dims * 4
+        if needed > budget.allowance:
+            raise MemoryBudgetError(
+                f"an {settings.kind} index of {n} x {dims} needs about {format_bytes(needed)}, over the "
+                f"{format_bytes(budget.allowance)} the memory budget leaves: raise memory_budget"
+                + (" or lower hnsw_m" if settings.kind == "hnsw" else "")
+            )
+        threads = threads or os.cpu_count() or 1
+        previous = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(threads)
+        try:
+            max_norm, sample = _first_pass(array, metric, settings, n)
+            index = _new_index(faiss, settings, dims, n)
+            if settings.kind == "ivf":
+                index.train(sample)
+            del sample
+            for lo in range(0, n, BUILD_BLOCK):
+                index.add(_transform_rows(np.asarray(array[lo : lo + BUILD_BLOCK]), metric, max_norm))
+                if progress is not None:
+                    progress(min(n, lo + BUILD_BLOCK), n)
+            if settings.kind == "ivf":
+                index.make_direct_map()
+        finally:
+            faiss.omp_set_num_threads(previous)
+        meta = {
+            "format_version": INDEX_FORMAT_VERSION, "side": side, "metric": metric, "settings": asdict(settings),
+            "binding": binding, "max_norm": max_norm, "dims": dims, "bytes": estimated_bytes(settings.kind, n, dims, settings),
+            "nlist": settings.cells(n) if settings.kind == "ivf" else None,
+        }
+        with building(location, INDEX_KIND, overwrite, inputs=[model.location], marker={"meta": meta}) as build:
+            faiss.write_index(index, os.path.join(build, INDEX_FILE))
+        return cls(location, meta, index)
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, location: str, model=None, ef_search: int | None = None, nprobe: int | None = None,
+             memory_budget=None) -> AnnIndex:
+        """Open a saved index; with ``model``, refuse it unless it was built from the model's
+        current checkpoint. ``ef_search``/``nprobe`` override the saved search settings."""
+        import faiss
+
+        location = os.fspath(location)
+        marker = read_marker(location)
+        if marker.get("kind") != INDEX_KIND or not marker.get("complete"):
+            if not os.path.exists(location):
+                raise StoreError(f"no index at {location}: build one with `wals-ooc index MODEL` (model.build_index())")
+            raise StoreError(f"{location} is not a finished wals-ooc index")
+        meta = marker["meta"]
+        if meta.get("format_version") != INDEX_FORMAT_VERSION:
+            raise StoreError(f"{location} has index format version {meta.get('format_version')}, this wals-ooc reads {INDEX_FORMAT_VERSION}")
+        if model is not None:
+            check_binding(location, meta, model)
+        if memory_budget is not None:
+            budget = MemoryBudget.start(memory_budget)
+            if meta["bytes"] > budget.allowance:
+                raise MemoryBudgetError(f"the index {location} takes about {format_bytes(meta['bytes'])}, over the "
+                                        f"{format_bytes(budget.allowance)} the memory budget leaves")
+        index = faiss.read_index(os.path.join(location, INDEX_FILE))
+        if meta["settings"]["kind"] == "ivf":
+            index.make_direct_map()
+        opened = cls(location, meta, index)
+        if ef_search is not None:
+            opened.settings.ef_search = int(ef_search)
+        if nprobe is not None:
+            opened.settings.nprobe = int(nprobe)
+        opened.settings.validate()
+        return opened
+
+    # -- searching -------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-``k`` candidate rows of each query: (ids (n, k) int64, -1 when fewer
+        were found; their exact scores (n, k) float32), in the index's order (rank them with
+        ``kernels.topk.select_candidates``). Scores are inner products for ``inner_product`` and
+        cosines for ``cosine``."""
+        import faiss
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = int(min(k, self.n_rows))
+        if self.metric == "cosine":
+            norms = np.linalg.norm(queries, axis=1, keepdims=True)
+            queries = queries / np.where(norms == 0, 1, norms)
+        searched = np.hstack([queries, np.zeros((len(queries), 1), np.float32)]) if self.metric == "inner_product" else queries
+        searched = np.ascontiguousarray(searched, dtype=np.float32)
+        if self.settings.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=max(self.settings.ef_search, k))
+        else:
+            params = faiss.SearchParametersIVF(nprobe=min(self.settings.nprobe, int(self.meta["nlist"])))
+        with _omp_threads(faiss, threads):
+            _, ids = self.index.search(searched, k, params=params)
+        ids = ids.astype(np.int64)
+        return ids, self.exact_scores(queries, ids)
+
+    def exact_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact scores (float32) of (query, id) pairs from the vectors the index stores (the
+        query normalized for cosine, as ``search`` does); -inf where the id is -1."""
+        valid = ids >= 0
+        scores = np.full(ids.shape, -np.inf, np.float32)
+        if valid.any():
+            vectors = self.index.reconstruct_batch(ids[valid])[:, : queries.shape[1]]
+            owner = np.nonzero(valid)[0]
+            scores[valid] = np.einsum("ij,ij->i", queries[owner], vectors)
+        return scores
+
+
+def check_binding(location: str, meta: dict, model) -> None:
+    """Refuse an index that was not built from ``model``'s current factors of its side."""
+    side = meta["side"]
+    built = meta["binding"]
+    checkpoint = model.checkpoint
+    if checkpoint is None:
+        raise StoreError(f"{model.location} has no trained factors yet")
+    where = os.path.abspath(model.location) if is_local(model.location) else model.location
+    now = {"model": where, "step": checkpoint.step, "slot": checkpoint.slots[side],
+           "shape": [int(s) for s in model.current(side).shape]}
+    for key, value in now.items():
+        if built.get(key) != value:
+            raise DataMismatchError(
+                f"the index {location} was built from {built.get('model')} at step {built.get('step')} "
+                f"({key}: {built.get(key)} vs {value} now): rebuild it with `wals-ooc index {model.location}`"
+            )
+    fingerprint = factor_fingerprint(model.current(side))
+    if built.get("fingerprint") != fingerprint:
+        raise DataMismatchError(
+            f"the index {location} was built from other {side} factors than {model.location} holds now "
+            f"(the model was retrained): rebuild it with `wals-ooc index {model.location}`"
+        )
+
+
+class _omp_threads:
+    """faiss's OpenMP thread count for a block (restored after)."""
+
+    def __init__(self, faiss, threads: int):
+        self.faiss, self.threads = faiss, max(1, int(threads))
+
+    def __enter__(self):
+        self.previous = self.faiss.omp_get_max_threads()
+        if self.previous != self.threads:
+            self.faiss.omp_set_num_threads(self.threads)
+
+    def __exit__(self, *exc):
+        if self.previous != self.threads:
+            self.faiss.omp_set_num_threads(self.previous)
+
+
+def _sample_size(n: int, cells: int) -> int:
+    return int(min(n, max(50 * cells, 10_000), 256 * cells))
+
+
+def _first_pass(array, metric: str, settings: IndexSettings, n: int) -> tuple[float, np.ndarray | None]:
+    """Largest row norm, and (IVF) an evenly spaced training sample of transformed rows."""
+    max_norm = 0.0
+    take = _sample_size(n, settings.cells(n)) if settings.kind == "ivf" else 0
+    picks = np.unique(np.linspace(0, n - 1, take).astype(np.int64)) if take else np.zeros(0, np.int64)
+    raw_sample = []
+    for lo in range(0, n, BUILD_BLOCK):
+        block = np.asarray(array[lo : lo + BUILD_BLOCK], dtype=np.float32)
+        if len(block):
+            max_norm = max(max_norm, float(np.sqrt(np.einsum("ij,ij->i", block, block).max())))
+        chosen = picks[(picks >= lo) & (picks < lo + len(block))] - lo
+        if len(chosen):
+            raw_sample.append(block[chosen])
+    if not take:
+        return max_norm, None
+    return max_norm, _transform_rows(np.concatenate(raw_sample), metric, max_norm)
+
+
+def _transform_rows(block: np.ndarray, metric: str, max_norm: float) -> np.ndarray:
+    """Rows as the index stores them: normalized (cosine) or with the norm-completing coordinate."""
+    block = np.asarray(block, dtype=np.float32)
+    squared = np.einsum("ij,ij->i", block, block, dtype=np.float64)
+    if metric == "cosine":
+        norms = np.sqrt(squared)[:, None]
+        return np.ascontiguousarray(block / np.where(norms == 0, 1, norms), dtype=np.float32)
+    extra = np.sqrt(np.maximum(0.0, max_norm * max_norm - squared)).astype(np.float32)[:, None]
+    return np.ascontiguousarray(np.hstack([block, extra]), dtype=np.float32)
+
+
+def _new_index(faiss, settings: IndexSettings, dims: int, n: int):
+    if settings.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dims, settings.hnsw_m, faiss.METRIC_L2)
+        index.hnsw.efConstruction = settings.ef_construction
+        index.hnsw.efSearch = settings.ef_search
+        return index
+    quantizer = faiss.IndexFlatL2(dims)
+    index = faiss.IndexIVFFlat(quantizer, dims, settings.cells(n), faiss.METRIC_L2)
+    index.nprobe = settings.nprobe
+    index.own_fields = True
+    index._quantizer = quantizer  # keep the Python object alive with the index
+    return index
+
+
+def open_or_none(location: str) -> dict | None:
+    """The metadata of a finished index at ``location``, or None."""
+    marker = read_marker(location)
+    return marker.get("meta") if marker.get("kind") == INDEX_KIND and marker.get("complete") else None
+
+
+__all__ = ["AnnIndex", "IndexSettings", "default_index_location", "default_metric"]
