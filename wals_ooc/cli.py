@@ -12,11 +12,17 @@ import time
 
 import numpy as np
 
+from .errors import SettingError
 from .memory import format_bytes, peak_rss
 
 
 def _budget_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-budget", default=None, help="cap on peak RSS, e.g. 4GB (default: half the RAM)")
+
+
+def _interactions_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--interactions", default=None, metavar="PATH",
+                        help="the interaction store the model was trained on, if it has moved (checked by its id)")
 
 
 def _progress(args) -> bool | None:
@@ -67,8 +73,22 @@ def cmd_convert(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from .errors import PathError, StoreNotFoundError
+    from .store.lifecycle import inspect_target
     from .store.reader import open_store
 
+    state = inspect_target(args.store)
+    if state.what in ("absent", "empty"):
+        raise StoreNotFoundError(f"{args.store}: no such store")
+    if state.what != "store":
+        raise PathError(f"{args.store} is not a wals-ooc store")
+    if state.kind == "wals-ooc/model":
+        return _model_info(args.store)
+    if state.kind != "wals-ooc/interactions":
+        print(f"store       {args.store}")
+        print(f"kind        {state.kind} (format version {state.attrs.get('format_version')}, "
+              f"{'complete' if state.attrs.get('complete') else 'incomplete'})")
+        return 0
     store = open_store(args.store)
     print(f"store       {store.location}")
     print(f"shape       {store.n_users} users x {store.n_items} items")
@@ -82,6 +102,34 @@ def cmd_info(args) -> int:
         ids = store.ids(side)
         listed = ", ".join(f"{ids[row]} ({count})" for row, count in counts)
         print(f"top {side}s  {listed}")
+    return 0
+
+
+def _model_info(location: str) -> int:
+    """What a model store holds: settings, training progress, and the data it is bound to."""
+    from .store.reader import open_store
+    from .train.factors import FactorStore, check_interactions_match
+
+    model = FactorStore.open(location)
+    attrs = model.group.attrs
+    config = model.config
+    print(f"model        {location}")
+    print(f"status       {model.status()}")
+    print(f"shape        {attrs['n_users']} users x {attrs['n_items']} items, {config.factors} factors ({config.dtype})")
+    print("config       " + " ".join(f"{k}={v}" for k, v in config.to_dict().items()))
+    binding = model.binding
+    try:
+        store = open_store(binding.get("location"))
+        check_interactions_match(model, store, resuming=False)
+        found = "found, same store"
+    except Exception as exc:  # the model is still described; say why the data is not usable
+        found = f"NOT usable: {exc}"
+    print(f"interactions {binding.get('location')} (store_id {binding.get('store_id')}, nnz {binding.get('nnz')}): {found}")
+    history = model.loss_history
+    if history:
+        last = history[-1]
+        loss = "n/a" if last.get("loss") is None else f"{last['loss']:.6g}"
+        print(f"loss         {loss} after iteration {last['iteration'] + 1}")
     return 0
 
 
@@ -107,7 +155,7 @@ def cmd_generate(args) -> int:
         print(write_synthetic_store(spec, args.output, overwrite=args.overwrite, memory_budget=args.memory_budget,
                                     progress=_progress(args)).summary())
     else:
-        rows = write_csv(spec, args.output, compress=args.output.endswith(".gz"))
+        rows = write_csv(spec, args.output, compress=args.output.endswith(".gz"), overwrite=args.overwrite)
         print(f"wrote {rows} rows to {args.output} ({format_bytes(os.path.getsize(args.output))})")
     return 0
 
@@ -144,15 +192,15 @@ def cmd_train(args) -> int:
 def cmd_recommend(args) -> int:
     from .model import load
 
-    model = load(args.model, memory_budget=args.memory_budget, threads=args.threads)
+    model = load(args.model, interactions=args.interactions, memory_budget=args.memory_budget, threads=args.threads)
     if args.all:
         with _client(args) as client:
             out = model.recommend_all(N=args.n, output=args.output, filter_already_liked=not args.no_filter,
                                       format=args.format, client=client, overwrite=args.overwrite)
-        print(f"wrote top-{args.n} recommendations of {model.interactions.n_users} users to {out}")
+        print(f"wrote top-{args.n} recommendations of {model.factors_store.group.attrs['n_users']} users to {out}")
         return 0
     if not args.users:
-        raise ValueError("give --users ID... or --all")
+        raise SettingError("give --users ID... or --all")
     users = _ids(args.users)
     ids, scores = model.recommend(users, N=args.n, filter_already_liked=not args.no_filter)
     for user, row_ids, row_scores in zip(users, ids, scores):
@@ -164,7 +212,7 @@ def cmd_recommend(args) -> int:
 def cmd_similar(args) -> int:
     from .model import load
 
-    model = load(args.model, memory_budget=args.memory_budget)
+    model = load(args.model, interactions=args.interactions, memory_budget=args.memory_budget)
     side = "user" if args.users else "item"
     ids_in = _ids(args.users or args.items)
     method = model.similar_users if side == "user" else model.similar_items
@@ -191,7 +239,7 @@ def cmd_split(args) -> int:
 def cmd_evaluate(args) -> int:
     from .model import load
 
-    model = load(args.model, memory_budget=args.memory_budget, threads=args.threads)
+    model = load(args.model, interactions=args.interactions, memory_budget=args.memory_budget, threads=args.threads)
     with _client(args) as client:
         metrics = model.evaluate(args.test, k=args.k, user_fraction=args.user_fraction, seed=args.seed, client=client)
     print(json.dumps(metrics))
@@ -200,10 +248,12 @@ def cmd_evaluate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wals-ooc", description="Out-of-core implicit ALS: convert, train, recommend, evaluate.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log plans and progress details")
+    _verbose_arg(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _verbose_arg(common)  # -v also after the command
 
-    p = sub.add_parser("convert", help="CSV/Parquet (user, item, value) rows -> interaction store")
+    p = sub.add_parser("convert", parents=[common], help="CSV/Parquet (user, item, value) rows -> interaction store")
     p.add_argument("inputs", nargs="+", help="input files (.csv, .csv.gz, .tsv, .parquet)")
     p.add_argument("store", help="output store (a directory, or an fsspec URL)")
     p.add_argument("--user-col", default="0", help="user column name or 0-based position (default 0)")
@@ -225,12 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     _budget_arg(p)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("info", help="shape, nnz, shards, density and the top users/items of a store")
+    p = sub.add_parser("info", parents=[common], help="shape, nnz, shards, density and the top users/items of a store")
     p.add_argument("store")
     p.add_argument("--top", type=int, default=5)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("generate", help="synthetic power-law log: CSV (.csv/.csv.gz) or a store (.zarr)")
+    p = sub.add_parser("generate", parents=[common], help="synthetic power-law log: CSV (.csv/.csv.gz) or a store (.zarr)")
     p.add_argument("output")
     p.add_argument("--users", type=int, default=10_000)
     p.add_argument("--items", type=int, default=5_000)
@@ -247,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--workers", type=int, default=None, help="start a LocalCluster of this many worker processes")
         q.add_argument("--threads-per-worker", type=int, default=1)
 
-    p = sub.add_parser("train", help="fit WALS on a store; resumes from the last checkpoint")
+    p = sub.add_parser("train", parents=[common], help="fit WALS on a store; resumes from the last checkpoint")
     p.add_argument("store")
     p.add_argument("--model", default=None, help="factor store (default: <store>-model.zarr)")
     p.add_argument("--factors", type=int, default=64)
@@ -268,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     _budget_arg(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("recommend", help="top-N items for some users, or for all of them into a file")
+    p = sub.add_parser("recommend", parents=[common], help="top-N items for some users, or for all of them into a file")
     p.add_argument("model")
     p.add_argument("--users", nargs="*", default=None)
     p.add_argument("--all", action="store_true", help="every user, streamed to --output")
@@ -276,22 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("zarr", "parquet"), default="zarr")
     p.add_argument("-n", type=int, default=10)
     p.add_argument("--no-filter", action="store_true", help="keep already-liked items")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output (once the new one is complete)")
+    _interactions_arg(p)
     cluster_args(p)
     _budget_arg(p)
     p.set_defaults(func=cmd_recommend)
 
-    p = sub.add_parser("similar", help="most similar items (or users) by cosine of factors")
+    p = sub.add_parser("similar", parents=[common], help="most similar items (or users) by cosine of factors")
     p.add_argument("model")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--items", nargs="+")
     group.add_argument("--users", nargs="+")
     p.add_argument("-n", type=int, default=10)
     p.add_argument("--filter-self", action="store_true")
+    _interactions_arg(p)
     _budget_arg(p)
     p.set_defaults(func=cmd_similar)
 
-    p = sub.add_parser("split", help="per-user train/test split of a store")
+    p = sub.add_parser("split", parents=[common], help="per-user train/test split of a store")
     p.add_argument("store")
     p.add_argument("train")
     p.add_argument("test")
@@ -306,31 +358,82 @@ def build_parser() -> argparse.ArgumentParser:
     _budget_arg(p)
     p.set_defaults(func=cmd_split)
 
-    p = sub.add_parser("evaluate", help="precision, recall, ndcg, MAP at k and AUC on a test store")
+    p = sub.add_parser("evaluate", parents=[common], help="precision, recall, ndcg, MAP at k and AUC on a test store")
     p.add_argument("model")
     p.add_argument("test")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--user-fraction", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    _interactions_arg(p)
     cluster_args(p)
     _budget_arg(p)
     p.set_defaults(func=cmd_evaluate)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    from .memory import MemoryBudgetError
-    from .store.format import StoreError
-    from .store.sources import InputError
+def _verbose_arg(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="log plans and progress details; show tracebacks")
 
+
+def _show_warning(command: str):
+    """Warnings of wals-ooc as one line each: ``wals-ooc CMD: warning: ...``."""
+    import warnings
+
+    from .errors import WalsWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, WalsWarning):
+            print(f"wals-ooc {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user-caused failure prints one line, ``wals-ooc CMD: error: ...``,
+    and exits 2 (1 for a failure of the system, 130 when interrupted); ``-v`` shows tracebacks."""
+    import warnings
+
+    from .errors import WalsError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    warnings.showwarning = _show_warning(args.command)
+    prefix = f"wals-ooc {args.command}: error:"
     try:
         return args.func(args)
-    except (InputError, StoreError, MemoryBudgetError, ValueError, KeyError, FileExistsError, FileNotFoundError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"wals-ooc {args.command}: error: {message}", file=sys.stderr)
+    except WalsError as exc:
+        if verbose:
+            raise
+        print(f"{prefix} {exc.cli_message()}", file=sys.stderr)
         return 2
+    except (ValueError, KeyError) as exc:  # argument checks of the API that predate errors.py
+        if verbose:
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"{prefix} {message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if verbose:
+            raise
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"{prefix} {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"wals-ooc {args.command}: interrupted (existing stores are unchanged)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug in wals-ooc: one line by default, the traceback with -v
+        if verbose:
+            raise
+        print(f"{prefix} internal error: {type(exc).__name__}: {exc} (run with -v for the traceback, and please "
+              "report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

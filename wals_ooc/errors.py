@@ -59,6 +59,10 @@ class StoreError(WalsError, RuntimeError):
     """A store is missing, incomplete, of another kind or of an unknown format version."""
 
 
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No store at a path (nothing there, or nothing wals-ooc can open)."""
+
+
 class StoreLockedError(StoreError):
     """Another live writer holds the store's lock."""
 
@@ -75,15 +79,49 @@ class UnknownIdError(WalsError, KeyError):
     """Ids that the store does not know."""
 
 
+class StorageError(WalsError, OSError):
+    """The storage under a path failed: disk full, I/O error, permission denied, read-only.
+
+    ``path`` is what the user named (the store or file being written or read); ``errno`` and
+    ``filename`` are those of the underlying ``OSError`` when there is one.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, errno: int | None = None,
+                 filename: str | None = None, flags: dict[str, str] | None = None):
+        WalsError.__init__(self, message, flags=flags)
+        self.path, self.errno, self.filename = path, errno, filename
+        self.strerror = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class WalsWarning(UserWarning):
+    """Something a user should know that does not stop the run (printed as one line by the CLI)."""
+
+
+class IncompleteModelWarning(WalsWarning):
+    """A model whose training stopped before its last iteration is being served."""
+
+
+class StaleLockWarning(WalsWarning):
+    """A lock left by a writer that is no longer running was broken."""
+
+
 __all__ = [
     "CorruptStoreError",
     "DataMismatchError",
+    "IncompleteModelWarning",
     "InputError",
     "MemoryBudgetError",
     "PathError",
     "SettingError",
+    "StaleLockWarning",
+    "StorageError",
     "StoreError",
     "StoreLockedError",
+    "StoreNotFoundError",
     "UnknownIdError",
     "WalsError",
+    "WalsWarning",
 ]

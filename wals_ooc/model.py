@@ -8,22 +8,24 @@ return original ids.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import zarr
 
 from .config import WALSConfig
+from .errors import DataMismatchError, IncompleteModelWarning, SettingError, StoreError
 from .evaluate.metrics import evaluate as evaluate_model
 from .kernels.warm import warm_serving_kernels
 from .memory import MemoryBudget, to_bytes
 from .serve.fold_in import fold_in, merge_entries
-from .serve.ids import original_ids
+from .serve.ids import model_ids, original_ids
 from .serve.liked import liked_csr
 from .serve.recommend import item_source, recommend_all as recommend_all_shards, score_block_rows
 from .serve.scoring import FactorSource, top_k
-from .store.reader import InteractionStore
-from .train.factors import FactorStore, default_model_location
+from .store.reader import IdMaps, InteractionStore
+from .train.factors import FactorStore, check_interactions_match, default_model_location
 from .train.trainer import train
 
 
@@ -67,6 +69,7 @@ class WALS:
         self.interactions: InteractionStore | None = None
         self.factors_store: FactorStore | None = None
         self.storage_options: dict | None = None
+        self.interactions_problem: str | None = None  # why ``interactions`` is None for a loaded model
 
     # -- training -------------------------------------------------------------------------------
     def fit(
@@ -93,12 +96,30 @@ class WALS:
             self.interactions, location, self.config, client=client, threads=self.threads, resume=resume,
             callback=callback, progress=progress, memory_budget=self.memory_budget, storage_options=storage_options,
         )
+        self.interactions_problem = None
         return self
 
-    def _trained(self) -> tuple[InteractionStore, FactorStore]:
-        if self.factors_store is None or self.interactions is None:
-            raise RuntimeError("the model has no factors: fit it or wals_ooc.load() a trained one")
+    def _trained(self) -> tuple[InteractionStore | None, FactorStore]:
+        """(the interaction store, or None when it is not available; the factor store)."""
+        if self.factors_store is None:
+            raise StoreError("the model has no factors: fit it or wals_ooc.load() a trained one")
         return self.interactions, self.factors_store
+
+    def _ids(self) -> IdMaps:
+        """The model's own copy of its id maps (serving ids needs no interaction store)."""
+        return model_ids(self._trained()[1])
+
+    def _data(self, need: str, no_filter_hint: bool = False) -> InteractionStore:
+        """The interaction store the model was trained on, or a clear error saying why not."""
+        store, model = self._trained()
+        if store is not None:
+            return store
+        alternative = ", or pass filter_already_liked=False" if no_filter_hint else ""
+        raise DataMismatchError(
+            f"{self.interactions_problem or 'the model has no interaction store'}: {need} needs the interaction store "
+            f"it was trained on; pass interactions=PATH{alternative}",
+            flags={"interactions=PATH": "--interactions PATH", "filter_already_liked=False": "--no-filter"},
+        )
 
     # -- factors --------------------------------------------------------------------------------
     @property
@@ -140,7 +161,7 @@ class WALS:
 
     def _liked(self, side: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """CSR (indptr, sorted ids) of the stored entries of the given rows."""
-        return liked_csr(self._trained()[0], side, rows)
+        return liked_csr(self._data("filtering already-liked items", no_filter_hint=True), side, rows)
 
     def recommend(
         self,
@@ -156,7 +177,9 @@ class WALS:
         vectors (e.g. from ``recalculate_user``) instead of the stored users' factors.
         Slots beyond the available candidates hold -1 (or "") with score -inf.
         """
-        store, model = self._trained()
+        _check_n(N)
+        model = self._trained()[1]
+        store = self._ids()
         if user_vectors is None:
             rows = store.index_of("user", user_ids)
             queries = _rows_of(model.current("user"), rows)
@@ -172,14 +195,22 @@ class WALS:
 
     def recommend_all(self, N: int = 10, output: str | os.PathLike | None = None, filter_already_liked: bool = True,
                       format: str = "zarr", client=None, overwrite: bool = False) -> str:
-        """Write top-N for every user to ``output`` (Zarr group or Parquet directory), streaming shards."""
+        """Write top-N for every user to ``output`` (Zarr group or Parquet directory), streaming shards.
+
+        Written through ``store.lifecycle``: an existing output is replaced only with ``overwrite``
+        and only once the new one is complete."""
+        _check_n(N)
         store, model = self._trained()
+        if filter_already_liked:
+            store = self._data("filtering already-liked items", no_filter_hint=True)
         output = os.fspath(output) if output is not None else model.location.rstrip("/") + f"-top{N}" + (".zarr" if format == "zarr" else "")
         return recommend_all_shards(model, store, output, N, filter_already_liked, format, client, self.threads,
                                     self.memory_budget, self.storage_options, overwrite)
 
     def _similar(self, side: str, ids: Any, N: int, filter_self: bool) -> tuple[np.ndarray, np.ndarray]:
-        store, model = self._trained()
+        _check_n(N)
+        model = self._trained()[1]
+        store = self._ids()
         rows = store.index_of(side, ids)
         array = model.current(side)
         allowance = self._allowance()
@@ -197,7 +228,8 @@ class WALS:
         return self._similar("user", user_ids, N, filter_self)
 
     def _recalculate(self, side: str, interactions: Any) -> np.ndarray:
-        store, model = self._trained()
+        model = self._trained()[1]
+        store = self._ids()
         other = "item" if side == "user" else "user"
         ids, values = _pairs(interactions)
         columns = store.index_of(other, ids, missing="mark")
@@ -224,9 +256,42 @@ class WALS:
     def evaluate(self, test: InteractionStore | str, k: int = 10, user_fraction: float | None = None, seed: int = 0,
                  client=None) -> dict:
         """Ranking metrics at k on a held-out store made by ``wals_ooc.split`` (see ``evaluate``)."""
-        store, model = self._trained()
-        return evaluate_model(model, store, _as_store(test, self.storage_options), k, user_fraction, seed, client,
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise SettingError(f"k must be an integer >= 1, got {k!r}", flags={"k must": "-k must"})
+        if user_fraction is not None and not 0 < user_fraction <= 1:
+            raise SettingError(f"user_fraction must be in (0, 1], got {user_fraction}",
+                               flags={"user_fraction": "--user-fraction"})
+        model = self._trained()[1]
+        store = self._data("evaluate (it leaves out each user's training items)")
+        test_store = _as_store(test, self.storage_options)
+        _check_test_store(store, test_store)
+        return evaluate_model(model, store, test_store, k, user_fraction, seed, client,
                               self.threads, self.memory_budget, self.storage_options)
+
+
+def _check_n(n: Any) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise SettingError(f"N must be an integer >= 1, got {n!r}", flags={"N must": "-n must"})
+
+
+def _check_test_store(train: InteractionStore, test: InteractionStore) -> None:
+    """Refuse a test store that cannot measure this model: the training data itself, the store
+    the training data was split from, or the test side of another split."""
+    train_sources = train.attrs().get("sources") or {}
+    test_sources = test.attrs().get("sources") or {}
+    train_id, test_id = train.attrs().get("store_id"), test.attrs().get("store_id")
+    if train_id is not None and train_id == test_id:
+        raise DataMismatchError(f"{test.location} is the model's training data, not a held-out test store")
+    if train_sources.get("split_of_store_id") is not None and train_sources.get("split_of_store_id") == test_id:
+        raise DataMismatchError(f"{test.location} is the store {train.location} (the model's training data) was split "
+                                "from: it holds every training entry; evaluate on the split's test store")
+    if test_sources.get("split_of_store_id") is not None and test_sources.get("split_of_store_id") == train_id:
+        raise DataMismatchError(f"{test.location} was split from {train.location}, the model's training data: every "
+                                "test entry is in the training data; train on the split's train store")
+    if train_sources.get("split_id") and test_sources.get("split_id") and \
+            train_sources.get("split_id") != test_sources.get("split_id"):
+        raise DataMismatchError(f"{test.location} is the test side of another split than {train.location}, the "
+                                "model's training data: its entries may be in the training data")
 
 
 def _rows_of(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
@@ -251,14 +316,43 @@ def load(
     threads: int | None = None,
     storage_options: dict | None = None,
 ) -> WALS:
-    """Open a trained model from its factor store (and the interaction store it records)."""
+    """Open a trained model from its factor store.
+
+    The model knows its interaction store by identity (``store_id``) and absolute location.
+    ``interactions``: the store it was trained on, when it has moved (another store raises
+    ``DataMismatchError``). Without it the recorded location is tried; if the store is gone or
+    holds other data, what needs no interactions (recommend without filtering, similar,
+    fold-in) still works and the rest says why it cannot. A model whose training stopped early
+    loads with an ``IncompleteModelWarning`` ("trained N of M iterations").
+    """
+    path = os.fspath(path)
     model_store = FactorStore.open(path, "r", storage_options)
     if model_store.checkpoint is None:
-        raise RuntimeError(f"{path} has no trained factors yet")
+        raise StoreError(f"{path} has no trained factors yet: its training stopped before the first iteration; "
+                         "run train again")
+    if not model_store.complete:
+        warnings.warn(IncompleteModelWarning(f"{path} is {model_store.status()}"), stacklevel=2)
     cfg = model_store.config
     model = WALS(**{k: v for k, v in cfg.to_dict().items()}, memory_budget=memory_budget, threads=threads)
     model.factors_store = model_store
     model.storage_options = storage_options
-    location = interactions if interactions is not None else model_store.group.attrs["interactions"]["location"]
-    model.interactions = _as_store(location, storage_options)
+    if interactions is not None:
+        store = _as_store(interactions, storage_options)
+        check_interactions_match(model_store, store, resuming=False)
+        model.interactions = store
+        return model
+    location = model_store.binding.get("location")
+    try:
+        store = InteractionStore(location, storage_options)
+    except (StoreError, FileNotFoundError, NotADirectoryError) as exc:
+        model.interactions_problem = f"the interaction store {path} was trained on is not at {location} ({exc})"
+        return model
+    try:
+        check_interactions_match(model_store, store, resuming=False)
+    except DataMismatchError:
+        model.interactions_problem = (f"{location} now holds other data than model {path} was trained on "
+                                      f"(store_id {store.attrs().get('store_id')}, the model's: "
+                                      f"{model_store.binding.get('store_id')})")
+        return model
+    model.interactions = store
     return model

@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from .errors import SettingError
+from .store.lifecycle import output_file
 from .store.sources import RowBatch
 from .store.writer import ConvertReport, write_store
 
@@ -40,9 +42,10 @@ class SyntheticSpec:
 
     def __post_init__(self) -> None:
         if min(self.n_users, self.n_items, self.rows) < 1:
-            raise ValueError("n_users, n_items and rows must be >= 1")
+            raise SettingError("n_users, n_items and rows must be >= 1",
+                               flags={"n_users": "--users", "n_items": "--items", "rows": "--rows"})
         if not 0 <= self.affinity <= 1:
-            raise ValueError("affinity must be in [0, 1]")
+            raise SettingError("affinity must be in [0, 1]")
 
 
 def _power_law_weights(n: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
@@ -90,17 +93,23 @@ def synthetic_batches(spec: SyntheticSpec, batch_rows: int = 1 << 20) -> Iterato
         yield RowBatch(users, np.minimum(items, spec.n_items - 1), values)
 
 
-def write_csv(spec: SyntheticSpec, path: str | os.PathLike, compress: bool = False, batch_rows: int = 1 << 20) -> int:
-    """Write the log as CSV with header ``user,item,count`` (gzip if ``compress``); returns rows."""
+def write_csv(spec: SyntheticSpec, path: str | os.PathLike, compress: bool = False, batch_rows: int = 1 << 20,
+              overwrite: bool = False) -> int:
+    """Write the log as CSV with header ``user,item,count`` (gzip if ``compress``); returns rows.
+
+    Written beside ``path`` and renamed onto it when complete; an existing file is replaced
+    only with ``overwrite`` (``store.lifecycle.output_file``)."""
     schema = pa.schema([("user", pa.int64()), ("item", pa.int64()), ("count", pa.int64())])
     rows = 0
-    sink = pa.CompressedOutputStream(os.fspath(path), "gzip") if compress else pa.OSFile(os.fspath(path), "wb")
-    with sink, pacsv.CSVWriter(sink, schema) as writer:
-        for batch in synthetic_batches(spec, batch_rows):
-            writer.write_batch(
-                pa.record_batch([pa.array(batch.users), pa.array(batch.items), pa.array(batch.values.astype(np.int64))], schema=schema)
-            )
-            rows += len(batch)
+    with output_file(path, overwrite=overwrite) as temp:
+        sink = pa.CompressedOutputStream(temp, "gzip") if compress else pa.OSFile(temp, "wb")
+        with sink, pacsv.CSVWriter(sink, schema) as writer:
+            for batch in synthetic_batches(spec, batch_rows):
+                writer.write_batch(
+                    pa.record_batch([pa.array(batch.users), pa.array(batch.items), pa.array(batch.values.astype(np.int64))],
+                                    schema=schema)
+                )
+                rows += len(batch)
     return rows
 
 

@@ -8,15 +8,20 @@ keyed by the original ids, written by the same out-of-core writer as ``convert``
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
+from ..errors import SettingError
+from ..memory import MemoryBudget
+from ..store.format import FORMAT_VERSION, INTERACTIONS_KIND
+from ..store.lifecycle import Transaction
 from ..store.reader import CSRShard, InteractionStore
 from ..store.sources import RowBatch
-from ..store.writer import ConvertReport, write_store
+from ..store.writer import ConvertReport, build_store
 
 METHODS = ("random", "leave_one_out", "leave_last_out", "last_fraction")
 BY_ORDER = ("leave_last_out", "last_fraction")  # need a store converted with an order column
@@ -78,26 +83,48 @@ def split(
     test_fraction: float = 0.2,
     min_train: int = 1,
     seed: int = 0,
-    **store_options,
+    *,
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+    tmp_dir: str | None = None,
+    **build_options,
 ) -> SplitReport:
-    """Write the train and test stores; each entry lands in exactly one of them."""
+    """Write the train and test stores; each entry lands in exactly one of them.
+
+    Both are built beside their targets and swapped in together once both are complete
+    (``store.lifecycle``): a failure leaves existing stores as they were. Neither output may
+    be the input store or the other output.
+    """
     if isinstance(store, (str, os.PathLike)):
-        store = InteractionStore(store)
-    if not 0 <= test_fraction < 1:
-        raise ValueError("test_fraction must be in [0, 1)")
+        store = InteractionStore(store, storage_options)
+    if method not in METHODS:
+        raise SettingError(f"method must be one of {METHODS}, got {method!r}", flags={"method": "--method"})
+    if not (0 <= test_fraction < 1):
+        raise SettingError(f"test_fraction must be in [0, 1), got {test_fraction}", flags={"test_fraction": "--test-fraction"})
+    if min_train < 0:
+        raise SettingError(f"min_train must be >= 0, got {min_train}", flags={"min_train": "--min-train"})
     if method in BY_ORDER and not store.has_order:
-        raise ValueError(f"method {method!r} splits by time, but {store.location} has no entry order: "
-                         "convert it with an order column (--order-col)")
+        raise SettingError(f"method {method!r} splits by time, but {store.location} has no entry order: "
+                           "convert it with an order column (--order-col)")
+    split_id = uuid.uuid4().hex
     reports = []
-    for out, want_test in ((train_out, False), (test_out, True)):
-        reports.append(
-            write_store(
-                _shard_batches(store, method, test_fraction, min_train, seed, want_test),
-                out,
-                row_block=store.row_block,
-                source_attrs={"split_of": store.location, "method": method, "test_fraction": test_fraction,
-                              "seed": seed, "side": "test" if want_test else "train"},
-                **store_options,
+    build_options["memory_budget"] = MemoryBudget.start(build_options.get("memory_budget"))
+    with Transaction() as tx:
+        outputs = [
+            tx.output(out, INTERACTIONS_KIND, version=FORMAT_VERSION, overwrite=overwrite,
+                      inputs=[store.location], storage_options=storage_options, tmp_dir=tmp_dir)
+            for out in (train_out, test_out)
+        ]
+        for out, want_test in zip(outputs, (False, True)):
+            reports.append(
+                build_store(
+                    _shard_batches(store, method, test_fraction, min_train, seed, want_test),
+                    out,
+                    row_block=store.row_block,
+                    source_attrs={"split_of": store.location, "split_of_store_id": store.attrs().get("store_id"),
+                                  "split_id": split_id, "method": method, "test_fraction": test_fraction,
+                                  "seed": seed, "side": "test" if want_test else "train"},
+                    **build_options,
+                )
             )
-        )
     return SplitReport(*reports)

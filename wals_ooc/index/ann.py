@@ -14,27 +14,30 @@ a returned score is the exact one; only which items are candidates is approximat
 The index is built by streaming the factor store block by block (one pass for the norms and, for
 IVF, a sample to train the coarse quantizer; one pass to add), so only the index itself and one
 block are ever in memory; its size is estimated first and checked against the budget. It is
-saved as a directory (``index.faiss`` and ``_wals_ooc.json``), by default beside the model, and
-records the model checkpoint it was built from: opening it for another checkpoint (or another
+saved as a directory (``index.faiss`` and ``index.json``) through the lifecycle door (built
+beside, swapped in when complete), by default beside the model, and records the model checkpoint it was built from: opening it for another checkpoint (or another
 model at the same path) is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from ..errors import DataMismatchError, MemoryBudgetError, PathError, SettingError, StoreError
+from ..errors import CorruptStoreError, DataMismatchError, MemoryBudgetError, PathError, SettingError, StoreError
 from ..memory import MemoryBudget, format_bytes
-from ..outputs import building, is_local, read_marker
+from ..store.format import is_local, local_path
+from ..store.lifecycle import inspect_target, output_store
 
 INDEX_KIND = "wals-ooc/ann-index"
 INDEX_FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
+META_FILE = "index.json"  # settings, metric and the model checkpoint the index was built from
 METRICS = ("inner_product", "cosine")
 KINDS = ("hnsw", "ivf")
 SIDES = ("user", "item")
@@ -226,8 +229,11 @@ class AnnIndex:
             "binding": binding, "max_norm": max_norm, "dims": dims, "bytes": estimated_bytes(settings.kind, n, dims, settings),
             "nlist": settings.cells(n) if settings.kind == "ivf" else None,
         }
-        with building(location, INDEX_KIND, overwrite, inputs=[model.location], marker={"meta": meta}) as build:
-            faiss.write_index(index, os.path.join(build, INDEX_FILE))
+        with output_store(location, INDEX_KIND, version=INDEX_FORMAT_VERSION, overwrite=overwrite,
+                          inputs=[model.location], layout="files") as out:
+            faiss.write_index(index, os.path.join(out.location, INDEX_FILE))
+            with open(os.path.join(out.location, META_FILE), "w") as handle:
+                json.dump(meta, handle, indent=1)
         return cls(location, meta, index)
 
     # -- opening ---------------------------------------------------------------------------------
@@ -239,12 +245,7 @@ class AnnIndex:
         import faiss
 
         location = os.fspath(location)
-        marker = read_marker(location)
-        if marker.get("kind") != INDEX_KIND or not marker.get("complete"):
-            if not os.path.exists(location):
-                raise StoreError(f"no index at {location}: build one with `wals-ooc index MODEL` (model.build_index())")
-            raise StoreError(f"{location} is not a finished wals-ooc index")
-        meta = marker["meta"]
+        meta = read_meta(location)
         if meta.get("format_version") != INDEX_FORMAT_VERSION:
             raise StoreError(f"{location} has index format version {meta.get('format_version')}, this wals-ooc reads {INDEX_FORMAT_VERSION}")
         if model is not None:
@@ -388,10 +389,25 @@ def _new_index(faiss, settings: IndexSettings, dims: int, n: int):
     return index
 
 
-def open_or_none(location: str) -> dict | None:
-    """The metadata of a finished index at ``location``, or None."""
-    marker = read_marker(location)
-    return marker.get("meta") if marker.get("kind") == INDEX_KIND and marker.get("complete") else None
+def read_meta(location: str) -> dict:
+    """The metadata of the finished index at ``location``; StoreError when there is none."""
+    state = inspect_target(location)
+    if state.what == "absent":
+        raise StoreError(f"no index at {location}: build one with `wals-ooc index MODEL` (model.build_index())")
+    if state.what != "store" or state.kind != INDEX_KIND or not state.attrs.get("complete"):
+        what = f"a {state.kind} store" if state.kind and state.kind != INDEX_KIND else "not a finished wals-ooc index"
+        raise StoreError(f"{location} is {what}")
+    try:
+        with open(os.path.join(local_path(location), META_FILE)) as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise CorruptStoreError(f"{location}: its {META_FILE} cannot be read ({exc})") from None
+
+
+def index_exists(location: str) -> bool:
+    """True when a finished index is at ``location``."""
+    state = inspect_target(location)
+    return state.what == "store" and state.kind == INDEX_KIND and bool(state.attrs.get("complete"))
 
 
 __all__ = ["AnnIndex", "IndexSettings", "default_index_location", "default_metric"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .csr import csr_problem
 from .loss import observed_loss_block, regularization_sum
 from .rank import rank_counts_update
 from .solve import CONFIDENCE_KINDS, accumulate_block, cg_solve_rows, cholesky_solve_rows, solve_accumulated
@@ -38,6 +39,7 @@ def warm_training_kernels(dtype: str | np.dtype = "float32") -> None:
     t = dtype.type
     kind = CONFIDENCE_KINDS["linear"]  # the kind is a runtime int: one signature for all
     indptr, indices, values, Y, gram = _tiny_rows(dtype)
+    csr_problem(indptr, indices, 3)  # every CSR read from a store is checked with it
     X = np.zeros((2, 2), dtype)
     scalars = (kind, t(1.0), t(1.0), t(1.0))
     cg_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 2, True)
@@ -57,6 +59,7 @@ def warm_serving_kernels() -> None:
     """Top-K and rank counting over float32 score blocks."""
     if "serve" in _warmed:
         return
+    csr_problem(np.array([0, 1], np.int64), np.array([0], np.int32), 1)  # filtering reads CSR rows
     scores = np.ones((2, 3), np.float32)
     ids = np.arange(3, dtype=np.int64)
     exclude_indptr = np.array([0, 1, 1], np.int64)

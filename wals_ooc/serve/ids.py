@@ -1,13 +1,36 @@
-"""Row numbers -> the ids (and display names) users gave: the one place serving, indexing and
-export convert them.
+"""Row numbers <-> the ids users gave: the one place serving, indexing and export convert them.
 
-The id maps are being replaced (issue 10: ``store.ids(side)`` loads a whole map, and its lookup
-is wrong for long strings); these helpers are where the new API drops in.
+Ids come from the model's own copy of its id maps (``FactorStore.id_maps()``), so serving needs
+no interaction store. Every conversion goes through the helpers below (``model_ids`` to get the
+maps, then ``original_ids``/``ids_of_range``/``id_dtype``/``names_of_range``); a new id-map API
+(issue 10: chunked, verified lookup) changes this module only.
 """
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
+
+_lock = threading.Lock()
+_maps: dict[tuple, object] = {}
+
+
+def model_ids(model):
+    """The id maps of a ``FactorStore``, opened once per process (their arrays are cached)."""
+    binding = model.binding
+    key = (model.location, binding.get("store_id"), int(model.group.attrs["n_users"]), int(model.group.attrs["n_items"]))
+    with _lock:
+        if key not in _maps:
+            _maps.clear()
+            _maps[key] = model.id_maps()
+        return _maps[key]
+
+
+def forget_ids() -> None:
+    """Drop the cached id maps of this process."""
+    with _lock:
+        _maps.clear()
 
 
 def missing_id(dtype: np.dtype):
@@ -15,29 +38,29 @@ def missing_id(dtype: np.dtype):
     return -1 if np.issubdtype(dtype, np.integer) else ""
 
 
-def original_ids(store, side: str, rows: np.ndarray) -> np.ndarray:
+def original_ids(maps, side: str, rows: np.ndarray) -> np.ndarray:
     """Original ids of row numbers (any shape); rows < 0 (empty slots) give ``missing_id``."""
     rows = np.asarray(rows, np.int64)
-    id_map = store.ids(side)
+    id_map = maps.ids(side)
     return np.where(rows >= 0, id_map[np.maximum(rows, 0)], missing_id(id_map.dtype))
 
 
-def ids_of_range(store, side: str, start: int, stop: int) -> np.ndarray:
+def ids_of_range(maps, side: str, start: int, stop: int) -> np.ndarray:
     """Original ids of the contiguous rows ``[start, stop)`` (a shard)."""
-    return store.ids(side)[start:stop]
+    return maps.ids(side)[start:stop]
 
 
-def id_dtype(store, side: str) -> np.dtype:
-    return store.ids(side).dtype
+def id_dtype(maps, side: str) -> np.dtype:
+    return maps.ids(side).dtype
 
 
-def names_of_range(store, side: str, start: int, stop: int) -> np.ndarray | None:
-    """Display names of the rows ``[start, stop)``, or None when the store has none.
+def names_of_range(maps, side: str, start: int, stop: int) -> np.ndarray | None:
+    """Display names of the rows ``[start, stop)``, or None when the maps have none.
 
-    Hook for display names (issue 14): a store that keeps them exposes ``names(side)`` (an array
-    aligned with the rows, or None); export and recommend_all add a ``name`` column from here.
+    Hook for display names: maps that keep them expose ``names(side)`` (an array aligned with
+    the rows, or None); export adds a ``name`` column from here.
     """
-    names = getattr(store, "names", None)
+    names = getattr(maps, "names", None)
     if names is None:
         return None
     column = names(side)

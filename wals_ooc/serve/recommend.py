@@ -16,18 +16,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from ..errors import DataMismatchError, SettingError
 from ..execute import Executor, single_threaded_blas_in_worker
 from ..kernels.warm import warm_serving_kernels
 from ..memory import MemoryBudget
-from ..store.format import open_group
+from ..store.format import create_array, open_group
+from ..store.lifecycle import output_store
 from ..store.reader import InteractionStore
-from ..train.factors import FactorStore
-from ..outputs import building
-from .ids import id_dtype, ids_of_range, original_ids
+from ..train.factors import FactorStore, copy_id_maps
+from .ids import forget_ids, id_dtype, ids_of_range, model_ids, original_ids
 from .scoring import FactorSource, NormOrder, top_k
 
 RECOMMENDATIONS_KIND = "wals-ooc/recommendations"
 RECOMMENDATIONS_PARQUET_KIND = "wals-ooc/recommendations-parquet"
+RECOMMENDATIONS_FORMAT_VERSION = 2  # 2: checksums, written through store.lifecycle
 
 _lock = threading.Lock()
 _items_in_memory: dict[tuple, NormOrder] = {}
@@ -59,6 +61,7 @@ def release_items() -> None:
     with _lock:
         _items_in_memory.clear()
         _interaction_stores.clear()
+    forget_ids()
 
 
 def open_interactions(location: str, storage_options: dict | None) -> InteractionStore:
@@ -74,23 +77,23 @@ def _recommend_shard(model_location, interactions_location, storage_options, sta
                      allowance, output, fmt) -> int:
     single_threaded_blas_in_worker()
     model = FactorStore.open(model_location, "r", storage_options)
-    store = open_interactions(interactions_location, storage_options)
+    ids = model_ids(model)
     queries = model.current("user")[start:stop]
     block_rows = score_block_rows(stop - start, queries.shape[1], allowance)
     liked = None
     if filter_liked:
-        shard = store.rows("user", start, stop)
+        shard = open_interactions(interactions_location, storage_options).rows("user", start, stop)
         liked = (shard.indptr, shard.indices.astype(np.int64))
-    ids, scores, _ = top_k(queries, item_source(model, allowance, block_rows), n, exclude=liked)
-    original = original_ids(store, "item", ids)
+    top, scores, _ = top_k(queries, item_source(model, allowance, block_rows), n, exclude=liked)
+    original = original_ids(ids, "item", top)
     if fmt == "zarr":
         group = open_group(output, "r+", storage_options)
         group["item_ids"][start:stop] = original
         group["scores"][start:stop] = scores
     else:
-        users = np.repeat(ids_of_range(store, "user", start, stop), n)
+        users = np.repeat(ids_of_range(ids, "user", start, stop), n)
         ranks = np.tile(np.arange(1, n + 1, dtype=np.int32), stop - start)
-        keep = ids.ravel() >= 0
+        keep = top.ravel() >= 0
         table = pa.table({
             "user": pa.array(users[keep]), "rank": pa.array(ranks[keep]),
             "item": pa.array(original.ravel()[keep]), "score": pa.array(scores.ravel()[keep]),
@@ -99,9 +102,19 @@ def _recommend_shard(model_location, interactions_location, storage_options, sta
     return stop - start
 
 
+def _user_ranges(model: FactorStore, store: InteractionStore | None) -> list[tuple[int, int]]:
+    """The user shards of the interaction store, or (without it) row ranges of about 1/32 of
+    the users, aligned to the model's row block."""
+    if store is not None:
+        return store.shard_ranges("user")
+    n_users, block = int(model.group.attrs["n_users"]), int(model.group.attrs["row_block"])
+    step = block * max(1, -(-n_users // (32 * block)))
+    return [(lo, min(n_users, lo + step)) for lo in range(0, n_users, step)]
+
+
 def recommend_all(
     model: FactorStore,
-    store: InteractionStore,
+    store: InteractionStore | None,
     output: str,
     n: int = 10,
     filter_already_liked: bool = True,
@@ -116,35 +129,40 @@ def recommend_all(
     """Write the top ``n`` items of every user to ``output`` (Zarr group or Parquet directory).
 
     Zarr layout: user_ids (n_users,), item_ids (n_users, n) original ids, scores (n_users, n);
-    missing slots (fewer than n candidates) hold -1 or "" with score -inf. ``complete`` is set last.
+    missing slots (fewer than n candidates) hold -1 or "" with score -inf. Parquet: one file per
+    user shard (user, rank, item, score) and ``_SUCCESS``. Either is written through
+    ``store.lifecycle`` (built beside, swapped in when complete). ``store`` (the interaction
+    store) is needed only to filter already-liked items; ids come from the model.
     """
     if fmt not in ("zarr", "parquet"):
-        raise ValueError("fmt must be zarr or parquet")
+        raise SettingError(f"format must be zarr or parquet, got {fmt!r}", flags={"format": "--format"})
+    if filter_already_liked and store is None:
+        raise DataMismatchError(f"{model.location}: filtering already-liked items needs the interaction store")
     warm_serving_kernels()  # fixed per-process cost: part of the baseline
     budget = MemoryBudget.start(memory_budget)
     executor = Executor.of(executor, client, threads)
     allowance = budget.allowance // executor.threads_per_process
+    ids = model_ids(model)
     kind = RECOMMENDATIONS_KIND if fmt == "zarr" else RECOMMENDATIONS_PARQUET_KIND
-    with building(output, kind, overwrite, inputs=[model.location, store.location]) as build:
+    inputs = [model.location] + ([store.location] if store is not None else [])
+    with output_store(output, kind, version=RECOMMENDATIONS_FORMAT_VERSION, overwrite=overwrite, inputs=inputs,
+                      storage_options=storage_options, layout="zarr" if fmt == "zarr" else "files") as out:
+        n_users = ids.n_users
         if fmt == "zarr":
-            group = open_group(build, "w" if overwrite or build != output else "w-", storage_options)
-            group.attrs.update({"kind": RECOMMENDATIONS_KIND, "format_version": 1, "complete": False, "n": n})
-            user_dtype, item_dtype = id_dtype(store, "user"), id_dtype(store, "item")
-            rows = store.row_block
-            user_ids = group.create_array("user_ids", shape=(store.n_users,), dtype=_zarr_dtype(user_dtype),
-                                          chunks=(max(1, min(store.n_users, 1 << 20)),))
-            for lo in range(0, store.n_users, 1 << 20):
-                user_ids[lo : lo + (1 << 20)] = ids_of_range(store, "user", lo, min(store.n_users, lo + (1 << 20)))
-            group.create_array("item_ids", shape=(store.n_users, n), dtype=_zarr_dtype(item_dtype), chunks=(rows, n))
-            group.create_array("scores", shape=(store.n_users, n), dtype=np.float32, chunks=(rows, n))
-        else:
-            os.makedirs(build, exist_ok=True)
+            group = out.group
+            group.attrs.update({"n": n, "model": model.location})
+            copy_id_maps(ids.group, group, names=("user_ids",))
+            item_dtype = id_dtype(ids, "item")
+            rows = int(model.group.attrs["row_block"])
+            create_array(group, "item_ids", shape=(n_users, n), dtype=item_dtype if item_dtype.kind != "T" else str,
+                         chunks=(rows, n), dense=True)
+            create_array(group, "scores", shape=(n_users, n), dtype=np.float32, chunks=(rows, n), dense=True)
         tasks = [
             dask.delayed(_recommend_shard, pure=False)(
-                model.location, store.location, storage_options, lo, hi, n, filter_already_liked, allowance, build, fmt,
-                dask_key_name=f"recommend-shard{k:05d}",
+                model.location, store.location if filter_already_liked else None, storage_options, lo, hi, n,
+                filter_already_liked, allowance, out.location, fmt, dask_key_name=f"recommend-shard{k:05d}",
             )
-            for k, (lo, hi) in enumerate(store.shard_ranges("user"))
+            for k, (lo, hi) in enumerate(_user_ranges(model, store))
             if hi > lo
         ]
         try:
@@ -152,16 +170,10 @@ def recommend_all(
                 executor.run(tasks)
         finally:
             executor.run_everywhere(release_items)
-        if fmt == "zarr":
-            group.attrs["complete"] = True
-        else:
-            with open(os.path.join(build, "_SUCCESS"), "w") as marker:
+        if fmt == "parquet":
+            with open(os.path.join(out.location, "_SUCCESS"), "w") as marker:
                 marker.write("complete\n")
     return output
-
-
-def _zarr_dtype(dtype: np.dtype):
-    return str if dtype.kind in "TUO" else dtype
 
 
 def open_recommendations(location: str, storage_options: dict | None = None) -> zarr.Group:
@@ -169,5 +181,5 @@ def open_recommendations(location: str, storage_options: dict | None = None) -> 
     from ..store.format import check_complete
 
     group = open_group(location, "r", storage_options)
-    check_complete(group, RECOMMENDATIONS_KIND, location, 1)
+    check_complete(group, RECOMMENDATIONS_KIND, location, RECOMMENDATIONS_FORMAT_VERSION)
     return group

@@ -1,4 +1,4 @@
-"""Layout of the interaction store, and the one way the package opens Zarr groups.
+"""Layout of the interaction store, and the one way the package opens and creates Zarr nodes.
 
 An interaction store is a Zarr v3 group::
 
@@ -13,25 +13,46 @@ An interaction store is a Zarr v3 group::
 
 Shards are contiguous row ranges ``[shard_bounds[k], shard_bounds[k+1])``; every bound is a
 multiple of ``row_block``, the row-chunk size of the factor arrays, so two shard tasks never
-write the same factor chunk. ``complete`` is set True only after everything else is written:
-a store without it is an interrupted conversion and is refused.
+write the same factor chunk. ``complete`` is set True only after everything else is written.
+
+Integrity: every chunk of every array ends with a crc32c checksum (the Zarr v3 ``crc32c``
+codec, created by ``create_array``); ``open_group`` checks it on every chunk read and raises
+``CorruptStoreError`` naming the store, the array and the chunk.
+
+On an object store a store may be a *pointer*: its root group's attributes name the generation
+(a child group) that holds the data (see ``wals_ooc.store.lifecycle``); ``open_group`` follows
+it, so readers never see the difference.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from typing import Any
 
+import google_crc32c
+import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from ..errors import StoreError
+from ..errors import CorruptStoreError, StoreError, StoreNotFoundError
 
-FORMAT_VERSION = 1
+# 2: every chunk carries a crc32c checksum
+FORMAT_VERSION = 2
 INTERACTIONS_KIND = "wals-ooc/interactions"
+KIND_PREFIX = "wals-ooc/"
 ORIENTATIONS = ("by_user", "by_item")
 SIDES = {"user": "by_user", "item": "by_item"}
 ID_ARRAYS = {"user": "user_ids", "item": "item_ids"}
+#: the nodes of an interaction store that map rows to original ids (copied into a model)
+ID_NODES = ("user_ids", "item_ids")
 CSR_CHUNK = 1 << 18
+#: root attribute of a pointer store: the child group holding the current generation
+GENERATION_ATTR = "wals_ooc_generation"
+#: array attribute: every chunk was written, so a missing one is damage (see ``create_array``)
+DENSE_ATTR = "wals_ooc_dense"
 
 
 def is_local(location: str | os.PathLike) -> bool:
@@ -40,27 +61,152 @@ def is_local(location: str | os.PathLike) -> bool:
     return "://" not in text or text.startswith("file://")
 
 
+def local_path(location: str | os.PathLike) -> str:
+    """The absolute file-system path of a local location (plain path or file:// URL)."""
+    return os.path.abspath(os.fspath(location).removeprefix("file://"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums: verified on every chunk read, with the store, array and chunk named on a mismatch
+# ---------------------------------------------------------------------------------------------
+
+_CHUNK_KEY = re.compile(r"^(?:(.*)/)?c((?:/\d+)*)$")
+
+
+class _ChecksumStore(WrapperStore):
+    """A Zarr store that checks each chunk's crc32c as it is read (arrays with a crc32c codec).
+
+    Zarr's codec checks it too, but cannot say which store, array and chunk failed; this can.
+    """
+
+    def __init__(self, store, location: str = "", finished: bool = False):
+        super().__init__(store)
+        self._location = location
+        self._finished = finished  # opened read-only: arrays marked dense must have every chunk
+        self._checked: dict[str, tuple[bool, bool]] = {}  # array path -> (crc32c last, dense)
+
+    def _with_store(self, store):
+        return type(self)(store, self._location, self._finished)
+
+    async def _kind_of(self, array_path: str, prototype) -> tuple[bool, bool]:
+        if array_path not in self._checked:
+            key = f"{array_path}/zarr.json" if array_path else "zarr.json"
+            raw = await self._store.get(key, prototype)
+            meta = {}
+            if raw is not None:
+                try:
+                    meta = json.loads(raw.to_bytes())
+                except (ValueError, AttributeError):
+                    meta = {}
+            codecs = meta.get("codecs") or []
+            last = codecs[-1] if codecs else None
+            dense = bool((meta.get("attributes") or {}).get(DENSE_ATTR))
+            self._checked[array_path] = (isinstance(last, dict) and last.get("name") == "crc32c", dense)
+        return self._checked[array_path]
+
+    async def get(self, key, prototype, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        if byte_range is not None or key.endswith("zarr.json"):
+            return value
+        match = _CHUNK_KEY.match(key)
+        if match is None:
+            return value
+        array_path = match.group(1) or ""
+        checksum, dense = await self._kind_of(array_path, prototype)
+        if value is None:
+            if dense and self._finished:
+                coords = tuple(int(c) for c in match.group(2).split("/") if c)
+                raise CorruptStoreError(f"{self._location}: chunk {coords} of array {array_path or '/'} is missing: "
+                                        "the store is incomplete or damaged; write it again from its source")
+            return value
+        if checksum:
+            data = value.as_numpy_array()
+            stored = bytes(data[-4:]) if len(data) >= 4 else b""
+            if len(data) < 4 or np.uint32(google_crc32c.value(bytes(data[:-4]))).tobytes() != stored:
+                coords = tuple(int(c) for c in match.group(2).split("/") if c)
+                raise CorruptStoreError(
+                    f"{self._location}: chunk {coords} of array {array_path or '/'} is corrupt (checksum "
+                    "mismatch): the store is damaged; write it again from its source"
+                )
+        return value
+
+
+def _zarr_store(location: str, read_only: bool, storage_options: dict[str, Any] | None):
+    if is_local(location):
+        return LocalStore(local_path(location), read_only=read_only)
+    return FsspecStore.from_url(location, storage_options=storage_options or {}, read_only=read_only)
+
+
 def open_group(
     location: str | os.PathLike,
     mode: str = "r",
     storage_options: dict[str, Any] | None = None,
 ) -> zarr.Group:
-    """Open a Zarr v3 group at a local path or an fsspec URL (s3://, gs://, memory://...)."""
+    """Open a Zarr v3 group at a local path or an fsspec URL (s3://, gs://, memory://...).
+
+    Every chunk read through it is checked against its checksum. In "r" and "r+" modes a
+    pointer store is followed to its current generation; a missing group raises
+    ``StoreNotFoundError``. Only ``wals_ooc.store.lifecycle`` creates groups ("w").
+    """
     text = os.fspath(location)
-    if is_local(text):
-        text = text.removeprefix("file://")
-        return zarr.open_group(text, mode=mode, zarr_format=3)
-    return zarr.open_group(text, mode=mode, zarr_format=3, storage_options=storage_options or {})
+    store = _ChecksumStore(_zarr_store(text, mode == "r", storage_options), text, finished=mode == "r")
+    if mode not in ("r", "r+"):
+        return zarr.open_group(store=store, mode=mode, zarr_format=3)
+    try:
+        group = zarr.open_group(store=store, mode=mode, zarr_format=3)
+        generation = group.attrs.get(GENERATION_ATTR)
+        if generation:
+            group = zarr.open_group(store=store, mode=mode, zarr_format=3, path=str(generation))
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, NotADirectoryError) as exc:
+        raise StoreNotFoundError(f"{text}: no such store") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, StoreError):
+            raise
+        raise StoreNotFoundError(f"{text}: not a wals-ooc store ({exc})") from exc
+    return group
+
+
+def checksummed(compressors: Any = None) -> tuple:
+    """The bytes-to-bytes codecs of a wals-ooc array: ``compressors`` followed by crc32c."""
+    if compressors is None:
+        compressors = ()
+    elif not isinstance(compressors, (list, tuple)):
+        compressors = (compressors,)
+    return (*compressors, Crc32cCodec())
+
+
+def create_array(group: zarr.Group, name: str, *, compressors: Any = None, dense: bool = False, **kwargs) -> zarr.Array:
+    """Create an array of a wals-ooc store: every chunk carries a crc32c checksum.
+
+    Arguments are those of ``zarr.Group.create_array``; ``compressors`` (None: none) come
+    before the checksum. dense: every chunk is written (even one equal to the fill value), so
+    a chunk missing from a finished store is an error instead of reading as the fill value
+    (for arrays written whole, such as CSR arrays and id maps). ``wals_ooc.store.lifecycle``
+    refuses to finish a store holding an array made without the checksum.
+    """
+    if dense:
+        kwargs["config"] = {**(kwargs.get("config") or {}), "write_empty_chunks": True}
+        kwargs["attributes"] = {**(kwargs.get("attributes") or {}), DENSE_ATTR: True}
+    return group.create_array(name, compressors=checksummed(compressors), **kwargs)
+
+
+def has_checksum(array: zarr.Array) -> bool:
+    """Whether the chunks of ``array`` end with a crc32c checksum."""
+    codecs = array.metadata.codecs if hasattr(array.metadata, "codecs") else ()
+    return bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
 
 
 def check_complete(group: zarr.Group, kind: str, location: str, version: int = FORMAT_VERSION) -> None:
     """Refuse a group that is not a finished store of ``kind`` and ``version``."""
     attrs = group.attrs
-    if attrs.get("kind") != kind:
-        raise StoreError(f"{location} is not a {kind} store (kind={attrs.get('kind')!r})")
+    found = attrs.get("kind")
+    if found != kind:
+        what = f"a {found} store" if isinstance(found, str) and found.startswith(KIND_PREFIX) else "not a wals-ooc store"
+        raise StoreError(f"{location} is {what}, not a {kind} store")
     if attrs.get("format_version") != version:
         raise StoreError(
-            f"{location} has format version {attrs.get('format_version')}, this wals-ooc reads {version}"
+            f"{location} has format version {attrs.get('format_version')}, this wals-ooc reads version {version}: "
+            "write it again with this version (convert, split or train it anew)"
         )
     if not attrs.get("complete", False):
         raise StoreError(

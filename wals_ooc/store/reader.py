@@ -10,15 +10,9 @@ from typing import Any, Iterator
 import numpy as np
 import zarr
 
-from .format import (
-    ID_ARRAYS,
-    INTERACTIONS_KIND,
-    SIDES,
-    StoreError,
-    check_complete,
-    open_group,
-    shard_ranges,
-)
+from ..errors import CorruptStoreError, StoreError
+from ..kernels.csr import csr_problem
+from .format import ID_ARRAYS, INTERACTIONS_KIND, SIDES, check_complete, open_group, shard_ranges
 
 
 @dataclass
@@ -113,18 +107,38 @@ class InteractionStore:
         return bool(self.group.attrs.get("has_order", False))
 
     def rows(self, side: str, start: int, stop: int, with_order: bool = False) -> CSRShard:
-        """CSR rows ``[start, stop)`` of a side's orientation (and their order, if asked)."""
+        """CSR rows ``[start, stop)`` of a side's orientation (and their order, if asked).
+
+        The rows are validated (row pointers non-decreasing and within the entries, every index
+        inside the other side's range) before they are returned, so no kernel reads out of
+        bounds: a damaged store raises ``CorruptStoreError``.
+        """
+        if not 0 <= start <= stop <= self.n_rows(side):
+            raise IndexError(f"rows [{start}, {stop}) outside the {self.n_rows(side)} rows of {self.location} {SIDES[side]}")
         group = self._csr(side)
         indptr = group["indptr"][start : stop + 1].astype(np.int64)
         lo, hi = int(indptr[0]), int(indptr[-1])
+        orientation = SIDES[side]
+        if len(indptr) != stop - start + 1 or not 0 <= lo <= hi <= self.nnz:
+            raise CorruptStoreError(f"{self.location}: {orientation}/indptr of rows [{start}, {stop}) points outside the "
+                                    f"{self.nnz} entries: the store is damaged; write it again")
         indices = group["indices"][lo:hi]
         values = group["values"][lo:hi]
+        local = indptr - lo
+        code, at = csr_problem(local, indices, int(self.n_rows("item" if side == "user" else "user")))
+        if code == 1 or len(values) != len(indices):
+            raise CorruptStoreError(f"{self.location}: {orientation}/indptr is damaged at row {start + max(at, 0)} "
+                                    "(decreasing, or beyond the entries): write the store again")
+        if code == 2:
+            raise CorruptStoreError(f"{self.location}: {orientation}/indices[{lo + at}] = {int(indices[at])} is outside "
+                                    f"[0, {self.n_rows('item' if side == 'user' else 'user')}): the store is damaged; "
+                                    "write it again")
         order = None
         if with_order:
             if not self.has_order:
                 raise StoreError(f"{self.location} has no entry order: convert with an order column (--order-col)")
             order = group["order"][lo:hi]
-        return CSRShard(start, stop, indptr - lo, indices, values, order)
+        return CSRShard(start, stop, local, indices, values, order)
 
     def shard(self, side: str, k: int) -> CSRShard:
         start, stop = self.shard_ranges(side)[k]
@@ -179,6 +193,27 @@ class InteractionStore:
                 raise KeyError(f"unknown {side} id(s): {unknown}")
             pos = np.where(found, pos, -1)
         return pos.astype(np.int64)
+
+
+class IdMaps(InteractionStore):
+    """The id maps of a store without its interactions: ``ids`` and ``index_of`` only.
+
+    A model store keeps a copy of its interaction store's id maps (``ID_NODES``) in a group;
+    this reads them with the same code as ``InteractionStore``, so serving what needs no
+    interactions works when the interaction store is gone.
+    """
+
+    def __init__(self, group: zarr.Group, location: str, id_kind: str, n_users: int, n_items: int):
+        self.location = location
+        self.storage_options = None
+        self.group = group
+        self.id_kind = id_kind
+        self.n_users, self.n_items, self.nnz = int(n_users), int(n_items), 0
+        self._shard_bounds = {"user": [0, self.n_users], "item": [0, self.n_items]}
+        self.row_block = max(1, self.n_users, self.n_items)
+
+    def rows(self, side: str, start: int, stop: int, with_order: bool = False) -> CSRShard:
+        raise StoreError(f"{self.location} holds id maps only, no interactions")
 
 
 def open_store(location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> InteractionStore:

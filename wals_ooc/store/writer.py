@@ -10,15 +10,15 @@ Four streaming passes, each holding at most one batch or one shard in memory:
             user unit's and its item unit's bucket file;
 4. assemble: each bucket is sorted, duplicates summed, and appended as those rows of the CSR.
 
-The store's ``complete`` flag is set last, so an interrupted conversion never opens as complete.
+The store is built beside its target and swapped in only when complete (``store.lifecycle``),
+so a conversion that fails or is killed leaves an existing store as it was.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
+import zlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,14 +30,9 @@ import zarr
 from tqdm.auto import tqdm
 
 from ..memory import MemoryBudget, format_bytes, peak_rss
-from .format import (
-    CSR_CHUNK,
-    FORMAT_VERSION,
-    INTERACTIONS_KIND,
-    StoreError,
-    is_local,
-    open_group,
-)
+from ..errors import SettingError, WalsError
+from .format import CSR_CHUNK, FORMAT_VERSION, INTERACTIONS_KIND, create_array, is_local
+from .lifecycle import Output, output_store
 from .sources import BadRowReport, InputError, InputSpec, RowBatch, read_batches
 
 log = logging.getLogger("wals_ooc")
@@ -186,39 +181,20 @@ def default_shard_nnz(nnz: int, allowance: int) -> int:
 
 
 class _Workspace:
-    """Temporary spill files of one conversion, removed when it ends however it ends."""
+    """Where one conversion's spill files go: a directory the door removes however the run ends."""
 
-    def __init__(self, store: str, tmp_dir: str | None):
-        parent = tmp_dir
-        if parent is None and is_local(store):
-            parent = os.path.dirname(os.path.abspath(store.removeprefix("file://"))) or "."
-        self.path = tempfile.mkdtemp(prefix=".wals-ooc-convert-", dir=parent)
+    def __init__(self, path: str):
+        self.path = path
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
-
-    def close(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _prepare_target(store: str, overwrite: bool, storage_options: dict | None) -> zarr.Group:
-    try:
-        existing = open_group(store, "r", storage_options)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
-        existing = None
-    if existing is not None and not overwrite:
-        state = "complete" if existing.attrs.get("complete") else "incomplete (an interrupted conversion)"
-        raise StoreError(f"{store} already exists and is {state}; pass overwrite=True / --overwrite to replace it")
-    group = open_group(store, "w", storage_options)
-    group.attrs.update({"kind": INTERACTIONS_KIND, "format_version": FORMAT_VERSION, "complete": False})
-    return group
 
 
 def write_store(
     batches: Iterable[RowBatch],
     store: str | os.PathLike,
     *,
-    memory_budget: int | str | None = None,
+    memory_budget: MemoryBudget | int | str | None = None,
     shard_nnz: int | None = None,
     row_block: int = DEFAULT_ROW_BLOCK,
     tmp_dir: str | None = None,
@@ -227,64 +203,93 @@ def write_store(
     storage_options: dict | None = None,
     report: ConvertReport | None = None,
     source_attrs: dict[str, Any] | None = None,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> ConvertReport:
     """Write validated row batches into an interaction store, out of core.
 
     memory_budget caps peak RSS (see ``wals_ooc.memory``); shard_nnz overrides the entries per
     shard; row_block is the row alignment of shards (and the factor chunk size in training).
+    The store is built beside ``store`` and swapped in when complete (``store.lifecycle``):
+    a failure leaves an existing store as it was. inputs: what the batches are read from (the
+    store may not be one of them).
     """
-    started = time.perf_counter()
     store = os.fspath(store)
-    budget = MemoryBudget.start(memory_budget)
-    report = report or ConvertReport(store=store)
+    _check_layout_args(row_block, shard_nnz)
+    # measured once, before the door opens anything (convert passes the budget it started)
+    budget = memory_budget if isinstance(memory_budget, MemoryBudget) else MemoryBudget.start(memory_budget)
+    with output_store(store, INTERACTIONS_KIND, version=FORMAT_VERSION, overwrite=overwrite, inputs=inputs,
+                      storage_options=storage_options, tmp_dir=tmp_dir) as out:
+        return build_store(batches, out, memory_budget=budget, shard_nnz=shard_nnz, row_block=row_block,
+                           progress=progress, report=report, source_attrs=source_attrs)
+
+
+def _check_layout_args(row_block: int, shard_nnz: int | None) -> None:
+    if not isinstance(row_block, (int, np.integer)) or row_block < 1:
+        raise SettingError(f"row_block must be an integer >= 1, got {row_block!r}", flags={"row_block": "--row-block"})
+    if shard_nnz is not None and (not isinstance(shard_nnz, (int, np.integer)) or shard_nnz < 1):
+        raise SettingError(f"shard_nnz must be an integer >= 1, got {shard_nnz!r}", flags={"shard_nnz": "--shard-nnz"})
+
+
+def build_store(
+    batches: Iterable[RowBatch],
+    out: Output,
+    *,
+    memory_budget: MemoryBudget | int | str | None = None,
+    shard_nnz: int | None = None,
+    row_block: int = DEFAULT_ROW_BLOCK,
+    progress: bool | None = None,
+    report: ConvertReport | None = None,
+    source_attrs: dict[str, Any] | None = None,
+) -> ConvertReport:
+    """The body of ``write_store``: the four passes, into an output opened by ``store.lifecycle``
+    (spill files in its workspace). ``split`` builds its two outputs this way in one transaction.
+    memory_budget: a budget, or a ``MemoryBudget`` already started (measured before the door)."""
+    started = time.perf_counter()
+    _check_layout_args(row_block, shard_nnz)
+    budget = memory_budget if isinstance(memory_budget, MemoryBudget) else MemoryBudget.start(memory_budget)
+    report = report or ConvertReport(store=out.target)
     report.budget = budget.describe()
-    if row_block < 1:
-        raise ValueError("row_block must be >= 1")
-    group = _prepare_target(store, overwrite, storage_options)
-    workspace = _Workspace(store, tmp_dir)
+    group = out.group
+    workspace = _Workspace(out.workspace())
     disable = None if progress is None else not progress
-    try:
-        spill, id_kind, user_ids, item_ids, record = _collect(batches, workspace, budget, report, disable)
-        counts, mapped_path = _map_rows(spill, workspace, user_ids, item_ids, record, disable)
-        report.n_users, report.n_items = len(user_ids), len(item_ids)
-        raw_nnz = int(counts["user"].sum())
-        target = shard_nnz or default_shard_nnz(raw_nnz, budget.allowance)
-        bounds = {side: plan_shard_bounds(counts[side], row_block, target) for side in ("user", "item")}
-        per_entry = ASSEMBLE_BYTES_PER_NNZ + 3 * (record.itemsize - RECORD.itemsize)  # order: kept, sorted, reduced
-        unit_nnz = max(1, budget.allowance // (4 * per_entry))
-        units = {side: assembly_units(counts[side], bounds[side], unit_nnz) for side in ("user", "item")}
-        del counts
-        buckets = _bucket(mapped_path, workspace, units, budget, record, disable)
-        nnz = {}
-        for side, orientation, n_cols in (("user", "by_user", len(item_ids)), ("item", "by_item", len(user_ids))):
-            nnz[side] = _assemble(group, orientation, buckets[side], units[side], n_cols, record, unit_nnz,
-                                  budget.allowance, disable)
-            group[orientation].attrs.update({"shard_bounds": [int(b) for b in bounds[side]], "row_block": int(row_block)})
-        assert nnz["user"] == nnz["item"], "both orientations must hold the same entries"
-        _write_ids(group, "user_ids", user_ids, id_kind)
-        _write_ids(group, "item_ids", item_ids, id_kind)
-        report.nnz = nnz["user"]
-        report.duplicates_summed = raw_nnz - report.nnz
-        report.seconds = time.perf_counter() - started
-        report.peak_rss = peak_rss()
-        group.attrs.update(
-            {
-                "n_users": report.n_users,
-                "n_items": report.n_items,
-                "nnz": report.nnz,
-                "id_kind": id_kind,
-                "has_order": record is ORDERED_RECORD,
-                "store_id": uuid.uuid4().hex,
-                "rows_read": report.rows_read,
-                "duplicates_summed": report.duplicates_summed,
-                "zeros_dropped": report.bad_rows.zeros_dropped,
-                "bad_rows_skipped": report.bad_rows.skipped,
-                "sources": source_attrs or {},
-            }
-        )
-        group.attrs["complete"] = True  # last write: the store is usable from here on
-    finally:
-        workspace.close()
+    spill, id_kind, user_ids, item_ids, record = _collect(batches, workspace, budget, report, disable)
+    counts, mapped_path = _map_rows(spill, workspace, user_ids, item_ids, record, disable)
+    report.n_users, report.n_items = len(user_ids), len(item_ids)
+    raw_nnz = int(counts["user"].sum())
+    target = shard_nnz or default_shard_nnz(raw_nnz, budget.allowance)
+    bounds = {side: plan_shard_bounds(counts[side], row_block, target) for side in ("user", "item")}
+    per_entry = ASSEMBLE_BYTES_PER_NNZ + 3 * (record.itemsize - RECORD.itemsize)  # order: kept, sorted, reduced
+    unit_nnz = max(1, budget.allowance // (4 * per_entry))
+    units = {side: assembly_units(counts[side], bounds[side], unit_nnz) for side in ("user", "item")}
+    del counts
+    buckets = _bucket(mapped_path, workspace, units, budget, record, disable)
+    nnz = {}
+    for side, orientation, n_cols in (("user", "by_user", len(item_ids)), ("item", "by_item", len(user_ids))):
+        nnz[side] = _assemble(group, orientation, buckets[side], units[side], n_cols, record, unit_nnz,
+                              budget.allowance, disable)
+        group[orientation].attrs.update({"shard_bounds": [int(b) for b in bounds[side]], "row_block": int(row_block)})
+    assert nnz["user"] == nnz["item"], "both orientations must hold the same entries"
+    _write_ids(group, "user_ids", user_ids, id_kind)
+    _write_ids(group, "item_ids", item_ids, id_kind)
+    report.nnz = nnz["user"]
+    report.duplicates_summed = raw_nnz - report.nnz
+    report.seconds = time.perf_counter() - started
+    report.peak_rss = peak_rss()
+    group.attrs.update(
+        {
+            "n_users": report.n_users,
+            "n_items": report.n_items,
+            "nnz": report.nnz,
+            "id_kind": id_kind,
+            "has_order": record is ORDERED_RECORD,
+            "store_id": uuid.uuid4().hex,
+            "rows_read": report.rows_read,
+            "duplicates_summed": report.duplicates_summed,
+            "zeros_dropped": report.bad_rows.zeros_dropped,
+            "bad_rows_skipped": report.bad_rows.skipped,
+            "sources": source_attrs or {},
+        }
+    )  # ``complete`` is set by the door once this returns and the store is verified
     return report
 
 
@@ -385,8 +390,10 @@ def _swap_row_col(records: np.ndarray) -> np.ndarray:
 
 
 def _csr_array(group: zarr.Group, name: str, shape: int, dtype) -> zarr.Array:
-    return group.create_array(
+    return create_array(
+        group,
         name,
+        dense=True,
         shape=(shape,),
         dtype=dtype,
         chunks=(CSR_CHUNK,),
@@ -541,7 +548,8 @@ def _write_ids(group: zarr.Group, name: str, ids: np.ndarray, id_kind: str) -> N
     else:
         data = np.array([value.decode("utf-8") for value in ids], dtype=np.dtypes.StringDType())
         dtype = str
-    array = group.create_array(name, shape=(len(ids),), dtype=dtype, chunks=(max(1, min(len(ids), CSR_CHUNK)),))
+    array = create_array(group, name, shape=(len(ids),), dtype=dtype, chunks=(max(1, min(len(ids), CSR_CHUNK)),),
+                         dense=True)
     if len(ids):
         array[:] = data
 
@@ -573,17 +581,18 @@ def convert(
     are skipped and counted with ``on_bad_lines="skip"``. Input files are only read.
     """
     paths = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(p) for p in inputs]
-    if is_local(os.fspath(store)):
-        target = os.path.abspath(os.fspath(store).removeprefix("file://"))
-        for path in paths:
-            if os.path.abspath(path) == target or os.path.abspath(path).startswith(target + os.sep):
-                raise ValueError(f"the store {store} would overwrite the input {path}")
+    for path in paths:
+        _check_input_file(path)
+    _check_layout_args(row_block, shard_nnz)
     spec = InputSpec(user_col=user_col, item_col=item_col, value_col=value_col, order_col=order_col, delimiter=delimiter,
                      header=header, id_kind=id_type, on_bad_lines=on_bad_lines)
     report = ConvertReport(store=os.fspath(store))
-    budget_bytes = MemoryBudget.start(memory_budget).allowance
+    budget = MemoryBudget.start(memory_budget)
+    budget_bytes = budget.allowance
     block_bytes = int(min(64 << 20, max(1 << 20, budget_bytes // 48)))
-    batches = read_batches(paths, spec, report.bad_rows, block_bytes=block_bytes)
+    reading: list[str] = [paths[0] if paths else ""]
+    batches = _located(read_batches(paths, spec, report.bad_rows, block_bytes=block_bytes,
+                                    on_file=lambda path: reading.__setitem__(0, path)), reading)
     sources = {
         "inputs": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in paths if os.path.exists(p)],
         "user_col": str(user_col),
@@ -594,7 +603,7 @@ def convert(
     return write_store(
         batches,
         store,
-        memory_budget=memory_budget,
+        memory_budget=budget,
         shard_nnz=shard_nnz,
         row_block=row_block,
         tmp_dir=tmp_dir,
@@ -603,5 +612,38 @@ def convert(
         storage_options=storage_options,
         report=report,
         source_attrs=sources,
+        inputs=paths,
     )
+
+
+def _check_input_file(path: str) -> None:
+    """An input must be a readable file (checked before anything is written)."""
+    if not is_local(path):
+        return
+    local = path.removeprefix("file://")
+    if not os.path.lexists(local):
+        raise InputError(path, None, None, "no such file")
+    if os.path.isdir(local):
+        raise InputError(path, None, None, "is a directory, not an input file")
+    if os.path.exists(local) and not os.access(local, os.R_OK):
+        raise InputError(path, None, None, "permission denied: the file cannot be read")
+
+
+def _located(batches: Iterable[RowBatch], reading: list[str]) -> Iterable[RowBatch]:
+    """The batches, with a failure to read an input (a truncated gzip, an I/O error) turned into
+    an ``InputError`` naming the file being read. Errors of the consumer (writing) pass through."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except WalsError:
+            raise
+        except (OSError, EOFError, zlib.error, pa.ArrowException) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            if isinstance(exc, EOFError) or any(w in reason.lower() for w in ("gzip", "inflate", "compress", "truncat")):
+                reason = f"truncated or corrupt compressed data ({reason})"
+            raise InputError(reading[0], None, None, f"unreadable: {reason}") from exc
+        yield batch
 

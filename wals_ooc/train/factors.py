@@ -8,6 +8,14 @@ Layout::
       user/0, user/1        (n_users, f) factor slots; checkpoint.slots["user"] is the current one
       user/gram             (2, f, f) float64: Y^T Y of each slot, for the other side's solves
       item/0, item/1, item/gram
+      ids/                  a copy of the interaction store's id maps (``ID_NODES``), so that
+                            serving what needs no interactions (scoring without filtering,
+                            similar items, fold-in) works without them
+
+``interactions`` binds the model to its data by identity: the store's ``store_id`` (and its
+absolute location, shape and nnz). Serving checks it and refuses another store.
+``complete`` is True once ``config.iterations`` iterations are done; before that the model is
+"trained N of M iterations" (``FactorStore.status``), and serving it warns.
 
 A half-sweep reads the current slot of the fixed side (and of its own side, for CG's warm start)
 and writes the *other* slot of its side. Only when every shard has been written does one
@@ -26,11 +34,13 @@ import numpy as np
 import zarr
 
 from ..config import WALSConfig
-from ..store.format import check_complete, open_group
-from ..store.reader import InteractionStore
+from ..errors import DataMismatchError, StoreError
+from ..store.format import DENSE_ATTR, ID_NODES, KIND_PREFIX, create_array, is_local, local_path, open_group
+from ..store.reader import IdMaps, InteractionStore
 
 MODEL_KIND = "wals-ooc/model"
-MODEL_FORMAT_VERSION = 1
+# 2: checksums, id maps copied in, bound to the interaction store by store_id and absolute location
+MODEL_FORMAT_VERSION = 2
 SIDE_ORDER = ("user", "item")
 
 
@@ -40,15 +50,50 @@ def default_model_location(interactions_location: str) -> str:
     return (base[: -len(".zarr")] if base.endswith(".zarr") else base) + "-model.zarr"
 
 
+def absolute_location(location: str) -> str:
+    """A location that means the same from any working directory (absolute path, or the URL)."""
+    return local_path(location) if is_local(location) else location
+
+
 def interactions_identity(store: InteractionStore) -> dict[str, Any]:
-    """What identifies the data a model was trained on (a resume must see the same)."""
+    """What identifies the data a model was trained on (a resume and serving must see the same)."""
     return {
-        "location": store.location,
+        "location": absolute_location(store.location),
         "store_id": store.attrs().get("store_id"),
         "n_users": store.n_users,
         "n_items": store.n_items,
         "nnz": store.nnz,
+        "id_kind": store.id_kind,
     }
+
+
+def copy_id_maps(source: zarr.Group, target: zarr.Group, names: tuple[str, ...] = ID_NODES) -> None:
+    """Copy the id map nodes (``ID_NODES``: arrays and groups) one chunk at a time."""
+    for name in names:
+        if name in source:
+            _copy_node(source[name], target, name)
+
+
+def _copy_node(node, target: zarr.Group, name: str) -> None:
+    if isinstance(node, zarr.Group):
+        group = target.create_group(name)
+        group.attrs.update(dict(node.attrs))
+        for child, member in node.members():
+            _copy_node(member, group, child)
+        return
+    compressors = [c for c in node.compressors if type(c).__name__ != "Crc32cCodec"]
+    attrs = dict(node.attrs)
+    array = create_array(target, name, shape=node.shape, dtype=node.dtype, chunks=node.chunks,
+                         compressors=compressors or None, fill_value=node.fill_value,
+                         dense=bool(attrs.pop(DENSE_ATTR, False)))
+    array.attrs.update(attrs)
+    if not node.ndim or not node.shape[0]:
+        if node.ndim == 0:
+            array[()] = node[()]
+        return
+    step = node.chunks[0]
+    for lo in range(0, node.shape[0], step):
+        array[lo : lo + step] = node[lo : lo + step]
 
 
 @dataclass
@@ -83,29 +128,33 @@ class FactorStore:
     @classmethod
     def create(
         cls,
+        group: zarr.Group,
         location: str,
         config: WALSConfig,
         interactions: InteractionStore,
         seed: int,
         storage_options: dict | None = None,
     ) -> FactorStore:
-        group = open_group(location, "w", storage_options)
+        """Lay out a new model in an empty group (made by ``store.lifecycle``): factor slots,
+        Grams, a copy of the id maps and the attributes; no factors yet (checkpoint None)."""
         shapes = {"user": interactions.n_users, "item": interactions.n_items}
         for side in SIDE_ORDER:
             side_group = group.create_group(side)
             for slot in (0, 1):
-                side_group.create_array(
+                create_array(
+                    side_group,
                     str(slot),
                     shape=(shapes[side], config.factors),
                     dtype=config.np_dtype,
                     chunks=(interactions.row_block, config.factors),
-                    compressors=None,
                     fill_value=0,
                 )
-            side_group.create_array(
-                "gram", shape=(2, config.factors, config.factors), dtype=np.float64,
-                chunks=(1, config.factors, config.factors), compressors=None, fill_value=0,
+            create_array(
+                side_group, "gram", shape=(2, config.factors, config.factors), dtype=np.float64,
+                chunks=(1, config.factors, config.factors), fill_value=0,
             )
+        ids = group.create_group("ids")
+        copy_id_maps(interactions.group, ids)
         group.attrs.update(
             {
                 "kind": MODEL_KIND,
@@ -125,9 +174,17 @@ class FactorStore:
 
     @classmethod
     def open(cls, location: str | os.PathLike, mode: str = "r", storage_options: dict | None = None) -> FactorStore:
+        """Open a model store of this format version (finished or not); ``StoreError`` otherwise."""
         group = open_group(location, mode, storage_options)
-        if group.attrs.get("kind") != MODEL_KIND:
-            raise FileNotFoundError(f"{location} is not a wals-ooc model store")
+        kind = group.attrs.get("kind")
+        if kind != MODEL_KIND:
+            what = f"a {kind} store" if isinstance(kind, str) and kind.startswith(KIND_PREFIX) else "not a wals-ooc store"
+            raise StoreError(f"{location} is {what}, not a model store")
+        version = group.attrs.get("format_version")
+        if version != MODEL_FORMAT_VERSION:
+            raise StoreError(f"{location} is a model of format version {version}, this wals-ooc reads version "
+                             f"{MODEL_FORMAT_VERSION}: train it again (train --no-resume)",
+                             flags={"resume=False": "--no-resume"})
         return cls(location, group, storage_options)
 
     @classmethod
@@ -135,7 +192,7 @@ class FactorStore:
         try:
             cls.open(location, "r", storage_options)
             return True
-        except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError):
+        except (StoreError, FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError):
             return False
 
     # -- state ----------------------------------------------------------------------------------
@@ -160,6 +217,30 @@ class FactorStore:
     def complete(self) -> bool:
         return bool(self.group.attrs.get("complete", False))
 
+    @property
+    def iterations_done(self) -> int:
+        """Iterations completed (both half-sweeps committed)."""
+        checkpoint = self.checkpoint
+        return 0 if checkpoint is None else checkpoint.iteration
+
+    def status(self) -> str:
+        """"trained N of M iterations" (and whether training is complete)."""
+        done, wanted = self.iterations_done, self.config.iterations
+        if self.complete:
+            return f"trained {done} of {wanted} iterations (complete)"
+        return f"trained {done} of {wanted} iterations (incomplete: its training stopped; run train again to finish it)"
+
+    @property
+    def binding(self) -> dict:
+        """The identity of the interaction store the model was trained on."""
+        return dict(self.group.attrs.get("interactions") or {})
+
+    def id_maps(self) -> IdMaps:
+        """The model's copy of the id maps (original ids of its users and items)."""
+        binding = self.binding
+        return IdMaps(self.group["ids"], self.location, str(binding.get("id_kind")), int(self.group.attrs["n_users"]),
+                      int(self.group.attrs["n_items"]))
+
     def commit(self, checkpoint: Checkpoint, loss_history: list[dict] | None = None, **extra) -> None:
         """Record a finished half-sweep: one atomic write of the group's attributes."""
         update: dict[str, Any] = {"checkpoint": checkpoint.to_dict()}
@@ -179,7 +260,8 @@ class FactorStore:
         """The current (last completed) factors of a side, as a Zarr array (nothing loaded)."""
         checkpoint = self.checkpoint
         if checkpoint is None:
-            raise RuntimeError(f"{self.location} has no trained factors yet")
+            raise StoreError(f"{self.location} has no trained factors yet: its training stopped before the first "
+                             "iteration; run train again")
         return self.slot(side, checkpoint.slots[side])
 
     def gram(self, side: str, slot: int) -> np.ndarray:
@@ -193,19 +275,23 @@ class FactorStore:
         return self.current(side)[start:stop]
 
 
-def check_interactions_match(model: FactorStore, interactions: InteractionStore) -> None:
-    """Refuse to resume a model on other data than it was started on."""
-    recorded = dict(model.group.attrs["interactions"])
+def check_interactions_match(model: FactorStore, interactions: InteractionStore, *, resuming: bool = True) -> None:
+    """Refuse a model and an interaction store that do not belong together (``DataMismatchError``)."""
+    recorded = model.binding
     now = interactions_identity(interactions)
     for key in ("store_id", "n_users", "n_items", "nnz"):
         if recorded.get(key) != now.get(key):
-            raise ValueError(
-                f"model {model.location} was trained on other interactions ({key}: {recorded.get(key)} "
-                f"vs {now.get(key)}); pass resume=False to start over"
+            if resuming:
+                raise DataMismatchError(
+                    f"model {model.location} was trained on other interactions ({key}: {recorded.get(key)} vs "
+                    f"{now.get(key)} in {interactions.location}); pass resume=False to start over",
+                    flags={"resume=False": "--no-resume"},
+                )
+            raise DataMismatchError(
+                f"{interactions.location} is not the interaction store model {model.location} was trained on "
+                f"({key}: {now.get(key)}, the model's: {recorded.get(key)}; it was trained on {recorded.get('location')})"
             )
 
 
 def open_model_group(location: str, storage_options: dict | None = None) -> zarr.Group:
-    group = open_group(location, "r", storage_options)
-    check_complete(group, MODEL_KIND, location, MODEL_FORMAT_VERSION)
-    return group
+    return FactorStore.open(location, "r", storage_options).group

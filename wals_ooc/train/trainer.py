@@ -16,8 +16,11 @@ from ..config import WALSConfig
 from ..execute import Executor
 from ..kernels.warm import warm_training_kernels
 from ..memory import MemoryBudget
+from ..errors import DataMismatchError, SettingError, WalsError
+from ..store.format import open_group
+from ..store.lifecycle import Output, output_store
 from ..store.reader import InteractionStore
-from .factors import Checkpoint, FactorStore, check_interactions_match
+from .factors import MODEL_FORMAT_VERSION, MODEL_KIND, Checkpoint, FactorStore, check_interactions_match
 from .half_sweep import HalfSweepJob, LocalState, init_task, release_caches, run_half_sweep
 from .plan import HalfSweepPlan, plan_half_sweep
 
@@ -77,9 +80,12 @@ def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, conc
     }
 
 
-def _open_or_create(store, location, config, resume, storage_options) -> FactorStore:
-    if resume and FactorStore.exists(location, storage_options):
-        model = FactorStore.open(location, "r+", storage_options)
+def _open_or_create(out: Output, store: InteractionStore, config: WALSConfig, storage_options) -> FactorStore:
+    """The model to train: the existing one (resumed in place), or a new one laid out in the
+    door's build location (published at once when new, so a killed run can be resumed; swapped
+    in at the end when it replaces another model)."""
+    if out.mode == "update":
+        model = FactorStore.open(out.location, "r+", storage_options)
         check_interactions_match(model, store)
         recorded = model.config
         wanted = config.objective_dict()
@@ -88,10 +94,28 @@ def _open_or_create(store, location, config, resume, storage_options) -> FactorS
             wanted["random_state"] = have["random_state"]
         if wanted != have:
             diff = {k: (have[k], wanted[k]) for k in wanted if have[k] != wanted[k]}
-            raise ValueError(f"model {location} was trained with other settings {diff}; pass resume=False to start over")
+            raise SettingError(f"model {out.target} was trained with other settings {diff}; pass resume=False to "
+                               "start over", flags={"resume=False": "--no-resume"})
+        if model.iterations_done < config.iterations:  # more to do: say so until it is done
+            kept = dict(config.to_dict(), random_state=have["random_state"])
+            model.group.attrs.update({"config": kept, "complete": False})
         return model
     seed = config.random_state if config.random_state is not None else int(np.random.SeedSequence().entropy % 2**31)
-    return FactorStore.create(location, config, store, seed, storage_options)
+    model = FactorStore.create(out.group, out.location, config, store, seed, storage_options)
+    if out.mode == "create":
+        model = FactorStore.open(out.publish(), "r+", storage_options)
+    return model
+
+
+def _check_data_unchanged(store: InteractionStore, identity: str | None) -> None:
+    """Refuse to commit a half-sweep when the interaction store was replaced under the run."""
+    try:
+        now = open_group(store.location, "r", store.storage_options).attrs.get("store_id")
+    except WalsError:
+        now = None
+    if now != identity:
+        raise DataMismatchError(f"{store.location} was replaced or removed while training on it: the model keeps its "
+                                "last checkpoint; train again on the data you mean")
 
 
 def _initialise(model: FactorStore, store: InteractionStore, config: WALSConfig, executor: Executor) -> None:
@@ -146,7 +170,17 @@ def train(
     warm_training_kernels(config.dtype)  # fixed per-process cost: part of the baseline
     budget = MemoryBudget.start(memory_budget)
     executor = Executor.of(executor, client, threads)
-    model = _open_or_create(store, model_location, config, resume, storage_options)
+    with output_store(model_location, MODEL_KIND, version=MODEL_FORMAT_VERSION, overwrite=not resume, resume=resume,
+                      inputs=[store.location], storage_options=storage_options) as out:
+        model = _open_or_create(out, store, config, storage_options)
+        _train_model(model, store, config, executor, budget, callback, progress, storage_options, max_block_rows)
+    return FactorStore.open(out.target, "r", storage_options)
+
+
+def _train_model(model: FactorStore, store: InteractionStore, config: WALSConfig, executor: Executor,
+                 budget: MemoryBudget, callback, progress, storage_options, max_block_rows) -> None:
+    """The training loop proper, on an opened model (the door holds its lock)."""
+    data_id = store.attrs().get("store_id")
     if model.checkpoint is None:
         _initialise(model, store, config, executor)
     local = executor.is_local
@@ -202,6 +236,7 @@ def train(
                 slots = dict(checkpoint.slots)
                 slots[side] = job.out_slot
                 regularization = float(sum(r.regularization for r in results))
+                _check_data_unchanged(store, data_id)
                 if side == "user":
                     checkpoint = Checkpoint(checkpoint.step + 1, slots, pending_user_reg=regularization)
                     model.commit(checkpoint)
@@ -220,7 +255,7 @@ def train(
                     bar.set_postfix(loss=f"{loss:.6g}", it=report.iteration + 1)
                 if callback is not None:
                     callback(report.iteration, report.seconds, loss)
-        model.group.attrs.update({"complete": True, "config": config.to_dict(), "iterations_done": checkpoint.iteration})
+        if checkpoint.iteration >= model.config.iterations:
+            model.group.attrs.update({"complete": True, "iterations_done": checkpoint.iteration})
     finally:
         executor.run_everywhere(release_caches)
-    return model
