@@ -17,6 +17,7 @@ import zarr
 from .config import WALSConfig
 from .errors import DataMismatchError, IncompleteModelWarning, SettingError, StoreError
 from .evaluate.metrics import evaluate as evaluate_model
+from .index import AnnIndex, IndexSettings, approximate_top_k, resolve_index, subset_csr
 from .kernels.warm import warm_serving_kernels
 from .memory import MemoryBudget, to_bytes
 from .serve.fold_in import fold_in, merge_entries
@@ -170,11 +171,15 @@ class WALS:
         filter_already_liked: bool = True,
         items: Iterable | None = None,
         user_vectors: np.ndarray | None = None,
+        index: AnnIndex | str | os.PathLike | bool | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-N (original item ids, scores) for each user, best first; shapes (n_users, N).
 
         items: restrict candidates to these original item ids. user_vectors: score these
         vectors (e.g. from ``recalculate_user``) instead of the stored users' factors.
+        index: answer from an approximate index over the item factors (``build_index``): True
+        for the one beside the model, a path, or an ``AnnIndex``; already-liked items are still
+        filtered exactly, and scores are exact (``items`` is always answered exactly).
         Slots beyond the available candidates hold -1 (or "") with score -inf.
         """
         _check_n(N)
@@ -190,24 +195,32 @@ class WALS:
         exclude = self._liked("user", rows) if filter_already_liked else None
         allowance = self._allowance()
         source = item_source(model, allowance, score_block_rows(len(queries), queries.shape[1], allowance))
-        ids, scores, _ = top_k(queries, source, N, exclude=exclude, candidates=candidates)
+        ann = resolve_index(index, model, "item", "inner_product", self.memory_budget) if candidates is None else None
+        if ann is not None:
+            ids, scores = _approximate(ann, queries, source, N, exclude, self.threads)
+        else:
+            ids, scores, _ = top_k(queries, source, N, exclude=exclude, candidates=candidates)
         return original_ids(store, "item", ids), scores
 
     def recommend_all(self, N: int = 10, output: str | os.PathLike | None = None, filter_already_liked: bool = True,
-                      format: str = "zarr", client=None, overwrite: bool = False) -> str:
+                      format: str = "zarr", client=None, overwrite: bool = False,
+                      index: str | os.PathLike | bool | None = None) -> str:
         """Write top-N for every user to ``output`` (Zarr group or Parquet directory), streaming shards.
 
         Written through ``store.lifecycle``: an existing output is replaced only with ``overwrite``
-        and only once the new one is complete."""
+        and only once the new one is complete. index: answer from an approximate index over the
+        item factors (True: the one beside the model, or its path; see ``recommend``)."""
         _check_n(N)
         store, model = self._trained()
         if filter_already_liked:
             store = self._data("filtering already-liked items", no_filter_hint=True)
         output = os.fspath(output) if output is not None else model.location.rstrip("/") + f"-top{N}" + (".zarr" if format == "zarr" else "")
+        ann = resolve_index(index, model, "item", "inner_product", self.memory_budget)
         return recommend_all_shards(model, store, output, N, filter_already_liked, format, client, self.threads,
-                                    self.memory_budget, self.storage_options, overwrite)
+                                    self.memory_budget, self.storage_options, overwrite,
+                                    index=None if ann is None else (ann.location, ann.settings.ef_search, ann.settings.nprobe))
 
-    def _similar(self, side: str, ids: Any, N: int, filter_self: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _similar(self, side: str, ids: Any, N: int, filter_self: bool, index=None) -> tuple[np.ndarray, np.ndarray]:
         _check_n(N)
         model = self._trained()[1]
         store = self._ids()
@@ -217,15 +230,44 @@ class WALS:
         source = FactorSource(array, score_block_rows(len(rows), array.shape[1], allowance), normalized=True)
         queries = source.rows(rows)
         exclude = (np.arange(len(rows) + 1, dtype=np.int64), rows.astype(np.int64)) if filter_self else None
-        ids_out, scores, _ = top_k(queries, source, N, exclude=exclude)
+        ann = resolve_index(index, model, side, "cosine", self.memory_budget)
+        if ann is not None:
+            ids_out, scores = _approximate(ann, queries, source, N, exclude, self.threads)
+        else:
+            ids_out, scores, _ = top_k(queries, source, N, exclude=exclude)
         return original_ids(store, side, ids_out), scores
 
-    def similar_items(self, item_ids: Any, N: int = 10, filter_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """The N items most similar (cosine of factors) to each given item; itself first unless filtered."""
-        return self._similar("item", item_ids, N, filter_self)
+    def similar_items(self, item_ids: Any, N: int = 10, filter_self: bool = False,
+                      index: AnnIndex | str | os.PathLike | bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The N items most similar (cosine of factors) to each given item; itself first unless filtered.
 
-    def similar_users(self, user_ids: Any, N: int = 10, filter_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        return self._similar("user", user_ids, N, filter_self)
+        index: answer from an approximate cosine index over the item factors (``build_index(side=
+        "item", metric="cosine")``; True: the one beside the model)."""
+        return self._similar("item", item_ids, N, filter_self, index)
+
+    def similar_users(self, user_ids: Any, N: int = 10, filter_self: bool = False,
+                      index: AnnIndex | str | os.PathLike | bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The N users most similar (cosine of factors) to each given user (see ``similar_items``)."""
+        return self._similar("user", user_ids, N, filter_self, index)
+
+    def build_index(self, side: str = "item", metric: str | None = None, location: str | os.PathLike | None = None,
+                    kind: str = "hnsw", hnsw_m: int = 32, ef_construction: int = 80, ef_search: int = 64,
+                    nlist: int | None = None, nprobe: int = 32, max_fetch: int = 1024,
+                    overwrite: bool = False, progress=None) -> AnnIndex:
+        """Build an approximate-nearest-neighbour index (faiss) over the current ``side`` factors,
+        streamed from the factor store, and save it (default: beside the model).
+
+        metric: "inner_product" (recommend; the default for items) or "cosine" (similar_*; the
+        default for users). kind: "hnsw" (graph) or "ivf" (k-means cells); the other settings
+        trade recall for speed (``IndexSettings``). Written through the lifecycle door: an
+        existing index is replaced only with ``overwrite``. Retraining the model makes the index
+        stale: serving with it is then refused until it is rebuilt."""
+        model = self._trained()[1]
+        settings = IndexSettings(kind=kind, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
+                                 nlist=nlist, nprobe=nprobe, max_fetch=max_fetch)
+        return AnnIndex.build(model, location, side=side, metric=metric, settings=settings,
+                              memory_budget=self.memory_budget, threads=self.threads, overwrite=overwrite,
+                              progress=progress)
 
     def _recalculate(self, side: str, interactions: Any) -> np.ndarray:
         model = self._trained()[1]
@@ -267,6 +309,18 @@ class WALS:
         _check_test_store(store, test_store)
         return evaluate_model(model, store, test_store, k, user_fraction, seed, client,
                               self.threads, self.memory_budget, self.storage_options)
+
+
+def _approximate(ann: AnnIndex, queries: np.ndarray, source: FactorSource, n: int,
+                 exclude: tuple[np.ndarray, np.ndarray] | None, threads: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-n from the index, excluded ids dropped exactly; queries it cannot fill answered exactly."""
+    def exact(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sub = None if exclude is None else subset_csr(exclude[0], exclude[1], positions)
+        ids, scores, _ = top_k(queries[positions], source, n, exclude=sub)
+        return ids, scores
+
+    ids, scores, _ = approximate_top_k(ann, queries, n, exclude, exact, threads=threads or os.cpu_count() or 1)
+    return ids, scores
 
 
 def _check_n(n: Any) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -181,8 +182,7 @@ class AnnIndex:
     ) -> AnnIndex:
         """Build the index of ``model``'s current ``side`` factors and save it at ``location``
         (default: beside the model)."""
-        import faiss
-
+        faiss = _faiss()
         if side not in SIDES:
             raise SettingError(f"side must be user or item, got {side!r}")
         metric = metric or default_metric(side)
@@ -242,8 +242,7 @@ class AnnIndex:
              memory_budget=None) -> AnnIndex:
         """Open a saved index; with ``model``, refuse it unless it was built from the model's
         current checkpoint. ``ef_search``/``nprobe`` override the saved search settings."""
-        import faiss
-
+        faiss = _faiss()
         location = os.fspath(location)
         meta = read_meta(location)
         if meta.get("format_version") != INDEX_FORMAT_VERSION:
@@ -272,8 +271,7 @@ class AnnIndex:
         were found; their exact scores (n, k) float32), in the index's order (rank them with
         ``kernels.topk.select_candidates``). Scores are inner products for ``inner_product`` and
         cosines for ``cosine``."""
-        import faiss
-
+        faiss = _faiss()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = int(min(k, self.n_rows))
         if self.metric == "cosine":
@@ -324,6 +322,15 @@ def check_binding(location: str, meta: dict, model) -> None:
             f"the index {location} was built from other {side} factors than {model.location} holds now "
             f"(the model was retrained): rebuild it with `wals-ooc index {model.location}`"
         )
+
+
+def _faiss():
+    """The faiss module, or a one-line error saying how to install it."""
+    try:
+        import faiss
+    except ImportError:
+        raise SettingError("approximate retrieval needs faiss: pip install 'wals-ooc[ann]' (faiss-cpu)") from None
+    return faiss
 
 
 class _omp_threads:
@@ -383,9 +390,7 @@ def _new_index(faiss, settings: IndexSettings, dims: int, n: int):
         return index
     quantizer = faiss.IndexFlatL2(dims)
     index = faiss.IndexIVFFlat(quantizer, dims, settings.cells(n), faiss.METRIC_L2)
-    index.nprobe = settings.nprobe
-    index.own_fields = True
-    index._quantizer = quantizer  # keep the Python object alive with the index
+    index.nprobe = settings.nprobe  # (faiss's Python wrapper keeps the quantizer alive with the index)
     return index
 
 
@@ -410,4 +415,51 @@ def index_exists(location: str) -> bool:
     return state.what == "store" and state.kind == INDEX_KIND and bool(state.attrs.get("complete"))
 
 
-__all__ = ["AnnIndex", "IndexSettings", "default_index_location", "default_metric"]
+
+
+_opened_lock = threading.Lock()
+_opened: dict[tuple, AnnIndex] = {}
+
+
+def resolve_index(index, model, side: str, metric: str, memory_budget=None, ef_search: int | None = None,
+                  nprobe: int | None = None) -> AnnIndex | None:
+    """The index a serving call asked for: None/False (exact), True (the default location beside
+    the model), a path, or an ``AnnIndex``. It must cover ``side`` with ``metric`` and have been
+    built from ``model``'s current factors; opened indexes are kept once per process."""
+    if index is None or index is False:
+        return None
+    if isinstance(index, AnnIndex):
+        check_binding(index.location, index.meta, model)
+        opened = index
+    else:
+        location = default_index_location(model.location, side, metric) if index is True else os.fspath(index)
+        key = (os.path.abspath(location), model.checkpoint.step if model.checkpoint else None)
+        with _opened_lock:
+            opened = _opened.get(key)
+        if opened is None:
+            opened = AnnIndex.open(location, model=model, memory_budget=memory_budget)
+            with _opened_lock:
+                _opened.clear()  # one index per process at a time: bounded memory
+                _opened[key] = opened
+        else:
+            check_binding(location, opened.meta, model)
+    if opened.side != side or opened.metric != metric:
+        raise SettingError(f"the index {opened.location} is over {opened.side} factors by {opened.metric}; this needs "
+                           f"one over {side} factors by {metric}: build it with `wals-ooc index {model.location} "
+                           f"--side {side} --metric {metric}`")
+    if ef_search is not None or nprobe is not None:
+        tuned = AnnIndex(opened.location, opened.meta, opened.index)
+        changes = {name: value for name, value in (("ef_search", ef_search), ("nprobe", nprobe)) if value is not None}
+        tuned.settings = IndexSettings(**{**asdict(opened.settings), **changes})
+        tuned.settings.validate()
+        return tuned
+    return opened
+
+
+def forget_indexes() -> None:
+    """Drop the indexes this process keeps open."""
+    with _opened_lock:
+        _opened.clear()
+
+
+__all__ = ["AnnIndex", "IndexSettings", "default_index_location", "default_metric", "forget_indexes", "resolve_index"]

@@ -18,6 +18,7 @@ import zarr
 
 from ..errors import DataMismatchError, SettingError
 from ..execute import Executor, single_threaded_blas_in_worker
+from ..index import approximate_top_k, forget_indexes, resolve_index, subset_csr
 from ..kernels.warm import warm_serving_kernels
 from ..memory import MemoryBudget
 from ..store.format import create_array, open_group
@@ -62,6 +63,7 @@ def release_items() -> None:
         _items_in_memory.clear()
         _interaction_stores.clear()
     forget_ids()
+    forget_indexes()
 
 
 def open_interactions(location: str, storage_options: dict | None) -> InteractionStore:
@@ -74,7 +76,7 @@ def open_interactions(location: str, storage_options: dict | None) -> Interactio
 
 
 def _recommend_shard(model_location, interactions_location, storage_options, start, stop, n, filter_liked,
-                     allowance, output, fmt) -> int:
+                     allowance, output, fmt, index=None) -> int:
     single_threaded_blas_in_worker()
     model = FactorStore.open(model_location, "r", storage_options)
     ids = model_ids(model)
@@ -84,7 +86,18 @@ def _recommend_shard(model_location, interactions_location, storage_options, sta
     if filter_liked:
         shard = open_interactions(interactions_location, storage_options).rows("user", start, stop)
         liked = (shard.indptr, shard.indices.astype(np.int64))
-    top, scores, _ = top_k(queries, item_source(model, allowance, block_rows), n, exclude=liked)
+    source = item_source(model, allowance, block_rows)
+    if index is None:
+        top, scores, _ = top_k(queries, source, n, exclude=liked)
+    else:  # approximate candidates, liked items dropped exactly; users it cannot fill answered exactly
+        location, ef_search, nprobe = index
+        ann = resolve_index(location, model, "item", "inner_product", ef_search=ef_search, nprobe=nprobe)
+
+        def exact(positions):
+            sub = None if liked is None else subset_csr(liked[0], liked[1], positions)
+            return top_k(queries[positions], source, n, exclude=sub)[:2]
+
+        top, scores, _ = approximate_top_k(ann, queries, n, liked, exact, threads=1)
     original = original_ids(ids, "item", top)
     if fmt == "zarr":
         group = open_group(output, "r+", storage_options)
@@ -125,6 +138,7 @@ def recommend_all(
     storage_options: dict | None = None,
     overwrite: bool = False,
     executor: Executor | None = None,
+    index: tuple[str, int, int] | None = None,
 ) -> str:
     """Write the top ``n`` items of every user to ``output`` (Zarr group or Parquet directory).
 
@@ -132,7 +146,9 @@ def recommend_all(
     missing slots (fewer than n candidates) hold -1 or "" with score -inf. Parquet: one file per
     user shard (user, rank, item, score) and ``_SUCCESS``. Either is written through
     ``store.lifecycle`` (built beside, swapped in when complete). ``store`` (the interaction
-    store) is needed only to filter already-liked items; ids come from the model.
+    store) is needed only to filter already-liked items; ids come from the model. index:
+    (location, ef_search, nprobe) of an approximate index over the item factors (inner
+    product) to answer from.
     """
     if fmt not in ("zarr", "parquet"):
         raise SettingError(f"format must be zarr or parquet, got {fmt!r}", flags={"format": "--format"})
@@ -160,7 +176,7 @@ def recommend_all(
         tasks = [
             dask.delayed(_recommend_shard, pure=False)(
                 model.location, store.location if filter_already_liked else None, storage_options, lo, hi, n,
-                filter_already_liked, allowance, out.location, fmt, dask_key_name=f"recommend-shard{k:05d}",
+                filter_already_liked, allowance, out.location, fmt, index, dask_key_name=f"recommend-shard{k:05d}",
             )
             for k, (lo, hi) in enumerate(_user_ranges(model, store))
             if hi > lo
