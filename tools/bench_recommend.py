@@ -142,6 +142,78 @@ def child_implicit(args) -> dict:
             "sample_scores": scores[sample][keep].astype(float).tolist()}
 
 
+def child_ann(args) -> dict:
+    """Approximate recommend against exact on ``--ann-users`` evenly spaced users of a large
+    catalogue: the index built (timed, once), then per setting users/s and recall@N against
+    the exact lists, liked items filtered in both; queries answered in batches as a server
+    would, ``--threads`` threads each."""
+    import numpy as np
+
+    import wals_ooc
+    from wals_ooc.index import forget_indexes, resolve_index
+    from wals_ooc.kernels.warm import warm_serving_kernels
+    from wals_ooc.memory import peak_rss
+
+    warm_serving_kernels()
+    model = wals_ooc.load(args.model, memory_budget=args.memory_budget, threads=args.threads)
+    store = model.interactions
+    users = store.ids("user")[sample_rows(store.n_users, args.ann_users)]
+    result: dict = {"items": store.n_items, "users": len(users), "settings": []}
+    location = os.path.join(args.workdir, f"{os.path.basename(args.model.rstrip('/'))[:-5]}-{args.ann_kind}.ann")
+    started = time.perf_counter()
+    if args.ann_kind == "hnsw":
+        model.build_index(location=location, kind="hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
+                          overwrite=True)
+    else:
+        model.build_index(location=location, kind="ivf", overwrite=True)
+    result["build_seconds"] = time.perf_counter() - started
+    batch = 1000
+    model.recommend(users[:50], N=args.n)  # item factors into memory in norm order (not timed)
+    started = time.perf_counter()
+    exact = np.concatenate([model.recommend(users[lo: lo + batch], N=args.n)[0] for lo in range(0, len(users), batch)])
+    result["exact_users_per_s"] = len(users) / (time.perf_counter() - started)
+    values = [int(v) for v in args.ann_settings.split(",")]
+    for value in values:
+        forget_indexes()
+        tuned = resolve_index(location, model.factors_store, "item", "inner_product", model.memory_budget,
+                              **({"ef_search": value} if args.ann_kind == "hnsw" else {"nprobe": value}))
+        model.recommend(users[:50], N=args.n, index=tuned)
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            approx = np.concatenate([model.recommend(users[lo: lo + batch], N=args.n, index=tuned)[0]
+                                     for lo in range(0, len(users), batch)])
+            times.append(time.perf_counter() - started)
+        recall = float(np.mean([len(set(a[a != -1]) & set(b[b != -1])) / max(1, (a != -1).sum())
+                                for a, b in zip(exact, approx)]))
+        result["settings"].append({"value": value, "users_per_s": len(users) / statistics.median(times),
+                                   "recall": recall})
+    result["peak_rss"] = peak_rss()
+    return result
+
+
+def ann_main(args) -> None:
+    from wals_ooc.memory import format_bytes
+
+    command = [sys.executable, __file__, "--child", "ann", "--model", args.model, "--workdir", args.workdir,
+               "--threads", str(args.threads), "-n", str(args.n), "--memory-budget", str(args.memory_budget),
+               "--ann-users", str(args.ann_users), "--ann-kind", args.ann_kind, "--ann-settings", args.ann_settings,
+               "--hnsw-m", str(args.hnsw_m), "--ef-construction", str(args.ef_construction)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"ann run failed:\n{done.stderr[-3000:]}")
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    knob = "ef_search" if args.ann_kind == "hnsw" else "nprobe"
+    print(f"model {args.model}: {r['items']:,} items; {r['users']:,} evenly spaced users, N={args.n}, liked items "
+          f"filtered, {args.threads} threads; {args.ann_kind} index (M={args.hnsw_m}, ef_construction="
+          f"{args.ef_construction}) built in {r['build_seconds']:.1f}s")
+    print(f"  exact            {r['exact_users_per_s']:10,.0f} users/s  recall@{args.n} 1.0000")
+    for row in r["settings"]:
+        print(f"  {knob}={row['value']:<6d}  {row['users_per_s']:10,.0f} users/s  recall@{args.n} {row['recall']:.4f}  "
+              f"{row['users_per_s'] / r['exact_users_per_s']:6.1f}x exact  (median of 3)")
+    print(f"  peak RSS {format_bytes(r['peak_rss'])}")
+
+
 def run_child(peer: str, args) -> dict:
     command = [sys.executable, __file__, "--child", peer, "--model", args.model, "--workdir", args.workdir,
                "--threads", str(args.threads), "-n", str(args.n), "--memory-budget", str(args.memory_budget),
@@ -186,12 +258,25 @@ def main() -> None:
     parser.add_argument("--implicit-users", type=int, default=36_000,
                         help="users implicit (and the brute-force check) recommend for, evenly spaced; "
                              "its users/s does not depend on how many")
-    parser.add_argument("--child", choices=["wals", "implicit"], help=argparse.SUPPRESS)
+    parser.add_argument("--ann", action="store_true",
+                        help="instead: approximate (faiss index) against exact recommend on --model's catalogue")
+    parser.add_argument("--ann-users", type=int, default=4000)
+    parser.add_argument("--ann-kind", choices=["hnsw", "ivf"], default="hnsw")
+    parser.add_argument("--ann-settings", default="64,128,256", help="ef_search (hnsw) or nprobe (ivf) values")
+    parser.add_argument("--hnsw-m", type=int, default=32)
+    parser.add_argument("--ef-construction", type=int, default=80)
+    parser.add_argument("--child", choices=["wals", "implicit", "ann"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
-        result = (child_wals if args.child == "wals" else child_implicit)(args)
+        result = {"wals": child_wals, "implicit": child_implicit, "ann": child_ann}[args.child](args)
         print(json.dumps(result))
+        return
+    if args.ann:
+        if not args.model:
+            raise SystemExit("--ann needs --model (a model of a catalogue of >= 1M items)")
+        args.workdir = args.outdir or ("/work/data/serve" if os.path.isdir("/work/data") else tempfile.mkdtemp())
+        ann_main(args)
         return
 
     os.makedirs(args.workdir, exist_ok=True)

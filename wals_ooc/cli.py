@@ -238,6 +238,15 @@ def _index_choice(args, model, side: str, metric: str):
                          nprobe=args.nprobe)
 
 
+def cmd_export(args) -> int:
+    from .model import load
+
+    model = load(args.model, memory_budget=args.memory_budget)
+    out = model.export(args.output, format=args.format, overwrite=args.overwrite)
+    print(f"wrote the factors of {args.model} with their ids to {out} ({args.format})")
+    return 0
+
+
 def cmd_index(args) -> int:
     from .model import load
 
@@ -374,6 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     _interactions_arg(p)
     _budget_arg(p)
     p.set_defaults(func=cmd_similar)
+
+    p = sub.add_parser("export", parents=[common], help="factors with their original ids: parquet, npz or implicit's .npz")
+    p.add_argument("model")
+    p.add_argument("output", help="a directory (parquet) or NAME.npz (npz, implicit)")
+    p.add_argument("--format", choices=("parquet", "npz", "implicit"), default="parquet")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (once the new one is complete)")
+    _budget_arg(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("index", parents=[common], help="approximate-nearest-neighbour index (faiss) of a model's factors")
     p.add_argument("model")

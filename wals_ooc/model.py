@@ -250,6 +250,14 @@ class WALS:
         """The N users most similar (cosine of factors) to each given user (see ``similar_items``)."""
         return self._similar("user", user_ids, N, filter_self, index)
 
+    def export(self, output: str | os.PathLike, format: str = "parquet", overwrite: bool = False) -> str:
+        """Write the factors with their original ids for other systems (see ``serve/export.py``):
+        "parquet" (a directory: users.parquet and items.parquet, columns id and factors, a row
+        group per row block), "npz", or "implicit" (a .npz ``implicit``'s ``load`` reads)."""
+        from .serve.export import export_factors
+
+        return export_factors(self._trained()[1], output, format, overwrite)
+
     def build_index(self, side: str = "item", metric: str | None = None, location: str | os.PathLike | None = None,
                     kind: str = "hnsw", hnsw_m: int = 32, ef_construction: int = 80, ef_search: int = 64,
                     nlist: int | None = None, nprobe: int = 32, max_fetch: int = 1024,
