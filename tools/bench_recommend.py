@@ -160,13 +160,18 @@ def child_ann(args) -> dict:
     users = store.ids("user")[sample_rows(store.n_users, args.ann_users)]
     result: dict = {"items": store.n_items, "users": len(users), "settings": []}
     location = os.path.join(args.workdir, f"{os.path.basename(args.model.rstrip('/'))[:-5]}-{args.ann_kind}.ann")
+    # (reused indexes must be built with the same name: wals-ooc index MODEL --output LOCATION)
     started = time.perf_counter()
-    if args.ann_kind == "hnsw":
+    if args.ann_reuse and os.path.isdir(location):
+        resolve_index(location, model.factors_store, "item", "inner_product")  # refuses a stale one
+        result["build_seconds"] = None
+    elif args.ann_kind == "hnsw":
         model.build_index(location=location, kind="hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
                           overwrite=True)
     else:
         model.build_index(location=location, kind="ivf", overwrite=True)
-    result["build_seconds"] = time.perf_counter() - started
+    if "build_seconds" not in result:
+        result["build_seconds"] = time.perf_counter() - started
     batch = 1000
     model.recommend(users[:50], N=args.n)  # item factors into memory in norm order (not timed)
     started = time.perf_counter()
@@ -198,7 +203,7 @@ def ann_main(args) -> None:
     command = [sys.executable, __file__, "--child", "ann", "--model", args.model, "--workdir", args.workdir,
                "--threads", str(args.threads), "-n", str(args.n), "--memory-budget", str(args.memory_budget),
                "--ann-users", str(args.ann_users), "--ann-kind", args.ann_kind, "--ann-settings", args.ann_settings,
-               "--hnsw-m", str(args.hnsw_m), "--ef-construction", str(args.ef_construction)]
+               "--hnsw-m", str(args.hnsw_m), "--ef-construction", str(args.ef_construction)] + (["--ann-reuse"] if args.ann_reuse else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"ann run failed:\n{done.stderr[-3000:]}")
@@ -206,7 +211,7 @@ def ann_main(args) -> None:
     knob = "ef_search" if args.ann_kind == "hnsw" else "nprobe"
     print(f"model {args.model}: {r['items']:,} items; {r['users']:,} evenly spaced users, N={args.n}, liked items "
           f"filtered, {args.threads} threads; {args.ann_kind} index (M={args.hnsw_m}, ef_construction="
-          f"{args.ef_construction}) built in {r['build_seconds']:.1f}s")
+          f"{args.ef_construction}) " + ("reused" if r["build_seconds"] is None else f"built in {r['build_seconds']:.1f}s"))
     print(f"  exact            {r['exact_users_per_s']:10,.0f} users/s  recall@{args.n} 1.0000")
     for row in r["settings"]:
         print(f"  {knob}={row['value']:<6d}  {row['users_per_s']:10,.0f} users/s  recall@{args.n} {row['recall']:.4f}  "
@@ -263,6 +268,7 @@ def main() -> None:
     parser.add_argument("--ann-users", type=int, default=4000)
     parser.add_argument("--ann-kind", choices=["hnsw", "ivf"], default="hnsw")
     parser.add_argument("--ann-settings", default="64,128,256", help="ef_search (hnsw) or nprobe (ivf) values")
+    parser.add_argument("--ann-reuse", action="store_true", help="use the index already built beside --model")
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--ef-construction", type=int, default=80)
     parser.add_argument("--child", choices=["wals", "implicit", "ann"], help=argparse.SUPPRESS)
