@@ -253,8 +253,8 @@ def cmd_index(args) -> int:
     model = load(args.model, memory_budget=args.memory_budget, threads=args.threads)
     started = time.perf_counter()
     built = model.build_index(side=args.side, metric=args.metric, location=args.output, kind=args.kind,
-                              hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search or 64,
-                              nlist=args.nlist, nprobe=args.nprobe or 32, max_fetch=args.max_fetch,
+                              hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=128 if args.ef_search is None else args.ef_search,
+                              nlist=args.nlist, nprobe=32 if args.nprobe is None else args.nprobe, max_fetch=args.max_fetch,
                               overwrite=args.overwrite)
     print(f"built {built.describe()} in {time.perf_counter() - started:.1f}s")
     return 0
@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=("hnsw", "ivf"), default="hnsw")
     p.add_argument("--hnsw-m", type=int, default=32, help="graph neighbours per node (hnsw)")
     p.add_argument("--ef-construction", type=int, default=80, help="candidate list while building (hnsw)")
-    p.add_argument("--ef-search", type=int, default=None, help="candidate list while searching (hnsw; default 64)")
+    p.add_argument("--ef-search", type=int, default=None, help="candidate list while searching (hnsw; default 128)")
     p.add_argument("--nlist", type=int, default=None, help="k-means cells (ivf; default 4 sqrt(rows))")
     p.add_argument("--nprobe", type=int, default=None, help="cells searched per query (ivf; default 32)")
     p.add_argument("--max-fetch", type=int, default=1024,

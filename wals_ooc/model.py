@@ -259,7 +259,7 @@ class WALS:
         return export_factors(self._trained()[1], output, format, overwrite)
 
     def build_index(self, side: str = "item", metric: str | None = None, location: str | os.PathLike | None = None,
-                    kind: str = "hnsw", hnsw_m: int = 32, ef_construction: int = 80, ef_search: int = 64,
+                    kind: str = "hnsw", hnsw_m: int = 32, ef_construction: int = 80, ef_search: int = 128,
                     nlist: int | None = None, nprobe: int = 32, max_fetch: int = 1024,
                     overwrite: bool = False, progress=None) -> AnnIndex:
         """Build an approximate-nearest-neighbour index (faiss) over the current ``side`` factors,

@@ -61,7 +61,7 @@ class IndexSettings:
     kind: str = "hnsw"
     hnsw_m: int = 32
     ef_construction: int = 80
-    ef_search: int = 64
+    ef_search: int = 128
     nlist: int | None = None
     nprobe: int = 32
     max_fetch: int = 1024
