@@ -106,6 +106,11 @@ class WALS:
             raise StoreError("the model has no factors: fit it or wals_ooc.load() a trained one")
         return self.interactions, self.factors_store
 
+    def id_maps(self) -> IdMaps:
+        """The model's own copy of its id maps (``index_of``, ``ids_of``, ``id_kinds``): original
+        ids <-> rows, looked up chunk by chunk; no interaction store needed."""
+        return self._ids()
+
     def _ids(self) -> IdMaps:
         """The model's own copy of its id maps (serving ids needs no interaction store)."""
         return model_ids(self._trained()[1])
@@ -282,9 +287,7 @@ class WALS:
         store = self._ids()
         other = "item" if side == "user" else "user"
         ids, values = _pairs(interactions)
-        columns = store.index_of(other, ids, missing="mark")
-        if (columns < 0).any():
-            raise KeyError(f"unknown {other} ids: {np.asarray(ids)[columns < 0][:5].tolist()}")
+        columns = store.index_of(other, ids)  # unknown ids: UnknownIdError naming them
         columns, values = merge_entries(columns, values)
         fixed = model.current(other)
         rows = _rows_of(fixed, columns)
@@ -362,12 +365,13 @@ def _rows_of(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
     return np.asarray(array.get_orthogonal_selection((unique, slice(None))))[inverse]
 
 
-def _pairs(interactions: Any) -> tuple[np.ndarray, np.ndarray]:
+def _pairs(interactions: Any) -> tuple[list, np.ndarray]:
+    """(ids, values) of fold-in interactions; ids kept as given (any mix of types or lengths)."""
     if isinstance(interactions, dict):
-        return np.asarray(list(interactions.keys())), np.asarray(list(interactions.values()), np.float64)
+        return list(interactions.keys()), np.asarray(list(interactions.values()), np.float64)
     if isinstance(interactions, tuple) and len(interactions) == 2:
-        return np.asarray(interactions[0]), np.asarray(interactions[1], np.float64)
-    ids = np.asarray(list(interactions))
+        return list(interactions[0]), np.asarray(interactions[1], np.float64)
+    ids = list(interactions)
     return ids, np.ones(len(ids))
 
 

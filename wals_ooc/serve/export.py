@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from ..errors import SettingError
 from ..store.lifecycle import output_file, output_store
-from .ids import ids_of_range, model_ids, names_of_range
+from .ids import id_kind, ids_of_range, ids_of_range_arrow, model_ids, names_of_range
 
 FORMATS = ("parquet", "npz", "implicit")
 EXPORT_KIND = "wals-ooc/factors-parquet"
@@ -68,7 +68,7 @@ def _write_parquet(model, side: str, path: str) -> None:
     try:
         for lo, block in _factor_blocks(array, with_start=True):
             hi = lo + len(block)
-            columns = {"id": pa.array(_plain_ids(ids_of_range(maps, side, lo, hi)))}
+            columns = {"id": ids_of_range_arrow(maps, side, lo, hi)}
             names = names_of_range(maps, side, lo, hi)
             if names is not None:
                 columns["name"] = pa.array(np.asarray(names, dtype=object))
@@ -94,19 +94,17 @@ def _factor_blocks(array, with_start: bool = False):
         yield (lo, block) if with_start else block
 
 
-def _plain_ids(ids: np.ndarray) -> np.ndarray:
-    return ids if ids.dtype.kind in "iu" else np.asarray(ids, dtype=object)
-
-
 def _id_layout(maps, side: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a side's ids in a .npy: int64, or fixed-width unicode as long as the
+    longest id (one pass over the map, block by block)."""
     n = int(maps.n_users if side == "user" else maps.n_items)
-    sample = ids_of_range(maps, side, 0, min(n, 1))
-    if sample.dtype.kind in "iu":
+    if id_kind(maps, side) == "int":
         return (n,), np.dtype(np.int64)
     longest = 1
     for lo in range(0, n, 1 << 20):
         block = ids_of_range(maps, side, lo, min(n, lo + (1 << 20)))
-        longest = max(longest, int(np.char.str_len(np.asarray(block, dtype=str)).max(initial=1)))
+        if len(block):
+            longest = max(longest, max(len(str(i)) for i in block))
     return (n,), np.dtype(f"<U{longest}")
 
 

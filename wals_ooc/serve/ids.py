@@ -2,8 +2,8 @@
 
 Ids come from the model's own copy of its id maps (``FactorStore.id_maps()``), so serving needs
 no interaction store. Every conversion goes through the helpers below (``model_ids`` to get the
-maps, then ``original_ids``/``ids_of_range``/``id_dtype``/``names_of_range``); a new id-map API
-(issue 10: chunked, verified lookup) changes this module only.
+maps, then ``original_ids``/``ids_of_range``/``id_kind``/``names_of_range``), which delegate to
+the maps' chunked, verified lookups (``ids_of``, ``ids``; issue 10).
 """
 
 from __future__ import annotations
@@ -33,25 +33,24 @@ def forget_ids() -> None:
         _maps.clear()
 
 
-def missing_id(dtype: np.dtype):
-    """The placeholder of an empty result slot: -1 for integer ids, "" for strings."""
-    return -1 if np.issubdtype(dtype, np.integer) else ""
-
-
 def original_ids(maps, side: str, rows: np.ndarray) -> np.ndarray:
-    """Original ids of row numbers (any shape); rows < 0 (empty slots) give ``missing_id``."""
-    rows = np.asarray(rows, np.int64)
-    id_map = maps.ids(side)
-    return np.where(rows >= 0, id_map[np.maximum(rows, 0)], missing_id(id_map.dtype))
+    """Original ids of row numbers (any shape); rows < 0 (empty slots) give -1 or ""."""
+    return maps.ids_of(side, np.asarray(rows, np.int64))
 
 
 def ids_of_range(maps, side: str, start: int, stop: int) -> np.ndarray:
-    """Original ids of the contiguous rows ``[start, stop)`` (a shard)."""
-    return maps.ids(side)[start:stop]
+    """Original ids of the contiguous rows ``[start, stop)`` (a shard): int64 or str objects."""
+    return maps.ids(side, start, stop)
 
 
-def id_dtype(maps, side: str) -> np.dtype:
-    return maps.ids(side).dtype
+def ids_of_range_arrow(maps, side: str, start: int, stop: int):
+    """The same as a flat Arrow array (int64 or large_string), for Parquet."""
+    return maps.ids_of(side, np.arange(start, stop, dtype=np.int64), as_arrow=True)
+
+
+def id_kind(maps, side: str) -> str:
+    """"int" or "text"."""
+    return maps.id_kinds[side]
 
 
 def names_of_range(maps, side: str, start: int, stop: int) -> np.ndarray | None:
