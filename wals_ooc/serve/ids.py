@@ -19,7 +19,10 @@ _maps: dict[tuple, object] = {}
 def model_ids(model):
     """The id maps of a ``FactorStore``, opened once per process (their arrays are cached)."""
     binding = model.binding
-    key = (model.location, binding.get("store_id"), int(model.group.attrs["n_users"]), int(model.group.attrs["n_items"]))
+    # the group's path names an object store's current generation: a replaced model is not
+    # served with the id maps of its deleted predecessor
+    key = (model.location, model.group.path, str(model.group.store), binding.get("store_id"),
+           int(model.group.attrs["n_users"]), int(model.group.attrs["n_items"]))
     with _lock:
         if key not in _maps:
             _maps.clear()
