@@ -179,3 +179,29 @@ def test_load_serves_the_same_and_exports_to_numpy_and_implicit(trained):
 def test_unfitted_model_says_so():
     with pytest.raises(RuntimeError, match="fit"):
         WALS().recommend([1])
+
+
+def test_export_round_trips_through_parquet_npz_and_implicit(trained, tmp_path):
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    users, items = trained.to_numpy()
+    store = trained.interactions
+    out = trained.export(str(tmp_path / "factors.parquet"))
+    for side, expected in (("user", users), ("item", items)):
+        path = f"{out}/{side}s.parquet"
+        table = pq.read_table(path)
+        np.testing.assert_array_equal(table["id"].to_numpy(), store.ids(side))
+        np.testing.assert_array_equal(np.stack(table["factors"].to_numpy(zero_copy_only=False)), expected.astype(np.float32))
+        assert pq.ParquetFile(path).num_row_groups == -(-len(expected) // trained.factors_store.current(side).chunks[0])
+    npz = np.load(trained.export(str(tmp_path / "f.npz"), format="npz"))
+    np.testing.assert_array_equal(npz["item_factors"], items)
+    np.testing.assert_array_equal(npz["user_ids"], store.ids("user"))
+    peer = AlternatingLeastSquares.load(trained.export(str(tmp_path / "peer.npz"), format="implicit"))
+    assert peer.factors == 8 and peer.regularization == trained.config.regularization
+    row = 5
+    ids, scores = peer.recommend(row, None, N=4, filter_already_liked_items=False)
+    ours_ids, ours_scores = trained.recommend([store.ids("user")[row]], N=4, filter_already_liked=False)
+    np.testing.assert_array_equal(peer.item_ids[ids], ours_ids[0])
+    np.testing.assert_allclose(scores, ours_scores[0], rtol=1e-6)
+    with pytest.raises(wals_ooc.errors.PathError, match="overwrite"):
+        trained.export(str(tmp_path / "f.npz"), format="npz")

@@ -259,16 +259,17 @@ def cmd_recommend(args) -> int:
     from .model import load
 
     model = load(args.model, interactions=args.interactions, memory_budget=args.memory_budget, threads=args.threads)
+    index = _index_choice(args, model, "item", "inner_product")
     if args.all:
         with _client(args) as client:
             out = model.recommend_all(N=args.n, output=args.output, filter_already_liked=not args.no_filter,
-                                      format=args.format, client=client, overwrite=args.overwrite)
+                                      format=args.format, client=client, overwrite=args.overwrite, index=index)
         print(f"wrote top-{args.n} recommendations of {model.factors_store.group.attrs['n_users']} users to {out}")
         return 0
     if not args.users:
         raise SettingError("give --users ID... or --all")
     users = _ids(model.id_maps(), "user", args.users)
-    ids, scores = model.recommend(users, N=args.n, filter_already_liked=not args.no_filter)
+    ids, scores = model.recommend(users, N=args.n, filter_already_liked=not args.no_filter, index=index)
     for user, row_ids, row_scores in zip(users, ids, scores):
         listed = [{"item": _plain(i), "score": round(float(s), 6)} for i, s in zip(row_ids, row_scores) if s > -np.inf]
         print(json.dumps({"user": user, "items": listed}))
@@ -278,13 +279,50 @@ def cmd_recommend(args) -> int:
 def cmd_similar(args) -> int:
     from .model import load
 
-    model = load(args.model, interactions=args.interactions, memory_budget=args.memory_budget)
+    model = load(args.model, interactions=args.interactions, memory_budget=args.memory_budget, threads=args.threads)
     side = "user" if args.users else "item"
     ids_in = _ids(model.id_maps(), side, args.users or args.items)
     method = model.similar_users if side == "user" else model.similar_items
-    ids, scores = method(ids_in, N=args.n, filter_self=args.filter_self)
+    ids, scores = method(ids_in, N=args.n, filter_self=args.filter_self,
+                         index=_index_choice(args, model, side, "cosine"))
     for query, row_ids, row_scores in zip(ids_in, ids, scores):
         print(json.dumps({side: query, "similar": [{side: _plain(i), "score": round(float(s), 6)} for i, s in zip(row_ids, row_scores)]}))
+    return 0
+
+
+def _index_choice(args, model, side: str, metric: str):
+    """--index [PATH] (with --ef-search/--nprobe) as the ``index`` argument of a serving call."""
+    if args.index is None:
+        if args.ef_search is not None or args.nprobe is not None:
+            raise SettingError("--ef-search and --nprobe tune an approximate index: give --index too")
+        return None
+    if args.ef_search is None and args.nprobe is None:
+        return args.index
+    from .index import resolve_index
+
+    return resolve_index(args.index, model.factors_store, side, metric, model.memory_budget, ef_search=args.ef_search,
+                         nprobe=args.nprobe)
+
+
+def cmd_export(args) -> int:
+    from .model import load
+
+    model = load(args.model, memory_budget=args.memory_budget)
+    out = model.export(args.output, format=args.format, overwrite=args.overwrite)
+    print(f"wrote the factors of {args.model} with their ids to {out} ({args.format})")
+    return 0
+
+
+def cmd_index(args) -> int:
+    from .model import load
+
+    model = load(args.model, memory_budget=args.memory_budget, threads=args.threads)
+    started = time.perf_counter()
+    built = model.build_index(side=args.side, metric=args.metric, location=args.output, kind=args.kind,
+                              hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=128 if args.ef_search is None else args.ef_search,
+                              nlist=args.nlist, nprobe=32 if args.nprobe is None else args.nprobe, max_fetch=args.max_fetch,
+                              overwrite=args.overwrite)
+    print(f"built {built.describe()} in {time.perf_counter() - started:.1f}s")
     return 0
 
 
@@ -432,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=10)
     p.add_argument("--no-filter", action="store_true", help="keep already-liked items")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output (once the new one is complete)")
+    _index_args(p, "an index over the item factors (inner product)")
     _interactions_arg(p)
     cluster_args(p)
     _budget_arg(p)
@@ -444,9 +483,38 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--users", nargs="+")
     p.add_argument("-n", type=int, default=10)
     p.add_argument("--filter-self", action="store_true")
+    _index_args(p, "a cosine index over the item (or user) factors")
+    p.add_argument("--threads", type=int, default=None)
     _interactions_arg(p)
     _budget_arg(p)
     p.set_defaults(func=cmd_similar)
+
+    p = sub.add_parser("export", parents=[common], help="factors with their original ids: parquet, npz or implicit's .npz")
+    p.add_argument("model")
+    p.add_argument("output", help="a directory (parquet) or NAME.npz (npz, implicit)")
+    p.add_argument("--format", choices=("parquet", "npz", "implicit"), default="parquet")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (once the new one is complete)")
+    _budget_arg(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("index", parents=[common], help="approximate-nearest-neighbour index (faiss) of a model's factors")
+    p.add_argument("model")
+    p.add_argument("--side", choices=("item", "user"), default="item")
+    p.add_argument("--metric", choices=("inner_product", "cosine"), default=None,
+                   help="inner_product (recommend; default for items) or cosine (similar; default for users)")
+    p.add_argument("--output", default=None, help="where to save it (default: MODEL-SIDE-METRIC.ann beside the model)")
+    p.add_argument("--kind", choices=("hnsw", "ivf"), default="hnsw")
+    p.add_argument("--hnsw-m", type=int, default=32, help="graph neighbours per node (hnsw)")
+    p.add_argument("--ef-construction", type=int, default=80, help="candidate list while building (hnsw)")
+    p.add_argument("--ef-search", type=int, default=None, help="candidate list while searching (hnsw; default 128)")
+    p.add_argument("--nlist", type=int, default=None, help="k-means cells (ivf; default 4 sqrt(rows))")
+    p.add_argument("--nprobe", type=int, default=None, help="cells searched per query (ivf; default 32)")
+    p.add_argument("--max-fetch", type=int, default=1024,
+                   help="most candidates fetched per query to make up for filtered items")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index (once the new one is complete)")
+    p.add_argument("--threads", type=int, default=None)
+    _budget_arg(p)
+    p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("split", parents=[common], help="per-user train/test split of a store")
     p.add_argument("store")
@@ -474,6 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
     _budget_arg(p)
     p.set_defaults(func=cmd_evaluate)
     return parser
+
+
+def _index_args(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--index", nargs="?", const=True, default=None, metavar="PATH",
+                        help=f"answer approximately from {what} built by `wals-ooc index` (default: the one beside "
+                             "the model); filtering stays exact")
+    parser.add_argument("--ef-search", type=int, default=None, help="with --index (hnsw): search candidate list")
+    parser.add_argument("--nprobe", type=int, default=None, help="with --index (ivf): cells searched")
 
 
 def _verbose_arg(parser: argparse.ArgumentParser, top: bool = False) -> None:

@@ -17,9 +17,12 @@ import zarr
 from .config import WALSConfig
 from .errors import DataMismatchError, IncompleteModelWarning, SettingError, StoreError
 from .evaluate.metrics import evaluate as evaluate_model
+from .index import AnnIndex, IndexSettings, approximate_top_k, resolve_index, subset_csr
 from .kernels.warm import warm_serving_kernels
 from .memory import MemoryBudget, to_bytes
 from .serve.fold_in import fold_in, merge_entries
+from .serve.ids import model_ids, original_ids
+from .serve.liked import liked_csr
 from .serve.recommend import item_source, recommend_all as recommend_all_shards, score_block_rows
 from .serve.scoring import FactorSource, top_k
 from .store.reader import IdMaps, InteractionStore
@@ -113,11 +116,7 @@ class WALS:
 
     def _ids(self) -> IdMaps:
         """The model's own copy of its id maps (serving ids needs no interaction store)."""
-        model = self._trained()[1]
-        cached = getattr(self, "_id_maps", None)
-        if cached is None or cached[0] is not model:
-            self._id_maps = (model, model.id_maps())
-        return self._id_maps[1]
+        return model_ids(self._trained()[1])
 
     def _data(self, need: str, no_filter_hint: bool = False) -> InteractionStore:
         """The interaction store the model was trained on, or a clear error saying why not."""
@@ -171,13 +170,7 @@ class WALS:
 
     def _liked(self, side: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """CSR (indptr, sorted ids) of the stored entries of the given rows."""
-        store = self._data("filtering already-liked items", no_filter_hint=True)
-        indptr, ids = [0], []
-        for row in rows:  # row -1: unknown to the store, nothing to exclude
-            found = store.rows(side, int(row), int(row) + 1).indices if row >= 0 else np.zeros(0, np.int32)
-            ids.append(found.astype(np.int64))
-            indptr.append(indptr[-1] + len(found))
-        return np.asarray(indptr, np.int64), (np.concatenate(ids) if ids else np.zeros(0, np.int64))
+        return liked_csr(self._data("filtering already-liked items", no_filter_hint=True), side, rows)
 
     def recommend(
         self,
@@ -186,11 +179,15 @@ class WALS:
         filter_already_liked: bool = True,
         items: Iterable | None = None,
         user_vectors: np.ndarray | None = None,
+        index: AnnIndex | str | os.PathLike | bool | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-N (original item ids, scores) for each user, best first; shapes (n_users, N).
 
         items: restrict candidates to these original item ids. user_vectors: score these
         vectors (e.g. from ``recalculate_user``) instead of the stored users' factors.
+        index: answer from an approximate index over the item factors (``build_index``): True
+        for the one beside the model, a path, or an ``AnnIndex``; already-liked items are still
+        filtered exactly, and scores are exact (``items`` is always answered exactly).
         Slots beyond the available candidates hold -1 (or "") with score -inf.
         """
         _check_n(N)
@@ -206,24 +203,32 @@ class WALS:
         exclude = self._liked("user", rows) if filter_already_liked else None
         allowance = self._allowance()
         source = item_source(model, allowance, score_block_rows(len(queries), queries.shape[1], allowance))
-        ids, scores, _ = top_k(queries, source, N, exclude=exclude, candidates=candidates)
-        return store.ids_of("item", ids), scores
+        ann = resolve_index(index, model, "item", "inner_product", self.memory_budget) if candidates is None else None
+        if ann is not None:
+            ids, scores = _approximate(ann, queries, source, N, exclude, self.threads)
+        else:
+            ids, scores, _ = top_k(queries, source, N, exclude=exclude, candidates=candidates)
+        return original_ids(store, "item", ids), scores
 
     def recommend_all(self, N: int = 10, output: str | os.PathLike | None = None, filter_already_liked: bool = True,
-                      format: str = "zarr", client=None, overwrite: bool = False) -> str:
+                      format: str = "zarr", client=None, overwrite: bool = False,
+                      index: str | os.PathLike | bool | None = None) -> str:
         """Write top-N for every user to ``output`` (Zarr group or Parquet directory), streaming shards.
 
         Written through ``store.lifecycle``: an existing output is replaced only with ``overwrite``
-        and only once the new one is complete."""
+        and only once the new one is complete. index: answer from an approximate index over the
+        item factors (True: the one beside the model, or its path; see ``recommend``)."""
         _check_n(N)
         store, model = self._trained()
         if filter_already_liked:
             store = self._data("filtering already-liked items", no_filter_hint=True)
         output = os.fspath(output) if output is not None else model.location.rstrip("/") + f"-top{N}" + (".zarr" if format == "zarr" else "")
+        ann = resolve_index(index, model, "item", "inner_product", self.memory_budget)
         return recommend_all_shards(model, store, output, N, filter_already_liked, format, client, self.threads,
-                                    self.memory_budget, self.storage_options, overwrite)
+                                    self.memory_budget, self.storage_options, overwrite,
+                                    index=None if ann is None else (ann.location, ann.settings.ef_search, ann.settings.nprobe))
 
-    def _similar(self, side: str, ids: Any, N: int, filter_self: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _similar(self, side: str, ids: Any, N: int, filter_self: bool, index=None) -> tuple[np.ndarray, np.ndarray]:
         _check_n(N)
         model = self._trained()[1]
         store = self._ids()
@@ -233,15 +238,52 @@ class WALS:
         source = FactorSource(array, score_block_rows(len(rows), array.shape[1], allowance), normalized=True)
         queries = source.rows(rows)
         exclude = (np.arange(len(rows) + 1, dtype=np.int64), rows.astype(np.int64)) if filter_self else None
-        ids_out, scores, _ = top_k(queries, source, N, exclude=exclude)
-        return store.ids_of(side, ids_out), scores
+        ann = resolve_index(index, model, side, "cosine", self.memory_budget)
+        if ann is not None:
+            ids_out, scores = _approximate(ann, queries, source, N, exclude, self.threads)
+        else:
+            ids_out, scores, _ = top_k(queries, source, N, exclude=exclude)
+        return original_ids(store, side, ids_out), scores
 
-    def similar_items(self, item_ids: Any, N: int = 10, filter_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """The N items most similar (cosine of factors) to each given item; itself first unless filtered."""
-        return self._similar("item", item_ids, N, filter_self)
+    def similar_items(self, item_ids: Any, N: int = 10, filter_self: bool = False,
+                      index: AnnIndex | str | os.PathLike | bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The N items most similar (cosine of factors) to each given item; itself first unless filtered.
 
-    def similar_users(self, user_ids: Any, N: int = 10, filter_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        return self._similar("user", user_ids, N, filter_self)
+        index: answer from an approximate cosine index over the item factors (``build_index(side=
+        "item", metric="cosine")``; True: the one beside the model)."""
+        return self._similar("item", item_ids, N, filter_self, index)
+
+    def similar_users(self, user_ids: Any, N: int = 10, filter_self: bool = False,
+                      index: AnnIndex | str | os.PathLike | bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The N users most similar (cosine of factors) to each given user (see ``similar_items``)."""
+        return self._similar("user", user_ids, N, filter_self, index)
+
+    def export(self, output: str | os.PathLike, format: str = "parquet", overwrite: bool = False) -> str:
+        """Write the factors with their original ids for other systems (see ``serve/export.py``):
+        "parquet" (a directory: users.parquet and items.parquet, columns id and factors, a row
+        group per row block), "npz", or "implicit" (a .npz ``implicit``'s ``load`` reads)."""
+        from .serve.export import export_factors
+
+        return export_factors(self._trained()[1], output, format, overwrite)
+
+    def build_index(self, side: str = "item", metric: str | None = None, location: str | os.PathLike | None = None,
+                    kind: str = "hnsw", hnsw_m: int = 32, ef_construction: int = 80, ef_search: int = 128,
+                    nlist: int | None = None, nprobe: int = 32, max_fetch: int = 1024,
+                    overwrite: bool = False, progress=None) -> AnnIndex:
+        """Build an approximate-nearest-neighbour index (faiss) over the current ``side`` factors,
+        streamed from the factor store, and save it (default: beside the model).
+
+        metric: "inner_product" (recommend; the default for items) or "cosine" (similar_*; the
+        default for users). kind: "hnsw" (graph) or "ivf" (k-means cells); the other settings
+        trade recall for speed (``IndexSettings``). Written through the lifecycle door: an
+        existing index is replaced only with ``overwrite``. Retraining the model makes the index
+        stale: serving with it is then refused until it is rebuilt."""
+        model = self._trained()[1]
+        settings = IndexSettings(kind=kind, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
+                                 nlist=nlist, nprobe=nprobe, max_fetch=max_fetch)
+        return AnnIndex.build(model, location, side=side, metric=metric, settings=settings,
+                              memory_budget=self.memory_budget, threads=self.threads, overwrite=overwrite,
+                              progress=progress)
 
     def _recalculate(self, side: str, interactions: Any) -> np.ndarray:
         model = self._trained()[1]
@@ -281,6 +323,18 @@ class WALS:
         _check_test_store(store, test_store)
         return evaluate_model(model, store, test_store, k, user_fraction, seed, client,
                               self.threads, self.memory_budget, self.storage_options)
+
+
+def _approximate(ann: AnnIndex, queries: np.ndarray, source: FactorSource, n: int,
+                 exclude: tuple[np.ndarray, np.ndarray] | None, threads: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-n from the index, excluded ids dropped exactly; queries it cannot fill answered exactly."""
+    def exact(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sub = None if exclude is None else subset_csr(exclude[0], exclude[1], positions)
+        ids, scores, _ = top_k(queries[positions], source, n, exclude=sub)
+        return ids, scores
+
+    ids, scores, _ = approximate_top_k(ann, queries, n, exclude, exact, threads=threads or os.cpu_count() or 1)
+    return ids, scores
 
 
 def _check_n(n: Any) -> None:

@@ -1,8 +1,14 @@
-"""Exact top-K selection over score blocks, without ever holding a full score matrix.
+"""Exact top-K selection over score tiles, without ever holding a full score matrix.
 
-Scores arrive in column blocks (users x a block of items); each row keeps a min-heap of its K
-best (score, id) pairs in preallocated arrays. Excluded ids (items a user already has) are
-skipped with a per-row cursor over their sorted list.
+Scores arrive in tiles (some queries x a run of columns); each query keeps a min-heap of its K
+best (score, id) pairs in preallocated arrays. The order is total: a higher score wins, and on
+equal scores the lower id, so the result does not depend on the order tiles arrive in (the
+norm-ordered exact scan of ``serve/scoring.py`` visits items out of id order).
+
+A tile is filtered in two passes: ``mask_columns`` sets the scores of excluded pairs (items a
+user already has) to -inf, touching only the excluded entries; ``topk_select`` then scans each
+row in chunks, counting the scores that reach the row's current K-th best (a branch-free,
+vectorised count) and entering the heap only in the rare chunks that have one.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import numpy as np
 from numba import njit
 
 _JIT = dict(cache=True, nogil=True)
+CHUNK = 64  # scores counted per chunk before the heap is visited
 
 
 @njit(**_JIT)
@@ -50,32 +57,129 @@ def skip_to(sorted_ids, cursor, stop, target):
 
 
 @njit(**_JIT)
-def topk_update(scores, col_ids, exclude_indptr, exclude_indices, exclude_cursor, heap_scores, heap_ids):
-    """Fold a block of scores into each row's heap of the K best.
+def mask_columns(scores, rows, col_keys, exclude_indptr, exclude_keys, exclude_cursor):
+    """Set ``scores[r, j]`` to -inf where column ``j`` is excluded for query ``rows[r]``.
 
-    scores: (n_rows, m) float32; col_ids: (m,) int64 ascending ids of the block's columns;
-    exclude_indptr/indices: CSR of ids to skip per row, sorted; exclude_cursor: (n_rows,) int64
-    position in each row's excluded ids, advanced across blocks; heap_scores/heap_ids: (n_rows, K),
-    start at -inf / -1.
+    scores: (len(rows), m) float32 tile; rows: (len(rows),) int64 query index of each tile row;
+    col_keys: (m,) int64 ascending keys of the tile's columns, in the numbering of
+    ``exclude_keys`` (contiguous keys are indexed directly, others binary-searched);
+    exclude_indptr/exclude_keys: CSR of excluded keys per query, sorted within a query;
+    exclude_cursor: (n_queries,) int64 position in each query's excluded keys, advanced past
+    the tile (tiles of a query must come in ascending key order). Cost: the excluded entries.
     """
-    n_rows, m = scores.shape
+    m = scores.shape[1]
+    if m == 0:
+        return
+    first = col_keys[0]
+    last = col_keys[m - 1]
+    contiguous = last - first == m - 1
+    for r in range(len(rows)):
+        q = rows[r]
+        cur = exclude_cursor[q]
+        stop = exclude_indptr[q + 1]
+        while cur < stop and exclude_keys[cur] < first:
+            cur += 1
+        while cur < stop and exclude_keys[cur] <= last:
+            key = exclude_keys[cur]
+            if contiguous:
+                scores[r, key - first] = -np.inf
+            else:
+                j = np.searchsorted(col_keys, key)
+                if j < m and col_keys[j] == key:
+                    scores[r, j] = -np.inf
+            cur += 1
+        exclude_cursor[q] = cur
+
+
+@njit(**_JIT)
+def topk_select(scores, rows, col_ids, heap_scores, heap_ids):
+    """Fold a tile of scores into the heaps of the K best of queries ``rows``.
+
+    scores: (len(rows), m) float32; rows: (len(rows),) int64 query of each tile row; col_ids:
+    (m,) int64 id of each column (any order); heap_scores/heap_ids: (n_queries, K), start at
+    -inf / -1. A -inf score (masked) never enters a heap.
+    """
+    m = scores.shape[1]
     k = heap_scores.shape[1]
-    for u in range(n_rows):
-        cur = exclude_cursor[u]
-        stop = exclude_indptr[u + 1]
-        hs = heap_scores[u]
-        hi = heap_ids[u]
-        for j in range(m):
-            cid = col_ids[j]
-            cur, excluded = skip_to(exclude_indices, cur, stop, cid)
-            if excluded:
+    for r in range(len(rows)):
+        hs = heap_scores[rows[r]]
+        hi = heap_ids[rows[r]]
+        row = scores[r]
+        threshold = hs[0]
+        for lo in range(0, m, CHUNK):
+            hi_col = min(m, lo + CHUNK)
+            reaching = 0
+            for j in range(lo, hi_col):
+                reaching += row[j] >= threshold
+            if reaching == 0:
                 continue
-            s = scores[u, j]
-            if _less(hs[0], hi[0], s, cid):
+            for j in range(lo, hi_col):
+                s = row[j]
+                if s >= threshold and _less(hs[0], hi[0], s, col_ids[j]):
+                    hs[0] = s
+                    hi[0] = col_ids[j]
+                    _sift_down(hs, hi, k)
+                    threshold = hs[0]
+
+
+@njit(**_JIT)
+def topk_update(scores, col_ids, exclude_indptr, exclude_indices, exclude_cursor, heap_scores, heap_ids):
+    """Fold a block of scores of all queries into their heaps, skipping excluded ids.
+
+    scores: (n_queries, m) float32, masked in place; col_ids: (m,) int64 ascending ids of the
+    block's columns; exclude_indptr/indices: CSR of ids to skip per query, sorted;
+    exclude_cursor: (n_queries,) int64, advanced across blocks; heap_scores/heap_ids: (n_queries, K).
+    """
+    rows = np.arange(scores.shape[0])
+    mask_columns(scores, rows, col_ids, exclude_indptr, exclude_indices, exclude_cursor)
+    topk_select(scores, rows, col_ids, heap_scores, heap_ids)
+
+
+@njit(**_JIT)
+def select_candidates(cand_ids, cand_scores, rows, exclude_indptr, exclude_ids, heap_scores, heap_ids):
+    """Fold candidate lists (e.g. from an approximate index) into the heaps of queries ``rows``,
+    dropping excluded ids exactly.
+
+    cand_ids: (len(rows), m) int64 ids in any order, -1 for none; cand_scores: (len(rows), m)
+    float32 exact scores; exclude_indptr/exclude_ids: CSR of sorted ids to drop per query.
+    Returns (len(rows),) int64: how many candidates of each query survived the exclusion.
+    """
+    m = cand_ids.shape[1]
+    k = heap_scores.shape[1]
+    kept = np.zeros(len(rows), np.int64)
+    for r in range(len(rows)):
+        q = rows[r]
+        lo, hi = exclude_indptr[q], exclude_indptr[q + 1]
+        hs = heap_scores[q]
+        hid = heap_ids[q]
+        for j in range(m):
+            cid = cand_ids[r, j]
+            if cid < 0:
+                continue
+            if hi > lo:
+                at = lo + np.searchsorted(exclude_ids[lo:hi], cid)
+                if at < hi and exclude_ids[at] == cid:
+                    continue
+            kept[r] += 1
+            s = cand_scores[r, j]
+            if _less(hs[0], hid[0], s, cid):
                 hs[0] = s
-                hi[0] = cid
-                _sift_down(hs, hi, k)
-        exclude_cursor[u] = cur
+                hid[0] = cid
+                _sift_down(hs, hid, k)
+    return kept
+
+
+@njit(**_JIT)
+def keys_of(exclude_indptr, exclude_ids, key_of_id):
+    """The excluded ids renumbered through ``key_of_id`` (e.g. item id -> position in norm
+    order), sorted within each query: the CSR ``mask_columns`` takes for tiles in that order."""
+    keys = np.empty(len(exclude_ids), np.int64)
+    for q in range(len(exclude_indptr) - 1):
+        lo, hi = exclude_indptr[q], exclude_indptr[q + 1]
+        for t in range(lo, hi):
+            keys[t] = key_of_id[exclude_ids[t]]
+        keys[lo:hi] = np.sort(keys[lo:hi])
+    return keys
 
 
 @njit(**_JIT)

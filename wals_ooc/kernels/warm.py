@@ -26,7 +26,7 @@ from .csr import csr_problem
 from .loss import observed_loss_block, regularization_sum
 from .rank import rank_counts_update
 from .solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
-from .topk import new_heaps, topk_finish, topk_update
+from .topk import keys_of, mask_columns, new_heaps, select_candidates, topk_finish, topk_select, topk_update
 from .assemble import segment_sums
 from .text import (
     chunk_runs,
@@ -130,7 +130,12 @@ def warm_serving_kernels() -> None:
     exclude_indptr = np.array([0, 1, 1], np.int64)
     exclude_ids = np.array([1], np.int64)
     heap_scores, heap_ids = new_heaps(2, 2)
-    topk_update(scores, ids, exclude_indptr, exclude_ids, exclude_indptr[:-1].copy(), heap_scores, heap_ids)
+    topk_update(scores.copy(), ids, exclude_indptr, exclude_ids, exclude_indptr[:-1].copy(), heap_scores, heap_ids)
+    rows = np.arange(2, dtype=np.int64)
+    keys = keys_of(exclude_indptr, exclude_ids, ids)
+    mask_columns(scores, rows, ids, exclude_indptr, keys, exclude_indptr[:-1].copy())
+    topk_select(scores, rows, ids, heap_scores, heap_ids)
+    select_candidates(np.ones((2, 3), np.int64), scores, rows, exclude_indptr, exclude_ids, heap_scores, heap_ids)
     topk_finish(heap_scores, heap_ids)
     test_indptr = np.array([0, 1, 1], np.int64)
     rank_counts_update(scores, ids, exclude_indptr, exclude_ids, exclude_indptr[:-1].copy(), test_indptr,

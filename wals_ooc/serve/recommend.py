@@ -18,20 +18,23 @@ import zarr
 
 from ..errors import DataMismatchError, SettingError
 from ..execute import Executor, single_threaded_blas_in_worker
+from ..index import approximate_top_k, forget_indexes, resolve_index, subset_csr
 from ..kernels.warm import warm_serving_kernels
 from ..memory import MemoryBudget
 from ..store.format import create_array, open_group
 from ..store.lifecycle import output_store
 from ..store.reader import InteractionStore
 from ..train.factors import FactorStore
-from .scoring import FactorSource, top_k
+from .ids import forget_ids, model_ids
+from .scoring import FactorSource, NormOrder, top_k
 
 RECOMMENDATIONS_KIND = "wals-ooc/recommendations"
 RECOMMENDATIONS_PARQUET_KIND = "wals-ooc/recommendations-parquet"
 RECOMMENDATIONS_FORMAT_VERSION = 2  # 2: checksums, written through store.lifecycle
 
 _lock = threading.Lock()
-_items_in_memory: dict[tuple, np.ndarray] = {}
+_items_in_memory: dict[tuple, NormOrder] = {}
+_interaction_stores: dict[tuple, InteractionStore] = {}
 
 
 def score_block_rows(n_queries: int, factors: int, allowance: int) -> int:
@@ -41,32 +44,61 @@ def score_block_rows(n_queries: int, factors: int, allowance: int) -> int:
 
 
 def item_source(model: FactorStore, allowance: int, block_rows: int) -> FactorSource:
-    """The current item factors: held in memory (once per process) when they fit a quarter of the
-    allowance, else read from Zarr block by block."""
+    """The current item factors: held in memory in norm order (once per process) when they fit a
+    quarter of the allowance, so exact top-K can stop early; else read from Zarr block by block."""
     array = model.current("item")
-    if array.nbytes <= allowance // 4:
+    if NormOrder.nbytes_for(*array.shape) <= allowance // 4:
         # the model's id too: a model trained again at the same path must not be served from this cache
         key = (model.location, model.group.attrs.get("model_id"), model.checkpoint.slots["item"], model.checkpoint.step)
         with _lock:
             if key not in _items_in_memory:
                 _items_in_memory.clear()
-                _items_in_memory[key] = np.ascontiguousarray(array[:])
+                _items_in_memory[key] = NormOrder.of(array)
             array = _items_in_memory[key]
     return FactorSource(array, block_rows)
 
 
+def release_items() -> None:
+    """Drop the in-memory item factors of this process."""
+    with _lock:
+        _items_in_memory.clear()
+        _interaction_stores.clear()
+    forget_ids()
+    forget_indexes()
+
+
+def open_interactions(location: str, storage_options: dict | None) -> InteractionStore:
+    """The interaction store at ``location``, opened once per process (its id maps are cached)."""
+    key = (location, repr(storage_options))
+    with _lock:
+        if key not in _interaction_stores:
+            _interaction_stores[key] = InteractionStore(location, storage_options)
+        return _interaction_stores[key]
+
+
 def _recommend_shard(model_location, interactions_location, storage_options, start, stop, n, filter_liked,
-                     allowance, output, fmt) -> int:
+                     allowance, output, fmt, index=None) -> int:
     single_threaded_blas_in_worker()
     model = FactorStore.open(model_location, "r", storage_options)
-    ids = model.id_maps()
+    ids = model_ids(model)
     queries = model.current("user")[start:stop]
     block_rows = score_block_rows(stop - start, queries.shape[1], allowance)
     liked = None
     if filter_liked:
-        shard = InteractionStore(interactions_location, storage_options).rows("user", start, stop)
+        shard = open_interactions(interactions_location, storage_options).rows("user", start, stop)
         liked = (shard.indptr, shard.indices.astype(np.int64))
-    top, scores, _ = top_k(queries, item_source(model, allowance, block_rows), n, exclude=liked)
+    source = item_source(model, allowance, block_rows)
+    if index is None:
+        top, scores, _ = top_k(queries, source, n, exclude=liked)
+    else:  # approximate candidates, liked items dropped exactly; users it cannot fill answered exactly
+        location, ef_search, nprobe = index
+        ann = resolve_index(location, model, "item", "inner_product", ef_search=ef_search, nprobe=nprobe)
+
+        def exact(positions):
+            sub = None if liked is None else subset_csr(liked[0], liked[1], positions)
+            return top_k(queries[positions], source, n, exclude=sub)[:2]
+
+        top, scores, _ = approximate_top_k(ann, queries, n, liked, exact, threads=1)
     if fmt == "zarr":
         group = open_group(output, "r+", storage_options)
         group["user_ids"][start:stop] = ids.ids_of("user", np.arange(start, stop))
@@ -107,6 +139,7 @@ def recommend_all(
     storage_options: dict | None = None,
     overwrite: bool = False,
     executor: Executor | None = None,
+    index: tuple[str, int, int] | None = None,
 ) -> str:
     """Write the top ``n`` items of every user to ``output`` (Zarr group or Parquet directory).
 
@@ -114,7 +147,9 @@ def recommend_all(
     missing slots (fewer than n candidates) hold -1 or "" with score -inf. Parquet: one file per
     user shard (user, rank, item, score) and ``_SUCCESS``. Either is written through
     ``store.lifecycle`` (built beside, swapped in when complete). ``store`` (the interaction
-    store) is needed only to filter already-liked items; ids come from the model.
+    store) is needed only to filter already-liked items; ids come from the model. index:
+    (location, ef_search, nprobe) of an approximate index over the item factors (inner
+    product) to answer from.
     """
     if fmt not in ("zarr", "parquet"):
         raise SettingError(f"format must be zarr or parquet, not {fmt!r}", flags={"format": "--format"})
@@ -126,7 +161,7 @@ def recommend_all(
     budget = MemoryBudget.start(memory_budget)
     executor = Executor.of(executor, client, threads)
     allowance = budget.allowance // executor.threads_per_process
-    ids = model.id_maps()
+    ids = model_ids(model)
     kind = RECOMMENDATIONS_KIND if fmt == "zarr" else RECOMMENDATIONS_PARQUET_KIND
     inputs = [model.location] + ([store.location] if store is not None else [])
     with output_store(output, kind, version=RECOMMENDATIONS_FORMAT_VERSION, overwrite=overwrite, inputs=inputs,
@@ -146,15 +181,16 @@ def recommend_all(
         tasks = [
             dask.delayed(_recommend_shard, pure=False)(
                 model.location, store.location if filter_already_liked else None, storage_options, lo, hi, n,
-                filter_already_liked, allowance, out.location, fmt, dask_key_name=f"recommend-shard{k:05d}",
+                filter_already_liked, allowance, out.location, fmt, index, dask_key_name=f"recommend-shard{k:05d}",
             )
             for k, (lo, hi) in enumerate(_user_ranges(model, store))
             if hi > lo
         ]
-        with executor.single_threaded_blas():
-            executor.run(tasks)
-        with _lock:
-            _items_in_memory.clear()
+        try:
+            with executor.single_threaded_blas():
+                executor.run(tasks)
+        finally:
+            executor.run_everywhere(release_items)
         if fmt == "parquet":
             with open(os.path.join(out.location, "_SUCCESS"), "w") as marker:
                 marker.write("complete\n")

@@ -1,8 +1,16 @@
-"""Scoring query vectors against a factor matrix held in Zarr, one block of its rows at a time.
+"""Exact top-K of query vectors against a factor matrix, one tile of scores at a time.
 
-The full score matrix (queries x items) never exists: each block of item factors yields a
-queries x block score tile, which is folded into per-query top-K heaps (and, for evaluation,
-into per-query rank counts) and dropped.
+The full score matrix (queries x items) never exists: a block of queries is multiplied with a
+run of item factors (a BLAS matrix-matrix product into a tile small enough to stay in cache),
+the tile is folded into per-query top-K heaps (and, for evaluation, into per-query rank
+counts) and dropped.
+
+When the item factors are held in memory they are kept in descending order of norm
+(``NormOrder``), and a query stops early: no item after position ``p`` can score more than
+``|query| * |item_p|`` (Cauchy-Schwarz), so once a query's K-th best score exceeds that bound
+the rest of the catalogue cannot change its answer. ALS item norms grow with popularity, so
+most users are answered after scoring a few percent of the catalogue; the answer is the same
+as scoring everything.
 """
 
 from __future__ import annotations
@@ -13,20 +21,69 @@ from typing import Iterator
 import numpy as np
 import zarr
 
-from ..kernels.topk import new_heaps, topk_finish, topk_update
 from ..kernels.rank import rank_counts_update
+from ..kernels.topk import keys_of, mask_columns, new_heaps, topk_finish, topk_select, topk_update
 
 EMPTY_CSR = (np.zeros(1, np.int64), np.zeros(0, np.int64))
+QUERY_BLOCK = 512  # queries multiplied together
+FIRST_TILE = 1024  # items in the first tile of a norm-ordered scan (doubles while queries remain)
+TILE_SCORES = 1 << 20  # scores per tile (4 MiB): a tile stays in the L2/L3 cache between BLAS and selection
+BOUND_MARGIN = 1.0 + 1e-4  # the Cauchy-Schwarz bound, widened past float32 rounding of the scores
+PRUNE = True  # stop each query at its bound (False scores every item: for benchmarks)
+
+
+@dataclass
+class NormOrder:
+    """A factor matrix held in memory with its rows in descending order of norm.
+
+    rows: (n, f) float32 factor rows, largest norm first; ids: (n,) int64 row id at each
+    position; positions: (n,) int64 position of each row id; norms: (n,) float32, descending.
+    """
+
+    rows: np.ndarray
+    ids: np.ndarray
+    positions: np.ndarray
+    norms: np.ndarray
+
+    @staticmethod
+    def nbytes_for(n_rows: int, factors: int) -> int:
+        """Bytes a NormOrder of this shape holds (plus the block it is built from)."""
+        return n_rows * (4 * factors + 20) + min(n_rows, 1 << 16) * 4 * factors
+
+    @classmethod
+    def of(cls, array: zarr.Array | np.ndarray, block_rows: int = 1 << 16) -> NormOrder:
+        """Read ``array`` block by block into norm order (float32)."""
+        n, f = int(array.shape[0]), int(array.shape[1])
+        norms = np.empty(n, np.float32)
+        for lo in range(0, n, block_rows):
+            block = np.asarray(array[lo : lo + block_rows], dtype=np.float64)
+            norms[lo : lo + len(block)] = np.sqrt(np.einsum("ij,ij->i", block, block))
+        ids = np.argsort(-norms, kind="stable").astype(np.int64)
+        positions = np.empty(n, np.int64)
+        positions[ids] = np.arange(n, dtype=np.int64)
+        rows = np.empty((n, f), np.float32)
+        for lo in range(0, n, block_rows):
+            block = np.asarray(array[lo : lo + block_rows], dtype=np.float32)
+            rows[positions[lo : lo + len(block)]] = block
+        return cls(rows, ids, positions, norms[ids])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows.shape
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """Factor rows of the given ids (any order)."""
+        return self.rows[self.positions[np.asarray(ids, np.int64)]]
 
 
 @dataclass
 class FactorSource:
-    """Rows of a factor matrix: a Zarr array read in blocks, or an in-memory copy when it fits.
+    """Rows of a factor matrix: a Zarr array read in blocks, an in-memory copy, or a ``NormOrder``.
 
     normalized: divide each row by its norm as it is read (cosine similarity).
     """
 
-    array: zarr.Array | np.ndarray
+    array: zarr.Array | np.ndarray | NormOrder
     block_rows: int
     normalized: bool = False
 
@@ -47,7 +104,9 @@ class FactorSource:
             return
         for lo in range(0, self.n_rows, self.block_rows):
             hi = min(self.n_rows, lo + self.block_rows)
-            yield np.arange(lo, hi, dtype=np.int64), self._prepare(np.asarray(self.array[lo:hi]))
+            ids = np.arange(lo, hi, dtype=np.int64)
+            block = self.array.take(ids) if isinstance(self.array, NormOrder) else np.asarray(self.array[lo:hi])
+            yield ids, self._prepare(block)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Factor rows of the given ids (any order), as an in-memory array."""
@@ -63,6 +122,8 @@ class FactorSource:
 def _take_rows(array, ids: np.ndarray) -> np.ndarray:
     """Rows by id from a Zarr or NumPy array (Zarr wants sorted unique ids for orthogonal selection)."""
     ids = np.asarray(ids, dtype=np.int64)
+    if isinstance(array, NormOrder):
+        return array.take(ids)
     if isinstance(array, np.ndarray):
         return array[ids]
     unique, inverse = np.unique(ids, return_inverse=True)
@@ -83,26 +144,82 @@ def top_k(
     candidates: sorted ids to score (default all rows).
     test: CSR (indptr, ids) of held-out ids per query; when given, also returns for each held-out
         id how many scored candidates outrank it (for AUC), in the CSR's order.
-    Returns (ids (n, k) int64 with -1 padding, scores (n, k) float32, outranked or None).
+    Ties are broken towards the lower id. Returns (ids (n, k) int64 with -1 padding, scores
+    (n, k) float32, outranked or None).
     """
     n = queries.shape[0]
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    heap_scores, heap_ids = new_heaps(n, k)
     exclude_indptr, exclude_ids = exclude if exclude is not None else (np.zeros(n + 1, np.int64), EMPTY_CSR[1])
-    cursor = exclude_indptr[:-1].astype(np.int64).copy()
+    exclude_indptr = np.asarray(exclude_indptr, np.int64)
+    exclude_ids = np.asarray(exclude_ids, np.int64)
+    if isinstance(source.array, NormOrder) and candidates is None and test is None and not source.normalized:
+        heap_scores, heap_ids = _norm_ordered_scan(queries, source.array, k, exclude_indptr, exclude_ids)
+        topk_finish(heap_scores, heap_ids)
+        return heap_ids, heap_scores, None
+    heap_scores, heap_ids = new_heaps(n, k)
+    cursor = exclude_indptr[:-1].copy()
     outranked = test_scores = None
     if test is not None:
         test_indptr, test_ids = test
         test_scores = _pair_scores(queries, source, test_indptr, test_ids)
         outranked = np.zeros(len(test_ids), np.int64)
-        rank_cursor = exclude_indptr[:-1].astype(np.int64).copy()
+        rank_cursor = exclude_indptr[:-1].copy()
+    buffer = np.empty(max(TILE_SCORES, min(n, QUERY_BLOCK) * FIRST_TILE), np.float32)
     for ids, block in source.blocks(candidates):
-        scores = queries @ block.T.astype(np.float32, copy=False)
-        if test is not None:
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        if test is not None:  # rank counting needs every score, before any is masked
+            scores = queries @ block.T
             rank_counts_update(scores, ids, exclude_indptr, exclude_ids, rank_cursor, test_indptr, test_ids, test_scores, outranked)
-        topk_update(scores, ids, exclude_indptr, exclude_ids, cursor, heap_scores, heap_ids)
+            topk_update(scores, ids, exclude_indptr, exclude_ids, cursor, heap_scores, heap_ids)
+            continue
+        for lo in range(0, n, QUERY_BLOCK):
+            hi = min(n, lo + QUERY_BLOCK)
+            rows = np.arange(lo, hi, dtype=np.int64)
+            width = max(FIRST_TILE, TILE_SCORES // (hi - lo))
+            for c0 in range(0, len(ids), width):
+                c1 = min(len(ids), c0 + width)
+                scores = np.matmul(queries[lo:hi], block[c0:c1].T, out=_tile(buffer, hi - lo, c1 - c0))
+                col_ids = ids[c0:c1]
+                mask_columns(scores, rows, col_ids, exclude_indptr, exclude_ids, cursor)
+                topk_select(scores, rows, col_ids, heap_scores, heap_ids)
     topk_finish(heap_scores, heap_ids)
     return heap_ids, heap_scores, outranked
+
+
+def _tile(buffer: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """A (rows, cols) C-contiguous score tile in a reused buffer (fresh pages cost as much as BLAS)."""
+    return buffer[: rows * cols].reshape(rows, cols)
+
+
+def _norm_ordered_scan(queries: np.ndarray, order: NormOrder, k: int, exclude_indptr: np.ndarray,
+                       exclude_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Heaps of the K best items per query, visiting items by descending norm and dropping each
+    query once no remaining item can enter its heap."""
+    n = len(queries)
+    n_items = order.rows.shape[0]
+    heap_scores, heap_ids = new_heaps(n, k)
+    exclude_keys = keys_of(exclude_indptr, exclude_ids, order.positions)
+    cursor = exclude_indptr[:-1].copy()
+    query_norms = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
+    buffer = np.empty(max(TILE_SCORES, min(n, QUERY_BLOCK) * FIRST_TILE), np.float32)
+    for lo in range(0, n, QUERY_BLOCK):
+        active = np.arange(lo, min(n, lo + QUERY_BLOCK), dtype=np.int64)
+        block = queries[lo : lo + len(active)]
+        pos, width = 0, FIRST_TILE
+        while len(active) and pos < n_items:
+            stop = min(n_items, pos + width)
+            scores = np.matmul(block, order.rows[pos:stop].T, out=_tile(buffer, len(active), stop - pos))
+            mask_columns(scores, active, np.arange(pos, stop, dtype=np.int64), exclude_indptr, exclude_keys, cursor)
+            topk_select(scores, active, order.ids[pos:stop], heap_scores, heap_ids)
+            pos = stop
+            if pos < n_items and PRUNE:
+                bound = float(order.norms[pos]) * BOUND_MARGIN
+                open_ = heap_scores[active, 0] <= query_norms[active] * bound
+                if not open_.all():
+                    active = active[open_]
+                    block = queries[active]
+            width = max(FIRST_TILE, min(2 * width, TILE_SCORES // max(1, len(active))))
+    return heap_scores, heap_ids
 
 
 def _pair_scores(queries, source: FactorSource, indptr: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -62,12 +62,12 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import psutil
 import zarr
 
-from ..errors import PathError, StaleLockWarning, StorageError, StoreError, StoreLockedError, WalsError
+from ..errors import PathError, StaleLockWarning, StorageError, StoreLockedError, WalsError
 from .format import GENERATION_ATTR, KIND_PREFIX, has_checksum, is_local, local_path, open_group
 
 OVERWRITE_FLAG = {"overwrite=True": "--overwrite"}

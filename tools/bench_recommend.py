@@ -1,0 +1,341 @@
+"""recommend_all of wals-ooc against implicit's batched ``recommend`` over every user, side by side.
+
+The same factors (the 16M bench's model: bench_vs_implicit.py's lastfm-360k-shaped store,
+trained here once and kept under /work/data/shared) are served by both:
+
+- wals-ooc: ``model.recommend_all(N, filter_already_liked=True, format="parquet")``: the whole
+  path, factors read from the Zarr factor store, liked items from the interaction store, one
+  Parquet file per user shard with original ids, 2 task threads, under the memory budget;
+- implicit: the same factors loaded with ``model.to_implicit()``, one batched ``recommend(user
+  ids, user_items, N, filter_already_liked_items=True)`` with ``num_threads=2`` and BLAS at one
+  thread (implicit's own advice), the CSR of liked items already in memory (not timed). implicit
+  scores every item for every user, so its users/s does not depend on which users: it is
+  measured on ``--implicit-users`` evenly spaced users (36,000 of 360,000 by default) to keep
+  the run short.
+
+wals-ooc's exact scan visits items by descending norm and stops a user when no remaining item
+can enter its top N (``wals_ooc/serve/scoring.py``); the same kernels with that bound switched
+off (every item scored, ``model.recommend`` on implicit's users in as many threads) are
+reported too, so the two sources of the speed-up can be told apart.
+
+Each runs in its own fresh process (so peak RSS is its own), alternating, ``--repeats`` times;
+printed: users/s of each run, medians, the ratio wals-ooc / implicit, peak RSS, and how many of
+the top-N lists agree (ids equal where the scores differ by more than float rounding).
+
+    python tools/bench_recommend.py                   # the 16M bench's model, N=10, 3 repeats
+    python tools/bench_recommend.py --scale 0.1       # a 10x smaller store, quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_vs_implicit import ensure_store  # noqa: E402
+
+SHARED_DIR = "/work/data/shared"
+DEFAULT_DIR = SHARED_DIR if os.path.isdir(SHARED_DIR) else os.path.join(tempfile.gettempdir(), "wals-bench")
+CHECK_EVERY = 20  # every 20th user of implicit's sample has its lists compared
+TRAIN_SETTINGS = dict(factors=64, regularization=0.01, alpha=1.0, iterations=6, solver="cg", cg_steps=3, random_state=0)
+
+
+def ensure_model(store: str, location: str, factors: int) -> None:
+    """Train the bench's model on ``store`` unless a finished one is already at ``location``."""
+    import wals_ooc
+    from wals_ooc.train.factors import FactorStore
+
+    if FactorStore.exists(location):
+        model = wals_ooc.load(location)
+        if model.factors_store.complete:
+            return
+    started = time.perf_counter()
+    settings = {**TRAIN_SETTINGS, "factors": factors}
+    wals_ooc.WALS(**settings, memory_budget="4GB", threads=2).fit(store, location, progress=False)
+    print(f"trained {location} ({settings}) in {time.perf_counter() - started:.0f}s", flush=True)
+
+
+def sample_rows(n_users: int, count: int) -> "np.ndarray":
+    """Evenly spaced user rows (implicit's sample, and the brute-force comparison's)."""
+    import numpy as np
+
+    return np.unique(np.linspace(0, n_users - 1, min(n_users, count)).astype(np.int64))
+
+
+def child_wals(args) -> dict:
+    import numpy as np
+
+    import wals_ooc
+    from wals_ooc.kernels.warm import warm_serving_kernels
+    from wals_ooc.memory import peak_rss
+    from wals_ooc.serve import scoring
+
+    warm_serving_kernels()
+    model = wals_ooc.load(args.model, memory_budget=args.memory_budget, threads=args.threads)
+    output = os.path.join(args.workdir, "bench-recommend-wals.parquet")
+    started = time.perf_counter()
+    model.recommend_all(N=args.n, output=output, filter_already_liked=True, format="parquet", overwrite=True)
+    seconds = time.perf_counter() - started
+    peak = peak_rss()
+    import pyarrow.parquet as pq
+    from threadpoolctl import threadpool_limits
+
+    store = model.interactions
+    # the same kernels with the norm bound switched off (every item scored), on implicit's users,
+    # in as many threads: what the tiling and selection alone give
+    rows = sample_rows(store.n_users, args.implicit_users)
+    scoring.PRUNE = False
+    from concurrent.futures import ThreadPoolExecutor
+
+    parts = np.array_split(store.ids("user")[rows], args.threads)
+    model.recommend(parts[0][:100], N=args.n)
+    with threadpool_limits(1, "blas"), ThreadPoolExecutor(args.threads) as pool:
+        started = time.perf_counter()
+        list(pool.map(lambda part: model.recommend(part, N=args.n), parts))
+        brute_seconds = time.perf_counter() - started
+    scoring.PRUNE = True
+    checked = store.ids("user")[rows[:: CHECK_EVERY]]
+    table = pq.read_table(output, filters=[("user", "in", checked.tolist())]).to_pandas().sort_values(["user", "rank"])
+    return {"seconds": seconds, "users": store.n_users, "peak_rss": peak,
+            "brute_users_per_s": len(rows) / brute_seconds,
+            "sample_users": table["user"].tolist(), "sample_items": table["item"].tolist(),
+            "sample_scores": table["score"].tolist()}
+
+
+def child_implicit(args) -> dict:
+    import numpy as np
+    import scipy.sparse as sp
+    from threadpoolctl import threadpool_limits
+
+    import wals_ooc
+    from wals_ooc.memory import peak_rss
+
+    model = wals_ooc.load(args.model, memory_budget="16GB")
+    store = model.interactions
+    shard = store.rows("user", 0, store.n_users)
+    user_items = sp.csr_matrix((shard.values, shard.indices, shard.indptr), shape=store.shape)
+    del shard
+    peer = model.to_implicit()
+    peer.num_threads = args.threads
+    userids = sample_rows(store.n_users, args.implicit_users)
+    liked = user_items[userids]
+    with threadpool_limits(1, "blas"):
+        peer.recommend(userids[:1000], liked[:1000], N=args.n, filter_already_liked_items=True)  # warm-up
+        started = time.perf_counter()
+        ids, scores = peer.recommend(userids, liked, N=args.n, filter_already_liked_items=True)
+        seconds = time.perf_counter() - started
+    peak = peak_rss()
+    sample = np.arange(0, len(userids), CHECK_EVERY)
+    user_ids_of = store.ids("user")[userids]
+    item_ids = store.ids("item")
+    keep = ids[sample] >= 0
+    return {"seconds": seconds, "users": len(userids), "peak_rss": peak,
+            "sample_users": np.repeat(user_ids_of[sample], args.n)[keep.ravel()].tolist(),
+            "sample_items": item_ids[ids[sample][keep]].tolist(),
+            "sample_scores": scores[sample][keep].astype(float).tolist()}
+
+
+def child_ann(args) -> dict:
+    """Approximate recommend against exact on ``--ann-users`` evenly spaced users of a large
+    catalogue: the index built (timed, once), then per setting users/s and recall@N against
+    the exact lists, liked items filtered in both; queries answered in batches as a server
+    would, ``--threads`` threads each."""
+    import numpy as np
+
+    import wals_ooc
+    from wals_ooc.index import forget_indexes, resolve_index
+    from wals_ooc.kernels.warm import warm_serving_kernels
+    from wals_ooc.memory import peak_rss
+
+    warm_serving_kernels()
+    model = wals_ooc.load(args.model, memory_budget=args.memory_budget, threads=args.threads)
+    store = model.interactions
+    users = store.ids("user")[sample_rows(store.n_users, args.ann_users)]
+    result: dict = {"items": store.n_items, "users": len(users), "settings": []}
+    location = os.path.join(args.workdir, f"{os.path.basename(args.model.rstrip('/'))[:-5]}-{args.ann_kind}.ann")
+    # (reused indexes must be built with the same name: wals-ooc index MODEL --output LOCATION)
+    started = time.perf_counter()
+    if args.ann_reuse and os.path.isdir(location):
+        resolve_index(location, model.factors_store, "item", "inner_product")  # refuses a stale one
+        result["build_seconds"] = None
+    elif args.ann_kind == "hnsw":
+        model.build_index(location=location, kind="hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
+                          overwrite=True)
+    else:
+        model.build_index(location=location, kind="ivf", overwrite=True)
+    if "build_seconds" not in result:
+        result["build_seconds"] = time.perf_counter() - started
+    batch = 1000
+    model.recommend(users[:50], N=args.n)  # item factors into memory in norm order (not timed)
+    started = time.perf_counter()
+    exact = np.concatenate([model.recommend(users[lo: lo + batch], N=args.n)[0] for lo in range(0, len(users), batch)])
+    result["exact_users_per_s"] = len(users) / (time.perf_counter() - started)
+    from wals_ooc.serve import scoring
+
+    scoring.PRUNE = False  # exact with every item scored (no norm bound), on the first 500 users
+    started = time.perf_counter()
+    model.recommend(users[:500], N=args.n)
+    result["brute_users_per_s"] = 500 / (time.perf_counter() - started)
+    scoring.PRUNE = True
+    values = [int(v) for v in args.ann_settings.split(",")]
+    for value in values:
+        forget_indexes()
+        tuned = resolve_index(location, model.factors_store, "item", "inner_product", model.memory_budget,
+                              **({"ef_search": value} if args.ann_kind == "hnsw" else {"nprobe": value}))
+        model.recommend(users[:50], N=args.n, index=tuned)
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            approx = np.concatenate([model.recommend(users[lo: lo + batch], N=args.n, index=tuned)[0]
+                                     for lo in range(0, len(users), batch)])
+            times.append(time.perf_counter() - started)
+        recall = float(np.mean([len(set(a[a != -1]) & set(b[b != -1])) / max(1, (a != -1).sum())
+                                for a, b in zip(exact, approx)]))
+        result["settings"].append({"value": value, "users_per_s": len(users) / statistics.median(times),
+                                   "recall": recall})
+    result["peak_rss"] = peak_rss()
+    return result
+
+
+def ann_main(args) -> None:
+    from wals_ooc.memory import format_bytes
+
+    command = [sys.executable, __file__, "--child", "ann", "--model", args.model, "--workdir", args.workdir,
+               "--threads", str(args.threads), "-n", str(args.n), "--memory-budget", str(args.memory_budget),
+               "--ann-users", str(args.ann_users), "--ann-kind", args.ann_kind, "--ann-settings", args.ann_settings,
+               "--hnsw-m", str(args.hnsw_m), "--ef-construction", str(args.ef_construction)] + (["--ann-reuse"] if args.ann_reuse else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"ann run failed:\n{done.stderr[-3000:]}")
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    knob = "ef_search" if args.ann_kind == "hnsw" else "nprobe"
+    print(f"model {args.model}: {r['items']:,} items; {r['users']:,} evenly spaced users, N={args.n}, liked items "
+          f"filtered, {args.threads} threads; {args.ann_kind} index (M={args.hnsw_m}, ef_construction="
+          f"{args.ef_construction}) " + ("reused" if r["build_seconds"] is None else f"built in {r['build_seconds']:.1f}s"))
+    print(f"  exact            {r['exact_users_per_s']:10,.0f} users/s  recall@{args.n} 1.0000  (items by norm, "
+          f"each user stopped at its bound)")
+    print(f"  exact, all items {r['brute_users_per_s']:10,.0f} users/s  recall@{args.n} 1.0000  (every item scored)")
+    for row in r["settings"]:
+        print(f"  {knob}={row['value']:<6d}  {row['users_per_s']:10,.0f} users/s  recall@{args.n} {row['recall']:.4f}  "
+              f"{row['users_per_s'] / r['exact_users_per_s']:6.1f}x exact, "
+              f"{row['users_per_s'] / r['brute_users_per_s']:6.1f}x all-items exact  (median of 3)")
+    print(f"  peak RSS {format_bytes(r['peak_rss'])}")
+
+
+def run_child(peer: str, args) -> dict:
+    command = [sys.executable, __file__, "--child", peer, "--model", args.model, "--workdir", args.workdir,
+               "--threads", str(args.threads), "-n", str(args.n), "--memory-budget", str(args.memory_budget),
+               "--implicit-users", str(args.implicit_users)]
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"{peer} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def agreement(a: dict, b: dict) -> tuple[float, int]:
+    """Share of the checked users' (user, rank) slots where both list the same item, counting
+    slots whose scores tie to float rounding as agreeing (either order is right there)."""
+    def lists(run):
+        out: dict = {}
+        for user, item, score in zip(run["sample_users"], run["sample_items"], run["sample_scores"]):
+            out.setdefault(user, []).append((item, score))
+        return out
+
+    la, lb = lists(a), lists(b)
+    same = total = 0
+    for user in set(la) | set(lb):
+        xa, xb = la.get(user, []), lb.get(user, [])
+        total += max(len(xa), len(xb))
+        same += sum(ia == ib or abs(sa - sb) <= 1e-5 * max(1.0, abs(sa)) for (ia, sa), (ib, sb) in zip(xa, xb))
+    return same / max(1, total), len(set(la) | set(lb))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", help="interaction store (default: the 16M bench's, generated if missing)")
+    parser.add_argument("--model", help="factor store (default: trained on --store if missing)")
+    parser.add_argument("--workdir", default=DEFAULT_DIR, help="where the store and model are kept")
+    parser.add_argument("--outdir", default=None, help="where outputs go (default: /work/data/serve or a temp dir)")
+    parser.add_argument("--scale", type=float, default=1.0, help="size of the generated matrix relative to 16M nnz")
+    parser.add_argument("--factors", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("-n", type=int, default=10)
+    parser.add_argument("--memory-budget", default="4GB", help="wals-ooc's budget (implicit has none)")
+    parser.add_argument("--implicit-users", type=int, default=36_000,
+                        help="users implicit (and the brute-force check) recommend for, evenly spaced; "
+                             "its users/s does not depend on how many")
+    parser.add_argument("--ann", action="store_true",
+                        help="instead: approximate (faiss index) against exact recommend on --model's catalogue")
+    parser.add_argument("--ann-users", type=int, default=4000)
+    parser.add_argument("--ann-kind", choices=["hnsw", "ivf"], default="hnsw")
+    parser.add_argument("--ann-settings", default="64,128,256", help="ef_search (hnsw) or nprobe (ivf) values")
+    parser.add_argument("--ann-reuse", action="store_true", help="use the index already built beside --model")
+    parser.add_argument("--hnsw-m", type=int, default=32)
+    parser.add_argument("--ef-construction", type=int, default=80)
+    parser.add_argument("--child", choices=["wals", "implicit", "ann"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        result = {"wals": child_wals, "implicit": child_implicit, "ann": child_ann}[args.child](args)
+        print(json.dumps(result))
+        return
+    if args.ann:
+        if not args.model:
+            raise SystemExit("--ann needs --model (a model of a catalogue of >= 1M items)")
+        args.workdir = args.outdir or ("/work/data/serve" if os.path.isdir("/work/data") else tempfile.mkdtemp())
+        ann_main(args)
+        return
+
+    os.makedirs(args.workdir, exist_ok=True)
+    if args.store is None:
+        args.store = os.path.join(args.workdir, f"lastfm-shape-{args.scale:g}.zarr")
+        ensure_store(args.store, args.scale)
+    if args.model is None:
+        args.model = os.path.join(args.workdir, f"{os.path.basename(args.store)[:-5]}-f{args.factors}-model.zarr")
+        ensure_model(args.store, args.model, args.factors)
+    outdir = args.outdir or ("/work/data/serve" if os.path.isdir("/work/data") else tempfile.mkdtemp())
+    os.makedirs(outdir, exist_ok=True)
+    args.workdir = outdir
+
+    from wals_ooc.memory import format_bytes
+
+    print(f"model {args.model}; N={args.n}, liked items filtered, {args.threads} threads, {args.repeats} repeats, "
+          f"wals-ooc budget {args.memory_budget}", flush=True)
+    runs: dict[str, list[dict]] = {"wals": [], "implicit": []}
+    for repeat in range(args.repeats):
+        for peer in ("wals", "implicit"):
+            result = run_child(peer, args)
+            runs[peer].append(result)
+            print(f"  run {repeat + 1} {peer:8s} {result['users']:8,} users {result['seconds']:7.2f} s  {result['users'] / result['seconds']:10,.0f} users/s"
+                  f"  peak RSS {format_bytes(result['peak_rss'])}", flush=True)
+    summary = {}
+    for peer, results in runs.items():
+        summary[peer] = {
+            "users_per_s": statistics.median(r["users"] / r["seconds"] for r in results),
+            "seconds": statistics.median(r["seconds"] for r in results),
+            "peak_rss": max(r["peak_rss"] for r in results),
+        }
+    print(f"\nmedian of {args.repeats} runs (wals-ooc: all {runs['wals'][0]['users']:,} users written to Parquet; "
+          f"implicit: {runs['implicit'][0]['users']:,} evenly spaced users, in memory)")
+    for peer, row in summary.items():
+        print(f"  {peer:8s} {row['seconds']:7.2f} s  {row['users_per_s']:10,.0f} users/s  peak RSS {format_bytes(row['peak_rss'])}")
+    ratio = summary["wals"]["users_per_s"] / summary["implicit"]["users_per_s"]
+    print(f"  ratio wals-ooc / implicit throughput: {ratio:.2f}x")
+    brute = statistics.median(r["brute_users_per_s"] for r in runs["wals"])
+    print(f"  wals-ooc with the norm bound off (every item scored; recommend() on implicit's users, {args.threads} threads): "
+          f"{brute:,.0f} users/s, ratio to implicit {brute / summary['implicit']['users_per_s']:.2f}x")
+    share, users = agreement(runs["wals"][0], runs["implicit"][0])
+    print(f"  top-{args.n} lists equal to implicit's on {users} checked users: {share:.4f} of slots")
+
+
+if __name__ == "__main__":
+    main()

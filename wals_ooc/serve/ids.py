@@ -1,0 +1,69 @@
+"""Row numbers <-> the ids users gave: the one place serving, indexing and export convert them.
+
+Ids come from the model's own copy of its id maps (``FactorStore.id_maps()``), so serving needs
+no interaction store. Every conversion goes through the helpers below (``model_ids`` to get the
+maps, then ``original_ids``/``ids_of_range``/``id_kind``/``names_of_range``), which delegate to
+the maps' chunked, verified lookups (``ids_of``, ``ids``; issue 10).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+_lock = threading.Lock()
+_maps: dict[tuple, object] = {}
+
+
+def model_ids(model):
+    """The id maps of a ``FactorStore``, opened once per process (their arrays are cached)."""
+    binding = model.binding
+    # the group's path names an object store's current generation: a replaced model is not
+    # served with the id maps of its deleted predecessor
+    key = (model.location, model.group.path, str(model.group.store), binding.get("store_id"),
+           int(model.group.attrs["n_users"]), int(model.group.attrs["n_items"]))
+    with _lock:
+        if key not in _maps:
+            _maps.clear()
+            _maps[key] = model.id_maps()
+        return _maps[key]
+
+
+def forget_ids() -> None:
+    """Drop the cached id maps of this process."""
+    with _lock:
+        _maps.clear()
+
+
+def original_ids(maps, side: str, rows: np.ndarray) -> np.ndarray:
+    """Original ids of row numbers (any shape); rows < 0 (empty slots) give -1 or ""."""
+    return maps.ids_of(side, np.asarray(rows, np.int64))
+
+
+def ids_of_range(maps, side: str, start: int, stop: int) -> np.ndarray:
+    """Original ids of the contiguous rows ``[start, stop)`` (a shard): int64 or str objects."""
+    return maps.ids(side, start, stop)
+
+
+def ids_of_range_arrow(maps, side: str, start: int, stop: int):
+    """The same as a flat Arrow array (int64 or large_string), for Parquet."""
+    return maps.ids_of(side, np.arange(start, stop, dtype=np.int64), as_arrow=True)
+
+
+def id_kind(maps, side: str) -> str:
+    """"int" or "text"."""
+    return maps.id_kinds[side]
+
+
+def names_of_range(maps, side: str, start: int, stop: int) -> np.ndarray | None:
+    """Display names of the rows ``[start, stop)``, or None when the maps have none.
+
+    Hook for display names: maps that keep them expose ``names(side)`` (an array aligned with
+    the rows, or None); export adds a ``name`` column from here.
+    """
+    names = getattr(maps, "names", None)
+    if names is None:
+        return None
+    column = names(side)
+    return None if column is None else np.asarray(column[start:stop])
