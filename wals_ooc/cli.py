@@ -10,10 +10,10 @@ import os
 import sys
 import time
 
-import numpy as np
-
 from .errors import SettingError
-from .memory import format_bytes, peak_rss
+
+# Imports of numpy, numba, dask, zarr and the rest of wals_ooc happen inside the commands that
+# need them: `wals-ooc --help` and `wals-ooc info STORE` start in a fraction of a second.
 
 
 def _budget_arg(parser: argparse.ArgumentParser) -> None:
@@ -135,6 +135,8 @@ def _model_info(location: str) -> int:
 
 def _top_rows(store, side: str, top: int) -> list[tuple[int, int]]:
     """The rows with the most entries, streaming the row pointers shard by shard."""
+    import numpy as np
+
     best_rows = np.zeros(0, np.int64)
     best_counts = np.zeros(0, np.int64)
     for lo, hi in store.shard_ranges(side):
@@ -148,6 +150,7 @@ def _top_rows(store, side: str, top: int) -> list[tuple[int, int]]:
 
 
 def cmd_generate(args) -> int:
+    from .memory import format_bytes
     from .synthetic import SyntheticSpec, write_csv, write_synthetic_store
 
     spec = SyntheticSpec(n_users=args.users, n_items=args.items, rows=args.rows, seed=args.seed)
@@ -161,6 +164,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .memory import peak_rss
     from .model import WALS
 
     model = WALS(
@@ -190,6 +194,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_recommend(args) -> int:
+    import numpy as np
+
     from .model import load
 
     model = load(args.model, interactions=args.interactions, memory_budget=args.memory_budget, threads=args.threads)

@@ -13,12 +13,25 @@ import sys
 from dataclasses import dataclass
 
 import psutil
-from dask.utils import format_bytes, parse_bytes
-
 from .errors import MemoryBudgetError
 
 DEFAULT_BUDGET_FRACTION = 0.5
 MIN_ALLOWANCE = 64 * 2**20
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes for a person, e.g. "1.50 GiB" (dask's spelling; dask is imported on first use
+    so that commands which need no scheduler start quickly)."""
+    from dask.utils import format_bytes as dask_format_bytes
+
+    return dask_format_bytes(n)
+
+
+def parse_bytes(text: str) -> int:
+    """A size such as "4GB" or "512MiB" as a byte count (dask's parser, imported on first use)."""
+    from dask.utils import parse_bytes as dask_parse_bytes
+
+    return dask_parse_bytes(text)
 
 
 def default_memory_budget() -> int:
