@@ -3,14 +3,9 @@
 import numpy as np
 import pytest
 
+from wals_ooc.kernels.blocked import accumulate_block, solve_accumulated
 from wals_ooc.kernels.loss import observed_loss_block, row_penalties
-from wals_ooc.kernels.solve import (
-    CONFIDENCE_KINDS,
-    accumulate_block,
-    cg_solve_rows,
-    cholesky_solve_rows,
-    solve_accumulated,
-)
+from wals_ooc.kernels.solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
 from wals_ooc.kernels.topk import new_heaps, topk_finish, topk_update
 
 from .reference import dense_objective, dense_solve, random_interactions
@@ -44,7 +39,7 @@ def test_cholesky_equals_dense_closed_form(setting, seed):
     X = np.zeros((R.shape[0], Y.shape[1]), np.float32)
     kind, alpha, alpha0, eps, lam, nu = _args(setting)
     failures = cholesky_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), X,
-                                   kind, alpha, alpha0, eps, lam, nu)
+                                   kind, alpha, alpha0, eps, lam, nu, Y.shape[0])
     assert failures == 0
     expected = dense_solve(R, Y, **{k: setting[k] for k in ("kind", "alpha", "alpha0", "lam", "nu")})
     np.testing.assert_allclose(X, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
@@ -56,7 +51,7 @@ def test_cholesky_float64_is_exact(setting):
     X = np.zeros((R.shape[0], Y.shape[1]), np.float64)
     kind, alpha, alpha0, eps, lam, nu = _args(setting)
     cholesky_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), X,
-                        kind, alpha, alpha0, eps, lam, nu)
+                        kind, alpha, alpha0, eps, lam, nu, Y.shape[0])
     expected = dense_solve(R, Y, **{k: setting[k] for k in ("kind", "alpha", "alpha0", "lam", "nu")})
     np.testing.assert_allclose(X, expected, rtol=1e-9, atol=1e-12)
 
@@ -70,7 +65,7 @@ def test_cg_converges_to_closed_form_with_more_steps(setting):
     for steps in (1, 2, 4, 8):
         X = np.zeros_like(expected)
         cg_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), X,
-                      kind, alpha, alpha0, eps, lam, nu, steps)
+                      kind, alpha, alpha0, eps, lam, nu, Y.shape[0], steps)
         errors.append(np.linalg.norm(X - expected) / np.linalg.norm(expected))
     assert all(later <= earlier * 1.0001 for earlier, later in zip(errors, errors[1:])), errors
     assert errors[-1] < 1e-6, errors  # f = 8 steps: exact up to rounding
@@ -85,7 +80,7 @@ def test_cg_float32_warm_start_reaches_closed_form():
     errors = []
     for _ in range(6):  # warm-started rounds of 3 steps, as successive training iterations do
         cg_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), X,
-                      kind, alpha, alpha0, eps, lam, nu, 3)
+                      kind, alpha, alpha0, eps, lam, nu, Y.shape[0], 3)
         errors.append(np.linalg.norm(X - expected) / np.linalg.norm(expected))
     assert errors[0] < 0.2 and errors[-1] < 1e-4, errors
 
@@ -98,15 +93,20 @@ def test_blocked_normal_equations_equal_closed_form(setting):
     indptr = R.indptr.astype(np.int64)
     A = np.zeros((n_rows, f, f))
     b = np.zeros((n_rows, f))
+    c_sum = np.zeros(n_rows)
     cursor = indptr[:-1].copy()
     for lo in range(0, Y.shape[0], 13):  # blocks of 13 fixed rows
         hi = min(lo + 13, Y.shape[0])
-        accumulate_block(indptr, R.indices, R.data, cursor, lo, hi, Y[lo:hi], A, b, kind, alpha, alpha0, eps)
+        accumulate_block(indptr, R.indices, R.data, cursor, lo, hi, Y[lo:hi], A, b, c_sum, kind, alpha, alpha0, eps)
     assert (cursor == indptr[1:]).all()
     X = np.zeros((n_rows, f))
-    assert solve_accumulated(indptr, A, b, _gram(Y, alpha0), X, lam, nu, alpha0, Y.shape[0]) == 0
+    failures, observed = solve_accumulated(indptr, A, b, c_sum, _gram(Y, alpha0), X, lam, nu, alpha0, Y.shape[0])
+    assert failures == 0
     expected = dense_solve(R, Y, **{k: setting[k] for k in ("kind", "alpha", "alpha0", "lam", "nu")})
     np.testing.assert_allclose(X, expected, rtol=1e-9, atol=1e-12)
+    cursor = indptr[:-1].copy()  # the loss folded into the solve equals the loss of a pass over Y
+    direct = observed_loss_block(indptr, R.indices, R.data, cursor, 0, Y.shape[0], Y, X, kind, alpha, alpha0, eps)
+    assert observed == pytest.approx(direct, rel=1e-9)
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
@@ -154,3 +154,40 @@ def test_topk_with_fewer_candidates_than_k_pads_with_minus_one():
                 cursor, heap_scores, heap_ids)
     topk_finish(heap_scores, heap_ids)
     assert heap_ids.tolist() == [[2, 0, -1, -1, -1]]
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_blocked_cg_passes_equal_row_by_row_cg(setting):
+    """CG run one sweep of the fixed blocks per pass takes the same steps as the row-by-row CG
+    kernel, and the loss it folds into its last pass is the loss at the final factors."""
+    from wals_ooc.kernels.blocked import cg_begin, cg_observed_loss, cg_product_block, cg_residual_block, cg_step, row_regularizations
+
+    R, Y = _problem(8, dtype=np.float64)
+    kind, alpha, alpha0, eps, lam, nu = _args(setting)
+    indptr, gram, n, f = R.indptr.astype(np.int64), _gram(Y, alpha0), R.shape[0], Y.shape[1]
+    start = np.random.default_rng(1).normal(0, 0.1, size=(n, f))
+    expected = start.copy()
+    expected_loss = cg_solve_rows(indptr, R.indices, R.data, Y, gram, expected, kind, alpha, alpha0, eps, lam, nu, Y.shape[0], 3, True)
+
+    X = start.copy()
+    reg = np.empty(n)
+    row_regularizations(indptr, lam, nu, alpha0, Y.shape[0], reg)
+    Res, P, AP = np.zeros((n, f)), np.zeros((n, f)), np.zeros((n, f))
+    rs, steps, loss_terms = np.zeros(n), np.zeros(n), np.zeros((n, 3))
+    gather = np.zeros((4, f))  # smaller than a row's entries in a block: the kernels gather in pieces
+
+    def sweep(kernel):
+        cursor = indptr[:-1].copy()
+        for lo in range(0, Y.shape[0], 13):
+            kernel(cursor, lo, min(lo + 13, Y.shape[0]))
+        assert (cursor == indptr[1:]).all()
+
+    sweep(lambda cur, lo, hi: cg_residual_block(indptr, R.indices, R.data, cur, lo, hi, Y[lo:hi], X, Res, gather, kind, alpha, alpha0, eps))
+    cg_begin(X, Res, X @ gram, reg, P, rs)
+    for step in range(3):
+        AP[:] = 0
+        sweep(lambda cur, lo, hi: cg_product_block(indptr, R.indices, R.data, cur, lo, hi, Y[lo:hi], P, AP, X, loss_terms,
+                                                   step == 2, gather, kind, alpha, alpha0, eps))
+        cg_step(X, Res, P, AP, P @ gram, reg, rs, steps)
+    np.testing.assert_allclose(X, expected, rtol=1e-10, atol=1e-12)
+    assert cg_observed_loss(loss_terms, steps) == pytest.approx(expected_loss, rel=1e-9)

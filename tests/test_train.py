@@ -33,7 +33,7 @@ def _factors(model: FactorStore) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fit(store, location, **settings) -> FactorStore:
-    extra = {k: settings.pop(k) for k in ("threads", "max_block_rows", "resume", "client") if k in settings}
+    extra = {k: settings.pop(k) for k in ("threads", "max_block_rows", "resume", "client", "blocked_method") if k in settings}
     config = WALSConfig(**{"factors": 8, "iterations": 4, "random_state": 0, **settings})
     return train(store, str(location), config, progress=False, **{"resume": False, **extra})
 
@@ -97,18 +97,31 @@ def test_same_seed_same_factors_and_other_seed_other_factors(small_store, tmp_pa
     assert not np.allclose(a[0], c[0])
 
 
-def test_blocked_fixed_side_equals_resident(small_store, tmp_path):
-    """Streaming the fixed side in 37-row blocks (accumulated normal equations) gives the same
-    factors as holding it whole, with the exact solver."""
+@pytest.mark.parametrize("solver,method", [("cholesky", "expanded"), ("cholesky", "cholesky"), ("cg", "expanded"), ("cg", "cg")])
+def test_blocked_fixed_side_equals_resident_and_reads_it_as_often_as_planned(small_store, tmp_path, solver, method):
+    """Sweeping the fixed side in 37-row windows of a scratch copy (expanded entry rows;
+    accumulated normal equations; CG one sweep per pass) gives the same factors and losses as
+    holding it whole, and reads the fixed side exactly as many times as the plan says."""
+    from wals_ooc.train import make_plans
+
     store = open_store(small_store)
-    settings = dict(solver="cholesky", dtype="float64", iterations=3, **OBJECTIVES["rendle"])
-    resident = _factors(_fit(store, tmp_path / "r.zarr", **settings))
-    blocked_model = _fit(store, tmp_path / "b.zarr", max_block_rows=37, **settings)
+    settings = dict(solver=solver, dtype="float64", iterations=3, **OBJECTIVES["rendle"])
+    resident_model = _fit(store, tmp_path / "r.zarr", **settings)
+    resident = _factors(resident_model)
+    blocked_model = _fit(store, tmp_path / "b.zarr", max_block_rows=37, threads=2, blocked_method=method, **settings)
     blocked = _factors(blocked_model)
     assert_close_rel(blocked[0], resident[0], 1e-9)
     assert_close_rel(blocked[1], resident[1], 1e-9)
     assert [e["loss"] for e in blocked_model.loss_history] == pytest.approx(
-        [e["loss"] for e in FactorStore.open(str(tmp_path / "r.zarr")).loss_history], rel=1e-9)
+        [e["loss"] for e in resident_model.loss_history], rel=1e-9)
+    plans = make_plans(store, blocked_model.config, 2**30, 2, max_block_rows=37, blocked_method=method)
+    for side in ("user", "item"):
+        plan = plans[side]
+        assert plan.mode == "blocked" and {t.method for t in plan.tasks} == {method}
+        assert plan.fixed_passes == sum(t.sweeps for t in plan.tasks) >= len(plan.tasks)
+        assert f"read {plan.fixed_passes} times" in plan.describe()
+        expected = plan.fixed_passes * plan.fixed_bytes
+        assert [e[f"{side}_fixed_bytes"] for e in blocked_model.loss_history] == [expected] * 3
 
 
 def test_resume_refuses_other_settings_and_continues_when_iterations_grow(small_store, tmp_path):
@@ -176,12 +189,14 @@ def test_kill_9_mid_half_sweep_then_resume_equals_uninterrupted(small_store, tmp
 
 def test_training_peak_rss_stays_under_budget_on_a_store_several_times_the_allowance(tmp_path):
     """Factors and interactions together are several times the 64 MiB allowance: the planner
-    streams the fixed side in blocks and peak RSS stays under the budget."""
+    streams the fixed side in blocks, peak RSS stays under the budget, and the factors are
+    those of the resident plan (run here with a budget that holds everything)."""
     from wals_ooc.synthetic import SyntheticSpec, write_synthetic_store
 
     path = str(tmp_path / "big.zarr")
     write_synthetic_store(SyntheticSpec(n_users=1_200_000, n_items=400_000, rows=5_000_000, seed=4), path, progress=False)
     allowance = 72 * 2**20  # the 64 MiB minimum, and room for what opening the store allocates
+    settings = dict(factors=8, iterations=1, random_state=0, solver="cg", dtype="float64")
     code = f"""
 import json
 from wals_ooc import WALSConfig, open_store
@@ -189,10 +204,10 @@ from wals_ooc.memory import current_rss, peak_rss, warm_libraries
 from wals_ooc.kernels.warm import warm_training_kernels
 from wals_ooc.train import train, make_plans
 warm_libraries()
-warm_training_kernels()  # loaded kernels are a fixed cost: the baseline, as train() measures it
+warm_training_kernels("float64")  # loaded kernels are a fixed cost: the baseline, as train() measures it
 store = open_store({path!r})
 budget = current_rss() + {allowance}
-config = WALSConfig(factors=16, iterations=1, random_state=0, solver="cg")
+config = WALSConfig(**{settings!r})
 model = train(store, {str(tmp_path / 'model.zarr')!r}, config, memory_budget=budget, threads=2, progress=False)
 modes = sorted({{p.mode for p in make_plans(store, config, budget - current_rss(), 2).values()}})
 print(json.dumps({{"budget": budget, "peak": peak_rss(), "modes": modes, "loss": model.loss_history[-1]["loss"]}}))
@@ -204,6 +219,13 @@ print(json.dumps({{"budget": budget, "peak": peak_rss(), "modes": modes, "loss":
     assert on_disk > 3 * allowance, on_disk
     assert "blocked" in figures["modes"], figures
     assert figures["peak"] <= figures["budget"], figures
+
+    store = open_store(path)
+    resident = train(store, str(tmp_path / "resident.zarr"), WALSConfig(**settings), threads=2, progress=False)
+    blocked = FactorStore.open(str(tmp_path / "model.zarr"))
+    assert figures["loss"] == pytest.approx(resident.loss_history[-1]["loss"], rel=1e-9)
+    for side in ("user", "item"):
+        assert_close_rel(blocked.current(side)[:], resident.current(side)[:], 1e-9)
 
 
 def test_kernel_warm_up_covers_every_signature_training_and_serving_use(small_store, tmp_path):
@@ -234,3 +256,33 @@ print(json.dumps({{"before": before, "after": after}}))
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     grown = {name: (counts["before"][name], n) for name, n in counts["after"].items() if n != counts["before"][name]}
     assert not grown, grown
+
+
+def test_a_nan_in_one_shard_solve_raises_and_keeps_the_previous_slot(small_store, tmp_path, monkeypatch):
+    """Non-finite factors are never committed: the half-sweep raises NumericalError and the
+    model stays at its last completed half-sweep, factors and all; a resume then trains on."""
+    import wals_ooc.train.half_sweep as half_sweep
+    from wals_ooc.errors import NumericalError
+
+    store = open_store(small_store)
+    model = _fit(store, tmp_path / "m.zarr", iterations=1)
+    before, factors_before = model.checkpoint, _factors(model)
+    real, calls = half_sweep.cg_solve_rows, []
+
+    def one_nan(indptr, indices, values, Y, gram, X, *rest):
+        observed = real(indptr, indices, values, Y, gram, X, *rest)
+        calls.append(len(X))
+        if len(calls) == 2:  # the second shard of the next user half-sweep
+            X[len(X) // 2, 3] = np.nan
+        return observed
+
+    monkeypatch.setattr(half_sweep, "cg_solve_rows", one_nan)
+    with pytest.raises(NumericalError, match=r"user half-sweep of iteration 1 produced non-finite factors .* keeps its last"):
+        _fit(store, tmp_path / "m.zarr", iterations=2, resume=True, threads=1)
+    kept = FactorStore.open(str(tmp_path / "m.zarr"))
+    assert kept.checkpoint.to_dict() == before.to_dict()
+    for now, then in zip(_factors(kept), factors_before):
+        np.testing.assert_array_equal(now, then)
+    monkeypatch.setattr(half_sweep, "cg_solve_rows", real)
+    resumed = _fit(store, tmp_path / "m.zarr", iterations=2, resume=True)
+    assert resumed.checkpoint.iteration == 2 and all(np.isfinite(part).all() for part in _factors(resumed))

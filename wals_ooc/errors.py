@@ -79,6 +79,11 @@ class UnknownIdError(WalsError, KeyError):
     """Ids that the store does not know."""
 
 
+class NumericalError(WalsError, ArithmeticError):
+    """A computation produced non-finite numbers (NaN or inf): settings or data that make the
+    problem ill-posed (e.g. huge alpha or values, a regularization of zero). Nothing is committed."""
+
+
 class StorageError(WalsError, OSError):
     """The storage under a path failed: disk full, I/O error, permission denied, read-only.
 
@@ -114,6 +119,7 @@ __all__ = [
     "IncompleteModelWarning",
     "InputError",
     "MemoryBudgetError",
+    "NumericalError",
     "PathError",
     "SettingError",
     "StaleLockWarning",

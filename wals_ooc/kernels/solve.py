@@ -12,7 +12,9 @@ with alpha0 = 1 and linear this is Hu, Koren & Volinsky (2008). Regularisation i
 ``reg_u = lam * (n_u + alpha0 * n_fixed) ** nu`` (nu = 0: plain lam; nu = 1: Rendle et al. 2022).
 
 Every kernel works on one shard: CSR arrays with a local ``indptr``, column indices into the
-fixed factor matrix ``Y`` (n_fixed x f, C-contiguous), and the shard's output rows ``X``.
+fixed factor matrix ``Y`` (C-contiguous; the whole fixed side, or any rows holding the entries'
+fixed rows, e.g. one copy per entry), the shard's output rows ``X``, and ``n_fixed``, the
+rows of the whole fixed side (for the regularization).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from numba import njit
 LINEAR, LOG, CONSTANT = 0, 1, 2
 CONFIDENCE_KINDS = {"linear": LINEAR, "log": LOG, "constant": CONSTANT}
 
-_JIT = dict(cache=True, nogil=True, fastmath=True)
+# fastmath without "nnan"/"ninf": LLVM may reassociate and contract (what vectorises the loops),
+# but may not assume values are finite, so NaN and inf checks keep their meaning
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+_JIT = dict(cache=True, nogil=True, fastmath=FASTMATH)
 GATHER_MAX_ENTRIES = 16384  # scratch rows per thread for gathered fixed factors (4 MiB at f = 64)
 
 
@@ -47,7 +52,8 @@ def row_regularization(count, lam, nu, alpha0, n_fixed):
 
 @njit(**_JIT)
 def _dot(a, b, f):
-    total = a[0] * 0
+    """a . b over the first f elements, in the arrays' own dtype (float32 stays 8 lanes wide)."""
+    total = a.dtype.type(0)
     for k in range(f):
         total += a[k] * b[k]
     return total
@@ -73,7 +79,7 @@ def max_row_nnz(indptr):
 
 
 @njit(**_JIT)
-def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, cg_steps, observed_loss=False):
+def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, n_fixed, cg_steps, observed_loss=False):
     """Conjugate-gradient solve of every row, warm-started from X (updated in place).
 
     Returns sum over entries of c (1 - s)^2 - alpha0 s^2 at the solution (s = x.y) when
@@ -82,9 +88,10 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     Never forms a row's f x f system (Takacs et al. 2011, as implicit's CG). The fixed rows a
     row touches are gathered once into a contiguous scratch block with their confidences, so
     the CG steps after the first read them from cache instead of chasing random rows of Y.
+    Arithmetic stays in X's dtype (scalars are cast to it), so float32 runs 8 lanes wide.
     """
     n_rows, f = X.shape
-    n_fixed = Y.shape[0]
+    T = X.dtype.type
     gather_cap = min(max_row_nnz(indptr), GATHER_MAX_ENTRIES)  # longer rows read Y directly
     Y_row = np.empty((gather_cap, f), dtype=X.dtype)
     weight = np.empty(max_row_nnz(indptr), dtype=X.dtype)  # c - alpha0 of each entry
@@ -95,7 +102,7 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     for u in range(n_rows):
         start, stop = indptr[u], indptr[u + 1]
         n_u = stop - start
-        reg = row_regularization(n_u, lam, nu, alpha0, n_fixed)
+        reg = T(row_regularization(n_u, lam, nu, alpha0, n_fixed))
         x = X[u]
         gathered = n_u <= gather_cap
         # r = b - A x, gathering the row's fixed factors on the way
@@ -109,15 +116,16 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
                     Y_row[t, k] = source[k]
         for t in range(n_u):
             y = Y_row[t] if gathered else Y[indices[start + t]]
-            c = confidence(values[start + t], kind, alpha, alpha0, eps)
-            weight[t] = c - alpha0
-            coef = c - weight[t] * _dot(y, x, f)
+            c = T(confidence(values[start + t], kind, alpha, alpha0, eps))
+            w = c - alpha0
+            weight[t] = w
+            coef = c - w * _dot(y, x, f)
             for k in range(f):
                 r[k] += coef * y[k]
         rs_old = _dot(r, r, f)
         for k in range(f):
             p[k] = r[k]
-        for _ in range(cg_steps if rs_old >= 1e-20 else 0):
+        for _ in range(0 if rs_old < 1e-20 else cg_steps):  # NaN steps on, so the NaN reaches x and is caught
             _symv(gram, p, Ap, f)
             for k in range(f):
                 Ap[k] += reg * p[k]
@@ -142,7 +150,7 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
                 y = Y_row[t] if gathered else Y[indices[start + t]]
                 score = _dot(y, x, f)
                 c = weight[t] + alpha0
-                observed += c * (1.0 - score) * (1.0 - score) - alpha0 * score * score
+                observed += c * (1 - score) * (1 - score) - alpha0 * score * score
     return observed
 
 
@@ -150,12 +158,18 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
 def cholesky_solve_inplace(A, b, f):
     """Solve A z = b for symmetric positive definite A (lower triangle used); A and b overwritten, z in b.
 
-    Returns False when A is not positive definite (a pivot <= 0).
+    Returns False when A is not positive definite (a pivot <= 0). A system holding NaN or inf
+    gives a NaN solution (and True), so the half-sweep's finite check reports it instead of the
+    row being kept as a mere failure.
     """
     for j in range(f):
         diag = A[j, j]
         for k in range(j):
             diag -= A[j, k] * A[j, k]
+        if diag != diag or diag == np.inf:
+            for i in range(f):
+                b[i] = np.nan
+            return True
         if diag <= 0:
             return False
         diag = np.sqrt(diag)
@@ -187,13 +201,12 @@ def _add_rank_one_lower(A, y, weight, f):
 
 
 @njit(**_JIT)
-def cholesky_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu):
+def cholesky_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, n_fixed):
     """Exact solve of every row: form the f x f normal equations (lower triangle) and factor them.
 
     Returns the number of rows whose system was not positive definite (left unchanged).
     """
     n_rows, f = X.shape
-    n_fixed = Y.shape[0]
     A = np.empty((f, f), dtype=np.float64)
     b = np.empty(f, dtype=np.float64)
     failures = 0
@@ -214,58 +227,6 @@ def cholesky_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
         if cholesky_solve_inplace(A, b, f):
             for k in range(f):
                 X[u, k] = b[k]
-        else:
-            failures += 1
-    return failures
-
-
-# ---------------------------------------------------------------------------------------------
-# Blocked normal equations: the fixed side is streamed in row blocks (as Spark's block ALS does)
-# when it does not fit in memory. Columns are sorted within each row, so each row's entries in
-# block [lo, hi) start at its cursor and the cursor only moves forward.
-# ---------------------------------------------------------------------------------------------
-
-
-@njit(**_JIT)
-def accumulate_block(indptr, indices, values, cursor, block_lo, block_hi, Y_block, A, b, kind, alpha, alpha0, eps):
-    """Add the entries with column in [block_lo, block_hi) to each row's normal equations.
-
-    A: (n_rows, f, f) float64, lower triangles; b: (n_rows, f) float64; cursor: (n_rows,) int64,
-    each row's next unread entry (start it at indptr[:-1]).
-    """
-    n_rows = len(indptr) - 1
-    f = Y_block.shape[1]
-    for u in range(n_rows):
-        idx = cursor[u]
-        stop = indptr[u + 1]
-        while idx < stop and indices[idx] < block_hi:
-            y = Y_block[indices[idx] - block_lo]
-            c = confidence(values[idx], kind, alpha, alpha0, eps)
-            _add_rank_one_lower(A[u], y, c - alpha0, f)
-            for k in range(f):
-                b[u, k] += c * y[k]
-            idx += 1
-        cursor[u] = idx
-
-
-@njit(**_JIT)
-def solve_accumulated(indptr, A, b, gram, X, lam, nu, alpha0, n_fixed):
-    """Finish blocked normal equations (add gram and reg) and solve each row into X.
-
-    Returns the number of rows whose system was not positive definite (left unchanged).
-    """
-    n_rows, f = X.shape
-    failures = 0
-    for u in range(n_rows):
-        reg = row_regularization(indptr[u + 1] - indptr[u], lam, nu, alpha0, n_fixed)
-        Au = A[u]
-        for i in range(f):
-            for k in range(i + 1):
-                Au[i, k] += gram[i, k]
-            Au[i, i] += reg
-        if cholesky_solve_inplace(Au, b[u], f):
-            for k in range(f):
-                X[u, k] = b[u, k]
         else:
             failures += 1
     return failures

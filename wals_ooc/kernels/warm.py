@@ -11,10 +11,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from .blocked import (
+    accumulate_block,
+    cg_begin,
+    cg_observed_loss,
+    cg_product_block,
+    cg_residual_block,
+    cg_step,
+    expand_block,
+    row_regularizations,
+    solve_accumulated,
+)
 from .csr import csr_problem
 from .loss import observed_loss_block, regularization_sum
 from .rank import rank_counts_update
-from .solve import CONFIDENCE_KINDS, accumulate_block, cg_solve_rows, cholesky_solve_rows, solve_accumulated
+from .solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
 from .topk import new_heaps, topk_finish, topk_update
 
 _warmed: set[tuple] = set()
@@ -42,13 +53,31 @@ def warm_training_kernels(dtype: str | np.dtype = "float32") -> None:
     csr_problem(indptr, indices, 3)  # every CSR read from a store is checked with it
     X = np.zeros((2, 2), dtype)
     scalars = (kind, t(1.0), t(1.0), t(1.0))
-    cg_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 2, True)
-    cholesky_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0)
+    cg_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 2, True)
+    cholesky_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3)
     A = np.zeros((2, 2, 2), np.float64)
     b = np.zeros((2, 2), np.float64)
+    c_sum = np.zeros(2)
     cursor = indptr[:-1].copy()
-    accumulate_block(indptr, indices, values, cursor, 0, 3, Y, A, b, *scalars)
-    solve_accumulated(indptr, A, b, gram, X, 0.1, 0.0, 1.0, 3)
+    accumulate_block(indptr, indices, values, cursor, 0, 3, Y, A, b, c_sum, *scalars)
+    solve_accumulated(indptr, A, b, c_sum, gram, X, 0.1, 0.0, 1.0, 3)
+    # blocked CG, with the argument types half_sweep passes (row slices of C arrays)
+    reg, rs, steps = np.zeros(2, dtype), np.zeros(2, dtype), np.zeros(2, dtype)
+    row_regularizations(indptr, 0.1, 0.0, 1.0, 3, reg)
+    R, P, AP, D = (np.zeros((2, 2), dtype) for _ in range(4))
+    loss_terms = np.zeros((2, 3))
+    gather = np.zeros((4, 2), dtype)
+    cursor = indptr[:-1].copy()
+    expand_block(indptr[0:3], indices, cursor[0:2], 0, 3, Y, np.zeros((3, 2), dtype))
+    cursor = indptr[:-1].copy()
+    cg_residual_block(indptr[0:3], indices, values, cursor[0:2], 0, 3, Y, X[0:2], R[0:2], gather, *scalars)
+    cg_begin(X[0:2], R[0:2], D[0:2], reg[0:2], P[0:2], rs[0:2])
+    for with_loss in (False, True):
+        cursor = indptr[:-1].copy()
+        cg_product_block(indptr[0:3], indices, values, cursor[0:2], 0, 3, Y, P[0:2], AP[0:2], X[0:2], loss_terms[0:2],
+                         with_loss, gather, *scalars)
+    cg_step(X[0:2], R[0:2], P[0:2], AP[0:2], D[0:2], reg[0:2], rs[0:2], steps[0:2])
+    cg_observed_loss(loss_terms, steps)
     regularization_sum(indptr, X, 0.1, 0.0, 1.0, 3)
     cursor = indptr[:-1].copy()
     observed_loss_block(indptr, indices, values, cursor, 0, 3, Y, X, *scalars)

@@ -43,14 +43,12 @@ def fold_in(
     dtype = config.np_dtype
     t = dtype.type
     n = len(columns)
-    # the kernel derives the frequency-scaled penalty from Y's row count, which here is only the
-    # touched rows: compute the row's penalty with the real n_fixed and pass it with nu = 0
-    reg = config.regularization * (n + config.alpha0 * n_fixed) ** config.nu if config.nu else config.regularization
     X = np.zeros((1, config.factors), dtype=dtype)
     failures = cholesky_solve_rows(
         np.array([0, n], np.int64), np.arange(n, dtype=np.int32), np.asarray(values, np.float32),
         np.ascontiguousarray(fixed_rows, dtype=dtype), (config.alpha0 * np.asarray(fixed_gram)).astype(dtype), X,
-        CONFIDENCE_KINDS[config.confidence], t(config.alpha), t(config.alpha0), t(config.eps), float(reg), 0.0,
+        CONFIDENCE_KINDS[config.confidence], t(config.alpha), t(config.alpha0), t(config.eps), float(config.regularization),
+        float(config.nu), int(n_fixed),
     )
     if failures:
         raise np.linalg.LinAlgError("the fold-in system is not positive definite")

@@ -9,16 +9,19 @@ Writes are idempotent (a fixed row range of a fixed slot), so a retried task is 
 Each task also returns the Gram matrix of the rows it solved: their sum is the fixed-side Gram
 of the next half-sweep, so no separate pass over the factors is needed.
 
-Under the threaded scheduler the driver passes a ``LocalState``: both factor sides held whole
-in memory (so nothing is read back from Zarr) and a pinned cache of CSR rows filled up to the
-plan's spare bytes. On a cluster each worker process keeps the fixed side of the running
-half-sweep, read once from Zarr and shared by its threads.
+Under the threaded scheduler the driver passes a ``LocalState`` when both factor sides fit: both
+held whole in memory (so nothing is read back from Zarr) and a pinned cache of CSR rows filled
+up to the plan's spare bytes. Otherwise (and on a cluster) each process keeps the fixed side of
+the running half-sweep (``fixed_side``): whole when it fits, else a local scratch copy that
+tasks sweep in mapped windows. A blocked task runs alone in its process and spreads its rows
+over the process's threads, so every window it maps serves all of them.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -28,16 +31,22 @@ import numpy as np
 from ..config import WALSConfig
 from ..execute import Executor, single_threaded_blas_in_worker
 from ..kernels.gram import block_gram
-from ..kernels.loss import gram_quadratic, observed_loss_block, regularization_sum
-from ..kernels.solve import (
-    CONFIDENCE_KINDS,
+from ..kernels.blocked import (
     accumulate_block,
-    cg_solve_rows,
-    cholesky_solve_rows,
+    cg_begin,
+    cg_observed_loss,
+    cg_product_block,
+    cg_residual_block,
+    cg_step,
+    expand_block,
+    row_regularizations,
     solve_accumulated,
 )
+from ..kernels.loss import gram_quadratic, observed_loss_block, regularization_sum
+from ..kernels.solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
 from ..store.format import open_group
 from ..store.reader import CSRShard, InteractionStore
+from .fixed_side import ScratchCopy, fixed_side, release_fixed_side
 from .plan import SolveTask
 
 # ---------------------------------------------------------------------------------------------
@@ -46,8 +55,10 @@ from .plan import SolveTask
 
 _lock = threading.RLock()
 _opened: dict[tuple, Any] = {}
-_worker_fixed: dict[tuple, np.ndarray] = {}
 _worker_shards: dict[tuple, "LocalState"] = {}  # CSR shards a worker keeps between half-sweeps
+_blocked_task = threading.Lock()  # one blocked task at a time per process: it uses every thread
+_pool: ThreadPoolExecutor | None = None
+GATHER_ENTRIES = 256  # rows of a blocked CG task's gather scratch (per thread)
 
 
 def _interactions(location: str, storage_options: dict | None) -> InteractionStore:
@@ -66,23 +77,56 @@ def _factor_array(location: str, storage_options: dict | None, side: str, slot: 
         return _opened[key]
 
 
-def _fixed_on_worker(job: HalfSweepJob) -> np.ndarray:
-    """The whole fixed side, read once per worker process per half-sweep and shared by its threads."""
-    key = (job.model, job.fixed_side, job.fixed_slot, job.step)
-    with _lock:
-        if key not in _worker_fixed:
-            _worker_fixed.clear()  # drop the previous half-sweep's side before reading this one
-            array = _factor_array(job.model, job.storage_options, job.fixed_side, job.fixed_slot)
-            _worker_fixed[key] = np.ascontiguousarray(array[:])
-        return _worker_fixed[key]
+def _fixed_of(job: HalfSweepJob) -> tuple[Any, bool]:
+    """This process's fixed side for the job's half-sweep: the whole array ("resident") or a
+    scratch copy ("blocked"), made by the first task that asks; and whether this call made it."""
+    key = (job.model, job.fixed_side, job.fixed_slot, job.step, job.mode)
+    array = _factor_array(job.model, job.storage_options, job.fixed_side, job.fixed_slot)
+    if job.mode == "resident":
+        return fixed_side(key, lambda: np.ascontiguousarray(array[:]))
+    return fixed_side(key, lambda: ScratchCopy(array, copy_rows=max(1, job.block_rows)))
 
 
 def release_caches() -> None:
     """Forget opened stores, and any fixed side and shards held by this process."""
+    global _pool
     with _lock:
-        _worker_fixed.clear()
+        release_fixed_side()
         _worker_shards.clear()
         _opened.clear()
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+            _pool = None
+
+
+def _in_parts(parts: list[tuple[int, int]], work) -> None:
+    """Call ``work(a, b)`` for every row range, the first in this thread and the rest in the
+    process's pool (numba kernels and BLAS release the GIL, so they run at once)."""
+    global _pool
+    if len(parts) == 1:
+        work(*parts[0])
+        return
+    with _lock:
+        if _pool is None or _pool._max_workers < len(parts) - 1:
+            _pool = ThreadPoolExecutor(max_workers=len(parts) - 1, thread_name_prefix="wals-ooc-rows")
+        pool = _pool
+    futures = [pool.submit(work, a, b) for a, b in parts[1:]]
+    try:
+        work(*parts[0])
+    finally:
+        for future in futures:
+            future.result()
+
+
+def _row_parts(indptr: np.ndarray, count: int) -> list[tuple[int, int]]:
+    """``count`` contiguous row ranges of about equal work (entries plus a row's dense part)."""
+    n_rows = len(indptr) - 1
+    if count <= 1 or n_rows < 2 * count:
+        return [(0, n_rows)]
+    work = indptr[1:] + np.arange(1, n_rows + 1) * 8  # a row's dense products weigh ~8 entries
+    cuts = np.searchsorted(work, work[-1] * np.arange(1, count) / count)
+    bounds = np.unique(np.concatenate([[0], cuts, [n_rows]]))
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _shard_cache_on_worker(job: HalfSweepJob) -> LocalState:
@@ -159,6 +203,7 @@ class HalfSweepJob:
     gram: np.ndarray  # alpha0 * fixed^T fixed, (f, f) in the factor dtype
     loss: bool
     shard_cache_bytes: int = 0  # on cluster workers: CSR shards kept between half-sweeps
+    task_threads: int = 1  # blocked: threads a task spreads its rows over
 
 
 @dataclass
@@ -175,6 +220,7 @@ class TaskResult:
     observed: float = 0.0
     regularization: float = 0.0
     failures: int = 0
+    fixed_bytes_read: int = 0  # bytes of fixed factors this task read (from the store or the scratch copy)
 
 
 def _kernel_scalars(config: WALSConfig):
@@ -186,6 +232,13 @@ def solve_task(job: HalfSweepJob, task: SolveTask, local: LocalState | None = No
     """Solve rows ``[task.row_start, task.row_stop)`` of ``job.side`` and write them to ``job.out_slot``."""
     started = time.perf_counter()
     single_threaded_blas_in_worker()
+    if job.mode == "blocked":
+        with _blocked_task:
+            return _solve(job, task, local, started)
+    return _solve(job, task, local, started)
+
+
+def _solve(job: HalfSweepJob, task: SolveTask, local: LocalState | None, started: float) -> TaskResult:
     cfg = job.config
     store = _interactions(job.interactions, job.storage_options)
     lo_row, hi_row = task.row_start, task.row_stop
@@ -209,47 +262,147 @@ def solve_task(job: HalfSweepJob, task: SolveTask, local: LocalState | None = No
         X = np.zeros((csr.n_rows, f), dtype=cfg.np_dtype)
 
     if job.mode == "resident":
-        Y = local.factors[job.fixed_side][0] if local is not None else _fixed_on_worker(job)
+        if local is not None:
+            Y = local.factors[job.fixed_side][0]
+        else:
+            Y, made = _fixed_of(job)
+            result.fixed_bytes_read += Y.nbytes if made else 0
         if job.solver == "cg":
             result.observed = cg_solve_rows(
-                csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu, cfg.cg_steps, job.loss
+                csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu, job.n_fixed,
+                cfg.cg_steps, job.loss
             )
         else:
-            result.failures = cholesky_solve_rows(csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu)
-
-        def fixed_blocks():
-            yield 0, job.n_fixed, Y
+            result.failures = cholesky_solve_rows(csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps,
+                                                  lam, nu, job.n_fixed)
+            if job.loss:
+                cursor = csr.indptr[:-1].copy()
+                result.observed = observed_loss_block(csr.indptr, csr.indices, csr.values, cursor, 0, job.n_fixed, Y, X,
+                                                      kind, alpha, alpha0, eps)
     else:
-        fixed = _factor_array(job.model, job.storage_options, job.fixed_side, job.fixed_slot)
-
-        def fixed_blocks():
-            for lo in range(0, job.n_fixed, job.block_rows):
-                hi = min(job.n_fixed, lo + job.block_rows)
-                yield lo, hi, np.ascontiguousarray(fixed[lo:hi])
-
-        for b0 in range(0, csr.n_rows, job.row_batch):
-            b1 = min(csr.n_rows, b0 + job.row_batch)
-            indptr = csr.indptr[b0 : b1 + 1]
-            A = np.zeros((b1 - b0, f, f), dtype=np.float64)
-            b = np.zeros((b1 - b0, f), dtype=np.float64)
-            cursor = indptr[:-1].copy()
-            for lo, hi, Y_block in fixed_blocks():
-                accumulate_block(indptr, csr.indices, csr.values, cursor, lo, hi, Y_block, A, b, kind, alpha, alpha0, eps)
-            result.failures += solve_accumulated(indptr, A, b, job.gram, X[b0:b1], lam, nu, float(cfg.alpha0), job.n_fixed)
-            del A, b
+        scratch, _ = _fixed_of(job)
+        {"expanded": _blocked_expanded, "cg": _blocked_cg, "cholesky": _blocked_cholesky}[task.method](
+            job, csr, X, scratch, result)
 
     result.regularization = regularization_sum(csr.indptr, X, lam, nu, float(cfg.alpha0), job.n_fixed)
     if job.loss:
         result.quadratic = gram_quadratic(X, job.gram)
-    if job.loss and not (job.mode == "resident" and job.solver == "cg"):  # CG returned it already
-        cursor = csr.indptr[:-1].copy()
-        for lo, hi, Y_block in fixed_blocks():
-            result.observed += observed_loss_block(csr.indptr, csr.indices, csr.values, cursor, lo, hi, Y_block, X, kind, alpha, alpha0, eps)
-
     _factor_array(job.model, job.storage_options, job.side, job.out_slot)[lo_row:hi_row] = X
     result.gram = block_gram(X)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _sweep(job: HalfSweepJob, scratch: ScratchCopy, result: TaskResult, per_block) -> None:
+    """Map the scratch copy window by window and call ``per_block(lo, hi, Y_block)`` on each."""
+    for lo in range(0, job.n_fixed, job.block_rows):
+        hi = min(job.n_fixed, lo + job.block_rows)
+        with scratch.window(lo, hi) as Y_block:
+            result.fixed_bytes_read += Y_block.nbytes
+            per_block(lo, hi, Y_block)
+            del Y_block  # the window is unmapped on leaving: hold no view of it
+
+
+def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: ScratchCopy, result: TaskResult) -> None:
+    """One sweep copies every entry's fixed row out; then the resident kernels solve the rows."""
+    cfg = job.config
+    kind, alpha, alpha0, eps = _kernel_scalars(cfg)
+    lam, nu = float(cfg.regularization), float(cfg.nu)
+    indptr = csr.indptr
+    rows = np.empty((csr.nnz, cfg.factors), cfg.np_dtype)
+    cursor = indptr[:-1].copy()
+    parts = _row_parts(indptr, job.task_threads)
+    _sweep(job, scratch, result, lambda lo, hi, Y_block: _in_parts(parts, lambda a, b: expand_block(
+        indptr[a:b + 1], csr.indices, cursor[a:b], lo, hi, Y_block, rows)))
+    entry = np.arange(csr.nnz, dtype=np.int32)
+    observed = [0.0] * len(parts)
+    failures = [0] * len(parts)
+
+    def solve(a: int, b: int) -> None:
+        part = parts.index((a, b))
+        ip = indptr[a:b + 1]
+        if job.solver == "cg":
+            observed[part] = cg_solve_rows(ip, entry, csr.values, rows, job.gram, X[a:b], kind, alpha, alpha0, eps,
+                                           lam, nu, job.n_fixed, cfg.cg_steps, job.loss)
+            return
+        failures[part] = cholesky_solve_rows(ip, entry, csr.values, rows, job.gram, X[a:b], kind, alpha, alpha0, eps, lam, nu,
+                                             job.n_fixed)
+        if job.loss:
+            observed[part] = observed_loss_block(ip, entry, csr.values, ip[:-1].copy(), 0, csr.nnz, rows, X[a:b],
+                                                 kind, alpha, alpha0, eps)
+
+    _in_parts(parts, solve)
+    result.observed += sum(observed)
+    result.failures += sum(failures)
+
+
+def _blocked_cg(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: ScratchCopy, result: TaskResult) -> None:
+    """CG on every row of the task at once, one sweep of the fixed blocks per pass (1 + cg_steps)."""
+    cfg = job.config
+    kind, alpha, alpha0, eps = _kernel_scalars(cfg)
+    n, f, dtype = csr.n_rows, cfg.factors, cfg.np_dtype
+    indptr, indices, values, G = csr.indptr, csr.indices, csr.values, job.gram
+    parts = _row_parts(indptr, job.task_threads)
+    reg = np.empty(n, dtype)
+    row_regularizations(indptr, float(cfg.regularization), float(cfg.nu), float(cfg.alpha0), job.n_fixed, reg)
+    R, P, AP, D = (np.zeros((n, f), dtype) for _ in range(4))
+    rs, steps = np.zeros(n, dtype), np.zeros(n, dtype)
+    loss_terms = np.zeros((n if job.loss else 0, 3))
+    cursor = np.empty(n, np.int64)
+    gathers = [np.empty((GATHER_ENTRIES, f), dtype) for _ in parts]
+
+    def sweep(kernel) -> None:
+        cursor[:] = indptr[:-1]
+        _sweep(job, scratch, result, lambda lo, hi, Y_block: _in_parts(parts, lambda a, b: kernel(a, b, lo, hi, Y_block)))
+
+    def gather(a: int) -> np.ndarray:
+        return gathers[[p[0] for p in parts].index(a)]
+
+    sweep(lambda a, b, lo, hi, Yb: cg_residual_block(indptr[a:b + 1], indices, values, cursor[a:b], lo, hi, Yb, X[a:b], R[a:b],
+                                                     gather(a), kind, alpha, alpha0, eps))
+
+    def begin(a: int, b: int) -> None:
+        np.dot(X[a:b], G, out=D[a:b])
+        cg_begin(X[a:b], R[a:b], D[a:b], reg[a:b], P[a:b], rs[a:b])
+
+    _in_parts(parts, begin)
+    for step in range(cfg.cg_steps):
+        with_loss = job.loss and step == cfg.cg_steps - 1
+        AP[:] = 0
+        sweep(lambda a, b, lo, hi, Yb: cg_product_block(
+            indptr[a:b + 1], indices, values, cursor[a:b], lo, hi, Yb, P[a:b], AP[a:b], X[a:b],
+            loss_terms[a:b] if with_loss else loss_terms, with_loss, gather(a), kind, alpha, alpha0, eps))
+
+        def finish(a: int, b: int) -> None:
+            np.dot(P[a:b], G, out=D[a:b])
+            cg_step(X[a:b], R[a:b], P[a:b], AP[a:b], D[a:b], reg[a:b], rs[a:b], steps[a:b])
+
+        _in_parts(parts, finish)
+    if job.loss:
+        result.observed = cg_observed_loss(loss_terms, steps)
+
+
+def _blocked_cholesky(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: ScratchCopy, result: TaskResult) -> None:
+    """Exact solves of ``row_batch`` rows at a time, their normal equations accumulated over one sweep."""
+    cfg = job.config
+    kind, alpha, alpha0, eps = _kernel_scalars(cfg)
+    f = cfg.factors
+    for b0 in range(0, csr.n_rows, job.row_batch):
+        b1 = min(csr.n_rows, b0 + job.row_batch)
+        indptr = csr.indptr[b0 : b1 + 1]
+        A = np.zeros((b1 - b0, f, f), dtype=np.float64)
+        b = np.zeros((b1 - b0, f), dtype=np.float64)
+        c_sum = np.zeros(b1 - b0)
+        cursor = indptr[:-1].copy()
+        parts = _row_parts(indptr - indptr[0], job.task_threads)
+        _sweep(job, scratch, result, lambda lo, hi, Y_block: _in_parts(parts, lambda p, q: accumulate_block(
+            indptr[p:q + 1], csr.indices, csr.values, cursor[p:q], lo, hi, Y_block, A[p:q], b[p:q], c_sum[p:q],
+            kind, alpha, alpha0, eps)))
+        failures, observed = solve_accumulated(indptr, A, b, c_sum, job.gram, X[b0:b1], float(cfg.regularization),
+                                               float(cfg.nu), float(cfg.alpha0), job.n_fixed)
+        result.failures += failures
+        result.observed += observed
+        A = b = None  # freed before the next batch allocates its own
 
 
 def init_task(

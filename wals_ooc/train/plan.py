@@ -4,15 +4,26 @@ Pure functions of the store's metadata, the config and the budget: the plan can 
 tested without running anything (the rechunker habit). Two ways to reach the fixed factors:
 
 - "resident": the whole fixed side is read once per process and shared by its task threads;
-  rows are solved with CG or Cholesky against it. Chosen when it fits in the allowance.
-- "blocked": the fixed side is streamed in row blocks and each row's normal equations are
-  accumulated block by block (as Spark's block ALS does), then solved by Cholesky. Memory is
-  bounded by the block and the row batch, whatever the size of either side.
+  rows are solved with CG or Cholesky against it. Chosen when it fits in the allowance. A local
+  run also holds the solved side when both fit (``holds_own``), so nothing is read back.
+- "blocked": the fixed side does not fit. Each process copies it once into a local scratch file
+  (decompressed), and tasks sweep it in windows of ``block_rows`` rows mapped from the page
+  cache (see ``fixed_side``: a sweep costs ~20 ms of CPU a GB, and counts one window in the
+  RSS). Blocked tasks run one at a time per process, their rows spread over its threads, so
+  each sweep serves all of them. A task is one of:
+  "expanded": one sweep copies each entry's fixed row out (f numbers an entry), then the
+  resident kernels solve against the copies, with the same arithmetic as the resident plan;
+  "cg": for a row block too heavy to expand, CG with one sweep per pass (4f numbers a row,
+  ``1 + cg_steps`` sweeps); "cholesky": f x f normal equations accumulated for ``row_batch``
+  rows at a time, one sweep per batch.
+
+``fixed_passes`` is how many times a half-sweep reads the whole fixed side (blocked: sweeps of
+the scratch copies); the executor counts what it reads, and tests hold the two equal.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -21,9 +32,15 @@ from ..memory import format_bytes
 # working bytes per stored entry in a task: indices + values as read, zarr decode buffers, and
 # the per-entry arrays a kernel call touches
 BYTES_PER_ENTRY = 24
-# share of the allowance a plan may commit; the rest covers Zarr's decode buffers, allocator
-# slack and Dask (measured: a plan of 45 MiB in 64 MiB peaked at 74 MiB; at 0.5 it stays under)
-PLAN_HEADROOM = 0.5
+# what a plan leaves of the allowance for Zarr's decode buffers, allocator slack and Dask: a
+# share, and at least a fixed amount (measured: a plan of 45 MiB in 64 MiB peaked at 74 MiB,
+# so small allowances keep half; large ones peak at a fixed overhead plus a few percent)
+PLAN_HEADROOM = 0.2
+PLAN_RESERVE = 64 << 20
+# bytes of fixed factors a blocked task reads at a time: a block is swept by every row of the
+# task before the next is read, so it should stay in the last-level cache (measured in
+# tools/bench_scale.py --blocked)
+BLOCK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -35,6 +52,8 @@ class SolveTask:
     row_start: int
     row_stop: int
     nnz: int
+    method: str = "resident"  # blocked tasks: "expanded", "cg" or "cholesky" (see the module docstring)
+    sweeps: int = 0  # sweeps of the fixed side (blocked tasks)
 
     @property
     def name(self) -> str:
@@ -56,11 +75,20 @@ class HalfSweepPlan:
     concurrency: int
     resident_bytes: int  # factor sides held whole in memory ("resident" mode)
     block_rows: int  # rows of the fixed side per streamed block ("blocked" mode)
-    row_batch: int  # rows whose normal equations are held at once ("blocked" mode)
+    row_batch: int  # rows whose normal equations are held at once (blocked Cholesky)
     task_bytes: int  # the most one running task needs
     spare_bytes: int  # what is left of the usable allowance (the shard cache may take it)
     allowance: int
     notes: list[str] = field(default_factory=list)
+    holds_own: bool = False  # resident and local: the solved side is held in memory too
+    fixed_passes: int = 1  # reads of the whole fixed side per half-sweep (see the module docstring)
+    task_threads: int = 1  # threads one task spreads its rows over (blocked CG: all of the process's)
+    itemsize: int = 4
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Bytes of the whole fixed side."""
+        return self.n_fixed * self.factors * self.itemsize
 
     @property
     def peak_bytes(self) -> int:
@@ -69,13 +97,28 @@ class HalfSweepPlan:
 
     def describe(self) -> str:
         lines = [
-            f"{self.side} half-sweep: {len(self.tasks)} tasks over {self.n_rows} rows; fixed side "
+            f"{self.side} half-sweep: {len(self.tasks)} tasks over {self.n_rows} rows"
+            + (f" ({self.concurrency} at a time, {self.task_threads} threads each)" if self.task_threads > 1 else "")
+            + "; fixed side "
             f"{self.fixed_side} ({self.n_fixed} x {self.factors}) {self.mode}; solver {self.solver}",
             f"  planned peak {format_bytes(self.peak_bytes)} of allowance {format_bytes(self.allowance)}: "
             f"{self.concurrency} concurrent tasks of at most {format_bytes(self.task_bytes)}, "
-            f"resident factors {format_bytes(self.resident_bytes)}"
-            + (f", fixed blocks of {self.block_rows} rows, row batches of {self.row_batch}" if self.mode == "blocked" else ""),
+            f"resident factors {format_bytes(self.resident_bytes)}",
         ]
+        if self.mode == "resident":
+            held = "both sides held" if self.holds_own else f"{self.side} factors read and written per task"
+            lines.append(f"  fixed side ({format_bytes(self.fixed_bytes)}) read once per process and shared by its tasks; {held}")
+        else:
+            methods = {}
+            for task in self.tasks:
+                count, sweeps = methods.get(task.method, (0, 0))
+                methods[task.method] = (count + 1, sweeps + task.sweeps)
+            how = ", ".join(f"{count} {method} ({sweeps} sweeps)" for method, (count, sweeps) in methods.items())
+            lines.append(
+                f"  fixed side ({format_bytes(self.fixed_bytes)}) copied once per process to a local scratch file, then read "
+                f"{self.fixed_passes} times in windows of {self.block_rows} rows mapped from the page cache "
+                f"({format_bytes(self.fixed_passes * self.fixed_bytes)} per half-sweep); tasks: {how}"
+            )
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -108,6 +151,65 @@ def _tasks(shard_ranges, shard_block_nnz, bytes_per_row: int, max_task_bytes: in
     return tasks, heaviest
 
 
+def balanced_tasks(shard_ranges, shard_block_nnz, entry_bytes: int, bytes_per_row: int, max_task_bytes: int,
+                   multiple: int = 1) -> tuple[list[SolveTask], int]:
+    """As few tasks as fit in ``max_task_bytes`` (a multiple of ``multiple``), of about equal
+    weight, each a run of whole row blocks that may span shards; and the heaviest one's bytes.
+
+    For the blocked plan, where every task reads the whole fixed side a few times: fewer tasks
+    mean fewer reads, and equal ones keep every process busy to the end.
+    """
+    starts, entries, weights, shard_of = [], [], [], []
+    for k, ((lo, hi), (block_starts, nnz)) in enumerate(zip(shard_ranges, shard_block_nnz)):
+        if hi == lo:
+            continue
+        rows = np.diff(np.append(block_starts, hi))
+        starts.append(block_starts)
+        entries.append(nnz)
+        weights.append(nnz * entry_bytes + rows * bytes_per_row)
+        shard_of.append(np.full(len(block_starts), k))
+    if not starts:
+        return [], 0
+    starts, nnz, weights, shard_of = (np.concatenate(a) for a in (starts, entries, weights, shard_of))
+    n_rows = shard_ranges[-1][1]
+    total = int(weights.sum())
+    count = max(1, -(-total // max(1, max_task_bytes)), int(multiple))
+    count = min(len(starts), -(-count // multiple) * multiple)
+    while True:
+        cumulative = np.cumsum(weights)
+        # cut before the block where the running weight passes each k/count of the total
+        cuts = np.unique(np.searchsorted(cumulative, total * np.arange(1, count) / count, side="left") + 1)
+        cuts = cuts[(cuts > 0) & (cuts < len(starts))]
+        bounds = np.concatenate([[0], cuts, [len(starts)]])
+        heaviest = max(int(weights[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:]))
+        if heaviest <= max_task_bytes or count >= len(starts):
+            break
+        count = min(len(starts), count + multiple)
+    tasks, parts = [], {}
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        shard = int(shard_of[a])
+        part = parts[shard] = parts.get(shard, -1) + 1
+        stop = int(starts[b]) if b < len(starts) else n_rows
+        tasks.append(SolveTask(shard, part, int(starts[a]), stop, int(nnz[a:b].sum())))
+    return tasks, heaviest
+
+
+def usable_bytes(allowance: int) -> int:
+    """What a plan may commit of the allowance (see PLAN_HEADROOM and PLAN_RESERVE)."""
+    reserve = max(allowance * PLAN_HEADROOM, min(allowance / 2, PLAN_RESERVE))
+    return int(allowance - reserve)
+
+
+def blocked_cg_row_bytes(factors: int, itemsize: int) -> int:
+    """Bytes a row needs in a blocked CG task: x, r, p, Ap, the dense product, its regularization,
+    squared residual and step, a cursor, three float64 loss terms and its row pointer."""
+    return 5 * factors * itemsize + 3 * itemsize + 8 + 24 + 8
+
+
+# entries a blocked task holds for all its passes: indices and values (8 bytes) and read slack
+BLOCKED_BYTES_PER_ENTRY = 12
+
+
 def plan_half_sweep(
     side: str,
     shard_ranges: list[tuple[int, int]],
@@ -120,52 +222,86 @@ def plan_half_sweep(
     concurrency: int,
     local: bool = True,
     max_block_rows: int | None = None,
+    cg_steps: int = 3,
+    processes: int = 1,
+    blocked_method: str | None = None,
 ) -> HalfSweepPlan:
     """Plan one half-sweep within ``allowance`` bytes for ``concurrency`` simultaneous tasks.
 
     shard_block_nnz: for each shard, (first row of each row block, entries per block), so large
     shards can be split into tasks without reading any entries.
     local: tasks run in this process (threaded scheduler), which then holds both sides whole
-    ("resident") so no factor is read back from Zarr; on a cluster each worker holds the fixed side.
+    ("resident") when they fit, so no factor is read back from Zarr; otherwise (and on a
+    cluster) each process holds the fixed side. processes: worker processes (cluster).
+    max_block_rows: stream the fixed side in blocks of at most this many rows even if it fits.
+    blocked_method: "expanded", "cg" or "cholesky" for every blocked task (default: expanded
+    where the entries fit, else the solver's streamed method); for tests and benchmarks.
     """
-    usable = int(allowance * PLAN_HEADROOM)
+    usable = usable_bytes(allowance)
     n_rows = shard_ranges[-1][1] if shard_ranges else 0
     row_bytes = factors * itemsize * 2  # solved rows and their write buffer
-    resident = (n_fixed + (n_rows if local else 0)) * factors * itemsize
+    fixed_bytes = n_fixed * factors * itemsize
     notes: list[str] = []
 
-    per_task = (usable - resident) // max(1, concurrency)
+    def plan(mode, solver_used, tasks, resident, block_rows, row_batch, task_bytes, spare, holds_own, passes, at_once=concurrency):
+        return HalfSweepPlan(
+            side, _other(side), n_rows, n_fixed, factors, mode, solver_used, tasks, at_once, resident,
+            block_rows, row_batch, task_bytes, spare, allowance, notes, holds_own, passes, concurrency // at_once, itemsize,
+        )
+
     if max_block_rows is not None:
         notes.append(f"fixed side streamed in blocks of at most {max_block_rows} rows, as asked")
-    elif per_task > 0:
-        tasks, task_bytes = _tasks(shard_ranges, shard_block_nnz, row_bytes, per_task)
-        if task_bytes <= per_task:
-            spare = usable - resident - concurrency * task_bytes
-            return HalfSweepPlan(
-                side, _other(side), n_rows, n_fixed, factors, "resident", solver, tasks, concurrency,
-                resident, n_fixed, 0, task_bytes, spare, allowance, notes,
-            )
-        notes.append(f"a row block needs {format_bytes(task_bytes)}, more than {format_bytes(per_task)} beside the resident factors")
     else:
-        notes.append(f"resident factors ({format_bytes(resident)}) do not fit in {format_bytes(usable)}")
+        holdings = [(True, fixed_bytes + n_rows * factors * itemsize)] if local else []
+        holdings.append((False, fixed_bytes))
+        for holds_own, resident in holdings:
+            per_task = (usable - resident) // max(1, concurrency)
+            if per_task <= 0:
+                continue
+            tasks, task_bytes = _tasks(shard_ranges, shard_block_nnz, row_bytes, per_task)
+            if task_bytes <= per_task:
+                spare = usable - resident - concurrency * task_bytes
+                return plan("resident", solver, tasks, resident, n_fixed, 0, task_bytes, spare, holds_own, 1)
+        notes.append(f"the fixed side ({format_bytes(fixed_bytes)}) and a task beside it do not fit in {format_bytes(usable)}")
 
-    # blocked: each task streams the fixed side in blocks and holds normal equations per row batch
-    if solver == "cg":
-        notes.append("streaming the fixed side in blocks with exact normal equations (Cholesky) instead of CG")
-    per_thread = usable // max(1, concurrency)
-    normal_eq_row = factors * factors * 8 + factors * 8 + 8  # A (float64), b, cursor
-    block_rows = int(max(1, min(n_fixed, (per_thread // 4) // (factors * itemsize), max_block_rows or n_fixed)))
-    remaining = per_thread - block_rows * factors * itemsize
-    tasks, entry_bytes = _tasks(shard_ranges, shard_block_nnz, row_bytes, max(1, remaining // 2))
-    row_batch = int(max(1, (remaining - entry_bytes) // normal_eq_row))
-    largest_rows = max([t.row_stop - t.row_start for t in tasks] or [1])
-    task_bytes = entry_bytes + min(row_batch, largest_rows) * normal_eq_row + block_rows * factors * itemsize
-    if entry_bytes > remaining // 2:
-        notes.append(f"a row block needs {format_bytes(entry_bytes)}: over the per-task share of the budget")
-    return HalfSweepPlan(
-        side, _other(side), n_rows, n_fixed, factors, "blocked", "cholesky", tasks, concurrency,
-        0, block_rows, row_batch, task_bytes, 0, allowance, notes,
-    )
+    block_bytes = min(BLOCK_BYTES, usable // 8)  # the rest holds rows: fewer tasks, fewer sweeps
+    block_rows = max(1, min(n_fixed, block_bytes // (factors * itemsize), max_block_rows or n_fixed))
+    block_bytes = block_rows * factors * itemsize
+    room = max(1, usable - block_bytes)  # one blocked task at a time per process, one window mapped
+    expanded_entry = BYTES_PER_ENTRY + 4 + factors * itemsize  # CSR, an index and the entry's fixed row
+    tasks, _ = balanced_tasks(shard_ranges, shard_block_nnz, expanded_entry, row_bytes, room, multiple=max(1, processes))
+    def expands(task: SolveTask) -> bool:
+        fits = task.nnz * expanded_entry + (task.row_stop - task.row_start) * row_bytes <= room
+        return blocked_method == "expanded" or (blocked_method is None and fits)
+
+    method = blocked_method if blocked_method in ("cg", "cholesky") else solver
+    streamed = [t.nnz * BLOCKED_BYTES_PER_ENTRY + (t.row_stop - t.row_start) * row_bytes for t in tasks if not expands(t)]
+    normal_row = normal_equations_row_bytes(factors)
+    row_batch = max(1, (room - max(streamed)) // normal_row) if streamed and method == "cholesky" else 0
+    planned, heaviest = [], 0
+    for task in tasks:
+        rows = task.row_stop - task.row_start
+        if expands(task):
+            planned.append(replace(task, method="expanded", sweeps=1))
+            heaviest = max(heaviest, task.nnz * expanded_entry + rows * row_bytes)
+            continue
+        weight = task.nnz * BLOCKED_BYTES_PER_ENTRY + rows * row_bytes
+        if method == "cg":  # too heavy to expand: CG vectors per row, a sweep per pass
+            planned.append(replace(task, method="cg", sweeps=1 + cg_steps))
+            weight += rows * blocked_cg_row_bytes(factors, itemsize)
+        else:  # normal equations of row_batch rows at a time, a sweep per batch
+            planned.append(replace(task, method="cholesky", sweeps=-(-rows // row_batch)))
+            weight += min(rows, row_batch) * normal_row
+        heaviest = max(heaviest, weight)
+    if heaviest > room:
+        notes.append(f"a row block needs {format_bytes(heaviest)}: over the budget's share ({format_bytes(room)})")
+    passes = sum(t.sweeps for t in planned)
+    return plan("blocked", solver, planned, 0, block_rows, row_batch, heaviest + block_bytes, 0, False, passes, at_once=1)
+
+
+def normal_equations_row_bytes(factors: int) -> int:
+    """A row's f x f normal equations (float64), right-hand side, confidence sum and cursor."""
+    return factors * factors * 8 + factors * 8 + 16
 
 
 def _other(side: str) -> str:

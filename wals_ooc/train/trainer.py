@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import WALSConfig
+from ..errors import NumericalError
 from ..execute import Executor
 from ..kernels.warm import warm_training_kernels
 from ..memory import MemoryBudget
@@ -38,6 +39,8 @@ class IterationReport:
     seconds: float
     user_seconds: float
     item_seconds: float
+    user_fixed_bytes: int = 0  # bytes of item factors the user half-sweep's tasks read
+    item_fixed_bytes: int = 0  # bytes of user factors the item half-sweep's tasks read
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -59,7 +62,8 @@ def _block_nnz(store: InteractionStore, side: str) -> list[tuple[np.ndarray, np.
 
 
 def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, concurrency: int,
-               local: bool = True, max_block_rows: int | None = None) -> dict[str, HalfSweepPlan]:
+               local: bool = True, max_block_rows: int | None = None, processes: int = 1,
+               blocked_method: str | None = None) -> dict[str, HalfSweepPlan]:
     """The plan of each side's half-sweep (the same every iteration)."""
     itemsize = config.np_dtype.itemsize
     return {
@@ -75,6 +79,9 @@ def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, conc
             concurrency,
             local,
             max_block_rows,
+            config.cg_steps,
+            processes,
+            blocked_method,
         )
         for side in SIDES
     }
@@ -137,6 +144,13 @@ def _initialise(model: FactorStore, store: InteractionStore, config: WALSConfig,
     model.commit(Checkpoint(step=0, slots={"user": 0, "item": 0}))
 
 
+def _finite(result) -> bool:
+    """A task's factors are finite iff their Gram is (a NaN or inf in a row reaches it), and so
+    must be its pieces of the objective."""
+    pieces = (result.quadratic, result.observed, result.regularization)
+    return result.gram is not None and bool(np.isfinite(result.gram).all()) and bool(np.isfinite(pieces).all())
+
+
 def _sum_in_order(parts) -> np.ndarray:
     """Sum f x f partials in the given order (fixed order: the same result on any scheduler)."""
     total = None
@@ -159,12 +173,13 @@ def train(
     storage_options: dict | None = None,
     max_block_rows: int | None = None,
     executor: Executor | None = None,
+    blocked_method: str | None = None,
 ) -> FactorStore:
     """Fit factors into ``model_location``, resuming from its last completed half-sweep.
 
     callback(iteration, seconds, loss) is called after each iteration, like implicit's.
-    max_block_rows: always stream the fixed side in blocks of at most this many rows (exact
-    Cholesky on accumulated normal equations), even when it would fit in memory.
+    max_block_rows: always stream the fixed side in blocks of at most this many rows, even when
+    it would fit in memory; blocked_method: how blocked tasks solve (see ``plan``), for tests.
     executor: where tasks run (default: ``Executor(client, threads)``).
     """
     warm_training_kernels(config.dtype)  # fixed per-process cost: part of the baseline
@@ -173,23 +188,27 @@ def train(
     with output_store(model_location, MODEL_KIND, version=MODEL_FORMAT_VERSION, overwrite=not resume, resume=resume,
                       inputs=[store.location], storage_options=storage_options) as out:
         model = _open_or_create(out, store, config, storage_options)
-        _train_model(model, store, config, executor, budget, callback, progress, storage_options, max_block_rows)
+        _train_model(model, store, config, executor, budget, callback, progress, storage_options, max_block_rows,
+                     blocked_method)
     return FactorStore.open(out.target, "r", storage_options)
 
 
 def _train_model(model: FactorStore, store: InteractionStore, config: WALSConfig, executor: Executor,
-                 budget: MemoryBudget, callback, progress, storage_options, max_block_rows) -> None:
+                 budget: MemoryBudget, callback, progress, storage_options, max_block_rows,
+                 blocked_method) -> None:
     """The training loop proper, on an opened model (the door holds its lock)."""
     data_id = store.attrs().get("store_id")
     if model.checkpoint is None:
         _initialise(model, store, config, executor)
     local = executor.is_local
-    plans = make_plans(store, config, budget.allowance, executor.threads_per_process, local, max_block_rows)
+    processes = 1 if local else max(1, executor.total_threads // executor.threads_per_process)
+    plans = make_plans(store, config, budget.allowance, executor.threads_per_process, local, max_block_rows, processes,
+                       blocked_method)
     for plan in plans.values():
         log.info(plan.describe())
     state = None
     # what both half-sweeps leave unused caches CSR shards between iterations (per process)
-    all_resident = all(p.mode == "resident" for p in plans.values())
+    all_resident = all(p.mode == "resident" and (p.holds_own or not local) for p in plans.values())
     cache_bytes = max(0, min(p.spare_bytes for p in plans.values())) if all_resident else 0
     if local and all_resident:
         state = LocalState(cache_bytes=cache_bytes)
@@ -199,6 +218,7 @@ def _train_model(model: FactorStore, store: InteractionStore, config: WALSConfig
     total_steps = 2 * config.iterations
     remaining_tasks = sum(len(plans[SIDES[s % 2]].tasks) for s in range(checkpoint.step, total_steps))
     side_seconds = {"user": 0.0, "item": 0.0}
+    side_fixed_bytes = {"user": 0, "item": 0}
     try:
         with executor.single_threaded_blas(), tqdm(total=remaining_tasks, desc="train", unit="shard", disable=None if progress is None else not progress) as bar:
             if history and history[-1].get("loss") is not None:
@@ -218,7 +238,7 @@ def _train_model(model: FactorStore, store: InteractionStore, config: WALSConfig
                     warm_slot=checkpoint.slots[side], out_slot=1 - checkpoint.slots[side], config=config,
                     mode=plan.mode, solver=plan.solver, block_rows=plan.block_rows, row_batch=plan.row_batch,
                     n_fixed=plan.n_fixed, gram=gram.astype(config.np_dtype), loss=config.compute_loss and side == "item",
-                    shard_cache_bytes=0 if local else cache_bytes,
+                    shard_cache_bytes=0 if local else cache_bytes, task_threads=plan.task_threads,
                 )
                 label = f"{side}s-it{checkpoint.iteration:03d}"
                 try:
@@ -226,6 +246,15 @@ def _train_model(model: FactorStore, store: InteractionStore, config: WALSConfig
                 except BaseException:
                     state = None  # its arrays may hold a half-solved side: never reuse them
                     raise
+                broken = [task for task, r in zip(plan.tasks, results) if not _finite(r)]
+                if broken:
+                    state = None  # in-memory factors of this side hold the bad rows: never reuse them
+                    where = ", ".join(f"[{t.row_start}, {t.row_stop})" for t in broken[:5]) + (" ..." if len(broken) > 5 else "")
+                    raise NumericalError(
+                        f"the {side} half-sweep of iteration {checkpoint.iteration} produced non-finite factors (NaN or inf) "
+                        f"in {side} rows {where}; nothing was committed: {model.location} keeps its last completed "
+                        f"half-sweep (step {checkpoint.step}). Check the settings (alpha, regularization, eps) and the input values"
+                    )
                 if state is not None:
                     state.factors[side] = (state.factors[side][0], job.out_slot)
                 failures = sum(r.failures for r in results)
@@ -233,6 +262,7 @@ def _train_model(model: FactorStore, store: InteractionStore, config: WALSConfig
                     log.warning("%d %s rows had a singular system and kept their previous factors", failures, side)
                 model.set_gram(side, job.out_slot, _sum_in_order(r.gram for r in results))
                 side_seconds[side] = time.perf_counter() - started
+                side_fixed_bytes[side] = sum(r.fixed_bytes_read for r in results)
                 slots = dict(checkpoint.slots)
                 slots[side] = job.out_slot
                 regularization = float(sum(r.regularization for r in results))
@@ -246,7 +276,7 @@ def _train_model(model: FactorStore, store: InteractionStore, config: WALSConfig
                     loss = float(sum(r.quadratic + r.observed for r in results)) + regularization + checkpoint.pending_user_reg
                 report = IterationReport(
                     checkpoint.iteration, loss, side_seconds["user"] + side_seconds["item"],
-                    side_seconds["user"], side_seconds["item"],
+                    side_seconds["user"], side_seconds["item"], side_fixed_bytes["user"], side_fixed_bytes["item"],
                 )
                 history.append(report.to_dict())
                 checkpoint = Checkpoint(checkpoint.step + 1, slots)

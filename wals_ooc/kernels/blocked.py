@@ -1,0 +1,276 @@
+"""Row solves against a fixed side streamed in row blocks, for when it does not fit in memory.
+
+The fixed side is read block by block (columns ``[block_lo, block_hi)`` of the shard's rows);
+columns are sorted within each row, so each row's entries in a block start at its ``cursor``
+and the cursor only moves forward: one sweep of the blocks visits every entry once. The
+notation is that of ``solve``.
+
+Three ways:
+
+- Expanded rows: one sweep copies every entry's fixed row into an (nnz, f) array, and the
+  resident kernels solve against it, CG or Cholesky, with the very same arithmetic (f numbers
+  an entry: for tasks whose entries fit).
+- Conjugate gradient, one sweep of the blocks per CG pass ("column blocks outermost"): a row
+  keeps only its CG vectors (x, r, p, Ap: 4f numbers), so a task can hold many rows and every
+  block is read once per pass for all of them. The dense part of each product (gram @ p for all
+  rows at once) is one matrix-matrix product done by the caller between passes.
+- Exact normal equations: each row's f x f system accumulated block by block (as Spark's block
+  ALS does), then Cholesky. 8 f^2 bytes a row, so only small row batches fit.
+
+Both return the observed part of the objective at the solution without another sweep.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .solve import _JIT, _add_rank_one_lower, _dot, cholesky_solve_inplace, confidence, row_regularization
+
+CONVERGED = 1e-20  # a row whose squared residual is below this takes no more CG steps
+
+
+@njit(**_JIT)
+def row_regularizations(indptr, lam, nu, alpha0, n_fixed, out):
+    """out[u] = lam * (n_u + alpha0 * n_fixed) ** nu for every row (out's dtype)."""
+    T = out.dtype.type
+    for u in range(len(indptr) - 1):
+        out[u] = T(row_regularization(indptr[u + 1] - indptr[u], lam, nu, alpha0, n_fixed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Expanded rows: each entry's fixed row copied out of the blocks in one sweep
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def expand_block(indptr, indices, cursor, block_lo, block_hi, Y_block, rows):
+    """rows[e] = Y[indices[e]] for every entry e whose column is in [block_lo, block_hi).
+
+    After one sweep of the blocks, ``rows`` (nnz, f) holds every entry's fixed row in entry
+    order, and the resident kernels solve against it with ``indices = arange(nnz)``: the same
+    arithmetic as against the whole fixed side.
+    """
+    n_rows = len(indptr) - 1
+    f = Y_block.shape[1]
+    for u in range(n_rows):
+        idx = cursor[u]
+        stop = indptr[u + 1]
+        while idx < stop and indices[idx] < block_hi:
+            source = Y_block[indices[idx] - block_lo]
+            target = rows[idx]
+            for k in range(f):
+                target[k] = source[k]
+            idx += 1
+        cursor[u] = idx
+
+
+# ---------------------------------------------------------------------------------------------
+# Conjugate gradient, one sweep of the fixed blocks per pass
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _gather_segment(indices, first, last, block_lo, Y_block, gather):
+    """Copy the block rows of entries [first, last) into gather[:last - first]: a loop of
+    independent loads, which keeps many cache misses in flight (chasing them one by one between
+    the arithmetic would wait for each)."""
+    f = Y_block.shape[1]
+    for t in range(last - first):
+        source = Y_block[indices[first + t] - block_lo]
+        for k in range(f):
+            gather[t, k] = source[k]
+
+
+@njit(**_JIT)
+def cg_residual_block(indptr, indices, values, cursor, block_lo, block_hi, Y_block, X, R, gather,
+                      kind, alpha, alpha0, eps):
+    """R[u] += sum over the row's entries in the block of (c - (c - alpha0) y.x_u) y.
+
+    Summed over every block this is b - S x of the row's system (the sparse part of the
+    residual); ``cg_begin`` adds the dense part. gather: (m, f) scratch in Y's dtype.
+    """
+    n_rows, f = X.shape
+    T = X.dtype.type
+    cap = gather.shape[0]
+    for u in range(n_rows):
+        idx = cursor[u]
+        stop = indptr[u + 1]
+        if idx >= stop or indices[idx] >= block_hi:
+            continue
+        end = idx
+        while end < stop and indices[end] < block_hi:
+            end += 1
+        cursor[u] = end
+        x = X[u]
+        r = R[u]
+        for first in range(idx, end, cap):
+            last = min(end, first + cap)
+            _gather_segment(indices, first, last, block_lo, Y_block, gather)
+            for t in range(last - first):
+                y = gather[t]
+                c = T(confidence(values[first + t], kind, alpha, alpha0, eps))
+                coef = c - (c - alpha0) * _dot(y, x, f)
+                for k in range(f):
+                    r[k] += coef * y[k]
+
+
+@njit(**_JIT)
+def cg_product_block(indptr, indices, values, cursor, block_lo, block_hi, Y_block, P, AP, X, loss_terms, with_loss,
+                     gather, kind, alpha, alpha0, eps):
+    """AP[u] += sum over the row's entries in the block of (c - alpha0) (y.p_u) y.
+
+    with_loss: also accumulate, per row, the observed loss at x_u + t p_u as a polynomial in
+    the step t: loss_terms[u] += (sum c(1-s)^2 - alpha0 s^2, -2 sum q (c(1-s) + alpha0 s),
+    sum (c - alpha0) q^2) with s = y.x_u, q = y.p_u (float64). gather: (m, f) scratch.
+    """
+    n_rows, f = X.shape
+    T = X.dtype.type
+    cap = gather.shape[0]
+    for u in range(n_rows):
+        idx = cursor[u]
+        stop = indptr[u + 1]
+        if idx >= stop or indices[idx] >= block_hi:
+            continue
+        end = idx
+        while end < stop and indices[end] < block_hi:
+            end += 1
+        cursor[u] = end
+        p = P[u]
+        ap = AP[u]
+        x = X[u]
+        for first in range(idx, end, cap):
+            last = min(end, first + cap)
+            _gather_segment(indices, first, last, block_lo, Y_block, gather)
+            for t in range(last - first):
+                y = gather[t]
+                c = T(confidence(values[first + t], kind, alpha, alpha0, eps))
+                w = c - alpha0
+                q = _dot(y, p, f)
+                coef = w * q
+                for k in range(f):
+                    ap[k] += coef * y[k]
+                if with_loss:
+                    s = np.float64(_dot(y, x, f))
+                    c64, q64 = np.float64(c), np.float64(q)
+                    loss_terms[u, 0] += c64 * (1.0 - s) * (1.0 - s) - alpha0 * s * s
+                    loss_terms[u, 1] -= 2.0 * q64 * (c64 * (1.0 - s) + alpha0 * s)
+                    loss_terms[u, 2] += (c64 - alpha0) * q64 * q64
+
+
+@njit(**_JIT)
+def cg_begin(X, R, XG, reg, P, rs):
+    """Finish the residual r = b - A x (R holds b - S x; XG = X @ gram), set p = r, rs = r.r."""
+    n_rows, f = X.shape
+    for u in range(n_rows):
+        r = R[u]
+        for k in range(f):
+            r[k] -= XG[u, k] + reg[u] * X[u, k]
+            P[u, k] = r[k]
+        rs[u] = _dot(r, r, f)
+
+
+@njit(**_JIT)
+def cg_step(X, R, P, AP, PG, reg, rs, steps):
+    """One CG step for every row still above ``CONVERGED`` (AP holds the sparse part of A p;
+    PG = P @ gram). steps[u] receives the step length taken (0 for a converged row)."""
+    n_rows, f = X.shape
+    for u in range(n_rows):
+        steps[u] = 0
+        if rs[u] < CONVERGED:  # converged (a NaN steps on, so the NaN reaches x and is caught)
+            continue
+        p, ap, x, r = P[u], AP[u], X[u], R[u]
+        for k in range(f):
+            ap[k] += PG[u, k] + reg[u] * p[k]
+        step = rs[u] / _dot(p, ap, f)
+        for k in range(f):
+            x[k] += step * p[k]
+            r[k] -= step * ap[k]
+        steps[u] = step
+        rs_new = _dot(r, r, f)
+        if rs_new < CONVERGED:
+            rs[u] = rs_new
+            continue
+        beta = rs_new / rs[u]
+        for k in range(f):
+            p[k] = r[k] + beta * p[k]
+        rs[u] = rs_new
+
+
+@njit(**_JIT)
+def cg_observed_loss(loss_terms, steps):
+    """sum_u of the observed loss at each row's final x: the polynomial of ``cg_product_block`` at its last step."""
+    total = 0.0
+    for u in range(len(steps)):
+        t = np.float64(steps[u])
+        total += loss_terms[u, 0] + t * (loss_terms[u, 1] + t * loss_terms[u, 2])
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact normal equations, accumulated block by block
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def accumulate_block(indptr, indices, values, cursor, block_lo, block_hi, Y_block, A, b, c_sum, kind, alpha, alpha0, eps):
+    """Add the entries with column in [block_lo, block_hi) to each row's normal equations.
+
+    A: (n_rows, f, f) float64, lower triangles; b: (n_rows, f) float64; c_sum: (n_rows,)
+    float64, the sum of the row's confidences (for the loss); cursor: (n_rows,) int64, each
+    row's next unread entry (start it at indptr[:-1]).
+    """
+    n_rows = len(indptr) - 1
+    f = Y_block.shape[1]
+    for u in range(n_rows):
+        idx = cursor[u]
+        stop = indptr[u + 1]
+        while idx < stop and indices[idx] < block_hi:
+            y = Y_block[indices[idx] - block_lo]
+            c = np.float64(confidence(values[idx], kind, alpha, alpha0, eps))
+            _add_rank_one_lower(A[u], y, c - alpha0, f)
+            for k in range(f):
+                b[u, k] += c * y[k]
+            c_sum[u] += c
+            idx += 1
+        cursor[u] = idx
+
+
+@njit(**_JIT)
+def solve_accumulated(indptr, A, b, c_sum, gram, X, lam, nu, alpha0, n_fixed):
+    """Finish blocked normal equations (add gram and reg), solve each row into X.
+
+    Returns (rows whose system was not positive definite, set to zero; the observed loss
+    sum c (1 - s)^2 - alpha0 s^2 over the rows' entries at their new x). The loss needs no
+    pass over the fixed side: with S = sum (c - alpha0) y y^T and (gram + reg I + S) x = b it
+    is sum c - 2 x.b + x^T S x = sum c - x.b - x^T gram x - reg |x|^2 (0 for x = 0).
+    """
+    n_rows, f = X.shape
+    failures = 0
+    observed = 0.0
+    rhs = np.empty(f, dtype=np.float64)
+    for u in range(n_rows):
+        reg = row_regularization(indptr[u + 1] - indptr[u], lam, nu, alpha0, n_fixed)
+        Au = A[u]
+        for i in range(f):
+            rhs[i] = b[u, i]
+            for k in range(i + 1):
+                Au[i, k] += gram[i, k]
+            Au[i, i] += reg
+        x = b[u]
+        if cholesky_solve_inplace(Au, x, f):
+            for k in range(f):
+                X[u, k] = x[k]
+        else:
+            failures += 1
+            for k in range(f):
+                X[u, k] = 0
+                x[k] = 0.0
+        row = c_sum[u]
+        for i in range(f):
+            gx = 0.0
+            for k in range(f):
+                gx += gram[i, k] * x[k]
+            row -= x[i] * (rhs[i] + gx + reg * x[i])
+        observed += row
+    return failures, observed
