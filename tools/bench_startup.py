@@ -30,6 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15, help="runs of each command (default: %(default)s)")
     parser.add_argument("--store", default=None, help="interaction store for `info` (default: a small generated one)")
+    parser.add_argument("--detail", action="store_true",
+                        help="also time the imports alone (numpy + zarr, and what `info` imports) to see the floor")
     args = parser.parse_args()
 
     cli = shutil.which("wals-ooc") or "wals-ooc"
@@ -46,6 +48,10 @@ def main() -> None:
         "wals-ooc --help": [cli, "--help"],
         "wals-ooc info STORE": [cli, "info", store],
     }
+    if args.detail:
+        commands["python -c 'import numpy, zarr'"] = [sys.executable, "-c", "import numpy, zarr"]
+        commands["info's imports only"] = [sys.executable, "-c", "import wals_ooc.cli, wals_ooc.store.format, "
+                                           "wals_ooc.store.reader, wals_ooc.store.sniff"]
     try:
         for argv in commands.values():  # warm the file cache (and numba's cache index) once
             timed(argv)
@@ -56,9 +62,9 @@ def main() -> None:
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"{'command':28s} {'median s':>9s} {'min s':>7s} {'max s':>7s}   ({args.repeats} runs each)")
+    print(f"{'command':34s} {'median s':>9s} {'min s':>7s} {'max s':>7s}   ({args.repeats} runs each)")
     for name, values in times.items():
-        print(f"{name:28s} {statistics.median(values):9.3f} {min(values):7.3f} {max(values):7.3f}")
+        print(f"{name:34s} {statistics.median(values):9.3f} {min(values):7.3f} {max(values):7.3f}")
 
 
 if __name__ == "__main__":

@@ -108,13 +108,19 @@ def return_freed_memory_to_os() -> None:
 
 
 def warm_libraries() -> None:
-    """Initialise the libraries' fixed state (Arrow's compute kernels and CSV parser, Zarr's
-    codecs) once, so the baseline a budget is measured from includes it and the allowance is
+    """Import the package's stages and initialise the libraries' fixed state (Arrow's compute
+    kernels and CSV parser, Zarr's codecs) once, so the baseline a budget is measured from includes it and the allowance is
     left for data. These costs are tens of MB whatever the data size."""
     global _warmed
     if _warmed:
         return
     return_freed_memory_to_os()
+    import importlib
+
+    # the package's stages (and numba, dask, pyarrow under them): ``import wals_ooc`` loads them
+    # lazily, so a baseline measured before first use would leave their import for the allowance
+    for module in ("wals_ooc.model", "wals_ooc.store.writer", "wals_ooc.evaluate.split"):
+        importlib.import_module(module)
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
