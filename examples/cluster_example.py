@@ -52,7 +52,7 @@ def main() -> None:
                               memory_budget="2GB")
         model.fit(store, os.path.join(workdir, "model.zarr"), client=client, resume=False,
                   callback=lambda it, seconds, loss: print(f"iteration {it + 1}: {seconds:.2f}s loss {loss:.6g}"))
-    first_user = model.interactions.ids("user")[:1]
+    first_user = model.interactions.ids("user", 0, 1)  # the id of row 0 (reads one chunk of the id map)
     ids, scores = model.recommend(first_user, N=5)
     print("top 5 for user", first_user[0], ":", list(zip(ids[0].tolist(), scores[0].round(3).tolist())))
 

@@ -368,7 +368,7 @@ def _flip_a_byte(path: Path, at: int = 7) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("array", ["by_user/indices", "by_user/values", "by_item/indptr", "user_ids"])
+@pytest.mark.parametrize("array", ["by_user/indices", "by_user/values", "by_item/indptr", "user_ids/bytes"])
 def test_a_flipped_byte_in_any_chunk_is_an_error_naming_store_array_and_chunk(base, tmp_path, capsys, array):
     store = copy(base.data, tmp_path / "data.zarr")
     _flip_a_byte(store / array / "c" / "0")
@@ -393,8 +393,9 @@ def test_a_missing_chunk_is_an_error_not_zeros(base, tmp_path):
 def test_a_flipped_byte_in_a_factor_chunk_is_an_error_when_serving(base, tmp_path, capsys):
     model = copy(base.model, tmp_path / "model.zarr")
     slot = FactorStore.open(model).checkpoint.slots["user"]
+    first_user = FactorStore.open(model).id_maps().ids("user", 0, 1)[0]  # its factors are in chunk (0, 0)
     _flip_a_byte(model / "user" / str(slot) / "c" / "0" / "0")
-    code, _, err = run(capsys, "recommend", model, "--users", "u001")
+    code, _, err = run(capsys, "recommend", model, "--users", first_user)
     one_line_error(code, err, "recommend", model, f"user/{slot}", "(0, 0)")
 
 
@@ -601,7 +602,7 @@ def test_overwrite_swaps_by_rename_exchange_or_two_renames(base, tmp_path, excha
     old_id = open_store(store).attrs()["store_id"]
     wals_ooc.convert(str(base.other), str(store), overwrite=True, **CONVERT)
     new = open_store(store)
-    assert new.attrs()["store_id"] != old_id and new.ids("user")[0] == "x000"
+    assert new.attrs()["store_id"] != old_id and "x000" in new.ids("user").tolist()
     assert leftovers(tmp_path) == []
 
 

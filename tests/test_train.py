@@ -235,14 +235,16 @@ def test_kernel_warm_up_covers_every_signature_training_and_serving_use(small_st
 import json
 import numba
 from wals_ooc import WALS
-from wals_ooc.kernels import loss, rank, solve, topk
+from wals_ooc.kernels import assemble, loss, rank, solve, text, topk
 from wals_ooc.kernels.warm import warm_serving_kernels, warm_training_kernels
 
-kernels = [k for m in (loss, rank, solve, topk) for k in vars(m).values() if isinstance(k, numba.core.registry.CPUDispatcher)]
+kernels = [k for m in (assemble, loss, rank, solve, text, topk) for k in vars(m).values()
+           if isinstance(k, numba.core.registry.CPUDispatcher)]
 warm_training_kernels("float32"); warm_serving_kernels()
 before = {{k.__name__: len(k.signatures) for k in kernels}}
 model = WALS(factors=4, iterations=2, random_state=0).fit({small_store!r}, {str(tmp_path / 'm.zarr')!r}, progress=False)
-model.recommend(model.interactions.ids("user")[:3], N=3)
+model.recommend(model.interactions.ids("user", 0, 3), N=3)
+model.similar_items(model.interactions.ids("item", 0, 2), N=3)
 model.recalculate_user(list(model.interactions.ids("item")[:3]))
 WALS(factors=4, iterations=1, solver="cholesky", random_state=0).fit({small_store!r}, {str(tmp_path / 'c.zarr')!r}, progress=False)
 from wals_ooc.train import train

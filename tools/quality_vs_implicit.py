@@ -68,8 +68,9 @@ def main() -> None:
     ours.fit(train, os.path.join(args.workdir, "model.zarr"), resume=False, progress=False)
 
     train_csr = to_csr(train)
-    test_csr = to_csr(test, train.index_of("user", test.ids("user"), missing="mark"),
-                      train.index_of("item", test.ids("item"), missing="mark"), train.shape)
+    test_csr = to_csr(test, train.index_of("user", test.ids_of("user", np.arange(test.n_users), as_arrow=True), missing="mark"),
+                      train.index_of("item", test.ids_of("item", np.arange(test.n_items), as_arrow=True), missing="mark"),
+                      train.shape)
     theirs = AlternatingLeastSquares(factors=args.factors, regularization=args.regularization, alpha=1.0,
                                      iterations=args.iterations, use_cg=args.solver == "cg", num_threads=args.threads,
                                      random_state=0, calculate_training_loss=False)

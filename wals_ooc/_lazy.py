@@ -24,3 +24,33 @@ def lazy_exports(package: str, namespace: dict, exports: dict[str, str]) -> tupl
         return sorted(set(namespace) | set(exports))
 
     return __getattr__, __dir__
+
+
+class LazyModule:
+    """A module imported on first attribute access (``pa = LazyModule("pyarrow")``), for modules
+    on the path of fast commands that need a heavy library only in some of their functions."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._module = None
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
+
+
+def lazy_function(module: str, name: str) -> Callable:
+    """A function of ``module`` imported on its first call (e.g. a numba kernel: numba loads then)."""
+    resolved: list = []
+
+    def call(*args, **kwargs):
+        if not resolved:
+            resolved.append(getattr(importlib.import_module(module), name))
+        return resolved[0](*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"{module}.{name}, imported on first call."
+    return call

@@ -30,12 +30,10 @@ def _progress(args) -> bool | None:
     return False if getattr(args, "quiet", False) else None
 
 
-def _ids(values: list[str]):
-    """Ids from the command line: integers when they all parse, else strings."""
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        return values
+def _ids(store, side: str, values: list[str]) -> list:
+    """Ids from the command line as the model's id maps spell them (integers as int, text as
+    given); an unknown one raises UnknownIdError naming it."""
+    return [_plain(v) for v in store.ids_of(side, store.index_of(side, values))]
 
 
 @contextlib.contextmanager
@@ -90,14 +88,15 @@ def cmd_info(args) -> int:
     print(f"store       {store.location}")
     print(f"shape       {store.n_users} users x {store.n_items} items")
     print(f"nnz         {store.nnz}  (density {store.density:.3g})")
-    print(f"id kind     {store.id_kind}")
+    kinds = store.id_kinds
+    print(f"id kind     users {kinds['user']}, items {kinds['item']}")
     tops = {}
     for side in ("user", "item"):
         tops[side], nnz = _top_rows(store, side, args.top)
         print(f"{side} shards {store.n_shards(side)} (entries per shard min {min(nnz)}, max {max(nnz)}), row block {store.row_block}")
     for side in ("user", "item"):
-        ids = store.ids(side)
-        listed = ", ".join(f"{ids[row]} ({count})" for row, count in tops[side])
+        ids = store.ids_of(side, [row for row, _ in tops[side]])
+        listed = ", ".join(f"{ident} ({count})" for ident, (_, count) in zip(ids.tolist(), tops[side]))
         print(f"top {side}s  {listed}")
     return 0
 
@@ -208,7 +207,7 @@ def cmd_recommend(args) -> int:
         return 0
     if not args.users:
         raise SettingError("give --users ID... or --all")
-    users = _ids(args.users)
+    users = _ids(model.id_maps(), "user", args.users)
     ids, scores = model.recommend(users, N=args.n, filter_already_liked=not args.no_filter)
     for user, row_ids, row_scores in zip(users, ids, scores):
         listed = [{"item": _plain(i), "score": round(float(s), 6)} for i, s in zip(row_ids, row_scores) if s > -np.inf]
@@ -221,7 +220,7 @@ def cmd_similar(args) -> int:
 
     model = load(args.model, interactions=args.interactions, memory_budget=args.memory_budget)
     side = "user" if args.users else "item"
-    ids_in = _ids(args.users or args.items)
+    ids_in = _ids(model.id_maps(), side, args.users or args.items)
     method = model.similar_users if side == "user" else model.similar_items
     ids, scores = method(ids_in, N=args.n, filter_self=args.filter_self)
     for query, row_ids, row_scores in zip(ids_in, ids, scores):
@@ -317,9 +316,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = command("convert", "CSV/Parquet (user, item, value) rows -> interaction store")
     p.add_argument("inputs", nargs="+", help="input files (.csv, .csv.gz, .tsv, .dat, .parquet)")
     p.add_argument("store", help="output store (a directory, or an fsspec URL)")
-    p.add_argument("--user-col", default="0", help="user column: name or 0-based position")
-    p.add_argument("--item-col", default="1", help="item column: name or 0-based position")
-    p.add_argument("--value-col", default="2", help="value column (play count, rating...): name or 0-based position")
+    p.add_argument("--user-col", default=0, help="user column: name or 0-based position")
+    p.add_argument("--item-col", default=1, help="item column: name or 0-based position")
+    p.add_argument("--value-col", default=2, help="value column (play count, rating...): name or 0-based position")
     p.add_argument("--order-col", default=None,
                    help="numeric column ordering rows in time (timestamp); enables split --method leave_last_out "
                         "(default: none)")
@@ -327,7 +326,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--delimiter", default=",", help="field delimiter (\\t for tab)")
     p.add_argument("--no-header", action="store_true", help="the files have no header line")
     p.add_argument("--id-type", choices=("auto", "int", "str"), default="auto",
-                   help="type of user and item ids (auto: integers if every id parses as one)")
+                   help="auto: a column's ids are integers when every one of them is written as one (no leading "
+                        "zeros, sign or spaces), else text, so 007 and 7 stay two ids; int: parse as integers "
+                        "(007 and 7 are one id); str: always text")
     p.add_argument("--on-bad-lines", choices=("error", "skip"), default="error",
                    help="error: stop at the first bad row naming file, line and field; skip: count and drop")
     p.add_argument("--shard-nnz", type=int, default=None, help="entries per shard (default: from the memory budget)")

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from .errors import SettingError
 from .kernels.solve import CONFIDENCE_KINDS
 
 SOLVERS = ("cg", "cholesky")
+#: the command-line flag of each setting, for error messages
+FLAGS = {"factors": "--factors", "regularization": "--regularization", "alpha": "--alpha", "alpha0": "--alpha0",
+         "confidence": "--confidence", "eps": "--eps", "nu": "--nu", "iterations": "--iterations", "solver": "--solver",
+         "cg_steps": "--cg-steps", "dtype": "--dtype", "random_state": "--seed", "init_scale": "--init-scale"}
+
+
+def _setting(name: str, message: str) -> SettingError:
+    return SettingError(message, flags={name: FLAGS[name]})
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,9 @@ class WALSConfig:
     dtype: float32 (default) or float64 for factors and solves.
     random_state: seed of the initial factors; None draws one and records it in the model.
     init_scale: initial factors are uniform in [0, init_scale).
+    iterations: at least 1 (0 would store the random initial factors as if trained).
+
+    Every number must be finite: NaN or infinite settings raise SettingError.
     compute_loss: compute the training objective each iteration (one extra pass of dot products).
     """
 
@@ -44,29 +57,52 @@ class WALSConfig:
     compute_loss: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("factors", "iterations", "cg_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise _setting(name, f"{name} must be an integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        for name in ("regularization", "alpha", "alpha0", "eps", "nu", "init_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise _setting(name, f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise _setting(name, f"{name} must be finite, got {value}")
+            object.__setattr__(self, name, float(value))
         if self.factors < 1:
-            raise ValueError(f"factors must be >= 1, got {self.factors}")
+            raise _setting("factors", f"factors must be >= 1, got {self.factors}")
         if self.regularization < 0:
-            raise ValueError(f"regularization must be >= 0, got {self.regularization}")
-        if self.alpha < 0 or self.alpha0 < 0:
-            raise ValueError("alpha and alpha0 must be >= 0")
+            raise _setting("regularization", f"regularization must be >= 0, got {self.regularization}")
+        if self.alpha < 0:
+            raise _setting("alpha", f"alpha must be >= 0, got {self.alpha}")
+        if self.alpha0 < 0:
+            raise _setting("alpha0", f"alpha0 must be >= 0, got {self.alpha0}")
         if self.alpha0 == 0 and self.regularization == 0:
-            raise ValueError("alpha0 = 0 needs regularization > 0, or rows without entries are singular")
+            raise _setting("alpha0", "alpha0 = 0 needs regularization > 0, or rows without entries are singular")
+        if self.nu < 0:
+            raise _setting("nu", f"nu must be >= 0, got {self.nu}")
         if self.confidence not in CONFIDENCE_KINDS:
-            raise ValueError(f"confidence must be one of {sorted(CONFIDENCE_KINDS)}, got {self.confidence!r}")
+            raise _setting("confidence", f"confidence must be one of {sorted(CONFIDENCE_KINDS)}, got {self.confidence!r}")
         if self.eps <= 0:
-            raise ValueError("eps must be > 0")
-        if self.iterations < 0:
-            raise ValueError("iterations must be >= 0")
+            raise _setting("eps", f"eps must be > 0, got {self.eps}")
+        if self.iterations < 1:  # 0 would record the random initial factors as a trained model
+            raise _setting("iterations", f"iterations must be >= 1, got {self.iterations}")
         if self.solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+            raise _setting("solver", f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.cg_steps < 1:
-            raise ValueError("cg_steps must be >= 1")
-        if np.dtype(self.dtype) not in (np.float32, np.float64):
-            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
-        object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
+            raise _setting("cg_steps", f"cg_steps must be >= 1, got {self.cg_steps}")
+        try:
+            dtype = np.dtype(self.dtype)
+        except TypeError:
+            dtype = None
+        if dtype not in (np.float32, np.float64):
+            raise _setting("dtype", f"dtype must be float32 or float64, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", dtype.name)
         if self.init_scale <= 0:
-            raise ValueError("init_scale must be > 0")
+            raise _setting("init_scale", f"init_scale must be > 0, got {self.init_scale}")
+        if self.random_state is not None and (isinstance(self.random_state, bool)
+                                              or not isinstance(self.random_state, (int, np.integer))):
+            raise _setting("random_state", f"random_state must be an integer or None, got {self.random_state!r}")
 
     @property
     def np_dtype(self) -> np.dtype:

@@ -109,7 +109,7 @@ def return_freed_memory_to_os() -> None:
 
 def warm_libraries() -> None:
     """Import the package's stages and initialise the libraries' fixed state (Arrow's compute
-    kernels and CSV parser, Zarr's codecs) once, so the baseline a budget is measured from includes it and the allowance is
+    kernels and CSV parser, Zarr's codecs, the id-map kernels) once, so the baseline a budget is measured from includes it and the allowance is
     left for data. These costs are tens of MB whatever the data size."""
     global _warmed
     if _warmed:
@@ -134,6 +134,9 @@ def warm_libraries() -> None:
     array = zarr.create_array(zarr.storage.MemoryStore(), shape=(4,), dtype="int32", chunks=(2,),
                               compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"))
     array[:] = np.arange(4, dtype=np.int32)
+    from .kernels.warm import warm_id_kernels
+
+    warm_id_kernels()  # id maps and input parsing: every stage reads or writes ids
     _warmed = True
 
 

@@ -110,6 +110,11 @@ class WALS:
             raise StoreError("the model has no factors: fit it or wals_ooc.load() a trained one")
         return self.interactions, self.factors_store
 
+    def id_maps(self) -> IdMaps:
+        """The model's own copy of its id maps (``index_of``, ``ids_of``, ``id_kinds``): original
+        ids <-> rows, looked up chunk by chunk; no interaction store needed."""
+        return self._ids()
+
     def _ids(self) -> IdMaps:
         """The model's own copy of its id maps (serving ids needs no interaction store)."""
         model = self._trained()[1]
@@ -216,8 +221,8 @@ class WALS:
         width = int(found.max()) if len(found) else 0
         ids, scores = ids[:, :width], scores[:, :width]
         if user_vectors is None and np.ndim(user_ids) == 0:  # one user: exactly its results
-            return _original_ids(store.ids("item"), ids[0, : found[0]]), scores[0, : found[0]]
-        return _original_ids(store.ids("item"), ids), scores
+            return store.ids_of("item", ids[0, : found[0]]), scores[0, : found[0]]
+        return store.ids_of("item", ids), scores
 
     def recommend_all(self, N: int = 10, output: str | os.PathLike | None = None, filter_already_liked: bool = True,
                       format: str = "zarr", client=None, overwrite: bool = False) -> str:
@@ -244,7 +249,7 @@ class WALS:
         queries = source.rows(rows)
         exclude = (np.arange(len(rows) + 1, dtype=np.int64), rows.astype(np.int64)) if filter_self else None
         ids_out, scores, _ = top_k(queries, source, N, exclude=exclude)
-        return _original_ids(store.ids(side), ids_out), scores
+        return store.ids_of(side, ids_out), scores
 
     def similar_items(self, item_ids: Any, N: int = 10, filter_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The N items most similar (cosine of factors) to each given item; itself first unless filtered."""
@@ -258,9 +263,7 @@ class WALS:
         store = self._ids()
         other = "item" if side == "user" else "user"
         ids, values = _pairs(interactions)
-        columns = store.index_of(other, ids, missing="mark")
-        if (columns < 0).any():
-            raise KeyError(f"unknown {other} ids: {np.asarray(ids)[columns < 0][:5].tolist()}")
+        columns = store.index_of(other, ids)  # unknown ids: UnknownIdError naming them
         columns, values = merge_entries(columns, values)
         fixed = model.current(other)
         rows = _rows_of(fixed, columns)
@@ -337,17 +340,13 @@ def _rows_of(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
     return np.asarray(array.get_orthogonal_selection((unique, slice(None))))[inverse]
 
 
-def _original_ids(id_map: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    missing = -1 if np.issubdtype(id_map.dtype, np.integer) else ""
-    return np.where(rows >= 0, id_map[np.maximum(rows, 0)], missing)
-
-
-def _pairs(interactions: Any) -> tuple[np.ndarray, np.ndarray]:
+def _pairs(interactions: Any) -> tuple[list, np.ndarray]:
+    """(ids, values) of fold-in interactions; ids kept as given (any mix of types or lengths)."""
     if isinstance(interactions, dict):
-        return np.asarray(list(interactions.keys())), np.asarray(list(interactions.values()), np.float64)
+        return list(interactions.keys()), np.asarray(list(interactions.values()), np.float64)
     if isinstance(interactions, tuple) and len(interactions) == 2:
-        return np.asarray(interactions[0]), np.asarray(interactions[1], np.float64)
-    ids = np.asarray(list(interactions))
+        return list(interactions[0]), np.asarray(interactions[1], np.float64)
+    ids = list(interactions)
     return ids, np.ones(len(ids))
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import dask
 import numpy as np
 
+from ..errors import SettingError
 from ..execute import Executor, single_threaded_blas_in_worker
 from ..kernels.warm import warm_serving_kernels
 from ..memory import MemoryBudget
@@ -142,7 +143,7 @@ def _evaluate_shard(model_location, train_location, test_location, storage_optio
     test = InteractionStore(test_location, storage_options)
     shard = test.rows("user", lo, hi)
     has_rows = np.diff(shard.indptr) > 0
-    users = train.index_of("user", test.ids("user")[lo:hi], missing="mark")
+    users = train.index_of("user", test.ids_of("user", np.arange(lo, hi), as_arrow=True), missing="mark")
     sums = MetricCurves(k) if curves else MetricSums()
     known = (users >= 0) & has_rows
     sums.skipped_users = int(((users < 0) & has_rows).sum())
@@ -153,11 +154,13 @@ def _evaluate_shard(model_location, train_location, test_location, storage_optio
     if not len(rows):
         return sums
     # held-out items in the model's item numbering; unknown items are dropped and counted
+    test_items = np.unique(shard.indices)
+    in_train = train.index_of("item", test.ids_of("item", test_items, as_arrow=True), missing="mark")
+    train_item_of = in_train[np.searchsorted(test_items, shard.indices)]  # per entry of the shard
     test_indptr = [0]
     test_ids = []
-    item_map = test.ids("item")
     for r in rows:
-        items = train.index_of("item", item_map[shard.indices[shard.indptr[r] : shard.indptr[r + 1]]], missing="mark")
+        items = train_item_of[shard.indptr[r] : shard.indptr[r + 1]]
         sums.skipped_items += int((items < 0).sum())
         items = np.sort(items[items >= 0])
         test_ids.append(items)
@@ -200,7 +203,12 @@ def evaluate(
     """precision@k, recall@k, ndcg@k, map@k and AUC of a model on a held-out store.
 
     user_fraction: evaluate a seeded random share of the test users (None: all of them).
+    Test users and items are matched to the model's by their original ids.
     """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise SettingError(f"k must be an integer >= 1, got {k!r}", flags={"k": "-k"})
+    if user_fraction is not None and not 0 < user_fraction <= 1:  # also refuses NaN
+        raise SettingError(f"user_fraction must be in (0, 1], got {user_fraction}", flags={"user_fraction": "--user-fraction"})
     total = _run(model, train, test, k, user_fraction, seed, client, threads, memory_budget, storage_options, executor,
                  curves=False)
     return total.means(k)
@@ -221,6 +229,10 @@ def evaluate_curves(
 ) -> dict:
     """precision, recall, ndcg and map at every k in 1..k_max (lists) and AUC, from one top-k_max
     pass over the test store (streamed shard by shard, as ``evaluate``)."""
+    if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)) or k_max < 1:
+        raise SettingError(f"k_max must be an integer >= 1, got {k_max!r}", flags={"k_max": "--k-max"})
+    if user_fraction is not None and not 0 < user_fraction <= 1:
+        raise SettingError(f"user_fraction must be in (0, 1], got {user_fraction}", flags={"user_fraction": "--user-fraction"})
     total = _run(model, train, test, k_max, user_fraction, seed, client, threads, memory_budget, storage_options,
                  executor, curves=True)
     return total.means()

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
-import pyarrow as pa
 
 from ..errors import SettingError
 from ..memory import MemoryBudget
@@ -54,19 +53,29 @@ def held_out_mask(shard: CSRShard, method: str, test_fraction: float, min_train:
     return position < wanted[rows]
 
 
+def _batch_ids(store: InteractionStore, side: str, rows: np.ndarray):
+    """Original ids of rows as a RowBatch carries them: int64 NumPy, or Arrow text."""
+    if store.id_map(side).kind == "int":
+        return store.ids_of(side, rows)
+    return store.ids_of(side, rows, as_arrow=True)
+
+
+def _id_types_of(store: InteractionStore) -> dict[str, str]:
+    """The id types that give the outputs the source's kinds, whichever ids each side keeps."""
+    maps = {side: store.id_map(side) for side in ("user", "item")}
+    return {side: "str" if index.kind == "str" else index.id_type for side, index in maps.items()}
+
+
 def _shard_batches(store: InteractionStore, method, test_fraction, min_train, seed, want_test: bool) -> Iterator[RowBatch]:
-    user_ids = store.ids("user")
-    item_ids = store.ids("item")
     for k, (lo, hi) in enumerate(store.shard_ranges("user")):
         shard = store.rows("user", lo, hi, with_order=store.has_order)
         held = held_out_mask(shard, method, test_fraction, min_train, np.random.default_rng([seed, k]))
         keep = held if want_test else ~held
+        if not keep.any():
+            continue
         rows = np.repeat(np.arange(lo, hi), np.diff(shard.indptr))[keep]
-        users, items = user_ids[rows], item_ids[shard.indices[keep]]
-        if store.id_kind == "str":
-            users, items = pa.array(users.astype(object), pa.string()), pa.array(items.astype(object), pa.string())
-        if keep.any():
-            yield RowBatch(users, items, shard.values[keep], shard.order[keep] if shard.order is not None else None)
+        users, items = _batch_ids(store, "user", rows), _batch_ids(store, "item", shard.indices[keep])
+        yield RowBatch(users, items, shard.values[keep], shard.order[keep] if shard.order is not None else None)
 
 
 @dataclass
@@ -121,6 +130,7 @@ def split(
                     _shard_batches(store, method, test_fraction, min_train, seed, want_test),
                     out,
                     row_block=store.row_block,
+                    id_type=_id_types_of(store),
                     source_attrs={"split_of": store.location, "split_of_store_id": store.attrs().get("store_id"),
                                   "split_id": split_id, "method": method, "test_fraction": test_fraction,
                                   "seed": seed, "side": "test" if want_test else "train"},

@@ -27,6 +27,18 @@ from .loss import observed_loss_block, regularization_sum
 from .rank import rank_counts_update
 from .solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
 from .topk import new_heaps, topk_finish, topk_update
+from .assemble import segment_sums
+from .text import (
+    chunk_runs,
+    csv_record_end,
+    csv_record_lines,
+    distinct_by_hash,
+    equal_pairs,
+    gather_ranges,
+    hash_strings,
+    parse_ints,
+    parse_ints_each,
+)
 
 _warmed: set[tuple] = set()
 
@@ -84,10 +96,34 @@ def warm_training_kernels(dtype: str | np.dtype = "float32") -> None:
     _warmed.add(key)
 
 
+def warm_id_kernels() -> None:
+    """The id map and input kernels (hashing, parsing, lookups, CSV record scanning) and the
+    assembly sums: what convert, split and every id lookup call."""
+    if "ids" in _warmed:
+        return
+    writable = (np.array([0, 1, 3], np.int64), np.frombuffer(b'7"a', np.uint8).copy())
+    readonly = (np.frombuffer(writable[0].tobytes(), np.int64), np.frombuffer(b'7"a', np.uint8))  # as from Arrow
+    order = np.arange(2, dtype=np.int64)
+    for offsets, data in (writable, readonly):
+        hashes = hash_strings(offsets, data)
+        parse_ints(offsets, data, True)
+        parse_ints_each(offsets, data, False)
+        distinct_by_hash(np.sort(hashes), order, offsets, data)
+        gather_ranges(data, 0, order, order + 1, np.zeros(2, np.uint8), np.arange(3, dtype=np.int64))
+        csv_record_end(data, 0, 44, 34)
+        csv_record_lines(data, 44, 34)
+        for other in (writable, readonly):
+            equal_pairs(offsets, data, order, other[0], other[1], order)
+    chunk_runs(order, order, 2)
+    segment_sums(np.ones(3, np.float32), np.array([0, 2], np.int64))
+    _warmed.add("ids")
+
+
 def warm_serving_kernels() -> None:
-    """Top-K and rank counting over float32 score blocks."""
+    """Top-K and rank counting over float32 score blocks, and the id lookups serving does."""
     if "serve" in _warmed:
         return
+    warm_id_kernels()
     csr_problem(np.array([0, 1], np.int64), np.array([0], np.int32), 1)  # filtering reads CSR rows
     scores = np.ones((2, 3), np.float32)
     ids = np.arange(3, dtype=np.int64)

@@ -126,10 +126,7 @@ def popularity_part(store, rec_rows: np.ndarray) -> dict:
 def ids_of(store, side: str, rows: np.ndarray) -> list:
     """Original ids of some rows of a side, as plain Python values."""
     rows = np.asarray(rows, np.int64)
-    if hasattr(store, "ids_of"):
-        values = store.ids_of(side, rows)
-    else:
-        values = store.ids(side)[rows]
+    values = store.ids_of(side, rows)
     return [v.item() if hasattr(v, "item") else v for v in values]
 
 

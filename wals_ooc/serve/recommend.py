@@ -23,7 +23,7 @@ from ..memory import MemoryBudget
 from ..store.format import create_array, open_group
 from ..store.lifecycle import output_store
 from ..store.reader import InteractionStore
-from ..train.factors import FactorStore, copy_id_maps
+from ..train.factors import FactorStore
 from .scoring import FactorSource, top_k
 
 RECOMMENDATIONS_KIND = "wals-ooc/recommendations"
@@ -66,26 +66,21 @@ def _recommend_shard(model_location, interactions_location, storage_options, sta
         shard = InteractionStore(interactions_location, storage_options).rows("user", start, stop)
         liked = (shard.indptr, shard.indices.astype(np.int64))
     top, scores, _ = top_k(queries, item_source(model, allowance, block_rows), n, exclude=liked)
-    item_ids = ids.ids("item")
-    original = np.where(top >= 0, item_ids[np.maximum(top, 0)], _missing(item_ids.dtype))
     if fmt == "zarr":
         group = open_group(output, "r+", storage_options)
-        group["item_ids"][start:stop] = original
+        group["user_ids"][start:stop] = ids.ids_of("user", np.arange(start, stop))
+        group["item_ids"][start:stop] = ids.ids_of("item", top)  # -1 slots: -1 or ""
         group["scores"][start:stop] = scores
     else:
-        users = np.repeat(ids.ids("user")[start:stop], n)
-        ranks = np.tile(np.arange(1, n + 1, dtype=np.int32), stop - start)
         keep = top.ravel() >= 0
+        user_rows = np.repeat(np.arange(start, stop), n)[keep]
+        ranks = np.tile(np.arange(1, n + 1, dtype=np.int32), stop - start)
         table = pa.table({
-            "user": pa.array(users[keep]), "rank": pa.array(ranks[keep]),
-            "item": pa.array(original.ravel()[keep]), "score": pa.array(scores.ravel()[keep]),
+            "user": ids.ids_of("user", user_rows, as_arrow=True), "rank": pa.array(ranks[keep]),
+            "item": ids.ids_of("item", top.ravel()[keep], as_arrow=True), "score": pa.array(scores.ravel()[keep]),
         })
         pq.write_table(table, os.path.join(output, f"part-{start:012d}.parquet"))
     return stop - start
-
-
-def _missing(dtype):
-    return -1 if np.issubdtype(dtype, np.integer) else ""
 
 
 def _user_ranges(model: FactorStore, store: InteractionStore | None) -> list[tuple[int, int]]:
@@ -121,7 +116,9 @@ def recommend_all(
     store) is needed only to filter already-liked items; ids come from the model.
     """
     if fmt not in ("zarr", "parquet"):
-        raise SettingError(f"format must be zarr or parquet, got {fmt!r}", flags={"format": "--format"})
+        raise SettingError(f"format must be zarr or parquet, not {fmt!r}", flags={"format": "--format"})
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise SettingError(f"N must be an integer >= 1, got {n!r}", flags={"N": "-n"})
     if filter_already_liked and store is None:
         raise DataMismatchError(f"{model.location}: filtering already-liked items needs the interaction store")
     warm_serving_kernels()  # fixed per-process cost: part of the baseline
@@ -137,10 +134,12 @@ def recommend_all(
         if fmt == "zarr":
             group = out.group
             group.attrs.update({"n": n, "model": model.location})
-            copy_id_maps(ids.group, group, names=("user_ids",))
-            item_dtype = ids.ids("item").dtype
+            kinds = ids.id_kinds
             rows = int(model.group.attrs["row_block"])
-            create_array(group, "item_ids", shape=(n_users, n), dtype=item_dtype if item_dtype.kind != "T" else str,
+            # plain arrays of original ids (int64 or variable-length text), written shard by shard
+            create_array(group, "user_ids", shape=(n_users,), dtype=np.int64 if kinds["user"] == "int" else str,
+                         chunks=(rows,), dense=True)
+            create_array(group, "item_ids", shape=(n_users, n), dtype=np.int64 if kinds["item"] == "int" else str,
                          chunks=(rows, n), dense=True)
             create_array(group, "scores", shape=(n_users, n), dtype=np.float32, chunks=(rows, n), dense=True)
         tasks = [

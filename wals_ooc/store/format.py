@@ -8,8 +8,10 @@ An interaction store is a Zarr v3 group::
         indices  int32 (nnz,)           item index of each entry, sorted within a row
         values   float32 (nnz,)         summed interaction value (counts, plays, ...)
       by_item/                  CSR of the transpose (items x users), same arrays
-      user_ids  (n_users,)      original user id of each row, sorted (int64 or string)
-      item_ids  (n_items,)      original item id of each column, sorted
+      user_ids/                 id map of the users: row <-> original id (see ``ids``: int64 ids
+                                sorted by value, or text ids as UTF-8 bytes + offsets ordered by
+                                their XXH64 hash, with the sorted keys searched chunk by chunk)
+      item_ids/                 id map of the items
 
 Shards are contiguous row ranges ``[shard_bounds[k], shard_bounds[k+1])``; every bound is a
 multiple of ``row_block``, the row-chunk size of the factor arrays, so two shard tasks never
@@ -39,8 +41,9 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from ..errors import CorruptStoreError, StoreError, StoreNotFoundError
 
-# 2: every chunk carries a crc32c checksum
-FORMAT_VERSION = 2
+# 2: every chunk carries a crc32c checksum; 3: id maps are groups of keys (int64 ids or XXH64 of
+# the UTF-8 bytes) + offsets/bytes, looked up chunk by chunk (``ids``), with per-side id kinds
+FORMAT_VERSION = 3
 INTERACTIONS_KIND = "wals-ooc/interactions"
 KIND_PREFIX = "wals-ooc/"
 ORIENTATIONS = ("by_user", "by_item")

@@ -12,6 +12,7 @@ import zarr
 
 from ..errors import CorruptStoreError, StoreError
 from .format import ID_ARRAYS, INTERACTIONS_KIND, SIDES, check_complete, open_group, shard_ranges
+from .ids import IdIndex
 
 
 @dataclass
@@ -59,7 +60,6 @@ class InteractionStore:
         self.n_users = int(attrs["n_users"])
         self.n_items = int(attrs["n_items"])
         self.nnz = int(attrs["nnz"])
-        self.id_kind = str(attrs["id_kind"])
         self._shard_bounds = {
             side: [int(b) for b in self.group[orientation].attrs["shard_bounds"]]
             for side, orientation in SIDES.items()
@@ -166,38 +166,52 @@ class InteractionStore:
 
     # -- id maps --------------------------------------------------------------------------------
     @cached_property
-    def _ids(self) -> dict[str, np.ndarray]:
+    def _id_maps(self) -> dict[str, IdIndex]:
         return {}
 
-    def ids(self, side: str) -> np.ndarray:
-        """Original ids of every row of a side, sorted (row index -> original id). Cached."""
-        if side not in self._ids:
-            self._ids[side] = self.group[ID_ARRAYS[side]][:]
-        return self._ids[side]
+    def id_map(self, side: str) -> IdIndex:
+        """The id map of a side (row <-> original id), opened on first use."""
+        if side not in SIDES:
+            raise ValueError(f"side must be 'user' or 'item', not {side!r}")
+        if side not in self._id_maps:
+            self._id_maps[side] = IdIndex(self.group[ID_ARRAYS[side]], self.location)
+        return self._id_maps[side]
+
+    @property
+    def id_kinds(self) -> dict[str, str]:
+        """Kind of each side's ids: "int" (int64) or "str" (text)."""
+        return {side: self.id_map(side).kind for side in SIDES}
+
+    @property
+    def id_kind(self) -> str:
+        """"int" or "str" when both sides have that kind, else "mixed" (see ``id_kinds``)."""
+        kinds = set(self.id_kinds.values())
+        return kinds.pop() if len(kinds) == 1 else "mixed"
 
     def index_of(self, side: str, original_ids: Any, missing: str = "raise") -> np.ndarray:
-        """Row indices of original ids (binary search in the sorted id map).
+        """Row index (int64, flat) of each original id, looked up chunk by chunk in the id map.
 
-        missing: "raise" to fail on an unknown id, or "mark" to return -1 for it.
+        missing: "raise" raises UnknownIdError naming the unknown ids; "mark" returns -1 for them.
+        Integer ids may be given as ints or as their text; string ids as str (or bytes, UTF-8).
         """
-        ids = self.ids(side)
-        query = np.atleast_1d(np.asarray(original_ids))
-        if self.id_kind == "int":
-            try:
-                query = query.astype(np.int64)
-            except (TypeError, ValueError) as exc:
-                raise KeyError(f"{side} ids of this store are integers; got {query[:5]!r}") from exc
-        else:
-            query = query.astype(ids.dtype)
-        pos = np.searchsorted(ids, query)
-        pos = np.minimum(pos, len(ids) - 1)
-        found = ids[pos] == query
-        if not found.all():
-            if missing == "raise":
-                unknown = query[~found][:5].tolist()
-                raise KeyError(f"unknown {side} id(s): {unknown}")
-            pos = np.where(found, pos, -1)
-        return pos.astype(np.int64)
+        return self.id_map(side).index_of(original_ids, missing, side)
+
+    def ids_of(self, side: str, rows: Any, missing: Any = None, as_arrow: bool = False):
+        """Original ids of rows of any shape and order (int64, or str objects for string ids);
+        rows < 0 give ``missing`` (default -1 or ""). Reads only the chunks those rows are in.
+        as_arrow: a flat Arrow array instead (int64 or large_string), for rows >= 0."""
+        return self.id_map(side).ids_of(rows, missing, as_arrow)
+
+    def ids(self, side: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Original ids of rows ``[start, stop)`` in row order. Without bounds this loads the
+        whole map: use it on small stores only, and ``iter_ids`` or ``ids_of`` otherwise."""
+        index = self.id_map(side)
+        stop = index.n if stop is None else min(stop, index.n)
+        return index.ids_of(np.arange(start, max(start, stop), dtype=np.int64))
+
+    def iter_ids(self, side: str, start: int = 0, stop: int | None = None, rows: int = 1 << 16) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, ids) for consecutive blocks of ``rows`` rows, in row order."""
+        return self.id_map(side).iter_ids(start, stop, rows)
 
 
 class IdMaps(InteractionStore):
@@ -208,11 +222,10 @@ class IdMaps(InteractionStore):
     interactions works when the interaction store is gone.
     """
 
-    def __init__(self, group: zarr.Group, location: str, id_kind: str, n_users: int, n_items: int):
+    def __init__(self, group: zarr.Group, location: str, n_users: int, n_items: int):
         self.location = location
         self.storage_options = None
         self.group = group
-        self.id_kind = id_kind
         self.n_users, self.n_items, self.nnz = int(n_users), int(n_items), 0
         self._shard_bounds = {"user": [0, self.n_users], "item": [0, self.n_items]}
         self.row_block = max(1, self.n_users, self.n_items)

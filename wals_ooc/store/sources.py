@@ -8,11 +8,11 @@ either turned into (user, item, value) or reported with its file, line and field
 from __future__ import annotations
 
 import csv
-import dataclasses
 import gzip
-import io
+import logging
 import math
 import os
+import re
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +24,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ..errors import InputError
+from ..errors import InputError, SettingError
+from ..kernels.text import csv_record_end, csv_record_lines, parse_ints_each
+from .ids import as_text, text_buffers
+
+log = logging.getLogger("wals_ooc")
 
 
 @dataclass
@@ -35,7 +39,9 @@ class InputSpec:
     value_col None means every row counts 1.
     order_col: optional numeric column giving each row's place in time (a timestamp, a sequence
     number); kept per entry (the latest of summed duplicates) for splits by order.
-    id_kind: "int", "str", or "auto" (int if the first batch's ids all parse as integers).
+    id_kind: "auto" (ids stay text here; the writer makes a side integer when every id of the
+    whole input is a canonical integer), "int" (parse as integers, so "007" and "7" are one
+    id) or "str" (text, always); or a dict of them for "user" and "item".
     on_bad_lines: "error" raises InputError at the first bad row; "skip" counts and drops it.
     """
 
@@ -45,16 +51,25 @@ class InputSpec:
     order_col: str | int | None = None
     delimiter: str = ","
     header: bool = True
-    id_kind: str = "auto"
+    id_kind: str | dict = "auto"
     on_bad_lines: str = "error"
 
     def __post_init__(self) -> None:
-        if self.id_kind not in ("auto", "int", "str"):
-            raise ValueError(f"id_kind must be auto, int or str, not {self.id_kind!r}")
+        kinds = self.id_kind.values() if isinstance(self.id_kind, dict) else [self.id_kind]
+        if isinstance(self.id_kind, dict) and set(self.id_kind) != {"user", "item"} or any(
+                k not in ("auto", "int", "str") for k in kinds):
+            raise SettingError(f"id_type must be auto, int or str (or a dict of them for user and item), "
+                               f"not {self.id_kind!r}", flags={"id_type": "--id-type"})
         if self.on_bad_lines not in ("error", "skip"):
-            raise ValueError(f"on_bad_lines must be error or skip, not {self.on_bad_lines!r}")
-        if len(self.delimiter) != 1:
-            raise ValueError(f"delimiter must be one character, not {self.delimiter!r}")
+            raise SettingError(f"on_bad_lines must be error or skip, not {self.on_bad_lines!r}",
+                               flags={"on_bad_lines": "--on-bad-lines"})
+        if len(self.delimiter) != 1 or self.delimiter in ('"', "\n", "\r"):
+            raise SettingError(f"delimiter must be one character other than a quote or a newline, not {self.delimiter!r}",
+                               flags={"delimiter": "--delimiter"})
+
+
+def _kind_of(spec: InputSpec, side: str) -> str:
+    return spec.id_kind[side] if isinstance(spec.id_kind, dict) else spec.id_kind
 
 
 @dataclass
@@ -85,8 +100,9 @@ class BadRowReport:
 
 @dataclass
 class RowBatch:
-    """Validated rows: ids as int64 NumPy arrays or Arrow string arrays, values float32,
-    order float64 (None without an order column)."""
+    """Validated rows: ids as int64 NumPy arrays (integer ids: their text is ``str(value)``) or
+    Arrow string arrays (text ids; the writer decides the side's kind), values float32 (finite,
+    >= 0), order float64 (None without an order column)."""
 
     users: np.ndarray | pa.Array
     items: np.ndarray | pa.Array
@@ -119,7 +135,12 @@ def _value_problem(value: float) -> str | None:
         return "value is infinite"
     if value < 0:
         return "value is negative"
+    if value > FLOAT32_MAX:
+        return f"value is beyond float32's range ({FLOAT32_MAX:.4g})"
     return None
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _convert_numbers(column: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -130,6 +151,7 @@ def _convert_numbers(column: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarra
         ok = np.ones(len(numbers), dtype=bool)
         if column.null_count:
             ok &= ~column.is_null().to_numpy(zero_copy_only=False)
+            numbers = np.where(ok, numbers, 0)
         return numbers, ok
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         parsed = [_python_number(text, kind) for text in column.to_pylist()]
@@ -138,57 +160,63 @@ def _convert_numbers(column: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarra
         return numbers, ok
 
 
-def _guess_id_kind(column: pa.Array) -> str:
-    try:
-        pc.cast(column, pa.int64())
-        return "int"
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return "str"
-
-
 class _BatchValidator:
-    """Turns string columns into a RowBatch, raising or skipping located errors."""
+    """Turns columns into a RowBatch, raising or skipping located errors."""
 
     def __init__(self, path: str, spec: InputSpec, names: tuple[str, str, str | None, str | None], report: BadRowReport):
         self.path, self.spec, self.names, self.report = path, spec, names, report
-        self.id_kind = spec.id_kind
+
+    def _ids(self, column: pa.Array, name: str, side: str, problems: list, keep: np.ndarray) -> np.ndarray | pa.Array:
+        """One id column: int64 (integer columns, or text parsed with id_kind "int") or text."""
+        kind = _kind_of(self.spec, side)
+        missing = column.is_null().to_numpy(zero_copy_only=False) if column.null_count else None
+        if missing is not None:
+            for row in np.flatnonzero(missing):
+                problems.append((row, name, "missing id"))
+            keep &= ~missing
+        if pa.types.is_integer(column.type):
+            if kind == "str":
+                return as_text(column)
+            return column.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        text = as_text(column)
+        if kind == "int":
+            offsets, data = text_buffers(text)
+            values, ok = parse_ints_each(offsets, data, False)
+            if missing is not None:
+                ok |= missing
+            for row in np.flatnonzero(~ok):
+                problems.append((row, name, f"non-integer id: {text[row].as_py()!r} (use --id-type str)"))
+            keep &= ok
+            return values
+        empty = (np.diff(text_buffers(text)[0]) == 0) if len(text) else np.zeros(0, bool)
+        if missing is not None:
+            empty &= ~missing
+        for row in np.flatnonzero(empty):
+            problems.append((row, name, "empty id"))
+        keep &= ~empty
+        return text
 
     def validate(self, users: pa.Array, items: pa.Array, values: pa.Array | None, line_of,
                  order: pa.Array | None = None) -> RowBatch | None:
         n = len(users)
-        if self.id_kind == "auto":
-            self.id_kind = _guess_id_kind(users) if n else "auto"
-            if self.id_kind == "int" and _guess_id_kind(items) == "str":
-                self.id_kind = "str"
         keep = np.ones(n, dtype=bool)
         problems: list[tuple[int, str, str]] = []  # (row, field, reason)
         user_name, item_name, value_name, order_name = self.names
-
-        if self.id_kind == "int":
-            user_num, user_ok = _convert_numbers(users, "int")
-            item_num, item_ok = _convert_numbers(items, "int")
-            for row in np.flatnonzero(~user_ok):
-                problems.append((row, user_name, f"non-integer id: {users[row].as_py()!r} (use --id-type str)"))
-            for row in np.flatnonzero(~item_ok):
-                problems.append((row, item_name, f"non-integer id: {items[row].as_py()!r} (use --id-type str)"))
-            keep &= user_ok & item_ok
-        else:
-            for column, name in ((users, user_name), (items, item_name)):
-                empty = pc.fill_null(pc.equal(pc.utf8_length(column), 0), True).to_numpy(zero_copy_only=False)
-                for row in np.flatnonzero(empty):
-                    problems.append((row, name, "empty id"))
-                keep &= ~empty
+        user_ids = self._ids(users, user_name, "user", problems, keep)
+        item_ids = self._ids(items, item_name, "item", problems, keep)
 
         if values is None:
-            vals = np.ones(n, dtype=np.float64)
+            vals = np.ones(n, dtype=np.float32)
         else:
-            vals, value_ok = _convert_numbers(values, "float")
+            numbers, value_ok = _convert_numbers(values, "float")
             for row in np.flatnonzero(~value_ok):
                 problems.append((row, value_name, f"non-numeric value: {values[row].as_py()!r}"))
-            bad_value = value_ok & ~(np.isfinite(vals) & (vals >= 0))
+            bad_value = value_ok & ~(np.isfinite(numbers) & (numbers >= 0) & (numbers <= FLOAT32_MAX))
             for row in np.flatnonzero(bad_value):
-                problems.append((row, value_name, f"{_value_problem(float(vals[row]))}: {values[row].as_py()!r}"))
+                problems.append((row, value_name, f"{_value_problem(float(numbers[row]))}: {values[row].as_py()!r}"))
             keep &= value_ok & ~bad_value
+            with np.errstate(over="ignore"):
+                vals = np.where(keep, numbers, 0).astype(np.float32)
 
         times = None
         if order is not None:
@@ -213,26 +241,25 @@ class _BatchValidator:
         keep &= ~zero
         if not keep.all():
             idx = np.flatnonzero(keep)
-            users, items, vals = users.take(pa.array(idx)), items.take(pa.array(idx)), vals[idx]
+            user_ids, item_ids = _take(user_ids, idx), _take(item_ids, idx)
+            vals = vals[idx]
             times = times[idx] if times is not None else None
-            if self.id_kind == "int":
-                user_num, item_num = user_num[idx], item_num[idx]
         if not len(vals):
             return None
-        if self.id_kind == "int":
-            return RowBatch(user_num.astype(np.int64), item_num.astype(np.int64), vals.astype(np.float32), times)
-        return RowBatch(users.cast(pa.string()), items.cast(pa.string()), vals.astype(np.float32), times)
+        return RowBatch(user_ids, item_ids, vals, times)
+
+
+def _take(ids: np.ndarray | pa.Array, idx: np.ndarray):
+    return ids[idx] if isinstance(ids, np.ndarray) else ids.take(pa.array(idx))
 
 
 # ---------------------------------------------------------------------------------------------
 # CSV
 # ---------------------------------------------------------------------------------------------
 
-
-def _open_text_head(path: str) -> str:
-    opener = gzip.open if _is_gzip(path) else open
-    with opener(path, "rt", newline="") as handle:
-        return handle.readline()
+BOM = b"\xef\xbb\xbf"
+QUOTE = ord('"')
+MAX_RECORD_BYTES = 256 << 20  # a record (one row, quoted newlines included) longer than this is refused
 
 
 def _is_gzip(path: str) -> bool:
@@ -240,34 +267,92 @@ def _is_gzip(path: str) -> bool:
         return handle.read(2) == b"\x1f\x8b"
 
 
-def _resolve_column(path: str, spec_col: str | int | None, names: list[str], role: str) -> str | None:
+def _read_header(path: str, delimiter: str) -> tuple[list[str], int]:
+    """The first record's fields (a leading UTF-8 BOM dropped) and how many lines it takes."""
+    opener = gzip.open if _is_gzip(path) else open
+    with opener(path, "rt", encoding="utf-8-sig", newline="", errors="replace") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        try:
+            first = next(reader)
+        except StopIteration:
+            return [], 0
+        except csv.Error as exc:
+            raise InputError(path, 1, None, f"unreadable header: {exc}") from exc
+        return first, reader.line_num
+
+
+_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+
+
+def _looks_numeric(field: str) -> bool:
+    return bool(_NUMBER.fullmatch(field))
+
+
+def _delimiter_hint(names: list[str], delimiter: str) -> str:
+    """A hint when the header is one field holding another likely delimiter."""
+    if len(names) != 1:
+        return ""
+    for candidate, spelled, described in (("\t", "\\t", "tabs"), (";", ";", "';'"), ("|", "|", "'|'"), (",", ",", "','")):
+        if candidate != delimiter and candidate in names[0]:
+            return (f"; the header is one field {names[0]!r}, with {described} in it: "
+                    f"pass delimiter='{spelled}' (--delimiter '{spelled}')")
+    return ""
+
+
+def _header_hint(names: list[str]) -> str:
+    """A hint when the header line looks like a row of data."""
+    if any(_looks_numeric(name) for name in names):
+        return ("; the first line looks like data, not a header: if the file has no header, pass header=False "
+                "(--no-header) and name the columns by position")
+    return ""
+
+
+def _resolve_column(path: str, spec_col: str | int | None, names: list[str], role: str, hint: str = "") -> str | None:
     if spec_col is None:
         return None
     if isinstance(spec_col, int) or (isinstance(spec_col, str) and spec_col.isdigit() and spec_col not in names):
         position = int(spec_col)
         if position >= len(names):
-            raise InputError(path, 1, str(spec_col), f"{role} column {position} does not exist: the file has {len(names)} columns")
+            raise InputError(path, 1, str(spec_col),
+                             f"{role} column {position} does not exist: the file has {len(names)} columns{hint}")
         return names[position]
     if spec_col not in names:
-        raise InputError(path, 1, spec_col, f"unknown {role} column; the header has {names}")
+        raise InputError(path, 1, spec_col, f"unknown {role} column; the header has {names}{hint}")
     return spec_col
 
 
-def _text_chunks(path: str, chunk_bytes: int) -> Iterator[tuple[bytes, int]]:
-    """Whole lines of a (possibly gzip) text file, about ``chunk_bytes`` at a time, with the
-    1-based line number each chunk starts at. Memory: one chunk (a longer line grows it)."""
+def _record_cut(data: bytes, delimiter: int) -> int:
+    """Length of the longest prefix of ``data`` made of whole records (0 if none ends in it)."""
+    if b'"' not in data:
+        return data.rfind(b"\n") + 1
+    return max(0, int(csv_record_end(np.frombuffer(data, np.uint8), 0, delimiter, QUOTE)))
+
+
+def _text_chunks(path: str, chunk_bytes: int, delimiter: str = ",") -> Iterator[tuple[bytes, int]]:
+    """Whole records of a (possibly gzip) text file, about ``chunk_bytes`` at a time, with the
+    1-based line number each chunk starts at. A chunk ends with a newline that ends a record,
+    never one inside a quoted field, so the rows do not depend on the chunk size. A leading
+    UTF-8 BOM is dropped. Memory: one chunk (a longer record grows it, up to MAX_RECORD_BYTES)."""
     stream = pa.input_stream(path, compression="gzip" if _is_gzip(path) else None)
+    separator = ord(delimiter)
     leftover = b""
     line = 1
+    first = True
     with stream:
         while True:
             data = stream.read(chunk_bytes)
+            if first:
+                data = data[len(BOM):] if data.startswith(BOM) else data
+                first = False
             if not data:
                 break
             data = leftover + data
-            cut = data.rfind(b"\n") + 1
+            cut = _record_cut(data, separator)
             if cut == 0:
                 leftover = data
+                if len(leftover) > MAX_RECORD_BYTES:
+                    raise InputError(path, line, None, f"no record ends within {len(leftover)} bytes from this line: "
+                                     "a quoted field that is never closed?")
                 continue
             chunk, leftover = data[:cut], data[cut:]
             yield chunk, line
@@ -276,25 +361,51 @@ def _text_chunks(path: str, chunk_bytes: int) -> Iterator[tuple[bytes, int]]:
         yield leftover + b"\n", line
 
 
+class _ChunkLines:
+    """Physical line of each record of a chunk, for error messages (computed on first use:
+    a record spans several lines when a quoted field holds newlines)."""
+
+    def __init__(self, chunk: bytes, first_line: int, delimiter: str):
+        self.chunk, self.first_line, self.delimiter = chunk, first_line, delimiter
+        self._starts = None
+
+    def of_record(self, record: int) -> int:
+        """Line of the record-th (1-based) record of the chunk."""
+        if b'"' not in self.chunk:
+            return self.first_line + record - 1
+        if self._starts is None:
+            self._starts = csv_record_lines(np.frombuffer(self.chunk, np.uint8), ord(self.delimiter), QUOTE)
+        return self.first_line + int(self._starts[record - 1])
+
+
 def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: int) -> Iterator[RowBatch]:
-    """Parse line-aligned chunks with Arrow one at a time (Arrow's own streaming reader reads
+    """Parse record-aligned chunks with Arrow one at a time (Arrow's own streaming reader reads
     many blocks ahead, which would break the memory budget)."""
-    head = _open_text_head(path)
-    if not head.strip():
+    first, header_lines = _read_header(path, spec.delimiter)
+    if not first or not any(field.strip() for field in first):
         raise InputError(path, 1, None, "empty input: no rows")
-    first = next(csv.reader(io.StringIO(head), delimiter=spec.delimiter))
     names = first if spec.header else [f"f{k}" for k in range(len(first))]
     if spec.header and len(set(names)) != len(names):
-        raise InputError(path, 1, None, f"duplicate column names in header {names}")
+        raise InputError(path, 1, None, f"duplicate column names in header {names}"
+                         f"{_delimiter_hint(names, spec.delimiter) or _header_hint(names)}")
+    columns = (spec.user_col, spec.item_col, spec.value_col, spec.order_col)
+    hint = _delimiter_hint(names, spec.delimiter)
+    if spec.header and not hint:
+        named = [c for c in columns if isinstance(c, str) and not (c.isdigit() and c not in names)]
+        if named and not any(c in names for c in named):
+            hint = _header_hint(names)
     wanted = [
-        _resolve_column(path, spec.user_col, names, "user"),
-        _resolve_column(path, spec.item_col, names, "item"),
-        _resolve_column(path, spec.value_col, names, "value"),
-        _resolve_column(path, spec.order_col, names, "order"),
+        _resolve_column(path, spec.user_col, names, "user", hint),
+        _resolve_column(path, spec.item_col, names, "item", hint),
+        _resolve_column(path, spec.value_col, names, "value", hint),
+        _resolve_column(path, spec.order_col, names, "order", hint),
     ]
     used = [name for name in wanted if name is not None]
     if len(set(used)) != len(used):
-        raise InputError(path, 1, None, f"user, item, value and order columns must differ, got {used}")
+        raise InputError(path, 1, None, f"user, item, value and order columns must differ, got {used}{hint}")
+    if spec.header and any(_looks_numeric(name) for name in used):
+        log.warning("%s: the header line %s looks like data but is read as column names (its row is not "
+                    "converted): if the file has no header, pass header=False (--no-header)", path, first)
     validator = _BatchValidator(path, spec, (wanted[0], wanted[1], wanted[2], wanted[3]), report)
     convert_options = pacsv.ConvertOptions(
         include_columns=used,
@@ -303,18 +414,21 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
         quoted_strings_can_be_null=False,
     )
     rows_seen = 0
-    for chunk, first_line in _text_chunks(path, block_bytes):
-        if first_line == 1 and spec.header:  # drop the header line
-            newline = chunk.index(b"\n") + 1
-            chunk, first_line = chunk[newline:], 2
+    for chunk, first_line in _text_chunks(path, block_bytes, spec.delimiter):
+        if first_line == 1 and spec.header:  # drop the header record (it may span several lines)
+            cut = 0
+            for _ in range(header_lines):
+                cut = chunk.index(b"\n", cut) + 1
+            chunk, first_line = chunk[cut:], 1 + header_lines
             if not chunk:
                 continue
-        malformed: list[int] = []  # line numbers, within this chunk, that were skipped
+        lines = _ChunkLines(chunk, first_line, spec.delimiter)
+        malformed: list[int] = []  # records, within this chunk, that were skipped
         first_error: list[InputError] = []
 
-        def on_invalid_row(row, first_line=first_line, malformed=malformed, first_error=first_error) -> str:
+        def on_invalid_row(row, lines=lines, malformed=malformed, first_error=first_error) -> str:
             error = InputError(
-                path, first_line + row.number - 1, None,
+                path, lines.of_record(row.number), None,
                 f"malformed row: expected {row.expected_columns} fields, got {row.actual_columns}: {row.text[:80]!r}",
             )
             if spec.on_bad_lines == "error":
@@ -329,7 +443,8 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
                 pa.BufferReader(chunk),
                 read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=len(chunk) + 1),
                 parse_options=pacsv.ParseOptions(
-                    delimiter=spec.delimiter, invalid_row_handler=on_invalid_row, ignore_empty_lines=False
+                    delimiter=spec.delimiter, invalid_row_handler=on_invalid_row, ignore_empty_lines=False,
+                    newlines_in_values=True,
                 ),
                 convert_options=convert_options,
             )
@@ -338,13 +453,13 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
                 raise first_error[0] from None
             raise InputError(path, first_line, None, f"unreadable CSV: {exc}") from exc
 
-        def line_of(record: int, first_line=first_line, malformed=malformed) -> int:
-            """Line of the record-th (0-based) row Arrow returned: skipped lines shift it down."""
+        def line_of(record: int, lines=lines, malformed=malformed) -> int:
+            """Line of the record-th (0-based) row Arrow returned: skipped records shift it down."""
             local = record + 1
             while True:
                 shifted = record + 1 + bisect_right(malformed, local)
                 if shifted == local:
-                    return first_line + local - 1
+                    return lines.of_record(local)
                 local = shifted
 
         users = table.column(wanted[0]).combine_chunks()
@@ -389,6 +504,33 @@ def _blank_rows(users: pa.Array, items: pa.Array, values: pa.Array | None) -> np
 # ---------------------------------------------------------------------------------------------
 
 
+def _parquet_ids(path: str, column: pa.Array, name: str, start: int) -> pa.Array:
+    """A Parquet id column as integers or text: integer and string columns as they are, a float
+    column whose values are all integral as integers; anything else is an InputError."""
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        column = column.dictionary_decode()
+        kind = column.type
+    if pa.types.is_integer(kind):
+        if pa.types.is_unsigned_integer(kind) and kind.bit_width == 64 and pc.max(column).as_py() is not None \
+                and pc.max(column).as_py() > np.iinfo(np.int64).max:
+            return column.cast(pa.string())  # beyond int64: kept exactly as text
+        return column.cast(pa.int64())
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return column
+    if pa.types.is_floating(kind):
+        numbers = column.fill_null(0).to_numpy(zero_copy_only=False).astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            integral = np.isfinite(numbers) & (numbers == np.round(numbers)) & (np.abs(numbers) < 2.0**63)
+        if not integral.all():
+            row = int(np.flatnonzero(~integral)[0])
+            raise InputError(path, start + row + 1, name,
+                             f"id {float(numbers[row])!r} in a float column is not an integer: ids must be integers or strings")
+        return pa.array(numbers.astype(np.int64), mask=column.is_null().to_numpy(zero_copy_only=False) if column.null_count else None)
+    raise InputError(path, None, name, f"id column of type {kind}: ids must be integers or strings "
+                     "(a float column is read as integers when every value is integral)")
+
+
 def _parquet_batches(path: str, spec: InputSpec, report: BadRowReport, batch_rows: int) -> Iterator[RowBatch]:
     try:
         parquet = pq.ParquetFile(path)
@@ -404,10 +546,12 @@ def _parquet_batches(path: str, spec: InputSpec, report: BadRowReport, batch_row
     if parquet.metadata.num_rows == 0:
         raise InputError(path, None, None, "empty input: no rows")
     used = [name for name in wanted if name is not None]
+    if len(set(used)) != len(used):
+        raise InputError(path, None, None, f"user, item, value and order columns must differ, got {used}")
     validator = _BatchValidator(path, spec, (wanted[0], wanted[1], wanted[2], wanted[3]), report)
     start = 0
     for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=used):
-        columns = [record_batch.column(name).cast(pa.string()) for name in wanted[:2]]
+        columns = [_parquet_ids(path, record_batch.column(name), name, start) for name in wanted[:2]]
         values = record_batch.column(wanted[2]).cast(pa.string()) if wanted[2] is not None else None
         order = record_batch.column(wanted[3]).cast(pa.string()) if wanted[3] is not None else None
         batch = validator.validate(columns[0], columns[1], values, lambda row, start=start: start + int(row) + 1, order)
@@ -433,14 +577,14 @@ def read_batches(
     block_bytes: int = 16 << 20,
     on_file=None,
 ) -> Iterator[RowBatch]:
-    """Validated batches from every input file in turn.
+    """Validated batches from every input file in turn (ids as the readers found them: see
+    ``RowBatch``; which kind each side gets is decided by the writer over the whole input).
 
     block_bytes bounds the text parsed at once (CSV) and sets rows per batch (Parquet).
     on_file(path) is called as each file starts (progress reporting).
     """
     if not paths:
         raise ValueError("no input files given")
-    kinds: set[str] = set()
     for raw in paths:
         path = os.fspath(raw)
         if not os.path.exists(path):
@@ -454,11 +598,4 @@ def read_batches(
             if is_parquet(path)
             else _csv_batches(path, spec, report, block_bytes)
         )
-        for batch in source:
-            kind = "int" if isinstance(batch.users, np.ndarray) else "str"
-            kinds.add(kind)
-            if len(kinds) > 1:
-                raise InputError(path, None, None, "ids are integers in one file and strings in another: pass --id-type str")
-            if spec.id_kind == "auto":
-                spec = dataclasses.replace(spec, id_kind=kind)  # later files use the same kind
-            yield batch
+        yield from source

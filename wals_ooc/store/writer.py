@@ -22,16 +22,20 @@ import zlib
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import zarr
 from tqdm.auto import tqdm
 
-from ..memory import MemoryBudget, format_bytes, peak_rss
 from ..errors import SettingError, WalsError
-from .format import CSR_CHUNK, FORMAT_VERSION, INTERACTIONS_KIND, create_array, is_local
+from ..kernels.assemble import segment_sums
+from ..kernels.text import parse_ints
+from ..memory import MemoryBudget, format_bytes, peak_rss
+from .format import ID_ARRAYS, CSR_CHUNK, FORMAT_VERSION, INTERACTIONS_KIND, create_array, is_local
+from .appender import ChunkAppender
+from .ids import DistinctIds, IdIndex, as_text, hash_text, text_buffers, write_id_map
 from .lifecycle import Output, output_store
 from .sources import BadRowReport, InputError, InputSpec, RowBatch, read_batches
 
@@ -68,65 +72,6 @@ class ConvertReport:
             f"{self.bad_rows.zeros_dropped} zeros dropped; {self.bad_rows.summary()}) in {self.seconds:.1f}s "
             f"({rate:,.0f} rows/s), peak RSS {format_bytes(self.peak_rss)}; {self.budget}"
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Pass 1 helpers: distinct ids, with bounded pending work
-# ---------------------------------------------------------------------------------------------
-
-
-class DistinctIds:
-    """Distinct ids seen so far; int64 NumPy, or UTF-8 bytes ('S') for string ids.
-
-    Per-batch distinct values are merged once the pending ones exceed ``merge_bytes``, so memory
-    stays near the size of the final id map.
-    """
-
-    def __init__(self, merge_bytes: int):
-        self.merge_bytes = merge_bytes
-        self.merged: np.ndarray | None = None
-        self.pending: list[np.ndarray] = []
-        self.pending_bytes = 0
-
-    def add(self, ids: np.ndarray | pa.Array) -> None:
-        if isinstance(ids, pa.Array):
-            ids = pa.compute.unique(ids).cast(pa.binary()).to_numpy(zero_copy_only=False).astype("S")
-        distinct = _sorted_distinct(ids)
-        self.pending.append(distinct)
-        self.pending_bytes += distinct.nbytes
-        if self.pending_bytes > self.merge_bytes:
-            self._merge()
-
-    def _merge(self) -> None:
-        parts = self.pending + ([self.merged] if self.merged is not None else [])
-        if parts:
-            width = max(p.dtype.itemsize for p in parts)
-            if parts[0].dtype.kind == "S":
-                parts = [p.astype(f"S{width}") for p in parts]
-            self.merged = _sorted_distinct(np.concatenate(parts))
-        self.pending, self.pending_bytes = [], 0
-
-    def sorted_ids(self) -> np.ndarray:
-        self._merge()
-        return self.merged if self.merged is not None else np.empty(0, dtype=np.int64)
-
-
-def _sorted_distinct(values: np.ndarray) -> np.ndarray:
-    """np.unique by sorting (NumPy 2's hash-based unique is several times slower on ids)."""
-    ordered = np.sort(values)
-    if not len(ordered):
-        return ordered
-    keep = np.empty(len(ordered), dtype=bool)
-    keep[0] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
-    return ordered[keep]
-
-
-def lookup_sorted(sorted_ids: np.ndarray, ids: np.ndarray | pa.Array) -> np.ndarray:
-    """Row index of each id in the sorted id map (all ids must be present)."""
-    if isinstance(ids, pa.Array):
-        ids = ids.cast(pa.binary()).to_numpy(zero_copy_only=False).astype(sorted_ids.dtype)
-    return np.searchsorted(sorted_ids, ids).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,24 +148,31 @@ def write_store(
     storage_options: dict | None = None,
     report: ConvertReport | None = None,
     source_attrs: dict[str, Any] | None = None,
+    id_type: str | dict[str, str] = "auto",
+    source_name: str | None = None,
     inputs: Sequence[str | os.PathLike] = (),
 ) -> ConvertReport:
     """Write validated row batches into an interaction store, out of core.
 
     memory_budget caps peak RSS (see ``wals_ooc.memory``); shard_nnz overrides the entries per
     shard; row_block is the row alignment of shards (and the factor chunk size in training).
+    id_type: "auto", "int" or "str", or a dict of them per side (see ``_id_types``); batches
+    carry ids as int64 arrays or as Arrow text. source_name: what errors about the rows name
+    (default: the store).
     The store is built beside ``store`` and swapped in when complete (``store.lifecycle``):
     a failure leaves an existing store as it was. inputs: what the batches are read from (the
     store may not be one of them).
     """
     store = os.fspath(store)
     _check_layout_args(row_block, shard_nnz)
+    id_types = _id_types(id_type)
     # measured once, before the door opens anything (convert passes the budget it started)
     budget = memory_budget if isinstance(memory_budget, MemoryBudget) else MemoryBudget.start(memory_budget)
     with output_store(store, INTERACTIONS_KIND, version=FORMAT_VERSION, overwrite=overwrite, inputs=inputs,
                       storage_options=storage_options, tmp_dir=tmp_dir) as out:
         return build_store(batches, out, memory_budget=budget, shard_nnz=shard_nnz, row_block=row_block,
-                           progress=progress, report=report, source_attrs=source_attrs)
+                           progress=progress, report=report, source_attrs=source_attrs, id_type=id_types,
+                           source_name=source_name)
 
 
 def _check_layout_args(row_block: int, shard_nnz: int | None) -> None:
@@ -240,21 +192,31 @@ def build_store(
     progress: bool | None = None,
     report: ConvertReport | None = None,
     source_attrs: dict[str, Any] | None = None,
+    id_type: str | dict[str, str] = "auto",
+    source_name: str | None = None,
 ) -> ConvertReport:
     """The body of ``write_store``: the four passes, into an output opened by ``store.lifecycle``
     (spill files in its workspace). ``split`` builds its two outputs this way in one transaction.
-    memory_budget: a budget, or a ``MemoryBudget`` already started (measured before the door)."""
+    memory_budget: a budget, or a ``MemoryBudget`` already started (measured before the door).
+    id_type, source_name: as for ``write_store``."""
     started = time.perf_counter()
     _check_layout_args(row_block, shard_nnz)
+    id_types = _id_types(id_type)
+    source = source_name or out.target
     budget = memory_budget if isinstance(memory_budget, MemoryBudget) else MemoryBudget.start(memory_budget)
     report = report or ConvertReport(store=out.target)
     report.budget = budget.describe()
     group = out.group
     workspace = _Workspace(out.workspace())
     disable = None if progress is None else not progress
-    spill, id_kind, user_ids, item_ids, record = _collect(batches, workspace, budget, report, disable)
-    counts, mapped_path = _map_rows(spill, workspace, user_ids, item_ids, record, disable)
-    report.n_users, report.n_items = len(user_ids), len(item_ids)
+    spill, sides, record = _collect(batches, workspace, budget, report, disable, id_types, source)
+    maps = {}
+    for side in ("user", "item"):
+        write_id_map(group, ID_ARRAYS[side], sides[side].distinct, id_types[side])
+        maps[side] = IdIndex(group[ID_ARRAYS[side]], out.target)
+    del sides
+    counts, mapped_path = _map_rows(spill, workspace, maps, record, disable, budget.allowance)
+    report.n_users, report.n_items = maps["user"].n, maps["item"].n
     raw_nnz = int(counts["user"].sum())
     target = shard_nnz or default_shard_nnz(raw_nnz, budget.allowance)
     bounds = {side: plan_shard_bounds(counts[side], row_block, target) for side in ("user", "item")}
@@ -264,13 +226,11 @@ def build_store(
     del counts
     buckets = _bucket(mapped_path, workspace, units, budget, record, disable)
     nnz = {}
-    for side, orientation, n_cols in (("user", "by_user", len(item_ids)), ("item", "by_item", len(user_ids))):
-        nnz[side] = _assemble(group, orientation, buckets[side], units[side], n_cols, record, unit_nnz,
-                              budget.allowance, disable)
+    for side, orientation, other in (("user", "by_user", "item"), ("item", "by_item", "user")):
+        nnz[side] = _assemble(group, orientation, buckets[side], units[side], maps[other].n, record, unit_nnz,
+                              budget.allowance, disable, _OverflowNamer(source, side, maps))
         group[orientation].attrs.update({"shard_bounds": [int(b) for b in bounds[side]], "row_block": int(row_block)})
     assert nnz["user"] == nnz["item"], "both orientations must hold the same entries"
-    _write_ids(group, "user_ids", user_ids, id_kind)
-    _write_ids(group, "item_ids", item_ids, id_kind)
     report.nnz = nnz["user"]
     report.duplicates_summed = raw_nnz - report.nnz
     report.seconds = time.perf_counter() - started
@@ -280,7 +240,7 @@ def build_store(
             "n_users": report.n_users,
             "n_items": report.n_items,
             "nnz": report.nnz,
-            "id_kind": id_kind,
+            "id_kinds": {side: maps[side].kind for side in ("user", "item")},
             "has_order": record is ORDERED_RECORD,
             "store_id": uuid.uuid4().hex,
             "rows_read": report.rows_read,
@@ -289,67 +249,175 @@ def build_store(
             "bad_rows_skipped": report.bad_rows.skipped,
             "sources": source_attrs or {},
         }
-    )  # ``complete`` is set by the door once this returns and the store is verified
+    )
     return report
 
 
-def _collect(batches, workspace, budget, report, disable):
-    """Pass 1: spill every validated batch to Arrow IPC and gather the distinct ids.
+ID_TYPES = ("auto", "int", "str")
 
-    Returns the spill path, the id kind, the sorted distinct ids and the record dtype of pass 2."""
-    users = DistinctIds(merge_bytes=max(1 << 20, budget.allowance // 16))
-    items = DistinctIds(merge_bytes=max(1 << 20, budget.allowance // 16))
-    path = workspace.file("rows.arrow")
-    writer = None
-    id_kind = None
+
+def _id_types(id_type: str | dict) -> dict[str, str]:
+    """Per side id type: "auto" (integers when every id of the whole input is a canonical
+    integer, else text), "int" (parse as integers: "007" and "7" are one id) or "str"."""
+    types = {"user": id_type, "item": id_type} if isinstance(id_type, str) else dict(id_type)
+    for side in ("user", "item"):
+        if types.get(side) not in ID_TYPES:
+            raise SettingError(f"id_type must be one of {ID_TYPES} (or a dict of them per side), not {types.get(side)!r}",
+                               flags={"id_type": "--id-type"})
+    return types
+
+
+class _Spill:
+    """Validated rows of pass 1, as Arrow IPC segments (a new one whenever a side's id column
+    changes type: integers until an id that is not a canonical integer turns up, then text)."""
+
+    def __init__(self, workspace: _Workspace, has_order: bool):
+        self.workspace, self.has_order = workspace, has_order
+        self.segments: list[str] = []
+        self.writer = None
+        self.schema = None
+
+    def write(self, users, items, values: np.ndarray, order: np.ndarray | None) -> None:
+        columns = [_as_arrow(users), _as_arrow(items), pa.array(values)]
+        fields = [("user", columns[0].type), ("item", columns[1].type), ("value", pa.float32())]
+        if self.has_order:
+            columns.append(pa.array(order))
+            fields.append(("order", pa.float64()))
+        schema = pa.schema(fields)
+        if self.writer is None or schema != self.schema:
+            self.close()
+            path = self.workspace.file(f"rows-{len(self.segments):02d}.arrow")
+            self.writer = pa.ipc.new_stream(pa.OSFile(path, "wb"), schema)
+            self.schema = schema
+            self.segments.append(path)
+        self.writer.write_batch(pa.record_batch(columns, schema=schema))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        for path in self.segments:
+            with pa.OSFile(path, "rb") as source:
+                yield from pa.ipc.open_stream(source)
+            os.remove(path)
+
+
+def _as_arrow(ids):
+    return pa.array(ids) if isinstance(ids, np.ndarray) else ids
+
+
+class _SideIds:
+    """One side's ids through pass 1: their form (integers or text) and their distinct values.
+
+    With id type "auto" a side stays integer while every id is a canonical integer (the text
+    ``str(int(text))`` gives back) and turns to text for good at the first one that is not, so
+    the kind is decided by the whole input, the same way at any budget or batch size."""
+
+    def __init__(self, side: str, id_type: str, workspace: _Workspace, memory_bytes: int, source: str):
+        self.side, self.id_type, self.source = side, id_type, source
+        self.kind = "str" if id_type == "str" else "int"
+        self.distinct = DistinctIds(self.kind, workspace.path, memory_bytes, side)
+
+    def take(self, ids) -> np.ndarray | pa.Array:
+        """The batch's ids in this side's current form (int64 or large_string), recorded as seen."""
+        if self.kind == "int" and not isinstance(ids, np.ndarray):
+            text = as_text(ids)
+            offsets, data = text_buffers(text)
+            values, bad = parse_ints(offsets, data, self.id_type == "auto")
+            if bad < 0:
+                ids = values
+            elif self.id_type == "int":
+                raise InputError(self.source, None, self.side, f"non-integer id: {text[bad].as_py()!r} (use --id-type str)")
+            else:
+                self.kind = "str"
+                self.distinct.to_text()
+                ids = text
+        if self.kind == "int":
+            ids = np.asarray(ids, np.int64)
+        else:
+            ids = as_text(ids)
+        self.distinct.add(ids)
+        return ids
+
+
+def _collect(batches, workspace, budget, report, disable, id_types, source):
+    """Pass 1: spill every validated batch to Arrow IPC and gather each side's distinct ids.
+
+    Returns the spill, the two sides' ``_SideIds`` and the record dtype of pass 2."""
+    share = max(1 << 20, budget.allowance // 8)
+    sides = {side: _SideIds(side, id_types[side], workspace, share, source) for side in ("user", "item")}
+    spill = None
     with tqdm(desc="read", unit="rows", unit_scale=True, disable=disable) as bar:
         for batch in batches:
-            kind = "int" if isinstance(batch.users, np.ndarray) else "str"
-            if writer is None:
-                id_kind = kind
-                id_type = pa.int64() if kind == "int" else pa.string()
-                fields = [("user", id_type), ("item", id_type), ("value", pa.float32())]
-                has_order = batch.order is not None
-                schema = pa.schema(fields + ([("order", pa.float64())] if has_order else []))
-                writer = pa.ipc.new_stream(pa.OSFile(path, "wb"), schema)
-            columns = [pa.array(batch.users), pa.array(batch.items), pa.array(batch.values)]
-            table = pa.record_batch(columns + ([pa.array(batch.order)] if has_order else []), schema=schema)
-            writer.write_batch(table)
-            users.add(batch.users)
-            items.add(batch.items)
+            if spill is None:
+                spill = _Spill(workspace, batch.order is not None)
+            users = sides["user"].take(batch.users)
+            items = sides["item"].take(batch.items)
+            spill.write(users, items, batch.values, batch.order)
             report.rows_read += len(batch)
             bar.update(len(batch))
-    if writer is None:
+    if spill is None:
         raise InputError(report.store, None, None, "empty input: no valid rows to convert")
-    writer.close()
-    return path, id_kind, users.sorted_ids(), items.sorted_ids(), ORDERED_RECORD if has_order else RECORD
+    spill.close()
+    return spill, sides, ORDERED_RECORD if spill.has_order else RECORD
 
 
-def _map_rows(spill_path, workspace, user_ids, item_ids, record, disable):
+class _RowMapper:
+    """Original id -> row for pass 2: every id is known to be in the map, so a key lookup is
+    exact except for hashes that several ids share (resolved by their bytes). The keys are held
+    in memory when they fit ``memory_bytes``, else searched in the map chunk by chunk."""
+
+    hold_keys = True  # tests set it False to run the chunked path on small maps
+
+    def __init__(self, index: IdIndex, memory_bytes: int):
+        self.index = index
+        self.keys = index.keys() if self.hold_keys and index.n * 8 <= memory_bytes else None
+        self.colliding = index._collisions[:, 0] if len(index._collisions) else None
+
+    def rows(self, column: pa.Array) -> np.ndarray:
+        if self.index.kind == "int":
+            keys, text = column.to_numpy(), None
+        else:
+            text = as_text(column)
+            keys = hash_text(text)
+        if self.keys is not None:
+            rows = np.searchsorted(self.keys, keys)
+            found = rows < len(self.keys)
+            found[found] = self.keys[rows[found]] == keys[found]
+        else:
+            order = np.argsort(keys, kind="stable")
+            rows_sorted, found_sorted = self.index.positions(keys[order])
+            rows, found = np.empty_like(rows_sorted), np.empty_like(found_sorted)
+            rows[order], found[order] = rows_sorted, found_sorted
+        if not found.all():
+            raise RuntimeError("an id of the input is missing from the id map being written")
+        if self.colliding is not None:
+            shared = np.flatnonzero(np.isin(keys, self.colliding))
+            if len(shared):
+                rows[shared] = self.index.index_of(text.take(pa.array(shared)))
+        return rows.astype(np.int32)
+
+
+def _map_rows(spill, workspace, maps, record, disable, allowance):
     """Pass 2: original ids -> row indices, written as fixed-size records; count entries per row."""
-    counts = {"user": np.zeros(len(user_ids), np.int64), "item": np.zeros(len(item_ids), np.int64)}
+    mappers = {side: _RowMapper(maps[side], allowance // 8) for side in ("user", "item")}
+    counts = {side: np.zeros(maps[side].n, np.int64) for side in ("user", "item")}
     mapped_path = workspace.file("rows.records")
-    with pa.OSFile(spill_path, "rb") as source, open(mapped_path, "wb") as sink, tqdm(
-        desc="map ids", unit="rows", unit_scale=True, disable=disable
-    ) as bar:
-        for batch in pa.ipc.open_stream(source):
+    with open(mapped_path, "wb") as sink, tqdm(desc="map ids", unit="rows", unit_scale=True, disable=disable) as bar:
+        for batch in spill.batches():
             records = np.empty(batch.num_rows, record)
-            records["row"] = lookup_sorted(user_ids, _column(batch, 0))
-            records["col"] = lookup_sorted(item_ids, _column(batch, 1))
+            records["row"] = mappers["user"].rows(batch.column(0))
+            records["col"] = mappers["item"].rows(batch.column(1))
             records["value"] = batch.column(2).to_numpy()
             if "order" in record.names:
                 records["order"] = batch.column(3).to_numpy()
-            counts["user"] += np.bincount(records["row"], minlength=len(user_ids))
-            counts["item"] += np.bincount(records["col"], minlength=len(item_ids))
+            counts["user"] += np.bincount(records["row"], minlength=len(counts["user"]))
+            counts["item"] += np.bincount(records["col"], minlength=len(counts["item"]))
             records.tofile(sink)
             bar.update(batch.num_rows)
-    os.remove(spill_path)
     return counts, mapped_path
-
-
-def _column(batch: pa.RecordBatch, k: int):
-    column = batch.column(k)
-    return column.to_numpy() if pa.types.is_integer(column.type) else column
 
 
 def _bucket(mapped_path, workspace, bounds, budget, record, disable):
@@ -402,55 +470,32 @@ def _csr_array(group: zarr.Group, name: str, shape: int, dtype) -> zarr.Array:
     )
 
 
-class ChunkAppender:
-    """Appends to a 1-d Zarr array in whole chunks only.
+class _OverflowNamer:
+    """The error for a sum of duplicates beyond float32's range, naming the (user, item) pair."""
 
-    Writing a shard's entries straight to the array would re-read, re-compress and re-write the
-    chunk it shares with the previous shard; buffering up to one chunk writes each chunk once.
-    """
+    def __init__(self, source: str, side: str, maps: dict[str, IdIndex]):
+        self.source, self.side, self.maps = source, side, maps
 
-    def __init__(self, array: zarr.Array, start: int = 0):
-        self.array = array
-        self.chunk = array.chunks[0]
-        self.written = start  # elements already in the array
-        self.pending: list[np.ndarray] = []
-        self.pending_len = 0
-
-    def append(self, values: np.ndarray) -> None:
-        if len(values):
-            self.pending.append(values)
-            self.pending_len += len(values)
-        if self.pending_len >= self.chunk:
-            self._flush(whole_chunks_only=True)
-
-    def _flush(self, whole_chunks_only: bool) -> None:
-        if not self.pending_len:
+    def check(self, row_start: int, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray) -> None:
+        bad = np.flatnonzero(~np.isfinite(values))
+        if not len(bad):
             return
-        data = np.concatenate(self.pending)
-        # keep the write aligned: end it on a chunk boundary unless this is the final flush
-        end = self.written + len(data)
-        if whole_chunks_only:
-            end -= end % self.chunk
-        take = end - self.written
-        if take > 0:
-            if self.array.shape[0] < end:
-                self.array.resize((end,))
-            self.array[self.written : end] = data[:take]
-            self.written = end
-        rest = data[take:]
-        self.pending = [rest] if len(rest) else []
-        self.pending_len = len(rest)
-
-    def close(self) -> int:
-        self._flush(whole_chunks_only=False)
-        return self.written
+        entry = int(bad[0])
+        row = row_start + int(np.searchsorted(indptr, entry, side="right")) - 1
+        other = "item" if self.side == "user" else "user"
+        ids = {self.side: self.maps[self.side].ids_of([row])[0], other: self.maps[other].ids_of([int(indices[entry])])[0]}
+        raise InputError(self.source, None, None,
+                         f"the values of user {ids['user']!r} and item {ids['item']!r} sum to more than float32 holds "
+                         f"({float(np.finfo(np.float32).max):.4g}); scale the values down")
 
 
-def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz, allowance, disable) -> int:
+def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz, allowance, disable,
+              overflow: _OverflowNamer | None = None) -> int:
     """Pass 4: sort each unit's bucket, sum duplicates, and append its CSR rows to the store.
 
     A unit is at most ``unit_nnz`` entries unless it is one row with more (a very popular item):
-    that row is summed in chunks into a dense accumulator over the columns instead.
+    that row is summed in chunks into a dense accumulator over the columns instead. Either way
+    duplicates are summed in float64 in input order, so the store does not depend on the budget.
     """
     n_rows = bounds[-1]
     csr = group.create_group(orientation)
@@ -472,6 +517,8 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz
             )
         if os.path.exists(path):
             os.remove(path)
+        if overflow is not None:
+            overflow.check(bounds[k], indptr, indices, values)
         indices_out.append(indices)
         values_out.append(values)
         if order_out is not None:
@@ -506,14 +553,17 @@ def dense_row_to_csr(path: str, record: np.dtype, n_cols: int, chunk_entries: in
                 np.maximum.at(latest, records["col"], records["order"])
     indices = np.flatnonzero(seen).astype(np.int32)
     order = latest[indices] if has_order else None
-    return np.array([0, len(indices)], np.int64), indices, sums[indices].astype(np.float32), order
+    with np.errstate(over="ignore"):  # a sum beyond float32 becomes inf, which the caller reports
+        values = sums[indices].astype(np.float32)
+    return np.array([0, len(indices)], np.int64), indices, values, order
 
 
 def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int):
     """Records of rows in ``[row_start, row_stop)`` -> (indptr, indices, values, order), duplicates
     summed (order: the latest of them, or None when the records carry no order).
 
-    Entries come out sorted by row, then column; values are summed in float64 then cast.
+    Entries come out sorted by row, then column; values are summed in float64 in input order
+    (the order of the records) then cast (a sum beyond float32 becomes inf).
     """
     n_rows = row_stop - row_start
     has_order = "order" in records.dtype.names
@@ -530,7 +580,8 @@ def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int)
     first[1:] = keys[1:] != keys[:-1]
     starts = np.flatnonzero(first)
     del first
-    values = np.add.reduceat(raw_values[order], starts, dtype=np.float64).astype(np.float32)
+    with np.errstate(over="ignore"):
+        values = segment_sums(raw_values[order], starts).astype(np.float32)
     latest = np.maximum.reduceat(raw_order[order], starts) if has_order else None
     del raw_values, raw_order, order
     keys = keys[starts]
@@ -539,19 +590,6 @@ def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int)
     indptr = np.zeros(n_rows + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
     return indptr, indices, values, latest
-
-
-def _write_ids(group: zarr.Group, name: str, ids: np.ndarray, id_kind: str) -> None:
-    if id_kind == "int":
-        data = ids.astype(np.int64)
-        dtype = np.int64
-    else:
-        data = np.array([value.decode("utf-8") for value in ids], dtype=np.dtypes.StringDType())
-        dtype = str
-    array = create_array(group, name, shape=(len(ids),), dtype=dtype, chunks=(max(1, min(len(ids), CSR_CHUNK)),),
-                         dense=True)
-    if len(ids):
-        array[:] = data
 
 
 def convert(
@@ -577,8 +615,14 @@ def convert(
     """Convert CSV (plain or gzip) or Parquet files of (user, item, value) rows into a store.
 
     Duplicate (user, item) pairs are summed, explicit zeros dropped; NaN, inf, negative or
-    non-numeric values and malformed rows raise ``InputError`` naming file, line and field, or
-    are skipped and counted with ``on_bad_lines="skip"``. Input files are only read.
+    non-numeric values, values or sums beyond float32 and malformed rows raise ``InputError``
+    naming file, line and field (or the pair), or are skipped and counted with
+    ``on_bad_lines="skip"``. Input files are only read; the store is the same at any budget.
+
+    id_type: "auto" makes a side's ids integers when every id of that column in the whole input
+    is a canonical integer (its text is ``str(int(text))``: no leading zeros, sign or spaces),
+    else keeps them as text, so "007" and "7" stay two ids; "int" parses them as integers
+    ("007" and "7" are one id); "str" keeps text. A dict gives it per side.
     """
     paths = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(p) for p in inputs]
     for path in paths:
@@ -612,6 +656,8 @@ def convert(
         storage_options=storage_options,
         report=report,
         source_attrs=sources,
+        id_type=id_type,
+        source_name=paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more inputs)",
         inputs=paths,
     )
 

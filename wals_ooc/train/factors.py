@@ -39,8 +39,9 @@ from ..store.format import DENSE_ATTR, ID_NODES, KIND_PREFIX, create_array, is_l
 from ..store.reader import IdMaps, InteractionStore
 
 MODEL_KIND = "wals-ooc/model"
-# 2: checksums, id maps copied in, bound to the interaction store by store_id and absolute location
-MODEL_FORMAT_VERSION = 2
+# 2: checksums, id maps copied in, bound to the interaction store by store_id and absolute location;
+# 3: the id maps copied in are those of interaction format 3 (keys + bytes, see store.ids)
+MODEL_FORMAT_VERSION = 3
 SIDE_ORDER = ("user", "item")
 
 
@@ -63,7 +64,7 @@ def interactions_identity(store: InteractionStore) -> dict[str, Any]:
         "n_users": store.n_users,
         "n_items": store.n_items,
         "nnz": store.nnz,
-        "id_kind": store.id_kind,
+        "id_kinds": store.id_kinds,
     }
 
 
@@ -237,9 +238,7 @@ class FactorStore:
 
     def id_maps(self) -> IdMaps:
         """The model's copy of the id maps (original ids of its users and items)."""
-        binding = self.binding
-        return IdMaps(self.group["ids"], self.location, str(binding.get("id_kind")), int(self.group.attrs["n_users"]),
-                      int(self.group.attrs["n_items"]))
+        return IdMaps(self.group["ids"], self.location, int(self.group.attrs["n_users"]), int(self.group.attrs["n_items"]))
 
     def commit(self, checkpoint: Checkpoint, loss_history: list[dict] | None = None, **extra) -> None:
         """Record a finished half-sweep: one atomic write of the group's attributes."""

@@ -1,0 +1,50 @@
+"""Writing a 1-d Zarr array front to back, a whole chunk at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+
+class ChunkAppender:
+    """Appends to a 1-d Zarr array in whole chunks only.
+
+    Writing a shard's entries straight to the array would re-read, re-compress and re-write the
+    chunk it shares with the previous shard; buffering up to one chunk writes each chunk once.
+    """
+
+    def __init__(self, array: zarr.Array, start: int = 0):
+        self.array = array
+        self.chunk = array.chunks[0]
+        self.written = start  # elements already in the array
+        self.pending: list[np.ndarray] = []
+        self.pending_len = 0
+
+    def append(self, values: np.ndarray) -> None:
+        if len(values):
+            self.pending.append(values)
+            self.pending_len += len(values)
+        if self.pending_len >= self.chunk:
+            self._flush(whole_chunks_only=True)
+
+    def _flush(self, whole_chunks_only: bool) -> None:
+        if not self.pending_len:
+            return
+        data = np.concatenate(self.pending)
+        # keep the write aligned: end it on a chunk boundary unless this is the final flush
+        end = self.written + len(data)
+        if whole_chunks_only:
+            end -= end % self.chunk
+        take = end - self.written
+        if take > 0:
+            if self.array.shape[0] < end:
+                self.array.resize((end,))
+            self.array[self.written : end] = data[:take]
+            self.written = end
+        rest = data[take:]
+        self.pending = [rest] if len(rest) else []
+        self.pending_len = len(rest)
+
+    def close(self) -> int:
+        self._flush(whole_chunks_only=False)
+        return self.written
