@@ -501,6 +501,8 @@ def _fixed_at(array: zarr.Array, positions: np.ndarray) -> np.ndarray:
     out = np.empty(len(positions), array.dtype)
     if not len(positions):
         return out
+    if len(positions) <= 64:  # a few ids (info, a report's users): no run planning, no numba to load
+        return np.asarray(array.get_coordinate_selection(positions), array.dtype)
     chunk = array.chunks[0]
     which = positions // chunk
     run_first, run_last, item_start = _runs_of_chunks(which, which, chunk * array.dtype.itemsize)
