@@ -279,3 +279,12 @@ def test_recommend_returns_only_the_given_items_without_padding(trained_split):
     mixed = [liked.pop(), chosen[0]]  # one of them already liked: filtered, not padded
     ids, scores = model.recommend(user, N=10, items=mixed)
     assert ids.tolist() == [chosen[0]]
+
+
+def test_split_names_its_own_stages(tmp_path, small_store, capsys):
+    import wals_ooc
+
+    wals_ooc.split(small_store, str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"), progress=True)
+    bars = {line.split(":")[0] + ":" + line.split(":")[1] for line in capsys.readouterr().err.replace("\r", "\n").splitlines()
+            if line.startswith("split ")}
+    assert {"split train: read", "split test: read", "split train: bucket", "split test: map ids"} <= bars
