@@ -56,7 +56,9 @@ def training_png(training: dict) -> bytes:
     right.set_xlabel("iteration")
     right.set_ylabel("seconds")
     right.set_title("Seconds per iteration")
-    right.legend(loc="upper right", fontsize=8)
+    totals = [u + i for u, i in zip(training["user_seconds"], training["item_seconds"])]
+    right.set_ylim(0, 1.3 * max(totals, default=0) or 1)  # headroom: the legend never hides a bar
+    right.legend(loc="upper right", fontsize=8, ncol=2)
     right.grid(alpha=0.3, axis="y")
     for ax in (left, right):
         ax.xaxis.get_major_locator().set_params(integer=True)
