@@ -37,7 +37,6 @@ from wals_ooc.errors import (
     CorruptStoreError,
     DataMismatchError,
     IncompleteModelWarning,
-    InputError,
     PathError,
     StaleLockWarning,
     StorageError,
@@ -499,7 +498,7 @@ def test_an_interrupted_training_is_reported_and_warned_about(base, tmp_path, ca
     model = tmp_path / "model.zarr"
 
     def stop_after_two(iteration, seconds, loss):
-        if iteration == 1:
+        if iteration == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -557,7 +556,7 @@ KILLED_TRAINING = """
 import os, signal, sys
 import wals_ooc
 def die(iteration, seconds, loss):
-    if iteration == 1:
+    if iteration == 2:
         os.kill(os.getpid(), signal.SIGKILL)
 wals_ooc.WALS(factors=4, iterations=4, random_state=9, threads=1).fit(sys.argv[1], sys.argv[2], resume=False,
                                                                        progress=False, callback=die)

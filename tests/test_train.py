@@ -279,7 +279,7 @@ def test_a_nan_in_one_shard_solve_raises_and_keeps_the_previous_slot(small_store
         return observed
 
     monkeypatch.setattr(half_sweep, "cg_solve_rows", one_nan)
-    with pytest.raises(NumericalError, match=r"user half-sweep of iteration 1 produced non-finite factors .* keeps its last"):
+    with pytest.raises(NumericalError, match=r"user half-sweep of iteration 2 produced non-finite factors .* keeps its last"):
         _fit(store, tmp_path / "m.zarr", iterations=2, resume=True, threads=1)
     kept = FactorStore.open(str(tmp_path / "m.zarr"))
     assert kept.checkpoint.to_dict() == before.to_dict()

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
-import time
 
 from bench_vs_implicit import DEFAULT_DIR, ensure_store
 

@@ -2,26 +2,44 @@
 
 Data flow: CSV/Parquet --convert--> interaction store --WALS.fit--> factor store
 --> recommend / similar / fold-in / evaluate; ``tune`` searches the settings.
+
+The names below are imported on first use, so that ``import wals_ooc`` and the ``wals-ooc``
+command start without loading numba, dask or zarr until a command needs them.
 """
 
-from .config import WALSConfig
-from .evaluate import split
-from .model import WALS, load
-from .store import InputError, StoreError, convert, open_store
-from .store.merge import merge
-from .synthetic import SyntheticSpec
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-_LAZY = {"tune": "tuning", "SearchSpace": "tuning", "TuneResult": "tuning"}
+_EXPORTS = {
+    "InputError": ".errors",
+    "SearchSpace": ".tuning",
+    "TuneResult": ".tuning",
+    "merge": ".store.merge",
+    "tune": ".tuning",
+    "StoreError": ".errors",
+    "SyntheticSpec": ".synthetic",
+    "WALS": ".model",
+    "WALSConfig": ".config",
+    "convert": ".store.writer",
+    "load": ".model",
+    "open_store": ".store.reader",
+    "split": ".evaluate.split",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
-
-def __getattr__(name: str):
-    """The search loads on first use (``wals_ooc.tune``): a process that never tunes does not pay for it."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-__all__ = ["InputError", "SearchSpace", "StoreError", "SyntheticSpec", "TuneResult", "WALS", "WALSConfig", "convert", "load",
-           "merge", "open_store", "split", "tune"]
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .config import WALSConfig
+    from .errors import InputError, StoreError
+    from .evaluate.split import split
+    from .model import WALS, load
+    from .store.merge import merge
+    from .store.reader import open_store
+    from .store.writer import convert
+    from .synthetic import SyntheticSpec
+    from .tuning import SearchSpace, TuneResult, tune

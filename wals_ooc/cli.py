@@ -10,10 +10,10 @@ import os
 import sys
 import time
 
-import numpy as np
-
 from .errors import SettingError
-from .memory import format_bytes, peak_rss
+
+# Imports of numpy, numba, dask, zarr and the rest of wals_ooc happen inside the commands that
+# need them: `wals-ooc --help` and `wals-ooc info STORE` start in a fraction of a second.
 
 
 def _budget_arg(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,8 @@ def _budget_arg(parser: argparse.ArgumentParser) -> None:
 
 def _interactions_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interactions", default=None, metavar="PATH",
-                        help="the interaction store the model was trained on, if it has moved (checked by its id)")
+                        help="the interaction store the model was trained on, if it has moved (checked by its id; "
+                             "default: where it was when the model was trained)")
 
 
 def _progress(args) -> bool | None:
@@ -71,21 +72,17 @@ def cmd_convert(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .errors import PathError, StoreNotFoundError
-    from .store.lifecycle import inspect_target
+    from .store.format import open_group  # not store.lifecycle: info writes nothing, and starts faster
     from .store.reader import open_store
 
-    state = inspect_target(args.store)
-    if state.what in ("absent", "empty"):
-        raise StoreNotFoundError(f"{args.store}: no such store")
-    if state.what != "store":
-        raise PathError(f"{args.store} is not a wals-ooc store")
-    if state.kind == "wals-ooc/model":
+    attrs = open_group(args.store).attrs  # a path that is not a store: says what it is instead
+    kind = attrs.get("kind")
+    if kind == "wals-ooc/model":
         return _model_info(args.store)
-    if state.kind != "wals-ooc/interactions":
+    if kind != "wals-ooc/interactions":
         print(f"store       {args.store}")
-        print(f"kind        {state.kind} (format version {state.attrs.get('format_version')}, "
-              f"{'complete' if state.attrs.get('complete') else 'incomplete'})")
+        print(f"kind        {kind} (format version {attrs.get('format_version')}, "
+              f"{'complete' if attrs.get('complete') else 'incomplete'})")
         return 0
     store = open_store(args.store)
     print(f"store       {store.location}")
@@ -93,13 +90,13 @@ def cmd_info(args) -> int:
     print(f"nnz         {store.nnz}  (density {store.density:.3g})")
     kinds = store.id_kinds
     print(f"id kind     users {kinds['user']}, items {kinds['item']}")
+    tops = {}
     for side in ("user", "item"):
-        nnz = store.shard_nnz(side)
+        tops[side], nnz = _top_rows(store, side, args.top)
         print(f"{side} shards {store.n_shards(side)} (entries per shard min {min(nnz)}, max {max(nnz)}), row block {store.row_block}")
     for side in ("user", "item"):
-        counts = _top_rows(store, side, args.top)
-        ids = store.ids_of(side, [row for row, _ in counts])
-        listed = ", ".join(f"{ident} ({count})" for ident, (_, count) in zip(ids.tolist(), counts))
+        ids = store.ids_of(side, [row for row, _ in tops[side]])
+        listed = ", ".join(f"{ident} ({count})" for ident, (_, count) in zip(ids.tolist(), tops[side]))
         print(f"top {side}s  {listed}")
     return 0
 
@@ -128,25 +125,31 @@ def _model_info(location: str) -> int:
     if history:
         last = history[-1]
         loss = "n/a" if last.get("loss") is None else f"{last['loss']:.6g}"
-        print(f"loss         {loss} after iteration {last['iteration'] + 1}")
+        print(f"loss         {loss} after iteration {last['iteration']}")
     return 0
 
 
-def _top_rows(store, side: str, top: int) -> list[tuple[int, int]]:
-    """The rows with the most entries, streaming the row pointers shard by shard."""
+def _top_rows(store, side: str, top: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """(the rows with the most entries and their counts, the entries of each shard), streaming
+    the row pointers shard by shard."""
+    import numpy as np
+
     best_rows = np.zeros(0, np.int64)
     best_counts = np.zeros(0, np.int64)
+    shard_nnz = []
     for lo, hi in store.shard_ranges(side):
         counts = store.row_counts(side, lo, hi)
+        shard_nnz.append(int(counts.sum()))
         rows = np.arange(lo, hi)
         best_rows = np.concatenate([best_rows, rows])
         best_counts = np.concatenate([best_counts, counts])
         keep = np.argsort(-best_counts, kind="stable")[:top]
         best_rows, best_counts = best_rows[keep], best_counts[keep]
-    return list(zip(best_rows.tolist(), best_counts.tolist()))
+    return list(zip(best_rows.tolist(), best_counts.tolist())), shard_nnz
 
 
 def cmd_generate(args) -> int:
+    from .memory import format_bytes
     from .synthetic import SyntheticSpec, write_csv, write_synthetic_store
 
     spec = SyntheticSpec(n_users=args.users, n_items=args.items, rows=args.rows, seed=args.seed)
@@ -161,6 +164,8 @@ def cmd_generate(args) -> int:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     """The WALS settings, defaults from ``WALSConfig`` (the one place they are set)."""
+    if isinstance(p, _Unused):  # a command not being run: nothing to import or build
+        return
     from .config import WALSConfig
 
     d = WALSConfig()
@@ -185,6 +190,7 @@ def _model_settings(args) -> dict:
 
 
 def cmd_train(args) -> int:
+    from .memory import peak_rss
     from .model import WALS
 
     model = WALS(**_model_settings(args), random_state=args.seed, memory_budget=args.memory_budget, threads=args.threads,
@@ -195,7 +201,7 @@ def cmd_train(args) -> int:
         if args.quiet:
             return
         shown = "n/a" if loss is None else f"{loss:.6g}"
-        print(f"iteration {iteration + 1}: {seconds:.2f}s loss {shown}", file=sys.stderr)
+        print(f"iteration {iteration}/{args.iterations}: {seconds:.2f}s loss {shown}", file=sys.stderr)
 
     with _client(args) as client:
         model.fit(args.store, factors_store=args.model, client=client, resume=not args.no_resume, callback=report,
@@ -256,6 +262,8 @@ def cmd_tune(args) -> int:
 
 
 def cmd_recommend(args) -> int:
+    import numpy as np
+
     from .model import load
 
     model = load(args.model, interactions=args.interactions, memory_budget=args.memory_budget, threads=args.threads)
@@ -264,7 +272,8 @@ def cmd_recommend(args) -> int:
         with _client(args) as client:
             out = model.recommend_all(N=args.n, output=args.output, filter_already_liked=not args.no_filter,
                                       format=args.format, client=client, overwrite=args.overwrite, index=index)
-        print(f"wrote top-{args.n} recommendations of {model.factors_store.group.attrs['n_users']} users to {out}")
+        where = "" if args.output else " (the default place: give --output PATH to choose it)"
+        print(f"wrote top-{args.n} recommendations of {model.factors_store.group.attrs['n_users']} users to {out}{where}")
         return 0
     if not args.users:
         raise SettingError("give --users ID... or --all")
@@ -330,6 +339,18 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else str(value)
 
 
+def cmd_report(args) -> int:
+    from .model import load
+
+    model = load(args.model, interactions=args.interactions, memory_budget=args.memory_budget, threads=args.threads)
+    with _client(args) as client:
+        out = model.report(args.output, test=args.test, overwrite=args.overwrite, k_max=args.k_max, n=args.n,
+                           sample_users=args.sample_users, show_users=args.show_users,
+                           user_fraction=args.user_fraction, seed=args.seed, client=client)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_split(args) -> int:
     from .evaluate.split import split
 
@@ -350,21 +371,64 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wals-ooc", description="Out-of-core implicit ALS: convert, train, recommend, evaluate.")
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default: "(default: X)" is appended unless the text already
+    says what the default is, or the option is an on/off flag (off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or not action.option_strings \
+                or action.default == argparse.SUPPRESS:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Unused:
+    """Stands in for the parser of a command that is not being run: its options are not built
+    (argparse takes milliseconds per command, a noticeable share of a fast command's start)."""
+
+    def add_argument(self, *args, **kwargs):
+        return None
+
+    def add_mutually_exclusive_group(self, **kwargs):
+        return self
+
+    def set_defaults(self, **kwargs):
+        return None
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The command named in ``argv`` (its first word that is not an option), if any."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with only the options of command ``only`` built."""
+    parser = argparse.ArgumentParser(prog="wals-ooc", formatter_class=_HelpFormatter,
+                                     description="Out-of-core implicit ALS: convert, train, recommend, evaluate, report.")
     _verbose_arg(parser, top=True)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     _verbose_arg(common)  # -v also after the command
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-iteration lines")
 
-    p = sub.add_parser("convert", parents=[common], help="CSV/Parquet (user, item, value) rows -> interaction store")
-    p.add_argument("inputs", nargs="+", help="input files (.csv, .csv.gz, .tsv, .parquet)")
+    def command(name: str, help: str):
+        if only is not None and name != only:
+            sub.add_parser(name, help=help, add_help=False)
+            return _Unused()
+        return sub.add_parser(name, parents=[common], help=help, description=help, formatter_class=_HelpFormatter)
+
+    p = command("convert", "CSV/Parquet (user, item, value) rows -> interaction store")
+    p.add_argument("inputs", nargs="+", help="input files (.csv, .csv.gz, .tsv, .dat, .parquet)")
     p.add_argument("store", help="output store (a directory, or an fsspec URL)")
-    p.add_argument("--user-col", default=0, help="user column name or 0-based position (default 0)")
-    p.add_argument("--item-col", default=1, help="item column name or position (default 1)")
-    p.add_argument("--value-col", default=2, help="value column name or position (default 2)")
+    p.add_argument("--user-col", default=0, help="user column: name or 0-based position")
+    p.add_argument("--item-col", default=1, help="item column: name or 0-based position")
+    p.add_argument("--value-col", default=2, help="value column (play count, rating...): name or 0-based position")
     p.add_argument("--order-col", default=None,
-                   help="numeric column ordering rows in time (timestamp); enables split --method leave_last_out")
+                   help="numeric column ordering rows in time (timestamp); enables split --method leave_last_out "
+                        "(default: none)")
     p.add_argument("--no-value", action="store_true", help="no value column: each row counts 1")
     p.add_argument("--delimiter", default=",", help="field delimiter (\\t for tab)")
     p.add_argument("--no-header", action="store_true", help="the files have no header line")
@@ -374,51 +438,51 @@ def build_parser() -> argparse.ArgumentParser:
                         "(007 and 7 are one id); str: always text")
     p.add_argument("--on-bad-lines", choices=("error", "skip"), default="error",
                    help="error: stop at the first bad row naming file, line and field; skip: count and drop")
-    p.add_argument("--shard-nnz", type=int, default=None, help="entries per shard (default from the budget)")
+    p.add_argument("--shard-nnz", type=int, default=None, help="entries per shard (default: from the memory budget)")
     p.add_argument("--row-block", type=int, default=4096, help="shard bounds align to this many rows")
     p.add_argument("--tmp-dir", default=None, help="where spill files go (default: beside the store)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store (once the new one is complete)")
     _budget_arg(p)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("info", parents=[common], help="shape, nnz, shards, density and the top users/items of a store")
-    p.add_argument("store")
-    p.add_argument("--top", type=int, default=5)
+    p = command("info", "shape, nnz, shards, density and the top users/items of a store; settings and progress of a model")
+    p.add_argument("store", help="an interaction store or a model")
+    p.add_argument("--top", type=int, default=5, help="how many of the most active users and items to list")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("generate", parents=[common], help="synthetic power-law log: CSV (.csv/.csv.gz) or a store (.zarr)")
-    p.add_argument("output")
-    p.add_argument("--users", type=int, default=10_000)
-    p.add_argument("--items", type=int, default=5_000)
-    p.add_argument("--rows", type=int, default=200_000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p = command("generate", "synthetic power-law log: CSV (.csv/.csv.gz) or a store (.zarr)")
+    p.add_argument("output", help="a .csv, .csv.gz or .zarr path")
+    p.add_argument("--users", type=int, default=10_000, help="number of users")
+    p.add_argument("--items", type=int, default=5_000, help="number of items")
+    p.add_argument("--rows", type=int, default=200_000, help="number of interaction rows (duplicates are summed)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (once the new one is complete)")
     _budget_arg(p)
     p.set_defaults(func=cmd_generate)
 
     def cluster_args(q):
         q.add_argument("--threads", type=int, default=None, help="local task threads (default: all cores)")
-        q.add_argument("--scheduler", default=None, help="address of a dask-distributed scheduler, e.g. tcp://host:8786")
-        q.add_argument("--workers", type=int, default=None, help="start a LocalCluster of this many worker processes")
-        q.add_argument("--threads-per-worker", type=int, default=1)
+        q.add_argument("--scheduler", default=None,
+                       help="address of a dask-distributed scheduler, e.g. tcp://host:8786 (default: run locally)")
+        q.add_argument("--workers", type=int, default=None,
+                       help="start a LocalCluster of this many worker processes (default: threads in this process)")
+        q.add_argument("--threads-per-worker", type=int, default=1, help="threads of each --workers process")
 
-    p = sub.add_parser("train", parents=[common], help="fit WALS on a store; resumes from the last checkpoint")
-    p.add_argument("store")
-    p.add_argument("--model", default=None, help="factor store (default: <store>-model.zarr)")
+    p = command("train", "fit WALS on a store; resumes from the last checkpoint")
+    p.add_argument("store", help="the interaction store to train on")
+    p.add_argument("--model", default=None, help="factor store to write (default: <store>-model.zarr, or <store>-model-<factors>f-<tag>.zarr when that "
+                        "holds a model of other settings)")
     _model_args(p)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed of the initial factors (default: random)")
     p.add_argument("--no-resume", action="store_true", help="start over even if the model store exists")
     p.add_argument("--no-loss", action="store_true", help="skip the per-iteration loss")
-    p.add_argument("-q", "--quiet", action="store_true")
     cluster_args(p)
     _budget_arg(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("tune", parents=[common], help="search the settings that score best on a validation store (Optuna, resumable)",
-                       description="Search WALS settings with Optuna's TPE sampler, stopping weak trials early; the "
-                                   "study is kept in SQLite (default <model>.tune.db) and resumes where it stopped.")
+    p = command("tune", "search the settings that score best on a validation store (Optuna, resumable)")
+    p.description = ("Search WALS settings with Optuna's TPE sampler, stopping weak trials early; the "
+                     "study is kept in SQLite (default <model>.tune.db) and resumes where it stopped.")
     p.add_argument("store", help="training store")
     p.add_argument("--validation", default=None,
                    help="validation store (e.g. from `wals-ooc split`); without it one is carved from the training store")
@@ -456,18 +520,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, help="start no trial after this many seconds")
     p.add_argument("--no-resume", action="store_true", help="start the study over (its earlier trials are removed)")
     p.add_argument("--no-keep-best", action="store_true", help="remove the best trial's model too")
-    p.add_argument("-q", "--quiet", action="store_true")
     cluster_args(p)
     _budget_arg(p)
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("recommend", parents=[common], help="top-N items for some users, or for all of them into a file")
-    p.add_argument("model")
-    p.add_argument("--users", nargs="*", default=None)
+    p = command("recommend", "top-N items for some users, or for all of them into a file")
+    p.add_argument("model", help="a trained model (factor store)")
+    p.add_argument("--users", nargs="*", default=None, metavar="ID", help="user ids to recommend for (default: none; give --users or --all)")
     p.add_argument("--all", action="store_true", help="every user, streamed to --output")
-    p.add_argument("--output", default=None)
-    p.add_argument("--format", choices=("zarr", "parquet"), default="zarr")
-    p.add_argument("-n", type=int, default=10)
+    p.add_argument("--output", default=None, help="where --all writes (default: <model>-top<N>.zarr, or "
+                                                  "<model>-top<N> for parquet)")
+    p.add_argument("--format", choices=("zarr", "parquet"), default="zarr", help="format of --all's output")
+    p.add_argument("-n", type=int, default=10, help="recommendations per user")
     p.add_argument("--no-filter", action="store_true", help="keep already-liked items")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output (once the new one is complete)")
     _index_args(p, "an index over the item factors (inner product)")
@@ -476,29 +540,29 @@ def build_parser() -> argparse.ArgumentParser:
     _budget_arg(p)
     p.set_defaults(func=cmd_recommend)
 
-    p = sub.add_parser("similar", parents=[common], help="most similar items (or users) by cosine of factors")
-    p.add_argument("model")
+    p = command("similar", "most similar items (or users) by cosine of factors")
+    p.add_argument("model", help="a trained model (factor store)")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--items", nargs="+")
-    group.add_argument("--users", nargs="+")
-    p.add_argument("-n", type=int, default=10)
-    p.add_argument("--filter-self", action="store_true")
+    group.add_argument("--items", nargs="+", metavar="ID", help="item ids to find similar items for")
+    group.add_argument("--users", nargs="+", metavar="ID", help="user ids to find similar users for")
+    p.add_argument("-n", type=int, default=10, help="similar items (or users) per query")
+    p.add_argument("--filter-self", action="store_true", help="leave each query out of its own answer")
     _index_args(p, "a cosine index over the item (or user) factors")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="local task threads (default: all cores)")
     _interactions_arg(p)
     _budget_arg(p)
     p.set_defaults(func=cmd_similar)
 
-    p = sub.add_parser("export", parents=[common], help="factors with their original ids: parquet, npz or implicit's .npz")
-    p.add_argument("model")
+    p = command("export", "factors with their original ids: parquet, npz or implicit's .npz")
+    p.add_argument("model", help="a trained model (factor store)")
     p.add_argument("output", help="a directory (parquet) or NAME.npz (npz, implicit)")
     p.add_argument("--format", choices=("parquet", "npz", "implicit"), default="parquet")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (once the new one is complete)")
     _budget_arg(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("index", parents=[common], help="approximate-nearest-neighbour index (faiss) of a model's factors")
-    p.add_argument("model")
+    p = command("index", "approximate-nearest-neighbour index (faiss) of a model's factors")
+    p.add_argument("model", help="a trained model (factor store)")
     p.add_argument("--side", choices=("item", "user"), default="item")
     p.add_argument("--metric", choices=("inner_product", "cosine"), default=None,
                    help="inner_product (recommend; default for items) or cosine (similar; default for users)")
@@ -512,35 +576,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-fetch", type=int, default=1024,
                    help="most candidates fetched per query to make up for filtered items")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index (once the new one is complete)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="build threads (default: all cores)")
     _budget_arg(p)
     p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser("split", parents=[common], help="per-user train/test split of a store")
-    p.add_argument("store")
-    p.add_argument("train")
-    p.add_argument("test")
+    p = command("split", "per-user train/test split of a store")
+    p.add_argument("store", help="the interaction store to split")
+    p.add_argument("train", help="output store of the training entries")
+    p.add_argument("test", help="output store of the held-out entries")
     p.add_argument("--method", choices=("random", "leave_one_out", "leave_last_out", "last_fraction"), default="random",
                    help="random share / one random entry / the latest entry / the latest share of each user "
                         "(the last two need a store converted with --order-col)")
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--min-train", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of each user's entries held out")
+    p.add_argument("--min-train", type=int, default=1, help="entries each user keeps in training at least")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (once the new ones are complete)")
     _budget_arg(p)
     p.set_defaults(func=cmd_split)
 
-    p = sub.add_parser("evaluate", parents=[common], help="precision, recall, ndcg, MAP at k and AUC on a test store")
-    p.add_argument("model")
-    p.add_argument("test")
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--user-fraction", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p = command("evaluate", "precision, recall, ndcg, MAP at k and AUC on a test store")
+    p.add_argument("model", help="a trained model (factor store)")
+    p.add_argument("test", help="the held-out store of a split (the model trained on its train side)")
+    p.add_argument("-k", type=int, default=10, help="length of the recommendation list measured")
+    p.add_argument("--user-fraction", type=float, default=None,
+                   help="evaluate a seeded random share of the test users (default: all of them)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --user-fraction's sample")
     _interactions_arg(p)
     cluster_args(p)
     _budget_arg(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = command("report", "an HTML page to look at a model: loss, time, metrics at k, popularity, users")
+    p.add_argument("model", help="a trained model (factor store)")
+    p.add_argument("-o", "--output", required=True, help="the HTML file to write, e.g. report.html")
+    p.add_argument("--test", default=None, help="held-out store for metrics at k = 1..--k-max (default: no metrics)")
+    p.add_argument("--k-max", type=int, default=50, help="metrics at every k from 1 to this")
+    p.add_argument("-n", type=int, default=10, help="recommendations per user shown and measured")
+    p.add_argument("--sample-users", type=int, default=1000,
+                   help="users whose recommendations measure popularity and coverage")
+    p.add_argument("--show-users", type=int, default=4, help="users shown with their history and recommendations")
+    p.add_argument("--user-fraction", type=float, default=None,
+                   help="evaluate a seeded random share of the test users (default: all of them)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the user samples")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    _interactions_arg(p)
+    cluster_args(p)
+    _budget_arg(p)
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -581,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .errors import WalsError
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     verbose = bool(getattr(args, "verbose", False))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")

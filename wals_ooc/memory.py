@@ -13,12 +13,25 @@ import sys
 from dataclasses import dataclass
 
 import psutil
-from dask.utils import format_bytes, parse_bytes
-
 from .errors import MemoryBudgetError
 
 DEFAULT_BUDGET_FRACTION = 0.5
 MIN_ALLOWANCE = 64 * 2**20
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes for a person, e.g. "1.50 GiB" (dask's spelling; dask is imported on first use
+    so that commands which need no scheduler start quickly)."""
+    from dask.utils import format_bytes as dask_format_bytes
+
+    return dask_format_bytes(n)
+
+
+def parse_bytes(text: str) -> int:
+    """A size such as "4GB" or "512MiB" as a byte count (dask's parser, imported on first use)."""
+    from dask.utils import parse_bytes as dask_parse_bytes
+
+    return dask_parse_bytes(text)
 
 
 def default_memory_budget() -> int:
@@ -95,13 +108,19 @@ def return_freed_memory_to_os() -> None:
 
 
 def warm_libraries() -> None:
-    """Initialise the libraries' fixed state (Arrow's compute kernels and CSV parser, Zarr's
-    codecs, the id-map kernels) once, so the baseline a budget is measured from includes it and the allowance is
+    """Import the package's stages and initialise the libraries' fixed state (Arrow's compute
+    kernels and CSV parser, Zarr's codecs, the id-map kernels) once, so the baseline a budget is measured from includes it and the allowance is
     left for data. These costs are tens of MB whatever the data size."""
     global _warmed
     if _warmed:
         return
     return_freed_memory_to_os()
+    import importlib
+
+    # the package's stages (and numba, dask, pyarrow under them): ``import wals_ooc`` loads them
+    # lazily, so a baseline measured before first use would leave their import for the allowance
+    for module in ("wals_ooc.model", "wals_ooc.store.writer", "wals_ooc.evaluate.split"):
+        importlib.import_module(module)
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc

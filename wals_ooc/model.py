@@ -26,7 +26,7 @@ from .serve.liked import liked_csr
 from .serve.recommend import item_source, recommend_all as recommend_all_shards, score_block_rows
 from .serve.scoring import FactorSource, top_k
 from .store.reader import IdMaps, InteractionStore
-from .train.factors import FactorStore, check_interactions_match, default_model_location
+from .train.factors import FactorStore, check_interactions_match
 from .train.trainer import train
 
 
@@ -88,14 +88,21 @@ class WALS:
     ) -> WALS:
         """Train on an interaction store, writing factors to ``factors_store``.
 
-        Default ``factors_store``: ``<store>-model.zarr`` beside the store. With ``resume`` an
+        Default ``factors_store``: ``<store>-model.zarr`` beside the store, or, when that holds a
+        model of other settings or data, ``<store>-model-<factors>f-<tag>.zarr`` named after the
+        settings (see ``train.naming``): fitting other settings never collides. With ``resume`` an
         existing factor store of the same data and settings continues from its last completed
         half-sweep (also to train further after raising ``iterations``). ``client``: a
         distributed Client to run the shard solves on its workers.
         """
         self.storage_options = storage_options
         self.interactions = _as_store(store, storage_options)
-        location = os.fspath(factors_store) if factors_store is not None else default_model_location(self.interactions.location)
+        if factors_store is None:  # one model per data and settings (``train.naming``)
+            from .train.naming import model_location_for
+
+            location = model_location_for(self.interactions, self.config, resume)
+        else:
+            location = os.fspath(factors_store)
         self.factors_store = train(
             self.interactions, location, self.config, client=client, threads=self.threads, resume=resume,
             callback=callback, progress=progress, memory_budget=self.memory_budget, storage_options=storage_options,
@@ -142,6 +149,8 @@ class WALS:
 
     @property
     def loss_history(self) -> list[dict]:
+        """One dict per finished iteration: iteration (from 1, as in the fit callback), loss,
+        seconds, user_seconds, item_seconds."""
         return self._trained()[1].loss_history
 
     def to_numpy(self) -> tuple[np.ndarray, np.ndarray]:
@@ -181,14 +190,17 @@ class WALS:
         user_vectors: np.ndarray | None = None,
         index: AnnIndex | str | os.PathLike | bool | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-N (original item ids, scores) for each user, best first; shapes (n_users, N).
+        """Top-N (original item ids, scores) for each user, best first; shapes (n_users, K).
 
-        items: restrict candidates to these original item ids. user_vectors: score these
-        vectors (e.g. from ``recalculate_user``) instead of the stored users' factors.
-        index: answer from an approximate index over the item factors (``build_index``): True
-        for the one beside the model, a path, or an ``AnnIndex``; already-liked items are still
-        filtered exactly, and scores are exact (``items`` is always answered exactly).
-        Slots beyond the available candidates hold -1 (or "") with score -inf.
+        items: restrict candidates to these original item ids (only they are returned).
+        user_vectors: score these vectors (e.g. from ``recalculate_user``) instead of the stored
+        users' factors. index: answer from an approximate index over the item factors
+        (``build_index``): True for the one beside the model, a path, or an ``AnnIndex``;
+        already-liked items are still filtered exactly, and scores are exact (``items`` is always
+        answered exactly). K <= N: no column is padding for every user, so K is smaller when fewer
+        candidates exist (``items=[a, b, c]`` gives 3). One user id (not a list) gives 1-D arrays
+        of exactly its results; in a batch, a user with fewer candidates than the others (most
+        items already liked) ends its row with id -1 (or "") and score -inf.
         """
         _check_n(N)
         model = self._trained()[1]
@@ -204,10 +216,16 @@ class WALS:
         allowance = self._allowance()
         source = item_source(model, allowance, score_block_rows(len(queries), queries.shape[1], allowance))
         ann = resolve_index(index, model, "item", "inner_product", self.memory_budget) if candidates is None else None
+        width = N if candidates is None else min(N, len(candidates))
         if ann is not None:
-            ids, scores = _approximate(ann, queries, source, N, exclude, self.threads)
+            ids, scores = _approximate(ann, queries, source, width, exclude, self.threads)
         else:
-            ids, scores, _ = top_k(queries, source, N, exclude=exclude, candidates=candidates)
+            ids, scores, _ = top_k(queries, source, width, exclude=exclude, candidates=candidates)
+        found = (ids >= 0).sum(axis=1)
+        width = int(found.max()) if len(found) else 0
+        ids, scores = ids[:, :width], scores[:, :width]
+        if user_vectors is None and np.ndim(user_ids) == 0:  # one user: exactly its results
+            return original_ids(store, "item", ids[0, : found[0]]), scores[0, : found[0]]
         return original_ids(store, "item", ids), scores
 
     def recommend_all(self, N: int = 10, output: str | os.PathLike | None = None, filter_already_liked: bool = True,
@@ -323,6 +341,16 @@ class WALS:
         _check_test_store(store, test_store)
         return evaluate_model(model, store, test_store, k, user_fraction, seed, client,
                               self.threads, self.memory_budget, self.storage_options)
+
+    def report(self, output: str | os.PathLike, test: InteractionStore | str | None = None, *, overwrite: bool = False,
+               **options) -> str:
+        """Write an HTML page to look at this model (see ``wals_ooc.report``): loss and seconds per
+        iteration, metrics at k = 1..k_max on ``test`` (when given), popularity of recommended
+        items against the catalogue, and a few users' history beside their recommendations.
+        Returns the path written; ``options``: those of ``wals_ooc.report.collect_report``."""
+        from .report import write_report
+
+        return write_report(self, output, test, overwrite=overwrite, **options)
 
 
 def _approximate(ann: AnnIndex, queries: np.ndarray, source: FactorSource, n: int,

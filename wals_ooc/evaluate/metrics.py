@@ -106,8 +106,66 @@ def gather_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tu
     return out_indptr, indices[take]
 
 
+@dataclass
+class MetricCurves:
+    """Per-metric sums over users at every cutoff 1..k_max (arrays of shape (k_max,)), and AUC."""
+
+    k_max: int
+    users: int = 0
+    skipped_users: int = 0
+    skipped_items: int = 0
+    sums: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for m in METRICS:
+            self.sums.setdefault(m, np.zeros(self.k_max) if m != "auc" else 0.0)
+
+    def add(self, other: MetricCurves) -> None:
+        self.users += other.users
+        self.skipped_users += other.skipped_users
+        self.skipped_items += other.skipped_items
+        for m in METRICS:
+            self.sums[m] = self.sums[m] + other.sums[m]
+
+    def means(self) -> dict:
+        """{"k": [1..k_max], "precision": [...], ..., "auc": float, "users": ...}."""
+        users = self.users or float("nan")
+        out = {"k": list(range(1, self.k_max + 1))}
+        for m in METRICS:
+            out[m] = float(self.sums[m] / users) if m == "auc" else (self.sums[m] / users).tolist()
+        out.update(users=self.users, skipped_users=self.skipped_users, skipped_test_items=self.skipped_items)
+        return out
+
+
+def ranking_curves(rec_ids: np.ndarray, test_indptr: np.ndarray, test_ids: np.ndarray, outranked: np.ndarray | None,
+                   n_candidates: np.ndarray | None, k_max: int) -> MetricCurves:
+    """Metric sums at every cutoff 1..k_max from one top-k_max list per user (the same
+    definitions as ``ranking_metrics``, all cutoffs in one pass)."""
+    curves = MetricCurves(k_max)
+    cutoffs = np.arange(1, k_max + 1)
+    discounts = 1.0 / np.log2(np.arange(2, k_max + 2))
+    ideal_at = np.cumsum(discounts)
+    for u in range(len(test_indptr) - 1):
+        truth = test_ids[test_indptr[u] : test_indptr[u + 1]]
+        if not len(truth):
+            continue
+        relevant = np.isin(rec_ids[u, :k_max], truth).astype(np.float64)
+        hits = np.cumsum(relevant)
+        shown = np.minimum(cutoffs, len(truth))
+        curves.users += 1
+        curves.sums["precision"] += hits / cutoffs
+        curves.sums["recall"] += hits / len(truth)
+        curves.sums["ndcg"] += np.cumsum(relevant * discounts) / ideal_at[shown - 1]
+        curves.sums["map"] += np.cumsum(hits / cutoffs * relevant) / shown
+        if outranked is not None:
+            negatives = n_candidates[u]
+            ranks = outranked[test_indptr[u] : test_indptr[u + 1]]
+            curves.sums["auc"] += float(1.0 - (ranks / negatives).mean()) if negatives > 0 else 1.0
+    return curves
+
+
 def _evaluate_shard(model_location, train_location, test_location, storage_options, lo, hi, k, allowance, max_users_seed,
-                    with_auc=True):
+                    with_auc=True, curves: bool = False):
     single_threaded_blas_in_worker()
     model = FactorStore.open(model_location, "r", storage_options)
     train = InteractionStore(train_location, storage_options)
@@ -115,7 +173,7 @@ def _evaluate_shard(model_location, train_location, test_location, storage_optio
     shard = test.rows("user", lo, hi)
     has_rows = np.diff(shard.indptr) > 0
     users = train.index_of("user", test.ids_of("user", np.arange(lo, hi), as_arrow=True), missing="mark")
-    sums = MetricSums()
+    sums = MetricCurves(k) if curves else MetricSums()
     known = (users >= 0) & has_rows
     sums.skipped_users = int(((users < 0) & has_rows).sum())
     if max_users_seed is not None:
@@ -146,7 +204,8 @@ def _evaluate_shard(model_location, train_location, test_location, storage_optio
     rec_ids, _, outranked = top_k(queries, item_source(model, allowance, block_rows), k, exclude=exclude,
                                   test=test_csr if with_auc else None)
     n_candidates = train.n_items - np.diff(exclude[0]) - np.diff(test_csr[0])
-    batch = ranking_metrics(rec_ids, test_csr[0], test_csr[1], outranked, n_candidates, k)
+    measure = ranking_curves if curves else ranking_metrics
+    batch = measure(rec_ids, test_csr[0], test_csr[1], outranked, n_candidates, k)
     batch.skipped_users, batch.skipped_items = sums.skipped_users, sums.skipped_items
     return batch
 
@@ -176,6 +235,40 @@ def evaluate(
         raise SettingError(f"k must be an integer >= 1, got {k!r}", flags={"k": "-k"})
     if user_fraction is not None and not 0 < user_fraction <= 1:  # also refuses NaN
         raise SettingError(f"user_fraction must be in (0, 1], got {user_fraction}", flags={"user_fraction": "--user-fraction"})
+    total = _run(model, train, test, k, user_fraction, seed, client, threads, memory_budget, storage_options, executor,
+                 auc=auc, curves=False)
+    means = total.means(k)
+    if not auc:
+        del means["auc"]
+    return means
+
+
+def evaluate_curves(
+    model: FactorStore,
+    train: InteractionStore,
+    test: InteractionStore,
+    k_max: int = 50,
+    user_fraction: float | None = None,
+    seed: int = 0,
+    client=None,
+    threads: int | None = None,
+    memory_budget=None,
+    storage_options: dict | None = None,
+    executor: Executor | None = None,
+) -> dict:
+    """precision, recall, ndcg and map at every k in 1..k_max (lists) and AUC, from one top-k_max
+    pass over the test store (streamed shard by shard, as ``evaluate``)."""
+    if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)) or k_max < 1:
+        raise SettingError(f"k_max must be an integer >= 1, got {k_max!r}", flags={"k_max": "--k-max"})
+    if user_fraction is not None and not 0 < user_fraction <= 1:
+        raise SettingError(f"user_fraction must be in (0, 1], got {user_fraction}", flags={"user_fraction": "--user-fraction"})
+    total = _run(model, train, test, k_max, user_fraction, seed, client, threads, memory_budget, storage_options,
+                 executor, auc=True, curves=True)
+    return total.means()
+
+
+def _run(model, train, test, k, user_fraction, seed, client, threads, memory_budget, storage_options, executor,
+         auc: bool, curves: bool):
     warm_serving_kernels()  # fixed per-process cost: part of the baseline
     budget = MemoryBudget.start(memory_budget)
     executor = Executor.of(executor, client, threads)
@@ -183,17 +276,14 @@ def evaluate(
     sample = None if user_fraction is None else (float(user_fraction), seed)
     tasks = [
         dask.delayed(_evaluate_shard, pure=False)(
-            model.location, train.location, test.location, storage_options, lo, hi, k, allowance, sample, auc,
+            model.location, train.location, test.location, storage_options, lo, hi, k, allowance, sample, auc, curves,
             dask_key_name=f"evaluate-shard{n:05d}",
         )
         for n, (lo, hi) in enumerate(test.shard_ranges("user"))
         if hi > lo
     ]
-    total = MetricSums()
+    total = MetricCurves(k) if curves else MetricSums()
     with executor.single_threaded_blas():
         for part in executor.run(tasks):
             total.add(part)
-    means = total.means(k)
-    if not auc:
-        del means["auc"]
-    return means
+    return total

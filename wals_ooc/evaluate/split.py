@@ -131,6 +131,7 @@ def split(
                     out,
                     row_block=store.row_block,
                     id_type=_id_types_of(store),
+                    stage="split test" if want_test else "split train",
                     source_attrs={"split_of": store.location, "split_of_store_id": store.attrs().get("store_id"),
                                   "split_id": split_id, "method": method, "test_fraction": test_fraction,
                                   "seed": seed, "side": "test" if want_test else "train"},

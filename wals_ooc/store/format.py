@@ -161,7 +161,9 @@ def open_group(
         if generation:
             group = zarr.open_group(store=store, mode=mode, zarr_format=3, path=str(generation))
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, NotADirectoryError) as exc:
-        raise StoreNotFoundError(f"{text}: no such store") from exc
+        from .sniff import not_a_store  # says what is there instead (a CSV file: how to convert it)
+
+        raise not_a_store(text) from exc
     except (ValueError, KeyError, TypeError) as exc:
         if isinstance(exc, StoreError):
             raise

@@ -29,18 +29,20 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-import pyarrow as pa
 import zarr
 
+from .._lazy import LazyModule, lazy_function
 from ..errors import UnknownIdError
-from ..kernels.text import (
-    chunk_runs,
-    distinct_by_hash,
-    equal_pairs,
-    gather_ranges,
-    hash_strings,
-    parse_ints_each,
-)
+
+# pyarrow and the numba text kernels load on first use: reading integer ids (`wals-ooc info`)
+# needs neither
+pa = LazyModule("pyarrow")
+chunk_runs = lazy_function("wals_ooc.kernels.text", "chunk_runs")
+distinct_by_hash = lazy_function("wals_ooc.kernels.text", "distinct_by_hash")
+equal_pairs = lazy_function("wals_ooc.kernels.text", "equal_pairs")
+gather_ranges = lazy_function("wals_ooc.kernels.text", "gather_ranges")
+hash_strings = lazy_function("wals_ooc.kernels.text", "hash_strings")
+parse_ints_each = lazy_function("wals_ooc.kernels.text", "parse_ints_each")
 from .appender import ChunkAppender
 from .format import create_array
 
@@ -499,6 +501,8 @@ def _fixed_at(array: zarr.Array, positions: np.ndarray) -> np.ndarray:
     out = np.empty(len(positions), array.dtype)
     if not len(positions):
         return out
+    if len(positions) <= 64:  # a few ids (info, a report's users): no run planning, no numba to load
+        return np.asarray(array.get_coordinate_selection(positions), array.dtype)
     chunk = array.chunks[0]
     which = positions // chunk
     run_first, run_last, item_start = _runs_of_chunks(which, which, chunk * array.dtype.itemsize)

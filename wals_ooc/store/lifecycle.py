@@ -47,7 +47,6 @@ killed training run can be resumed.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import hashlib
@@ -64,7 +63,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-import psutil
 import zarr
 
 from ..errors import PathError, StaleLockWarning, StorageError, StoreLockedError, WalsError
@@ -89,6 +87,8 @@ def _host_tag(host: str | None = None) -> str:
 
 
 def _started(pid: int) -> int | None:
+    import psutil  # only writers need it: reading commands start without it
+
     try:
         return int(psutil.Process(pid).create_time())
     except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
@@ -286,6 +286,8 @@ def _rename_exchange(a: str, b: str) -> bool:
     if not USE_RENAME_EXCHANGE or not sys.platform.startswith("linux"):
         return False
     try:
+        import ctypes
+
         libc = ctypes.CDLL(None, use_errno=True)
         renameat2 = libc.renameat2
     except (OSError, AttributeError):

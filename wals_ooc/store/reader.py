@@ -11,7 +11,6 @@ import numpy as np
 import zarr
 
 from ..errors import CorruptStoreError, StoreError
-from ..kernels.csr import csr_problem
 from .format import ID_ARRAYS, INTERACTIONS_KIND, SIDES, check_complete, open_group, shard_ranges
 from .ids import IdIndex
 
@@ -94,7 +93,11 @@ class InteractionStore:
 
     # -- CSR access -----------------------------------------------------------------------------
     def _csr(self, side: str) -> zarr.Group:
-        return self.group[SIDES[side]]
+        # opened once per store object: each lookup is a metadata read (a round trip on S3)
+        groups = self.__dict__.setdefault("_csr_groups", {})
+        if side not in groups:
+            groups[side] = self.group[SIDES[side]]
+        return groups[side]
 
     def indptr(self, side: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Global row pointers of rows ``[start, stop)`` (``stop - start + 1`` values)."""
@@ -125,6 +128,8 @@ class InteractionStore:
         indices = group["indices"][lo:hi]
         values = group["values"][lo:hi]
         local = indptr - lo
+        from ..kernels.csr import csr_problem  # numba: loaded by the first read of rows, not by opening
+
         code, at = csr_problem(local, indices, int(self.n_rows("item" if side == "user" else "user")))
         if code == 1 or len(values) != len(indices):
             raise CorruptStoreError(f"{self.location}: {orientation}/indptr is damaged at row {start + max(at, 0)} "

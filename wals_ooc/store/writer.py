@@ -21,6 +21,7 @@ import os
 import zlib
 import time
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -41,6 +42,7 @@ from .sources import BadRowReport, InputError, InputSpec, RowBatch, read_batches
 
 log = logging.getLogger("wals_ooc")
 
+_STAGE: ContextVar[str] = ContextVar("wals_ooc_build_stage", default="")  # see build_store(stage=)
 RECORD = np.dtype([("row", np.int32), ("col", np.int32), ("value", np.float32)])
 # with an order column: each entry also carries its place in time (the latest wins on duplicates)
 ORDERED_RECORD = np.dtype([("row", np.int32), ("col", np.int32), ("value", np.float32), ("order", np.float64)])
@@ -194,11 +196,28 @@ def build_store(
     source_attrs: dict[str, Any] | None = None,
     id_type: str | dict[str, str] = "auto",
     source_name: str | None = None,
+    stage: str | None = None,
 ) -> ConvertReport:
     """The body of ``write_store``: the four passes, into an output opened by ``store.lifecycle``
     (spill files in its workspace). ``split`` builds its two outputs this way in one transaction.
     memory_budget: a budget, or a ``MemoryBudget`` already started (measured before the door).
-    id_type, source_name: as for ``write_store``."""
+    id_type, source_name: as for ``write_store``. stage: what the progress bars call this build
+    ("split train": "split train: read", ...; default: the passes' names alone)."""
+    token = _STAGE.set(f"{stage}: " if stage else "")
+    try:
+        return _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, report, source_attrs,
+                            id_type, source_name)
+    finally:
+        _STAGE.reset(token)
+
+
+def _desc(name: str) -> str:
+    """A progress bar's name: the pass, after the stage of the build when one is set."""
+    return _STAGE.get() + name
+
+
+def _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, report, source_attrs, id_type,
+                 source_name) -> ConvertReport:
     started = time.perf_counter()
     _check_layout_args(row_block, shard_nnz)
     id_types = _id_types(id_type)
@@ -349,7 +368,7 @@ def _collect(batches, workspace, budget, report, disable, id_types, source):
     share = max(1 << 20, budget.allowance // 8)
     sides = {side: _SideIds(side, id_types[side], workspace, share, source) for side in ("user", "item")}
     spill = None
-    with tqdm(desc="read", unit="rows", unit_scale=True, disable=disable) as bar:
+    with tqdm(desc=_desc("read"), unit="rows", unit_scale=True, disable=disable) as bar:
         for batch in batches:
             if spill is None:
                 spill = _Spill(workspace, batch.order is not None)
@@ -405,7 +424,7 @@ def _map_rows(spill, workspace, maps, record, disable, allowance):
     mappers = {side: _RowMapper(maps[side], allowance // 8) for side in ("user", "item")}
     counts = {side: np.zeros(maps[side].n, np.int64) for side in ("user", "item")}
     mapped_path = workspace.file("rows.records")
-    with open(mapped_path, "wb") as sink, tqdm(desc="map ids", unit="rows", unit_scale=True, disable=disable) as bar:
+    with open(mapped_path, "wb") as sink, tqdm(desc=_desc("map ids"), unit="rows", unit_scale=True, disable=disable) as bar:
         for batch in spill.batches():
             records = np.empty(batch.num_rows, record)
             records["row"] = mappers["user"].rows(batch.column(0))
@@ -429,7 +448,7 @@ def _bucket(mapped_path, workspace, bounds, budget, record, disable):
     }
     total = os.path.getsize(mapped_path) // record.itemsize
     with open(mapped_path, "rb") as source, tqdm(
-        desc="bucket", total=total, unit="rows", unit_scale=True, disable=disable
+        desc=_desc("bucket"), total=total, unit="rows", unit_scale=True, disable=disable
     ) as bar:
         while True:
             records = np.fromfile(source, record, count=chunk_rows)
@@ -504,7 +523,7 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz
     values_out = ChunkAppender(_csr_array(csr, "values", 0, np.float32))
     order_out = ChunkAppender(_csr_array(csr, "order", 0, np.float64)) if "order" in record.names else None
     offset = 0
-    for k, path in enumerate(tqdm(bucket_paths, desc=f"assemble {orientation}", unit="shards", disable=disable)):
+    for k, path in enumerate(tqdm(bucket_paths, desc=_desc(f"assemble {orientation}"), unit="shards", disable=disable)):
         entries = os.path.getsize(path) // record.itemsize if os.path.exists(path) else 0
         if entries > unit_nnz and bounds[k + 1] - bounds[k] == 1 and n_cols * DENSE_ROW_BYTES <= allowance // 2:
             indptr, indices, values, order = dense_row_to_csr(path, record, n_cols, unit_nnz)

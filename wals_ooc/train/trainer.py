@@ -34,7 +34,7 @@ SIDES = ("user", "item")
 class IterationReport:
     """One finished iteration: its objective and where its time went."""
 
-    iteration: int
+    iteration: int  # counting from 1, as in the callback and the command line
     loss: float | None
     seconds: float
     user_seconds: float
@@ -177,7 +177,8 @@ def train(
 ) -> FactorStore:
     """Fit factors into ``model_location``, resuming from its last completed half-sweep.
 
-    callback(iteration, seconds, loss) is called after each iteration, like implicit's.
+    callback(iteration, seconds, loss) is called after each iteration, like implicit's; iterations
+    count from 1 (the number of iterations done), as in ``loss_history`` and the command line.
     max_block_rows: always stream the fixed side in blocks of at most this many rows, even when
     it would fit in memory; blocked_method: how blocked tasks solve (see ``plan``), for tests.
     executor: where tasks run (default: ``Executor(client, threads)``).
@@ -251,7 +252,7 @@ def _train_model(model: FactorStore, store: InteractionStore, config: WALSConfig
                     state = None  # in-memory factors of this side hold the bad rows: never reuse them
                     where = ", ".join(f"[{t.row_start}, {t.row_stop})" for t in broken[:5]) + (" ..." if len(broken) > 5 else "")
                     raise NumericalError(
-                        f"the {side} half-sweep of iteration {checkpoint.iteration} produced non-finite factors (NaN or inf) "
+                        f"the {side} half-sweep of iteration {checkpoint.iteration + 1} produced non-finite factors (NaN or inf) "
                         f"in {side} rows {where}; nothing was committed: {model.location} keeps its last completed "
                         f"half-sweep (step {checkpoint.step}). Check the settings (alpha, regularization, eps) and the input values"
                     )
@@ -275,14 +276,14 @@ def _train_model(model: FactorStore, store: InteractionStore, config: WALSConfig
                 if config.compute_loss:
                     loss = float(sum(r.quadratic + r.observed for r in results)) + regularization + checkpoint.pending_user_reg
                 report = IterationReport(
-                    checkpoint.iteration, loss, side_seconds["user"] + side_seconds["item"],
+                    checkpoint.iteration + 1, loss, side_seconds["user"] + side_seconds["item"],
                     side_seconds["user"], side_seconds["item"], side_fixed_bytes["user"], side_fixed_bytes["item"],
                 )
                 history.append(report.to_dict())
                 checkpoint = Checkpoint(checkpoint.step + 1, slots)
                 model.commit(checkpoint, history)
                 if loss is not None:
-                    bar.set_postfix(loss=f"{loss:.6g}", it=report.iteration + 1)
+                    bar.set_postfix(loss=f"{loss:.6g}", it=report.iteration)
                 if callback is not None:
                     callback(report.iteration, report.seconds, loss)
         if checkpoint.iteration >= model.config.iterations:
