@@ -169,18 +169,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     from .config import WALSConfig
 
     d = WALSConfig()
-    p.add_argument("--factors", type=int, default=d.factors, help=f"embedding size (default {d.factors})")
-    p.add_argument("--iterations", type=int, default=d.iterations, help=f"(default {d.iterations})")
-    p.add_argument("--regularization", type=float, default=d.regularization, help=f"lambda (default {d.regularization})")
-    p.add_argument("--alpha", type=float, default=d.alpha, help=f"weight of an observed value (default {d.alpha})")
-    p.add_argument("--alpha0", type=float, default=d.alpha0, help=f"weight of unobserved pairs (default {d.alpha0})")
+    p.add_argument("--factors", type=int, default=d.factors, help="latent factors per user and item")
+    p.add_argument("--iterations", type=int, default=d.iterations, help="alternating iterations (one user and one item half-sweep each)")
+    p.add_argument("--regularization", type=float, default=d.regularization, help="L2 weight on the factors (lambda)")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="weight of an observed value")
+    p.add_argument("--alpha0", type=float, default=d.alpha0, help="weight of unobserved pairs")
     p.add_argument("--confidence", choices=("linear", "log", "constant"), default=d.confidence,
-                   help=f"confidence c = alpha0 + alpha * g(value), g: value, log(1 + value / eps) or 1 (default {d.confidence})")
-    p.add_argument("--eps", type=float, default=d.eps, help=f"scale of the log confidence (default {d.eps})")
-    p.add_argument("--nu", type=float, default=d.nu, help=f"frequency-scaled regularization exponent (default {d.nu})")
-    p.add_argument("--solver", choices=("cg", "cholesky"), default=d.solver, help=f"(default {d.solver})")
-    p.add_argument("--cg-steps", type=int, default=d.cg_steps, help=f"(default {d.cg_steps})")
-    p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help=f"(default {d.dtype})")
+                   help="confidence c = alpha0 + alpha * g(value), g: value, log(1 + value / eps) or 1")
+    p.add_argument("--eps", type=float, default=d.eps, help="scale of the log confidence")
+    p.add_argument("--nu", type=float, default=d.nu, help="frequency-scaled regularization exponent")
+    p.add_argument("--solver", choices=("cg", "cholesky"), default=d.solver, help="conjugate gradient (fast, approximate) or exact Cholesky row solves")
+    p.add_argument("--cg-steps", type=int, default=d.cg_steps, help="conjugate-gradient steps per row solve")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="factor precision")
 
 
 def _model_settings(args) -> dict:
@@ -485,7 +485,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                      "study is kept in SQLite (default <model>.tune.db) and resumes where it stopped.")
     p.add_argument("store", help="training store")
     p.add_argument("--validation", default=None,
-                   help="validation store (e.g. from `wals-ooc split`); without it one is carved from the training store")
+                   help="validation store (e.g. from `wals-ooc split`); without it one is carved from the training store (default: carved)")
     p.add_argument("--validation-fraction", type=float, default=0.2, help="share carved for validation (default 0.2)")
     p.add_argument("--validation-method", choices=("random", "leave_one_out", "leave_last_out", "last_fraction"),
                    default="random", help="how validation is carved (default random)")
@@ -499,7 +499,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="where trial models go (default <model>.tune/)")
     p.add_argument("--final", action="store_true",
                    help="train --model with the best settings on train + validation (merged out of core)")
-    p.add_argument("--final-store", default=None, help="train --model with the best settings on this store instead")
+    p.add_argument("--final-store", default=None, help="train --model with the best settings on this store instead (default: none)")
     p.add_argument("--merged-store", default=None, help="where --final writes train + validation "
                                                           "(default <train>+<validation>.zarr)")
     _model_args(p)
@@ -508,16 +508,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--confidence-forms", nargs="+", choices=("linear", "log", "constant"), default=["linear", "log"],
                    help="confidence forms searched (default linear log)")
     p.add_argument("--range", nargs=3, action="append", metavar=("NAME", "LOW", "HIGH"), type=str, default=None,
-                   help="search range of weight, reg, alpha0 or nu (see README: Tuning); repeatable")
+                   help="search range of weight, reg, alpha0 or nu (see README: Tuning); repeatable (default: the built-in ranges)")
     p.add_argument("--search-factors", nargs=2, type=int, metavar=("LOW", "HIGH"), default=None,
-                   help="also search factors in this range")
+                   help="also search factors in this range (default: fixed --factors)")
     p.add_argument("--search-iterations", nargs=2, type=int, metavar=("LOW", "HIGH"), default=None,
-                   help="also search iterations in this range")
+                   help="also search iterations in this range (default: fixed --iterations)")
     p.add_argument("--no-prune", action="store_true", help="train every trial to the end")
     p.add_argument("--eval-every", type=int, default=3, help="score trials every N iterations for pruning (default 3)")
-    p.add_argument("--user-fraction", type=float, default=None, help="score a share of the validation users")
+    p.add_argument("--user-fraction", type=float, default=None, help="score a share of the validation users (default: all of them)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler, the factors and a carved split (default 0)")
-    p.add_argument("--timeout", type=float, default=None, help="start no trial after this many seconds")
+    p.add_argument("--timeout", type=float, default=None, help="start no trial after this many seconds (default: no limit)")
     p.add_argument("--no-resume", action="store_true", help="start the study over (its earlier trials are removed)")
     p.add_argument("--no-keep-best", action="store_true", help="remove the best trial's model too")
     cluster_args(p)
@@ -556,18 +556,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = command("export", "factors with their original ids: parquet, npz or implicit's .npz")
     p.add_argument("model", help="a trained model (factor store)")
     p.add_argument("output", help="a directory (parquet) or NAME.npz (npz, implicit)")
-    p.add_argument("--format", choices=("parquet", "npz", "implicit"), default="parquet")
+    p.add_argument("--format", choices=("parquet", "npz", "implicit"), default="parquet",
+                   help="parquet (one file per side), npz, or the .npz implicit's AlternatingLeastSquares.load reads")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (once the new one is complete)")
     _budget_arg(p)
     p.set_defaults(func=cmd_export)
 
     p = command("index", "approximate-nearest-neighbour index (faiss) of a model's factors")
     p.add_argument("model", help="a trained model (factor store)")
-    p.add_argument("--side", choices=("item", "user"), default="item")
+    p.add_argument("--side", choices=("item", "user"), default="item", help="whose factors the index holds")
     p.add_argument("--metric", choices=("inner_product", "cosine"), default=None,
                    help="inner_product (recommend; default for items) or cosine (similar; default for users)")
     p.add_argument("--output", default=None, help="where to save it (default: MODEL-SIDE-METRIC.ann beside the model)")
-    p.add_argument("--kind", choices=("hnsw", "ivf"), default="hnsw")
+    p.add_argument("--kind", choices=("hnsw", "ivf"), default="hnsw", help="graph (hnsw) or k-means cells (ivf)")
     p.add_argument("--hnsw-m", type=int, default=32, help="graph neighbours per node (hnsw)")
     p.add_argument("--ef-construction", type=int, default=80, help="candidate list while building (hnsw)")
     p.add_argument("--ef-search", type=int, default=None, help="candidate list while searching (hnsw; default 128)")
@@ -630,8 +631,8 @@ def _index_args(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--index", nargs="?", const=True, default=None, metavar="PATH",
                         help=f"answer approximately from {what} built by `wals-ooc index` (default: the one beside "
                              "the model); filtering stays exact")
-    parser.add_argument("--ef-search", type=int, default=None, help="with --index (hnsw): search candidate list")
-    parser.add_argument("--nprobe", type=int, default=None, help="with --index (ivf): cells searched")
+    parser.add_argument("--ef-search", type=int, default=None, help="with --index (hnsw): search candidate list (default: the index's own, 128)")
+    parser.add_argument("--nprobe", type=int, default=None, help="with --index (ivf): cells searched (default: the index's own, 32)")
 
 
 def _verbose_arg(parser: argparse.ArgumentParser, top: bool = False) -> None:
@@ -664,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import WalsError
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(_command_in(argv))
+    parser = build_parser(_command_in(argv) or "")  # no command named: the commands' options are not needed
     args = parser.parse_args(argv)
     verbose = bool(getattr(args, "verbose", False))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
@@ -683,6 +684,10 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"{prefix} {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`wals-ooc info X | head`): stop quietly, as other tools do
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (no flush error at exit)
+        return 141
     except OSError as exc:
         if verbose:
             raise
