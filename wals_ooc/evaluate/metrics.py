@@ -231,10 +231,7 @@ def evaluate(
     metric; a search that does not score by it leaves it out).
     Test users and items are matched to the model's by their original ids.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise SettingError(f"k must be an integer >= 1, got {k!r}", flags={"k": "-k"})
-    if user_fraction is not None and not 0 < user_fraction <= 1:  # also refuses NaN
-        raise SettingError(f"user_fraction must be in (0, 1], got {user_fraction}", flags={"user_fraction": "--user-fraction"})
+    _check_cutoff_and_fraction("k", "-k", k, user_fraction)
     total = _run(model, train, test, k, user_fraction, seed, client, threads, memory_budget, storage_options, executor,
                  auc=auc, curves=False)
     means = total.means(k)
@@ -258,13 +255,17 @@ def evaluate_curves(
 ) -> dict:
     """precision, recall, ndcg and map at every k in 1..k_max (lists) and AUC, from one top-k_max
     pass over the test store (streamed shard by shard, as ``evaluate``)."""
-    if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)) or k_max < 1:
-        raise SettingError(f"k_max must be an integer >= 1, got {k_max!r}", flags={"k_max": "--k-max"})
-    if user_fraction is not None and not 0 < user_fraction <= 1:
-        raise SettingError(f"user_fraction must be in (0, 1], got {user_fraction}", flags={"user_fraction": "--user-fraction"})
+    _check_cutoff_and_fraction("k_max", "--k-max", k_max, user_fraction)
     total = _run(model, train, test, k_max, user_fraction, seed, client, threads, memory_budget, storage_options,
                  executor, auc=True, curves=True)
     return total.means()
+
+
+def _check_cutoff_and_fraction(name: str, flag: str, k, user_fraction) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise SettingError(f"{name} must be an integer >= 1, got {k!r}", flags={name: flag})
+    if user_fraction is not None and not 0 < user_fraction <= 1:  # also refuses NaN
+        raise SettingError(f"user_fraction must be in (0, 1], got {user_fraction}", flags={"user_fraction": "--user-fraction"})
 
 
 def _run(model, train, test, k, user_fraction, seed, client, threads, memory_budget, storage_options, executor,
