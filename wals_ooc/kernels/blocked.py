@@ -83,6 +83,19 @@ def _gather_segment(indices, first, last, block_lo, Y_block, gather):
 
 
 @njit(**_JIT)
+def _advance(indptr, indices, cursor, u, block_hi):
+    """Row u's entries in the current column block: [idx, end) from its cursor (idx == end when
+    none); the cursor moves past them."""
+    idx = cursor[u]
+    stop = indptr[u + 1]
+    end = idx
+    while end < stop and indices[end] < block_hi:
+        end += 1
+    cursor[u] = end
+    return idx, end
+
+
+@njit(**_JIT)
 def cg_residual_block(indptr, indices, values, cursor, block_lo, block_hi, Y_block, X, R, gather,
                       kind, alpha, alpha0, eps):
     """R[u] += sum over the row's entries in the block of (c - (c - alpha0) y.x_u) y.
@@ -94,14 +107,9 @@ def cg_residual_block(indptr, indices, values, cursor, block_lo, block_hi, Y_blo
     T = X.dtype.type
     cap = gather.shape[0]
     for u in range(n_rows):
-        idx = cursor[u]
-        stop = indptr[u + 1]
-        if idx >= stop or indices[idx] >= block_hi:
+        idx, end = _advance(indptr, indices, cursor, u, block_hi)
+        if idx == end:
             continue
-        end = idx
-        while end < stop and indices[end] < block_hi:
-            end += 1
-        cursor[u] = end
         x = X[u]
         r = R[u]
         for first in range(idx, end, cap):
@@ -128,14 +136,9 @@ def cg_product_block(indptr, indices, values, cursor, block_lo, block_hi, Y_bloc
     T = X.dtype.type
     cap = gather.shape[0]
     for u in range(n_rows):
-        idx = cursor[u]
-        stop = indptr[u + 1]
-        if idx >= stop or indices[idx] >= block_hi:
+        idx, end = _advance(indptr, indices, cursor, u, block_hi)
+        if idx == end:
             continue
-        end = idx
-        while end < stop and indices[end] < block_hi:
-            end += 1
-        cursor[u] = end
         p = P[u]
         ap = AP[u]
         x = X[u]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..config import WALSConfig
-from ..errors import DataMismatchError, PathError, SettingError
+from ..errors import DataMismatchError, PathError, SettingError, StoreError
 from ..evaluate.metrics import METRICS, evaluate
 from ..evaluate.split import METHODS, split
 from ..execute import Executor
@@ -315,7 +315,7 @@ def _tuning_stores(train_full, validation_store, place, method, fraction, seed, 
     carved_validation = os.path.join(place.workdir, "validation.zarr")
     try:
         return InteractionStore(carved_train), InteractionStore(carved_validation)
-    except Exception:  # absent or interrupted: (re)carve; it is seeded, so the same split comes out
+    except StoreError:  # absent, interrupted or damaged: (re)carve; it is seeded, so the same split comes out
         pass
     if method in ("leave_last_out", "last_fraction") and not train_full.has_order:
         raise SettingError(f"validation method {method!r} splits by time, but {train_full.location} has no entry order")
