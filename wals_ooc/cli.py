@@ -195,6 +195,10 @@ def cmd_train(args) -> int:
 
     model = WALS(**_model_settings(args), random_state=args.seed, memory_budget=args.memory_budget, threads=args.threads,
                  compute_loss=not args.no_loss)
+    if args.dry_run:  # the plans only: nothing is run or written
+        with _client(args) as client:
+            print(model.plan(args.store, client=client, factors_store=args.model, resume=not args.no_resume))
+        return 0
     started = time.perf_counter()
 
     def report(iteration, seconds, loss):
@@ -476,6 +480,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the initial factors (default: random)")
     p.add_argument("--no-resume", action="store_true", help="start over even if the model store exists")
     p.add_argument("--no-loss", action="store_true", help="skip the per-iteration loss")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the half-sweep plans (tasks, resident or blocked, expected peak against the budget) "
+                        "and exit without training or writing anything")
     cluster_args(p)
     _budget_arg(p)
     p.set_defaults(func=cmd_train)

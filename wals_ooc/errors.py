@@ -109,11 +109,17 @@ class IncompleteModelWarning(WalsWarning):
     """A model whose training stopped before its last iteration is being served."""
 
 
+class BudgetWarning(WalsWarning):
+    """A plan's expected peak is over its memory allowance: the run may exceed ``memory_budget``
+    (``warnings.simplefilter("error", BudgetWarning)`` makes it an error)."""
+
+
 class StaleLockWarning(WalsWarning):
     """A lock left by a writer that is no longer running was broken."""
 
 
 __all__ = [
+    "BudgetWarning",
     "CorruptStoreError",
     "DataMismatchError",
     "IncompleteModelWarning",

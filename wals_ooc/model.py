@@ -27,6 +27,7 @@ from .serve.recommend import item_source, recommend_all as recommend_all_shards,
 from .serve.scoring import FactorSource, top_k
 from .store.reader import IdMaps, InteractionStore
 from .train.factors import FactorStore, check_interactions_match
+from .train.plan import TrainingPlan
 from .train.trainer import train
 
 
@@ -109,6 +110,25 @@ class WALS:
         )
         self.interactions_problem = None
         return self
+
+    def plan(self, store: InteractionStore | str | os.PathLike, client: Any = None,
+             factors_store: str | os.PathLike | None = None, resume: bool = True,
+             storage_options: dict | None = None) -> TrainingPlan:
+        """What ``fit`` would do, without running or writing anything: both half-sweep plans
+        (tasks, rows, resident or blocked, expected peak against the allowance), the budget and
+        where the model would go. ``print`` it to read it. A plan over its allowance also warns
+        (``BudgetWarning``), as ``fit`` does before it starts."""
+        from .train.trainer import plan_training
+
+        interactions = _as_store(store, storage_options)
+        if factors_store is None:
+            from .train.naming import model_location_for
+
+            location = model_location_for(interactions, self.config, resume)
+        else:
+            location = os.fspath(factors_store)
+        return plan_training(interactions, self.config, client=client, threads=self.threads,
+                             memory_budget=self.memory_budget, model_location=location, resume=resume)
 
     def _trained(self) -> tuple[InteractionStore | None, FactorStore]:
         """(the interaction store, or None when it is not available; the factor store)."""

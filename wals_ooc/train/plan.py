@@ -95,14 +95,44 @@ class HalfSweepPlan:
         """Planned peak above the baseline, not counting the shard cache."""
         return self.resident_bytes + self.concurrency * self.task_bytes
 
+    @property
+    def usable_bytes(self) -> int:
+        """What the plan may commit of the allowance (the rest is headroom; see ``usable_bytes``)."""
+        return usable_bytes(self.allowance)
+
+    @property
+    def within_budget(self) -> bool:
+        """The planned peak fits in the usable part of the allowance."""
+        return self.peak_bytes <= self.usable_bytes
+
+    @property
+    def task_rows(self) -> tuple[int, int]:
+        """Fewest and most rows of a task (0, 0 without tasks)."""
+        rows = [t.row_stop - t.row_start for t in self.tasks]
+        return (min(rows), max(rows)) if rows else (0, 0)
+
+    def budget_problem(self) -> str | None:
+        """Why the plan does not fit its allowance, and what to change; None when it fits."""
+        if self.within_budget:
+            return None
+        return (f"the {self.side} half-sweep plans a peak of {format_bytes(self.peak_bytes)} against "
+                f"{format_bytes(self.usable_bytes)} usable of its {format_bytes(self.allowance)} allowance "
+                f"(its heaviest task, a run of whole row blocks, needs {format_bytes(self.task_bytes)}): training may exceed "
+                "memory_budget; raise memory_budget, or convert with a smaller row_block")
+
+    def __str__(self) -> str:
+        return self.describe()
+
     def describe(self) -> str:
+        least, most = self.task_rows
         lines = [
-            f"{self.side} half-sweep: {len(self.tasks)} tasks over {self.n_rows} rows"
+            f"{self.side} half-sweep: {_count(len(self.tasks), 'task')} over {self.n_rows} rows ({least}-{most} rows a task)"
             + (f" ({self.concurrency} at a time, {self.task_threads} threads each)" if self.task_threads > 1 else "")
             + "; fixed side "
             f"{self.fixed_side} ({self.n_fixed} x {self.factors}) {self.mode}; solver {self.solver}",
-            f"  planned peak {format_bytes(self.peak_bytes)} of allowance {format_bytes(self.allowance)}: "
-            f"{self.concurrency} concurrent tasks of at most {format_bytes(self.task_bytes)}, "
+            f"  planned peak {format_bytes(self.peak_bytes)} of {format_bytes(self.usable_bytes)} usable "
+            f"(allowance {format_bytes(self.allowance)}; {'within' if self.within_budget else 'OVER'} budget): "
+            f"{_count(self.concurrency, 'concurrent task')} of at most {format_bytes(self.task_bytes)}, "
             f"resident factors {format_bytes(self.resident_bytes)}",
         ]
         if self.mode == "resident":
@@ -120,6 +150,47 @@ class HalfSweepPlan:
                 f"({format_bytes(self.fixed_passes * self.fixed_bytes)} per half-sweep); tasks: {how}"
             )
         lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass
+class TrainingPlan:
+    """What a training run would do: both half-sweep plans, and the budget and executor they
+    were made for (``WALS.plan``, ``wals-ooc train --dry-run``). Making it runs and writes nothing."""
+
+    store: str
+    model: str | None  # where ``fit`` would write (None: not asked)
+    model_state: str  # "new", or what the existing model holds (it is resumed)
+    executor: str
+    budget: int  # the cap on peak RSS, bytes
+    baseline: int  # the process's RSS when the plan was made (libraries and kernels loaded)
+    iterations: int
+    user: HalfSweepPlan
+    item: HalfSweepPlan
+
+    @property
+    def sides(self) -> dict[str, HalfSweepPlan]:
+        return {"user": self.user, "item": self.item}
+
+    def __getitem__(self, side: str) -> HalfSweepPlan:
+        return self.sides[side]
+
+    @property
+    def allowance(self) -> int:
+        return self.budget - self.baseline
+
+    @property
+    def within_budget(self) -> bool:
+        return self.user.within_budget and self.item.within_budget
+
+    def __str__(self) -> str:
+        lines = [f"plan: train {self.store}" + (f" -> {self.model} ({self.model_state})" if self.model else ""),
+                 f"  {self.iterations} iterations on {self.executor}; memory budget {format_bytes(self.budget)} "
+                 f"(process at start {format_bytes(self.baseline)}, allowance {format_bytes(self.allowance)} a process)"]
+        for plan in (self.user, self.item):
+            lines += ["  " + line for line in plan.describe().splitlines()]
+        lines.append("  within budget" if self.within_budget else "  OVER BUDGET: " + "; ".join(
+            p.budget_problem() or "" for p in (self.user, self.item) if not p.within_budget))
         return "\n".join(lines)
 
 
@@ -302,6 +373,10 @@ def plan_half_sweep(
 def normal_equations_row_bytes(factors: int) -> int:
     """A row's f x f normal equations (float64), right-hand side, confidence sum and cursor."""
     return factors * factors * 8 + factors * 8 + 16
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
 
 
 def _other(side: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,17 +14,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import WALSConfig
-from ..errors import NumericalError
+from ..errors import BudgetWarning, DataMismatchError, NumericalError, SettingError, WalsError
 from ..execute import Executor
 from ..kernels.warm import warm_training_kernels
 from ..memory import MemoryBudget
-from ..errors import DataMismatchError, SettingError, WalsError
 from ..store.format import open_group
 from ..store.lifecycle import Output, output_store
 from ..store.reader import InteractionStore
 from .factors import MODEL_FORMAT_VERSION, MODEL_KIND, Checkpoint, FactorStore, check_interactions_match
 from .half_sweep import HalfSweepJob, LocalState, init_task, release_caches, run_half_sweep
-from .plan import HalfSweepPlan, plan_half_sweep
+from .plan import HalfSweepPlan, TrainingPlan, plan_half_sweep
 
 log = logging.getLogger("wals_ooc")
 
@@ -85,6 +85,47 @@ def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, conc
         )
         for side in SIDES
     }
+
+
+def executor_plans(store: InteractionStore, config: WALSConfig, executor: Executor, budget: MemoryBudget,
+                   max_block_rows: int | None = None, blocked_method: str | None = None) -> dict[str, HalfSweepPlan]:
+    """The half-sweep plans for this executor and budget; a ``BudgetWarning`` for each plan whose
+    expected peak is over its allowance (training would run, but may exceed the budget)."""
+    local = executor.is_local
+    processes = 1 if local else max(1, executor.total_threads // executor.threads_per_process)
+    plans = make_plans(store, config, budget.allowance, executor.threads_per_process, local, max_block_rows, processes,
+                       blocked_method)
+    for plan in plans.values():
+        log.info(plan.describe())
+        problem = plan.budget_problem()
+        if problem is not None:
+            warnings.warn(BudgetWarning(problem), stacklevel=3)
+    return plans
+
+
+def plan_training(store: InteractionStore, config: WALSConfig, *, client=None, threads: int | None = None,
+                  memory_budget: int | str | None = None, model_location: str | None = None, resume: bool = True,
+                  max_block_rows: int | None = None, executor: Executor | None = None,
+                  blocked_method: str | None = None) -> TrainingPlan:
+    """What ``train`` would do with these arguments, without running or writing anything: the
+    plans are made exactly as ``train`` makes them (kernels loaded first, then the budget measured)."""
+    from ..store.lifecycle import inspect_target
+
+    warm_training_kernels(config.dtype)
+    budget = MemoryBudget.start(memory_budget)
+    executor = Executor.of(executor, client, threads)
+    plans = executor_plans(store, config, executor, budget, max_block_rows, blocked_method)
+    state = "new"
+    if model_location is not None:
+        target = inspect_target(model_location, store.storage_options)
+        if target.what == "store" and target.kind == MODEL_KIND:
+            done = len(target.attrs.get("loss_history") or [])
+            state = (f"exists with {done} iterations done: resumed" if resume
+                     else f"exists with {done} iterations done: replaced once the new one is complete")
+        elif target.what != "absent":
+            state = f"holds {target.kind or target.what}: train would refuse it"
+    return TrainingPlan(store.location, model_location, state, executor.describe(), budget.total, budget.baseline,
+                        config.iterations, plans["user"], plans["item"])
 
 
 def _open_or_create(out: Output, store: InteractionStore, config: WALSConfig, storage_options) -> FactorStore:
@@ -202,11 +243,7 @@ def _train_model(model: FactorStore, store: InteractionStore, config: WALSConfig
     if model.checkpoint is None:
         _initialise(model, store, config, executor)
     local = executor.is_local
-    processes = 1 if local else max(1, executor.total_threads // executor.threads_per_process)
-    plans = make_plans(store, config, budget.allowance, executor.threads_per_process, local, max_block_rows, processes,
-                       blocked_method)
-    for plan in plans.values():
-        log.info(plan.describe())
+    plans = executor_plans(store, config, executor, budget, max_block_rows, blocked_method)
     state = None
     # what both half-sweeps leave unused caches CSR shards between iterations (per process)
     all_resident = all(p.mode == "resident" and (p.holds_own or not local) for p in plans.values())
