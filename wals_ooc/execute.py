@@ -86,6 +86,20 @@ class Executor:
             return self.threads_per_process
         return sum(self.client.nthreads().values()) or 1
 
+    def check_reachable(self, *locations: str | None) -> None:
+        """Refuse locations the tasks cannot reach: a ``memory://`` store lives in this process's
+        memory, which a distributed Client's worker processes do not share (they would find no
+        store, or an empty one of their own)."""
+        if self.client is None:
+            return
+        for location in locations:
+            if location is not None and str(location).startswith("memory://"):
+                from .errors import PathError
+
+                raise PathError(f"{location} lives in this process's memory, which the workers of a distributed "
+                                "client cannot reach: use a path or an object store (s3://...) the workers share, "
+                                "or run without a client", flags={"client": "--scheduler/--workers"})
+
     def describe(self) -> str:
         if self.client is None:
             return f"threaded, {self.threads_per_process} thread(s)"

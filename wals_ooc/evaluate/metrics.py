@@ -273,6 +273,7 @@ def _run(model, train, test, k, user_fraction, seed, client, threads, memory_bud
     warm_serving_kernels()  # fixed per-process cost: part of the baseline
     budget = MemoryBudget.start(memory_budget)
     executor = Executor.of(executor, client, threads)
+    executor.check_reachable(model.location, train.location, test.location)
     allowance = budget.allowance // executor.threads_per_process
     sample = None if user_fraction is None else (float(user_fraction), seed)
     tasks = [

@@ -160,6 +160,7 @@ def recommend_all(
     warm_serving_kernels()  # fixed per-process cost: part of the baseline
     budget = MemoryBudget.start(memory_budget)
     executor = Executor.of(executor, client, threads)
+    executor.check_reachable(model.location, None if store is None else store.location, output)
     allowance = budget.allowance // executor.threads_per_process
     ids = model_ids(model)
     kind = RECOMMENDATIONS_KIND if fmt == "zarr" else RECOMMENDATIONS_PARQUET_KIND

@@ -111,9 +111,10 @@ def plan_training(store: InteractionStore, config: WALSConfig, *, client=None, t
     plans are made exactly as ``train`` makes them (kernels loaded first, then the budget measured)."""
     from ..store.lifecycle import inspect_target
 
+    executor = Executor.of(executor, client, threads)
+    executor.check_reachable(store.location, model_location)
     warm_training_kernels(config.dtype)
     budget = MemoryBudget.start(memory_budget)
-    executor = Executor.of(executor, client, threads)
     plans = executor_plans(store, config, executor, budget, max_block_rows, blocked_method)
     state = "new"
     if model_location is not None:
@@ -224,9 +225,10 @@ def train(
     it would fit in memory; blocked_method: how blocked tasks solve (see ``plan``), for tests.
     executor: where tasks run (default: ``Executor(client, threads)``).
     """
+    executor = Executor.of(executor, client, threads)
+    executor.check_reachable(store.location, model_location)  # before anything is written
     warm_training_kernels(config.dtype)  # fixed per-process cost: part of the baseline
     budget = MemoryBudget.start(memory_budget)
-    executor = Executor.of(executor, client, threads)
     with output_store(model_location, MODEL_KIND, version=MODEL_FORMAT_VERSION, overwrite=not resume, resume=resume,
                       inputs=[store.location], storage_options=storage_options) as out:
         model = _open_or_create(out, store, config, storage_options)

@@ -252,6 +252,8 @@ def tune(
             _check_merged_target(_merged_target(merged_store, train_full, validation_store), train_full,
                                  validation_store, storage_options)
     executor = Executor.of(None, client, threads)
+    executor.check_reachable(train_full.location, model_location, place.workdir,
+                             None if validation_store is None else validation_store.location)
     with locked_workdir(place, identity, resume), _quiet_optuna():
         storage = open_storage(place)
         if not resume:
