@@ -205,3 +205,53 @@ def test_export_round_trips_through_parquet_npz_and_implicit(trained, tmp_path):
     np.testing.assert_allclose(scores, ours_scores[0], rtol=1e-6)
     with pytest.raises(wals_ooc.errors.PathError, match="overwrite"):
         trained.export(str(tmp_path / "f.npz"), format="npz")
+
+
+def test_implicit_names_are_accepted_with_implicits_meanings(trained):
+    """recommend(..., filter_already_liked_items=, filter_items=, user_items=, recalculate_user=,
+    items=) answers as implicit's own recommend does on the same factors."""
+    from wals_ooc.errors import SettingError, UnknownIdError
+
+    store = trained.interactions
+    R = store_to_scipy(open_store(store.location))
+    user_rows = np.array([0, 5, 17, 40])
+    user_ids = store.ids("user")[user_rows]
+    banned_rows = np.array([3, 9, 30])
+    banned = list(store.ids("item")[banned_rows])
+    ours = trained.recommend(user_ids, N=6, filter_already_liked_items=True, filter_items=banned,
+                             user_items=R[user_rows])
+    reference = trained.to_implicit().recommend(user_rows, R[user_rows], N=6, filter_already_liked_items=True,
+                                                filter_items=banned_rows)
+    np.testing.assert_array_equal(store.index_of("item", ours[0].ravel()).reshape(ours[0].shape), reference[0])
+    np.testing.assert_allclose(ours[1], reference[1], rtol=1e-5)
+    same = trained.recommend(user_ids, N=6, filter_already_liked=True, exclude_items=banned)  # our names, the store
+    np.testing.assert_array_equal(same[0], ours[0])
+    unfiltered = trained.recommend(user_ids, N=6, filter_already_liked_items=False)
+    np.testing.assert_array_equal(unfiltered[0], trained.recommend(user_ids, N=6, filter_already_liked=False)[0])
+    # recalculate_user: the users folded in afresh from user_items, as recalculate_user() does for one
+    one = R[user_rows[1]: user_rows[1] + 1]
+    liked = {store.ids("item")[c]: v for c, v in zip(one.indices, one.data)}
+    vector = trained.recalculate_user(liked)
+    ids, scores = trained.recommend(user_ids[1], N=5, user_items=one, recalculate_user=True)
+    expected = trained.recommend(None, N=5, user_vectors=vector, exclude_items=list(liked))
+    assert ids.ndim == 1  # one id: 1-D, as in implicit
+    np.testing.assert_array_equal(ids, expected[0][0])
+    np.testing.assert_allclose(scores, expected[1][0], rtol=1e-6)
+    # items: only these are ranked (implicit's meaning, with our original ids)
+    subset = list(store.ids("item")[[1, 2, 4, 8]])
+    ids, _ = trained.recommend(user_ids[0], N=10, items=subset, filter_already_liked_items=False)
+    assert sorted(ids.tolist()) == sorted(subset)
+    # a name given twice, differently: refused; the same value twice is fine
+    with pytest.raises(SettingError, match="filter_already_liked= and filter_already_liked_items="):
+        trained.recommend(user_ids, N=3, filter_already_liked=True, filter_already_liked_items=False)
+    with pytest.raises(SettingError, match="exclude_items= and filter_items="):
+        trained.recommend(user_ids, N=3, exclude_items=banned[:1], filter_items=banned[1:])
+    trained.recommend(user_ids, N=3, filter_already_liked=False, filter_already_liked_items=False)
+    with pytest.raises(SettingError, match="recalculate_user=True needs user_items"):
+        trained.recommend(user_ids, N=3, recalculate_user=True)
+    with pytest.raises(SettingError, match="user_items has shape"):
+        trained.recommend(user_ids, N=3, user_items=R[:2])
+    with pytest.raises(SettingError, match="user_items= .by keyword"):
+        trained.recommend(user_ids, R[user_rows])  # implicit's positional user_items
+    with pytest.raises(UnknownIdError):
+        trained.recommend(user_ids, N=3, filter_items=["no such item"])

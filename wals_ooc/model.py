@@ -20,6 +20,7 @@ from .evaluate.metrics import evaluate as evaluate_model
 from .index import AnnIndex, IndexSettings, approximate_top_k, resolve_index, subset_csr
 from .kernels.warm import warm_serving_kernels
 from .memory import MemoryBudget, to_bytes
+from .serve.compat import pick, user_items_csr, with_excluded
 from .serve.fold_in import fold_in, merge_entries
 from .serve.ids import model_ids, original_ids
 from .serve.liked import liked_csr
@@ -205,14 +206,22 @@ class WALS:
         self,
         user_ids: Any,
         N: int = 10,
-        filter_already_liked: bool = True,
+        filter_already_liked: bool | None = None,
         items: Iterable | None = None,
         user_vectors: np.ndarray | None = None,
         index: AnnIndex | str | os.PathLike | bool | None = None,
+        *,
+        exclude_items: Iterable | None = None,
+        user_items: Any = None,
+        recalculate_user: bool = False,
+        filter_already_liked_items: bool | None = None,
+        filter_items: Iterable | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-N (original item ids, scores) for each user, best first; shapes (n_users, K).
 
-        items: restrict candidates to these original item ids (only they are returned).
+        filter_already_liked (default True): leave out the items each user has in the interaction
+        store (or in ``user_items`` when given). items: restrict candidates to these original item
+        ids (only they are returned). exclude_items: original item ids never to return.
         user_vectors: score these vectors (e.g. from ``recalculate_user``) instead of the stored
         users' factors. index: answer from an approximate index over the item factors
         (``build_index``): True for the one beside the model, a path, or an ``AnnIndex``;
@@ -221,10 +230,34 @@ class WALS:
         candidates exist (``items=[a, b, c]`` gives 3). One user id (not a list) gives 1-D arrays
         of exactly its results; in a batch, a user with fewer candidates than the others (most
         items already liked) ends its row with id -1 (or "") and score -inf.
+
+        implicit's names are accepted with implicit's meanings (see ``serve/compat.py``):
+        ``filter_already_liked_items`` (= filter_already_liked), ``filter_items`` (=
+        exclude_items), and ``user_items``: a scipy sparse matrix, one row per requested user and
+        one column per item row of the model (``id_maps().ids_of("item", rows)``), used to filter
+        instead of the store and, with ``recalculate_user=True``, to fold the users in afresh.
+        A name given twice with different values raises ``SettingError``.
         """
         _check_n(N)
+        filter_already_liked = pick("filter_already_liked", filter_already_liked, "filter_already_liked_items",
+                                    filter_already_liked_items, True)
+        exclude_items = pick("exclude_items", exclude_items, "filter_items", filter_items)
         model = self._trained()[1]
         store = self._ids()
+        single = user_ids is not None and np.ndim(user_ids) == 0
+        given = None
+        if user_items is not None:
+            n_queries = 1 if single else (len(user_ids) if user_ids is not None else len(np.atleast_2d(user_vectors)))
+            given = user_items_csr(user_items, n_queries, store.n_items)
+        if recalculate_user:
+            if given is None:
+                raise SettingError("recalculate_user=True needs user_items: the users' interactions to fold in")
+            if user_vectors is not None:
+                raise SettingError("recalculate_user=True computes the user vectors from user_items: pass it or "
+                                   "user_vectors, not both")
+            indptr, columns, values = given
+            user_vectors = np.stack([self._fold_in("user", columns[a:b], values[a:b])
+                                     for a, b in zip(indptr[:-1], indptr[1:])])
         if user_vectors is None:
             rows = store.index_of("user", user_ids)
             queries = _rows_of(model.current("user"), rows)
@@ -232,7 +265,11 @@ class WALS:
             queries = np.atleast_2d(user_vectors)
             rows = store.index_of("user", user_ids, missing="mark") if user_ids is not None else np.full(len(queries), -1)
         candidates = None if items is None else np.unique(store.index_of("item", list(items)))
-        exclude = self._liked("user", rows) if filter_already_liked else None
+        excluded = None if exclude_items is None else np.unique(store.index_of("item", list(exclude_items)))
+        exclude = None
+        if filter_already_liked:
+            exclude = (given[0], given[1]) if given is not None else self._liked("user", rows)
+        exclude = with_excluded(exclude, excluded, len(queries))
         allowance = self._allowance()
         source = item_source(model, allowance, score_block_rows(len(queries), queries.shape[1], allowance))
         ann = resolve_index(index, model, "item", "inner_product", self.memory_budget) if candidates is None else None
@@ -244,19 +281,23 @@ class WALS:
         found = (ids >= 0).sum(axis=1)
         width = int(found.max()) if len(found) else 0
         ids, scores = ids[:, :width], scores[:, :width]
-        if user_vectors is None and np.ndim(user_ids) == 0:  # one user: exactly its results
+        if single:  # one user: exactly its results
             return original_ids(store, "item", ids[0, : found[0]]), scores[0, : found[0]]
         return original_ids(store, "item", ids), scores
 
-    def recommend_all(self, N: int = 10, output: str | os.PathLike | None = None, filter_already_liked: bool = True,
-                      format: str = "zarr", client=None, overwrite: bool = False,
-                      index: str | os.PathLike | bool | None = None) -> str:
+    def recommend_all(self, N: int = 10, output: str | os.PathLike | None = None, filter_already_liked: bool | None = None,
+                      format: str = "zarr", client: Any = None, overwrite: bool = False,
+                      index: str | os.PathLike | bool | None = None, *,
+                      filter_already_liked_items: bool | None = None) -> str:
         """Write top-N for every user to ``output`` (Zarr group or Parquet directory), streaming shards.
 
         Written through ``store.lifecycle``: an existing output is replaced only with ``overwrite``
         and only once the new one is complete. index: answer from an approximate index over the
-        item factors (True: the one beside the model, or its path; see ``recommend``)."""
+        item factors (True: the one beside the model, or its path; see ``recommend``).
+        filter_already_liked_items: implicit's name for filter_already_liked (default True)."""
         _check_n(N)
+        filter_already_liked = pick("filter_already_liked", filter_already_liked, "filter_already_liked_items",
+                                    filter_already_liked_items, True)
         store, model = self._trained()
         if filter_already_liked:
             store = self._data("filtering already-liked items", no_filter_hint=True)
@@ -324,11 +365,15 @@ class WALS:
                               progress=progress)
 
     def _recalculate(self, side: str, interactions: Any) -> np.ndarray:
-        model = self._trained()[1]
-        store = self._ids()
         other = "item" if side == "user" else "user"
         ids, values = _pairs(interactions)
-        columns = store.index_of(other, ids)  # unknown ids: UnknownIdError naming them
+        columns = self._ids().index_of(other, ids)  # unknown ids: UnknownIdError naming them
+        return self._fold_in(side, columns, values)
+
+    def _fold_in(self, side: str, columns: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Factors of one ``side`` row with entries at rows ``columns`` of the other side."""
+        model = self._trained()[1]
+        other = "item" if side == "user" else "user"
         columns, values = merge_entries(columns, values)
         fixed = model.current(other)
         rows = _rows_of(fixed, columns)
@@ -387,6 +432,9 @@ def _approximate(ann: AnnIndex, queries: np.ndarray, source: FactorSource, n: in
 
 def _check_n(n: Any) -> None:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        if hasattr(n, "tocsr"):  # implicit's recommend(userid, user_items, N): ours has no user_items there
+            raise SettingError(f"N must be an integer >= 1, got a {type(n).__name__}: implicit's user_items matrix "
+                               "goes in user_items= (by keyword) here; see the README, 'Coming from implicit'")
         raise SettingError(f"N must be an integer >= 1, got {n!r}", flags={"N must": "-n must"})
 
 
