@@ -16,11 +16,11 @@ so a conversion that fails or is killed leaves an existing store as it was.
 
 from __future__ import annotations
 
-import logging
 import os
 import zlib
 import time
 import uuid
+import warnings
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
@@ -30,7 +30,7 @@ import pyarrow as pa
 import zarr
 from tqdm.auto import tqdm
 
-from ..errors import SettingError, WalsError
+from ..errors import BudgetWarning, SettingError, WalsError
 from ..kernels.assemble import segment_sums
 from ..kernels.text import parse_ints
 from ..memory import MemoryBudget, format_bytes, peak_rss
@@ -40,7 +40,6 @@ from .ids import DistinctIds, IdIndex, as_text, hash_text, text_buffers, write_i
 from .lifecycle import Output, output_store
 from .sources import BadRowReport, InputError, InputSpec, RowBatch, read_batches
 
-log = logging.getLogger("wals_ooc")
 
 _STAGE: ContextVar[str] = ContextVar("wals_ooc_build_stage", default="")  # see build_store(stage=)
 RECORD = np.dtype([("row", np.int32), ("col", np.int32), ("value", np.float32)])
@@ -529,8 +528,10 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz
             indptr, indices, values, order = dense_row_to_csr(path, record, n_cols, unit_nnz)
         else:  # passed without a name, so rows_to_csr can free the records once it has read them
             if entries > 2 * unit_nnz:
-                log.warning("row %d of %s has %d entries: assembling it in memory may exceed the budget",
-                            bounds[k], orientation, entries)
+                warnings.warn(BudgetWarning(
+                    f"row {bounds[k]} of {orientation} has {entries} entries, more than its columns' dense "
+                    f"accumulator allows in the budget: assembling it in memory may exceed memory_budget"),
+                    stacklevel=2)
             indptr, indices, values, order = rows_to_csr(
                 np.fromfile(path, record) if entries else np.empty(0, record), bounds[k], bounds[k + 1], n_cols
             )
