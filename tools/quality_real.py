@@ -19,7 +19,13 @@ Then each library's best settings train a final model on the whole training stor
 validation), and both final models are scored on the test store by one evaluator, wals-ooc's
 (``wals_ooc.evaluate``: implicit's factors are written into a factor store for it): ndcg@10,
 recall@10 and precision@10 (hits / 10). wals-ooc with its defaults and no tuning is scored too.
-Everything is the mean over the seeds.
+Everything is the mean over the seeds. How far the tuned/tuned ndcg ratio can be trusted is shown
+by a paired bootstrap over the test users (both libraries' per-user ndcg@10, averaged over the
+seeds, resampled together): with one held-out rating for each of MovieLens's 943 users the 95%
+interval is about +-7% wide.
+
+--ml100k-validation last_fraction carves each user's latest 20% of training ratings instead of
+the latest one (a less noisy validation; the test split is unchanged; the same for both).
 
     python tools/quality_real.py                       # both data sets, 40 trials, seeds 0 1 2
     python tools/quality_real.py --datasets ml100k --trials 10 --seeds 0
@@ -87,12 +93,13 @@ def prepare(name: str, workdir: str):
     return train, test, validation
 
 
-def carve_validation(train: str, method: str, seed: int, workdir: str, name: str):
+def carve_validation(train: str, method: str, seed: int, workdir: str, name: str, fraction: float = 0.2):
     import wals_ooc
 
-    part, validation = (os.path.join(workdir, f"{name}-s{seed}-{p}.zarr") for p in ("part", "validation"))
+    tag = "" if (method, fraction) in (("leave_last_out", 0.2), ("random", 0.2)) else f"-{method}{fraction:g}"
+    part, validation = (os.path.join(workdir, f"{name}-s{seed}{tag}-{p}.zarr") for p in ("part", "validation"))
     if not all(_readable(p) for p in (part, validation)):
-        wals_ooc.split(train, part, validation, method=method, test_fraction=0.2, seed=seed, overwrite=True,
+        wals_ooc.split(train, part, validation, method=method, test_fraction=fraction, seed=seed, overwrite=True,
                        progress=False)
     return part, validation
 
@@ -244,11 +251,12 @@ def tune_implicit(part, validation, trials: int, seed: int, scratch: str) -> tup
 # ---------------------------------------------------------------------------------------------
 
 
-def run_seed(name: str, train: str, test: str, method: str, seed: int, trials: int, workdir: str) -> dict:
+def run_seed(name: str, train: str, test: str, method: str, seed: int, trials: int, workdir: str,
+             fraction: float = 0.2) -> dict:
     import wals_ooc
     from threadpoolctl import threadpool_limits
 
-    part, validation = carve_validation(train, method, seed, workdir, name)
+    part, validation = carve_validation(train, method, seed, workdir, name, fraction)
     train_store, test_store = wals_ooc.open_store(train), wals_ooc.open_store(test)
     scratch = tempfile.mkdtemp(prefix=f"{name}-s{seed}-", dir=workdir)
     out: dict = {"seed": seed}
@@ -334,14 +342,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "wals-quality-real"))
     parser.add_argument("--json", default=None, help="also write every run's figures to this file")
+    parser.add_argument("--ml100k-validation", choices=("leave_last_out", "last_fraction"), default="leave_last_out",
+                        help="how MovieLens's validation split is carved from train (for both libraries): each "
+                             "user's latest rating, or each user's latest --validation-fraction of ratings")
+    parser.add_argument("--validation-fraction", type=float, default=0.2,
+                        help="share of each user's training entries held out for validation (random, last_fraction)")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     everything = {}
     for name in args.datasets:
         train, test, method = prepare(name, args.workdir)
+        if name == "ml100k":
+            method = args.ml100k_validation
+        print(f"{name}: validation carved from train by {method}"
+              + ("" if method == "leave_last_out" else f" (fraction {args.validation_fraction:g})"), file=sys.stderr)
         runs = []
         for seed in args.seeds:
-            runs.append(run_seed(name, train, test, method, seed, args.trials, args.workdir))
+            runs.append(run_seed(name, train, test, method, seed, args.trials, args.workdir, args.validation_fraction))
             print(f"{name} seed {seed}: wals-ooc {runs[-1]['wals']}, implicit {runs[-1]['implicit']}", file=sys.stderr, flush=True)
         everything[name] = runs
         report(name, runs)
