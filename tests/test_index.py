@@ -81,6 +81,29 @@ def test_queries_the_fetch_cannot_fill_are_answered_exactly(trained, tmp_path):
     np.testing.assert_allclose(scores, np.take_along_axis(users @ items.T, ids, 1), rtol=1e-5, atol=1e-6)
 
 
+def test_heavy_users_are_searched_again_and_answers_equal_exact_when_the_index_is_exhaustive(trained, tmp_path):
+    # an IVF index probing every cell finds the true top candidates, so the two-round fetch
+    # (N + min(liked, N) first, N + liked for the users that came up short) must give exactly
+    # the brute-force answer, and faiss's distances must be the stored vectors' exact products
+    ann = trained.build_index(location=str(tmp_path / "full.ann"), kind="ivf", nlist=4, nprobe=4)
+    users, items = trained.to_numpy()
+    queries = users.astype(np.float32)
+    liked = store_to_scipy(trained.interactions)
+    exclude = (liked.indptr.astype(np.int64), liked.indices.astype(np.int64))
+    stats: dict = {}
+    ids, scores, n_exact = approximate_top_k(ann, queries, 10, exclude, stats=stats)
+    assert n_exact == 0 and stats["first_round"] == len(users) and 0 < stats["second_round"] < len(users)
+    brute = queries @ items.astype(np.float32).T
+    for u in range(len(users)):
+        brute[u, liked.indices[liked.indptr[u]: liked.indptr[u + 1]]] = -np.inf
+    expected = np.argsort(-brute, axis=1, kind="stable")[:, :10]
+    np.testing.assert_allclose(scores, np.take_along_axis(brute, expected, 1), rtol=1e-5, atol=1e-6)
+    same = (ids == expected) | np.isclose(np.take_along_axis(brute, ids, 1), scores, rtol=1e-6)
+    assert same.all()
+    candidates, found = ann.search(queries[:50], 16)
+    np.testing.assert_allclose(found, ann.exact_scores(queries[:50], candidates), rtol=1e-6, atol=1e-7)
+
+
 def test_similar_from_cosine_indexes_equals_exact_when_searched_fully(trained):
     n_items = trained.interactions.n_items
     trained.build_index(side="item", metric="cosine", kind="ivf", nlist=4, nprobe=4)  # every cell: exhaustive
