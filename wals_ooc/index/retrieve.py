@@ -23,6 +23,7 @@ import numpy as np
 from ..kernels.topk import new_heaps, select_candidates, topk_finish
 from .ann import AnnIndex
 
+FIRST_ROUND_EXTRA = 1  # the first round fetches N + min(excluded, FIRST_ROUND_EXTRA * N) candidates
 BATCH_BYTES = 64 << 20  # candidates (ids, scores) and faiss's result heaps searched at once
 
 ExactAnswer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -39,10 +40,10 @@ def subset_csr(indptr: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> tuple[n
 
 def fetch_sizes(k: int, excluded: np.ndarray, n_rows: int, max_fetch: int, first: bool = False) -> np.ndarray:
     """Candidates to fetch per query: ``k`` plus its excluded count (``first``: plus at most
-    ``k`` of them), rounded up to a power of two (so queries batch together), capped at
+    ``FIRST_ROUND_EXTRA * k`` of them), rounded up to a power of two (so queries batch together), capped at
     ``max(k, max_fetch)`` and the index size."""
     excluded = np.asarray(excluded, np.int64)
-    need = k + (np.minimum(excluded, k) if first else excluded)
+    need = k + (np.minimum(excluded, FIRST_ROUND_EXTRA * k) if first else excluded)
     rounded = np.left_shift(1, np.ceil(np.log2(np.maximum(need, 1))).astype(np.int64))
     return np.minimum(np.minimum(rounded, max(k, max_fetch)), n_rows)
 
