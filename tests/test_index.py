@@ -158,6 +158,11 @@ def test_saved_index_reloads_and_a_stale_or_mismatched_one_is_refused(small_stor
     with pytest.raises(DataMismatchError, match="rebuild"):
         retrained.recommend(user_ids, N=5, index=True)
     assert retrained.recommend(user_ids, N=5)[0].shape == (20, 5)  # exact still serves
+    # trained again from scratch with the same settings: the same step, but another model (its id)
+    rebuilt = retrained.build_index(overwrite=True)
+    WALS(factors=6, iterations=3, random_state=5).fit(small_store, location, progress=False, resume=False)
+    with pytest.raises(DataMismatchError, match="model_id"):
+        AnnIndex.open(rebuilt.location, model=wals_ooc.load(location).factors_store)
 
 
 def test_index_command_and_approximate_recommend_from_the_command_line(trained, tmp_path, capsys):

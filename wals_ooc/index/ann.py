@@ -315,8 +315,9 @@ def check_binding(location: str, meta: dict, model) -> None:
     if checkpoint is None:
         raise StoreError(f"{model.location} has no trained factors yet")
     where = os.path.abspath(model.location) if is_local(model.location) else model.location
-    now = {"model": where, "step": checkpoint.step, "slot": checkpoint.slots[side],
-           "shape": [int(s) for s in model.current(side).shape]}
+    attrs = model.group.attrs
+    now = {"model": where, "model_id": attrs.get("model_id") or attrs.get("store_id"), "step": checkpoint.step,
+           "slot": checkpoint.slots[side], "shape": [int(s) for s in model.current(side).shape]}
     for key, value in now.items():
         if built.get(key) != value:
             raise DataMismatchError(
