@@ -13,7 +13,7 @@ import wals_ooc
 from wals_ooc import WALS
 from wals_ooc.cli import main as cli_main
 from wals_ooc.errors import DataMismatchError, PathError, SettingError
-from wals_ooc.index import AnnIndex, approximate_top_k, forget_indexes
+from wals_ooc.index import AnnIndex, approximate_top_k, forget_indexes, retrieve
 
 from .conftest import store_to_scipy
 
@@ -81,10 +81,12 @@ def test_queries_the_fetch_cannot_fill_are_answered_exactly(trained, tmp_path):
     np.testing.assert_allclose(scores, np.take_along_axis(users @ items.T, ids, 1), rtol=1e-5, atol=1e-6)
 
 
-def test_heavy_users_are_searched_again_and_answers_equal_exact_when_the_index_is_exhaustive(trained, tmp_path):
+def test_heavy_users_are_searched_again_and_answers_equal_exact_when_the_index_is_exhaustive(trained, tmp_path,
+                                                                                           monkeypatch):
     # an IVF index probing every cell finds the true top candidates, so the two-round fetch
-    # (N + min(liked, N) first, N + liked for the users that came up short) must give exactly
-    # the brute-force answer, and faiss's distances must be the stored vectors' exact products
+    # (N + min(liked, N) first here, N + liked for the users that came up short) must give
+    # exactly the brute-force answer, and faiss's distances must be the stored vectors' exact products
+    monkeypatch.setattr(retrieve, "FIRST_ROUND_EXTRA", 1)
     ann = trained.build_index(location=str(tmp_path / "full.ann"), kind="ivf", nlist=4, nprobe=4)
     users, items = trained.to_numpy()
     queries = users.astype(np.float32)

@@ -2,7 +2,7 @@
 exactly the queries the over-fetch could not fill.
 
 A query with ``e`` excluded ids (already-liked items, or itself for similar items) is searched
-in two rounds. The first fetches ``N + min(e, N)`` candidates (rounded up to a power of two):
+in two rounds. The first fetches ``N + min(e, 3N)`` candidates (rounded up to a power of two):
 most users' liked items are not all among their best-scored ones, and a graph search costs about
 its candidate count, so fetching ``N + e`` for a user with hundreds of liked items would make the
 heavy users the whole bill. Queries left with fewer than N after dropping their excluded ids are
@@ -23,7 +23,7 @@ import numpy as np
 from ..kernels.topk import new_heaps, select_candidates, topk_finish
 from .ann import AnnIndex
 
-FIRST_ROUND_EXTRA = 1  # the first round fetches N + min(excluded, FIRST_ROUND_EXTRA * N) candidates
+FIRST_ROUND_EXTRA = 3  # the first round fetches N + min(excluded, FIRST_ROUND_EXTRA * N) candidates
 BATCH_BYTES = 64 << 20  # candidates (ids, scores) and faiss's result heaps searched at once
 
 ExactAnswer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
