@@ -13,7 +13,7 @@ import wals_ooc
 from wals_ooc import WALS
 from wals_ooc.cli import main as cli_main
 from wals_ooc.errors import DataMismatchError, PathError, SettingError
-from wals_ooc.index import AnnIndex, approximate_top_k, forget_indexes
+from wals_ooc.index import AnnIndex, approximate_top_k, forget_indexes, retrieve
 
 from .conftest import store_to_scipy
 
@@ -81,6 +81,31 @@ def test_queries_the_fetch_cannot_fill_are_answered_exactly(trained, tmp_path):
     np.testing.assert_allclose(scores, np.take_along_axis(users @ items.T, ids, 1), rtol=1e-5, atol=1e-6)
 
 
+def test_heavy_users_are_searched_again_and_answers_equal_exact_when_the_index_is_exhaustive(trained, tmp_path,
+                                                                                           monkeypatch):
+    # an IVF index probing every cell finds the true top candidates, so the two-round fetch
+    # (N + min(liked, N) first here, N + liked for the users that came up short) must give
+    # exactly the brute-force answer, and faiss's distances must be the stored vectors' exact products
+    monkeypatch.setattr(retrieve, "FIRST_ROUND_EXTRA", 1)
+    ann = trained.build_index(location=str(tmp_path / "full.ann"), kind="ivf", nlist=4, nprobe=4)
+    users, items = trained.to_numpy()
+    queries = users.astype(np.float32)
+    liked = store_to_scipy(trained.interactions)
+    exclude = (liked.indptr.astype(np.int64), liked.indices.astype(np.int64))
+    stats: dict = {}
+    ids, scores, n_exact = approximate_top_k(ann, queries, 10, exclude, stats=stats)
+    assert n_exact == 0 and stats["first_round"] == len(users) and 0 < stats["second_round"] < len(users)
+    brute = queries @ items.astype(np.float32).T
+    for u in range(len(users)):
+        brute[u, liked.indices[liked.indptr[u]: liked.indptr[u + 1]]] = -np.inf
+    expected = np.argsort(-brute, axis=1, kind="stable")[:, :10]
+    np.testing.assert_allclose(scores, np.take_along_axis(brute, expected, 1), rtol=1e-5, atol=1e-6)
+    same = (ids == expected) | np.isclose(np.take_along_axis(brute, ids, 1), scores, rtol=1e-6)
+    assert same.all()
+    candidates, found = ann.search(queries[:50], 16)
+    np.testing.assert_allclose(found, ann.exact_scores(queries[:50], candidates), rtol=1e-6, atol=1e-7)
+
+
 def test_similar_from_cosine_indexes_equals_exact_when_searched_fully(trained):
     n_items = trained.interactions.n_items
     trained.build_index(side="item", metric="cosine", kind="ivf", nlist=4, nprobe=4)  # every cell: exhaustive
@@ -135,6 +160,11 @@ def test_saved_index_reloads_and_a_stale_or_mismatched_one_is_refused(small_stor
     with pytest.raises(DataMismatchError, match="rebuild"):
         retrained.recommend(user_ids, N=5, index=True)
     assert retrained.recommend(user_ids, N=5)[0].shape == (20, 5)  # exact still serves
+    # trained again from scratch with the same settings: the same step, but another model (its id)
+    rebuilt = retrained.build_index(overwrite=True)
+    WALS(factors=6, iterations=3, random_state=5).fit(small_store, location, progress=False, resume=False)
+    with pytest.raises(DataMismatchError, match="model_id"):
+        AnnIndex.open(rebuilt.location, model=wals_ooc.load(location).factors_store)
 
 
 def test_index_command_and_approximate_recommend_from_the_command_line(trained, tmp_path, capsys):

@@ -255,3 +255,23 @@ def test_implicit_names_are_accepted_with_implicits_meanings(trained):
         trained.recommend(user_ids, R[user_rows])  # implicit's positional user_items
     with pytest.raises(UnknownIdError):
         trained.recommend(user_ids, N=3, filter_items=["no such item"])
+
+
+def test_liked_rows_in_any_order_with_repeats_and_unknown_rows_match_the_store(small_store):
+    from wals_ooc.serve import liked as liked_module
+    from wals_ooc.store.reader import InteractionStore
+
+    store = InteractionStore(small_store)
+    R = store_to_scipy(store)
+    rng = np.random.default_rng(4)
+    rows = np.concatenate([rng.integers(0, store.n_users, 60), [-1, 7, 7, store.n_users - 1, 0, -1]])
+    for gap in (liked_module.GAP_ENTRIES, 0):  # one merged read, and a read per row
+        previous, liked_module.GAP_ENTRIES = liked_module.GAP_ENTRIES, gap
+        try:
+            indptr, ids = liked_module.liked_csr(store, "user", rows)
+        finally:
+            liked_module.GAP_ENTRIES = previous
+        assert len(indptr) == len(rows) + 1
+        for k, row in enumerate(rows):
+            expected = [] if row < 0 else sorted(R.indices[R.indptr[row]: R.indptr[row + 1]])
+            assert ids[indptr[k]: indptr[k + 1]].tolist() == expected, (gap, k, row)

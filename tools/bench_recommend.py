@@ -142,22 +142,35 @@ def child_implicit(args) -> dict:
             "sample_scores": scores[sample][keep].astype(float).tolist()}
 
 
+def _recall(exact, approx) -> float:
+    import numpy as np
+
+    return float(np.mean([len(set(a[a != -1]) & set(b[b != -1])) / max(1, (a != -1).sum()) for a, b in zip(exact, approx)]))
+
+
 def child_ann(args) -> dict:
     """Approximate recommend against exact on ``--ann-users`` evenly spaced users of a large
-    catalogue: the index built (timed, once), then per setting users/s and recall@N against
-    the exact lists, liked items filtered in both; queries answered in batches as a server
-    would, ``--threads`` threads each."""
+    catalogue: the index built (timed, once) or reused, then per setting users/s and recall@N
+    against the exact lists, liked items filtered in both; queries answered in batches of 1000
+    through ``model.recommend`` as a server would, ``--threads`` faiss threads. Also: what the
+    catalogue looks like (item norms, how much of it the exact scan scores before its bound
+    stops it), where the approximate path's time goes, and faiss alone on the same index and
+    the raw query vectors (no filtering, ids or Python around it): the ceiling."""
     import numpy as np
 
     import wals_ooc
-    from wals_ooc.index import forget_indexes, resolve_index
+    from wals_ooc.index import approximate_top_k, forget_indexes, resolve_index
     from wals_ooc.kernels.warm import warm_serving_kernels
     from wals_ooc.memory import peak_rss
+    from wals_ooc.serve import recommend as serve_recommend
+    from wals_ooc.serve import scoring
+    from wals_ooc.serve.ids import original_ids
 
     warm_serving_kernels()
     model = wals_ooc.load(args.model, memory_budget=args.memory_budget, threads=args.threads)
     store = model.interactions
-    users = store.ids("user")[sample_rows(store.n_users, args.ann_users)]
+    rows = sample_rows(store.n_users, args.ann_users)
+    users = store.ids("user")[rows]
     result: dict = {"items": store.n_items, "users": len(users), "settings": []}
     location = os.path.join(args.workdir, f"{os.path.basename(args.model.rstrip('/'))[:-5]}-{args.ann_kind}.ann")
     # (reused indexes must be built with the same name: wals-ooc index MODEL --output LOCATION)
@@ -175,20 +188,47 @@ def child_ann(args) -> dict:
     batch = 1000
     model.recommend(users[:50], N=args.n)  # item factors into memory in norm order (not timed)
     started = time.perf_counter()
-    exact = np.concatenate([model.recommend(users[lo: lo + batch], N=args.n)[0] for lo in range(0, len(users), batch)])
+    exact, exact_scores = zip(*[model.recommend(users[lo: lo + batch], N=args.n) for lo in range(0, len(users), batch)])
     result["exact_users_per_s"] = len(users) / (time.perf_counter() - started)
-    from wals_ooc.serve import scoring
-
+    exact, exact_scores = np.concatenate(exact), np.concatenate(exact_scores)
+    # the catalogue: item norms, and the share of items the exact scan scores before its bound
+    # (|user| * |item at p| < the user's N-th score) stops it
+    order = next(iter(serve_recommend._items_in_memory.values()))
+    norms = order.norms
+    queries = np.asarray(model.factors_store.current("user").get_orthogonal_selection((rows, slice(None))), np.float32)
+    qnorms = np.linalg.norm(queries, axis=1)
+    stops = np.searchsorted(-norms, -(exact_scores[:, -1] / np.maximum(qnorms, 1e-30)), side="left") / len(norms)
+    result["norms"] = [float(v) for v in np.percentile(norms, [50, 90, 99, 100])]
+    result["stop_share"] = [float(np.mean(stops)), float(np.percentile(stops, 90)), float(stops.max())]
     scoring.PRUNE = False  # exact with every item scored (no norm bound), on the first 500 users
     started = time.perf_counter()
     model.recommend(users[:500], N=args.n)
     result["brute_users_per_s"] = 500 / (time.perf_counter() - started)
     scoring.PRUNE = True
+    # where the time of an exact batch goes outside the scan: liked items read, ids mapped
+    maps = model._ids()
+    started = time.perf_counter()
+    for lo in range(0, len(users), batch):
+        part = maps.index_of("user", users[lo: lo + batch])
+        model._liked("user", part)
+    result["liked_seconds_per_user"] = (time.perf_counter() - started) / len(users)
+    item_rows = model.factors_store.current("item").shape[0]
+    picks = np.random.default_rng(0).integers(0, item_rows, size=(len(users), args.n))
+    started = time.perf_counter()
+    for lo in range(0, len(users), batch):
+        original_ids(maps, "item", picks[lo: lo + batch])
+    result["ids_seconds_per_user"] = (time.perf_counter() - started) / len(users)
     values = [int(v) for v in args.ann_settings.split(",")]
+    knob = "ef_search" if args.ann_kind == "hnsw" else "nprobe"
+    liked = model._liked("user", rows)
+    # the exact scan alone (queries and liked items in memory), as the retrieval step is timed below
+    started = time.perf_counter()
+    scoring.top_k(queries, scoring.FactorSource(order, 1 << 16), args.n, exclude=liked)
+    result["scan_users_per_s"] = len(users) / (time.perf_counter() - started)
     for value in values:
         forget_indexes()
         tuned = resolve_index(location, model.factors_store, "item", "inner_product", model.memory_budget,
-                              **({"ef_search": value} if args.ann_kind == "hnsw" else {"nprobe": value}))
+                              **{knob: value})
         model.recommend(users[:50], N=args.n, index=tuned)
         times = []
         for _ in range(3):
@@ -196,10 +236,45 @@ def child_ann(args) -> dict:
             approx = np.concatenate([model.recommend(users[lo: lo + batch], N=args.n, index=tuned)[0]
                                      for lo in range(0, len(users), batch)])
             times.append(time.perf_counter() - started)
-        recall = float(np.mean([len(set(a[a != -1]) & set(b[b != -1])) / max(1, (a != -1).sum())
-                                for a, b in zip(exact, approx)]))
-        result["settings"].append({"value": value, "users_per_s": len(users) / statistics.median(times),
-                                   "recall": recall})
+        row = {"value": value, "users_per_s": len(users) / statistics.median(times), "recall": _recall(exact, approx)}
+        # the approximate step alone (queries and liked items in memory): faiss's share, rounds
+        stats: dict = {}
+        started = time.perf_counter()
+        approximate_top_k(tuned, queries, args.n, liked, None, threads=args.threads, stats=stats)
+        row["retrieve_users_per_s"] = len(users) / (time.perf_counter() - started)
+        row["search_share"] = stats["search_seconds"] / (time.perf_counter() - started)
+        row["second_round"] = stats["second_round"] / len(users)
+        row["short"] = stats["exact"] / len(users)
+        # faiss alone on the raw vectors: one call, N + N candidates, its own threads
+        import faiss
+
+        faiss.omp_set_num_threads(args.threads)
+        k = 2 * args.n
+        params = (faiss.SearchParametersHNSW(efSearch=max(value, k)) if args.ann_kind == "hnsw"
+                  else faiss.SearchParametersIVF(nprobe=value))
+        tuned.index.search(queries[:200], k, params=params)
+        started = time.perf_counter()
+        tuned.index.search(queries, k, params=params)
+        row["faiss_alone_users_per_s"] = len(users) / (time.perf_counter() - started)
+        result["settings"].append(row)
+    if args.ann_similar:  # similar items by cosine: no norm bound applies, every exact query scans all items
+        items = store.ids("item")[sample_rows(store.n_items, args.ann_users // 4)]
+        started = time.perf_counter()
+        exact_similar = np.concatenate([model.similar_items(items[lo: lo + batch], N=args.n)[0]
+                                        for lo in range(0, len(items), batch)])
+        result["similar_exact_per_s"] = len(items) / (time.perf_counter() - started)
+        result["similar"] = []
+        for value in values:
+            forget_indexes()
+            tuned = resolve_index(args.ann_similar, model.factors_store, "item", "cosine", model.memory_budget,
+                                  **{knob: value})
+            model.similar_items(items[:50], N=args.n, index=tuned)
+            started = time.perf_counter()
+            approx = np.concatenate([model.similar_items(items[lo: lo + batch], N=args.n, index=tuned)[0]
+                                     for lo in range(0, len(items), batch)])
+            result["similar"].append({"value": value, "per_s": len(items) / (time.perf_counter() - started),
+                                      "recall": _recall(exact_similar, approx)})
+        result["similar_items"] = len(items)
     result["peak_rss"] = peak_rss()
     return result
 
@@ -210,22 +285,45 @@ def ann_main(args) -> None:
     command = [sys.executable, __file__, "--child", "ann", "--model", args.model, "--workdir", args.workdir,
                "--threads", str(args.threads), "-n", str(args.n), "--memory-budget", str(args.memory_budget),
                "--ann-users", str(args.ann_users), "--ann-kind", args.ann_kind, "--ann-settings", args.ann_settings,
-               "--hnsw-m", str(args.hnsw_m), "--ef-construction", str(args.ef_construction)] + (["--ann-reuse"] if args.ann_reuse else [])
-    done = subprocess.run(command, capture_output=True, text=True)
+               "--hnsw-m", str(args.hnsw_m), "--ef-construction", str(args.ef_construction)]
+    command += (["--ann-reuse"] if args.ann_reuse else []) + (["--ann-similar", args.ann_similar] if args.ann_similar else [])
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"ann run failed:\n{done.stderr[-3000:]}")
     r = json.loads(done.stdout.strip().splitlines()[-1])
     knob = "ef_search" if args.ann_kind == "hnsw" else "nprobe"
-    print(f"model {args.model}: {r['items']:,} items; {r['users']:,} evenly spaced users, N={args.n}, liked items "
-          f"filtered, {args.threads} threads; {args.ann_kind} index (M={args.hnsw_m}, ef_construction="
-          f"{args.ef_construction}) " + ("reused" if r["build_seconds"] is None else f"built in {r['build_seconds']:.1f}s"))
-    print(f"  exact            {r['exact_users_per_s']:10,.0f} users/s  recall@{args.n} 1.0000  (items by norm, "
-          f"each user stopped at its bound)")
-    print(f"  exact, all items {r['brute_users_per_s']:10,.0f} users/s  recall@{args.n} 1.0000  (every item scored)")
+    n = args.n
+    print(f"model {args.model}: {r['items']:,} items; {r['users']:,} evenly spaced users, N={n}, liked items "
+          f"filtered, {args.threads} threads, batches of 1000 users; {args.ann_kind} index "
+          + (f"(M={args.hnsw_m}, ef_construction={args.ef_construction}) " if args.ann_kind == "hnsw" else "")
+          + ("reused" if r["build_seconds"] is None else f"built in {r['build_seconds']:.1f}s"))
+    p50, p90, p99, top = r["norms"]
+    mean, s90, smax = r["stop_share"]
+    print(f"  catalogue: item norms median {p50:.3g}, p90 {p90:.3g}, p99 {p99:.3g}, max {top:.3g}; the exact scan "
+          f"scores {mean:.2%} of the items per user before its bound stops it (p90 {s90:.2%}, max {smax:.2%})")
+    print(f"  exact            {r['exact_users_per_s']:10,.0f} users/s  recall@{n} 1.0000  (items by norm, each user "
+          f"stopped at its bound)")
+    print(f"  exact, all items {r['brute_users_per_s']:10,.0f} users/s  recall@{n} 1.0000  (every item scored)")
+    print(f"  exact scan alone {r['scan_users_per_s']:10,.0f} users/s  (queries and liked items in memory, as "
+          f"'retrieval step alone' below)")
+    print(f"  per user, outside scoring (both paths): liked items read {1e6 * r['liked_seconds_per_user']:.0f} us, "
+          f"item ids mapped {1e6 * r['ids_seconds_per_user']:.0f} us")
     for row in r["settings"]:
-        print(f"  {knob}={row['value']:<6d}  {row['users_per_s']:10,.0f} users/s  recall@{args.n} {row['recall']:.4f}  "
-              f"{row['users_per_s'] / r['exact_users_per_s']:6.1f}x exact, "
+        print(f"  {knob}={row['value']:<6d}  {row['users_per_s']:10,.0f} users/s  recall@{n} {row['recall']:.4f}  "
+              f"{row['users_per_s'] / r['exact_users_per_s']:6.2f}x exact, "
               f"{row['users_per_s'] / r['brute_users_per_s']:6.1f}x all-items exact  (median of 3)")
+        print(f"      retrieval step alone {row['retrieve_users_per_s']:10,.0f} users/s ({row['search_share']:.0%} in faiss; "
+              f"{row['second_round']:.1%} searched again, {row['short']:.2%} answered exactly);  "
+              f"faiss alone (k={2 * n}, raw vectors, one call) {row['faiss_alone_users_per_s']:10,.0f} users/s = "
+              f"{row['faiss_alone_users_per_s'] / r['exact_users_per_s']:.2f}x exact, "
+              f"{row['faiss_alone_users_per_s'] / r['scan_users_per_s']:.2f}x the exact scan alone")
+    if "similar" in r:
+        print(f"  similar_items (cosine; {r['similar_items']:,} evenly spaced items): exact "
+              f"{r['similar_exact_per_s']:,.0f} items/s (every item scored: no norm bound for cosine)")
+        for row in r["similar"]:
+            print(f"  {knob}={row['value']:<6d}  {row['per_s']:10,.0f} items/s  recall@{n} {row['recall']:.4f}  "
+                  f"{row['per_s'] / r['similar_exact_per_s']:6.1f}x exact")
     print(f"  peak RSS {format_bytes(r['peak_rss'])}")
 
 
@@ -279,6 +377,9 @@ def main() -> None:
     parser.add_argument("--ann-kind", choices=["hnsw", "ivf"], default="hnsw")
     parser.add_argument("--ann-settings", default="64,128,256", help="ef_search (hnsw) or nprobe (ivf) values")
     parser.add_argument("--ann-reuse", action="store_true", help="use the index already built beside --model")
+    parser.add_argument("--ann-similar", default=None,
+                        help="also similar_items exact vs a cosine item index at this path (wals-ooc index MODEL "
+                             "--metric cosine --output PATH)")
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--ef-construction", type=int, default=80)
     parser.add_argument("--child", choices=["wals", "implicit", "ann"], help=argparse.SUPPRESS)

@@ -269,28 +269,35 @@ class AnnIndex:
     # -- searching -------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Approximate top-``k`` candidate rows of each query: (ids (n, k) int64, -1 when fewer
-        were found; their exact scores (n, k) float32), in the index's order (rank them with
-        ``kernels.topk.select_candidates``). Scores are inner products for ``inner_product`` and
-        cosines for ``cosine``."""
+        were found; their exact scores (n, k) float32, -inf for -1), in the index's order (rank
+        them with ``kernels.topk.select_candidates``). Scores are inner products for
+        ``inner_product`` and cosines for ``cosine``: both index kinds store the vectors
+        uncompressed (``IndexHNSWFlat``, ``IndexIVFFlat``), so the distances faiss returns are
+        the exact float32 products of the query with the stored rows; nothing is re-read.
+        All queries go to faiss in one call, searched in ``threads`` OpenMP threads."""
         faiss = _faiss()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = int(min(k, self.n_rows))
         if self.metric == "cosine":
             norms = np.linalg.norm(queries, axis=1, keepdims=True)
-            queries = queries / np.where(norms == 0, 1, norms)
-        searched = np.ascontiguousarray(queries, dtype=np.float32)
+            queries = np.ascontiguousarray(queries / np.where(norms == 0, 1, norms), dtype=np.float32)
         if self.settings.kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=max(self.settings.ef_search, k))
         else:
             params = faiss.SearchParametersIVF(nprobe=min(self.settings.nprobe, int(self.meta["nlist"])))
         with _omp_threads(faiss, threads):
-            _, ids = self.index.search(searched, k, params=params)
-        ids = ids.astype(np.int64)
-        return ids, self.exact_scores(queries, ids)
+            scores, ids = self.index.search(queries, k, params=params)
+        ids = ids.astype(np.int64, copy=False)
+        scores = np.where(ids >= 0, scores, np.float32(-np.inf)).astype(np.float32, copy=False)
+        return ids, scores
 
     def exact_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Exact scores (float32) of (query, id) pairs from the vectors the index stores (the
-        query normalized for cosine, as ``search`` does); -inf where the id is -1."""
+        """Scores (float32) of (query, id) pairs recomputed from the vectors the index stores
+        (the query normalized for cosine, as ``search`` does); -inf where the id is -1."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.metric == "cosine":
+            norms = np.linalg.norm(queries, axis=1, keepdims=True)
+            queries = queries / np.where(norms == 0, 1, norms)
         valid = ids >= 0
         scores = np.full(ids.shape, -np.inf, np.float32)
         if valid.any():
@@ -308,8 +315,9 @@ def check_binding(location: str, meta: dict, model) -> None:
     if checkpoint is None:
         raise StoreError(f"{model.location} has no trained factors yet")
     where = os.path.abspath(model.location) if is_local(model.location) else model.location
-    now = {"model": where, "step": checkpoint.step, "slot": checkpoint.slots[side],
-           "shape": [int(s) for s in model.current(side).shape]}
+    attrs = model.group.attrs
+    now = {"model": where, "model_id": attrs.get("model_id") or attrs.get("store_id"), "step": checkpoint.step,
+           "slot": checkpoint.slots[side], "shape": [int(s) for s in model.current(side).shape]}
     for key, value in now.items():
         if built.get(key) != value:
             raise DataMismatchError(

@@ -21,21 +21,38 @@ def liked_csr(store, side: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarra
     rows = np.asarray(rows, np.int64).ravel()
     counts = np.zeros(len(rows), np.int64)
     known = np.flatnonzero(rows >= 0)
-    pieces: dict[int, np.ndarray] = {}
-    if len(known):
-        unique = np.unique(rows[known])
-        for lo, hi in _runs(store, side, unique):
-            shard = store.rows(side, int(lo), int(hi))
-            for row in unique[(unique >= lo) & (unique < hi)]:
-                local = row - lo
-                pieces[int(row)] = shard.indices[shard.indptr[local] : shard.indptr[local + 1]].astype(np.int64)
-        counts[known] = [len(pieces[int(r)]) for r in rows[known]]
+    if not len(known):
+        return np.zeros(len(rows) + 1, np.int64), np.zeros(0, np.int64)
+    unique, inverse = np.unique(rows[known], return_inverse=True)
+    starts = np.empty(len(unique), np.int64)  # each unique row's entries in ``gathered``
+    lengths = np.empty(len(unique), np.int64)
+    gathered, offset = [], 0
+    for lo, hi in _runs(store, side, unique):
+        shard = store.rows(side, int(lo), int(hi))
+        first, last = np.searchsorted(unique, [lo, hi])
+        local = unique[first:last] - lo
+        row_starts = shard.indptr[local].astype(np.int64)
+        row_lengths = shard.indptr[local + 1].astype(np.int64) - row_starts
+        gathered.append(shard.indices[_ranges(row_starts, row_lengths)].astype(np.int64))
+        starts[first:last] = offset + np.cumsum(row_lengths) - row_lengths
+        lengths[first:last] = row_lengths
+        offset += int(row_lengths.sum())
+    pool = np.concatenate(gathered) if gathered else np.zeros(0, np.int64)
+    counts[known] = lengths[inverse]
     indptr = np.zeros(len(rows) + 1, np.int64)
     np.cumsum(counts, out=indptr[1:])
-    ids = np.empty(int(indptr[-1]), np.int64)
-    for k in known:
-        ids[indptr[k] : indptr[k + 1]] = pieces[int(rows[k])]
+    ids = pool[_ranges(starts[inverse], lengths[inverse])] if len(pool) else np.zeros(0, np.int64)
     return indptr, ids
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Positions ``starts[i] .. starts[i] + lengths[i] - 1`` of every range, one after another."""
+    total = int(lengths.sum())
+    if not total:
+        return np.zeros(0, np.int64)
+    ends = np.cumsum(lengths)
+    shift = np.repeat(starts - (ends - lengths), lengths)
+    return np.arange(total, dtype=np.int64) + shift
 
 
 def _runs(store, side: str, unique: np.ndarray) -> list[tuple[int, int]]:
