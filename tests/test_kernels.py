@@ -258,3 +258,18 @@ def test_ialspp_converges_to_closed_form_with_sweeps_and_no_row_objective_rises(
     c = confidence(R.data.astype(np.float64), setting["kind"], alpha, alpha0)
     s = np.asarray((X.astype(np.float64) @ Y.astype(np.float64).T)[R.nonzero()]).ravel()
     assert observed == pytest.approx(float((c * (1 - s) ** 2 - alpha0 * s ** 2).sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("setting", SETTINGS[:2])
+def test_ialspp_rows_done_in_chunks_equal_rows_gathered_whole(setting):
+    """Rows longer than the gather scratch (here 4 entries) take the chunked path: same result."""
+    R, Y = _problem(10, dtype=np.float64)
+    kind, alpha, alpha0, eps, lam, nu = _args(setting)
+    start = np.random.default_rng(1).normal(size=(R.shape[0], Y.shape[1]))
+    whole, chunked = start.copy(), start.copy()
+    args = (kind, alpha, alpha0, eps, lam, nu, Y.shape[0], 3, 2, True)
+    expected = subspace_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), whole, *args)
+    got = subspace_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), chunked, *args, 4)
+    assert np.diff(R.indptr).max() > 3 * 4
+    np.testing.assert_allclose(chunked, whole, rtol=1e-10, atol=1e-12)
+    assert got == pytest.approx(expected, rel=1e-10)
