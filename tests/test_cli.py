@@ -94,3 +94,18 @@ def test_generate_then_train_with_a_local_cluster_of_processes(tmp_path):
     summary = json_lines(done.stdout)[-1]
     assert summary["iterations"] == 2
     assert os.path.isdir(tmp_path / "gen-model.zarr")
+
+
+def test_train_with_the_ialspp_solver_and_a_bad_block_size(small_store, tmp_path):
+    model = tmp_path / "model.zarr"
+    done = cli("train", small_store, "--model", model, "--factors", "8", "--iterations", "3", "--seed", "0",
+               "--solver", "ialspp", "--block-size", "3", "--block-sweeps", "2", "-q")
+    summary = json_lines(done.stdout)[-1]
+    assert summary["iterations"] == 3 and summary["final_loss"] > 0
+    from wals_ooc.train import FactorStore
+
+    config = FactorStore.open(str(model)).config
+    assert (config.solver, config.block_size, config.block_sweeps) == ("ialspp", 3, 2)
+    bad = cli("train", small_store, "--model", tmp_path / "bad.zarr", "--solver", "ialspp", "--block-size", "0", check=False)
+    assert bad.returncode != 0 and "--block-size must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad.zarr").exists()

@@ -6,6 +6,7 @@ import pytest
 from wals_ooc.kernels.blocked import accumulate_block, solve_accumulated
 from wals_ooc.kernels.loss import observed_loss_block, row_penalties
 from wals_ooc.kernels.solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
+from wals_ooc.kernels.subspace import subspace_solve_rows
 from wals_ooc.kernels.topk import new_heaps, topk_finish, topk_update
 
 from .reference import dense_objective, dense_solve, random_interactions
@@ -191,3 +192,84 @@ def test_blocked_cg_passes_equal_row_by_row_cg(setting):
         cg_step(X, Res, P, AP, P @ gram, reg, rs, steps)
     np.testing.assert_allclose(X, expected, rtol=1e-10, atol=1e-12)
     assert cg_observed_loss(loss_terms, steps) == pytest.approx(expected_loss, rel=1e-9)
+
+
+def _row_objectives(R, X, Y, setting):
+    """Each row's own objective (its terms of the dense objective with Y held)."""
+    from .reference import confidence, row_regularization
+
+    X, Y = X.astype(np.float64), Y.astype(np.float64)
+    out = np.empty(R.shape[0])
+    for u in range(R.shape[0]):
+        cols = R.indices[R.indptr[u]:R.indptr[u + 1]]
+        weights = np.full(Y.shape[0], setting["alpha0"])
+        weights[cols] = confidence(R.data[R.indptr[u]:R.indptr[u + 1]].astype(np.float64), setting["kind"],
+                                   setting["alpha"], setting["alpha0"])
+        target = np.zeros(Y.shape[0])
+        target[cols] = 1.0
+        reg = row_regularization(len(cols), setting["lam"], setting["nu"], setting["alpha0"], Y.shape[0])
+        out[u] = (weights * (target - Y @ X[u]) ** 2).sum() + reg * X[u] @ X[u]
+    return out
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_ialspp_one_block_of_every_coordinate_is_the_closed_form(setting):
+    """block_size >= f: one block step is the row's exact solve, from any start."""
+    R, Y = _problem(8, dtype=np.float64)
+    kind, alpha, alpha0, eps, lam, nu = _args(setting)
+    expected = dense_solve(R, Y, **{k: setting[k] for k in ("kind", "alpha", "alpha0", "lam", "nu")})
+    for block_size in (8, 20):
+        X = np.random.default_rng(0).normal(size=expected.shape)
+        subspace_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), X,
+                            kind, alpha, alpha0, eps, lam, nu, Y.shape[0], block_size, 1)
+        np.testing.assert_allclose(X, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_ialspp_converges_to_closed_form_with_sweeps_and_no_row_objective_rises(setting, dtype):
+    """Blocks of 3 coordinates (the last one 2 wide) at f = 8: each sweep lowers every row's
+    objective, and the sweeps reach the dense closed form."""
+    R, Y = _problem(9, dtype=dtype)
+    kind, alpha, alpha0, eps, lam, nu = _args(setting)
+    t = np.dtype(dtype).type
+    expected = dense_solve(R, Y, **{k: setting[k] for k in ("kind", "alpha", "alpha0", "lam", "nu")})
+    X = np.zeros(expected.shape, dtype)
+    objectives, errors = [_row_objectives(R, X, Y, setting)], []
+
+    def sweeps(count):
+        observed = subspace_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), X,
+                                       kind, t(alpha), t(alpha0), t(eps), lam, nu, Y.shape[0], 3, count, True)
+        objectives.append(_row_objectives(R, X, Y, setting))
+        errors.append(np.linalg.norm(X - expected) / np.linalg.norm(expected))
+        return observed
+
+    for _ in range(8):
+        sweeps(1)
+    observed = sweeps(200)  # block Gauss-Seidel converges linearly: many sweeps reach the closed form
+    tolerance = 1e-12 if dtype == np.float64 else 1e-5
+    for earlier, later in zip(objectives, objectives[1:]):
+        assert np.all(later <= earlier * (1 + tolerance) + tolerance), (earlier - later).min()
+    assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
+    assert errors[-1] < (1e-9 if dtype == np.float64 else 1e-4), errors
+    # the returned observed-loss terms are those of the final factors
+    from .reference import confidence
+
+    c = confidence(R.data.astype(np.float64), setting["kind"], alpha, alpha0)
+    s = np.asarray((X.astype(np.float64) @ Y.astype(np.float64).T)[R.nonzero()]).ravel()
+    assert observed == pytest.approx(float((c * (1 - s) ** 2 - alpha0 * s ** 2).sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("setting", SETTINGS[:2])
+def test_ialspp_rows_done_in_chunks_equal_rows_gathered_whole(setting):
+    """Rows longer than the gather scratch (here 4 entries) take the chunked path: same result."""
+    R, Y = _problem(10, dtype=np.float64)
+    kind, alpha, alpha0, eps, lam, nu = _args(setting)
+    start = np.random.default_rng(1).normal(size=(R.shape[0], Y.shape[1]))
+    whole, chunked = start.copy(), start.copy()
+    args = (kind, alpha, alpha0, eps, lam, nu, Y.shape[0], 3, 2, True)
+    expected = subspace_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), whole, *args)
+    got = subspace_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), chunked, *args, 4)
+    assert np.diff(R.indptr).max() > 3 * 4
+    np.testing.assert_allclose(chunked, whole, rtol=1e-10, atol=1e-12)
+    assert got == pytest.approx(expected, rel=1e-10)

@@ -56,12 +56,12 @@ def test_cholesky_trainer_equals_dense_closed_form_als(small_store, tmp_path, ob
     assert_close_rel(got_Y, Y, 1e-8)
 
 
-@pytest.mark.parametrize("solver", ["cg", "cholesky"])
+@pytest.mark.parametrize("solver", ["cg", "cholesky", "ialspp"])
 @pytest.mark.parametrize("objective_name", sorted(OBJECTIVES))
 def test_loss_never_rises_and_reported_loss_is_the_dense_objective(small_store, tmp_path, solver, objective_name):
     store = open_store(small_store)
     seen = []
-    config = WALSConfig(factors=8, iterations=8, random_state=1, solver=solver, **OBJECTIVES[objective_name])
+    config = WALSConfig(factors=8, iterations=8, random_state=1, solver=solver, block_size=3, **OBJECTIVES[objective_name])
     model = train(store, str(tmp_path / "m.zarr"), config, progress=False, callback=lambda it, s, loss: seen.append(loss))
     losses = [entry["loss"] for entry in model.loss_history]
     assert losses == pytest.approx(seen)
@@ -87,6 +87,25 @@ def test_cg_converges_to_the_cholesky_solution_with_more_steps(small_store, tmp_
     assert errors[2] < 1e-3, errors
 
 
+def test_ialspp_trainer_is_exact_with_one_block_and_converges_to_cholesky_with_sweeps(small_store, tmp_path):
+    """One block of all f coordinates is the exact row solve (the Cholesky trainer's factors);
+    with blocks of 3, the first half-sweep (both from the same initial items) reaches the
+    Cholesky solution as the sweeps per half-sweep grow."""
+    store = open_store(small_store)
+    settings = dict(dtype="float64", **OBJECTIVES["hu"])
+    X_first, Y_first = _factors(_fit(store, tmp_path / "exact.zarr", solver="cholesky", iterations=1, **settings))
+    whole = _factors(_fit(store, tmp_path / "whole.zarr", solver="ialspp", block_size=8, iterations=1, **settings))
+    assert_close_rel(whole[0], X_first, 1e-8)
+    assert_close_rel(whole[1], Y_first, 1e-8)
+    errors = []
+    for sweeps in (1, 3, 12):
+        X, _ = _factors(_fit(store, tmp_path / f"s{sweeps}.zarr", solver="ialspp", block_size=3, block_sweeps=sweeps,
+                             iterations=1, **settings))
+        errors.append(np.linalg.norm(X - X_first) / np.linalg.norm(X_first))
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < 1e-3, errors
+
+
 def test_same_seed_same_factors_and_other_seed_other_factors(small_store, tmp_path):
     store = open_store(small_store)
     a = _factors(_fit(store, tmp_path / "a.zarr", random_state=5, threads=2))
@@ -97,7 +116,8 @@ def test_same_seed_same_factors_and_other_seed_other_factors(small_store, tmp_pa
     assert not np.allclose(a[0], c[0])
 
 
-@pytest.mark.parametrize("solver,method", [("cholesky", "expanded"), ("cholesky", "cholesky"), ("cg", "expanded"), ("cg", "cg")])
+@pytest.mark.parametrize("solver,method", [("cholesky", "expanded"), ("cholesky", "cholesky"), ("cg", "expanded"), ("cg", "cg"),
+                                           ("ialspp", "expanded")])
 def test_blocked_fixed_side_equals_resident_and_reads_it_as_often_as_planned(small_store, tmp_path, solver, method):
     """Sweeping the fixed side in 37-row windows of a scratch copy (expanded entry rows;
     accumulated normal equations; CG one sweep per pass) gives the same factors and losses as
@@ -122,6 +142,17 @@ def test_blocked_fixed_side_equals_resident_and_reads_it_as_often_as_planned(sma
         assert f"read {plan.fixed_passes} times" in plan.describe()
         expected = plan.fixed_passes * plan.fixed_bytes
         assert [e[f"{side}_fixed_bytes"] for e in blocked_model.loss_history] == [expected] * 3
+
+
+def test_ialspp_on_a_blocked_plan_that_cannot_expand_its_entries_is_refused(small_store, tmp_path):
+    """iALS++ runs blocked tasks only as expanded entries; a plan that would stream them refuses
+    with a SettingError naming the budget and the solver, rather than solving another way."""
+    from wals_ooc.errors import SettingError
+
+    store = open_store(small_store)
+    with pytest.raises(SettingError, match="ialspp.*memory_budget") as refused:
+        _fit(store, tmp_path / "b.zarr", solver="ialspp", max_block_rows=37, blocked_method="cg")
+    assert "--memory-budget" in refused.value.cli_message() and "--solver" in refused.value.cli_message()
 
 
 def test_resume_refuses_other_settings_and_continues_when_iterations_grow(small_store, tmp_path):
@@ -235,10 +266,10 @@ def test_kernel_warm_up_covers_every_signature_training_and_serving_use(small_st
 import json
 import numba
 from wals_ooc import WALS
-from wals_ooc.kernels import assemble, loss, rank, solve, text, topk
+from wals_ooc.kernels import assemble, loss, rank, solve, subspace, text, topk
 from wals_ooc.kernels.warm import warm_serving_kernels, warm_training_kernels
 
-kernels = [k for m in (assemble, loss, rank, solve, text, topk) for k in vars(m).values()
+kernels = [k for m in (assemble, loss, rank, solve, subspace, text, topk) for k in vars(m).values()
            if isinstance(k, numba.core.registry.CPUDispatcher)]
 warm_training_kernels("float32"); warm_serving_kernels()
 before = {{k.__name__: len(k.signatures) for k in kernels}}
@@ -247,6 +278,7 @@ model.recommend(model.interactions.ids("user", 0, 3), N=3)
 model.similar_items(model.interactions.ids("item", 0, 2), N=3)
 model.recalculate_user(list(model.interactions.ids("item")[:3]))
 WALS(factors=4, iterations=1, solver="cholesky", random_state=0).fit({small_store!r}, {str(tmp_path / 'c.zarr')!r}, progress=False)
+WALS(factors=4, iterations=1, solver="ialspp", random_state=0).fit({small_store!r}, {str(tmp_path / 'p.zarr')!r}, progress=False)
 from wals_ooc.train import train
 from wals_ooc import WALSConfig, open_store
 train(open_store({small_store!r}), {str(tmp_path / 'b.zarr')!r}, WALSConfig(factors=4, iterations=1), progress=False, max_block_rows=50)

@@ -11,9 +11,16 @@ wals-ooc is measured on a tiny warm-up fit before the timed one.
     python tools/bench_vs_implicit.py                       # 16M nnz, lastfm-360k shape, f=64
     python tools/bench_vs_implicit.py --factors 32 64 128 --repeats 3
     python tools/bench_vs_implicit.py --scale 0.1           # a 10x smaller matrix, quick look
+    python tools/bench_vs_implicit.py --solver ialspp --block-size 32 --factors 256 --iterations 3 --implicit-iterations 5
 
-Confidence is Hu et al.'s c = 1 + alpha * r for both: implicit is given the matrix 1 + alpha * r
-with its own alpha = 1, which is how it builds that confidence.
+With ``--solver ialspp`` implicit runs its CG (``--cg-steps``) beside wals-ooc's iALS++, and the
+tool also reports the time wals-ooc takes to reach implicit's final loss (its cumulative
+iteration times up to the first iteration whose training loss is at or below implicit's final
+loss), against implicit's total time for its ``--implicit-iterations``.
+
+Confidence is Hu et al.'s c = 1 + alpha * r for both (wals-ooc is told confidence="linear",
+alpha0=1, nu=0 explicitly: its defaults are the log form): implicit is given the matrix
+1 + alpha * r with its own alpha = 1, which is how it builds that confidence.
 """
 
 from __future__ import annotations
@@ -48,14 +55,20 @@ def ensure_store(path: str, scale: float, seed: int = 42) -> None:
           f"in {time.perf_counter() - started:.0f}s", flush=True)
 
 
+def _objective(args) -> dict:
+    """The objective both peers minimise (and are scored by): Hu et al.'s, c = 1 + alpha * r."""
+    return dict(factors=args.factors, regularization=args.regularization, alpha=args.alpha, alpha0=1.0,
+                confidence="linear", nu=0.0)
+
+
 def child_wals(args) -> dict:
     import wals_ooc
     from wals_ooc.memory import peak_rss
     from wals_ooc.synthetic import SyntheticSpec, write_synthetic_store
     from wals_ooc.train.objective import objective
 
-    settings = dict(factors=args.factors, regularization=args.regularization, alpha=args.alpha,
-                    solver=args.solver, cg_steps=args.cg_steps, random_state=0, threads=args.threads)
+    settings = dict(_objective(args), solver=args.solver, cg_steps=args.cg_steps, block_size=args.block_size,
+                    block_sweeps=args.block_sweeps, random_state=0, threads=args.threads)
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: Numba compile (first ever) or cache load
         small = os.path.join(tmp, "warm.zarr")
         write_synthetic_store(SyntheticSpec(n_users=300, n_items=200, rows=3000, seed=1), small, progress=False)
@@ -70,7 +83,7 @@ def child_wals(args) -> dict:
     store = wals_ooc.open_store(args.store)
     loss = objective(store, model.user_factors, model.item_factors, model.config)
     return {"times": times, "warmup": warmup, "loss": loss, "peak_rss": peak,
-            "reported_loss": model.loss_history[-1]["loss"]}
+            "losses": [entry["loss"] for entry in model.loss_history]}
 
 
 def child_implicit(args) -> dict:
@@ -88,14 +101,14 @@ def child_implicit(args) -> dict:
     matrix = sp.csr_matrix((1 + args.alpha * shard.values, shard.indices, shard.indptr), shape=store.shape)
     del shard
     model = AlternatingLeastSquares(factors=args.factors, regularization=args.regularization, alpha=1.0,
-                                    iterations=args.iterations, use_cg=args.solver == "cg",
+                                    iterations=args.implicit_iterations or args.iterations, use_cg=args.solver != "cholesky",
                                     num_threads=args.threads, random_state=0, calculate_training_loss=False)
     model.cg_steps = args.cg_steps  # an attribute, not a constructor argument, in implicit 0.7
     times: list[float] = []
     with threadpool_limits(1, "blas"):  # implicit's own advice; its threads are num_threads
         model.fit(matrix, show_progress=False, callback=lambda it, seconds, loss: times.append(seconds))
     peak = peak_rss()
-    config = wals_ooc.WALSConfig(factors=args.factors, regularization=args.regularization, alpha=args.alpha)
+    config = wals_ooc.WALSConfig(**_objective(args))
     loss = objective(store, np.asarray(model.user_factors), np.asarray(model.item_factors), config)
     return {"times": times, "warmup": 0.0, "loss": loss, "peak_rss": peak}
 
@@ -104,7 +117,8 @@ def run_child(peer: str, args, factors: int) -> dict:
     command = [sys.executable, __file__, "--child", peer, "--store", args.store, "--workdir", args.workdir,
                "--factors", str(factors), "--iterations", str(args.iterations), "--threads", str(args.threads),
                "--solver", args.solver, "--cg-steps", str(args.cg_steps), "--regularization", str(args.regularization),
-               "--alpha", str(args.alpha), "--memory-budget", str(args.memory_budget)]
+               "--alpha", str(args.alpha), "--memory-budget", str(args.memory_budget), "--block-size", str(args.block_size),
+               "--block-sweeps", str(args.block_sweeps), "--implicit-iterations", str(args.implicit_iterations or 0)]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -121,8 +135,12 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--solver", choices=["cg", "cholesky"], default="cg")
+    parser.add_argument("--solver", choices=["cg", "cholesky", "ialspp"], default="cg",
+                        help="wals-ooc's solver; implicit runs CG for cg and ialspp, Cholesky for cholesky")
     parser.add_argument("--cg-steps", type=int, default=3)
+    parser.add_argument("--block-size", type=int, default=32, help="ialspp's block size")
+    parser.add_argument("--block-sweeps", type=int, default=1, help="ialspp's sweeps per half-sweep")
+    parser.add_argument("--implicit-iterations", type=int, default=0, help="implicit's iterations (default: --iterations)")
     parser.add_argument("--regularization", type=float, default=0.01)
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--memory-budget", default="4GB", help="wals-ooc's budget (implicit has none)")
@@ -139,8 +157,12 @@ def main() -> None:
     if args.store is None:
         args.store = os.path.join(args.workdir, f"lastfm-shape-{args.scale:g}.zarr")
         ensure_store(args.store, args.scale)
-    print(f"store {args.store}; {args.iterations} iterations x {args.repeats} repeats, {args.threads} threads, "
-          f"solver {args.solver}" + (f" ({args.cg_steps} CG steps)" if args.solver == "cg" else ""), flush=True)
+    implicit_iterations = args.implicit_iterations or args.iterations
+    print(f"store {args.store}; {args.iterations} iterations (implicit {implicit_iterations}) x {args.repeats} repeats, "
+          f"{args.threads} threads, wals-ooc solver {args.solver}"
+          + {"cg": f" ({args.cg_steps} CG steps)", "cholesky": "",
+             "ialspp": f" (block size {args.block_size}, {args.block_sweeps} sweep(s))"}[args.solver]
+          + f", implicit {'Cholesky' if args.solver == 'cholesky' else f'CG {args.cg_steps} steps'}", flush=True)
     try:
         import pyspark  # noqa: F401
         print("pyspark is installed but the Spark column is not implemented in this tool yet")
@@ -174,7 +196,25 @@ def main() -> None:
             print(f"  {peer:8s} {row['median_s_per_iteration']:8.3f} s   first iteration {row['median_first_iteration_s']:.2f} s"
                   f"   final loss {row['final_loss']:.6g}   peak RSS {format_bytes(row['peak_rss'])}"
                   + (f"   numba warm-up fit {row['warmup_s']:.2f} s" if peer == "wals" else ""))
-        print(f"  ratio wals-ooc / implicit: time {ratio:.3f}x, final loss {loss_ratio:.4f}x\n", flush=True)
+        print(f"  ratio wals-ooc / implicit: time {ratio:.3f}x, final loss {loss_ratio:.4f}x", flush=True)
+        # time to implicit's final loss: wals-ooc's cumulative iteration times (first included;
+        # the numba warm-up is apart) to its first iteration at or below it, per run
+        reached = []
+        for wals_run, implicit_run in zip(runs["wals"], runs["implicit"]):
+            cumulative = [sum(wals_run["times"][: i + 1]) for i in range(len(wals_run["times"]))]
+            hit = [i for i, loss in enumerate(wals_run["losses"]) if loss <= implicit_run["loss"]]
+            reached.append((cumulative[hit[0]] if hit else None, hit[0] + 1 if hit else None, sum(implicit_run["times"])))
+        implicit_total = statistics.median(r[2] for r in reached)
+        if all(r[0] is not None for r in reached):
+            to_target = statistics.median(r[0] for r in reached)
+            print(f"  time to implicit's {implicit_iterations}-iteration loss: wals-ooc {to_target:.2f} s (iteration "
+                  f"{statistics.median(r[1] for r in reached):g}) vs implicit {implicit_total:.2f} s: "
+                  f"ratio {to_target / implicit_total:.3f}x", flush=True)
+        else:
+            print(f"  time to implicit's {implicit_iterations}-iteration loss: not reached by wals-ooc in {args.iterations} "
+                  f"iterations (implicit {implicit_total:.2f} s); wals-ooc losses per iteration "
+                  f"{[round(loss / runs['implicit'][0]['loss'], 5) for loss in runs['wals'][0]['losses']]} x implicit's", flush=True)
+        print(flush=True)
 
 
 if __name__ == "__main__":

@@ -178,15 +178,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="confidence c = alpha0 + alpha * g(value), g: value, log(1 + value / eps) or 1")
     p.add_argument("--eps", type=float, default=d.eps, help="scale of the log confidence")
     p.add_argument("--nu", type=float, default=d.nu, help="frequency-scaled regularization exponent")
-    p.add_argument("--solver", choices=("cg", "cholesky"), default=d.solver, help="conjugate gradient (fast, approximate) or exact Cholesky row solves")
+    p.add_argument("--solver", choices=("cg", "cholesky", "ialspp"), default=d.solver,
+                   help="conjugate gradient (fast, approximate), exact Cholesky row solves, or iALS++ block coordinate "
+                        "descent (fast at high --factors)")
     p.add_argument("--cg-steps", type=int, default=d.cg_steps, help="conjugate-gradient steps per row solve")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="ialspp: coordinates solved together")
+    p.add_argument("--block-sweeps", type=int, default=d.block_sweeps, help="ialspp: passes over the blocks per half-sweep")
     p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="factor precision")
 
 
 def _model_settings(args) -> dict:
     return dict(factors=args.factors, regularization=args.regularization, alpha=args.alpha, alpha0=args.alpha0,
                 confidence=args.confidence, eps=args.eps, nu=args.nu, iterations=args.iterations, solver=args.solver,
-                cg_steps=args.cg_steps, dtype=args.dtype)
+                cg_steps=args.cg_steps, block_size=args.block_size, block_sweeps=args.block_sweeps, dtype=args.dtype)
 
 
 def cmd_train(args) -> int:

@@ -10,11 +10,12 @@ import numpy as np
 from .errors import SettingError
 from .kernels.solve import CONFIDENCE_KINDS
 
-SOLVERS = ("cg", "cholesky")
+SOLVERS = ("cg", "cholesky", "ialspp")
 #: the command-line flag of each setting, for error messages
 FLAGS = {"factors": "--factors", "regularization": "--regularization", "alpha": "--alpha", "alpha0": "--alpha0",
          "confidence": "--confidence", "eps": "--eps", "nu": "--nu", "iterations": "--iterations", "solver": "--solver",
-         "cg_steps": "--cg-steps", "dtype": "--dtype", "random_state": "--seed", "init_scale": "--init-scale"}
+         "cg_steps": "--cg-steps", "block_size": "--block-size",
+         "block_sweeps": "--block-sweeps", "dtype": "--dtype", "random_state": "--seed", "init_scale": "--init-scale"}
 
 
 def _setting(name: str, message: str) -> SettingError:
@@ -31,7 +32,9 @@ class WALSConfig:
         g(v) = v ("linear"), log(1 + v / eps) ("log") or 1 ("constant").
     alpha0: weight of every unobserved pair (1 in Hu et al. 2008; Rendle et al. 2022 tune it).
     nu: frequency scaling exponent of the regularization (0: plain lambda; 1: Rendle et al.).
-    solver: "cg" (conjugate gradient, warm started, cg_steps steps) or "cholesky" (exact).
+    solver: "cg" (conjugate gradient, warm started, cg_steps steps), "cholesky" (exact) or
+        "ialspp" (iALS++: block coordinate descent over block_size coordinates at a time, warm
+        started, block_sweeps passes over the blocks per half-sweep; see kernels/subspace.py).
     dtype: float32 (default) or float64 for factors and solves.
     random_state: seed of the initial factors; None draws one and records it in the model.
     init_scale: initial factors are uniform in [0, init_scale).
@@ -54,13 +57,15 @@ class WALSConfig:
     iterations: int = 15
     solver: str = "cg"
     cg_steps: int = 3
+    block_size: int = 32
+    block_sweeps: int = 1
     dtype: str = "float32"
     random_state: int | None = None
     init_scale: float = 0.01
     compute_loss: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("factors", "iterations", "cg_steps"):
+        for name in ("factors", "iterations", "cg_steps", "block_size", "block_sweeps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise _setting(name, f"{name} must be an integer, got {value!r}")
@@ -94,6 +99,10 @@ class WALSConfig:
             raise _setting("solver", f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.cg_steps < 1:
             raise _setting("cg_steps", f"cg_steps must be >= 1, got {self.cg_steps}")
+        if self.block_size < 1:
+            raise _setting("block_size", f"block_size must be >= 1, got {self.block_size}")
+        if self.block_sweeps < 1:
+            raise _setting("block_sweeps", f"block_sweeps must be >= 1, got {self.block_sweeps}")
         try:
             dtype = np.dtype(self.dtype)
         except TypeError:

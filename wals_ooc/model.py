@@ -58,6 +58,8 @@ class WALS:
         iterations: int = _D.iterations,
         solver: str = _D.solver,
         cg_steps: int = _D.cg_steps,
+        block_size: int = _D.block_size,
+        block_sweeps: int = _D.block_sweeps,
         dtype: str = _D.dtype,
         random_state: int | None = _D.random_state,
         init_scale: float = _D.init_scale,
@@ -67,7 +69,8 @@ class WALS:
     ):
         self.config = WALSConfig(
             factors=factors, regularization=regularization, alpha=alpha, alpha0=alpha0, confidence=confidence,
-            eps=eps, nu=nu, iterations=iterations, solver=solver, cg_steps=cg_steps, dtype=dtype,
+            eps=eps, nu=nu, iterations=iterations, solver=solver, cg_steps=cg_steps, block_size=block_size,
+            block_sweeps=block_sweeps, dtype=dtype,
             random_state=random_state, init_scale=init_scale, compute_loss=compute_loss,
         )
         self.memory_budget = memory_budget

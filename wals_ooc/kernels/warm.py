@@ -26,6 +26,7 @@ from .csr import csr_problem
 from .loss import observed_loss_block, regularization_sum
 from .rank import rank_counts_update
 from .solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
+from .subspace import subspace_solve_rows
 from .topk import keys_of, mask_columns, new_heaps, select_candidates, topk_finish, topk_select, topk_update
 from .assemble import segment_sums
 from .text import (
@@ -67,6 +68,7 @@ def warm_training_kernels(dtype: str | np.dtype = "float32") -> None:
     scalars = (kind, t(1.0), t(1.0), t(1.0))
     cg_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 2, True)
     cholesky_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3)
+    subspace_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 1, 1, True)
     A = np.zeros((2, 2, 2), np.float64)
     b = np.zeros((2, 2), np.float64)
     c_sum = np.zeros(2)

@@ -44,6 +44,7 @@ from ..kernels.blocked import (
 )
 from ..kernels.loss import gram_quadratic, observed_loss_block, regularization_sum
 from ..kernels.solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
+from ..kernels.subspace import subspace_solve_rows
 from ..store.format import open_group
 from ..store.reader import CSRShard, InteractionStore
 from .fixed_side import ScratchCopy, fixed_side, release_fixed_side
@@ -58,6 +59,7 @@ _opened: dict[tuple, Any] = {}
 _worker_shards: dict[tuple, "LocalState"] = {}  # CSR shards a worker keeps between half-sweeps
 _blocked_task = threading.Lock()  # one blocked task at a time per process: it uses every thread
 _pool: ThreadPoolExecutor | None = None
+WARM_STARTED = ("cg", "ialspp")  # solvers that start from the previous factors (Cholesky solves afresh)
 GATHER_ENTRIES = 256  # rows of a blocked CG task's gather scratch (per thread)
 
 
@@ -256,7 +258,7 @@ def _solve(job: HalfSweepJob, task: SolveTask, local: LocalState | None, started
     if local is not None and job.mode == "resident":
         own = local.factors[job.side][0]
         X = own[lo_row:hi_row]  # a view: solved in place
-    elif job.solver == "cg":
+    elif job.solver in WARM_STARTED:
         X = np.ascontiguousarray(_factor_array(job.model, job.storage_options, job.side, job.warm_slot)[lo_row:hi_row])
     else:
         X = np.zeros((csr.n_rows, f), dtype=cfg.np_dtype)
@@ -271,6 +273,11 @@ def _solve(job: HalfSweepJob, task: SolveTask, local: LocalState | None, started
             result.observed = cg_solve_rows(
                 csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu, job.n_fixed,
                 cfg.cg_steps, job.loss
+            )
+        elif job.solver == "ialspp":
+            result.observed = subspace_solve_rows(
+                csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu, job.n_fixed,
+                cfg.block_size, cfg.block_sweeps, job.loss
             )
         else:
             result.failures = cholesky_solve_rows(csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps,
@@ -324,6 +331,10 @@ def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
         if job.solver == "cg":
             observed[part] = cg_solve_rows(ip, entry, csr.values, rows, job.gram, X[a:b], kind, alpha, alpha0, eps,
                                            lam, nu, job.n_fixed, cfg.cg_steps, job.loss)
+            return
+        if job.solver == "ialspp":
+            observed[part] = subspace_solve_rows(ip, entry, csr.values, rows, job.gram, X[a:b], kind, alpha, alpha0, eps,
+                                                 lam, nu, job.n_fixed, cfg.block_size, cfg.block_sweeps, job.loss)
             return
         failures[part] = cholesky_solve_rows(ip, entry, csr.values, rows, job.gram, X[a:b], kind, alpha, alpha0, eps, lam, nu,
                                              job.n_fixed)

@@ -15,7 +15,9 @@ tested without running anything (the rechunker habit). Two ways to reach the fix
   resident kernels solve against the copies, with the same arithmetic as the resident plan;
   "cg": for a row block too heavy to expand, CG with one sweep per pass (4f numbers a row,
   ``1 + cg_steps`` sweeps); "cholesky": f x f normal equations accumulated for ``row_batch``
-  rows at a time, one sweep per batch.
+  rows at a time, one sweep per batch. The "ialspp" solver runs only as "expanded" tasks (its
+  row state lives in the kernel's cache of predictions), and a blocked plan whose tasks cannot
+  all expand raises SettingError rather than silently solving with another method.
 
 ``fixed_passes`` is how many times a half-sweep reads the whole fixed side (blocked: sweeps of
 the scratch copies); the executor counts what it reads, and tests hold the two equal.
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..errors import SettingError
 from ..memory import format_bytes
 
 # working bytes per stored entry in a task: indices + values as read, zarr decode buffers, and
@@ -346,6 +349,11 @@ def plan_half_sweep(
         return blocked_method == "expanded" or (blocked_method is None and fits)
 
     method = blocked_method if blocked_method in ("cg", "cholesky") else solver
+    if solver == "ialspp" and (method != "ialspp" or not all(expands(t) for t in tasks)):
+        raise SettingError(
+            f"solver 'ialspp' on the blocked plan needs every task's entries expanded beside their fixed rows, and the "
+            f"{side} half-sweep's do not fit in the memory_budget's share ({format_bytes(room)}): raise memory_budget or "
+            f"use solver 'cg' or 'cholesky'", flags={"memory_budget": "--memory-budget", "solver": "--solver"})
     streamed = [t.nnz * BLOCKED_BYTES_PER_ENTRY + (t.row_stop - t.row_start) * row_bytes for t in tasks if not expands(t)]
     normal_row = normal_equations_row_bytes(factors)
     row_batch = max(1, (room - max(streamed)) // normal_row) if streamed and method == "cholesky" else 0
