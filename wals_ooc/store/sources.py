@@ -378,6 +378,9 @@ class _ChunkLines:
         return self.first_line + int(self._starts[record - 1])
 
 
+THREADED_PARSE_BYTES = 2 << 20  # chunks from this size are parsed by Arrow's thread pool
+
+
 def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: int) -> Iterator[RowBatch]:
     """Parse record-aligned chunks with Arrow one at a time (Arrow's own streaming reader reads
     many blocks ahead, which would break the memory budget)."""
@@ -438,20 +441,33 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
             malformed.append(row.number)
             return "skip"
 
-        try:
-            table = pacsv.read_csv(
+        def parse(threads: bool, handler):
+            return pacsv.read_csv(
                 pa.BufferReader(chunk),
-                read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=len(chunk) + 1),
+                read_options=pacsv.ReadOptions(column_names=names, use_threads=threads,
+                                               block_size=max(1 << 20, len(chunk) // 2 + 1) if threads else len(chunk) + 1),
                 parse_options=pacsv.ParseOptions(
-                    delimiter=spec.delimiter, invalid_row_handler=on_invalid_row, ignore_empty_lines=False,
+                    delimiter=spec.delimiter, invalid_row_handler=handler, ignore_empty_lines=False,
                     newlines_in_values=True,
                 ),
                 convert_options=convert_options,
             )
-        except pa.ArrowInvalid as exc:
-            if first_error:
-                raise first_error[0] from None
-            raise InputError(path, first_line, None, f"unreadable CSV: {exc}") from exc
+
+        table = None
+        if len(chunk) >= THREADED_PARSE_BYTES:
+            # both cores parse halves of the chunk; a malformed row (whose line Arrow's threaded
+            # parser does not know) sends the chunk to the serial parse below, which names it
+            try:
+                table = parse(True, lambda row: "error")
+            except pa.ArrowInvalid:
+                table = None
+        if table is None:
+            try:
+                table = parse(False, on_invalid_row)
+            except pa.ArrowInvalid as exc:
+                if first_error:
+                    raise first_error[0] from None
+                raise InputError(path, first_line, None, f"unreadable CSV: {exc}") from exc
 
         def line_of(record: int, lines=lines, malformed=malformed) -> int:
             """Line of the record-th (0-based) row Arrow returned: skipped records shift it down."""

@@ -31,7 +31,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from ..errors import SettingError, WalsError
-from ..kernels.assemble import segment_sums
+from ..kernels.assemble import bucket_order, csr_from_entries, fill_dense_table, gather_fields, map_dense_ids, segment_sums
 from ..kernels.text import parse_ints
 from ..memory import MemoryBudget, format_bytes, peak_rss
 from .format import ID_ARRAYS, CSR_CHUNK, FORMAT_VERSION, INTERACTIONS_KIND, create_array, is_local
@@ -361,6 +361,53 @@ class _SideIds:
         return ids
 
 
+_DONE = object()
+
+
+def _ahead(batches: Iterable[RowBatch]) -> Iterator[RowBatch]:
+    """The batches, each read and parsed by a helper thread while the caller handles the one
+    before (Arrow's parser and the numba kernels release the GIL, so the two overlap). At most
+    two batches are held at once; an error of the reader is raised here, in the caller, and a
+    caller that stops early stops the reader."""
+    import queue
+    import threading
+
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for batch in batches:
+                if not put((batch, None)):
+                    return
+            put((_DONE, None))
+        except BaseException as exc:  # handed to the caller, raised there
+            put((None, exc))
+
+    reader = threading.Thread(target=read, name="wals-ooc-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            batch, error = handoff.get()
+            if error is not None:
+                raise error
+            if batch is _DONE:
+                return
+            yield batch
+    finally:
+        stop.set()
+        reader.join()
+
+
 def _collect(batches, workspace, budget, report, disable, id_types, source):
     """Pass 1: spill every validated batch to Arrow IPC and gather each side's distinct ids.
 
@@ -369,7 +416,7 @@ def _collect(batches, workspace, budget, report, disable, id_types, source):
     sides = {side: _SideIds(side, id_types[side], workspace, share, source) for side in ("user", "item")}
     spill = None
     with tqdm(desc=_desc("read"), unit="rows", unit_scale=True, disable=disable) as bar:
-        for batch in batches:
+        for batch in _ahead(batches):
             if spill is None:
                 spill = _Spill(workspace, batch.order is not None)
             users = sides["user"].take(batch.users)
@@ -394,8 +441,27 @@ class _RowMapper:
         self.index = index
         self.keys = index.keys() if self.hold_keys and index.n * 8 <= memory_bytes else None
         self.colliding = index._collisions[:, 0] if len(index._collisions) else None
+        self.table = None
+        if self.keys is not None and index.kind == "int" and len(self.keys):
+            # integer ids over a range the memory share can index: one table lookup per id
+            self.lowest = int(self.keys[0])
+            span = int(self.keys[-1]) - self.lowest + 1
+            if span * 4 + self.keys.nbytes <= memory_bytes:
+                self.table = np.full(span, -1, np.int32)
+                fill_dense_table(self.keys, self.lowest, self.table)
 
-    def rows(self, column: pa.Array) -> np.ndarray:
+    def rows(self, column: pa.Array, counts: np.ndarray) -> np.ndarray:
+        """Rows of the column's ids (int32); adds each row's entries to ``counts``."""
+        if self.table is not None:
+            rows, missing = map_dense_ids(column.to_numpy(), self.lowest, self.table, counts)
+            if missing >= 0:
+                raise RuntimeError("an id of the input is missing from the id map being written")
+            return rows
+        rows = self._rows(column)
+        counts += np.bincount(rows, minlength=len(counts))
+        return rows
+
+    def _rows(self, column: pa.Array) -> np.ndarray:
         if self.index.kind == "int":
             keys, text = column.to_numpy(), None
         else:
@@ -427,13 +493,11 @@ def _map_rows(spill, workspace, maps, record, disable, allowance):
     with open(mapped_path, "wb") as sink, tqdm(desc=_desc("map ids"), unit="rows", unit_scale=True, disable=disable) as bar:
         for batch in spill.batches():
             records = np.empty(batch.num_rows, record)
-            records["row"] = mappers["user"].rows(batch.column(0))
-            records["col"] = mappers["item"].rows(batch.column(1))
+            records["row"] = mappers["user"].rows(batch.column(0), counts["user"])
+            records["col"] = mappers["item"].rows(batch.column(1), counts["item"])
             records["value"] = batch.column(2).to_numpy()
             if "order" in record.names:
                 records["order"] = batch.column(3).to_numpy()
-            counts["user"] += np.bincount(records["row"], minlength=len(counts["user"]))
-            counts["item"] += np.bincount(records["col"], minlength=len(counts["item"]))
             records.tofile(sink)
             bar.update(batch.num_rows)
     return counts, mapped_path
@@ -447,6 +511,7 @@ def _bucket(mapped_path, workspace, bounds, budget, record, disable):
         for side in ("user", "item")
     }
     total = os.path.getsize(mapped_path) // record.itemsize
+    starts = {side: np.asarray(bounds[side], np.int64) for side in ("user", "item")}
     with open(mapped_path, "rb") as source, tqdm(
         desc=_desc("bucket"), total=total, unit="rows", unit_scale=True, disable=disable
     ) as bar:
@@ -455,12 +520,17 @@ def _bucket(mapped_path, workspace, bounds, budget, record, disable):
             if not len(records):
                 break
             for side, key in (("user", "row"), ("item", "col")):
-                shard_of = np.searchsorted(np.asarray(bounds[side][1:-1]), records[key], side="right")
-                order = np.argsort(shard_of, kind="stable")
-                cuts = np.searchsorted(shard_of[order], np.arange(len(paths[side]) + 1))
-                grouped = records[order]
-                if side == "item":
-                    grouped = _swap_row_col(grouped)
+                order, cuts = bucket_order(np.ascontiguousarray(records[key]), starts[side])  # stable counting sort
+                if "order" in record.names:
+                    grouped = records[order]
+                    if side == "item":
+                        grouped = _swap_row_col(grouped)
+                else:
+                    grouped = np.empty(len(records), record)
+                    first, second = ("row", "col") if side == "user" else ("col", "row")
+                    gather_fields(order, records[first], records[second], records["value"], grouped["row"],
+                                  grouped["col"], grouped["value"])
+                del order
                 for k in range(len(paths[side])):
                     if cuts[k + 1] > cuts[k]:
                         with open(paths[side][k], "ab") as sink:
@@ -589,6 +659,12 @@ def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int)
     if not len(records):
         return (np.zeros(n_rows + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.float32),
                 np.empty(0, np.float64) if has_order else None)
+    if not has_order:  # one counting sort by row, a stable sort of each row's columns (numba)
+        indptr, indices, sums = csr_from_entries(records["row"], records["col"], records["value"], row_start, n_rows,
+                                               n_cols)
+        del records
+        with np.errstate(over="ignore"):
+            return indptr, indices, sums.astype(np.float32), None
     keys = (records["row"].astype(np.int64) - row_start) * n_cols + records["col"]
     raw_values = records["value"].copy()
     raw_order = records["order"].copy() if has_order else None
