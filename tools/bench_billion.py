@@ -271,9 +271,8 @@ def generate_part(args, part: int) -> dict:
     chunk_rows = 4_000_000
     rows = {"train": 0, "test": 0, "train_bytes": 0, "test_bytes": 0}
     with open(train_path + ".partial", "wb") as train_out, open(test_path + ".partial", "wb") as test_out:
-        if part == 0:
-            train_out.write(b"user,item,count\n")
-            test_out.write(b"user,item,count\n")
+        train_out.write(HEADER)  # every part has the header: convert reads each file alike
+        test_out.write(HEADER)
         u = bounds[part]
         stop = bounds[part + 1]
         cum = np.concatenate([[0.0], np.cumsum(expected[u:stop])])
@@ -305,6 +304,28 @@ def generate_part(args, part: int) -> dict:
     return rows
 
 
+HEADER = b"user,item,count\n"
+
+
+def ensure_header(path: str) -> None:
+    """Give a part written without the header line (by an earlier version of this tool: only
+    part 0 had it) its header: rewritten beside it, then renamed over it."""
+    with open(path, "rb") as handle:
+        if handle.read(len(HEADER)) == HEADER:
+            return
+        handle.seek(0)
+        with open(path + ".partial", "wb") as out:
+            out.write(HEADER)
+            while True:
+                block = handle.read(64 << 20)
+                if not block:
+                    break
+                out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+    os.replace(path + ".partial", path)
+
+
 def part_paths(workdir: str, part: int) -> tuple[str, str]:
     return (os.path.join(workdir, "csv", f"log-{part:03d}.csv"), os.path.join(workdir, "csv", f"test-{part:03d}.csv"))
 
@@ -321,21 +342,20 @@ def child_generate(args) -> dict:
 
 
 def child_convert(args) -> dict:
+    """Convert the training parts (``--which train``) or the held-out parts (``test``); the
+    store is this tool's own (listed in the state), so an unfinished earlier one is replaced."""
     import wals_ooc
     from wals_ooc.memory import peak_rss
 
-    parts = [part_paths(args.workdir, p) for p in range(args.parts)]
+    index = 0 if args.which == "train" else 1
+    paths = [part_paths(args.workdir, p)[index] for p in range(args.parts)]
+    os.makedirs(os.path.join(args.workdir, "tmp"), exist_ok=True)
     started = time.perf_counter()
-    report = wals_ooc.convert([t for t, _ in parts], os.path.join(args.workdir, "train.zarr"),
-                              memory_budget=args.memory_budget, overwrite=False, progress=False,
-                              tmp_dir=os.path.join(args.workdir, "tmp"))
-    seconds = time.perf_counter() - started
-    test_started = time.perf_counter()
-    test = wals_ooc.convert([s for _, s in parts], os.path.join(args.workdir, "test.zarr"),
-                            memory_budget=args.memory_budget, overwrite=False, progress=False,
-                            tmp_dir=os.path.join(args.workdir, "tmp"))
-    return {"seconds": seconds, "rows": report.rows_read, "nnz": report.nnz, "test_seconds": time.perf_counter() - test_started,
-            "test_rows": test.rows_read, "test_nnz": test.nnz, "peak_rss": peak_rss()}
+    report = wals_ooc.convert(paths, os.path.join(args.workdir, f"{args.which}.zarr"), memory_budget=args.memory_budget,
+                              overwrite=True, progress=False, tmp_dir=os.path.join(args.workdir, "tmp"))
+    return {"seconds": time.perf_counter() - started, "rows": report.rows_read, "nnz": report.nnz,
+            "n_users": report.n_users, "n_items": report.n_items, "duplicates_summed": report.duplicates_summed,
+            "peak_rss": peak_rss()}
 
 
 def child_train(args) -> dict:
@@ -358,8 +378,8 @@ def child_train(args) -> dict:
     if args.cluster:
         from distributed import Client, LocalCluster
 
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=args.memory_budget,
-                               dashboard_address=None)
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=0,
+                               dashboard_address=":0")
         client = Client(cluster)
     model = wals_ooc.WALS(factors=args.factors, iterations=args.iteration, random_state=0, threads=args.threads,
                           memory_budget=args.memory_budget)
@@ -407,7 +427,7 @@ def child_evaluate(args) -> dict:
     model = wals_ooc.load(os.path.join(args.workdir, "model.zarr"), os.path.join(args.workdir, "train.zarr"),
                           memory_budget=args.memory_budget, threads=args.threads)
     started = time.perf_counter()
-    metrics = model.evaluate(os.path.join(args.workdir, "test.zarr"), k=10, user_fraction=args.eval_fraction, auc=False)
+    metrics = model.evaluate(os.path.join(args.workdir, "test.zarr"), k=10, user_fraction=args.eval_fraction)
     return {"seconds": time.perf_counter() - started, "metrics": metrics, "peak_rss": peak_rss()}
 
 
@@ -436,7 +456,8 @@ def run_child(args, stage: str, extra: list[str]) -> dict:
 
 
 def stage_names(args) -> list[str]:
-    return ["generate", "convert"] + [f"train-{i}" for i in range(1, args.iterations + 1)] + ["recommend", "evaluate"]
+    names = ["generate", "convert"] + [f"train-{i}" for i in range(1, args.iterations + 1)] + ["recommend", "evaluate"]
+    return names + (["cluster-1"] if args.with_cluster else [])
 
 
 def do_generate(args, state) -> dict:
@@ -479,16 +500,26 @@ def do_stage(args, state, name: str) -> dict:
     if name == "generate":
         return do_generate(args, state)
     if name == "convert":
+        for p in range(args.parts):
+            for path in part_paths(args.workdir, p):
+                ensure_header(path)
         for path in (os.path.join(args.workdir, "train.zarr"), os.path.join(args.workdir, "test.zarr")):
             if path not in state["created"]:
                 state["created"].append(path)
         save_state(args.workdir, state)
-        result = run_child(args, "convert", [])
-        expected = sum(v["train"] for v in state["parts"].values())
-        expected_test = sum(v["test"] for v in state["parts"].values())
-        if result["rows"] != expected or result["test_rows"] != expected_test:
-            raise SystemExit(f"convert read {result['rows']:,} + {result['test_rows']:,} rows, generated "
-                             f"{expected:,} + {expected_test:,}")
+        converted = state.setdefault("converted", {})
+        for which in ("train", "test"):
+            if which not in converted:
+                got = run_child(args, "convert", ["--which", which])
+                expected = sum(v[which] for v in state["parts"].values())
+                if got["rows"] != expected:
+                    raise SystemExit(f"convert of the {which} parts read {got['rows']:,} rows, generated {expected:,}")
+                converted[which] = got
+                save_state(args.workdir, state)
+        result = dict(converted["train"])
+        result.update({"test_seconds": converted["test"]["seconds"], "test_rows": converted["test"]["rows"],
+                       "test_nnz": converted["test"]["nnz"],
+                       "peak_rss": max(converted["train"]["peak_rss"], converted["test"]["peak_rss"])})
         if args.delete_csv:
             for p in range(args.parts):
                 path = part_paths(args.workdir, p)[0]
@@ -496,6 +527,12 @@ def do_stage(args, state, name: str) -> dict:
                     os.remove(path)
             result["deleted_csv"] = True
         return result
+    if name == "cluster-1":  # one iteration of a model of its own, on 2 worker processes of 1 thread
+        path = os.path.join(args.workdir, "model-cluster.zarr")
+        if path not in state["created"]:
+            state["created"].append(path)
+            save_state(args.workdir, state)
+        return run_child(args, "train", ["--iteration", "1", "--model-name", "model-cluster.zarr", "--cluster"])
     if name.startswith("train-"):
         path = os.path.join(args.workdir, "model.zarr")
         if path not in state["created"]:
@@ -514,7 +551,7 @@ def describe(name: str, result: dict, state: dict) -> str:
     elif name == "convert":
         line += (f"  rows {result['rows']:,} -> nnz {result['nnz']:,}  {result['rows'] / result['seconds']:,.0f} rows/s"
                  f"  (test: {result['test_rows']:,} rows, {result['test_seconds']:.1f} s)")
-    elif name.startswith("train"):
+    elif name.startswith("train") or name.startswith("cluster"):
         s = result["iteration_seconds"]
         line += f"  s/iteration {s:.1f}  ns per nnz per iteration {1e9 * s / nnz:.1f}  loss {result['loss']:.8g}"
     elif name == "recommend":
@@ -523,6 +560,10 @@ def describe(name: str, result: dict, state: dict) -> str:
         line += "  " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
     if "disk" in result:
         line += f"  disk {gib(result['disk'])}"
+    for plan in result.get("plans", []):
+        line += "\n             " + plan.replace("\n", "\n             ")
+    if "peaks" in result and len(result["peaks"]) > 1:
+        line += "\n             peak RSS per process: " + ", ".join(f"{k}: {gib(v)}" for k, v in result["peaks"].items())
     return line
 
 
@@ -549,6 +590,8 @@ def main() -> None:
     parser.add_argument("--recommend-users", type=int, default=1_000_000)
     parser.add_argument("--eval-fraction", type=float, default=1.0)
     parser.add_argument("--delete-csv", action="store_true", help="delete the training CSV parts after a verified convert")
+    parser.add_argument("--with-cluster", action="store_true",
+                        help="add a stage: one iteration on a LocalCluster of 2 processes x 1 thread (budget per worker)")
     parser.add_argument("--one", action="store_true", help="run the next pending stage only")
     parser.add_argument("--until", default=None, help="stop after this stage")
     parser.add_argument("--status", action="store_true")
@@ -557,6 +600,7 @@ def main() -> None:
     parser.add_argument("--iteration", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--model-name", default="model.zarr", help=argparse.SUPPRESS)
     parser.add_argument("--cluster", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--which", default="train", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(CHILDREN[args.child](args)), flush=True)
