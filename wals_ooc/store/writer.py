@@ -234,7 +234,7 @@ def _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, re
         write_id_map(group, ID_ARRAYS[side], sides[side].distinct, id_types[side])
         maps[side] = IdIndex(group[ID_ARRAYS[side]], out.target)
     del sides
-    counts, mapped_path = _map_rows(spill, workspace, maps, record, disable, budget.allowance)
+    counts, mapped_paths = _map_rows(spill, workspace, maps, record, disable, budget.allowance)
     report.n_users, report.n_items = maps["user"].n, maps["item"].n
     raw_nnz = int(counts["user"].sum())
     target = shard_nnz or default_shard_nnz(raw_nnz, budget.allowance)
@@ -243,7 +243,7 @@ def _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, re
     unit_nnz = max(1, budget.allowance // (4 * per_entry))
     units = {side: assembly_units(counts[side], bounds[side], unit_nnz) for side in ("user", "item")}
     del counts
-    buckets = _bucket(mapped_path, workspace, units, budget, record, disable)
+    buckets = _bucket(mapped_paths, workspace, units, budget, record, disable)
     nnz = {}
     for side, orientation, other in (("user", "by_user", "item"), ("item", "by_item", "user")):
         nnz[side] = _assemble(group, orientation, buckets[side], units[side], maps[other].n, record, unit_nnz,
@@ -286,15 +286,21 @@ def _id_types(id_type: str | dict) -> dict[str, str]:
     return types
 
 
+SEGMENT_BYTES = 1 << 30  # spill files are cut at about this size: each is deleted once read,
+# so the next pass's output replaces them as it grows instead of adding to them (disk peak)
+
+
 class _Spill:
     """Validated rows of pass 1, as Arrow IPC segments (a new one whenever a side's id column
-    changes type: integers until an id that is not a canonical integer turns up, then text)."""
+    changes type: integers until an id that is not a canonical integer turns up, then text;
+    and every ``SEGMENT_BYTES``)."""
 
     def __init__(self, workspace: _Workspace, has_order: bool):
         self.workspace, self.has_order = workspace, has_order
         self.segments: list[str] = []
         self.writer = None
         self.schema = None
+        self.written = 0
 
     def write(self, users, items, values: np.ndarray, order: np.ndarray | None) -> None:
         columns = [_as_arrow(users), _as_arrow(items), pa.array(values)]
@@ -303,13 +309,16 @@ class _Spill:
             columns.append(pa.array(order))
             fields.append(("order", pa.float64()))
         schema = pa.schema(fields)
-        if self.writer is None or schema != self.schema:
+        if self.writer is None or schema != self.schema or self.written >= SEGMENT_BYTES:
             self.close()
             path = self.workspace.file(f"rows-{len(self.segments):02d}.arrow")
             self.writer = pa.ipc.new_stream(pa.OSFile(path, "wb"), schema)
             self.schema = schema
             self.segments.append(path)
-        self.writer.write_batch(pa.record_batch(columns, schema=schema))
+            self.written = 0
+        batch = pa.record_batch(columns, schema=schema)
+        self.writer.write_batch(batch)
+        self.written += batch.nbytes
 
     def close(self) -> None:
         if self.writer is not None:
@@ -489,9 +498,15 @@ def _map_rows(spill, workspace, maps, record, disable, allowance):
     """Pass 2: original ids -> row indices, written as fixed-size records; count entries per row."""
     mappers = {side: _RowMapper(maps[side], allowance // 8) for side in ("user", "item")}
     counts = {side: np.zeros(maps[side].n, np.int64) for side in ("user", "item")}
-    mapped_path = workspace.file("rows.records")
-    with open(mapped_path, "wb") as sink, tqdm(desc=_desc("map ids"), unit="rows", unit_scale=True, disable=disable) as bar:
+    mapped_paths: list[str] = []
+    sink = None
+    with tqdm(desc=_desc("map ids"), unit="rows", unit_scale=True, disable=disable) as bar:
         for batch in spill.batches():
+            if sink is None or sink.tell() >= SEGMENT_BYTES:
+                if sink is not None:
+                    sink.close()
+                mapped_paths.append(workspace.file(f"rows-{len(mapped_paths):05d}.records"))
+                sink = open(mapped_paths[-1], "wb")
             records = np.empty(batch.num_rows, record)
             records["row"] = mappers["user"].rows(batch.column(0), counts["user"])
             records["col"] = mappers["item"].rows(batch.column(1), counts["item"])
@@ -500,25 +515,34 @@ def _map_rows(spill, workspace, maps, record, disable, allowance):
                 records["order"] = batch.column(3).to_numpy()
             records.tofile(sink)
             bar.update(batch.num_rows)
-    return counts, mapped_path
+    if sink is not None:
+        sink.close()
+    return counts, mapped_paths
 
 
-def _bucket(mapped_path, workspace, bounds, budget, record, disable):
+def _mapped_chunks(mapped_paths: list[str], record: np.dtype, chunk_rows: int) -> Iterator[np.ndarray]:
+    """The records of pass 2, ``chunk_rows`` at a time; each segment is deleted once read."""
+    for path in mapped_paths:
+        with open(path, "rb") as source:
+            while True:
+                records = np.fromfile(source, record, count=chunk_rows)
+                if not len(records):
+                    break
+                yield records
+        os.remove(path)
+
+
+def _bucket(mapped_paths, workspace, bounds, budget, record, disable):
     """Pass 3: append each record to its user shard's and its item shard's bucket file."""
     chunk_rows = max(1 << 14, budget.allowance // (16 * record.itemsize))
     paths = {
         side: [workspace.file(f"{side}-{k:06d}.records") for k in range(len(bounds[side]) - 1)]
         for side in ("user", "item")
     }
-    total = os.path.getsize(mapped_path) // record.itemsize
+    total = sum(os.path.getsize(path) for path in mapped_paths) // record.itemsize
     starts = {side: np.asarray(bounds[side], np.int64) for side in ("user", "item")}
-    with open(mapped_path, "rb") as source, tqdm(
-        desc=_desc("bucket"), total=total, unit="rows", unit_scale=True, disable=disable
-    ) as bar:
-        while True:
-            records = np.fromfile(source, record, count=chunk_rows)
-            if not len(records):
-                break
+    with tqdm(desc=_desc("bucket"), total=total, unit="rows", unit_scale=True, disable=disable) as bar:
+        for records in _mapped_chunks(mapped_paths, record, chunk_rows):
             for side, key in (("user", "row"), ("item", "col")):
                 order, cuts = bucket_order(np.ascontiguousarray(records[key]), starts[side])  # stable counting sort
                 if "order" in record.names:
@@ -536,7 +560,6 @@ def _bucket(mapped_path, workspace, bounds, budget, record, disable):
                         with open(paths[side][k], "ab") as sink:
                             grouped[cuts[k] : cuts[k + 1]].tofile(sink)
             bar.update(len(records))
-    os.remove(mapped_path)
     return paths
 
 
