@@ -319,3 +319,42 @@ def test_a_row_longer_than_an_assembly_unit_is_summed_in_chunks(tmp_path):
     np.testing.assert_array_equal(shard.values, expected["v"].to_numpy(np.float32))
     np.testing.assert_array_equal(shard.order, expected["t"].to_numpy(np.float64))
     assert store.nnz == len(frame.groupby(["u", "i"]))
+
+
+def test_large_chunks_parse_in_threads_and_still_name_the_malformed_line(tmp_path):
+    """A chunk past THREADED_PARSE_BYTES is parsed by Arrow's threads; a malformed row in it is
+    still reported with its line (re-parsed serially), and skipping it keeps every other row."""
+    from wals_ooc.store.sources import THREADED_PARSE_BYTES
+
+    n = THREADED_PARSE_BYTES // 7  # 7-10 bytes a line: one chunk past the threshold
+    lines = [f"{k % 997},{k % 89},1" for k in range(n)]
+    bad = n - 1234
+    lines[bad] = "5,6"
+    path = tmp_path / "big.csv"
+    path.write_text("user,item,value\n" + "\n".join(lines) + "\n")
+    assert path.stat().st_size > THREADED_PARSE_BYTES
+    with pytest.raises(InputError) as info:
+        wals_ooc.convert(str(path), str(tmp_path / "s.zarr"), progress=False, memory_budget="2GB")
+    assert info.value.line == bad + 2 and "malformed row" in str(info.value)
+    report = wals_ooc.convert(str(path), str(tmp_path / "s.zarr"), on_bad_lines="skip", progress=False,
+                              memory_budget="2GB")
+    assert report.bad_rows.skipped == 1 and report.rows_read == n - 1
+    kept = [line.split(",") for k, line in enumerate(lines) if k != bad]
+    users, items, matrix = _expected([(int(u), int(i), 1) for u, i, _ in kept])
+    _assert_store_equals(open_store(str(tmp_path / "s.zarr")), users, items, matrix)
+
+
+def test_spread_integer_ids_map_like_dense_ones(tmp_path):
+    """Ids over a range too wide for a lookup table take the search path: same matrix."""
+    rows = [(k % 13, k % 7, 1 + k % 3) for k in range(200)]
+    spread = [(u * 10**15 + 3, i * 10**14, v) for u, i, v in rows]
+    for name, data in (("dense", rows), ("spread", spread)):
+        _write_csv(tmp_path / f"{name}.csv", data)
+        wals_ooc.convert(str(tmp_path / f"{name}.csv"), str(tmp_path / f"{name}.zarr"), shard_nnz=10, progress=False)
+    dense, spread_store = open_store(str(tmp_path / "dense.zarr")), open_store(str(tmp_path / "spread.zarr"))
+    for side in ("user", "item"):
+        a, b = store_to_scipy(dense, side), store_to_scipy(spread_store, side)
+        np.testing.assert_array_equal(a.indptr, b.indptr)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.data, b.data)
+    _assert_store_equals(spread_store, *_expected(spread))
