@@ -358,3 +358,18 @@ def test_spread_integer_ids_map_like_dense_ones(tmp_path):
         np.testing.assert_array_equal(a.indices, b.indices)
         np.testing.assert_array_equal(a.data, b.data)
     _assert_store_equals(spread_store, *_expected(spread))
+
+
+def test_plain_chunks_read_from_bytes_equal_the_careful_path(tmp_path):
+    """Integer ids and counts without quotes are parsed straight from the bytes; the same rows
+    with one quoted field (so Arrow and the validator read them) give the same store."""
+    rows = [(k % 17, (k * 7) % 11, k % 4) for k in range(300)]  # zeros dropped on both paths
+    _write_csv(tmp_path / "plain.csv", rows)
+    text = (tmp_path / "plain.csv").read_text().replace("\n3,", '\n"3",', 1)
+    (tmp_path / "quoted.csv").write_text(text)
+    reports = {name: wals_ooc.convert(str(tmp_path / f"{name}.csv"), str(tmp_path / f"{name}.zarr"), progress=False)
+               for name in ("plain", "quoted")}
+    assert reports["plain"].bad_rows.zeros_dropped == reports["quoted"].bad_rows.zeros_dropped > 0
+    assert reports["plain"].rows_read == reports["quoted"].rows_read
+    for name in ("plain", "quoted"):
+        _assert_store_equals(open_store(str(tmp_path / f"{name}.zarr")), *_expected(rows))

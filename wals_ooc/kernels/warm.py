@@ -38,6 +38,7 @@ from .text import (
     hash_strings,
     parse_ints,
     parse_ints_each,
+    parse_plain_csv,
 )
 
 _warmed: set[tuple] = set()
@@ -112,6 +113,7 @@ def warm_id_kernels() -> None:
         gather_ranges(data, 0, order, order + 1, np.zeros(2, np.uint8), np.arange(3, dtype=np.int64))
         csv_record_end(data, 0, 44, 34)
         csv_record_lines(data, 44, 34)
+        parse_plain_csv(data, 3, 0, 1, 2, 44)
         for other in (writable, readonly):
             equal_pairs(offsets, data, order, other[0], other[1], order)
     chunk_runs(order, order, 2)

@@ -25,7 +25,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..errors import InputError, SettingError
-from ..kernels.text import csv_record_end, csv_record_lines, parse_ints_each
+from ..kernels.text import csv_record_end, csv_record_lines, parse_ints_each, parse_plain_csv
 from .ids import as_text, text_buffers
 
 log = logging.getLogger("wals_ooc")
@@ -417,6 +417,12 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
         quoted_strings_can_be_null=False,
     )
     rows_seen = 0
+    # plain chunks (integer ids and counts, no quotes) are read straight from their bytes; any
+    # other chunk, or one with a problem to name, goes through Arrow and the validator below
+    plain = (wanted[3] is None and _kind_of(spec, "user") != "str" and _kind_of(spec, "item") != "str"
+             and len(spec.delimiter.encode()) == 1 and spec.delimiter != '"')
+    plain_fields = (names.index(wanted[0]), names.index(wanted[1]),
+                    names.index(wanted[2]) if wanted[2] is not None else -1) if plain else None
     for chunk, first_line in _text_chunks(path, block_bytes, spec.delimiter):
         if first_line == 1 and spec.header:  # drop the header record (it may span several lines)
             cut = 0
@@ -424,6 +430,20 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
                 cut = chunk.index(b"\n", cut) + 1
             chunk, first_line = chunk[cut:], 1 + header_lines
             if not chunk:
+                continue
+        if plain:
+            users, items, numbers, ok = parse_plain_csv(np.frombuffer(chunk, np.uint8), len(names), *plain_fields,
+                                                        ord(spec.delimiter))
+            if ok:
+                rows_seen += len(users)
+                vals = numbers.astype(np.float32)
+                zero = vals == 0
+                if zero.any():
+                    report.zeros_dropped += int(zero.sum())
+                    keep = np.flatnonzero(~zero)
+                    users, items, vals = users[keep], items[keep], vals[keep]
+                if len(vals):
+                    yield RowBatch(users, items, vals, None)
                 continue
         lines = _ChunkLines(chunk, first_line, spec.delimiter)
         malformed: list[int] = []  # records, within this chunk, that were skipped
