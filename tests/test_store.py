@@ -319,3 +319,57 @@ def test_a_row_longer_than_an_assembly_unit_is_summed_in_chunks(tmp_path):
     np.testing.assert_array_equal(shard.values, expected["v"].to_numpy(np.float32))
     np.testing.assert_array_equal(shard.order, expected["t"].to_numpy(np.float64))
     assert store.nnz == len(frame.groupby(["u", "i"]))
+
+
+def test_large_chunks_parse_in_threads_and_still_name_the_malformed_line(tmp_path):
+    """A chunk past THREADED_PARSE_BYTES that is not plain (a quoted field) is parsed by Arrow's
+    threads, with the same rows; a malformed row in it is still reported with its line (the
+    chunk is parsed again serially)."""
+    from wals_ooc.store.sources import THREADED_PARSE_BYTES
+
+    n = THREADED_PARSE_BYTES // 7  # 7-10 bytes a line: one chunk past the threshold
+    lines = [f"{k % 997},{k % 89},1" for k in range(n)]
+    bad = n - 1234
+    lines[bad] = '"5",6,1'  # quoted: the chunk is not plain
+    path = tmp_path / "big.csv"
+    path.write_text("user,item,value\n" + "\n".join(lines) + "\n")
+    assert path.stat().st_size > THREADED_PARSE_BYTES
+    wals_ooc.convert(str(path), str(tmp_path / "s.zarr"), progress=False, memory_budget="2GB")
+    rows = [(k % 997, k % 89, 1) for k in range(n) if k != bad] + [(5, 6, 1)]
+    _assert_store_equals(open_store(str(tmp_path / "s.zarr")), *_expected(rows))
+    lines[bad] = "5,6"
+    path.write_text("user,item,value\n" + "\n".join(lines) + "\n")
+    with pytest.raises(InputError) as info:
+        wals_ooc.convert(str(path), str(tmp_path / "t.zarr"), progress=False, memory_budget="2GB")
+    assert info.value.line == bad + 2 and "malformed row" in str(info.value)
+
+
+def test_spread_integer_ids_map_like_dense_ones(tmp_path):
+    """Ids over a range too wide for a lookup table take the search path: same matrix."""
+    rows = [(k % 13, k % 7, 1 + k % 3) for k in range(200)]
+    spread = [(u * 10**15 + 3, i * 10**14, v) for u, i, v in rows]
+    for name, data in (("dense", rows), ("spread", spread)):
+        _write_csv(tmp_path / f"{name}.csv", data)
+        wals_ooc.convert(str(tmp_path / f"{name}.csv"), str(tmp_path / f"{name}.zarr"), shard_nnz=10, progress=False)
+    dense, spread_store = open_store(str(tmp_path / "dense.zarr")), open_store(str(tmp_path / "spread.zarr"))
+    for side in ("user", "item"):
+        a, b = store_to_scipy(dense, side), store_to_scipy(spread_store, side)
+        np.testing.assert_array_equal(a.indptr, b.indptr)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.data, b.data)
+    _assert_store_equals(spread_store, *_expected(spread))
+
+
+def test_plain_chunks_read_from_bytes_equal_the_careful_path(tmp_path):
+    """Integer ids and counts without quotes are parsed straight from the bytes; the same rows
+    with one quoted field (so Arrow and the validator read them) give the same store."""
+    rows = [(k % 17, (k * 7) % 11, k % 4) for k in range(300)]  # zeros dropped on both paths
+    _write_csv(tmp_path / "plain.csv", rows)
+    text = (tmp_path / "plain.csv").read_text().replace("\n3,", '\n"3",', 1)
+    (tmp_path / "quoted.csv").write_text(text)
+    reports = {name: wals_ooc.convert(str(tmp_path / f"{name}.csv"), str(tmp_path / f"{name}.zarr"), progress=False)
+               for name in ("plain", "quoted")}
+    assert reports["plain"].bad_rows.zeros_dropped == reports["quoted"].bad_rows.zeros_dropped > 0
+    assert reports["plain"].rows_read == reports["quoted"].rows_read
+    for name in ("plain", "quoted"):
+        _assert_store_equals(open_store(str(tmp_path / f"{name}.zarr")), *_expected(rows))

@@ -20,3 +20,130 @@ def segment_sums(values, starts):
             acc += np.float64(values[p])
         out[k] = acc
     return out
+
+
+@njit(cache=True, nogil=True)
+def map_dense_ids(ids, lowest, table, counts):
+    """Rows of integer ids through a dense table (``table[id - lowest]``, -1 for an id not in
+    the map); adds one to ``counts`` per row. Returns (int32 rows, index of the first id not in
+    the map or -1)."""
+    n = len(ids)
+    rows = np.empty(n, np.int32)
+    span = len(table)
+    for k in range(n):
+        at = ids[k] - lowest
+        if at < 0 or at >= span or table[at] < 0:
+            return rows, k
+        row = table[at]
+        rows[k] = row
+        counts[row] += 1
+    return rows, -1
+
+
+@njit(cache=True, nogil=True)
+def fill_dense_table(keys, lowest, table):
+    """table[key - lowest] = position of key in the sorted distinct ``keys`` (others stay -1)."""
+    for k in range(len(keys)):
+        table[keys[k] - lowest] = k
+
+
+@njit(cache=True, nogil=True)
+def bucket_order(keys, bounds):
+    """Stable counting sort of entries by the shard their key falls in (``bounds``: ascending
+    shard starts, then the end): (entry order, shard cut points of length len(bounds))."""
+    n_shards = len(bounds) - 1
+    shard = np.empty(len(keys), np.int32)
+    cuts = np.zeros(n_shards + 1, np.int64)
+    for k in range(len(keys)):
+        lo, hi = 0, n_shards - 1
+        key = keys[k]
+        while lo < hi:  # last shard whose start <= key
+            mid = (lo + hi + 1) >> 1
+            if bounds[mid] <= key:
+                lo = mid
+            else:
+                hi = mid - 1
+        shard[k] = lo
+        cuts[lo + 1] += 1
+    for s in range(n_shards):
+        cuts[s + 1] += cuts[s]
+    fill = cuts[:-1].copy()
+    order = np.empty(len(keys), np.int64)
+    for k in range(len(keys)):
+        s = shard[k]
+        order[fill[s]] = k
+        fill[s] += 1
+    return order, cuts
+
+
+@njit(cache=True, nogil=True)
+def csr_from_entries(rows, cols, values, row_start, n_rows, n_cols):
+    """Entries of rows ``[row_start, row_start + n_rows)`` (columns < ``n_cols``) -> (indptr,
+    indices, values float64), sorted by row then column, duplicates summed in float64 in input
+    order (as ``segment_sums`` over a stable sort): a counting sort by row, then a stable sort
+    of each row's columns (insertion sort for short rows, merge sort for long ones)."""
+    n = len(rows)
+    counts = np.zeros(n_rows + 1, np.int64)
+    for k in range(n):
+        counts[rows[k] - row_start + 1] += 1
+    longest = 0
+    for r in range(n_rows):
+        longest = max(longest, counts[r + 1])
+        counts[r + 1] += counts[r]
+    fill = counts[:-1].copy()
+    by_row = np.empty(n, np.int64)
+    for k in range(n):
+        r = rows[k] - row_start
+        by_row[fill[r]] = k
+        fill[r] += 1
+    indptr = np.zeros(n_rows + 1, np.int64)
+    indices = np.empty(n, np.int32)
+    sums = np.empty(n, np.float64)
+    seg_cols = np.empty(longest, np.int64)
+    seg = np.empty(longest, np.int64)
+    out = 0
+    for r in range(n_rows):
+        lo, hi = counts[r], counts[r + 1]
+        m = hi - lo
+        if m <= 32:  # stable insertion sort by column (entries of a row, in input order)
+            for p in range(m):
+                k = by_row[lo + p]
+                c = cols[k]
+                q = p
+                while q > 0 and seg_cols[q - 1] > c:
+                    seg_cols[q] = seg_cols[q - 1]
+                    seg[q] = seg[q - 1]
+                    q -= 1
+                seg_cols[q] = c
+                seg[q] = k
+        else:
+            for p in range(m):
+                seg_cols[p] = cols[by_row[lo + p]]
+            within = np.argsort(seg_cols[:m], kind="mergesort")  # stable: duplicates in input order
+            for p in range(m):
+                seg[p] = by_row[lo + within[p]]
+            for p in range(m):
+                seg_cols[p] = cols[seg[p]]
+        previous = -1
+        for p in range(m):
+            k = seg[p]
+            col = seg_cols[p]
+            if col != previous:
+                indices[out] = col
+                sums[out] = np.float64(values[k])
+                out += 1
+                previous = col
+            else:
+                sums[out - 1] += np.float64(values[k])
+        indptr[r + 1] = out
+    return indptr, indices[:out], sums[:out]
+
+
+@njit(cache=True, nogil=True)
+def gather_fields(order, rows, cols, values, out_rows, out_cols, out_values):
+    """out_x[k] = x[order[k]] for the three fields of conversion's records."""
+    for k in range(len(order)):
+        at = order[k]
+        out_rows[k] = rows[at]
+        out_cols[k] = cols[at]
+        out_values[k] = values[at]

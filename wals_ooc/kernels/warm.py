@@ -28,7 +28,7 @@ from .rank import rank_counts_update
 from .solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
 from .subspace import subspace_solve_rows
 from .topk import keys_of, mask_columns, new_heaps, select_candidates, topk_finish, topk_select, topk_update
-from .assemble import segment_sums
+from .assemble import bucket_order, csr_from_entries, fill_dense_table, gather_fields, map_dense_ids, segment_sums
 from .text import (
     chunk_runs,
     csv_record_end,
@@ -39,6 +39,7 @@ from .text import (
     hash_strings,
     parse_ints,
     parse_ints_each,
+    parse_plain_csv,
 )
 
 _warmed: set[tuple] = set()
@@ -114,10 +115,21 @@ def warm_id_kernels() -> None:
         gather_ranges(data, 0, order, order + 1, np.zeros(2, np.uint8), np.arange(3, dtype=np.int64))
         csv_record_end(data, 0, 44, 34)
         csv_record_lines(data, 44, 34)
+        parse_plain_csv(data, 3, 0, 1, 2, 44)
         for other in (writable, readonly):
             equal_pairs(offsets, data, order, other[0], other[1], order)
     chunk_runs(order, order, 2)
     segment_sums(np.ones(3, np.float32), np.array([0, 2], np.int64))
+    # conversion's passes: records as the writer holds them (fields of a structured array),
+    # ids as Arrow hands them over (read-only int64)
+    records = np.zeros(3, np.dtype([("row", "<i4"), ("col", "<i4"), ("value", "<f4")]))
+    csr_from_entries(records["row"], records["col"], records["value"], 0, 1, 1)
+    bucket_order(np.ascontiguousarray(records["row"]), np.array([0, 1], np.int64))
+    gather_fields(order, records["row"], records["col"], records["value"], records["row"], records["col"],
+                  records["value"])
+    table = np.full(2, -1, np.int32)
+    fill_dense_table(order, 0, table)
+    map_dense_ids(np.frombuffer(order.tobytes(), np.int64), 0, table, np.zeros(2, np.int64))
     _warmed.add("ids")
 
 

@@ -25,7 +25,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..errors import InputError, SettingError
-from ..kernels.text import csv_record_end, csv_record_lines, parse_ints_each
+from ..kernels.text import csv_record_end, csv_record_lines, parse_ints_each, parse_plain_csv
 from .ids import as_text, text_buffers
 
 log = logging.getLogger("wals_ooc")
@@ -378,6 +378,9 @@ class _ChunkLines:
         return self.first_line + int(self._starts[record - 1])
 
 
+THREADED_PARSE_BYTES = 2 << 20  # chunks from this size are parsed by Arrow's thread pool
+
+
 def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: int) -> Iterator[RowBatch]:
     """Parse record-aligned chunks with Arrow one at a time (Arrow's own streaming reader reads
     many blocks ahead, which would break the memory budget)."""
@@ -414,6 +417,12 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
         quoted_strings_can_be_null=False,
     )
     rows_seen = 0
+    # plain chunks (integer ids and counts, no quotes) are read straight from their bytes; any
+    # other chunk, or one with a problem to name, goes through Arrow and the validator below
+    plain = (wanted[3] is None and _kind_of(spec, "user") != "str" and _kind_of(spec, "item") != "str"
+             and len(spec.delimiter.encode()) == 1 and spec.delimiter != '"')
+    plain_fields = (names.index(wanted[0]), names.index(wanted[1]),
+                    names.index(wanted[2]) if wanted[2] is not None else -1) if plain else None
     for chunk, first_line in _text_chunks(path, block_bytes, spec.delimiter):
         if first_line == 1 and spec.header:  # drop the header record (it may span several lines)
             cut = 0
@@ -421,6 +430,20 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
                 cut = chunk.index(b"\n", cut) + 1
             chunk, first_line = chunk[cut:], 1 + header_lines
             if not chunk:
+                continue
+        if plain:
+            users, items, numbers, ok = parse_plain_csv(np.frombuffer(chunk, np.uint8), len(names), *plain_fields,
+                                                        ord(spec.delimiter))
+            if ok:
+                rows_seen += len(users)
+                vals = numbers.astype(np.float32)
+                zero = vals == 0
+                if zero.any():
+                    report.zeros_dropped += int(zero.sum())
+                    keep = np.flatnonzero(~zero)
+                    users, items, vals = users[keep], items[keep], vals[keep]
+                if len(vals):
+                    yield RowBatch(users, items, vals, None)
                 continue
         lines = _ChunkLines(chunk, first_line, spec.delimiter)
         malformed: list[int] = []  # records, within this chunk, that were skipped
@@ -438,20 +461,33 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
             malformed.append(row.number)
             return "skip"
 
-        try:
-            table = pacsv.read_csv(
+        def parse(threads: bool, handler):
+            return pacsv.read_csv(
                 pa.BufferReader(chunk),
-                read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=len(chunk) + 1),
+                read_options=pacsv.ReadOptions(column_names=names, use_threads=threads,
+                                               block_size=max(1 << 20, len(chunk) // 2 + 1) if threads else len(chunk) + 1),
                 parse_options=pacsv.ParseOptions(
-                    delimiter=spec.delimiter, invalid_row_handler=on_invalid_row, ignore_empty_lines=False,
+                    delimiter=spec.delimiter, invalid_row_handler=handler, ignore_empty_lines=False,
                     newlines_in_values=True,
                 ),
                 convert_options=convert_options,
             )
-        except pa.ArrowInvalid as exc:
-            if first_error:
-                raise first_error[0] from None
-            raise InputError(path, first_line, None, f"unreadable CSV: {exc}") from exc
+
+        table = None
+        if len(chunk) >= THREADED_PARSE_BYTES:
+            # both cores parse halves of the chunk; a malformed row (whose line Arrow's threaded
+            # parser does not know) sends the chunk to the serial parse below, which names it
+            try:
+                table = parse(True, lambda row: "error")
+            except pa.ArrowInvalid:
+                table = None
+        if table is None:
+            try:
+                table = parse(False, on_invalid_row)
+            except pa.ArrowInvalid as exc:
+                if first_error:
+                    raise first_error[0] from None
+                raise InputError(path, first_line, None, f"unreadable CSV: {exc}") from exc
 
         def line_of(record: int, lines=lines, malformed=malformed) -> int:
             """Line of the record-th (0-based) row Arrow returned: skipped records shift it down."""

@@ -21,6 +21,7 @@ import zlib
 import time
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
@@ -31,7 +32,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from ..errors import BudgetWarning, SettingError, WalsError
-from ..kernels.assemble import segment_sums
+from ..kernels.assemble import bucket_order, csr_from_entries, fill_dense_table, gather_fields, map_dense_ids, segment_sums
 from ..kernels.text import parse_ints
 from ..memory import MemoryBudget, format_bytes, peak_rss
 from .format import ID_ARRAYS, CSR_CHUNK, FORMAT_VERSION, INTERACTIONS_KIND, create_array, is_local
@@ -233,20 +234,28 @@ def _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, re
         write_id_map(group, ID_ARRAYS[side], sides[side].distinct, id_types[side])
         maps[side] = IdIndex(group[ID_ARRAYS[side]], out.target)
     del sides
-    counts, mapped_path = _map_rows(spill, workspace, maps, record, disable, budget.allowance)
+    counts, mapped_paths = _map_rows(spill, workspace, maps, record, disable, budget.allowance)
     report.n_users, report.n_items = maps["user"].n, maps["item"].n
     raw_nnz = int(counts["user"].sum())
     target = shard_nnz or default_shard_nnz(raw_nnz, budget.allowance)
     bounds = {side: plan_shard_bounds(counts[side], row_block, target) for side in ("user", "item")}
     per_entry = ASSEMBLE_BYTES_PER_NNZ + 3 * (record.itemsize - RECORD.itemsize)  # order: kept, sorted, reduced
-    unit_nnz = max(1, budget.allowance // (4 * per_entry))
+    unit_nnz = max(1, budget.allowance // (8 * per_entry))  # a quarter of half the allowance: two assemble at once
     units = {side: assembly_units(counts[side], bounds[side], unit_nnz) for side in ("user", "item")}
     del counts
-    buckets = _bucket(mapped_path, workspace, units, budget, record, disable)
+    buckets = _bucket(mapped_paths, workspace, units, budget, record, disable)
+    # the two orientations are assembled at once, each in half the allowance (its units were cut
+    # for that): the kernels and the chunk compression release the GIL, so both cores work
     nnz = {}
-    for side, orientation, other in (("user", "by_user", "item"), ("item", "by_item", "user")):
-        nnz[side] = _assemble(group, orientation, buckets[side], units[side], maps[other].n, record, unit_nnz,
-                              budget.allowance, disable, _OverflowNamer(source, side, maps))
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="wals-ooc-assemble") as pool:
+        futures = {
+            side: pool.submit(_assemble, group, orientation, buckets[side], units[side], maps[other].n, record, unit_nnz,
+                              budget.allowance // 2, disable, _OverflowNamer(source, side, maps))
+            for side, orientation, other in (("user", "by_user", "item"), ("item", "by_item", "user"))
+        }
+        for side in ("user", "item"):
+            nnz[side] = futures[side].result()
+    for side, orientation in (("user", "by_user"), ("item", "by_item")):
         group[orientation].attrs.update({"shard_bounds": [int(b) for b in bounds[side]], "row_block": int(row_block)})
     assert nnz["user"] == nnz["item"], "both orientations must hold the same entries"
     report.nnz = nnz["user"]
@@ -285,15 +294,21 @@ def _id_types(id_type: str | dict) -> dict[str, str]:
     return types
 
 
+SEGMENT_BYTES = 1 << 30  # spill files are cut at about this size: each is deleted once read,
+# so the next pass's output replaces them as it grows instead of adding to them (disk peak)
+
+
 class _Spill:
     """Validated rows of pass 1, as Arrow IPC segments (a new one whenever a side's id column
-    changes type: integers until an id that is not a canonical integer turns up, then text)."""
+    changes type: integers until an id that is not a canonical integer turns up, then text;
+    and every ``SEGMENT_BYTES``)."""
 
     def __init__(self, workspace: _Workspace, has_order: bool):
         self.workspace, self.has_order = workspace, has_order
         self.segments: list[str] = []
         self.writer = None
         self.schema = None
+        self.written = 0
 
     def write(self, users, items, values: np.ndarray, order: np.ndarray | None) -> None:
         columns = [_as_arrow(users), _as_arrow(items), pa.array(values)]
@@ -302,13 +317,16 @@ class _Spill:
             columns.append(pa.array(order))
             fields.append(("order", pa.float64()))
         schema = pa.schema(fields)
-        if self.writer is None or schema != self.schema:
+        if self.writer is None or schema != self.schema or self.written >= SEGMENT_BYTES:
             self.close()
             path = self.workspace.file(f"rows-{len(self.segments):02d}.arrow")
             self.writer = pa.ipc.new_stream(pa.OSFile(path, "wb"), schema)
             self.schema = schema
             self.segments.append(path)
-        self.writer.write_batch(pa.record_batch(columns, schema=schema))
+            self.written = 0
+        batch = pa.record_batch(columns, schema=schema)
+        self.writer.write_batch(batch)
+        self.written += batch.nbytes
 
     def close(self) -> None:
         if self.writer is not None:
@@ -360,6 +378,53 @@ class _SideIds:
         return ids
 
 
+_DONE = object()
+
+
+def _ahead(batches: Iterable[RowBatch]) -> Iterator[RowBatch]:
+    """The batches, each read and parsed by a helper thread while the caller handles the one
+    before (Arrow's parser and the numba kernels release the GIL, so the two overlap). At most
+    two batches are held at once; an error of the reader is raised here, in the caller, and a
+    caller that stops early stops the reader."""
+    import queue
+    import threading
+
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for batch in batches:
+                if not put((batch, None)):
+                    return
+            put((_DONE, None))
+        except BaseException as exc:  # handed to the caller, raised there
+            put((None, exc))
+
+    reader = threading.Thread(target=read, name="wals-ooc-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            batch, error = handoff.get()
+            if error is not None:
+                raise error
+            if batch is _DONE:
+                return
+            yield batch
+    finally:
+        stop.set()
+        reader.join()
+
+
 def _collect(batches, workspace, budget, report, disable, id_types, source):
     """Pass 1: spill every validated batch to Arrow IPC and gather each side's distinct ids.
 
@@ -368,7 +433,7 @@ def _collect(batches, workspace, budget, report, disable, id_types, source):
     sides = {side: _SideIds(side, id_types[side], workspace, share, source) for side in ("user", "item")}
     spill = None
     with tqdm(desc=_desc("read"), unit="rows", unit_scale=True, disable=disable) as bar:
-        for batch in batches:
+        for batch in _ahead(batches):
             if spill is None:
                 spill = _Spill(workspace, batch.order is not None)
             users = sides["user"].take(batch.users)
@@ -393,8 +458,27 @@ class _RowMapper:
         self.index = index
         self.keys = index.keys() if self.hold_keys and index.n * 8 <= memory_bytes else None
         self.colliding = index._collisions[:, 0] if len(index._collisions) else None
+        self.table = None
+        if self.keys is not None and index.kind == "int" and len(self.keys):
+            # integer ids over a range the memory share can index: one table lookup per id
+            self.lowest = int(self.keys[0])
+            span = int(self.keys[-1]) - self.lowest + 1
+            if span * 4 + self.keys.nbytes <= memory_bytes:
+                self.table = np.full(span, -1, np.int32)
+                fill_dense_table(self.keys, self.lowest, self.table)
 
-    def rows(self, column: pa.Array) -> np.ndarray:
+    def rows(self, column: pa.Array, counts: np.ndarray) -> np.ndarray:
+        """Rows of the column's ids (int32); adds each row's entries to ``counts``."""
+        if self.table is not None:
+            rows, missing = map_dense_ids(column.to_numpy(), self.lowest, self.table, counts)
+            if missing >= 0:
+                raise RuntimeError("an id of the input is missing from the id map being written")
+            return rows
+        rows = self._rows(column)
+        counts += np.bincount(rows, minlength=len(counts))
+        return rows
+
+    def _rows(self, column: pa.Array) -> np.ndarray:
         if self.index.kind == "int":
             keys, text = column.to_numpy(), None
         else:
@@ -422,50 +506,68 @@ def _map_rows(spill, workspace, maps, record, disable, allowance):
     """Pass 2: original ids -> row indices, written as fixed-size records; count entries per row."""
     mappers = {side: _RowMapper(maps[side], allowance // 8) for side in ("user", "item")}
     counts = {side: np.zeros(maps[side].n, np.int64) for side in ("user", "item")}
-    mapped_path = workspace.file("rows.records")
-    with open(mapped_path, "wb") as sink, tqdm(desc=_desc("map ids"), unit="rows", unit_scale=True, disable=disable) as bar:
+    mapped_paths: list[str] = []
+    sink = None
+    with tqdm(desc=_desc("map ids"), unit="rows", unit_scale=True, disable=disable) as bar:
         for batch in spill.batches():
+            if sink is None or sink.tell() >= SEGMENT_BYTES:
+                if sink is not None:
+                    sink.close()
+                mapped_paths.append(workspace.file(f"rows-{len(mapped_paths):05d}.records"))
+                sink = open(mapped_paths[-1], "wb")
             records = np.empty(batch.num_rows, record)
-            records["row"] = mappers["user"].rows(batch.column(0))
-            records["col"] = mappers["item"].rows(batch.column(1))
+            records["row"] = mappers["user"].rows(batch.column(0), counts["user"])
+            records["col"] = mappers["item"].rows(batch.column(1), counts["item"])
             records["value"] = batch.column(2).to_numpy()
             if "order" in record.names:
                 records["order"] = batch.column(3).to_numpy()
-            counts["user"] += np.bincount(records["row"], minlength=len(counts["user"]))
-            counts["item"] += np.bincount(records["col"], minlength=len(counts["item"]))
             records.tofile(sink)
             bar.update(batch.num_rows)
-    return counts, mapped_path
+    if sink is not None:
+        sink.close()
+    return counts, mapped_paths
 
 
-def _bucket(mapped_path, workspace, bounds, budget, record, disable):
+def _mapped_chunks(mapped_paths: list[str], record: np.dtype, chunk_rows: int) -> Iterator[np.ndarray]:
+    """The records of pass 2, ``chunk_rows`` at a time; each segment is deleted once read."""
+    for path in mapped_paths:
+        with open(path, "rb") as source:
+            while True:
+                records = np.fromfile(source, record, count=chunk_rows)
+                if not len(records):
+                    break
+                yield records
+        os.remove(path)
+
+
+def _bucket(mapped_paths, workspace, bounds, budget, record, disable):
     """Pass 3: append each record to its user shard's and its item shard's bucket file."""
     chunk_rows = max(1 << 14, budget.allowance // (16 * record.itemsize))
     paths = {
         side: [workspace.file(f"{side}-{k:06d}.records") for k in range(len(bounds[side]) - 1)]
         for side in ("user", "item")
     }
-    total = os.path.getsize(mapped_path) // record.itemsize
-    with open(mapped_path, "rb") as source, tqdm(
-        desc=_desc("bucket"), total=total, unit="rows", unit_scale=True, disable=disable
-    ) as bar:
-        while True:
-            records = np.fromfile(source, record, count=chunk_rows)
-            if not len(records):
-                break
+    total = sum(os.path.getsize(path) for path in mapped_paths) // record.itemsize
+    starts = {side: np.asarray(bounds[side], np.int64) for side in ("user", "item")}
+    with tqdm(desc=_desc("bucket"), total=total, unit="rows", unit_scale=True, disable=disable) as bar:
+        for records in _mapped_chunks(mapped_paths, record, chunk_rows):
             for side, key in (("user", "row"), ("item", "col")):
-                shard_of = np.searchsorted(np.asarray(bounds[side][1:-1]), records[key], side="right")
-                order = np.argsort(shard_of, kind="stable")
-                cuts = np.searchsorted(shard_of[order], np.arange(len(paths[side]) + 1))
-                grouped = records[order]
-                if side == "item":
-                    grouped = _swap_row_col(grouped)
+                order, cuts = bucket_order(np.ascontiguousarray(records[key]), starts[side])  # stable counting sort
+                if "order" in record.names:
+                    grouped = records[order]
+                    if side == "item":
+                        grouped = _swap_row_col(grouped)
+                else:
+                    grouped = np.empty(len(records), record)
+                    first, second = ("row", "col") if side == "user" else ("col", "row")
+                    gather_fields(order, records[first], records[second], records["value"], grouped["row"],
+                                  grouped["col"], grouped["value"])
+                del order
                 for k in range(len(paths[side])):
                     if cuts[k + 1] > cuts[k]:
                         with open(paths[side][k], "ab") as sink:
                             grouped[cuts[k] : cuts[k + 1]].tofile(sink)
             bar.update(len(records))
-    os.remove(mapped_path)
     return paths
 
 
@@ -590,6 +692,12 @@ def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int)
     if not len(records):
         return (np.zeros(n_rows + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.float32),
                 np.empty(0, np.float64) if has_order else None)
+    if not has_order:  # one counting sort by row, a stable sort of each row's columns (numba)
+        indptr, indices, sums = csr_from_entries(records["row"], records["col"], records["value"], row_start, n_rows,
+                                               n_cols)
+        del records
+        with np.errstate(over="ignore"):
+            return indptr, indices, sums.astype(np.float32), None
     keys = (records["row"].astype(np.int64) - row_start) * n_cols + records["col"]
     raw_values = records["value"].copy()
     raw_order = records["order"].copy() if has_order else None
