@@ -303,6 +303,7 @@ class _Buckets:
 
 def _duplicate(path: str, field_name: str, lines: np.ndarray, a: int, b: int, value) -> InputError:
     first, second = sorted((int(lines[a]), int(lines[b])))
+    value = value.item() if isinstance(value, np.generic) else value
     return InputError(path, second, field_name, f"duplicate id {value!r} (also on line {first}): give each id one name")
 
 
