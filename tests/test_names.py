@@ -133,6 +133,15 @@ def test_add_names_replaces_atomically_and_bad_files_change_nothing(named, tmp_p
     opened = wals_ooc.open_store(store)
     assert opened.names_of("item", opened.index_of("item", [1, 2])).tolist() == ["Björk", None]
     assert len(os.listdir(os.path.join(store, "item_ids"))) == len(listing)  # the old names were removed
+    # quoted names may hold the delimiter and newlines; lines stay right after them
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('id,name\n1,"Crosby, Stills\nand Nash"\n2,Plain\n3,\n')
+    with pytest.raises(InputError, match=r"quoted.csv:5: field 'name': empty name"):
+        add_names(store, items=str(quoted))
+    quoted.write_text('id,name\n1,"Crosby, Stills\nand Nash"\n2,Plain\n')
+    add_names(before.factors_store.location, items=str(quoted))  # a model: its own copy of the ids
+    assert wals_ooc.load(before.factors_store.location).names_of([1, 2, 3]).tolist() == ["Crosby, Stills\nand Nash",
+                                                                                          "Plain", None]
 
 
 def test_names_on_real_lastfm(tmp_path):

@@ -28,20 +28,27 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import zarr
 
+from .._lazy import LazyModule, lazy_function
 from ..errors import InputError, SettingError, UnknownIdError
 from .appender import ChunkAppender
 from .format import create_array
 from .ids import BYTES_CHUNK, KEY_CHUNK, IdIndex, _compressor, _unique_inverse, as_text, hash_text, text_buffers, \
     text_from_buffers
 
+# pyarrow loads on first use: `wals-ooc info` of a named store reads a few names without it
+pa = LazyModule("pyarrow")
+pc = LazyModule("pyarrow.compute")
+pacsv = LazyModule("pyarrow.csv")
+csv_record_lines = lazy_function("wals_ooc.kernels.text", "csv_record_lines")
+
 NAMES_ATTR = "names"
 _DELIMITERS = ("\t", ",", ";", "|")
-_SPILL_SCHEMA = pa.schema([("row", pa.int64()), ("line", pa.int64()), ("text", pa.large_string())])
+
+
+def _spill_schema():
+    return pa.schema([("row", pa.int64()), ("line", pa.int64()), ("text", pa.large_string())])
 
 
 class AmbiguousNameError(UnknownIdError):
@@ -226,7 +233,7 @@ def read_names(path: str, spec: NamesSpec, block_bytes: int = 8 << 20
         if quote is None:
             lines = first + records - 1
         else:  # a quoted name may span lines: count the newlines before each record
-            lines = first + _record_lines(data, quote, len(records) + len(blank))[records - 1]
+            lines = first + csv_record_lines(np.frombuffer(data, np.uint8), ord(delimiter), ord(quote))[records - 1]
         ids = table.column(labels[id_at]).combine_chunks()
         names = table.column(labels[name_at]).combine_chunks()
         for values, label, what in ((ids, id_field, "id"), (names, name_field, "name")):
@@ -234,25 +241,6 @@ def read_names(path: str, spec: NamesSpec, block_bytes: int = 8 << 20
             if empty.any():
                 raise InputError(path, int(lines[np.flatnonzero(empty)[0]]), label, f"empty {what}")
         yield ids, names, lines, id_field
-
-
-def _record_lines(data: bytes, quote: str, records: int) -> np.ndarray:
-    """Line offset (0-based) of each record of ``data`` when quoted fields may hold newlines."""
-    out = np.zeros(records, np.int64)
-    line, inside, count = 0, False, 0
-    start_of_record = True
-    for ch in data.decode("utf-8"):
-        if start_of_record and count < records:
-            out[count] = line
-            count += 1
-            start_of_record = False
-        if ch == quote:
-            inside = not inside
-        elif ch == "\n":
-            line += 1
-            if not inside:
-                start_of_record = True
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +253,7 @@ class _Buckets:
 
     def __init__(self, workspace: str, name: str, count: int):
         self.paths = [os.path.join(workspace, f"{name}-{k:05d}.arrow") for k in range(count)]
-        self.writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+        self.writers: dict = {}  # bucket -> Arrow IPC file writer
 
     def add(self, bucket: np.ndarray, rows: np.ndarray, lines: np.ndarray, text: pa.Array) -> None:
         order = np.argsort(bucket, kind="stable")
@@ -277,9 +265,9 @@ class _Buckets:
             k = int(bucket[lo])
             take = order[lo:hi]
             batch = pa.record_batch([pa.array(rows[take]), pa.array(lines[take]), text.take(pa.array(take))],
-                                    schema=_SPILL_SCHEMA)
+                                    schema=_spill_schema())
             if k not in self.writers:
-                self.writers[k] = pa.ipc.new_file(self.paths[k], _SPILL_SCHEMA)
+                self.writers[k] = pa.ipc.new_file(self.paths[k], _spill_schema())
             self.writers[k].write_batch(batch)
 
     def read(self, k: int) -> dict[str, pa.Array] | None:
@@ -442,6 +430,31 @@ class _NameText(IdIndex):
         self._offsets = group["offsets"]
         self._bytes = group["bytes"]
 
+    def text_of_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As ``IdIndex.text_of_rows``; a few rows (``info``, one query's results) are read
+        chunk by chunk in Python, so showing them loads no numba."""
+        rows = np.asarray(rows, np.int64)
+        if len(rows) > 64 or not len(rows):
+            return super().text_of_rows(rows)
+        positions = np.unique(np.concatenate([rows, rows + 1]))
+        bounds = np.asarray(self._offsets.get_coordinate_selection(positions), np.int64)
+        starts = bounds[np.searchsorted(positions, rows)]
+        stops = bounds[np.searchsorted(positions, rows + 1)]
+        chunk = self._bytes.chunks[0]
+        windows = {}
+        pieces = []
+        for start, stop in zip(starts.tolist(), stops.tolist()):
+            piece = []
+            for k in range(start // chunk, (max(stop, start + 1) - 1) // chunk + 1):
+                if k not in windows:
+                    windows[k] = self._bytes[k * chunk : (k + 1) * chunk]
+                lo, hi = max(start, k * chunk) - k * chunk, min(stop, (k + 1) * chunk) - k * chunk
+                piece.append(windows[k][lo:max(lo, hi)])
+            pieces.append(np.concatenate(piece) if piece else np.zeros(0, np.uint8))
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum([len(p) for p in pieces], out=offsets[1:])
+        return offsets, (np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)).astype(np.uint8)
+
 
 class NameIndex:
     """One side's display names (see the module docstring), opened read-only."""
@@ -468,9 +481,12 @@ class NameIndex:
         out = np.empty(len(flat), dtype=object)
         valid = flat >= 0
         if valid.any():
-            text = self._text.text_of(flat[valid])
-            values = text.to_numpy(zero_copy_only=False)
-            values = np.where(np.diff(text_buffers(text)[0]) == 0, None, values)
+            unique, inverse = np.unique(flat[valid], return_inverse=True)
+            offsets, data = self._text.text_of_rows(unique)
+            raw = data.tobytes()  # decoded here: Arrow's conversions would load pandas
+            decoded = np.empty(len(unique), dtype=object)
+            decoded[:] = [raw[a:b].decode("utf-8") or None for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+            values = decoded[inverse]
             out[valid] = values
         out[~valid] = None
         return out.reshape(rows.shape)
