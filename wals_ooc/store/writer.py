@@ -664,13 +664,6 @@ def convert(
     names_options: how to read them (``id_col``, ``name_col``, ``delimiter``, ``encoding``,
     ``quote``, ``header``: see ``names.NamesSpec``).
     """
-    from .names import NamesSpec
-
-    names_spec = NamesSpec(**(names_options or {}))
-    names = {side: (os.fspath(path), names_spec) for side, path in (("item", item_names), ("user", user_names))
-             if path is not None}
-    for path, _ in names.values():
-        _check_input_file(path)
     paths = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(p) for p in inputs]
     for path in paths:
         _check_input_file(path)
@@ -678,7 +671,16 @@ def convert(
     spec = InputSpec(user_col=user_col, item_col=item_col, value_col=value_col, order_col=order_col, delimiter=delimiter,
                      header=header, id_kind=id_type, on_bad_lines=on_bad_lines)
     report = ConvertReport(store=os.fspath(store))
-    budget = MemoryBudget.start(memory_budget)
+    budget = MemoryBudget.start(memory_budget)  # first: what is imported below counts against the budget
+    names = {}
+    if item_names is not None or user_names is not None:
+        from .names import NamesSpec
+
+        names_spec = NamesSpec(**(names_options or {}))
+        names = {side: (os.fspath(path), names_spec) for side, path in (("item", item_names), ("user", user_names))
+                 if path is not None}
+        for path, _ in names.values():
+            _check_input_file(path)
     budget_bytes = budget.allowance
     block_bytes = int(min(64 << 20, max(1 << 20, budget_bytes // 48)))
     reading: list[str] = [paths[0] if paths else ""]
