@@ -300,12 +300,15 @@ def write_names(group: zarr.Group, index: IdIndex, path: str, spec: NamesSpec, w
     """Write the names of ``path`` for the ids of ``index`` into the empty group ``group``."""
     summary = NamesSummary(side=side, path=path, rows=index.n)
     size = os.path.getsize(path) if os.path.isfile(path) else 0
-    count = int(max(1, min(4096, -(-4 * size // max(1, memory_bytes)))))
+    # a bucket's records, sorted and copied a few times (names, lower-cased names, hashes), stay
+    # within about a quarter of the allowance; the text read at once (decoded, re-encoded and
+    # parsed: several copies) within a sixteenth
+    count = int(max(1, min(4096, -(-16 * size // max(1, memory_bytes)))))
     n = index.n
     row_buckets = _Buckets(workspace, f"{side}-names-rows", count)
     unknown_buckets = _Buckets(workspace, f"{side}-names-unknown", count)
     id_field = str(spec.id_col)
-    block = int(max(1 << 16, min(16 << 20, memory_bytes // 16)))
+    block = int(max(1 << 16, min(16 << 20, memory_bytes // 64)))
     try:
         for ids, names, lines, id_field in read_names(path, spec, block):
             rows = index.index_of(ids, missing="mark")
