@@ -297,8 +297,6 @@ def cmd_tune(args) -> int:
 
 
 def cmd_recommend(args) -> int:
-    import numpy as np
-
     from .model import load
 
     model = load(args.model, interactions=args.interactions, memory_budget=args.memory_budget, threads=args.threads)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import codecs
 import csv
 import os
-from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -34,8 +33,7 @@ from .._lazy import LazyModule, lazy_function
 from ..errors import InputError, SettingError, UnknownIdError
 from .appender import ChunkAppender
 from .format import create_array
-from .ids import BYTES_CHUNK, KEY_CHUNK, IdIndex, _compressor, _unique_inverse, as_text, hash_text, text_buffers, \
-    text_from_buffers
+from .ids import BYTES_CHUNK, KEY_CHUNK, IdIndex, _compressor, as_text, hash_text, text_buffers
 
 # pyarrow loads on first use: `wals-ooc info` of a named store reads a few names without it
 pa = LazyModule("pyarrow")
