@@ -121,17 +121,17 @@ def cmd_info(args) -> int:
     for side in ("user", "item"):
         tops[side], nnz = _top_rows(store, side, args.top)
         print(f"{side} shards {store.n_shards(side)} (entries per shard min {min(nnz)}, max {max(nnz)}), row block {store.row_block}")
+    name_maps = {side: store.name_map(side) if store.has_names(side) else None for side in ("user", "item")}
     for side in ("user", "item"):
         rows = [row for row, _ in tops[side]]
         ids = store.ids_of(side, rows)
-        names = store.names_of(side, rows) if store.has_names(side) else None
+        names = name_maps[side].names_of(rows) if name_maps[side] is not None else None
         shown = [f"{ident} {names[k]!r}" if names is not None and names[k] is not None else f"{ident}"
                  for k, ident in enumerate(ids.tolist())]
         listed = ", ".join(f"{label} ({count})" for label, (_, count) in zip(shown, tops[side]))
         print(f"top {side}s  {listed}")
-    for side in ("user", "item"):
-        if store.has_names(side):
-            names = store.name_map(side)
+    for side, names in name_maps.items():
+        if names is not None:
             print(f"{side} names  {names.named} of {store.n_rows(side)} {side}s named")
     return 0
 

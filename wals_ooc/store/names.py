@@ -465,7 +465,7 @@ class NameIndex:
         self.n = int(group.attrs["n"])
         self.named = int(group.attrs.get("named", 0))
         self._text = _NameText(group)
-        self._fences = {kind: group[f"{kind}_fence"][...] for kind in ("exact", "fold")}
+        self._fences: dict[str, np.ndarray] = {}  # read on the first lookup by name (showing needs none)
 
     @classmethod
     def of(cls, id_group: zarr.Group, where: str, side: str) -> NameIndex | None:
@@ -499,6 +499,8 @@ class NameIndex:
         return pc.if_else(empty, pa.scalar(None, pa.large_string()), text)
 
     def _candidates(self, kind: str, key: np.uint64) -> np.ndarray:
+        if kind not in self._fences:
+            self._fences[kind] = self.group[f"{kind}_fence"][...]
         fence = self._fences[kind]
         if not len(fence):
             return np.zeros(0, np.int64)
