@@ -132,9 +132,11 @@ def test_recommend_all_equals_per_user_recommend(trained, tmp_path, fmt):
     output = trained.recommend_all(N=7, output=str(tmp_path / f"top.{fmt}"), format=fmt)
     expected_ids, expected_scores = trained.recommend(store.ids("user"), N=7)
     if fmt == "zarr":
-        group = open_recommendations(output)
+        group = open_recommendations(output)  # ragged: user k's results at indptr[k]:indptr[k + 1]
         np.testing.assert_array_equal(group["user_ids"][:], store.ids("user"))
+        np.testing.assert_array_equal(np.diff(group["indptr"][:]), (~np.ma.getmaskarray(expected_ids)).sum(axis=1))
         got_ids, got_scores = group["item_ids"][:], group["scores"][:]
+        expected_ids, expected_scores = expected_ids.compressed(), expected_scores.compressed()
     else:
         table = pq.read_table(output).to_pandas().sort_values(["user", "rank"])
         order = np.argsort(store.index_of("user", table["user"].to_numpy()), kind="stable")

@@ -25,6 +25,7 @@ _EXPORTS = {
     "SyntheticSpec": ".synthetic",
     "WALS": ".model",
     "WALSConfig": ".config",
+    "add_names": ".store.names",
     "convert": ".store.writer",
     "load": ".model",
     "open_store": ".store.reader",
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .evaluate.split import split
     from .model import WALS, load
     from .store.merge import merge
+    from .store.names import add_names
     from .store.reader import open_store
     from .store.writer import convert
     from .synthetic import SyntheticSpec

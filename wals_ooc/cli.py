@@ -64,11 +64,38 @@ def cmd_convert(args) -> int:
         delimiter=args.delimiter.encode().decode("unicode_escape"), header=not args.no_header, id_type=args.id_type,
         on_bad_lines=args.on_bad_lines, memory_budget=args.memory_budget, shard_nnz=args.shard_nnz,
         row_block=args.row_block, tmp_dir=args.tmp_dir, overwrite=args.overwrite, progress=_progress(args),
+        item_names=args.item_names, user_names=args.user_names, names_options=_names_options(args),
     )
     print(report.summary())
     for example in report.bad_rows.examples:
         print(f"  skipped: {example}")
     return 0
+
+
+def _names_options(args) -> dict:
+    """How names files are read (``names.NamesSpec``), from the --names-* options."""
+    return {"id_col": args.names_id_col, "name_col": args.names_name_col, "delimiter": _unescape(args.names_delimiter),
+            "encoding": args.names_encoding, "quote": args.names_quote, "header": not args.names_no_header}
+
+
+def _unescape(text: str) -> str:
+    return text.encode().decode("unicode_escape")
+
+
+def cmd_names(args) -> int:
+    from .store.names import add_names
+
+    for summary in add_names(args.store, items=args.items, users=args.users, memory_budget=args.memory_budget,
+                             **_names_options(args)):
+        print(summary.summary())
+    return 0
+
+
+def _named(entry: dict, name) -> dict:
+    """A JSON record with its display name, when it has one."""
+    if name is not None:
+        entry["name"] = name
+    return entry
 
 
 def cmd_info(args) -> int:
@@ -94,10 +121,18 @@ def cmd_info(args) -> int:
     for side in ("user", "item"):
         tops[side], nnz = _top_rows(store, side, args.top)
         print(f"{side} shards {store.n_shards(side)} (entries per shard min {min(nnz)}, max {max(nnz)}), row block {store.row_block}")
+    name_maps = {side: store.name_map(side) if store.has_names(side) else None for side in ("user", "item")}
     for side in ("user", "item"):
-        ids = store.ids_of(side, [row for row, _ in tops[side]])
-        listed = ", ".join(f"{ident} ({count})" for ident, (_, count) in zip(ids.tolist(), tops[side]))
+        rows = [row for row, _ in tops[side]]
+        ids = store.ids_of(side, rows)
+        names = name_maps[side].names_of(rows) if name_maps[side] is not None else None
+        shown = [f"{ident} {names[k]!r}" if names is not None and names[k] is not None else f"{ident}"
+                 for k, ident in enumerate(ids.tolist())]
+        listed = ", ".join(f"{label} ({count})" for label, (_, count) in zip(shown, tops[side]))
         print(f"top {side}s  {listed}")
+    for side, names in name_maps.items():
+        if names is not None:
+            print(f"{side} names  {names.named} of {store.n_rows(side)} {side}s named")
     return 0
 
 
@@ -270,8 +305,6 @@ def cmd_tune(args) -> int:
 
 
 def cmd_recommend(args) -> int:
-    import numpy as np
-
     from .model import load
 
     model = load(args.model, interactions=args.interactions, memory_budget=args.memory_budget, threads=args.threads)
@@ -286,10 +319,13 @@ def cmd_recommend(args) -> int:
     if not args.users:
         raise SettingError("give --users ID... or --all")
     users = _ids(model.id_maps(), "user", args.users)
-    ids, scores = model.recommend(users, N=args.n, filter_already_liked=not args.no_filter, index=index)
-    for user, row_ids, row_scores in zip(users, ids, scores):
-        listed = [{"item": _plain(i), "score": round(float(s), 6)} for i, s in zip(row_ids, row_scores) if s > -np.inf]
-        print(json.dumps({"user": user, "items": listed}))
+    ids, scores, names = model.recommend(users, N=args.n, filter_already_liked=not args.no_filter, index=index,
+                                         names=True)
+    user_names = model.names_of(users, side="user")
+    for user, user_name, row_ids, row_scores, row_names in zip(users, user_names, ids, scores, names):
+        listed = [_named({"item": _plain(i), "score": round(float(s), 6)}, n)
+                  for i, s, n in zip(row_ids.compressed(), row_scores.compressed(), row_names.compressed())]
+        print(json.dumps(_named({"user": user}, user_name) | {"items": listed}))
     return 0
 
 
@@ -297,13 +333,19 @@ def cmd_similar(args) -> int:
     from .model import load
 
     model = load(args.model, interactions=args.interactions, memory_budget=args.memory_budget, threads=args.threads)
-    side = "user" if args.users else "item"
-    ids_in = _ids(model.id_maps(), side, args.users or args.items)
+    side = "user" if args.users or args.user_name else "item"
+    if args.item_name or args.user_name:  # exact name, else ignoring case; ambiguous: listed
+        ids_in = [_plain(model.id_of_name(name, side)) for name in (args.item_name or args.user_name)]
+    else:
+        ids_in = _ids(model.id_maps(), side, args.users or args.items)
     method = model.similar_users if side == "user" else model.similar_items
-    ids, scores = method(ids_in, N=args.n, filter_self=args.filter_self,
-                         index=_index_choice(args, model, side, "cosine"))
-    for query, row_ids, row_scores in zip(ids_in, ids, scores):
-        print(json.dumps({side: query, "similar": [{side: _plain(i), "score": round(float(s), 6)} for i, s in zip(row_ids, row_scores)]}))
+    ids, scores, names = method(ids_in, N=args.n, filter_self=args.filter_self,
+                                index=_index_choice(args, model, side, "cosine"), names=True)
+    for query, query_name, row_ids, row_scores, row_names in zip(ids_in, model.names_of(ids_in, side), ids, scores,
+                                                                   names):
+        similar = [_named({side: _plain(i), "score": round(float(s), 6)}, n)
+                   for i, s, n in zip(row_ids.compressed(), row_scores.compressed(), row_names.compressed())]
+        print(json.dumps(_named({side: query}, query_name) | {"similar": similar}))
     return 0
 
 
@@ -450,8 +492,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--row-block", type=int, default=4096, help="shard bounds align to this many rows")
     p.add_argument("--tmp-dir", default=None, help="where spill files go (default: beside the store)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store (once the new one is complete)")
+    p.add_argument("--item-names", default=None, metavar="FILE",
+                   help="display names of the items: a file of id and name columns (see --names-*; default: none)")
+    p.add_argument("--user-names", default=None, metavar="FILE", help="display names of the users (default: none)")
+    _names_args(p, "--names-")
     _budget_arg(p)
     p.set_defaults(func=cmd_convert)
+
+    p = command("names", "store display names of items (or users) in a store already converted, or a model")
+    p.description = ("Read names files (an id column and a name column) and store a display name per id, "
+                     "shown by recommend, similar, info, recommend --all and export; similar --item-name looks "
+                     "items up by them. Replaces earlier names of that side in one step.")
+    p.add_argument("store", help="an interaction store (or a model: its own copy of the ids)")
+    p.add_argument("--items", default=None, metavar="FILE", help="names file of the items (default: none)")
+    p.add_argument("--users", default=None, metavar="FILE", help="names file of the users (default: none)")
+    _names_args(p, "--")
+    _budget_arg(p)
+    p.set_defaults(func=cmd_names)
 
     p = command("info", "shape, nnz, shards, density and the top users/items of a store; settings and progress of a model")
     p.add_argument("store", help="an interaction store or a model")
@@ -556,6 +613,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--items", nargs="+", metavar="ID", help="item ids to find similar items for")
     group.add_argument("--users", nargs="+", metavar="ID", help="user ids to find similar users for")
+    group.add_argument("--item-name", nargs="+", metavar="NAME",
+                       help="item names to find similar items for: exact, else ignoring case (see `wals-ooc names`)")
+    group.add_argument("--user-name", nargs="+", metavar="NAME", help="user names to find similar users for")
     p.add_argument("-n", type=int, default=10, help="similar items (or users) per query")
     p.add_argument("--filter-self", action="store_true", help="leave each query out of its own answer")
     _index_args(p, "a cosine index over the item (or user) factors")
@@ -636,6 +696,27 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     _budget_arg(p)
     p.set_defaults(func=cmd_report)
     return parser
+
+
+def _names_args(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """How names files are read: --names-id-col ... on convert, --id-col ... on names."""
+    def dest(name: str) -> str | None:  # the same destinations for both spellings
+        return f"names_{name}" if prefix == "--" else None
+
+    parser.add_argument(f"{prefix}id-col", dest=dest("id_col"), metavar="COL", default="0",
+                        help="id column of the names files: header name or 0-based position")
+    parser.add_argument(f"{prefix}name-col", dest=dest("name_col"), metavar="COL", default="1",
+                        help="name column of the names files: header name or 0-based position")
+    parser.add_argument(f"{prefix}delimiter", dest=dest("delimiter"), metavar="CHAR", default="auto",
+                        help="field delimiter of the names files (\\t for tab); auto: tab, comma, semicolon or "
+                             "pipe, whichever the first line has most of")
+    parser.add_argument(f"{prefix}encoding", dest=dest("encoding"), metavar="CODEC", default="utf-8",
+                        help="text encoding of the names files (e.g. latin-1 for MovieLens' u.item)")
+    parser.add_argument(f"{prefix}quote", dest=dest("quote"), metavar="CHAR", default="auto",
+                        help="quote character, or none to read quotes as text; auto: none for tab-separated "
+                             "files (Last.fm's artists.dat), '\"' otherwise")
+    parser.add_argument(f"{prefix}no-header", dest=dest("no_header"), action="store_true",
+                        help="the names files have no header line")
 
 
 def _index_args(parser: argparse.ArgumentParser, what: str) -> None:

@@ -214,13 +214,15 @@ class WALS:
         user_vectors: np.ndarray | None = None,
         index: AnnIndex | str | os.PathLike | bool | None = None,
         *,
+        names: bool = False,
         exclude_items: Iterable | None = None,
         user_items: Any = None,
         recalculate_user: bool = False,
         filter_already_liked_items: bool | None = None,
         filter_items: Iterable | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-N (original item ids, scores) for each user, best first; shapes (n_users, K).
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-N (original item ids, scores) for each user, best first; with ``names=True`` also
+        the items' display names (None where an item has none; see ``wals_ooc.add_names``).
 
         filter_already_liked (default True): leave out the items each user has in the interaction
         store (or in ``user_items`` when given). items: restrict candidates to these original item
@@ -229,10 +231,14 @@ class WALS:
         users' factors. index: answer from an approximate index over the item factors
         (``build_index``): True for the one beside the model, a path, or an ``AnnIndex``;
         already-liked items are still filtered exactly, and scores are exact (``items`` is always
-        answered exactly). K <= N: no column is padding for every user, so K is smaller when fewer
-        candidates exist (``items=[a, b, c]`` gives 3). One user id (not a list) gives 1-D arrays
-        of exactly its results; in a batch, a user with fewer candidates than the others (most
-        items already liked) ends its row with id -1 (or "") and score -inf.
+        answered exactly).
+
+        No result is ever padding. One user id (not a list) gives 1-D arrays of exactly its
+        results (fewer than N when fewer candidates are left). A batch gives 2-D arrays
+        (n_users, K) as ``implicit`` does, K <= N the most results any user has; they are
+        ``numpy.ma.MaskedArray`` s, and a user with fewer results than K (most items already
+        liked) has its trailing slots masked: ``ids[k].compressed()`` is exactly user k's
+        results, and ``ids.mask`` is all False when every user has K.
 
         implicit's names are accepted with implicit's meanings (see ``serve/compat.py``):
         ``filter_already_liked_items`` (= filter_already_liked), ``filter_items`` (=
@@ -281,13 +287,59 @@ class WALS:
             ids, scores = _approximate(ann, queries, source, width, exclude, self.threads)
         else:
             ids, scores, _ = top_k(queries, source, width, exclude=exclude, candidates=candidates)
-        found = (ids >= 0).sum(axis=1)
-        width = int(found.max()) if len(found) else 0
-        ids, scores = ids[:, :width], scores[:, :width]
-        if single:  # one user: exactly its results
-            return original_ids(store, "item", ids[0, : found[0]]), scores[0, : found[0]]
-        return original_ids(store, "item", ids), scores
+        return self._answer("item", ids, scores, names, single)
 
+    def _answer(self, side: str, rows: np.ndarray, scores: np.ndarray, names: bool, one: bool):
+        """Rows of results (-1: no result) as original ids and scores without padding (see
+        ``recommend``), and their names when asked."""
+        store = self._ids()
+        found = (rows >= 0).sum(axis=1)
+        width = int(found.max()) if len(found) else 0
+        rows, scores = rows[:, :width], scores[:, :width]
+        if one:  # one query: exactly its results
+            rows, scores = rows[0, : found[0]], scores[0, : found[0]]
+            out = [original_ids(store, side, rows), scores]
+            if names:
+                out.append(self._names_of_rows(side, rows))
+            return tuple(out)
+        mask = np.arange(width)[None, :] >= found[:, None]
+        out = [np.ma.MaskedArray(original_ids(store, side, rows), mask=mask),
+               np.ma.MaskedArray(scores, mask=mask.copy())]
+        if names:
+            out.append(np.ma.MaskedArray(self._names_of_rows(side, rows), mask=mask.copy()))
+        return tuple(out)
+
+    # -- display names --------------------------------------------------------------------------
+    def _name_map(self, side: str):
+        """The names of a side: the model's own copy, else (a model trained before names were
+        added) those of the interaction store it is bound to; None when neither has any."""
+        names = self._ids().name_map(side)
+        if names is None and self.interactions is not None:
+            names = self.interactions.name_map(side)
+        return names
+
+    def _names_of_rows(self, side: str, rows: np.ndarray) -> np.ndarray:
+        names = self._name_map(side)
+        rows = np.asarray(rows, np.int64)
+        if names is None:
+            out = np.empty(rows.shape, dtype=object)
+            out[...] = None
+            return out
+        return names.names_of(rows)
+
+    def names_of(self, ids: Any, side: str = "item") -> np.ndarray:
+        """Display names of original ids (None where one has no name); unknown ids raise."""
+        return self._names_of_rows(side, self._ids().index_of(side, ids))
+
+    def id_of_name(self, name: str, side: str = "item"):
+        """The original id of the one item (or user) called ``name``: an exact match first, else
+        one ignoring case. Unknown: ``UnknownIdError``; several: ``AmbiguousNameError`` (both
+        list what they can). Reads the name index chunk by chunk, never all names."""
+        from .store.names import row_of_name
+
+        ids = self._ids()
+        row = row_of_name(self._name_map(side), ids.id_map(side), name, side)
+        return ids.ids_of(side, np.array([row]))[0]
     def recommend_all(self, N: int = 10, output: str | os.PathLike | None = None, filter_already_liked: bool | None = None,
                       format: str = "zarr", client: Any = None, overwrite: bool = False,
                       index: str | os.PathLike | bool | None = None, *,
@@ -310,7 +362,7 @@ class WALS:
                                     self.memory_budget, self.storage_options, overwrite,
                                     index=None if ann is None else (ann.location, ann.settings.ef_search, ann.settings.nprobe))
 
-    def _similar(self, side: str, ids: Any, N: int, filter_self: bool, index=None) -> tuple[np.ndarray, np.ndarray]:
+    def _similar(self, side: str, ids: Any, N: int, filter_self: bool, index=None, names: bool = False):
         _check_n(N)
         model = self._trained()[1]
         store = self._ids()
@@ -325,20 +377,23 @@ class WALS:
             ids_out, scores = _approximate(ann, queries, source, N, exclude, self.threads)
         else:
             ids_out, scores, _ = top_k(queries, source, N, exclude=exclude)
-        return original_ids(store, side, ids_out), scores
+        return self._answer(side, ids_out, scores, names, one=False)
 
     def similar_items(self, item_ids: Any, N: int = 10, filter_self: bool = False,
-                      index: AnnIndex | str | os.PathLike | bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The N items most similar (cosine of factors) to each given item; itself first unless filtered.
+                      index: AnnIndex | str | os.PathLike | bool | None = None, names: bool = False):
+        """The N items most similar (cosine of factors) to each given item; itself first unless
+        filtered. Returns (ids, scores), 2-D (see ``recommend``: fewer than N columns when the
+        catalogue is smaller), and with ``names=True`` the items' display names too.
 
         index: answer from an approximate cosine index over the item factors (``build_index(side=
-        "item", metric="cosine")``; True: the one beside the model)."""
-        return self._similar("item", item_ids, N, filter_self, index)
+        "item", metric="cosine")``; True: the one beside the model). To start from a name, look
+        its id up with ``id_of_name``."""
+        return self._similar("item", item_ids, N, filter_self, index, names)
 
     def similar_users(self, user_ids: Any, N: int = 10, filter_self: bool = False,
-                      index: AnnIndex | str | os.PathLike | bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      index: AnnIndex | str | os.PathLike | bool | None = None, names: bool = False):
         """The N users most similar (cosine of factors) to each given user (see ``similar_items``)."""
-        return self._similar("user", user_ids, N, filter_self, index)
+        return self._similar("user", user_ids, N, filter_self, index, names)
 
     def export(self, output: str | os.PathLike, format: str = "parquet", overwrite: bool = False) -> str:
         """Write the factors with their original ids for other systems (see ``serve/export.py``):

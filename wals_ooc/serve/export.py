@@ -71,7 +71,7 @@ def _write_parquet(model, side: str, path: str) -> None:
             columns = {"id": ids_of_range_arrow(maps, side, lo, hi)}
             names = names_of_range(maps, side, lo, hi)
             if names is not None:
-                columns["name"] = pa.array(np.asarray(names, dtype=object))
+                columns["name"] = names
             flat = pa.array(np.ascontiguousarray(block, dtype=np.float32).ravel())
             columns["factors"] = pa.FixedSizeListArray.from_arrays(flat, factors)
             table = pa.table(columns)

@@ -56,14 +56,10 @@ def id_kind(maps, side: str) -> str:
     return maps.id_kinds[side]
 
 
-def names_of_range(maps, side: str, start: int, stop: int) -> np.ndarray | None:
-    """Display names of the rows ``[start, stop)``, or None when the maps have none.
-
-    Hook for display names: maps that keep them expose ``names(side)`` (an array aligned with
-    the rows, or None); export adds a ``name`` column from here.
-    """
-    names = getattr(maps, "names", None)
+def names_of_range(maps, side: str, start: int, stop: int):
+    """Display names of the rows ``[start, stop)`` as Arrow (null where a row has none), read
+    chunk by chunk from the maps' names (see ``store.names``), or None when the maps have none."""
+    names = maps.name_map(side)
     if names is None:
         return None
-    column = names(side)
-    return None if column is None else np.asarray(column[start:stop])
+    return names.names_arrow(np.arange(start, stop, dtype=np.int64))

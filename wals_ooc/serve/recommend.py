@@ -30,7 +30,8 @@ from .scoring import FactorSource, NormOrder, top_k
 
 RECOMMENDATIONS_KIND = "wals-ooc/recommendations"
 RECOMMENDATIONS_PARQUET_KIND = "wals-ooc/recommendations-parquet"
-RECOMMENDATIONS_FORMAT_VERSION = 2  # 2: checksums, written through store.lifecycle
+# 2: checksums, written through store.lifecycle; 3: ragged (indptr), no padding slots, item_names
+RECOMMENDATIONS_FORMAT_VERSION = 3
 
 _lock = threading.Lock()
 _items_in_memory: dict[tuple, NormOrder] = {}
@@ -99,21 +100,62 @@ def _recommend_shard(model_location, interactions_location, storage_options, sta
             return top_k(queries[positions], source, n, exclude=sub)[:2]
 
         top, scores, _ = approximate_top_k(ann, queries, n, liked, exact, threads=1)
+    names = ids.name_map("item")  # the model's own copy, else those of the store it is bound to
+    if names is None and interactions_location is not None:
+        names = open_interactions(interactions_location, storage_options).name_map("item")
     if fmt == "zarr":
-        group = open_group(output, "r+", storage_options)
+        group = open_group(output, "r+", storage_options)  # rows of row-block-aligned shards: no chunk shared
         group["user_ids"][start:stop] = ids.ids_of("user", np.arange(start, stop))
-        group["item_ids"][start:stop] = ids.ids_of("item", top)  # -1 slots: -1 or ""
-        group["scores"][start:stop] = scores
+        group[f"{_SCRATCH}/rows"][start:stop] = top  # -1: no result; compacted away by _compact
+        group[f"{_SCRATCH}/scores"][start:stop] = scores
     else:
         keep = top.ravel() >= 0
         user_rows = np.repeat(np.arange(start, stop), n)[keep]
         ranks = np.tile(np.arange(1, n + 1, dtype=np.int32), stop - start)
-        table = pa.table({
+        columns = {
             "user": ids.ids_of("user", user_rows, as_arrow=True), "rank": pa.array(ranks[keep]),
             "item": ids.ids_of("item", top.ravel()[keep], as_arrow=True), "score": pa.array(scores.ravel()[keep]),
-        })
+        }
+        if names is not None:
+            columns["name"] = names.names_arrow(top.ravel()[keep])
+        table = pa.table(columns)
         pq.write_table(table, os.path.join(output, f"part-{start:012d}.parquet"))
     return stop - start
+
+
+_SCRATCH = "unpacked"
+
+
+def _compact(group: zarr.Group, ids, names, n_users: int, rows: int) -> None:
+    """The shards' (n_users, n) rows and scores (-1: no result) as ragged arrays, a row block at a
+    time: indptr (n_users + 1,), item_ids, scores and (with names) item_names (nnz,)."""
+    from ..store.appender import ChunkAppender
+
+    scratch = group[_SCRATCH]
+    kinds = ids.id_kinds
+    chunk = max(1 << 16, rows * scratch["rows"].shape[1])
+    columns = {"item_ids": np.int64 if kinds["item"] == "int" else str, "scores": np.float32}
+    if names is not None:
+        columns["item_names"] = str
+    out = {name: ChunkAppender(create_array(group, name, shape=(0,), dtype=dtype, chunks=(chunk,), dense=True))
+           for name, dtype in columns.items()}
+    indptr = ChunkAppender(create_array(group, "indptr", shape=(0,), dtype=np.int64, chunks=(1 << 16,), dense=True))
+    indptr.append(np.zeros(1, np.int64))
+    total = 0
+    for lo in range(0, n_users, rows):
+        top = scratch["rows"][lo : lo + rows]
+        keep = top >= 0
+        found = top[keep]
+        indptr.append(total + np.cumsum(keep.sum(axis=1)))
+        total += len(found)
+        out["item_ids"].append(np.asarray(ids.ids_of("item", found)))
+        out["scores"].append(scratch["scores"][lo : lo + rows][keep])
+        if names is not None:
+            labels = names.names_of(found)
+            out["item_names"].append(np.where(labels == None, "", labels).astype(object))  # noqa: E711
+    for appender in (*out.values(), indptr):
+        appender.close()
+    del group[_SCRATCH]
 
 
 def _user_ranges(model: FactorStore, store: InteractionStore | None) -> list[tuple[int, int]]:
@@ -143,9 +185,12 @@ def recommend_all(
 ) -> str:
     """Write the top ``n`` items of every user to ``output`` (Zarr group or Parquet directory).
 
-    Zarr layout: user_ids (n_users,), item_ids (n_users, n) original ids, scores (n_users, n);
-    missing slots (fewer than n candidates) hold -1 or "" with score -inf. Parquet: one file per
-    user shard (user, rank, item, score) and ``_SUCCESS``. Either is written through
+    No padding: a user with fewer than n candidates left (most items already liked) gets fewer
+    results. Zarr layout (ragged, like CSR): user_ids (n_users,), indptr (n_users + 1,) and
+    item_ids, scores, item_names (when the model or its store has names; "" for an item without
+    one) of length nnz: user k's results, best first, are ``[indptr[k]:indptr[k + 1]]``.
+    Parquet: one file per user shard (user, rank, item, score, and name when there are names)
+    and ``_SUCCESS``. Either is written through
     ``store.lifecycle`` (built beside, swapped in when complete). ``store`` (the interaction
     store) is needed only to filter already-liked items; ids come from the model. index:
     (location, ef_search, nprobe) of an approximate index over the item factors (inner
@@ -176,9 +221,9 @@ def recommend_all(
             # plain arrays of original ids (int64 or variable-length text), written shard by shard
             create_array(group, "user_ids", shape=(n_users,), dtype=np.int64 if kinds["user"] == "int" else str,
                          chunks=(rows,), dense=True)
-            create_array(group, "item_ids", shape=(n_users, n), dtype=np.int64 if kinds["item"] == "int" else str,
-                         chunks=(rows, n), dense=True)
-            create_array(group, "scores", shape=(n_users, n), dtype=np.float32, chunks=(rows, n), dense=True)
+            scratch = group.create_group(_SCRATCH)
+            create_array(scratch, "rows", shape=(n_users, n), dtype=np.int64, chunks=(rows, n), dense=True)
+            create_array(scratch, "scores", shape=(n_users, n), dtype=np.float32, chunks=(rows, n), dense=True)
         tasks = [
             dask.delayed(_recommend_shard, pure=False)(
                 model.location, store.location if filter_already_liked else None, storage_options, lo, hi, n,
@@ -192,6 +237,11 @@ def recommend_all(
                 executor.run(tasks)
         finally:
             executor.run_everywhere(release_items)
+        if fmt == "zarr":
+            names = ids.name_map("item")
+            if names is None and store is not None:
+                names = store.name_map("item")
+            _compact(out.group, ids, names, n_users, int(model.group.attrs["row_block"]))
         if fmt == "parquet":
             with open(os.path.join(out.location, "_SUCCESS"), "w") as marker:
                 marker.write("complete\n")

@@ -912,6 +912,77 @@ def output_file(target: str | os.PathLike, *, overwrite: bool = False, inputs: S
         lock.release()
 
 
+@contextlib.contextmanager
+def replace_node(target: str | os.PathLike, kinds: Sequence[str], parents: Sequence[str], attr: str, *,
+                 storage_options: dict | None = None, inputs: Sequence[str | os.PathLike] = ()
+                 ) -> Iterator[list[zarr.Group]]:
+    """Add or replace optional parts of an existing, finished store, switching to them at the end.
+
+    For what is added to a store after it was written (display names). Yields, for each group
+    path in ``parents`` inside ``target`` (a store of one of ``kinds``), a new empty child group
+    ``ATTR-TOKEN``, all under the target's lock. When the block succeeds the new children's arrays
+    are checked for checksums, and then each parent's attribute ``attr`` is set to its new child's
+    name: one write of the parent's ``zarr.json`` each (atomic on a local disk and on an object
+    store), so a reader sees a part old or new, never half written. The old children are deleted
+    after the switch. On any failure before it the new children are removed and the store is
+    exactly as it was; children left by killed runs are removed by the next writer. The store's
+    data and identity (``store_id``) do not change, so models bound to it stay bound.
+    """
+    from .format import check_complete
+
+    place = _Place(os.fspath(target), storage_options)
+    _check_inputs(place, inputs, storage_options, [])
+    state = _inspect(place)
+    if state.what != "store":
+        from .sniff import not_a_store
+
+        raise not_a_store(place.text)
+    if state.kind not in kinds:
+        raise PathError(f"{place.text} is a {state.kind} store, not a {' or '.join(kinds)} store (nothing was changed)")
+    lock = _Lock(place)
+    lock.acquire()
+    made: list[tuple[zarr.Group, str, str | None]] = []  # (parent group, new child, old child)
+    switched = False
+    try:
+        _recover(place)
+        root = open_group(place.text, "r+", storage_options)
+        check_complete(root, str(root.attrs.get("kind")), place.text, int(root.attrs.get("format_version", -1)))
+        groups = []
+        for parent in parents:
+            holder = root[parent]
+            current = holder.attrs.get(attr)
+            for name in list(holder.group_keys()):  # parts of killed runs: never switched to
+                if name.startswith(f"{attr}-") and name != current:
+                    del holder[name]
+            child = f"{attr}-{secrets.token_hex(6)}"
+            groups.append(holder.create_group(child))
+            made.append((holder, child, current))
+        yield groups
+        for group in groups:
+            for name, node in group.members(max_depth=None):
+                if isinstance(node, zarr.Array) and not has_checksum(node):
+                    raise RuntimeError(f"{place.text}: array {name} was created without a checksum")
+        for holder, child, _ in made:
+            holder.attrs[attr] = child  # the switch
+        switched = True
+        for holder, _, current in made:
+            if current and current in holder:
+                with contextlib.suppress(Exception):  # else removed by the next writer
+                    del holder[current]
+    except BaseException as exc:
+        if not switched:
+            for holder, child, _ in made:
+                with contextlib.suppress(Exception):
+                    if holder.attrs.get(attr) != child:
+                        del holder[child]
+        if isinstance(exc, OSError) and not isinstance(exc, WalsError):
+            raise StorageError(f"{place.text} was not changed: {exc.strerror or exc}", path=place.text,
+                               errno=exc.errno, filename=exc.filename if isinstance(exc.filename, str) else None) from exc
+        raise
+    finally:
+        lock.release()
+
+
 def enclosing_store(location: str | os.PathLike, storage_options: dict | None = None) -> str | None:
     """The nearest wals-ooc (or any Zarr) store above ``location``, if any: a path inside a store is
     no place to write (the door refuses it; callers that make directories check it first)."""
@@ -948,4 +1019,4 @@ def check_writable_error(exc: OSError, target: str) -> StorageError:
 
 
 __all__ = ["Output", "TargetState", "Transaction", "enclosing_store", "inspect_target", "output_file", "output_store",
-           "owner_token", "remove_store", "sweep_workspaces"]
+           "owner_token", "remove_store", "replace_node", "sweep_workspaces"]

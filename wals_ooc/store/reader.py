@@ -213,6 +213,31 @@ class InteractionStore:
         """(first row, ids) for consecutive blocks of ``rows`` rows, in row order."""
         return self.id_map(side).iter_ids(start, stop, rows)
 
+    # -- display names (optional; see ``names``) ------------------------------------------------
+    def name_map(self, side: str):
+        """The display names of a side (a ``names.NameIndex``), or None when it has none."""
+        if side not in SIDES:
+            raise ValueError(f"side must be 'user' or 'item', not {side!r}")
+        from .names import NameIndex
+
+        return NameIndex.of(self.group[ID_ARRAYS[side]], self.location, side)
+
+    def has_names(self, side: str) -> bool:
+        return bool(self.group[ID_ARRAYS[side]].attrs.get("names"))
+
+    def names_of(self, side: str, rows: Any) -> np.ndarray | None:
+        """Display name of each row (any shape; None where a row has no name), read chunk by
+        chunk; None when the side has no names."""
+        names = self.name_map(side)
+        return None if names is None else names.names_of(rows)
+
+    def row_of_name(self, side: str, name: str) -> int:
+        """The row of the one user or item called ``name``: an exact match, else one ignoring
+        case. Unknown: ``UnknownIdError``; several: ``AmbiguousNameError`` listing them."""
+        from .names import row_of_name
+
+        return row_of_name(self.name_map(side), self.id_map(side), name, side)
+
 
 class IdMaps(InteractionStore):
     """The id maps of a store without its interactions: ``ids`` and ``index_of`` only.

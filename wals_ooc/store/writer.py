@@ -65,15 +65,17 @@ class ConvertReport:
     seconds: float = 0.0
     peak_rss: int = 0
     budget: str = ""
+    names: list = field(default_factory=list)  # a ``names.NamesSummary`` per side given names
 
     def summary(self) -> str:
         rate = self.rows_read / self.seconds if self.seconds else 0.0
-        return (
+        text = (
             f"{self.store}: {self.n_users} users x {self.n_items} items, nnz {self.nnz} "
             f"from {self.rows_read} rows ({self.duplicates_summed} duplicate pairs summed, "
             f"{self.bad_rows.zeros_dropped} zeros dropped; {self.bad_rows.summary()}) in {self.seconds:.1f}s "
             f"({rate:,.0f} rows/s), peak RSS {format_bytes(self.peak_rss)}; {self.budget}"
         )
+        return "\n".join([text] + [names.summary() for names in self.names])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +155,7 @@ def write_store(
     id_type: str | dict[str, str] = "auto",
     source_name: str | None = None,
     inputs: Sequence[str | os.PathLike] = (),
+    names: dict | None = None,
 ) -> ConvertReport:
     """Write validated row batches into an interaction store, out of core.
 
@@ -163,7 +166,8 @@ def write_store(
     (default: the store).
     The store is built beside ``store`` and swapped in when complete (``store.lifecycle``):
     a failure leaves an existing store as it was. inputs: what the batches are read from (the
-    store may not be one of them).
+    store may not be one of them). names: {side: (names file, ``names.NamesSpec``)}, display
+    names written into the new store with it (see ``names``).
     """
     store = os.fspath(store)
     _check_layout_args(row_block, shard_nnz)
@@ -172,9 +176,18 @@ def write_store(
     budget = memory_budget if isinstance(memory_budget, MemoryBudget) else MemoryBudget.start(memory_budget)
     with output_store(store, INTERACTIONS_KIND, version=FORMAT_VERSION, overwrite=overwrite, inputs=inputs,
                       storage_options=storage_options, tmp_dir=tmp_dir) as out:
-        return build_store(batches, out, memory_budget=budget, shard_nnz=shard_nnz, row_block=row_block,
-                           progress=progress, report=report, source_attrs=source_attrs, id_type=id_types,
-                           source_name=source_name)
+        report = build_store(batches, out, memory_budget=budget, shard_nnz=shard_nnz, row_block=row_block,
+                             progress=progress, report=report, source_attrs=source_attrs, id_type=id_types,
+                             source_name=source_name)
+        if names:
+            from .names import NAMES_ATTR, write_side_names
+
+            workspace = out.workspace()
+            for side, (path, spec) in names.items():
+                holder = out.group[ID_ARRAYS[side]]
+                report.names.append(write_side_names(holder, IdIndex(holder, out.target), side, path, spec, workspace,
+                                                     budget.allowance, f"{NAMES_ATTR}-0"))
+        return report
 
 
 def _check_layout_args(row_block: int, shard_nnz: int | None) -> None:
@@ -739,6 +752,9 @@ def convert(
     overwrite: bool = False,
     progress: bool | None = None,
     storage_options: dict | None = None,
+    item_names: str | os.PathLike | None = None,
+    user_names: str | os.PathLike | None = None,
+    names_options: dict | None = None,
 ) -> ConvertReport:
     """Convert CSV (plain or gzip) or Parquet files of (user, item, value) rows into a store.
 
@@ -751,6 +767,11 @@ def convert(
     is a canonical integer (its text is ``str(int(text))``: no leading zeros, sign or spaces),
     else keeps them as text, so "007" and "7" stay two ids; "int" parses them as integers
     ("007" and "7" are one id); "str" keeps text. A dict gives it per side.
+
+    item_names, user_names: names files (one row per id: id and display name) stored with the
+    ids (see ``wals_ooc.add_names``, which adds them to a store already written);
+    names_options: how to read them (``id_col``, ``name_col``, ``delimiter``, ``encoding``,
+    ``quote``, ``header``: see ``names.NamesSpec``).
     """
     paths = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(p) for p in inputs]
     for path in paths:
@@ -759,7 +780,16 @@ def convert(
     spec = InputSpec(user_col=user_col, item_col=item_col, value_col=value_col, order_col=order_col, delimiter=delimiter,
                      header=header, id_kind=id_type, on_bad_lines=on_bad_lines)
     report = ConvertReport(store=os.fspath(store))
-    budget = MemoryBudget.start(memory_budget)
+    budget = MemoryBudget.start(memory_budget)  # first: what is imported below counts against the budget
+    names = {}
+    if item_names is not None or user_names is not None:
+        from .names import NamesSpec
+
+        names_spec = NamesSpec(**(names_options or {}))
+        names = {side: (os.fspath(path), names_spec) for side, path in (("item", item_names), ("user", user_names))
+                 if path is not None}
+        for path, _ in names.values():
+            _check_input_file(path)
     budget_bytes = budget.allowance
     block_bytes = int(min(64 << 20, max(1 << 20, budget_bytes // 48)))
     reading: list[str] = [paths[0] if paths else ""]
@@ -786,7 +816,8 @@ def convert(
         source_attrs=sources,
         id_type=id_type,
         source_name=paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more inputs)",
-        inputs=paths,
+        inputs=paths + [path for path, _ in names.values()],
+        names=names,
     )
 
 
