@@ -4,7 +4,7 @@ shared recommender test base and zarr's ``StoreTests``).
 A back end is a scheduler (threads, or a ``distributed.LocalCluster`` of processes), a plan
 (resident, or blocked: the fixed side streamed in windows), where the stores live (a local path,
 a ``file://`` URL, a ``memory://`` URL, S3 served by moto on 127.0.0.1) and a solver (CG,
-Cholesky). Every axis value appears in ``BACKENDS``, each with the full set of checks; the
+Cholesky, iALS++). Every axis value appears in ``BACKENDS``, each with the full set of checks; the
 axes are not multiplied out (each back end trains one model, once per module).
 
 The data: a checkerboard (even users play even items, odd users odd items), with one item
@@ -45,7 +45,7 @@ class Backend:
     scheduler: str  # "threads" or "cluster"
     plan: str  # "resident" or "blocked"
     location: str  # "path", "file", "memory" or "s3"
-    solver: str  # "cg" or "cholesky"
+    solver: str  # "cg", "cholesky" or "ialspp"
 
     def __str__(self) -> str:
         return f"{self.scheduler}-{self.plan}-{self.location}-{self.solver}"
@@ -57,7 +57,9 @@ BACKENDS = [
     Backend("threads", "resident", "s3", "cholesky"),  # moto is slow per object: threads keep it short
     Backend("cluster", "blocked", "file", "cholesky"),
     Backend("cluster", "resident", "path", "cg"),
+    Backend("threads", "resident", "path", "ialspp"),  # blocks of 2 of the 3 coordinates, swept to convergence
 ]
+TOLERANCE = {"cholesky": 1e-9, "cg": 1e-6, "ialspp": 1e-6}
 
 
 @dataclass
@@ -119,6 +121,8 @@ def trained(request, tmp_path_factory, checkerboard_csv) -> Trained:
     wals_ooc.convert(checkerboard_csv, store, row_block=8, shard_nnz=60, progress=False, storage_options=options)
     settings = dict(factors=3, iterations=5, regularization=1.0, alpha=2.0, random_state=3, solver=backend.solver,
                     cg_steps=8, dtype="float64")
+    if backend.solver == "ialspp":
+        settings.update(block_size=2, block_sweeps=60)
     calls: list = []
     callback = lambda iteration, seconds, loss: calls.append((iteration, seconds, loss))  # noqa: E731
     if backend.plan == "resident":
@@ -195,7 +199,7 @@ class TestModelContract:
         X, Y = trained.model.user_factors[:], trained.model.item_factors[:]
         kwargs = dict(kind=cfg.confidence, alpha=cfg.alpha, alpha0=cfg.alpha0, eps=cfg.eps, lam=cfg.regularization,
                       nu=cfg.nu)
-        assert_close_rel(Y, dense_solve(R.T.tocsr(), X, **kwargs), 1e-9 if cfg.solver == "cholesky" else 1e-6)
+        assert_close_rel(Y, dense_solve(R.T.tocsr(), X, **kwargs), TOLERANCE[cfg.solver])
         assert trained.model.loss_history[-1]["loss"] == pytest.approx(dense_objective(R, X, Y, **kwargs), rel=1e-9)
 
 

@@ -154,3 +154,23 @@ def test_names_on_real_lastfm(tmp_path):
     assert report.names[0].named == report.n_items == 17632
     opened = wals_ooc.open_store(store)
     assert opened.ids_of("item", [opened.row_of_name("item", "jay-z")]).tolist() == [1613]
+
+
+def test_report_shows_names_beside_ids(named):
+    pytest.importorskip("matplotlib")
+    from wals_ooc.report import collect_report
+
+    root, store_path, _, model = named
+    data = collect_report(model, None, k_max=5, sample_users=10, show_users=2)
+    expected = dict(zip(range(10), ["Jay-Z", '"Weird Al" Yankovic', "Björk", "jay-z", "Nas", "Drake", "Twin", "TWIN",
+                                    "twin", "Last"]))
+    shown = [entry for user in data.users for entry in user["history"] + user["recommendations"]]
+    assert shown and all(entry["name"] == expected[int(entry["item"])] for entry in shown)
+    page = model.report(str(root / "report.html"), sample_users=10, show_users=2)
+    text = open(page, encoding="utf-8").read()
+    import html
+
+    users_panel = text[text.index('id="users"'):]
+    again = collect_report(model, None, k_max=5, sample_users=10, show_users=2).users  # the page's own sample
+    for entry in [e for user in again for e in user["history"] + user["recommendations"]]:
+        assert f"{html.escape(entry['name'])} <span class='note'>({entry['item']})</span>" in users_panel

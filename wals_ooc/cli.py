@@ -325,7 +325,7 @@ def cmd_recommend(args) -> int:
     for user, user_name, row_ids, row_scores, row_names in zip(users, user_names, ids, scores, names):
         listed = [_named({"item": _plain(i), "score": round(float(s), 6)}, n)
                   for i, s, n in zip(row_ids.compressed(), row_scores.compressed(), row_names.compressed())]
-        print(json.dumps(_named({"user": user}, user_name) | {"items": listed}))
+        print(json.dumps(_named({"user": user}, user_name) | {"items": listed}, ensure_ascii=False))
     return 0
 
 
@@ -345,7 +345,7 @@ def cmd_similar(args) -> int:
                                                                    names):
         similar = [_named({side: _plain(i), "score": round(float(s), 6)}, n)
                    for i, s, n in zip(row_ids.compressed(), row_scores.compressed(), row_names.compressed())]
-        print(json.dumps(_named({side: query}, query_name) | {"similar": similar}))
+        print(json.dumps(_named({side: query}, query_name) | {"similar": similar}, ensure_ascii=False))
     return 0
 
 

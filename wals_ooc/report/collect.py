@@ -144,7 +144,8 @@ def example_users(store, sample: np.ndarray, count: int, seed: int) -> np.ndarra
 
 def user_part(model, store, test, rows: np.ndarray, n: int, history_shown: int = 10) -> list[dict[str, Any]]:
     """For each user row: the strongest ``history_shown`` interactions and the top-``n``
-    recommendations (marked when they are held out in ``test``), each with its popularity."""
+    recommendations (marked when they are held out in ``test``), each with its popularity and its
+    display name (None where the store has none; see ``wals_ooc.add_names``)."""
     users = ids_of(store, "user", rows)
     out = []
     for row, user in zip(rows, users):
@@ -164,17 +165,20 @@ def user_part(model, store, test, rows: np.ndarray, n: int, history_shown: int =
             if test_row >= 0:
                 got = test.rows("user", int(test_row), int(test_row) + 1)
                 held_out = set(ids_of(test, "item", got.indices.astype(np.int64)))
+        history_ids = ids_of(store, "item", history_rows)
+        history_names = model.names_of(history_ids, "item") if len(history_ids) else []
+        rec_names = model.names_of(rec_ids, "item") if rec_ids else []
         out.append({
             "user": user,
             "entries": int(shard.nnz),
             "history": [
-                {"item": item, "value": float(v), "popularity": _popularity(store, r)}
-                for item, v, r in zip(ids_of(store, "item", history_rows), values[strongest], history_rows)
+                {"item": item, "name": name, "value": float(v), "popularity": _popularity(store, r)}
+                for item, name, v, r in zip(history_ids, history_names, values[strongest], history_rows)
             ],
             "recommendations": [
-                {"item": _plain(item), "score": s, "popularity": _popularity(store, r) if r >= 0 else None,
-                 "held_out": _plain(item) in held_out}
-                for item, s, r in zip(rec_ids, rec_scores, rec_rows)
+                {"item": _plain(item), "name": name, "score": s,
+                 "popularity": _popularity(store, r) if r >= 0 else None, "held_out": _plain(item) in held_out}
+                for item, name, s, r in zip(rec_ids, rec_names, rec_scores, rec_rows)
             ],
             "held_out": len(held_out),
         })

@@ -103,14 +103,20 @@ def popularity_section(popularity: dict, png: bytes) -> str:
             f"{_facts(facts)}{_img(png, 'popularity of recommended items')}{note}</section>")
 
 
+def _label(row: dict) -> str:
+    """An item's display name with its id beside it, or the id alone when it has no name."""
+    name = row.get("name")
+    return f"{_e(name)} <span class='note'>({_e(row['item'])})</span>" if name else _e(row["item"])
+
+
 def _item_table(title: str, rows: list[dict], kind: str) -> str:
     if kind == "history":
         head = "<tr><th>item</th><th>value</th><th>popularity</th></tr>"
-        body = "".join(f"<tr><td>{_e(r['item'])}</td><td class='num'>{r['value']:g}</td>"
+        body = "".join(f"<tr><td>{_label(r)}</td><td class='num'>{r['value']:g}</td>"
                        f"<td class='num'>{r['popularity']:,}</td></tr>" for r in rows)
     else:
         head = "<tr><th>item</th><th>score</th><th>popularity</th></tr>"
-        body = "".join(f"<tr class='{'hit' if r['held_out'] else ''}'><td>{_e(r['item'])}</td>"
+        body = "".join(f"<tr class='{'hit' if r['held_out'] else ''}'><td>{_label(r)}</td>"
                        f"<td class='num'>{r['score']:.3f}</td><td class='num'>"
                        f"{'' if r['popularity'] is None else format(r['popularity'], ',')}</td></tr>" for r in rows)
     return f"<div><b>{_e(title)}</b><table>{head}{body}</table></div>"
