@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -52,3 +53,22 @@ def assert_close_rel(actual, expected, rel):
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     scale = np.linalg.norm(expected)
     assert np.linalg.norm(actual - expected) <= rel * scale, (np.linalg.norm(actual - expected) / scale)
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str):
+    """A real S3 server (moto) on 127.0.0.1 holding an empty ``bucket``; yields the storage options
+    (fsspec/s3fs) that reach it, and stops the server afterwards."""
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+        yield {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    finally:
+        server.stop()

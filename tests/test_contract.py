@@ -24,7 +24,7 @@ from wals_ooc import WALS, WALSConfig, open_store
 from wals_ooc.errors import PathError
 from wals_ooc.train import train
 
-from .conftest import assert_close_rel, store_to_scipy
+from .conftest import assert_close_rel, moto_s3, store_to_scipy
 from .reference import dense_objective, dense_solve
 
 N_USERS, N_ITEMS, FIRST_ITEM = 40, 20, 100  # item ids 100..119, so a user id is never an item id
@@ -84,19 +84,8 @@ def checkerboard_csv(tmp_path_factory):
 @pytest.fixture(scope="module")
 def s3_options():
     """A moto S3 server on 127.0.0.1 with a bucket, and the storage options that reach it."""
-    moto_server = pytest.importorskip("moto.server")
-    import boto3
-
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_bucket(Bucket="contract")
-        yield {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    finally:
-        server.stop()
+    with moto_s3("contract") as options:
+        yield options
 
 
 def _places(backend: Backend, tmp_path, request) -> tuple[str, str, dict | None]:

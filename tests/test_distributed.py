@@ -17,6 +17,8 @@ import pytest
 from wals_ooc import WALSConfig, open_store
 from wals_ooc.train import FactorStore, train
 
+from .conftest import moto_s3
+
 
 def _factors(model: FactorStore):
     return model.current("user")[:], model.current("item")[:]
@@ -68,19 +70,9 @@ def test_worker_killed_mid_half_sweep_is_survived(small_store, tmp_path):
 
 def test_store_and_model_on_s3_through_moto(tmp_path, cluster):
     """Convert a CSV into s3://, train on the cluster with the factors in s3://, serve from it."""
-    moto_server = pytest.importorskip("moto.server")
     import wals_ooc
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-        import boto3
-
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_bucket(Bucket="wals-bucket")
+    with moto_s3("wals-bucket") as options:
         csv = tmp_path / "plays.csv"
         rng = np.random.default_rng(0)
         rows = [f"{u},{i},{c}" for u, i, c in zip(rng.integers(0, 120, 3000), rng.integers(0, 60, 3000), rng.integers(1, 5, 3000))]
@@ -97,8 +89,6 @@ def test_store_and_model_on_s3_through_moto(tmp_path, cluster):
         loaded = wals_ooc.load("s3://wals-bucket/model.zarr", storage_options=options)
         ids, _ = loaded.recommend([0, 1], N=3)
         assert ids.shape == (2, 3)
-    finally:
-        server.stop()
 
 
 DRIVER = """

@@ -48,6 +48,8 @@ from wals_ooc.store.format import FORMAT_VERSION, INTERACTIONS_KIND, create_arra
 from wals_ooc.store.reader import open_store
 from wals_ooc.train import FactorStore
 
+from .conftest import moto_s3
+
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
@@ -770,19 +772,10 @@ def test_every_array_of_every_store_carries_a_checksum_and_the_door_enforces_it(
 
 @pytest.fixture(scope="module")
 def s3():
-    moto_server = pytest.importorskip("moto.server")
-    import boto3
     import s3fs
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket="safety")
-    yield SimpleNamespace(options=options, fs=s3fs.S3FileSystem(**options))
-    server.stop()
+    with moto_s3("safety") as options:
+        yield SimpleNamespace(options=options, fs=s3fs.S3FileSystem(**options))
 
 
 def test_object_store_overwrite_keeps_the_old_store_readable_until_the_new_one_is_complete(base, s3):
