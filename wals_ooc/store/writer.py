@@ -32,7 +32,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from ..errors import BudgetWarning, SettingError, WalsError
-from ..kernels.assemble import bucket_order, csr_from_entries, fill_dense_table, gather_fields, map_dense_ids, segment_sums
+from ..kernels.assemble import bucket_order, bucket_scatter, csr_from_entries, fill_dense_table, map_dense_ids, segment_sums
 from ..kernels.text import parse_ints
 from ..memory import MemoryBudget, format_bytes, peak_rss
 from .format import ID_ARRAYS, CSR_CHUNK, FORMAT_VERSION, INTERACTIONS_KIND, create_array, is_local
@@ -554,7 +554,8 @@ def _mapped_chunks(mapped_paths: list[str], record: np.dtype, chunk_rows: int) -
 
 
 def _bucket(mapped_paths, workspace, bounds, budget, record, disable):
-    """Pass 3: append each record to its user shard's and its item shard's bucket file."""
+    """Pass 3: append each record to its user shard's and its item shard's bucket file (the two
+    sides in two threads: the sort kernel and the file writes release the GIL)."""
     chunk_rows = max(1 << 14, budget.allowance // (16 * record.itemsize))
     paths = {
         side: [workspace.file(f"{side}-{k:06d}.records") for k in range(len(bounds[side]) - 1)]
@@ -562,24 +563,29 @@ def _bucket(mapped_paths, workspace, bounds, budget, record, disable):
     }
     total = sum(os.path.getsize(path) for path in mapped_paths) // record.itemsize
     starts = {side: np.asarray(bounds[side], np.int64) for side in ("user", "item")}
-    with tqdm(desc=_desc("bucket"), total=total, unit="rows", unit_scale=True, disable=disable) as bar:
-        for records in _mapped_chunks(mapped_paths, record, chunk_rows):
-            for side, key in (("user", "row"), ("item", "col")):
-                order, cuts = bucket_order(np.ascontiguousarray(records[key]), starts[side])  # stable counting sort
-                if "order" in record.names:
-                    grouped = records[order]
-                    if side == "item":
-                        grouped = _swap_row_col(grouped)
-                else:
-                    grouped = np.empty(len(records), record)
-                    first, second = ("row", "col") if side == "user" else ("col", "row")
-                    gather_fields(order, records[first], records[second], records["value"], grouped["row"],
+
+    def spread(records: np.ndarray, side: str) -> None:
+        first, second = ("row", "col") if side == "user" else ("col", "row")
+        if "order" in record.names:
+            order, cuts = bucket_order(np.ascontiguousarray(records[first]), starts[side])  # stable counting sort
+            grouped = records[order]
+            del order
+            if side == "item":
+                grouped = _swap_row_col(grouped)
+        else:  # the same stable counting sort, moving the fields themselves
+            grouped = np.empty(len(records), record)
+            cuts = bucket_scatter(records[first], records[second], records["value"], starts[side], grouped["row"],
                                   grouped["col"], grouped["value"])
-                del order
-                for k in range(len(paths[side])):
-                    if cuts[k + 1] > cuts[k]:
-                        with open(paths[side][k], "ab") as sink:
-                            grouped[cuts[k] : cuts[k + 1]].tofile(sink)
+        for k in range(len(paths[side])):
+            if cuts[k + 1] > cuts[k]:
+                with open(paths[side][k], "ab") as sink:
+                    grouped[cuts[k] : cuts[k + 1]].tofile(sink)
+
+    with tqdm(desc=_desc("bucket"), total=total, unit="rows", unit_scale=True, disable=disable) as bar, \
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="wals-ooc-bucket") as pool:
+        for records in _mapped_chunks(mapped_paths, record, chunk_rows):
+            for future in [pool.submit(spread, records, side) for side in ("user", "item")]:
+                future.result()
             bar.update(len(records))
     return paths
 
