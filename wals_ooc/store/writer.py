@@ -521,16 +521,22 @@ def _map_rows(spill, workspace, maps, record, disable, allowance):
     counts = {side: np.zeros(maps[side].n, np.int64) for side in ("user", "item")}
     mapped_paths: list[str] = []
     sink = None
-    with tqdm(desc=_desc("map ids"), unit="rows", unit_scale=True, disable=disable) as bar:
+    buffer = np.empty(0, record)
+    with tqdm(desc=_desc("map ids"), unit="rows", unit_scale=True, disable=disable) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="wals-ooc-map") as pool:
         for batch in spill.batches():
             if sink is None or sink.tell() >= SEGMENT_BYTES:
                 if sink is not None:
                     sink.close()
                 mapped_paths.append(workspace.file(f"rows-{len(mapped_paths):05d}.records"))
                 sink = open(mapped_paths[-1], "wb")
-            records = np.empty(batch.num_rows, record)
+            if len(buffer) < batch.num_rows:
+                buffer = np.empty(batch.num_rows, record)
+            records = buffer[: batch.num_rows]  # reused: fresh memory would fault in every page anew
+            # the items are mapped in a helper thread while this one maps the users (the kernels release the GIL)
+            items = pool.submit(mappers["item"].rows, batch.column(1), counts["item"])
             records["row"] = mappers["user"].rows(batch.column(0), counts["user"])
-            records["col"] = mappers["item"].rows(batch.column(1), counts["item"])
+            records["col"] = items.result()
             records["value"] = batch.column(2).to_numpy()
             if "order" in record.names:
                 records["order"] = batch.column(3).to_numpy()
@@ -542,14 +548,18 @@ def _map_rows(spill, workspace, maps, record, disable, allowance):
 
 
 def _mapped_chunks(mapped_paths: list[str], record: np.dtype, chunk_rows: int) -> Iterator[np.ndarray]:
-    """The records of pass 2, ``chunk_rows`` at a time; each segment is deleted once read."""
+    """The records of pass 2, ``chunk_rows`` at a time; each segment is deleted once read. The
+    chunks are read into one buffer (each is valid until the next is asked for): reading into
+    fresh memory would fault in every page of every chunk anew."""
+    buffer = np.empty(chunk_rows, record)
+    raw = buffer.view(np.uint8)
     for path in mapped_paths:
         with open(path, "rb") as source:
             while True:
-                records = np.fromfile(source, record, count=chunk_rows)
-                if not len(records):
+                got = source.readinto(raw) // record.itemsize
+                if not got:
                     break
-                yield records
+                yield buffer[:got]
         os.remove(path)
 
 
@@ -564,6 +574,8 @@ def _bucket(mapped_paths, workspace, bounds, budget, record, disable):
     total = sum(os.path.getsize(path) for path in mapped_paths) // record.itemsize
     starts = {side: np.asarray(bounds[side], np.int64) for side in ("user", "item")}
 
+    grouped_buffers: dict[str, np.ndarray] = {}  # one per side, reused from chunk to chunk
+
     def spread(records: np.ndarray, side: str) -> None:
         first, second = ("row", "col") if side == "user" else ("col", "row")
         if "order" in record.names:
@@ -573,7 +585,9 @@ def _bucket(mapped_paths, workspace, bounds, budget, record, disable):
             if side == "item":
                 grouped = _swap_row_col(grouped)
         else:  # the same stable counting sort, moving the fields themselves
-            grouped = np.empty(len(records), record)
+            if side not in grouped_buffers:
+                grouped_buffers[side] = np.empty(chunk_rows, record)
+            grouped = grouped_buffers[side][: len(records)]
             cuts = bucket_scatter(records[first], records[second], records["value"], starts[side], grouped["row"],
                                   grouped["col"], grouped["value"])
         for k in range(len(paths[side])):
