@@ -657,19 +657,28 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz
     values_out = ChunkAppender(_csr_array(csr, "values", 0, np.float32))
     order_out = ChunkAppender(_csr_array(csr, "order", 0, np.float64)) if "order" in record.names else None
     offset = 0
+    buffer = np.empty(0, record)
     for k, path in enumerate(tqdm(bucket_paths, desc=_desc(f"assemble {orientation}"), unit="shards", disable=disable)):
         entries = os.path.getsize(path) // record.itemsize if os.path.exists(path) else 0
         if entries > unit_nnz and bounds[k + 1] - bounds[k] == 1 and n_cols * DENSE_ROW_BYTES <= allowance // 2:
             indptr, indices, values, order = dense_row_to_csr(path, record, n_cols, unit_nnz)
-        else:  # passed without a name, so rows_to_csr can free the records once it has read them
+        else:
             if entries > 2 * unit_nnz:
                 warnings.warn(BudgetWarning(
                     f"row {bounds[k]} of {orientation} has {entries} entries, more than its columns' dense "
                     f"accumulator allows in the budget: assembling it in memory may exceed memory_budget"),
                     stacklevel=2)
-            indptr, indices, values, order = rows_to_csr(
-                np.fromfile(path, record) if entries else np.empty(0, record), bounds[k], bounds[k + 1], n_cols
-            )
+            if entries and "order" not in record.names:  # read into one buffer: fresh memory faults in every page
+                if len(buffer) < entries:
+                    buffer = np.empty(0, record)
+                    buffer = np.empty(entries, record)
+                with open(path, "rb") as source:
+                    source.readinto(buffer[:entries].view(np.uint8))
+                indptr, indices, values, order = rows_to_csr(buffer[:entries], bounds[k], bounds[k + 1], n_cols)
+            else:  # passed without a name, so rows_to_csr can free the records once it has read them
+                indptr, indices, values, order = rows_to_csr(
+                    np.fromfile(path, record) if entries else np.empty(0, record), bounds[k], bounds[k + 1], n_cols
+                )
         if os.path.exists(path):
             os.remove(path)
         if overflow is not None:
