@@ -344,32 +344,6 @@ def test_large_chunks_parse_in_threads_and_still_name_the_malformed_line(tmp_pat
     assert info.value.line == bad + 2 and "malformed row" in str(info.value)
 
 
-def test_large_plain_chunks_parse_in_two_halves_and_still_name_the_malformed_line(tmp_path, monkeypatch):
-    """A plain chunk past SPLIT_PARSE_BYTES is parsed as two halves at once (cut at a newline):
-    the same rows in the same order; a malformed row in either half is still reported with its
-    line (the chunk goes the careful way)."""
-    from wals_ooc.store import sources
-
-    calls = []
-    parse = sources.parse_plain_csv
-    monkeypatch.setattr(sources, "parse_plain_csv", lambda data, *args: calls.append(len(data)) or parse(data, *args))
-    n = sources.SPLIT_PARSE_BYTES // 6  # 5-11 bytes a line: one chunk past the threshold
-    lines = [f"{k % 997},{k % 89},{1 + k % 3}" for k in range(n)]
-    path = tmp_path / "big.csv"
-    path.write_text("user,item,value\n" + "\n".join(lines) + "\n")
-    report = wals_ooc.convert(str(path), str(tmp_path / "s.zarr"), progress=False, memory_budget="2GB")
-    assert len(calls) == 2 and sum(calls) == path.stat().st_size - len("user,item,value\n") and min(calls) > n
-    assert report.rows_read == n
-    _assert_store_equals(open_store(str(tmp_path / "s.zarr")), *_expected([(k % 997, k % 89, 1 + k % 3) for k in range(n)]))
-    for bad in (10, n - 10):  # in the first half, in the second
-        broken = list(lines)
-        broken[bad] = "5,6"
-        path.write_text("user,item,value\n" + "\n".join(broken) + "\n")
-        with pytest.raises(InputError) as info:
-            wals_ooc.convert(str(path), str(tmp_path / f"t{bad}.zarr"), progress=False, memory_budget="2GB")
-        assert info.value.line == bad + 2 and "malformed row" in str(info.value)
-
-
 def test_spread_integer_ids_map_like_dense_ones(tmp_path):
     """Ids over a range too wide for a lookup table take the search path: same matrix."""
     rows = [(k % 13, k % 7, 1 + k % 3) for k in range(200)]

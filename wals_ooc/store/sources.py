@@ -15,7 +15,6 @@ import os
 import re
 from bisect import bisect_right
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -380,26 +379,6 @@ class _ChunkLines:
 
 
 THREADED_PARSE_BYTES = 2 << 20  # chunks from this size are parsed by Arrow's thread pool
-SPLIT_PARSE_BYTES = 1 << 20  # plain chunks from this size are parsed in two halves at once
-
-
-def _parse_plain(chunk: bytes, n_fields: int, fields: tuple[int, int, int], delimiter: int,
-                 pool: ThreadPoolExecutor) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
-    """A plain chunk's (users, items, values float64) in record order, as one or two parts (a
-    chunk of ``SPLIT_PARSE_BYTES`` or more is cut at a newline near its middle, and the first
-    half parsed by ``pool`` while this thread parses the second: the kernel releases the GIL);
-    None when the chunk is not plain."""
-    data = np.frombuffer(chunk, np.uint8)
-    cut = chunk.find(b"\n", len(chunk) // 2) + 1 if len(chunk) >= SPLIT_PARSE_BYTES else 0
-    if not 0 < cut < len(chunk):
-        users, items, numbers, ok = parse_plain_csv(data, n_fields, *fields, delimiter)
-        return [(users, items, numbers)] if ok else None
-    first = pool.submit(parse_plain_csv, data[:cut], n_fields, *fields, delimiter)
-    second = parse_plain_csv(data[cut:], n_fields, *fields, delimiter)
-    first_part = first.result()
-    if not (first_part[3] and second[3]):
-        return None
-    return [first_part[:3], second[:3]]
 
 
 def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: int) -> Iterator[RowBatch]:
@@ -437,20 +416,13 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
         strings_can_be_null=False,
         quoted_strings_can_be_null=False,
     )
+    rows_seen = 0
     # plain chunks (integer ids and counts, no quotes) are read straight from their bytes; any
     # other chunk, or one with a problem to name, goes through Arrow and the validator below
     plain = (wanted[3] is None and _kind_of(spec, "user") != "str" and _kind_of(spec, "item") != "str"
              and len(spec.delimiter.encode()) == 1 and spec.delimiter != '"')
     plain_fields = (names.index(wanted[0]), names.index(wanted[1]),
                     names.index(wanted[2]) if wanted[2] is not None else -1) if plain else None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wals-ooc-parse") as pool:
-        yield from _chunk_batches(path, spec, report, block_bytes, names, header_lines, wanted, validator,
-                                  convert_options, plain, plain_fields, pool)
-
-
-def _chunk_batches(path, spec, report, block_bytes, names, header_lines, wanted, validator, convert_options, plain,
-                   plain_fields, pool) -> Iterator[RowBatch]:
-    rows_seen = 0
     for chunk, first_line in _text_chunks(path, block_bytes, spec.delimiter):
         if first_line == 1 and spec.header:  # drop the header record (it may span several lines)
             cut = 0
@@ -460,18 +432,18 @@ def _chunk_batches(path, spec, report, block_bytes, names, header_lines, wanted,
             if not chunk:
                 continue
         if plain:
-            parts = _parse_plain(chunk, len(names), plain_fields, ord(spec.delimiter), pool)
-            if parts is not None:
-                for users, items, numbers in parts:
-                    rows_seen += len(users)
-                    vals = numbers.astype(np.float32)
-                    zero = vals == 0
-                    if zero.any():
-                        report.zeros_dropped += int(zero.sum())
-                        keep = np.flatnonzero(~zero)
-                        users, items, vals = users[keep], items[keep], vals[keep]
-                    if len(vals):
-                        yield RowBatch(users, items, vals, None)
+            users, items, numbers, ok = parse_plain_csv(np.frombuffer(chunk, np.uint8), len(names), *plain_fields,
+                                                        ord(spec.delimiter))
+            if ok:
+                rows_seen += len(users)
+                vals = numbers.astype(np.float32)
+                zero = vals == 0
+                if zero.any():
+                    report.zeros_dropped += int(zero.sum())
+                    keep = np.flatnonzero(~zero)
+                    users, items, vals = users[keep], items[keep], vals[keep]
+                if len(vals):
+                    yield RowBatch(users, items, vals, None)
                 continue
         lines = _ChunkLines(chunk, first_line, spec.delimiter)
         malformed: list[int] = []  # records, within this chunk, that were skipped
