@@ -220,6 +220,52 @@ def check_complete(group: zarr.Group, kind: str, location: str, version: int = F
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# Typed access: Zarr types a node lookup as "array or group", a read as any of a dozen things and
+# an attribute as any JSON value; these say what a wals-ooc store holds
+# ---------------------------------------------------------------------------------------------
+
+
+def array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of ``group``; a group found there is damage (``CorruptStoreError``)."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise CorruptStoreError(f"{group.store_path}: {name} is a group where an array belongs: the store is damaged; "
+                                "write it again")
+    return node
+
+
+def subgroup(group: zarr.Group, name: str) -> zarr.Group:
+    """The group ``name`` of ``group``; an array found there is damage (``CorruptStoreError``)."""
+    node = group[name]
+    if not isinstance(node, zarr.Group):
+        raise CorruptStoreError(f"{group.store_path}: {name} is an array where a group belongs: the store is damaged; "
+                                "write it again")
+    return node
+
+
+def read(source: zarr.Array, selection: Any) -> np.ndarray:
+    """``source[selection]`` as a NumPy array (a scalar selection gives a 0-d array).
+
+    Callers select a bounded part (a shard, a chunk, a block of rows), never a whole matrix.
+    """
+    return np.asarray(source[selection])
+
+
+def as_int(value: object) -> int:
+    """An integer read from Zarr JSON attributes or a scalar read (``int()`` of it, typed)."""
+    if isinstance(value, (int, float, str, np.integer, np.floating, np.ndarray)):
+        return int(value)
+    raise TypeError(f"expected an integer, found {value!r}")
+
+
+def as_int_list(value: object) -> list[int]:
+    """A list of integers read from Zarr JSON attributes (e.g. ``shard_bounds``)."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [as_int(v) for v in value]
+    raise TypeError(f"expected a list of integers, found {value!r}")
+
+
 def shard_ranges(bounds: list[int]) -> list[tuple[int, int]]:
     """Row ranges ``(start, stop)`` of the shards given their bounds."""
     return [(bounds[k], bounds[k + 1]) for k in range(len(bounds) - 1)]
