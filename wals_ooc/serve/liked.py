@@ -59,7 +59,8 @@ def _runs(store, side: str, unique: np.ndarray) -> list[tuple[int, int]]:
     """Row ranges covering the sorted ``unique`` rows, merging neighbours whose gap holds fewer
     than GAP_ENTRIES entries while a run stays under RUN_ENTRIES."""
     runs: list[tuple[int, int]] = []
-    lo = hi = None
+    lo: int = 0
+    hi: int | None = None  # the open run [lo, hi), None before the first row
     start_entry = gap_entry = 0
     for lo_block in range(0, len(unique), 1 << 16):  # row pointers of 65k rows at a time
         block = unique[lo_block : lo_block + (1 << 16)]

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Literal
 
 import google_crc32c
 import numpy as np
@@ -52,6 +52,8 @@ ID_ARRAYS = {"user": "user_ids", "item": "item_ids"}
 #: the nodes of an interaction store that map rows to original ids (copied into a model)
 ID_NODES = ("user_ids", "item_ids")
 CSR_CHUNK = 1 << 18
+#: how ``open_group`` opens a group (Zarr's modes)
+Mode = Literal["r", "r+", "a", "w", "w-"]
 #: root attribute of a pointer store: the child group holding the current generation
 GENERATION_ATTR = "wals_ooc_generation"
 #: array attribute: every chunk was written, so a missing one is damage (see ``create_array``)
@@ -142,7 +144,7 @@ def _zarr_store(location: str, read_only: bool, storage_options: dict[str, Any] 
 
 def open_group(
     location: str | os.PathLike,
-    mode: str = "r",
+    mode: Mode = "r",
     storage_options: dict[str, Any] | None = None,
 ) -> zarr.Group:
     """Open a Zarr v3 group at a local path or an fsspec URL (s3://, gs://, memory://...).
@@ -264,6 +266,20 @@ def as_int_list(value: object) -> list[int]:
     if isinstance(value, (list, tuple, np.ndarray)):
         return [as_int(v) for v in value]
     raise TypeError(f"expected a list of integers, found {value!r}")
+
+
+def as_dict(value: object) -> dict[str, Any]:
+    """A mapping read from Zarr JSON attributes (e.g. a model's config or checkpoint)."""
+    if isinstance(value, dict):
+        return value
+    raise TypeError(f"expected a mapping, found {value!r}")
+
+
+def as_list(value: object) -> list[Any]:
+    """A list read from Zarr JSON attributes (e.g. a model's loss history)."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise TypeError(f"expected a list, found {value!r}")
 
 
 def shard_ranges(bounds: list[int]) -> list[tuple[int, int]]:

@@ -35,7 +35,7 @@ from ..errors import BudgetWarning, SettingError, WalsError
 from ..kernels.assemble import bucket_order, csr_from_entries, fill_dense_table, gather_fields, map_dense_ids, segment_sums
 from ..kernels.text import parse_ints
 from ..memory import MemoryBudget, format_bytes, peak_rss
-from .format import ID_ARRAYS, CSR_CHUNK, FORMAT_VERSION, INTERACTIONS_KIND, create_array, is_local
+from .format import ID_ARRAYS, CSR_CHUNK, FORMAT_VERSION, INTERACTIONS_KIND, create_array, is_local, subgroup
 from .appender import ChunkAppender
 from .ids import DistinctIds, IdIndex, as_text, hash_text, text_buffers, write_id_map
 from .lifecycle import Output, output_store
@@ -184,7 +184,7 @@ def write_store(
 
             workspace = out.workspace()
             for side, (path, spec) in names.items():
-                holder = out.group[ID_ARRAYS[side]]
+                holder = subgroup(out.group, ID_ARRAYS[side])
                 report.names.append(write_side_names(holder, IdIndex(holder, out.target), side, path, spec, workspace,
                                                      budget.allowance, f"{NAMES_ATTR}-0"))
         return report
@@ -319,8 +319,8 @@ class _Spill:
     def __init__(self, workspace: _Workspace, has_order: bool):
         self.workspace, self.has_order = workspace, has_order
         self.segments: list[str] = []
-        self.writer = None
-        self.schema = None
+        self.writer: Any = None  # the open Arrow IPC stream writer of the current segment
+        self.schema: Any = None
         self.written = 0
 
     def write(self, users, items, values: np.ndarray, order: np.ndarray | None) -> None:
@@ -511,6 +511,7 @@ class _RowMapper:
         if self.colliding is not None:
             shared = np.flatnonzero(np.isin(keys, self.colliding))
             if len(shared):
+                assert text is not None, "hash collisions exist among text ids only"
                 rows[shared] = self.index.index_of(text.take(pa.array(shared)))
         return rows.astype(np.int32)
 
@@ -673,7 +674,7 @@ DENSE_ROW_BYTES = 17  # per column: float64 sum, float64 latest order, bool seen
 def dense_row_to_csr(path: str, record: np.dtype, n_cols: int, chunk_entries: int):
     """The one row in a bucket file -> (indptr, indices, values, order), read ``chunk_entries`` at a
     time into per-column sums (memory: n_cols * DENSE_ROW_BYTES plus one chunk)."""
-    has_order = "order" in record.names
+    has_order = record.names is not None and "order" in record.names
     sums = np.zeros(n_cols, np.float64)
     seen = np.zeros(n_cols, bool)
     latest = np.full(n_cols, -np.inf) if has_order else None
@@ -684,10 +685,10 @@ def dense_row_to_csr(path: str, record: np.dtype, n_cols: int, chunk_entries: in
                 break
             np.add.at(sums, records["col"], records["value"])
             seen[records["col"]] = True
-            if has_order:
+            if latest is not None:  # has_order
                 np.maximum.at(latest, records["col"], records["order"])
     indices = np.flatnonzero(seen).astype(np.int32)
-    order = latest[indices] if has_order else None
+    order = latest[indices] if latest is not None else None
     with np.errstate(over="ignore"):  # a sum beyond float32 becomes inf, which the caller reports
         values = sums[indices].astype(np.float32)
     return np.array([0, len(indices)], np.int64), indices, values, order
@@ -701,7 +702,7 @@ def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int)
     (the order of the records) then cast (a sum beyond float32 becomes inf).
     """
     n_rows = row_stop - row_start
-    has_order = "order" in records.dtype.names
+    has_order = records.dtype.names is not None and "order" in records.dtype.names
     if not len(records):
         return (np.zeros(n_rows + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.float32),
                 np.empty(0, np.float64) if has_order else None)
