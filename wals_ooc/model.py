@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import zarr
@@ -26,10 +26,14 @@ from .serve.ids import model_ids, original_ids
 from .serve.liked import liked_csr
 from .serve.recommend import item_source, recommend_all as recommend_all_shards, score_block_rows
 from .serve.scoring import FactorSource, top_k
+from .store.format import read
 from .store.reader import IdMaps, InteractionStore
 from .train.factors import FactorStore, check_interactions_match
 from .train.plan import TrainingPlan
 from .train.trainer import train
+
+if TYPE_CHECKING:
+    from .store.names import NameIndex
 
 
 def _as_store(store: InteractionStore | str | os.PathLike, storage_options: dict | None) -> InteractionStore:
@@ -183,9 +187,9 @@ class WALS:
         needed = model.current("user").nbytes + model.current("item").nbytes
         if needed > to_bytes(self.memory_budget):
             raise MemoryError(f"factors take {needed} bytes, over the memory budget; slice user_factors instead")
-        return model.current("user")[:], model.current("item")[:]
+        return read(model.current("user"), ...), read(model.current("item"), ...)
 
-    def to_implicit(self):
+    def to_implicit(self) -> Any:
         """An ``implicit.cpu.als.AlternatingLeastSquares`` holding these factors (loads them)."""
         from implicit.cpu.als import AlternatingLeastSquares
 
@@ -220,7 +224,7 @@ class WALS:
         recalculate_user: bool = False,
         filter_already_liked_items: bool | None = None,
         filter_items: Iterable | None = None,
-    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, ...]:
         """Top-N (original item ids, scores) for each user, best first; with ``names=True`` also
         the items' display names (None where an item has none; see ``wals_ooc.add_names``).
 
@@ -256,7 +260,14 @@ class WALS:
         single = user_ids is not None and np.ndim(user_ids) == 0
         given = None
         if user_items is not None:
-            n_queries = 1 if single else (len(user_ids) if user_ids is not None else len(np.atleast_2d(user_vectors)))
+            if single:
+                n_queries = 1
+            elif user_ids is not None:
+                n_queries = len(user_ids)
+            elif user_vectors is not None:
+                n_queries = len(np.atleast_2d(user_vectors))
+            else:
+                raise SettingError("give user_ids (the users user_items holds the rows of)")
             given = user_items_csr(user_items, n_queries, store.n_items)
         if recalculate_user:
             if given is None:
@@ -289,7 +300,7 @@ class WALS:
             ids, scores, _ = top_k(queries, source, width, exclude=exclude, candidates=candidates)
         return self._answer("item", ids, scores, names, single)
 
-    def _answer(self, side: str, rows: np.ndarray, scores: np.ndarray, names: bool, one: bool):
+    def _answer(self, side: str, rows: np.ndarray, scores: np.ndarray, names: bool, one: bool) -> tuple[np.ndarray, ...]:
         """Rows of results (-1: no result) as original ids and scores without padding (see
         ``recommend``), and their names when asked."""
         store = self._ids()
@@ -298,19 +309,19 @@ class WALS:
         rows, scores = rows[:, :width], scores[:, :width]
         if one:  # one query: exactly its results
             rows, scores = rows[0, : found[0]], scores[0, : found[0]]
-            out = [original_ids(store, side, rows), scores]
+            one_out = [original_ids(store, side, rows), scores]
             if names:
-                out.append(self._names_of_rows(side, rows))
-            return tuple(out)
+                one_out.append(self._names_of_rows(side, rows))
+            return tuple(one_out)
         mask = np.arange(width)[None, :] >= found[:, None]
-        out = [np.ma.MaskedArray(original_ids(store, side, rows), mask=mask),
+        out: list[np.ndarray] = [np.ma.MaskedArray(original_ids(store, side, rows), mask=mask),
                np.ma.MaskedArray(scores, mask=mask.copy())]
         if names:
             out.append(np.ma.MaskedArray(self._names_of_rows(side, rows), mask=mask.copy()))
         return tuple(out)
 
     # -- display names --------------------------------------------------------------------------
-    def _name_map(self, side: str):
+    def _name_map(self, side: str) -> NameIndex | None:
         """The names of a side: the model's own copy, else (a model trained before names were
         added) those of the interaction store it is bound to; None when neither has any."""
         names = self._ids().name_map(side)
@@ -331,7 +342,7 @@ class WALS:
         """Display names of original ids (None where one has no name); unknown ids raise."""
         return self._names_of_rows(side, self._ids().index_of(side, ids))
 
-    def id_of_name(self, name: str, side: str = "item"):
+    def id_of_name(self, name: str, side: str = "item") -> Any:
         """The original id of the one item (or user) called ``name``: an exact match first, else
         one ignoring case. Unknown: ``UnknownIdError``; several: ``AmbiguousNameError`` (both
         list what they can). Reads the name index chunk by chunk, never all names."""
@@ -401,12 +412,12 @@ class WALS:
         group per row block), "npz", or "implicit" (a .npz ``implicit``'s ``load`` reads)."""
         from .serve.export import export_factors
 
-        return export_factors(self._trained()[1], output, format, overwrite)
+        return export_factors(self._trained()[1], os.fspath(output), format, overwrite)
 
     def build_index(self, side: str = "item", metric: str | None = None, location: str | os.PathLike | None = None,
                     kind: str = "hnsw", hnsw_m: int = 32, ef_construction: int = 80, ef_search: int = 128,
                     nlist: int | None = None, nprobe: int = 32, max_fetch: int = 1024,
-                    overwrite: bool = False, progress=None) -> AnnIndex:
+                    overwrite: bool = False, progress: Any = None) -> AnnIndex:
         """Build an approximate-nearest-neighbour index (faiss) over the current ``side`` factors,
         streamed from the factor store, and save it (default: beside the model).
 
@@ -418,7 +429,7 @@ class WALS:
         model = self._trained()[1]
         settings = IndexSettings(kind=kind, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
                                  nlist=nlist, nprobe=nprobe, max_fetch=max_fetch)
-        return AnnIndex.build(model, location, side=side, metric=metric, settings=settings,
+        return AnnIndex.build(model, None if location is None else os.fspath(location), side=side, metric=metric, settings=settings,
                               memory_budget=self.memory_budget, threads=self.threads, overwrite=overwrite,
                               progress=progress)
 
@@ -435,7 +446,7 @@ class WALS:
         columns, values = merge_entries(columns, values)
         fixed = model.current(other)
         rows = _rows_of(fixed, columns)
-        gram = model.gram(other, model.checkpoint.slots[other])
+        gram = model.gram(other, model.trained().slots[other])
         return fold_in(columns, values, rows, gram, fixed.shape[0], model.config)
 
     def recalculate_user(self, interactions: Any) -> np.ndarray:
@@ -565,6 +576,9 @@ def load(
         model.interactions = store
         return model
     location = model_store.binding.get("location")
+    if not location:
+        model.interactions_problem = f"{path} records no interaction store"
+        return model
     try:
         store = InteractionStore(location, storage_options)
     except (StoreError, FileNotFoundError, NotADirectoryError) as exc:

@@ -45,6 +45,8 @@ def held_out_mask(shard: CSRShard, method: str, test_fraction: float, min_train:
     rows = np.repeat(np.arange(len(counts)), counts)
     keys = rng.random(len(rows))
     if method in BY_ORDER:  # latest first within each row, random among equal times
+        if shard.order is None:
+            raise ValueError(f"method {method!r} needs the entries' order: read the shard with_order=True")
         order = np.lexsort((keys, -shard.order, rows))
     else:
         order = np.lexsort((keys, rows))  # by row, then random key

@@ -437,13 +437,14 @@ def resolve_index(index, model, side: str, metric: str, memory_budget=None, ef_s
         location = default_index_location(model.location, side, metric) if index is True else os.fspath(index)
         key = (os.path.abspath(location), model.checkpoint.step if model.checkpoint else None)
         with _opened_lock:
-            opened = _opened.get(key)
-        if opened is None:
+            cached = _opened.get(key)
+        if cached is None:
             opened = AnnIndex.open(location, model=model, memory_budget=memory_budget)
             with _opened_lock:
                 _opened.clear()  # one index per process at a time: bounded memory
                 _opened[key] = opened
         else:
+            opened = cached
             check_binding(location, opened.meta, model)
     if opened.side != side or opened.metric != metric:
         raise SettingError(f"the index {opened.location} is over {opened.side} factors by {opened.metric}; this needs "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import zarr
@@ -25,6 +25,9 @@ from .format import (
     subgroup,
 )
 from .ids import IdIndex
+
+if TYPE_CHECKING:
+    from .names import NameIndex
 
 
 @dataclass
@@ -226,7 +229,7 @@ class InteractionStore:
         return self.id_map(side).iter_ids(start, stop, rows)
 
     # -- display names (optional; see ``names``) ------------------------------------------------
-    def name_map(self, side: str):
+    def name_map(self, side: str) -> NameIndex | None:
         """The display names of a side (a ``names.NameIndex``), or None when it has none."""
         if side not in SIDES:
             raise ValueError(f"side must be 'user' or 'item', not {side!r}")
