@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import SettingError, StoreError
 
@@ -38,21 +38,16 @@ def _ids(store, side: str, values: list[str]) -> list:
 
 
 @contextlib.contextmanager
-def _client(args):
-    """A distributed Client from --scheduler or --workers, or None for the threaded scheduler."""
-    if getattr(args, "scheduler", None):
-        from distributed import Client
+def _client(args) -> Iterator[Any]:
+    """A distributed Client from --scheduler or --workers, or None for the threaded scheduler
+    (made by ``execute.connect``: the executor module is the one that knows clients)."""
+    from .execute import connect
 
-        with Client(args.scheduler) as client:
-            yield client
-    elif getattr(args, "workers", None):
-        from distributed import Client, LocalCluster
-
-        with LocalCluster(n_workers=args.workers, threads_per_worker=args.threads_per_worker, processes=True) as cluster, Client(cluster) as client:
+    with connect(getattr(args, "scheduler", None), getattr(args, "workers", None),
+                 getattr(args, "threads_per_worker", 1)) as client:
+        if client is not None and not getattr(args, "scheduler", None):
             print(f"dashboard: {client.dashboard_link}", file=sys.stderr)
-            yield client
-    else:
-        yield None
+        yield client
 
 
 def cmd_convert(args) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -98,7 +98,7 @@ def split(
     overwrite: bool = False,
     storage_options: dict | None = None,
     tmp_dir: str | None = None,
-    **build_options,
+    **build_options: Any,
 ) -> SplitReport:
     """Write the train and test stores; each entry lands in exactly one of them.
 

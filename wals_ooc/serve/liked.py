@@ -10,12 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..store.format import SIDES
+from ..store.reader import InteractionStore
 
 GAP_ENTRIES = 1 << 14  # entries worth reading past to save a separate read
 RUN_ENTRIES = 1 << 22  # most entries read at once (32 MiB of indices and values)
 
 
-def liked_csr(store, side: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def liked_csr(store: InteractionStore, side: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """CSR (indptr int64, sorted ids int64) of the stored entries of ``rows`` (any order; -1: a row
     unknown to the store, with nothing to exclude)."""
     rows = np.asarray(rows, np.int64).ravel()

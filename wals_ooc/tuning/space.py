@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from ..config import WALSConfig
 from ..errors import SettingError
 from ..store.format import CSR_CHUNK, array, read, subgroup
 from ..store.reader import InteractionStore
+
+if TYPE_CHECKING:
+    import optuna
 
 #: the settings a trial's point maps to (the rest come from the base config)
 SEARCHED = ("confidence", "alpha", "alpha0", "regularization", "nu", "factors", "iterations")
@@ -144,7 +148,7 @@ class SearchSpace:
         return self
 
     # -- points and settings ---------------------------------------------------------------------
-    def suggest(self, trial) -> dict:
+    def suggest(self, trial: optuna.trial.BaseTrial) -> dict:
         """Draw a point from an Optuna trial (its params, in the search's own names)."""
         params: dict = {}
         if self.confidence is not None:
