@@ -70,7 +70,7 @@ class WALS:
         compute_loss: bool = _D.compute_loss,
         memory_budget: int | str | None = None,
         threads: int | None = None,
-    ):
+    ) -> None:
         self.config = WALSConfig(
             factors=factors, regularization=regularization, alpha=alpha, alpha0=alpha0, confidence=confidence,
             eps=eps, nu=nu, iterations=iterations, solver=solver, cg_steps=cg_steps, block_size=block_size,
@@ -89,7 +89,7 @@ class WALS:
         self,
         store: InteractionStore | str | os.PathLike,
         factors_store: str | os.PathLike | None = None,
-        client=None,
+        client: Any = None,
         resume: bool = True,
         callback: Callable[[int, float, float | None], None] | None = None,
         progress: bool | None = None,
@@ -373,38 +373,106 @@ class WALS:
                                     self.memory_budget, self.storage_options, overwrite,
                                     index=None if ann is None else (ann.location, ann.settings.ef_search, ann.settings.nprobe))
 
-    def _similar(self, side: str, ids: Any, N: int, filter_self: bool, index=None, names: bool = False):
+    def _similar(self, side: str, ids: Any, N: int, filter_self: bool, index: Any = None, names: bool = False, *,
+                 recalculate: bool = False, interactions: Any = None, exclude_ids: Iterable | None = None,
+                 candidate_ids: Iterable | None = None) -> tuple[np.ndarray, ...]:
         _check_n(N)
+        other = "item" if side == "user" else "user"
+        if ids is None:
+            raise SettingError(f"give the {side} ids to find similar {side}s for")
         model = self._trained()[1]
         store = self._ids()
-        rows = store.index_of(side, ids)
+        single = np.ndim(ids) == 0
         array = model.current(side)
         allowance = self._allowance()
-        source = FactorSource(array, score_block_rows(len(rows), array.shape[1], allowance), normalized=True)
-        queries = source.rows(rows)
-        exclude = (np.arange(len(rows) + 1, dtype=np.int64), rows.astype(np.int64)) if filter_self else None
-        ann = resolve_index(index, model, side, "cosine", self.memory_budget)
-        if ann is not None:
-            ids_out, scores = _approximate(ann, queries, source, N, exclude, self.threads)
+        if recalculate:  # implicit's recalculate_item: fold the rows in afresh from their interactions
+            if interactions is None:
+                raise SettingError(f"recalculate_{side}=True needs {side}_{other}s: the {side}s' interactions to "
+                                   "fold in")
+            rows = store.index_of(side, ids, missing="mark")  # new ids may be unknown to the model
+            indptr, columns, values = user_items_csr(interactions, len(rows), store.n_rows(other), side=side)
+            vectors = np.stack([self._fold_in(side, columns[a:b], values[a:b])
+                                for a, b in zip(indptr[:-1], indptr[1:])])
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            queries = (vectors / np.where(norms == 0, 1, norms)).astype(array.dtype)
         else:
-            ids_out, scores, _ = top_k(queries, source, N, exclude=exclude)
-        return self._answer(side, ids_out, scores, names, one=False)
+            if interactions is not None:
+                raise SettingError(f"{side}_{other}s is read with recalculate_{side}=True only")
+            rows = store.index_of(side, ids)
+        source = FactorSource(array, score_block_rows(len(rows), array.shape[1], allowance), normalized=True)
+        if not recalculate:
+            queries = source.rows(rows)
+        exclude = None
+        if filter_self:  # each query's own row (a new, unknown one has none)
+            own = rows >= 0
+            self_indptr = np.zeros(len(rows) + 1, np.int64)
+            np.cumsum(own, out=self_indptr[1:])
+            exclude = (self_indptr, rows[own].astype(np.int64))
+        excluded = None if exclude_ids is None else np.unique(store.index_of(side, list(exclude_ids)))
+        exclude = with_excluded(exclude, excluded, len(queries))
+        candidates = None if candidate_ids is None else np.unique(store.index_of(side, list(candidate_ids)))
+        ann = resolve_index(index, model, side, "cosine", self.memory_budget) if candidates is None else None
+        width = N if candidates is None else min(N, len(candidates))
+        if ann is not None:
+            ids_out, scores = _approximate(ann, queries, source, width, exclude, self.threads)
+        else:
+            ids_out, scores, _ = top_k(queries, source, width, exclude=exclude, candidates=candidates)
+        return self._answer(side, ids_out, scores, names, single)
 
-    def similar_items(self, item_ids: Any, N: int = 10, filter_self: bool = False,
-                      index: AnnIndex | str | os.PathLike | bool | None = None, names: bool = False):
+    def similar_items(
+        self,
+        item_ids: Any = None,
+        N: int = 10,
+        filter_self: bool = False,
+        index: AnnIndex | str | os.PathLike | bool | None = None,
+        names: bool = False,
+        *,
+        itemid: Any = None,
+        recalculate_item: bool = False,
+        item_users: Any = None,
+        filter_items: Iterable | None = None,
+        items: Iterable | None = None,
+    ) -> tuple[np.ndarray, ...]:
         """The N items most similar (cosine of factors) to each given item; itself first unless
-        filtered. Returns (ids, scores), 2-D (see ``recommend``: fewer than N columns when the
-        catalogue is smaller), and with ``names=True`` the items' display names too.
+        filtered. Returns (ids, scores), and with ``names=True`` the items' display names too.
+        One item id (not a list) gives 1-D arrays of exactly its results; a batch gives 2-D
+        masked arrays without padding (see ``recommend``: fewer than N columns when the
+        catalogue is smaller).
 
         index: answer from an approximate cosine index over the item factors (``build_index(side=
         "item", metric="cosine")``; True: the one beside the model). To start from a name, look
-        its id up with ``id_of_name``."""
-        return self._similar("item", item_ids, N, filter_self, index, names)
+        its id up with ``id_of_name``.
 
-    def similar_users(self, user_ids: Any, N: int = 10, filter_self: bool = False,
-                      index: AnnIndex | str | os.PathLike | bool | None = None, names: bool = False):
-        """The N users most similar (cosine of factors) to each given user (see ``similar_items``)."""
-        return self._similar("user", user_ids, N, filter_self, index, names)
+        implicit's names are accepted with implicit's meanings (see ``serve/compat.py``):
+        ``itemid`` (= item_ids), ``filter_items`` (original item ids never to return),
+        ``items`` (only these original item ids are candidates; answered exactly), and
+        ``recalculate_item=True`` with ``item_users``: a scipy sparse matrix, one row per
+        requested item and one column per user row of the model, whose rows are folded in
+        afresh (new items welcome) instead of reading the stored factors.
+        """
+        item_ids = pick("item_ids", item_ids, "itemid", itemid)
+        return self._similar("item", item_ids, N, filter_self, index, names, recalculate=recalculate_item,
+                             interactions=item_users, exclude_ids=filter_items, candidate_ids=items)
+
+    def similar_users(
+        self,
+        user_ids: Any = None,
+        N: int = 10,
+        filter_self: bool = False,
+        index: AnnIndex | str | os.PathLike | bool | None = None,
+        names: bool = False,
+        *,
+        userid: Any = None,
+        filter_users: Iterable | None = None,
+        users: Iterable | None = None,
+    ) -> tuple[np.ndarray, ...]:
+        """The N users most similar (cosine of factors) to each given user (see ``similar_items``).
+
+        implicit's names: ``userid`` (= user_ids), ``filter_users`` (original user ids never to
+        return) and ``users`` (only these are candidates)."""
+        user_ids = pick("user_ids", user_ids, "userid", userid)
+        return self._similar("user", user_ids, N, filter_self, index, names, exclude_ids=filter_users,
+                             candidate_ids=users)
 
     def export(self, output: str | os.PathLike, format: str = "parquet", overwrite: bool = False) -> str:
         """Write the factors with their original ids for other systems (see ``serve/export.py``):
@@ -462,7 +530,7 @@ class WALS:
         return self._recalculate("item", interactions)
 
     def evaluate(self, test: InteractionStore | str, k: int = 10, user_fraction: float | None = None, seed: int = 0,
-                 client=None) -> dict:
+                 client: Any = None) -> dict:
         """Ranking metrics at k on a held-out store made by ``wals_ooc.split`` (see ``evaluate``)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise SettingError(f"k must be an integer >= 1, got {k!r}", flags={"k must": "-k must"})
@@ -477,7 +545,7 @@ class WALS:
                               self.threads, self.memory_budget, self.storage_options)
 
     def report(self, output: str | os.PathLike, test: InteractionStore | str | None = None, *, overwrite: bool = False,
-               **options) -> str:
+               **options: Any) -> str:
         """Write an HTML page to look at this model (see ``wals_ooc.report``): loss and seconds per
         iteration, metrics at k = 1..k_max on ``test`` (when given), popularity of recommended
         items against the catalogue, and a few users' history beside their recommendations.
