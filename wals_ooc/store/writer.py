@@ -557,7 +557,7 @@ def _mapped_chunks(mapped_paths: list[str], record: np.dtype, chunk_rows: int) -
     for path in mapped_paths:
         with open(path, "rb") as source:
             while True:
-                got = source.readinto(raw) // record.itemsize
+                got = source.readinto(raw.data) // record.itemsize
                 if not got:
                     break
                 yield buffer[:got]
@@ -674,7 +674,7 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz
                     buffer = np.empty(0, record)
                     buffer = np.empty(entries, record)
                 with open(path, "rb") as source:
-                    source.readinto(buffer[:entries].view(np.uint8))
+                    source.readinto(buffer[:entries].view(np.uint8).data)
                 indptr, indices, values, order = rows_to_csr(buffer[:entries], bounds[k], bounds[k + 1], n_cols)
             else:  # passed without a name, so rows_to_csr can free the records once it has read them
                 indptr, indices, values, order = rows_to_csr(
