@@ -259,6 +259,56 @@ def test_implicit_names_are_accepted_with_implicits_meanings(trained):
         trained.recommend(user_ids, N=3, filter_items=["no such item"])
 
 
+def test_implicit_similar_names_are_accepted_with_implicits_meanings(trained):
+    """similar_items(itemid=, filter_items=, items=, recalculate_item= with item_users=) and
+    similar_users(userid=, filter_users=, users=) answer as implicit's own calls do on the same
+    factors: one id gives 1-D results, a batch 2-D ones without padding."""
+    from wals_ooc.errors import SettingError
+
+    store = trained.interactions
+    R = store_to_scipy(open_store(store.location)).tocsr()
+    peer = trained.to_implicit()
+    item_ids, user_ids = store.ids("item"), store.ids("user")
+    rows, banned_rows = np.array([2, 11, 60]), np.array([4, 7, 19])
+    ours = trained.similar_items(itemid=item_ids[rows], N=5, filter_items=list(item_ids[banned_rows]))
+    reference = peer.similar_items(rows, N=5, filter_items=banned_rows)
+    assert ours[0].shape == (3, 5)
+    np.testing.assert_array_equal(store.index_of("item", ours[0].ravel()).reshape(3, 5), reference[0])
+    np.testing.assert_allclose(ours[1], reference[1], rtol=1e-5)
+    ids, scores = trained.similar_items(item_ids[rows[0]], N=5)  # one id: 1-D, as in implicit
+    expected_rows, expected_scores = peer.similar_items(int(rows[0]), N=5)
+    assert ids.ndim == 1
+    np.testing.assert_array_equal(store.index_of("item", ids), expected_rows)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)
+    # items: only these are ranked; fewer than N of them: fewer columns, none masked
+    subset_rows = np.array([1, 2, 4, 8])
+    ids, scores = trained.similar_items(item_ids[[2, 60]], N=10, items=list(item_ids[subset_rows]))
+    assert ids.shape == (2, 4) and not np.ma.getmaskarray(ids).any()
+    np.testing.assert_array_equal(store.index_of("item", ids.ravel()).reshape(2, 4),
+                                  peer.similar_items(np.array([2, 60]), N=10, items=subset_rows)[0])
+    # recalculate_item with item_users: the item folded in afresh, then cosine against the items
+    one = R.T.tocsr()[rows[1]: rows[1] + 1]
+    vector = trained.recalculate_item({user_ids[c]: v for c, v in zip(one.indices, one.data)})
+    ids, scores = trained.similar_items(item_ids[rows[1]], N=6, recalculate_item=True, item_users=one)
+    _, items, _ = _dense(trained)
+    unit = items / np.linalg.norm(items, axis=1, keepdims=True)
+    _check_top_k(store.index_of("item", ids), scores, unit @ (vector / np.linalg.norm(vector)),
+                 np.ones(store.n_items, bool), 6)
+    # similar_users: userid, filter_users, users
+    ours = trained.similar_users(userid=user_ids[[0, 5]], N=4, filter_users=[user_ids[1]])
+    reference = peer.similar_users(np.array([0, 5]), N=4, filter_users=np.array([1]))
+    np.testing.assert_array_equal(store.index_of("user", ours[0].ravel()).reshape(2, 4), reference[0])
+    np.testing.assert_allclose(ours[1], reference[1], rtol=1e-5)
+    ids, _ = trained.similar_users(user_ids[0], N=3, users=list(user_ids[[0, 3, 9, 12]]))
+    np.testing.assert_array_equal(store.index_of("user", ids), peer.similar_users(0, N=3, users=np.array([0, 3, 9, 12]))[0])
+    with pytest.raises(SettingError, match="item_ids= and itemid="):
+        trained.similar_items(item_ids[:1], itemid=item_ids[1:2])
+    with pytest.raises(SettingError, match="recalculate_item=True needs item_users"):
+        trained.similar_items(item_ids[:2], recalculate_item=True)
+    with pytest.raises(SettingError, match="item_users has shape"):
+        trained.similar_items(item_ids[:2], recalculate_item=True, item_users=one)
+
+
 def test_liked_rows_in_any_order_with_repeats_and_unknown_rows_match_the_store(small_store):
     from wals_ooc.serve import liked as liked_module
     from wals_ooc.store.reader import InteractionStore

@@ -288,3 +288,16 @@ def test_split_names_its_own_stages(tmp_path, small_store, capsys):
     bars = {line.split(":")[0] + ":" + line.split(":")[1] for line in capsys.readouterr().err.replace("\r", "\n").splitlines()
             if line.startswith("split ")}
     assert {"split train: read", "split test: read", "split train: bucket", "split test: map ids"} <= bars
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """The README's test command (type check, then tests) and .ci/run say the same thing."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text().splitlines()
+    at = next(k for k, line in enumerate(readme) if "(what .ci/run does)" in line)
+    command = readme[at + 1].strip()
+    assert "mypy wals_ooc" in command and "pytest" in command
+    ci = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
+    assert command in ci

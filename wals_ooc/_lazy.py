@@ -5,7 +5,8 @@ the defining module is imported on first access, so that importing a package (an
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from types import ModuleType
+from typing import Any, Callable
 
 
 def lazy_exports(package: str, namespace: dict, exports: dict[str, str]) -> tuple[Callable, Callable]:
@@ -32,9 +33,9 @@ class LazyModule:
 
     def __init__(self, name: str):
         self._name = name
-        self._module = None
+        self._module: ModuleType | None = None
 
-    def __getattr__(self, attr: str):
+    def __getattr__(self, attr: str) -> Any:
         if attr.startswith("__"):
             raise AttributeError(attr)
         if self._module is None:

@@ -9,8 +9,9 @@ import logging
 import os
 import sys
 import time
+from typing import Any, Iterator
 
-from .errors import SettingError
+from .errors import SettingError, StoreError
 
 # Imports of numpy, numba, dask, zarr and the rest of wals_ooc happen inside the commands that
 # need them: `wals-ooc --help` and `wals-ooc info STORE` start in a fraction of a second.
@@ -37,21 +38,16 @@ def _ids(store, side: str, values: list[str]) -> list:
 
 
 @contextlib.contextmanager
-def _client(args):
-    """A distributed Client from --scheduler or --workers, or None for the threaded scheduler."""
-    if getattr(args, "scheduler", None):
-        from distributed import Client
+def _client(args) -> Iterator[Any]:
+    """A distributed Client from --scheduler or --workers, or None for the threaded scheduler
+    (made by ``execute.connect``: the executor module is the one that knows clients)."""
+    from .execute import connect
 
-        with Client(args.scheduler) as client:
-            yield client
-    elif getattr(args, "workers", None):
-        from distributed import Client, LocalCluster
-
-        with LocalCluster(n_workers=args.workers, threads_per_worker=args.threads_per_worker, processes=True) as cluster, Client(cluster) as client:
+    with connect(getattr(args, "scheduler", None), getattr(args, "workers", None),
+                 getattr(args, "threads_per_worker", 1)) as client:
+        if client is not None and not getattr(args, "scheduler", None):
             print(f"dashboard: {client.dashboard_link}", file=sys.stderr)
-            yield client
-    else:
-        yield None
+        yield client
 
 
 def cmd_convert(args) -> int:
@@ -125,14 +121,15 @@ def cmd_info(args) -> int:
     for side in ("user", "item"):
         rows = [row for row, _ in tops[side]]
         ids = store.ids_of(side, rows)
-        names = name_maps[side].names_of(rows) if name_maps[side] is not None else None
+        name_map = name_maps[side]
+        names = name_map.names_of(rows) if name_map is not None else None
         shown = [f"{ident} {names[k]!r}" if names is not None and names[k] is not None else f"{ident}"
                  for k, ident in enumerate(ids.tolist())]
         listed = ", ".join(f"{label} ({count})" for label, (_, count) in zip(shown, tops[side]))
         print(f"top {side}s  {listed}")
-    for side, names in name_maps.items():
-        if names is not None:
-            print(f"{side} names  {names.named} of {store.n_rows(side)} {side}s named")
+    for side, name_map in name_maps.items():
+        if name_map is not None:
+            print(f"{side} names  {name_map.named} of {store.n_rows(side)} {side}s named")
     return 0
 
 
@@ -150,7 +147,9 @@ def _model_info(location: str) -> int:
     print("config       " + " ".join(f"{k}={v}" for k, v in config.to_dict().items()))
     binding = model.binding
     try:
-        store = open_store(binding.get("location"))
+        if not binding.get("location"):
+            raise StoreError("the model records no interaction store")
+        store = open_store(str(binding["location"]))
         check_interactions_match(model, store, resuming=False)
         found = "found, same store"
     except Exception as exc:  # the model is still described; say why the data is not usable
@@ -251,6 +250,7 @@ def cmd_train(args) -> int:
                   progress=_progress(args))
     elapsed = time.perf_counter() - started
     history = model.loss_history
+    assert model.factors_store is not None  # fit sets it (or raises)
     print(json.dumps({
         "model": model.factors_store.location, "iterations": len(history), "seconds": round(elapsed, 3),
         "final_loss": history[-1]["loss"] if history else None, "peak_rss": peak_rss(),
@@ -264,7 +264,7 @@ TUNE_FIXABLE = {"confidence": "confidence", "alpha": "weight", "regularization":
 def cmd_tune(args) -> int:
     from .tuning import SearchSpace, tune
 
-    space = {name: None for setting, name in TUNE_FIXABLE.items() if setting in (args.fix or [])}
+    space: dict[str, Any] = {name: None for setting, name in TUNE_FIXABLE.items() if setting in (args.fix or [])}
     if "confidence" not in space:
         space["confidence"] = tuple(args.confidence_forms)
     for name, lo, hi in args.range or []:
@@ -314,7 +314,7 @@ def cmd_recommend(args) -> int:
             out = model.recommend_all(N=args.n, output=args.output, filter_already_liked=not args.no_filter,
                                       format=args.format, client=client, overwrite=args.overwrite, index=index)
         where = "" if args.output else " (the default place: give --output PATH to choose it)"
-        print(f"wrote top-{args.n} recommendations of {model.factors_store.group.attrs['n_users']} users to {out}{where}")
+        print(f"wrote top-{args.n} recommendations of {model.id_maps().n_users} users to {out}{where}")
         return 0
     if not args.users:
         raise SettingError("give --users ID... or --all")

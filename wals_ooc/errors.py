@@ -36,7 +36,7 @@ class WalsError(Exception):
 class InputError(WalsError, ValueError):
     """Bad input, located: which file, which line (or Parquet row), which field."""
 
-    def __init__(self, path: str, line: int | None, field: str | None, message: str):
+    def __init__(self, path: str, line: int | None, field: str | None, message: str) -> None:
         self.path, self.line, self.field, self.reason = path, line, field, message
         where = path if line is None else f"{path}:{line}"
         what = f" field {field!r}:" if field is not None else ""

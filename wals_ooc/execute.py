@@ -147,9 +147,28 @@ class Executor:
                 self.client.run(function)
 
 
+@contextlib.contextmanager
+def connect(scheduler: str | None = None, workers: int | None = None, threads_per_worker: int = 1) -> Iterator[Any]:
+    """A distributed Client of the scheduler at ``scheduler``, or of a LocalCluster of ``workers``
+    worker processes started here (closed on exit); None (the threaded scheduler) for neither."""
+    if scheduler:
+        from distributed import Client
+
+        with Client(scheduler) as client:
+            yield client
+    elif workers:
+        from distributed import Client, LocalCluster
+
+        with LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True) as cluster, \
+                Client(cluster) as client:
+            yield client
+    else:
+        yield None
+
+
 def run_tasks(tasks: Sequence, client: Any = None, threads: int = 1, bar=None, prefix: str = "", retries: int = 3) -> list:
     """``Executor(client, threads, retries).run(tasks, bar, prefix)``."""
     return Executor(client, threads, retries).run(tasks, bar, prefix)
 
 
-__all__ = ["Executor", "run_tasks", "single_threaded_blas_in_worker"]
+__all__ = ["Executor", "connect", "run_tasks", "single_threaded_blas_in_worker"]

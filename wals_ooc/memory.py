@@ -126,6 +126,7 @@ def warm_libraries() -> None:
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
     import zarr
+    import zarr.codecs
 
     table = pacsv.read_csv(pa.BufferReader(b"a,b,c\n1,x,2.5\n"), read_options=pacsv.ReadOptions(use_threads=False))
     pc.cast(pc.cast(table.column("a"), pa.string()), pa.int64())

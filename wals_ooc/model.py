@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import zarr
@@ -26,10 +26,14 @@ from .serve.ids import model_ids, original_ids
 from .serve.liked import liked_csr
 from .serve.recommend import item_source, recommend_all as recommend_all_shards, score_block_rows
 from .serve.scoring import FactorSource, top_k
+from .store.format import read
 from .store.reader import IdMaps, InteractionStore
 from .train.factors import FactorStore, check_interactions_match
 from .train.plan import TrainingPlan
 from .train.trainer import train
+
+if TYPE_CHECKING:
+    from .store.names import NameIndex
 
 
 def _as_store(store: InteractionStore | str | os.PathLike, storage_options: dict | None) -> InteractionStore:
@@ -66,7 +70,7 @@ class WALS:
         compute_loss: bool = _D.compute_loss,
         memory_budget: int | str | None = None,
         threads: int | None = None,
-    ):
+    ) -> None:
         self.config = WALSConfig(
             factors=factors, regularization=regularization, alpha=alpha, alpha0=alpha0, confidence=confidence,
             eps=eps, nu=nu, iterations=iterations, solver=solver, cg_steps=cg_steps, block_size=block_size,
@@ -85,7 +89,7 @@ class WALS:
         self,
         store: InteractionStore | str | os.PathLike,
         factors_store: str | os.PathLike | None = None,
-        client=None,
+        client: Any = None,
         resume: bool = True,
         callback: Callable[[int, float, float | None], None] | None = None,
         progress: bool | None = None,
@@ -183,9 +187,9 @@ class WALS:
         needed = model.current("user").nbytes + model.current("item").nbytes
         if needed > to_bytes(self.memory_budget):
             raise MemoryError(f"factors take {needed} bytes, over the memory budget; slice user_factors instead")
-        return model.current("user")[:], model.current("item")[:]
+        return read(model.current("user"), ...), read(model.current("item"), ...)
 
-    def to_implicit(self):
+    def to_implicit(self) -> Any:
         """An ``implicit.cpu.als.AlternatingLeastSquares`` holding these factors (loads them)."""
         from implicit.cpu.als import AlternatingLeastSquares
 
@@ -220,7 +224,7 @@ class WALS:
         recalculate_user: bool = False,
         filter_already_liked_items: bool | None = None,
         filter_items: Iterable | None = None,
-    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, ...]:
         """Top-N (original item ids, scores) for each user, best first; with ``names=True`` also
         the items' display names (None where an item has none; see ``wals_ooc.add_names``).
 
@@ -256,7 +260,14 @@ class WALS:
         single = user_ids is not None and np.ndim(user_ids) == 0
         given = None
         if user_items is not None:
-            n_queries = 1 if single else (len(user_ids) if user_ids is not None else len(np.atleast_2d(user_vectors)))
+            if single:
+                n_queries = 1
+            elif user_ids is not None:
+                n_queries = len(user_ids)
+            elif user_vectors is not None:
+                n_queries = len(np.atleast_2d(user_vectors))
+            else:
+                raise SettingError("give user_ids (the users user_items holds the rows of)")
             given = user_items_csr(user_items, n_queries, store.n_items)
         if recalculate_user:
             if given is None:
@@ -289,7 +300,7 @@ class WALS:
             ids, scores, _ = top_k(queries, source, width, exclude=exclude, candidates=candidates)
         return self._answer("item", ids, scores, names, single)
 
-    def _answer(self, side: str, rows: np.ndarray, scores: np.ndarray, names: bool, one: bool):
+    def _answer(self, side: str, rows: np.ndarray, scores: np.ndarray, names: bool, one: bool) -> tuple[np.ndarray, ...]:
         """Rows of results (-1: no result) as original ids and scores without padding (see
         ``recommend``), and their names when asked."""
         store = self._ids()
@@ -298,19 +309,19 @@ class WALS:
         rows, scores = rows[:, :width], scores[:, :width]
         if one:  # one query: exactly its results
             rows, scores = rows[0, : found[0]], scores[0, : found[0]]
-            out = [original_ids(store, side, rows), scores]
+            one_out = [original_ids(store, side, rows), scores]
             if names:
-                out.append(self._names_of_rows(side, rows))
-            return tuple(out)
+                one_out.append(self._names_of_rows(side, rows))
+            return tuple(one_out)
         mask = np.arange(width)[None, :] >= found[:, None]
-        out = [np.ma.MaskedArray(original_ids(store, side, rows), mask=mask),
+        out: list[np.ndarray] = [np.ma.MaskedArray(original_ids(store, side, rows), mask=mask),
                np.ma.MaskedArray(scores, mask=mask.copy())]
         if names:
             out.append(np.ma.MaskedArray(self._names_of_rows(side, rows), mask=mask.copy()))
         return tuple(out)
 
     # -- display names --------------------------------------------------------------------------
-    def _name_map(self, side: str):
+    def _name_map(self, side: str) -> NameIndex | None:
         """The names of a side: the model's own copy, else (a model trained before names were
         added) those of the interaction store it is bound to; None when neither has any."""
         names = self._ids().name_map(side)
@@ -331,7 +342,7 @@ class WALS:
         """Display names of original ids (None where one has no name); unknown ids raise."""
         return self._names_of_rows(side, self._ids().index_of(side, ids))
 
-    def id_of_name(self, name: str, side: str = "item"):
+    def id_of_name(self, name: str, side: str = "item") -> Any:
         """The original id of the one item (or user) called ``name``: an exact match first, else
         one ignoring case. Unknown: ``UnknownIdError``; several: ``AmbiguousNameError`` (both
         list what they can). Reads the name index chunk by chunk, never all names."""
@@ -362,38 +373,106 @@ class WALS:
                                     self.memory_budget, self.storage_options, overwrite,
                                     index=None if ann is None else (ann.location, ann.settings.ef_search, ann.settings.nprobe))
 
-    def _similar(self, side: str, ids: Any, N: int, filter_self: bool, index=None, names: bool = False):
+    def _similar(self, side: str, ids: Any, N: int, filter_self: bool, index: Any = None, names: bool = False, *,
+                 recalculate: bool = False, interactions: Any = None, exclude_ids: Iterable | None = None,
+                 candidate_ids: Iterable | None = None) -> tuple[np.ndarray, ...]:
         _check_n(N)
+        other = "item" if side == "user" else "user"
+        if ids is None:
+            raise SettingError(f"give the {side} ids to find similar {side}s for")
         model = self._trained()[1]
         store = self._ids()
-        rows = store.index_of(side, ids)
+        single = np.ndim(ids) == 0
         array = model.current(side)
         allowance = self._allowance()
-        source = FactorSource(array, score_block_rows(len(rows), array.shape[1], allowance), normalized=True)
-        queries = source.rows(rows)
-        exclude = (np.arange(len(rows) + 1, dtype=np.int64), rows.astype(np.int64)) if filter_self else None
-        ann = resolve_index(index, model, side, "cosine", self.memory_budget)
-        if ann is not None:
-            ids_out, scores = _approximate(ann, queries, source, N, exclude, self.threads)
+        if recalculate:  # implicit's recalculate_item: fold the rows in afresh from their interactions
+            if interactions is None:
+                raise SettingError(f"recalculate_{side}=True needs {side}_{other}s: the {side}s' interactions to "
+                                   "fold in")
+            rows = store.index_of(side, ids, missing="mark")  # new ids may be unknown to the model
+            indptr, columns, values = user_items_csr(interactions, len(rows), store.n_rows(other), side=side)
+            vectors = np.stack([self._fold_in(side, columns[a:b], values[a:b])
+                                for a, b in zip(indptr[:-1], indptr[1:])])
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            queries = (vectors / np.where(norms == 0, 1, norms)).astype(array.dtype)
         else:
-            ids_out, scores, _ = top_k(queries, source, N, exclude=exclude)
-        return self._answer(side, ids_out, scores, names, one=False)
+            if interactions is not None:
+                raise SettingError(f"{side}_{other}s is read with recalculate_{side}=True only")
+            rows = store.index_of(side, ids)
+        source = FactorSource(array, score_block_rows(len(rows), array.shape[1], allowance), normalized=True)
+        if not recalculate:
+            queries = source.rows(rows)
+        exclude = None
+        if filter_self:  # each query's own row (a new, unknown one has none)
+            own = rows >= 0
+            self_indptr = np.zeros(len(rows) + 1, np.int64)
+            np.cumsum(own, out=self_indptr[1:])
+            exclude = (self_indptr, rows[own].astype(np.int64))
+        excluded = None if exclude_ids is None else np.unique(store.index_of(side, list(exclude_ids)))
+        exclude = with_excluded(exclude, excluded, len(queries))
+        candidates = None if candidate_ids is None else np.unique(store.index_of(side, list(candidate_ids)))
+        ann = resolve_index(index, model, side, "cosine", self.memory_budget) if candidates is None else None
+        width = N if candidates is None else min(N, len(candidates))
+        if ann is not None:
+            ids_out, scores = _approximate(ann, queries, source, width, exclude, self.threads)
+        else:
+            ids_out, scores, _ = top_k(queries, source, width, exclude=exclude, candidates=candidates)
+        return self._answer(side, ids_out, scores, names, single)
 
-    def similar_items(self, item_ids: Any, N: int = 10, filter_self: bool = False,
-                      index: AnnIndex | str | os.PathLike | bool | None = None, names: bool = False):
+    def similar_items(
+        self,
+        item_ids: Any = None,
+        N: int = 10,
+        filter_self: bool = False,
+        index: AnnIndex | str | os.PathLike | bool | None = None,
+        names: bool = False,
+        *,
+        itemid: Any = None,
+        recalculate_item: bool = False,
+        item_users: Any = None,
+        filter_items: Iterable | None = None,
+        items: Iterable | None = None,
+    ) -> tuple[np.ndarray, ...]:
         """The N items most similar (cosine of factors) to each given item; itself first unless
-        filtered. Returns (ids, scores), 2-D (see ``recommend``: fewer than N columns when the
-        catalogue is smaller), and with ``names=True`` the items' display names too.
+        filtered. Returns (ids, scores), and with ``names=True`` the items' display names too.
+        One item id (not a list) gives 1-D arrays of exactly its results; a batch gives 2-D
+        masked arrays without padding (see ``recommend``: fewer than N columns when the
+        catalogue is smaller).
 
         index: answer from an approximate cosine index over the item factors (``build_index(side=
         "item", metric="cosine")``; True: the one beside the model). To start from a name, look
-        its id up with ``id_of_name``."""
-        return self._similar("item", item_ids, N, filter_self, index, names)
+        its id up with ``id_of_name``.
 
-    def similar_users(self, user_ids: Any, N: int = 10, filter_self: bool = False,
-                      index: AnnIndex | str | os.PathLike | bool | None = None, names: bool = False):
-        """The N users most similar (cosine of factors) to each given user (see ``similar_items``)."""
-        return self._similar("user", user_ids, N, filter_self, index, names)
+        implicit's names are accepted with implicit's meanings (see ``serve/compat.py``):
+        ``itemid`` (= item_ids), ``filter_items`` (original item ids never to return),
+        ``items`` (only these original item ids are candidates; answered exactly), and
+        ``recalculate_item=True`` with ``item_users``: a scipy sparse matrix, one row per
+        requested item and one column per user row of the model, whose rows are folded in
+        afresh (new items welcome) instead of reading the stored factors.
+        """
+        item_ids = pick("item_ids", item_ids, "itemid", itemid)
+        return self._similar("item", item_ids, N, filter_self, index, names, recalculate=recalculate_item,
+                             interactions=item_users, exclude_ids=filter_items, candidate_ids=items)
+
+    def similar_users(
+        self,
+        user_ids: Any = None,
+        N: int = 10,
+        filter_self: bool = False,
+        index: AnnIndex | str | os.PathLike | bool | None = None,
+        names: bool = False,
+        *,
+        userid: Any = None,
+        filter_users: Iterable | None = None,
+        users: Iterable | None = None,
+    ) -> tuple[np.ndarray, ...]:
+        """The N users most similar (cosine of factors) to each given user (see ``similar_items``).
+
+        implicit's names: ``userid`` (= user_ids), ``filter_users`` (original user ids never to
+        return) and ``users`` (only these are candidates)."""
+        user_ids = pick("user_ids", user_ids, "userid", userid)
+        return self._similar("user", user_ids, N, filter_self, index, names, exclude_ids=filter_users,
+                             candidate_ids=users)
 
     def export(self, output: str | os.PathLike, format: str = "parquet", overwrite: bool = False) -> str:
         """Write the factors with their original ids for other systems (see ``serve/export.py``):
@@ -401,12 +480,12 @@ class WALS:
         group per row block), "npz", or "implicit" (a .npz ``implicit``'s ``load`` reads)."""
         from .serve.export import export_factors
 
-        return export_factors(self._trained()[1], output, format, overwrite)
+        return export_factors(self._trained()[1], os.fspath(output), format, overwrite)
 
     def build_index(self, side: str = "item", metric: str | None = None, location: str | os.PathLike | None = None,
                     kind: str = "hnsw", hnsw_m: int = 32, ef_construction: int = 80, ef_search: int = 128,
                     nlist: int | None = None, nprobe: int = 32, max_fetch: int = 1024,
-                    overwrite: bool = False, progress=None) -> AnnIndex:
+                    overwrite: bool = False, progress: Any = None) -> AnnIndex:
         """Build an approximate-nearest-neighbour index (faiss) over the current ``side`` factors,
         streamed from the factor store, and save it (default: beside the model).
 
@@ -418,7 +497,7 @@ class WALS:
         model = self._trained()[1]
         settings = IndexSettings(kind=kind, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
                                  nlist=nlist, nprobe=nprobe, max_fetch=max_fetch)
-        return AnnIndex.build(model, location, side=side, metric=metric, settings=settings,
+        return AnnIndex.build(model, None if location is None else os.fspath(location), side=side, metric=metric, settings=settings,
                               memory_budget=self.memory_budget, threads=self.threads, overwrite=overwrite,
                               progress=progress)
 
@@ -435,7 +514,7 @@ class WALS:
         columns, values = merge_entries(columns, values)
         fixed = model.current(other)
         rows = _rows_of(fixed, columns)
-        gram = model.gram(other, model.checkpoint.slots[other])
+        gram = model.gram(other, model.trained().slots[other])
         return fold_in(columns, values, rows, gram, fixed.shape[0], model.config)
 
     def recalculate_user(self, interactions: Any) -> np.ndarray:
@@ -451,7 +530,7 @@ class WALS:
         return self._recalculate("item", interactions)
 
     def evaluate(self, test: InteractionStore | str, k: int = 10, user_fraction: float | None = None, seed: int = 0,
-                 client=None) -> dict:
+                 client: Any = None) -> dict:
         """Ranking metrics at k on a held-out store made by ``wals_ooc.split`` (see ``evaluate``)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise SettingError(f"k must be an integer >= 1, got {k!r}", flags={"k must": "-k must"})
@@ -466,7 +545,7 @@ class WALS:
                               self.threads, self.memory_budget, self.storage_options)
 
     def report(self, output: str | os.PathLike, test: InteractionStore | str | None = None, *, overwrite: bool = False,
-               **options) -> str:
+               **options: Any) -> str:
         """Write an HTML page to look at this model (see ``wals_ooc.report``): loss and seconds per
         iteration, metrics at k = 1..k_max on ``test`` (when given), popularity of recommended
         items against the catalogue, and a few users' history beside their recommendations.
@@ -565,6 +644,9 @@ def load(
         model.interactions = store
         return model
     location = model_store.binding.get("location")
+    if not location:
+        model.interactions_problem = f"{path} records no interaction store"
+        return model
     try:
         store = InteractionStore(location, storage_options)
     except (StoreError, FileNotFoundError, NotADirectoryError) as exc:

@@ -14,6 +14,7 @@ Metrics are averaged over users with at least one held-out item the model knows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import dask
 import numpy as np
@@ -130,7 +131,7 @@ class MetricCurves:
     def means(self) -> dict:
         """{"k": [1..k_max], "precision": [...], ..., "auc": float, "users": ...}."""
         users = self.users or float("nan")
-        out = {"k": list(range(1, self.k_max + 1))}
+        out: dict[str, Any] = {"k": list(range(1, self.k_max + 1))}
         for m in METRICS:
             out[m] = float(self.sums[m] / users) if m == "auc" else (self.sums[m] / users).tolist()
         out.update(users=self.users, skipped_users=self.skipped_users, skipped_test_items=self.skipped_items)
@@ -158,6 +159,7 @@ def ranking_curves(rec_ids: np.ndarray, test_indptr: np.ndarray, test_ids: np.nd
         curves.sums["ndcg"] += np.cumsum(relevant * discounts) / ideal_at[shown - 1]
         curves.sums["map"] += np.cumsum(hits / cutoffs * relevant) / shown
         if outranked is not None:
+            assert n_candidates is not None, "outranked comes with n_candidates"
             negatives = n_candidates[u]
             ranks = outranked[test_indptr[u] : test_indptr[u + 1]]
             curves.sums["auc"] += float(1.0 - (ranks / negatives).mean()) if negatives > 0 else 1.0

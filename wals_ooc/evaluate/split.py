@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -45,6 +45,8 @@ def held_out_mask(shard: CSRShard, method: str, test_fraction: float, min_train:
     rows = np.repeat(np.arange(len(counts)), counts)
     keys = rng.random(len(rows))
     if method in BY_ORDER:  # latest first within each row, random among equal times
+        if shard.order is None:
+            raise ValueError(f"method {method!r} needs the entries' order: read the shard with_order=True")
         order = np.lexsort((keys, -shard.order, rows))
     else:
         order = np.lexsort((keys, rows))  # by row, then random key
@@ -96,7 +98,7 @@ def split(
     overwrite: bool = False,
     storage_options: dict | None = None,
     tmp_dir: str | None = None,
-    **build_options,
+    **build_options: Any,
 ) -> SplitReport:
     """Write the train and test stores; each entry lands in exactly one of them.
 

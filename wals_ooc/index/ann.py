@@ -27,7 +27,7 @@ import json
 import os
 import threading
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from ..errors import CorruptStoreError, DataMismatchError, MemoryBudgetError, Pa
 from ..memory import MemoryBudget, format_bytes
 from ..store.format import is_local, local_path
 from ..store.lifecycle import inspect_target, output_store
+
+if TYPE_CHECKING:
+    from ..train.factors import FactorStore
 
 INDEX_KIND = "wals-ooc/ann-index"
 INDEX_FORMAT_VERSION = 2  # 2: native inner-product indexes
@@ -423,7 +426,8 @@ _opened_lock = threading.Lock()
 _opened: dict[tuple, AnnIndex] = {}
 
 
-def resolve_index(index, model, side: str, metric: str, memory_budget=None, ef_search: int | None = None,
+def resolve_index(index: AnnIndex | str | os.PathLike | bool | None, model: FactorStore, side: str, metric: str,
+                  memory_budget: int | str | None = None, ef_search: int | None = None,
                   nprobe: int | None = None) -> AnnIndex | None:
     """The index a serving call asked for: None/False (exact), True (the default location beside
     the model), a path, or an ``AnnIndex``. It must cover ``side`` with ``metric`` and have been
@@ -437,13 +441,14 @@ def resolve_index(index, model, side: str, metric: str, memory_budget=None, ef_s
         location = default_index_location(model.location, side, metric) if index is True else os.fspath(index)
         key = (os.path.abspath(location), model.checkpoint.step if model.checkpoint else None)
         with _opened_lock:
-            opened = _opened.get(key)
-        if opened is None:
+            cached = _opened.get(key)
+        if cached is None:
             opened = AnnIndex.open(location, model=model, memory_budget=memory_budget)
             with _opened_lock:
                 _opened.clear()  # one index per process at a time: bounded memory
                 _opened[key] = opened
         else:
+            opened = cached
             check_binding(location, opened.meta, model)
     if opened.side != side or opened.metric != metric:
         raise SettingError(f"the index {opened.location} is over {opened.side} factors by {opened.metric}; this needs "

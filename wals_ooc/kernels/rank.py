@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from numba import njit
 
 from .topk import skip_to
 
-_JIT = dict(cache=True, nogil=True)
+_JIT: dict[str, Any] = dict(cache=True, nogil=True)
 
 
 @njit(**_JIT)

@@ -19,6 +19,8 @@ rows of the whole fixed side (for the regularization).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numba import njit
 
@@ -28,7 +30,7 @@ CONFIDENCE_KINDS = {"linear": LINEAR, "log": LOG, "constant": CONSTANT}
 # fastmath without "nnan"/"ninf": LLVM may reassociate and contract (what vectorises the loops),
 # but may not assume values are finite, so NaN and inf checks keep their meaning
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-_JIT = dict(cache=True, nogil=True, fastmath=FASTMATH)
+_JIT: dict[str, Any] = dict(cache=True, nogil=True, fastmath=FASTMATH)
 GATHER_MAX_ENTRIES = 16384  # scratch rows per thread for gathered fixed factors (4 MiB at f = 64)
 
 

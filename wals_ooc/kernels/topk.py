@@ -13,10 +13,12 @@ vectorised count) and entering the heap only in the rare chunks that have one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numba import njit
 
-_JIT = dict(cache=True, nogil=True)
+_JIT: dict[str, Any] = dict(cache=True, nogil=True)
 CHUNK = 64  # scores counted per chunk before the heap is visited
 
 

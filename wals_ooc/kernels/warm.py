@@ -42,7 +42,7 @@ from .text import (
     parse_plain_csv,
 )
 
-_warmed: set[tuple] = set()
+_warmed: set[tuple | str] = set()  # (dtype, solver, ...) training keys, "ids", "serve"
 
 
 def _tiny_rows(dtype: np.dtype):

@@ -70,6 +70,7 @@ def metrics_section(metrics: dict | None, png: bytes | None, k_max: int) -> str:
                 "given: make one with <code>wals-ooc split</code>, train on its train side, and pass "
                 "<code>--test TEST</code> to see precision, recall, ndcg and map for k = 1.."
                 f"{k_max}.</p></section>")
+    assert png is not None, "metrics come with their plot"
     at = {k: i for i, k in enumerate(metrics["k"])}
     rows = "".join(
         f"<tr><td class='num'>{k}</td>" + "".join(f"<td class='num'>{metrics[m][at[k]]:.4f}</td>"

@@ -1,5 +1,7 @@
 """implicit's serving names, mapped onto wals-ooc's: ``filter_already_liked_items``,
-``filter_items``, ``recalculate_user`` with ``user_items``, and ``items``.
+``filter_items``, ``recalculate_user`` with ``user_items``, and ``items`` (recommend); ``itemid``,
+``recalculate_item`` with ``item_users``, ``filter_items`` and ``items`` (similar_items);
+``userid``, ``filter_users`` and ``users`` (similar_users).
 
 wals-ooc keeps its own names (``filter_already_liked``, ``exclude_items``, ``user_vectors``);
 implicit's are accepted with implicit's meanings so that code written for
@@ -36,18 +38,23 @@ def _same(a: Any, b: Any) -> bool:
         return a == b
 
 
-def user_items_csr(user_items: Any, n_queries: int, n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def user_items_csr(user_items: Any, n_queries: int, n_items: int, side: str = "user") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """implicit's ``user_items`` (a scipy sparse matrix, one row per requested user, one column
-    per item row of the model) as CSR (indptr, sorted unique columns, summed values)."""
+    per item row of the model) as CSR (indptr, sorted unique columns, summed values).
+
+    side="item": implicit's ``item_users`` instead (one row per requested item, one column per
+    user row of the model)."""
     import scipy.sparse as sp
 
+    other = "item" if side == "user" else "user"
+    name = f"{side}_{other}s"
     if not sp.issparse(user_items):
-        raise SettingError(f"user_items must be a scipy sparse matrix (one row per user, one column per item row of "
+        raise SettingError(f"{name} must be a scipy sparse matrix (one row per {side}, one column per {other} row of "
                            f"the model, as in implicit), got {type(user_items).__name__}")
     matrix = sp.csr_matrix(user_items)
     if matrix.shape != (n_queries, n_items):
-        raise SettingError(f"user_items has shape {matrix.shape}; it needs one row per requested user and one "
-                           f"column per item of the model: ({n_queries}, {n_items})")
+        raise SettingError(f"{name} has shape {matrix.shape}; it needs one row per requested {side} and one "
+                           f"column per {other} of the model: ({n_queries}, {n_items})")
     matrix.sum_duplicates()
     matrix.sort_indices()
     return matrix.indptr.astype(np.int64), matrix.indices.astype(np.int64), matrix.data.astype(np.float64)

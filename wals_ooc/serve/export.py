@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from ..errors import SettingError
 from ..store.lifecycle import output_file, output_store
+from ..train.factors import FactorStore
 from .ids import id_kind, ids_of_range, ids_of_range_arrow, model_ids, names_of_range
 
 FORMATS = ("parquet", "npz", "implicit")
@@ -33,7 +34,7 @@ EXPORT_FORMAT_VERSION = 1
 SIDES = ("user", "item")
 
 
-def export_factors(model, output: str, fmt: str = "parquet", overwrite: bool = False) -> str:
+def export_factors(model: FactorStore, output: str, fmt: str = "parquet", overwrite: bool = False) -> str:
     """Write ``model``'s (a ``FactorStore``) current factors with original ids to ``output``."""
     if fmt not in FORMATS:
         raise SettingError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}", flags={"format": "--format"})

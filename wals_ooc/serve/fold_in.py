@@ -6,13 +6,15 @@ other side's stored Gram matrix, so only the factor rows the row touches are rea
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..config import WALSConfig
 from ..kernels.solve import CONFIDENCE_KINDS, cholesky_solve_rows
 
 
-def merge_entries(columns, values) -> tuple[np.ndarray, np.ndarray]:
+def merge_entries(columns: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique columns with summed values, zeros dropped (as conversion does)."""
     columns = np.asarray(columns, dtype=np.int64).ravel()
     values = np.asarray(values, dtype=np.float64).ravel()

@@ -10,12 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..store.format import SIDES
+from ..store.reader import InteractionStore
 
 GAP_ENTRIES = 1 << 14  # entries worth reading past to save a separate read
 RUN_ENTRIES = 1 << 22  # most entries read at once (32 MiB of indices and values)
 
 
-def liked_csr(store, side: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def liked_csr(store: InteractionStore, side: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """CSR (indptr int64, sorted ids int64) of the stored entries of ``rows`` (any order; -1: a row
     unknown to the store, with nothing to exclude)."""
     rows = np.asarray(rows, np.int64).ravel()
@@ -59,7 +60,8 @@ def _runs(store, side: str, unique: np.ndarray) -> list[tuple[int, int]]:
     """Row ranges covering the sorted ``unique`` rows, merging neighbours whose gap holds fewer
     than GAP_ENTRIES entries while a run stays under RUN_ENTRIES."""
     runs: list[tuple[int, int]] = []
-    lo = hi = None
+    lo: int = 0
+    hi: int | None = None  # the open run [lo, hi), None before the first row
     start_entry = gap_entry = 0
     for lo_block in range(0, len(unique), 1 << 16):  # row pointers of 65k rows at a time
         block = unique[lo_block : lo_block + (1 << 16)]

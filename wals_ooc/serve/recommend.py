@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 import dask
 import numpy as np
@@ -21,7 +22,7 @@ from ..execute import Executor, single_threaded_blas_in_worker
 from ..index import approximate_top_k, forget_indexes, resolve_index, subset_csr
 from ..kernels.warm import warm_serving_kernels
 from ..memory import MemoryBudget
-from ..store.format import create_array, open_group
+from ..store.format import array, as_int, create_array, open_group, read, subgroup
 from ..store.lifecycle import output_store
 from ..store.reader import InteractionStore
 from ..train.factors import FactorStore
@@ -50,12 +51,13 @@ def item_source(model: FactorStore, allowance: int, block_rows: int) -> FactorSo
     array = model.current("item")
     if NormOrder.nbytes_for(*array.shape) <= allowance // 4:
         # the model's id too: a model trained again at the same path must not be served from this cache
-        key = (model.location, model.group.attrs.get("model_id"), model.checkpoint.slots["item"], model.checkpoint.step)
+        checkpoint = model.trained()
+        key = (model.location, model.group.attrs.get("model_id"), checkpoint.slots["item"], checkpoint.step)
         with _lock:
             if key not in _items_in_memory:
                 _items_in_memory.clear()
                 _items_in_memory[key] = NormOrder.of(array)
-            array = _items_in_memory[key]
+            return FactorSource(_items_in_memory[key], block_rows)
     return FactorSource(array, block_rows)
 
 
@@ -82,7 +84,7 @@ def _recommend_shard(model_location, interactions_location, storage_options, sta
     single_threaded_blas_in_worker()
     model = FactorStore.open(model_location, "r", storage_options)
     ids = model_ids(model)
-    queries = model.current("user")[start:stop]
+    queries = read(model.current("user"), slice(start, stop))
     block_rows = score_block_rows(stop - start, queries.shape[1], allowance)
     liked = None
     if filter_liked:
@@ -94,6 +96,7 @@ def _recommend_shard(model_location, interactions_location, storage_options, sta
     else:  # approximate candidates, liked items dropped exactly; users it cannot fill answered exactly
         location, ef_search, nprobe = index
         ann = resolve_index(location, model, "item", "inner_product", ef_search=ef_search, nprobe=nprobe)
+        assert ann is not None, "an index location resolves to an index (or raises)"
 
         def exact(positions):
             sub = None if liked is None else subset_csr(liked[0], liked[1], positions)
@@ -105,9 +108,9 @@ def _recommend_shard(model_location, interactions_location, storage_options, sta
         names = open_interactions(interactions_location, storage_options).name_map("item")
     if fmt == "zarr":
         group = open_group(output, "r+", storage_options)  # rows of row-block-aligned shards: no chunk shared
-        group["user_ids"][start:stop] = ids.ids_of("user", np.arange(start, stop))
-        group[f"{_SCRATCH}/rows"][start:stop] = top  # -1: no result; compacted away by _compact
-        group[f"{_SCRATCH}/scores"][start:stop] = scores
+        array(group, "user_ids")[start:stop] = ids.ids_of("user", np.arange(start, stop))
+        array(group, f"{_SCRATCH}/rows")[start:stop] = top  # -1: no result; compacted away by _compact
+        array(group, f"{_SCRATCH}/scores")[start:stop] = scores
     else:
         keep = top.ravel() >= 0
         user_rows = np.repeat(np.arange(start, stop), n)[keep]
@@ -131,10 +134,10 @@ def _compact(group: zarr.Group, ids, names, n_users: int, rows: int) -> None:
     time: indptr (n_users + 1,), item_ids, scores and (with names) item_names (nnz,)."""
     from ..store.appender import ChunkAppender
 
-    scratch = group[_SCRATCH]
+    scratch = subgroup(group, _SCRATCH)
     kinds = ids.id_kinds
-    chunk = max(1 << 16, rows * scratch["rows"].shape[1])
-    columns = {"item_ids": np.int64 if kinds["item"] == "int" else str, "scores": np.float32}
+    chunk = max(1 << 16, rows * array(scratch, "rows").shape[1])
+    columns: dict[str, Any] = {"item_ids": np.int64 if kinds["item"] == "int" else str, "scores": np.float32}
     if names is not None:
         columns["item_names"] = str
     out = {name: ChunkAppender(create_array(group, name, shape=(0,), dtype=dtype, chunks=(chunk,), dense=True))
@@ -143,13 +146,13 @@ def _compact(group: zarr.Group, ids, names, n_users: int, rows: int) -> None:
     indptr.append(np.zeros(1, np.int64))
     total = 0
     for lo in range(0, n_users, rows):
-        top = scratch["rows"][lo : lo + rows]
+        top = read(array(scratch, "rows"), slice(lo, lo + rows))
         keep = top >= 0
         found = top[keep]
         indptr.append(total + np.cumsum(keep.sum(axis=1)))
         total += len(found)
         out["item_ids"].append(np.asarray(ids.ids_of("item", found)))
-        out["scores"].append(scratch["scores"][lo : lo + rows][keep])
+        out["scores"].append(read(array(scratch, "scores"), slice(lo, lo + rows))[keep])
         if names is not None:
             labels = names.names_of(found)
             out["item_names"].append(np.where(labels == None, "", labels).astype(object))  # noqa: E711
@@ -163,7 +166,7 @@ def _user_ranges(model: FactorStore, store: InteractionStore | None) -> list[tup
     the users, aligned to the model's row block."""
     if store is not None:
         return store.shard_ranges("user")
-    n_users, block = int(model.group.attrs["n_users"]), int(model.group.attrs["row_block"])
+    n_users, block = as_int(model.group.attrs["n_users"]), as_int(model.group.attrs["row_block"])
     step = block * max(1, -(-n_users // (32 * block)))
     return [(lo, min(n_users, lo + step)) for lo in range(0, n_users, step)]
 
@@ -175,9 +178,9 @@ def recommend_all(
     n: int = 10,
     filter_already_liked: bool = True,
     fmt: str = "zarr",
-    client=None,
+    client: Any = None,
     threads: int | None = None,
-    memory_budget=None,
+    memory_budget: int | str | None = None,
     storage_options: dict | None = None,
     overwrite: bool = False,
     executor: Executor | None = None,
@@ -217,7 +220,7 @@ def recommend_all(
             group = out.group
             group.attrs.update({"n": n, "model": model.location})
             kinds = ids.id_kinds
-            rows = int(model.group.attrs["row_block"])
+            rows = as_int(model.group.attrs["row_block"])
             # plain arrays of original ids (int64 or variable-length text), written shard by shard
             create_array(group, "user_ids", shape=(n_users,), dtype=np.int64 if kinds["user"] == "int" else str,
                          chunks=(rows,), dense=True)
@@ -226,7 +229,7 @@ def recommend_all(
             create_array(scratch, "scores", shape=(n_users, n), dtype=np.float32, chunks=(rows, n), dense=True)
         tasks = [
             dask.delayed(_recommend_shard, pure=False)(
-                model.location, store.location if filter_already_liked else None, storage_options, lo, hi, n,
+                model.location, store.location if filter_already_liked and store is not None else None, storage_options, lo, hi, n,
                 filter_already_liked, allowance, out.location, fmt, index, dask_key_name=f"recommend-shard{k:05d}",
             )
             for k, (lo, hi) in enumerate(_user_ranges(model, store))
@@ -241,7 +244,7 @@ def recommend_all(
             names = ids.name_map("item")
             if names is None and store is not None:
                 names = store.name_map("item")
-            _compact(out.group, ids, names, n_users, int(model.group.attrs["row_block"]))
+            _compact(out.group, ids, names, n_users, as_int(model.group.attrs["row_block"]))
         if fmt == "parquet":
             with open(os.path.join(out.location, "_SUCCESS"), "w") as marker:
                 marker.write("complete\n")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Literal
 
 import google_crc32c
 import numpy as np
@@ -52,6 +52,8 @@ ID_ARRAYS = {"user": "user_ids", "item": "item_ids"}
 #: the nodes of an interaction store that map rows to original ids (copied into a model)
 ID_NODES = ("user_ids", "item_ids")
 CSR_CHUNK = 1 << 18
+#: how ``open_group`` opens a group (Zarr's modes)
+Mode = Literal["r", "r+", "a", "w", "w-"]
 #: root attribute of a pointer store: the child group holding the current generation
 GENERATION_ATTR = "wals_ooc_generation"
 #: array attribute: every chunk was written, so a missing one is damage (see ``create_array``)
@@ -142,7 +144,7 @@ def _zarr_store(location: str, read_only: bool, storage_options: dict[str, Any] 
 
 def open_group(
     location: str | os.PathLike,
-    mode: str = "r",
+    mode: Mode = "r",
     storage_options: dict[str, Any] | None = None,
 ) -> zarr.Group:
     """Open a Zarr v3 group at a local path or an fsspec URL (s3://, gs://, memory://...).
@@ -218,6 +220,66 @@ def check_complete(group: zarr.Group, kind: str, location: str, version: int = F
             f"{location} is incomplete: it was interrupted while being written; write it again "
             "(convert with --overwrite)"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed access: Zarr types a node lookup as "array or group", a read as any of a dozen things and
+# an attribute as any JSON value; these say what a wals-ooc store holds
+# ---------------------------------------------------------------------------------------------
+
+
+def array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of ``group``; a group found there is damage (``CorruptStoreError``)."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise CorruptStoreError(f"{group.store_path}: {name} is a group where an array belongs: the store is damaged; "
+                                "write it again")
+    return node
+
+
+def subgroup(group: zarr.Group, name: str) -> zarr.Group:
+    """The group ``name`` of ``group``; an array found there is damage (``CorruptStoreError``)."""
+    node = group[name]
+    if not isinstance(node, zarr.Group):
+        raise CorruptStoreError(f"{group.store_path}: {name} is an array where a group belongs: the store is damaged; "
+                                "write it again")
+    return node
+
+
+def read(source: zarr.Array, selection: Any) -> np.ndarray:
+    """``source[selection]`` as a NumPy array (a scalar selection gives a 0-d array).
+
+    Callers select a bounded part (a shard, a chunk, a block of rows), never a whole matrix.
+    """
+    return np.asarray(source[selection])
+
+
+def as_int(value: object) -> int:
+    """An integer read from Zarr JSON attributes or a scalar read (``int()`` of it, typed)."""
+    if isinstance(value, (int, float, str, np.integer, np.floating, np.ndarray)):
+        return int(value)
+    raise TypeError(f"expected an integer, found {value!r}")
+
+
+def as_int_list(value: object) -> list[int]:
+    """A list of integers read from Zarr JSON attributes (e.g. ``shard_bounds``)."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [as_int(v) for v in value]
+    raise TypeError(f"expected a list of integers, found {value!r}")
+
+
+def as_dict(value: object) -> dict[str, Any]:
+    """A mapping read from Zarr JSON attributes (e.g. a model's config or checkpoint)."""
+    if isinstance(value, dict):
+        return value
+    raise TypeError(f"expected a mapping, found {value!r}")
+
+
+def as_list(value: object) -> list[Any]:
+    """A list read from Zarr JSON attributes (e.g. a model's loss history)."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise TypeError(f"expected a list, found {value!r}")
 
 
 def shard_ranges(bounds: list[int]) -> list[tuple[int, int]]:

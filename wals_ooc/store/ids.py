@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal
 
 import numpy as np
 import zarr
@@ -36,7 +36,10 @@ from ..errors import UnknownIdError
 
 # pyarrow and the numba text kernels load on first use: reading integer ids (`wals-ooc info`)
 # needs neither
-pa = LazyModule("pyarrow")
+if TYPE_CHECKING:  # annotations only: pyarrow itself loads on first use
+    import pyarrow as pa
+else:
+    pa = LazyModule("pyarrow")
 chunk_runs = lazy_function("wals_ooc.kernels.text", "chunk_runs")
 distinct_by_hash = lazy_function("wals_ooc.kernels.text", "distinct_by_hash")
 equal_pairs = lazy_function("wals_ooc.kernels.text", "equal_pairs")
@@ -44,7 +47,8 @@ gather_ranges = lazy_function("wals_ooc.kernels.text", "gather_ranges")
 hash_strings = lazy_function("wals_ooc.kernels.text", "hash_strings")
 parse_ints_each = lazy_function("wals_ooc.kernels.text", "parse_ints_each")
 from .appender import ChunkAppender
-from .format import create_array
+from .format import array as node_array
+from .format import as_int, create_array, read
 
 KINDS = ("int", "str")
 KEY_CHUNK = 1 << 16  # rows per chunk of key and offsets
@@ -54,8 +58,8 @@ RUN_BATCH = 1 << 14  # rows per record batch of a spilled run
 _EMPTY_BYTES = np.zeros(0, np.uint8)
 
 
-def _compressor(typesize: int):
-    shuffle = "shuffle" if typesize > 1 else "noshuffle"
+def _compressor(typesize: int) -> zarr.codecs.BloscCodec:
+    shuffle: Literal["shuffle", "noshuffle"] = "shuffle" if typesize > 1 else "noshuffle"
     return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle=shuffle)
 
 
@@ -175,7 +179,7 @@ def _merge_blocks(blocks: list[_Block]) -> _Block:
     if mixed.any():  # true hash collisions: order the group's distinct ids by their bytes
         ends = np.append(starts[1:], len(order))
         pieces, previous = [], 0
-        for group in np.flatnonzero(mixed[starts]):
+        for group in np.flatnonzero(mixed[starts]).tolist():
             pieces.append(chosen[previous:group])
             members = order[starts[group] : ends[group]]
             first_of: dict[bytes, int] = {}
@@ -349,15 +353,14 @@ def _merge_runs(paths: list[str], kind: str) -> Iterator[_Block]:
     readers = [_read_run(path, kind) for path in paths]
     current: list[_Block | None] = [next(r, None) for r in readers]
     while True:
-        live = [k for k, block in enumerate(current) if block is not None]
+        live = [(k, block) for k, block in enumerate(current) if block is not None]
         if not live:
             return
         # everything up to the smallest last key of the live batches can be emitted now: no run
         # holds a smaller key further on (and equal keys never straddle two batches of a run)
-        bound = min(current[k].keys[-1] for k in live)
+        bound = min(block.keys[-1] for _, block in live)
         parts = []
-        for k in live:
-            block = current[k]
+        for k, block in live:
             cut = int(np.searchsorted(block.keys, bound, side="right"))
             if cut:
                 parts.append(block.slice(0, cut))
@@ -379,7 +382,7 @@ class IdIndexWriter:
         self.parent, self.name = group, name
         self.kind, self.id_type = kind, id_type
         self.key_dtype = np.dtype(np.int64 if kind == "int" else np.uint64)
-        self.group: zarr.Group | None = None
+        self.group: zarr.Group | None = None  # created once the map outgrows the buffer, or at close
         self.appenders: dict[str, ChunkAppender] = {}
         self.buffered: dict[str, list[np.ndarray]] = {"key": [], "offsets": [np.zeros(1, np.int64)], "bytes": []}
         self.buffered_bytes = 0
@@ -393,15 +396,19 @@ class IdIndexWriter:
         return ("key", "offsets", "bytes") if self.kind == "str" else ("key",)
 
     def _spec(self, name: str) -> tuple[np.dtype, int]:
-        return {"key": (self.key_dtype, KEY_CHUNK), "offsets": (np.dtype(np.int64), KEY_CHUNK),
-                "bytes": (np.dtype(np.uint8), BYTES_CHUNK)}[name]
+        specs: dict[str, tuple[np.dtype, int]] = {
+            "key": (self.key_dtype, KEY_CHUNK), "offsets": (np.dtype(np.int64), KEY_CHUNK),
+            "bytes": (np.dtype(np.uint8), BYTES_CHUNK)}
+        return specs[name]
 
     def _array(self, name: str, dtype, chunk: int, data: np.ndarray | None = None) -> zarr.Array:
         """A 1-d array: empty (to append to), or created holding ``data`` (one Zarr call)."""
         compressors = _compressor(np.dtype(dtype).itemsize)
         if data is not None and len(data):
+            assert self.group is not None, "the group is created before its arrays"
             return create_array(self.group, name, data=np.asarray(data, dtype), chunks=(chunk,),
                                 compressors=compressors, fill_value=0, dense=True)
+        assert self.group is not None, "the group is created before its arrays"
         return create_array(self.group, name, shape=(0,), dtype=dtype, chunks=(chunk,), compressors=compressors,
                             fill_value=0, dense=True)
 
@@ -450,19 +457,24 @@ class IdIndexWriter:
             if groups and groups[-1][1] + groups[-1][2] == row:
                 groups[-1][2] += 1
             else:
-                key = keys[row] if keys is not None else self.group["key"][row]
+                if keys is not None:
+                    key = keys[row]
+                else:
+                    assert self.group is not None  # appenders exist: the group was created
+                    key = read(node_array(self.group, "key"), row)
                 groups.append([int(key), row - 1, 2])
         return groups
 
     def close(self) -> int:
         """Finish the arrays and write the fence and attributes; returns the number of ids."""
         fence = np.concatenate(self.fence) if self.fence else np.zeros(0, self.key_dtype)
-        attrs = {"kind": self.kind, "n": int(self.n), "id_type": self.id_type}
+        attrs: dict[str, Any] = {"kind": self.kind, "n": int(self.n), "id_type": self.id_type}
         if self.kind == "str":
             attrs["collisions"] = self._collisions()
         if self.appenders:
             for appender in self.appenders.values():
                 appender.close()
+            assert self.group is not None  # created with the appenders
             self.group.attrs.update(attrs)
         else:  # small: every array created at its final size and written once
             self.group = self.parent.create_group(self.name, attributes=attrs)
@@ -508,7 +520,7 @@ def _fixed_at(array: zarr.Array, positions: np.ndarray) -> np.ndarray:
     run_first, run_last, item_start = _runs_of_chunks(which, which, chunk * array.dtype.itemsize)
     size = array.shape[0]
     for first, last, lo, hi in zip(run_first.tolist(), run_last.tolist(), item_start[:-1].tolist(), item_start[1:].tolist()):
-        window = array[first * chunk : min(size, (last + 1) * chunk)]
+        window = read(array, slice(first * chunk, min(size, (last + 1) * chunk)))
         out[lo:hi] = window[positions[lo:hi] - first * chunk]
     return out
 
@@ -523,13 +535,13 @@ class IdIndex:
         attrs = group.attrs
         self.where = where
         self.kind = str(attrs["kind"])
-        self.n = int(attrs["n"])
+        self.n = as_int(attrs["n"])
         self.id_type = str(attrs.get("id_type", "auto"))
-        self._key = group["key"]
-        self._fence = group["fence"][...]
+        self._key = node_array(group, "key")
+        self._fence = read(node_array(group, "fence"), ...)
         if self.kind == "str":
-            self._offsets = group["offsets"]
-            self._bytes = group["bytes"]
+            self._offsets = node_array(group, "offsets")
+            self._bytes = node_array(group, "bytes")
             self._collisions = np.array(attrs.get("collisions", []), np.uint64).reshape(-1, 3)
         else:
             self._collisions = np.zeros((0, 3), np.uint64)
@@ -537,7 +549,7 @@ class IdIndex:
     # -- keys -----------------------------------------------------------------------------------
     def keys(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """The sorted keys of rows [start, stop): int64 ids, or uint64 hashes for string ids."""
-        return self._key[start : self.n if stop is None else stop]
+        return read(self._key, slice(start, self.n if stop is None else stop))
 
     def query_keys(self, ids: Any) -> tuple[np.ndarray, np.ndarray, pa.Array | None]:
         """Keys of query ids: (keys, valid mask, text or None). Invalid: cannot be an id here
@@ -603,7 +615,7 @@ class IdIndex:
         which = which[inside]
         run_first, run_last, item_start = _runs_of_chunks(which, which, chunk * self._key.dtype.itemsize)
         for first, last, lo, hi in zip(run_first.tolist(), run_last.tolist(), item_start[:-1].tolist(), item_start[1:].tolist()):
-            window = self._key[first * chunk : min(self.n, (last + 1) * chunk)]
+            window = read(self._key, slice(first * chunk, min(self.n, (last + 1) * chunk)))
             items = inside[lo:hi]
             local = np.searchsorted(window, sorted_keys[items], side="left")
             hit = local < len(window)
@@ -676,8 +688,8 @@ class IdIndex:
         if not len(rows):
             return np.zeros(1, np.int64), _EMPTY_BYTES
         if rows[-1] - rows[0] + 1 == len(rows):  # a contiguous range: two slices
-            offsets = self._offsets[int(rows[0]) : int(rows[-1]) + 2]
-            data = self._bytes[int(offsets[0]) : int(offsets[-1])]
+            offsets = read(self._offsets, slice(int(rows[0]), int(rows[-1]) + 2))
+            data = read(self._bytes, slice(int(offsets[0]), int(offsets[-1])))
             return offsets - offsets[0], data
         positions = _sorted_distinct(np.concatenate([rows, rows + 1]))
         bounds = _fixed_at(self._offsets, positions)
@@ -692,7 +704,7 @@ class IdIndex:
         np.cumsum(stops - starts, out=offsets[1:])
         data = np.empty(int(offsets[-1]), np.uint8)
         for a, b, lo, hi in zip(run_first.tolist(), run_last.tolist(), item_start[:-1].tolist(), item_start[1:].tolist()):
-            window = self._bytes[a * chunk : min(total, (b + 1) * chunk)]
+            window = read(self._bytes, slice(a * chunk, min(total, (b + 1) * chunk)))
             gather_ranges(window, a * chunk, starts[lo:hi], stops[lo:hi], data, offsets[lo:hi])
         return offsets, data
 
@@ -737,14 +749,14 @@ class IdIndex:
         if not len(rows):
             return np.zeros(0, np.int64)
         if rows[0] >= 0 and np.all(np.diff(rows) == 1):
-            return self._key[int(rows[0]) : int(rows[-1]) + 1]
+            return read(self._key, slice(int(rows[0]), int(rows[-1]) + 1))
         unique, inverse = _unique_inverse(rows)
         return _fixed_at(self._key, unique)[inverse]
 
     def arrow_ids(self, start: int, stop: int) -> pa.Array:
         """Ids of rows [start, stop) as an Arrow array (int64 or large_string), for writers."""
         if self.kind == "int":
-            return pa.array(self._key[start:stop])
+            return pa.array(read(self._key, slice(start, stop)))
         return text_from_buffers(*self.text_of_rows(np.arange(start, stop, dtype=np.int64)))
 
     def iter_ids(self, start: int = 0, stop: int | None = None, rows: int = KEY_CHUNK) -> Iterator[tuple[int, np.ndarray]]:

@@ -61,12 +61,12 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import zarr
 
 from ..errors import PathError, StaleLockWarning, StorageError, StoreLockedError, WalsError
-from .format import GENERATION_ATTR, KIND_PREFIX, has_checksum, is_local, local_path, open_group
+from .format import GENERATION_ATTR, KIND_PREFIX, as_int, has_checksum, is_local, local_path, open_group, subgroup
 
 OVERWRITE_FLAG = {"overwrite=True": "--overwrite"}
 MARKER = "_wals_ooc.json"  # the kind and completeness of a directory of files (Parquet output)
@@ -151,8 +151,8 @@ class _Place:
         self.text = text
         self.storage_options = storage_options
         self.protocol = None if is_local(text) else text.split("://", 1)[0]
+        self.fs: Any = None  # an fsspec file system, None for a plain local path (os calls)
         if self.protocol is None:
-            self.fs = None
             path = local_path(text)
             self.path = os.path.realpath(path) if os.path.islink(path) else path
             self.local = True
@@ -166,9 +166,14 @@ class _Place:
         if self.local:
             self.parent, self.name = os.path.split(self.path)
         else:
-            self.parent, self.name = self.fs._parent(self.path), self.path.rsplit("/", 1)[-1]
+            self.parent, self.name = self.remote()._parent(self.path), self.path.rsplit("/", 1)[-1]
         if not self.name:
             raise PathError(f"{text!r} is not a path a store can be written to")
+
+    def remote(self) -> Any:
+        """The fsspec file system of a place that is not local (object stores: pointer swaps)."""
+        assert self.fs is not None, f"{self.text} is a local path: it has no fsspec file system"
+        return self.fs
 
     # -- naming ---------------------------------------------------------------------------------
     def join(self, *parts: str) -> str:
@@ -182,7 +187,8 @@ class _Place:
         """A normalized identity, to compare targets with inputs."""
         if self.local:
             return os.path.realpath(self.path)
-        return f"{self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]}://{self.path}"
+        protocol = self.remote().protocol
+        return f"{protocol if isinstance(protocol, str) else protocol[0]}://{self.path}"
 
     # -- file operations ------------------------------------------------------------------------
     def exists(self, path: str) -> bool:
@@ -346,7 +352,7 @@ def _enclosing_store(place: _Place) -> str | None:
             return None
         if place.exists(place.join(parent, "zarr.json")):
             return place.url(parent)
-        up = os.path.dirname(parent) if place.local else place.fs._parent(parent)
+        up = os.path.dirname(parent) if place.local else place.remote()._parent(parent)
         if up == parent:
             return None
         parent = up
@@ -427,7 +433,7 @@ class _Lock:
         raise StoreLockedError(f"{self.place.text}: could not take the lock {self.shown}")
 
     def _acquire_fs(self) -> None:
-        fs = self.place.fs
+        fs = self.place.remote()
         mine = _holder_record(self.place.text)
         mine["token"] = secrets.token_hex(8)
         raw = json.dumps(mine).encode()
@@ -690,11 +696,16 @@ class Output:
         if self.layout == "zarr":
             open_group(self.location, "r+", self.storage_options).attrs["complete"] = True
         else:
-            self.place.write_json(self.place.join(self.build_path, MARKER),
+            self.place.write_json(self.place.join(self._build(), MARKER),
                                   {"kind": self.kind, "format_version": self.version, "complete": True})
 
+    def _build(self) -> str:
+        """Where a new store is built (set when the output is opened in a mode that builds one)."""
+        assert self.build_path is not None, f"{self.target}: no store is being built (updated in place, or swapped in)"
+        return self.build_path
+
     def _swap_in(self) -> None:
-        place, build, target = self.place, self.build_path, self.place.path
+        place, build, target = self.place, self._build(), self.place.path
         if not place.local:  # object store: switch the root pointer, then drop the old generation
             generation = build.rsplit("/", 1)[-1]
             place.write_json(place.join(target, "zarr.json"), {
@@ -769,7 +780,7 @@ class Transaction:
     def __enter__(self) -> Transaction:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         failed = True
         try:
             if exc is None:
@@ -825,8 +836,8 @@ def _check_inputs(place: _Place, inputs: Sequence, storage_options: dict | None,
     for raw in inputs:
         if raw is None:
             continue
-        other = _Place(os.fspath(raw), storage_options).key()
-        if mine == other or other.startswith(mine.rstrip("/") + "/") or mine.startswith(other.rstrip("/") + "/"):
+        theirs = _Place(os.fspath(raw), storage_options).key()
+        if mine == theirs or theirs.startswith(mine.rstrip("/") + "/") or mine.startswith(theirs.rstrip("/") + "/"):
             raise PathError(f"{place.text} would overwrite the input {os.fspath(raw)}: write the output to another "
                             "path (nothing was changed)")
     for other in others:
@@ -946,11 +957,12 @@ def replace_node(target: str | os.PathLike, kinds: Sequence[str], parents: Seque
     try:
         _recover(place)
         root = open_group(place.text, "r+", storage_options)
-        check_complete(root, str(root.attrs.get("kind")), place.text, int(root.attrs.get("format_version", -1)))
+        check_complete(root, str(root.attrs.get("kind")), place.text, as_int(root.attrs.get("format_version", -1)))
         groups = []
         for parent in parents:
-            holder = root[parent]
-            current = holder.attrs.get(attr)
+            holder = subgroup(root, parent)
+            found = holder.attrs.get(attr)
+            current = None if found is None else str(found)
             for name in list(holder.group_keys()):  # parts of killed runs: never switched to
                 if name.startswith(f"{attr}-") and name != current:
                     del holder[name]

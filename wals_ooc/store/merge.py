@@ -8,7 +8,7 @@ on conversion), and memory stays within the budget whatever the stores' sizes.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def store_row_batches(store: InteractionStore, with_order: bool) -> Iterator[Row
 
 
 def merge(stores: Sequence[InteractionStore | str | os.PathLike], out: str | os.PathLike,
-          storage_options: dict | None = None, **store_options) -> ConvertReport:
+          storage_options: dict | None = None, **store_options: Any) -> ConvertReport:
     """Write one store holding every entry of ``stores`` (pairs found in several are summed).
 
     The entry order (time) is kept when every store has one. ``store_options`` go to the writer

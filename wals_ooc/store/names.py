@@ -24,7 +24,7 @@ import codecs
 import csv
 import os
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import zarr
@@ -32,13 +32,18 @@ import zarr
 from .._lazy import LazyModule, lazy_function
 from ..errors import InputError, SettingError, UnknownIdError
 from .appender import ChunkAppender
-from .format import create_array
+from .format import array, as_int, create_array, read, subgroup
 from .ids import BYTES_CHUNK, KEY_CHUNK, IdIndex, _compressor, as_text, hash_text, text_buffers
 
 # pyarrow loads on first use: `wals-ooc info` of a named store reads a few names without it
-pa = LazyModule("pyarrow")
-pc = LazyModule("pyarrow.compute")
-pacsv = LazyModule("pyarrow.csv")
+if TYPE_CHECKING:  # annotations only: pyarrow itself loads on first use
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+else:
+    pa = LazyModule("pyarrow")
+    pc = LazyModule("pyarrow.compute")
+    pacsv = LazyModule("pyarrow.csv")
 csv_record_lines = lazy_function("wals_ooc.kernels.text", "csv_record_lines")
 
 NAMES_ATTR = "names"
@@ -139,7 +144,7 @@ def _decoded_blocks(path: str, encoding: str, block_bytes: int) -> Iterator[tupl
 
 def _sniff(path: str, first_line: str) -> str:
     counts = {d: first_line.count(d) for d in _DELIMITERS}
-    best = max(counts, key=counts.get)
+    best = max(counts, key=lambda d: counts[d])
     if counts[best] == 0:
         raise InputError(path, 1, None, "cannot tell the delimiter (no tab, comma, semicolon or pipe in the first "
                          "line): give it (delimiter=..., --names-delimiter)")
@@ -426,10 +431,10 @@ class _NameText(IdIndex):
 
     def __init__(self, group: zarr.Group):  # only what text_of_rows / text_of use
         self.where = ""
-        self.n = int(group.attrs["n"])
+        self.n = as_int(group.attrs["n"])
         self.kind = "str"
-        self._offsets = group["offsets"]
-        self._bytes = group["bytes"]
+        self._offsets = array(group, "offsets")
+        self._bytes = array(group, "bytes")
 
     def text_of_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """As ``IdIndex.text_of_rows``; a few rows (``info``, one query's results) are read
@@ -442,13 +447,13 @@ class _NameText(IdIndex):
         starts = bounds[np.searchsorted(positions, rows)]
         stops = bounds[np.searchsorted(positions, rows + 1)]
         chunk = self._bytes.chunks[0]
-        windows = {}
+        windows: dict[int, np.ndarray] = {}
         pieces = []
         for start, stop in zip(starts.tolist(), stops.tolist()):
             piece = []
             for k in range(start // chunk, (max(stop, start + 1) - 1) // chunk + 1):
                 if k not in windows:
-                    windows[k] = self._bytes[k * chunk : (k + 1) * chunk]
+                    windows[k] = read(self._bytes, slice(k * chunk, (k + 1) * chunk))
                 lo, hi = max(start, k * chunk) - k * chunk, min(stop, (k + 1) * chunk) - k * chunk
                 piece.append(windows[k][lo:max(lo, hi)])
             pieces.append(np.concatenate(piece) if piece else np.zeros(0, np.uint8))
@@ -462,8 +467,8 @@ class NameIndex:
 
     def __init__(self, group: zarr.Group, where: str, side: str):
         self.group, self.where, self.side = group, where, side
-        self.n = int(group.attrs["n"])
-        self.named = int(group.attrs.get("named", 0))
+        self.n = as_int(group.attrs["n"])
+        self.named = as_int(group.attrs.get("named", 0))
         self._text = _NameText(group)
         self._fences: dict[str, np.ndarray] = {}  # read on the first lookup by name (showing needs none)
 
@@ -473,7 +478,7 @@ class NameIndex:
         name = id_group.attrs.get(NAMES_ATTR)
         if not name:
             return None
-        return cls(id_group[name], where, side)
+        return cls(subgroup(id_group, str(name)), where, side)
 
     def names_of(self, rows) -> np.ndarray:
         """Name of each row (any shape; str objects), None for rows without a name or < 0."""
@@ -500,7 +505,7 @@ class NameIndex:
 
     def _candidates(self, kind: str, key: np.uint64) -> np.ndarray:
         if kind not in self._fences:
-            self._fences[kind] = self.group[f"{kind}_fence"][...]
+            self._fences[kind] = read(array(self.group, f"{kind}_fence"), ...)
         fence = self._fences[kind]
         if not len(fence):
             return np.zeros(0, np.int64)
@@ -508,11 +513,11 @@ class NameIndex:
         last = int(np.searchsorted(fence, key, side="right")) - 1
         if last < 0:
             return np.zeros(0, np.int64)
-        keys = self.group[f"{kind}_key"]
+        keys = array(self.group, f"{kind}_key")
         start, stop = first * KEY_CHUNK, min(keys.shape[0], (last + 1) * KEY_CHUNK)
-        window = keys[start:stop]
-        a, b = np.searchsorted(window, key, side="left"), np.searchsorted(window, key, side="right")
-        return np.sort(self.group[f"{kind}_row"][start + a : start + b]) if b > a else np.zeros(0, np.int64)
+        window = read(keys, slice(start, stop))
+        a, b = int(np.searchsorted(window, key, side="left")), int(np.searchsorted(window, key, side="right"))
+        return np.sort(read(array(self.group, f"{kind}_row"), slice(start + a, start + b))) if b > a else np.zeros(0, np.int64)
 
     def rows_named(self, name: str) -> tuple[np.ndarray, str]:
         """(rows whose name is ``name``, "exact") or, when none is, (rows whose name equals it
@@ -611,7 +616,7 @@ def add_names(store: str | os.PathLike, items: str | os.PathLike | None = None,
         try:
             opened = open_group(location, "r", storage_options)
             for (side, path), group, holder in zip(files, groups, parents):
-                index = IdIndex(opened[holder], location)
+                index = IdIndex(subgroup(opened, holder), location)
                 summaries.append(write_names(group, index, path, spec, workspace, allowance, side))
         finally:
             shutil.rmtree(workspace, ignore_errors=True)

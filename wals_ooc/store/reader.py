@@ -5,14 +5,29 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import zarr
 
 from ..errors import CorruptStoreError, StoreError
-from .format import ID_ARRAYS, INTERACTIONS_KIND, SIDES, check_complete, open_group, shard_ranges
+from .format import (
+    ID_ARRAYS,
+    INTERACTIONS_KIND,
+    SIDES,
+    array,
+    as_int,
+    as_int_list,
+    check_complete,
+    open_group,
+    read,
+    shard_ranges,
+    subgroup,
+)
 from .ids import IdIndex
+
+if TYPE_CHECKING:
+    from .names import NameIndex
 
 
 @dataclass
@@ -57,14 +72,14 @@ class InteractionStore:
         self.group = open_group(self.location, "r", storage_options)
         check_complete(self.group, INTERACTIONS_KIND, self.location)
         attrs = self.group.attrs
-        self.n_users = int(attrs["n_users"])
-        self.n_items = int(attrs["n_items"])
-        self.nnz = int(attrs["nnz"])
+        self.n_users = as_int(attrs["n_users"])
+        self.n_items = as_int(attrs["n_items"])
+        self.nnz = as_int(attrs["nnz"])
         self._shard_bounds = {
-            side: [int(b) for b in self.group[orientation].attrs["shard_bounds"]]
+            side: as_int_list(subgroup(self.group, orientation).attrs["shard_bounds"])
             for side, orientation in SIDES.items()
         }
-        self.row_block = int(self.group["by_user"].attrs["row_block"])
+        self.row_block = as_int(subgroup(self.group, "by_user").attrs["row_block"])
 
     # -- metadata -------------------------------------------------------------------------------
     @property
@@ -96,13 +111,13 @@ class InteractionStore:
         # opened once per store object: each lookup is a metadata read (a round trip on S3)
         groups = self.__dict__.setdefault("_csr_groups", {})
         if side not in groups:
-            groups[side] = self.group[SIDES[side]]
+            groups[side] = subgroup(self.group, SIDES[side])
         return groups[side]
 
     def indptr(self, side: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Global row pointers of rows ``[start, stop)`` (``stop - start + 1`` values)."""
         stop = self.n_rows(side) if stop is None else stop
-        return self._csr(side)["indptr"][start : stop + 1]
+        return read(array(self._csr(side), "indptr"), slice(start, stop + 1))
 
     @property
     def has_order(self) -> bool:
@@ -119,14 +134,14 @@ class InteractionStore:
         if not 0 <= start <= stop <= self.n_rows(side):
             raise IndexError(f"rows [{start}, {stop}) outside the {self.n_rows(side)} rows of {self.location} {SIDES[side]}")
         group = self._csr(side)
-        indptr = group["indptr"][start : stop + 1].astype(np.int64)
+        indptr = read(array(group, "indptr"), slice(start, stop + 1)).astype(np.int64)
         lo, hi = int(indptr[0]), int(indptr[-1])
         orientation = SIDES[side]
         if len(indptr) != stop - start + 1 or not 0 <= lo <= hi <= self.nnz:
             raise CorruptStoreError(f"{self.location}: {orientation}/indptr of rows [{start}, {stop}) points outside the "
                                     f"{self.nnz} entries: the store is damaged; write it again")
-        indices = group["indices"][lo:hi]
-        values = group["values"][lo:hi]
+        indices = read(array(group, "indices"), slice(lo, hi))
+        values = read(array(group, "values"), slice(lo, hi))
         local = indptr - lo
         from ..kernels.csr import csr_problem  # numba: loaded by the first read of rows, not by opening
 
@@ -142,7 +157,7 @@ class InteractionStore:
         if with_order:
             if not self.has_order:
                 raise StoreError(f"{self.location} has no entry order: convert with an order column (--order-col)")
-            order = group["order"][lo:hi]
+            order = read(array(group, "order"), slice(lo, hi))
         return CSRShard(start, stop, local, indices, values, order)
 
     def shard(self, side: str, k: int) -> CSRShard:
@@ -155,9 +170,9 @@ class InteractionStore:
 
     def shard_nnz(self, side: str) -> list[int]:
         """Entries in each shard, from the row pointers at the shard bounds only."""
-        indptr = self._csr(side)["indptr"]
+        indptr = array(self._csr(side), "indptr")
         bounds = self._shard_bounds[side]
-        at_bounds = indptr.get_coordinate_selection(np.asarray(bounds))
+        at_bounds = np.asarray(indptr.get_coordinate_selection(np.asarray(bounds)))
         return [int(v) for v in np.diff(at_bounds)]
 
     def row_counts(self, side: str, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -174,7 +189,7 @@ class InteractionStore:
         if side not in SIDES:
             raise ValueError(f"side must be 'user' or 'item', not {side!r}")
         if side not in self._id_maps:
-            self._id_maps[side] = IdIndex(self.group[ID_ARRAYS[side]], self.location)
+            self._id_maps[side] = IdIndex(subgroup(self.group, ID_ARRAYS[side]), self.location)
         return self._id_maps[side]
 
     @property
@@ -214,13 +229,13 @@ class InteractionStore:
         return self.id_map(side).iter_ids(start, stop, rows)
 
     # -- display names (optional; see ``names``) ------------------------------------------------
-    def name_map(self, side: str):
+    def name_map(self, side: str) -> NameIndex | None:
         """The display names of a side (a ``names.NameIndex``), or None when it has none."""
         if side not in SIDES:
             raise ValueError(f"side must be 'user' or 'item', not {side!r}")
         from .names import NameIndex
 
-        return NameIndex.of(self.group[ID_ARRAYS[side]], self.location, side)
+        return NameIndex.of(subgroup(self.group, ID_ARRAYS[side]), self.location, side)
 
     def has_names(self, side: str) -> bool:
         return bool(self.group[ID_ARRAYS[side]].attrs.get("names"))

@@ -32,6 +32,7 @@ def describe_file(path: str) -> tuple[str, str | None]:
                 head = handle.read(_SNIFF_BYTES)
         except (OSError, EOFError):
             return "a gzip-compressed file", None
+    text: str | None
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
@@ -43,7 +44,7 @@ def describe_file(path: str) -> tuple[str, str | None]:
         return ("a gzip-compressed file" if compressed else "a binary file"), None
     first = text.splitlines()[0] if text.splitlines() else ""
     counts = {d: first.count(d) for d in _DELIMITERS}
-    delimiter = max(counts, key=counts.get)
+    delimiter = max(counts, key=lambda d: counts[d])
     if counts[delimiter] == 0:
         return ("a gzip-compressed text file" if compressed else "a text file"), None
     kind = _DELIMITERS[delimiter]

@@ -16,7 +16,7 @@ import re
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, overload
 
 import numpy as np
 import pyarrow as pa
@@ -200,7 +200,7 @@ class _BatchValidator:
                  order: pa.Array | None = None) -> RowBatch | None:
         n = len(users)
         keep = np.ones(n, dtype=bool)
-        problems: list[tuple[int, str, str]] = []  # (row, field, reason)
+        problems: list[tuple[int, str | None, str]] = []  # (row, field, reason)
         user_name, item_name, value_name, order_name = self.names
         user_ids = self._ids(users, user_name, "user", problems, keep)
         item_ids = self._ids(items, item_name, "item", problems, keep)
@@ -210,10 +210,10 @@ class _BatchValidator:
         else:
             numbers, value_ok = _convert_numbers(values, "float")
             for row in np.flatnonzero(~value_ok):
-                problems.append((row, value_name, f"non-numeric value: {values[row].as_py()!r}"))
+                problems.append((int(row), value_name, f"non-numeric value: {values[row].as_py()!r}"))
             bad_value = value_ok & ~(np.isfinite(numbers) & (numbers >= 0) & (numbers <= FLOAT32_MAX))
             for row in np.flatnonzero(bad_value):
-                problems.append((row, value_name, f"{_value_problem(float(numbers[row]))}: {values[row].as_py()!r}"))
+                problems.append((int(row), value_name, f"{_value_problem(float(numbers[row]))}: {values[row].as_py()!r}"))
             keep &= value_ok & ~bad_value
             with np.errstate(over="ignore"):
                 vals = np.where(keep, numbers, 0).astype(np.float32)
@@ -222,19 +222,19 @@ class _BatchValidator:
         if order is not None:
             times, order_ok = _convert_numbers(order, "float")
             for row in np.flatnonzero(~order_ok):
-                problems.append((row, order_name, f"non-numeric order: {order[row].as_py()!r}"))
+                problems.append((int(row), order_name, f"non-numeric order: {order[row].as_py()!r}"))
             not_finite = order_ok & ~np.isfinite(times)
             for row in np.flatnonzero(not_finite):
-                problems.append((row, order_name, f"order is not finite: {order[row].as_py()!r}"))
+                problems.append((int(row), order_name, f"order is not finite: {order[row].as_py()!r}"))
             keep &= order_ok & ~not_finite
 
         if problems:
             problems.sort()
             if self.spec.on_bad_lines == "error":
-                row, name, reason = problems[0]
-                raise InputError(self.path, line_of(row), name, reason)
-            for row, name, reason in problems:
-                self.report.add(InputError(self.path, line_of(row), name, reason))
+                line, name, reason = problems[0]
+                raise InputError(self.path, line_of(line), name, reason)
+            for line, name, reason in problems:
+                self.report.add(InputError(self.path, line_of(line), name, reason))
 
         zero = keep & (vals == 0)
         self.report.zeros_dropped += int(zero.sum())
@@ -307,6 +307,14 @@ def _header_hint(names: list[str]) -> str:
     return ""
 
 
+@overload
+def _resolve_column(path: str, spec_col: str | int, names: list[str], role: str, hint: str = "") -> str: ...
+
+
+@overload
+def _resolve_column(path: str, spec_col: str | int | None, names: list[str], role: str, hint: str = "") -> str | None: ...
+
+
 def _resolve_column(path: str, spec_col: str | int | None, names: list[str], role: str, hint: str = "") -> str | None:
     if spec_col is None:
         return None
@@ -367,7 +375,7 @@ class _ChunkLines:
 
     def __init__(self, chunk: bytes, first_line: int, delimiter: str):
         self.chunk, self.first_line, self.delimiter = chunk, first_line, delimiter
-        self._starts = None
+        self._starts: np.ndarray | None = None  # line of each record, found on the first need
 
     def of_record(self, record: int) -> int:
         """Line of the record-th (1-based) record of the chunk."""
@@ -397,9 +405,11 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
         named = [c for c in columns if isinstance(c, str) and not (c.isdigit() and c not in names)]
         if named and not any(c in names for c in named):
             hint = _header_hint(names)
+    user_name = _resolve_column(path, spec.user_col, names, "user", hint)
+    item_name = _resolve_column(path, spec.item_col, names, "item", hint)
     wanted = [
-        _resolve_column(path, spec.user_col, names, "user", hint),
-        _resolve_column(path, spec.item_col, names, "item", hint),
+        user_name,
+        item_name,
         _resolve_column(path, spec.value_col, names, "value", hint),
         _resolve_column(path, spec.order_col, names, "order", hint),
     ]
@@ -409,7 +419,7 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
     if spec.header and any(_looks_numeric(name) for name in used):
         log.warning("%s: the header line %s looks like data but is read as column names (its row is not "
                     "converted): if the file has no header, pass header=False (--no-header)", path, first)
-    validator = _BatchValidator(path, spec, (wanted[0], wanted[1], wanted[2], wanted[3]), report)
+    validator = _BatchValidator(path, spec, (user_name, item_name, wanted[2], wanted[3]), report)
     convert_options = pacsv.ConvertOptions(
         include_columns=used,
         column_types={name: pa.string() for name in used},
@@ -421,7 +431,7 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
     # other chunk, or one with a problem to name, goes through Arrow and the validator below
     plain = (wanted[3] is None and _kind_of(spec, "user") != "str" and _kind_of(spec, "item") != "str"
              and len(spec.delimiter.encode()) == 1 and spec.delimiter != '"')
-    plain_fields = (names.index(wanted[0]), names.index(wanted[1]),
+    plain_fields = (names.index(user_name), names.index(item_name),
                     names.index(wanted[2]) if wanted[2] is not None else -1) if plain else None
     for chunk, first_line in _text_chunks(path, block_bytes, spec.delimiter):
         if first_line == 1 and spec.header:  # drop the header record (it may span several lines)
@@ -431,7 +441,7 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
             chunk, first_line = chunk[cut:], 1 + header_lines
             if not chunk:
                 continue
-        if plain:
+        if plain_fields is not None:  # plain
             users, items, numbers, ok = parse_plain_csv(np.frombuffer(chunk, np.uint8), len(names), *plain_fields,
                                                         ord(spec.delimiter))
             if ok:
@@ -573,9 +583,11 @@ def _parquet_batches(path: str, spec: InputSpec, report: BadRowReport, batch_row
     except pa.ArrowInvalid as exc:
         raise InputError(path, None, None, f"unreadable Parquet: {exc}") from exc
     names = parquet.schema_arrow.names
+    user_name = _resolve_column(path, spec.user_col, names, "user")
+    item_name = _resolve_column(path, spec.item_col, names, "item")
     wanted = [
-        _resolve_column(path, spec.user_col, names, "user"),
-        _resolve_column(path, spec.item_col, names, "item"),
+        user_name,
+        item_name,
         _resolve_column(path, spec.value_col, names, "value"),
         _resolve_column(path, spec.order_col, names, "order"),
     ]
@@ -584,10 +596,10 @@ def _parquet_batches(path: str, spec: InputSpec, report: BadRowReport, batch_row
     used = [name for name in wanted if name is not None]
     if len(set(used)) != len(used):
         raise InputError(path, None, None, f"user, item, value and order columns must differ, got {used}")
-    validator = _BatchValidator(path, spec, (wanted[0], wanted[1], wanted[2], wanted[3]), report)
+    validator = _BatchValidator(path, spec, (user_name, item_name, wanted[2], wanted[3]), report)
     start = 0
     for record_batch in parquet.iter_batches(batch_size=batch_rows, columns=used):
-        columns = [_parquet_ids(path, record_batch.column(name), name, start) for name in wanted[:2]]
+        columns = [_parquet_ids(path, record_batch.column(name), name, start) for name in (user_name, item_name)]
         values = record_batch.column(wanted[2]).cast(pa.string()) if wanted[2] is not None else None
         order = record_batch.column(wanted[3]).cast(pa.string()) if wanted[3] is not None else None
         batch = validator.validate(columns[0], columns[1], values, lambda row, start=start: start + int(row) + 1, order)

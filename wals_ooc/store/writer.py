@@ -35,7 +35,7 @@ from ..errors import BudgetWarning, SettingError, WalsError
 from ..kernels.assemble import bucket_order, bucket_scatter, csr_from_entries, fill_dense_table, map_dense_ids, segment_sums
 from ..kernels.text import parse_ints
 from ..memory import MemoryBudget, format_bytes, peak_rss
-from .format import ID_ARRAYS, CSR_CHUNK, FORMAT_VERSION, INTERACTIONS_KIND, create_array, is_local
+from .format import ID_ARRAYS, CSR_CHUNK, FORMAT_VERSION, INTERACTIONS_KIND, create_array, is_local, subgroup
 from .appender import ChunkAppender
 from .ids import DistinctIds, IdIndex, as_text, hash_text, text_buffers, write_id_map
 from .lifecycle import Output, output_store
@@ -184,7 +184,7 @@ def write_store(
 
             workspace = out.workspace()
             for side, (path, spec) in names.items():
-                holder = out.group[ID_ARRAYS[side]]
+                holder = subgroup(out.group, ID_ARRAYS[side])
                 report.names.append(write_side_names(holder, IdIndex(holder, out.target), side, path, spec, workspace,
                                                      budget.allowance, f"{NAMES_ATTR}-0"))
         return report
@@ -319,8 +319,8 @@ class _Spill:
     def __init__(self, workspace: _Workspace, has_order: bool):
         self.workspace, self.has_order = workspace, has_order
         self.segments: list[str] = []
-        self.writer = None
-        self.schema = None
+        self.writer: Any = None  # the open Arrow IPC stream writer of the current segment
+        self.schema: Any = None
         self.written = 0
 
     def write(self, users, items, values: np.ndarray, order: np.ndarray | None) -> None:
@@ -516,6 +516,7 @@ class _RowMapper:
         if self.colliding is not None:
             shared = np.flatnonzero(np.isin(keys, self.colliding))
             if len(shared):
+                assert text is not None, "hash collisions exist among text ids only"
                 rows[shared] = self.index.index_of(text.take(pa.array(shared)))
         return rows.astype(np.int32)
 
@@ -561,7 +562,7 @@ def _mapped_chunks(mapped_paths: list[str], record: np.dtype, chunk_rows: int) -
     for path in mapped_paths:
         with open(path, "rb") as source:
             while True:
-                got = source.readinto(raw) // record.itemsize
+                got = source.readinto(raw.data) // record.itemsize
                 if not got:
                     break
                 yield buffer[:got]
@@ -678,7 +679,7 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz
                     buffer = np.empty(0, record)
                     buffer = np.empty(entries, record)
                 with open(path, "rb") as source:
-                    source.readinto(buffer[:entries].view(np.uint8))
+                    source.readinto(buffer[:entries].view(np.uint8).data)
                 indptr, indices, values, order = rows_to_csr(buffer[:entries], bounds[k], bounds[k + 1], n_cols)
             else:  # passed without a name, so rows_to_csr can free the records once it has read them
                 indptr, indices, values, order = rows_to_csr(
@@ -707,7 +708,7 @@ DENSE_ROW_BYTES = 17  # per column: float64 sum, float64 latest order, bool seen
 def dense_row_to_csr(path: str, record: np.dtype, n_cols: int, chunk_entries: int):
     """The one row in a bucket file -> (indptr, indices, values, order), read ``chunk_entries`` at a
     time into per-column sums (memory: n_cols * DENSE_ROW_BYTES plus one chunk)."""
-    has_order = "order" in record.names
+    has_order = record.names is not None and "order" in record.names
     sums = np.zeros(n_cols, np.float64)
     seen = np.zeros(n_cols, bool)
     latest = np.full(n_cols, -np.inf) if has_order else None
@@ -718,10 +719,10 @@ def dense_row_to_csr(path: str, record: np.dtype, n_cols: int, chunk_entries: in
                 break
             np.add.at(sums, records["col"], records["value"])
             seen[records["col"]] = True
-            if has_order:
+            if latest is not None:  # has_order
                 np.maximum.at(latest, records["col"], records["order"])
     indices = np.flatnonzero(seen).astype(np.int32)
-    order = latest[indices] if has_order else None
+    order = latest[indices] if latest is not None else None
     with np.errstate(over="ignore"):  # a sum beyond float32 becomes inf, which the caller reports
         values = sums[indices].astype(np.float32)
     return np.array([0, len(indices)], np.int64), indices, values, order
@@ -735,7 +736,7 @@ def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int)
     (the order of the records) then cast (a sum beyond float32 becomes inf).
     """
     n_rows = row_stop - row_start
-    has_order = "order" in records.dtype.names
+    has_order = records.dtype.names is not None and "order" in records.dtype.names
     if not len(records):
         return (np.zeros(n_rows + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.float32),
                 np.empty(0, np.float64) if has_order else None)

@@ -36,7 +36,22 @@ import zarr
 
 from ..config import WALSConfig
 from ..errors import DataMismatchError, StoreError
-from ..store.format import DENSE_ATTR, ID_NODES, KIND_PREFIX, create_array, is_local, local_path, open_group
+from ..store.format import (
+    DENSE_ATTR,
+    ID_NODES,
+    KIND_PREFIX,
+    Mode,
+    array,
+    as_dict,
+    as_int,
+    as_list,
+    create_array,
+    is_local,
+    local_path,
+    open_group,
+    read,
+    subgroup,
+)
 from ..store.reader import IdMaps, InteractionStore
 
 MODEL_KIND = "wals-ooc/model"
@@ -176,7 +191,7 @@ class FactorStore:
         return cls(location, group, storage_options)
 
     @classmethod
-    def open(cls, location: str | os.PathLike, mode: str = "r", storage_options: dict | None = None) -> FactorStore:
+    def open(cls, location: str | os.PathLike, mode: Mode = "r", storage_options: dict | None = None) -> FactorStore:
         """Open a model store of this format version (finished or not); ``StoreError`` otherwise."""
         group = open_group(location, mode, storage_options)
         kind = group.attrs.get("kind")
@@ -201,20 +216,20 @@ class FactorStore:
     # -- state ----------------------------------------------------------------------------------
     @property
     def config(self) -> WALSConfig:
-        return WALSConfig.from_dict(self.group.attrs["config"])
+        return WALSConfig.from_dict(as_dict(self.group.attrs["config"]))
 
     @property
     def seed(self) -> int:
-        return int(self.group.attrs["seed"])
+        return as_int(self.group.attrs["seed"])
 
     @property
     def checkpoint(self) -> Checkpoint | None:
         data = self.group.attrs.get("checkpoint")
-        return None if data is None else Checkpoint.from_dict(data)
+        return None if data is None else Checkpoint.from_dict(as_dict(data))
 
     @property
     def loss_history(self) -> list[dict]:
-        return list(self.group.attrs.get("loss_history", []))
+        return [as_dict(entry) for entry in as_list(self.group.attrs.get("loss_history", []))]
 
     @property
     def complete(self) -> bool:
@@ -236,11 +251,13 @@ class FactorStore:
     @property
     def binding(self) -> dict:
         """The identity of the interaction store the model was trained on."""
-        return dict(self.group.attrs.get("interactions") or {})
+        found = self.group.attrs.get("interactions")
+        return dict(as_dict(found)) if found else {}
 
     def id_maps(self) -> IdMaps:
         """The model's copy of the id maps (original ids of its users and items)."""
-        return IdMaps(self.group["ids"], self.location, int(self.group.attrs["n_users"]), int(self.group.attrs["n_items"]))
+        return IdMaps(subgroup(self.group, "ids"), self.location, as_int(self.group.attrs["n_users"]),
+                      as_int(self.group.attrs["n_items"]))
 
     def commit(self, checkpoint: Checkpoint, loss_history: list[dict] | None = None, **extra) -> None:
         """Record a finished half-sweep: one atomic write of the group's attributes."""
@@ -255,25 +272,29 @@ class FactorStore:
 
     # -- factor arrays --------------------------------------------------------------------------
     def slot(self, side: str, slot: int) -> zarr.Array:
-        return self.group[side][str(slot)]
+        return array(subgroup(self.group, side), str(slot))
 
-    def current(self, side: str) -> zarr.Array:
-        """The current (last completed) factors of a side, as a Zarr array (nothing loaded)."""
+    def trained(self) -> Checkpoint:
+        """The checkpoint of a model with factors; ``StoreError`` when it has none yet."""
         checkpoint = self.checkpoint
         if checkpoint is None:
             raise StoreError(f"{self.location} has no trained factors yet: its training stopped before the first "
                              "iteration; run train again")
-        return self.slot(side, checkpoint.slots[side])
+        return checkpoint
+
+    def current(self, side: str) -> zarr.Array:
+        """The current (last completed) factors of a side, as a Zarr array (nothing loaded)."""
+        return self.slot(side, self.trained().slots[side])
 
     def gram(self, side: str, slot: int) -> np.ndarray:
         """Y^T Y (float64) of a side's slot, recorded when the slot was written."""
-        return self.group[side]["gram"][slot]
+        return read(array(subgroup(self.group, side), "gram"), slot)
 
     def set_gram(self, side: str, slot: int, gram: np.ndarray) -> None:
-        self.group[side]["gram"][slot] = gram
+        array(subgroup(self.group, side), "gram")[slot] = gram
 
     def read_rows(self, side: str, start: int, stop: int) -> np.ndarray:
-        return self.current(side)[start:stop]
+        return read(self.current(side), slice(start, stop))
 
 
 def check_interactions_match(model: FactorStore, interactions: InteractionStore, *, resuming: bool = True) -> None:

@@ -54,7 +54,7 @@ class ScratchCopy:
         try:
             for lo in range(0, self.n_rows, copy_rows):
                 rows = np.ascontiguousarray(array[lo : lo + copy_rows], dtype=self.dtype)
-                _write_all(self._file.fileno(), memoryview(rows).cast("B"), lo * self.row_bytes)
+                _write_all(self._file.fileno(), memoryview(rows.data).cast("B"), lo * self.row_bytes)
         except OSError as exc:
             self._file.close()
             raise OSError(exc.errno, f"cannot write the fixed side's scratch copy ({self.nbytes} bytes) in {where}: "

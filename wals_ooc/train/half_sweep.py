@@ -45,7 +45,7 @@ from ..kernels.blocked import (
 from ..kernels.loss import gram_quadratic, observed_loss_block, regularization_sum
 from ..kernels.solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
 from ..kernels.subspace import subspace_solve_rows
-from ..store.format import open_group
+from ..store.format import array, open_group, subgroup
 from ..store.reader import CSRShard, InteractionStore
 from .fixed_side import ScratchCopy, fixed_side, release_fixed_side
 from .plan import SolveTask
@@ -75,7 +75,7 @@ def _factor_array(location: str, storage_options: dict | None, side: str, slot: 
     with _lock:
         key = ("factors", location, side, slot)
         if key not in _opened:
-            _opened[key] = open_group(location, "r+", storage_options)[side][str(slot)]
+            _opened[key] = array(subgroup(open_group(location, "r+", storage_options), side), str(slot))
         return _opened[key]
 
 
@@ -413,7 +413,7 @@ def _blocked_cholesky(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
                                                float(cfg.nu), float(cfg.alpha0), job.n_fixed)
         result.failures += failures
         result.observed += observed
-        A = b = None  # freed before the next batch allocates its own
+        del A, b  # freed before the next batch allocates its own
 
 
 def init_task(

@@ -142,7 +142,7 @@ class HalfSweepPlan:
             held = "both sides held" if self.holds_own else f"{self.side} factors read and written per task"
             lines.append(f"  fixed side ({format_bytes(self.fixed_bytes)}) read once per process and shared by its tasks; {held}")
         else:
-            methods = {}
+            methods: dict[str, tuple[int, int]] = {}  # method -> (tasks, sweeps)
             for task in self.tasks:
                 count, sweeps = methods.get(task.method, (0, 0))
                 methods[task.method] = (count + 1, sweeps + task.sweeps)
@@ -233,18 +233,19 @@ def balanced_tasks(shard_ranges, shard_block_nnz, entry_bytes: int, bytes_per_ro
     For the blocked plan, where every task reads the whole fixed side a few times: fewer tasks
     mean fewer reads, and equal ones keep every process busy to the end.
     """
-    starts, entries, weights, shard_of = [], [], [], []
-    for k, ((lo, hi), (block_starts, nnz)) in enumerate(zip(shard_ranges, shard_block_nnz)):
+    # per row block of every shard: first row, entries, planned bytes, shard
+    block_parts: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray]] = ([], [], [], [])
+    for k, ((lo, hi), (block_starts, block_nnz)) in enumerate(zip(shard_ranges, shard_block_nnz)):
         if hi == lo:
             continue
         rows = np.diff(np.append(block_starts, hi))
-        starts.append(block_starts)
-        entries.append(nnz)
-        weights.append(nnz * entry_bytes + rows * bytes_per_row)
-        shard_of.append(np.full(len(block_starts), k))
-    if not starts:
+        block_parts[0].append(block_starts)
+        block_parts[1].append(block_nnz)
+        block_parts[2].append(block_nnz * entry_bytes + rows * bytes_per_row)
+        block_parts[3].append(np.full(len(block_starts), k))
+    if not block_parts[0]:
         return [], 0
-    starts, nnz, weights, shard_of = (np.concatenate(a) for a in (starts, entries, weights, shard_of))
+    starts, nnz, weights, shard_of = (np.concatenate(a) for a in block_parts)
     n_rows = shard_ranges[-1][1]
     total = int(weights.sum())
     count = max(1, -(-total // max(1, max_task_bytes)), int(multiple))
@@ -259,7 +260,8 @@ def balanced_tasks(shard_ranges, shard_block_nnz, entry_bytes: int, bytes_per_ro
         if heaviest <= max_task_bytes or count >= len(starts):
             break
         count = min(len(starts), count + multiple)
-    tasks, parts = [], {}
+    tasks: list[SolveTask] = []
+    parts: dict[int, int] = {}  # shard -> its last part number
     for a, b in zip(bounds[:-1], bounds[1:]):
         shard = int(shard_of[a])
         part = parts[shard] = parts.get(shard, -1) + 1

@@ -18,7 +18,7 @@ from ..errors import BudgetWarning, DataMismatchError, NumericalError, SettingEr
 from ..execute import Executor
 from ..kernels.warm import warm_training_kernels
 from ..memory import MemoryBudget
-from ..store.format import open_group
+from ..store.format import array, open_group, subgroup
 from ..store.lifecycle import Output, output_store
 from ..store.reader import InteractionStore
 from .factors import MODEL_FORMAT_VERSION, MODEL_KIND, Checkpoint, FactorStore, check_interactions_match
@@ -50,9 +50,8 @@ def _block_nnz(store: InteractionStore, side: str) -> list[tuple[np.ndarray, np.
     """For each shard: first row of each row block and the entries in it (read at block bounds only)."""
     n_rows = store.n_rows(side)
     starts = np.arange(0, n_rows, store.row_block, dtype=np.int64)
-    at = store.group[{"user": "by_user", "item": "by_item"}[side]]["indptr"].get_coordinate_selection(
-        np.append(starts, n_rows)
-    )
+    at = np.asarray(array(subgroup(store.group, {"user": "by_user", "item": "by_item"}[side]), "indptr")
+                    .get_coordinate_selection(np.append(starts, n_rows)))
     per_block = np.diff(at)
     out = []
     for lo, hi in store.shard_ranges(side):
@@ -149,7 +148,12 @@ def _open_or_create(out: Output, store: InteractionStore, config: WALSConfig, st
             kept = dict(config.to_dict(), random_state=have["random_state"])
             model.group.attrs.update({"config": kept, "complete": False})
         return model
-    seed = config.random_state if config.random_state is not None else int(np.random.SeedSequence().entropy % 2**31)
+    if config.random_state is not None:
+        seed = config.random_state
+    else:
+        entropy = np.random.SeedSequence().entropy  # an int when drawn from the OS (no argument given)
+        assert isinstance(entropy, int)
+        seed = entropy % 2**31
     model = FactorStore.create(out.group, out.location, config, store, seed, storage_options)
     if out.mode == "create":
         model = FactorStore.open(out.publish(), "r+", storage_options)
@@ -198,6 +202,8 @@ def _sum_in_order(parts) -> np.ndarray:
     total = None
     for part in parts:
         total = part.copy() if total is None else total + part
+    if total is None:
+        raise ValueError("no partial sums to add: a half-sweep ran no task")
     return total
 
 
@@ -253,7 +259,7 @@ def _train_model(model: FactorStore, store: InteractionStore, config: WALSConfig
     if local and all_resident:
         state = LocalState(cache_bytes=cache_bytes)
 
-    checkpoint = model.checkpoint
+    checkpoint = model.trained()  # set by _initialise on a new model
     history = model.loss_history[: checkpoint.iteration]
     total_steps = 2 * config.iterations
     remaining_tasks = sum(len(plans[SIDES[s % 2]].tasks) for s in range(checkpoint.step, total_steps))

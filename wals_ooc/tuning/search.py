@@ -341,10 +341,10 @@ def _check_final_model(location: str, config: WALSConfig | None, store: Interact
     """The final model's path: free, or a model of the same data and settings (resumed). Before
     the search only the path is checked (config, store None); after it, the model there too."""
     state = _refuse_target(location, MODEL_KIND, "model", storage_options)
-    if state.what != "store" or config is None:
+    if state.what != "store" or config is None or store is None:
         return
     existing = FactorStore.open(location, "r", storage_options)
-    same_data = existing.group.attrs.get("interactions", {}).get("store_id") == store.attrs().get("store_id")
+    same_data = existing.binding.get("store_id") == store.attrs().get("store_id")
     if existing.config.objective_dict() != config.objective_dict() or not same_data:
         raise PathError(f"{location} holds a model of other settings or data; give another model path "
                         "(model= / --model) or remove it")

@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..config import WALSConfig
 from ..errors import SettingError
-from ..store.format import CSR_CHUNK
+from ..store.format import CSR_CHUNK, array, read, subgroup
 from ..store.reader import InteractionStore
+
+if TYPE_CHECKING:
+    import optuna
 
 #: the settings a trial's point maps to (the rest come from the base config)
 SEARCHED = ("confidence", "alpha", "alpha0", "regularization", "nu", "factors", "iterations")
@@ -68,11 +72,11 @@ class DataSummary:
 
 def data_summary(store: InteractionStore, eps: float = 1.0) -> DataSummary:
     """Mean value and mean log value of a store's entries, read a chunk at a time."""
-    values = store.group["by_user"]["values"]
+    values = array(subgroup(store.group, "by_user"), "values")
     total = total_log = 0.0
     low, high = math.inf, -math.inf
     for lo in range(0, store.nnz, CSR_CHUNK):
-        chunk = np.asarray(values[lo : min(store.nnz, lo + CSR_CHUNK)], np.float64)
+        chunk = read(values, slice(lo, min(store.nnz, lo + CSR_CHUNK))).astype(np.float64)
         total += float(chunk.sum())
         total_log += float(np.log1p(chunk / eps).sum())
         low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
@@ -144,7 +148,7 @@ class SearchSpace:
         return self
 
     # -- points and settings ---------------------------------------------------------------------
-    def suggest(self, trial) -> dict:
+    def suggest(self, trial: optuna.trial.BaseTrial) -> dict:
         """Draw a point from an Optuna trial (its params, in the search's own names)."""
         params: dict = {}
         if self.confidence is not None:

@@ -21,7 +21,7 @@ import os
 import re
 import sqlite3
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import AbstractSet, Iterator
 
 from ..errors import DataMismatchError, PathError, SettingError, StoreLockedError
 
@@ -188,7 +188,7 @@ def _check_same(recorded: dict, wanted: dict, place: StudyPlace) -> None:
                 f"vs {wanted.get(key)}); start over with resume=False / --no-resume or give another study path")
 
 
-def remove_trial_stores(place: StudyPlace, keep: set[int] = frozenset()) -> None:
+def remove_trial_stores(place: StudyPlace, keep: AbstractSet[int] = frozenset()) -> None:
     """Remove every trial store in the work directory except those of trials ``keep``, with what
     killed trials left beside them (unfinished builds, lock files), through the door."""
     from ..store.lifecycle import remove_store
