@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import zarr
 
 from ..errors import CorruptStoreError, StoreError
 from .format import ID_ARRAYS, INTERACTIONS_KIND, SIDES, check_complete, open_group, shard_ranges
 from .ids import IdIndex
+
+if TYPE_CHECKING:
+    import zarr
 
 
 @dataclass
@@ -51,10 +53,11 @@ class InteractionStore:
     store of any size costs the same.
     """
 
-    def __init__(self, location: str | os.PathLike, storage_options: dict[str, Any] | None = None):
+    def __init__(self, location: str | os.PathLike, storage_options: dict[str, Any] | None = None, group: Any = None):
         self.location = os.fspath(location)
         self.storage_options = storage_options
-        self.group = open_group(self.location, "r", storage_options)
+        # group: the store's root already opened (``peek.open_group``: `info` reads without zarr)
+        self.group = open_group(self.location, "r", storage_options) if group is None else group
         check_complete(self.group, INTERACTIONS_KIND, self.location)
         attrs = self.group.attrs
         self.n_users = int(attrs["n_users"])
