@@ -27,6 +27,14 @@ def test_help_and_info_start_without_heavy_libraries(small_store):
                           f"with contextlib.redirect_stdout(io.StringIO()) as out:\n"
                           f"    assert main(['info', {small_store!r}]) == 0\nassert 'top items' in out.getvalue()")
     assert not {"zarr", *HEAVY} & info  # a local store is read without zarr (store.peek)
+    for command in ("train", "tune"):  # the settings' defaults load no kernels
+        helped = _modules_after(f"from wals_ooc.cli import main\ntry:\n    main([{command!r}, '--help'])\n"
+                                "except SystemExit:\n    pass")
+        assert not {"zarr", *HEAVY} & helped, command
+    from wals_ooc.config import CONFIDENCES
+    from wals_ooc.kernels.solve import CONFIDENCE_KINDS
+
+    assert set(CONFIDENCES) == set(CONFIDENCE_KINDS)
     assert not set(HEAVY) & _modules_after("import wals_ooc")
 
 
