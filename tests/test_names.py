@@ -86,6 +86,7 @@ def test_recommend_all_and_export_carry_names(named):
     out = model.recommend_all(N=3, output=str(root / "top"), format="parquet")
     table = pq.read_table(out).to_pandas()
     assert "name" in table and (table["item"] != "").all() and np.isfinite(table["score"]).all()
+    assert "user_name" not in table  # no user names in the store: no column
     assert len(table[table["user"] == "u99"]) == 1  # one candidate left: one row, no padding
     names = dict(zip(table["item"], table["name"]))
     assert names[9] == "Last" and names[2] == "Björk"
@@ -100,6 +101,39 @@ def test_recommend_all_and_export_carry_names(named):
     out = model.export(str(root / "factors"))
     items = pq.read_table(os.path.join(out, "items.parquet")).to_pandas()
     assert dict(zip(items["id"], items["name"]))[1] == '"Weird Al" Yankovic'
+
+
+def test_recommend_all_carries_user_names(named, tmp_path):
+    """User names beside user ids in both formats ("" / null for a user without one), read from the
+    model's copy of the id maps or, when it has none, from its interaction store."""
+    import pyarrow.parquet as pq
+
+    from wals_ooc.serve.recommend import open_recommendations
+
+    root = named[0]
+    (tmp_path / "users.csv").write_text("id,name\n" + "".join(f"u{u},Ü {u}\n" for u in range(0, 12, 2)) + "u99,Nine\n")
+    store = str(tmp_path / "s.zarr")
+    wals_ooc.convert(str(root / "plays.csv"), store, progress=False)
+    model = wals_ooc.WALS(factors=3, iterations=1, random_state=0).fit(store, progress=False)
+    for names_in in ("store", "model"):
+        if names_in == "store":  # added after training: the model's copy has none, its store has
+            add_names(store, users=str(tmp_path / "users.csv"))
+        else:
+            model = wals_ooc.WALS(factors=3, iterations=1, random_state=0).fit(store, str(tmp_path / "m2.zarr"),
+                                                                               progress=False)
+        expected = {f"u{u}": (f"Ü {u}" if u % 2 == 0 else None) for u in range(12)} | {"u99": "Nine"}
+        group = open_recommendations(model.recommend_all(N=2, output=str(tmp_path / f"{names_in}.zarr")))
+        assert dict(zip(group["user_ids"][:].tolist(), group["user_names"][:].tolist())) == \
+            {user: name or "" for user, name in expected.items()}
+        table = pq.read_table(model.recommend_all(N=2, output=str(tmp_path / names_in), format="parquet"))
+        assert table.column_names == ["user", "rank", "item", "score", "user_name"]  # null: no name
+        assert dict(zip(table["user"].to_pylist(), table["user_name"].to_pylist())) == expected
+    from wals_ooc.report.collect import user_part
+    from wals_ooc.report.page import users_section
+
+    shown = user_part(model, wals_ooc.open_store(store), None, wals_ooc.open_store(store).index_of("user", ["u99", "u1"]), 2)
+    assert [(u["user"], u["name"]) for u in shown] == [("u99", "Nine"), ("u1", None)]
+    assert "<h3>user Nine <span class='note'>(u99)</span>" in users_section(shown, False)
 
 
 def test_add_names_replaces_atomically_and_bad_files_change_nothing(named, tmp_path):

@@ -19,14 +19,22 @@ def _modules_after(code: str) -> set[str]:
 
 
 def test_help_and_info_start_without_heavy_libraries(small_store):
-    """`--help` loads neither numpy nor zarr; `info STORE` reads the store without numba, dask,
-    pandas, pyarrow or matplotlib (what made every command take over a second to start)."""
+    """`--help` loads neither numpy nor zarr; `info STORE` reads the store without zarr, numba,
+    dask, pandas, pyarrow or matplotlib (what made every command take over a second to start)."""
     helped = _modules_after("from wals_ooc.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass")
     assert not {"numpy", "zarr", *HEAVY} & helped
     info = _modules_after(f"import contextlib, io\nfrom wals_ooc.cli import main\n"
                           f"with contextlib.redirect_stdout(io.StringIO()) as out:\n"
                           f"    assert main(['info', {small_store!r}]) == 0\nassert 'top items' in out.getvalue()")
-    assert "zarr" in info and not set(HEAVY) & info
+    assert not {"zarr", *HEAVY} & info  # a local store is read without zarr (store.peek)
+    for command in ("train", "tune"):  # the settings' defaults load no kernels
+        helped = _modules_after(f"from wals_ooc.cli import main\ntry:\n    main([{command!r}, '--help'])\n"
+                                "except SystemExit:\n    pass")
+        assert not {"zarr", *HEAVY} & helped, command
+    from wals_ooc.config import CONFIDENCES
+    from wals_ooc.kernels.solve import CONFIDENCE_KINDS
+
+    assert set(CONFIDENCES) == set(CONFIDENCE_KINDS)
     assert not set(HEAVY) & _modules_after("import wals_ooc")
 
 

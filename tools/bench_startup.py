@@ -6,6 +6,7 @@ Measures ``wals-ooc --help``, ``wals-ooc info STORE`` (a small store, made once 
 
     python tools/bench_startup.py                  # 15 repeats each
     python tools/bench_startup.py --repeats 30 --store /work/data/shared/some.zarr
+    python tools/bench_startup.py --every-help     # also `wals-ooc COMMAND --help` of every command
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--store", default=None, help="interaction store for `info` (default: a small generated one)")
     parser.add_argument("--detail", action="store_true",
                         help="also time the imports alone (numpy + zarr, and what `info` imports) to see the floor")
+    parser.add_argument("--every-help", action="store_true", help="also time `wals-ooc COMMAND --help` of every command")
     args = parser.parse_args()
 
     cli = shutil.which("wals-ooc") or "wals-ooc"
@@ -48,10 +50,17 @@ def main() -> None:
         "wals-ooc --help": [cli, "--help"],
         "wals-ooc info STORE": [cli, "info", store],
     }
+    if args.every_help:
+        from wals_ooc.cli import build_parser
+
+        parsers = next(a for a in build_parser()._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
+        for name in parsers.choices:
+            commands[f"wals-ooc {name} --help"] = [cli, name, "--help"]
     if args.detail:
         commands["python -c 'import numpy, zarr'"] = [sys.executable, "-c", "import numpy, zarr"]
-        commands["info's imports only"] = [sys.executable, "-c", "import wals_ooc.cli, wals_ooc.store.format, "
-                                           "wals_ooc.store.reader, wals_ooc.store.sniff"]
+        commands["python -c 'import numpy, numcodecs'"] = [sys.executable, "-c", "import numpy, numcodecs"]
+        commands["info's imports only"] = [sys.executable, "-c", "import wals_ooc.cli, wals_ooc.store.peek, "
+                                           "wals_ooc.store.reader, wals_ooc.store.names, numcodecs.blosc, google_crc32c"]
     try:
         for argv in commands.values():  # warm the file cache (and numba's cache index) once
             timed(argv)
@@ -62,9 +71,10 @@ def main() -> None:
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"{'command':34s} {'median s':>9s} {'min s':>7s} {'max s':>7s}   ({args.repeats} runs each)")
+    width = max(34, *(len(name) for name in times))
+    print(f"{'command':{width}s} {'median s':>9s} {'min s':>7s} {'max s':>7s}   ({args.repeats} runs each)")
     for name, values in times.items():
-        print(f"{name:34s} {statistics.median(values):9.3f} {min(values):7.3f} {max(values):7.3f}")
+        print(f"{name:{width}s} {statistics.median(values):9.3f} {min(values):7.3f} {max(values):7.3f}")
 
 
 if __name__ == "__main__":

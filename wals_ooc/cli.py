@@ -95,28 +95,46 @@ def _named(entry: dict, name) -> dict:
 
 
 def cmd_info(args) -> int:
-    from .store.format import open_group  # not store.lifecycle: info writes nothing, and starts faster
-    from .store.reader import open_store
+    from .store import peek
 
-    attrs = open_group(args.store).attrs  # a path that is not a store: says what it is instead
+    lines: list[str] = []
+    try:
+        try:  # a local store is read without zarr (starts in a fraction of a second)
+            return _info(args.store, args.top, lines.append, peek.open_group)
+        except peek.Unsupported:  # something only zarr reads (a remote URL, another codec): read it with zarr
+            lines.clear()
+            from .store.format import open_group  # not store.lifecycle: info writes nothing, and starts faster
+
+            return _info(args.store, args.top, lines.append, open_group)
+    finally:  # what was found before an error is shown too
+        if lines:
+            print("\n".join(lines))
+
+
+def _info(location: str, top: int, say, open_group) -> int:
+    """What an interaction store holds, line by line to ``say`` (other kinds: what they are)."""
+    from .store.reader import InteractionStore
+
+    group = open_group(location)  # a path that is not a store: says what it is instead
+    attrs = group.attrs
     kind = attrs.get("kind")
     if kind == "wals-ooc/model":
-        return _model_info(args.store)
+        return _model_info(location)
     if kind != "wals-ooc/interactions":
-        print(f"store       {args.store}")
-        print(f"kind        {kind} (format version {attrs.get('format_version')}, "
-              f"{'complete' if attrs.get('complete') else 'incomplete'})")
+        say(f"store       {location}")
+        say(f"kind        {kind} (format version {attrs.get('format_version')}, "
+            f"{'complete' if attrs.get('complete') else 'incomplete'})")
         return 0
-    store = open_store(args.store)
-    print(f"store       {store.location}")
-    print(f"shape       {store.n_users} users x {store.n_items} items")
-    print(f"nnz         {store.nnz}  (density {store.density:.3g})")
+    store = InteractionStore(location, group=group)
+    say(f"store       {store.location}")
+    say(f"shape       {store.n_users} users x {store.n_items} items")
+    say(f"nnz         {store.nnz}  (density {store.density:.3g})")
     kinds = store.id_kinds
-    print(f"id kind     users {kinds['user']}, items {kinds['item']}")
+    say(f"id kind     users {kinds['user']}, items {kinds['item']}")
     tops = {}
     for side in ("user", "item"):
-        tops[side], nnz = _top_rows(store, side, args.top)
-        print(f"{side} shards {store.n_shards(side)} (entries per shard min {min(nnz)}, max {max(nnz)}), row block {store.row_block}")
+        tops[side], nnz = _top_rows(store, side, top)
+        say(f"{side} shards {store.n_shards(side)} (entries per shard min {min(nnz)}, max {max(nnz)}), row block {store.row_block}")
     name_maps = {side: store.name_map(side) if store.has_names(side) else None for side in ("user", "item")}
     for side in ("user", "item"):
         rows = [row for row, _ in tops[side]]
@@ -126,10 +144,10 @@ def cmd_info(args) -> int:
         shown = [f"{ident} {names[k]!r}" if names is not None and names[k] is not None else f"{ident}"
                  for k, ident in enumerate(ids.tolist())]
         listed = ", ".join(f"{label} ({count})" for label, (_, count) in zip(shown, tops[side]))
-        print(f"top {side}s  {listed}")
+        say(f"top {side}s  {listed}")
     for side, name_map in name_maps.items():
         if name_map is not None:
-            print(f"{side} names  {name_map.named} of {store.n_rows(side)} {side}s named")
+            say(f"{side} names  {name_map.named} of {store.n_rows(side)} {side}s named")
     return 0
 
 

@@ -8,7 +8,10 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from .errors import SettingError
-from .kernels.solve import CONFIDENCE_KINDS
+
+#: the confidence kinds (``kernels.solve.CONFIDENCE_KINDS`` maps them to the kernels' codes; named
+#: here so that `wals-ooc train --help` and settings checks do not load numba)
+CONFIDENCES = ("constant", "linear", "log")
 
 SOLVERS = ("cg", "cholesky", "ialspp")
 #: the command-line flag of each setting, for error messages
@@ -89,8 +92,8 @@ class WALSConfig:
             raise _setting("alpha0", "alpha0 = 0 needs regularization > 0, or rows without entries are singular")
         if self.nu < 0:
             raise _setting("nu", f"nu must be >= 0, got {self.nu}")
-        if self.confidence not in CONFIDENCE_KINDS:
-            raise _setting("confidence", f"confidence must be one of {sorted(CONFIDENCE_KINDS)}, got {self.confidence!r}")
+        if self.confidence not in CONFIDENCES:
+            raise _setting("confidence", f"confidence must be one of {list(CONFIDENCES)}, got {self.confidence!r}")
         if self.eps <= 0:
             raise _setting("eps", f"eps must be > 0, got {self.eps}")
         if self.iterations < 1:  # 0 would record the random initial factors as a trained model

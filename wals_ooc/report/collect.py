@@ -145,10 +145,11 @@ def example_users(store, sample: np.ndarray, count: int, seed: int) -> np.ndarra
 def user_part(model, store, test, rows: np.ndarray, n: int, history_shown: int = 10) -> list[dict[str, Any]]:
     """For each user row: the strongest ``history_shown`` interactions and the top-``n``
     recommendations (marked when they are held out in ``test``), each with its popularity and its
-    display name (None where the store has none; see ``wals_ooc.add_names``)."""
+    display name (None where the store has none; see ``wals_ooc.add_names``); the user's too."""
     users = ids_of(store, "user", rows)
+    user_names = model.names_of(users, "user") if len(users) else []
     out = []
-    for row, user in zip(rows, users):
+    for row, user, user_name in zip(rows, users, user_names):
         shard = store.rows("user", int(row), int(row) + 1)
         values = shard.values
         strongest = np.argsort(-values, kind="stable")[:history_shown]
@@ -170,6 +171,7 @@ def user_part(model, store, test, rows: np.ndarray, n: int, history_shown: int =
         rec_names = model.names_of(rec_ids, "item") if rec_ids else []
         out.append({
             "user": user,
+            "name": user_name,
             "entries": int(shard.nnz),
             "history": [
                 {"item": item, "name": name, "value": float(v), "popularity": _popularity(store, r)}

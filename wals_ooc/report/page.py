@@ -104,10 +104,10 @@ def popularity_section(popularity: dict, png: bytes) -> str:
             f"{_facts(facts)}{_img(png, 'popularity of recommended items')}{note}</section>")
 
 
-def _label(row: dict) -> str:
-    """An item's display name with its id beside it, or the id alone when it has no name."""
+def _label(row: dict, key: str = "item") -> str:
+    """An item's (or user's) display name with its id beside it, or the id alone when it has none."""
     name = row.get("name")
-    return f"{_e(name)} <span class='note'>({_e(row['item'])})</span>" if name else _e(row["item"])
+    return f"{_e(name)} <span class='note'>({_e(row[key])})</span>" if name else _e(row[key])
 
 
 def _item_table(title: str, rows: list[dict], kind: str) -> str:
@@ -129,7 +129,7 @@ def users_section(users: list[dict], has_test: bool) -> str:
         hits = sum(r["held_out"] for r in u["recommendations"])
         test_note = f", {u['held_out']} held out, {hits} of them recommended" if has_test else ""
         cards.append(
-            f'<div class="user"><h3>user {_e(u["user"])} <span class="note">({u["entries"]} items in training'
+            f'<div class="user"><h3>user {_label(u, "user")} <span class="note">({u["entries"]} items in training'
             f"{test_note})</span></h3><div class='pair'>"
             f"{_item_table('strongest interactions', u['history'], 'history')}"
             f"{_item_table('recommended', u['recommendations'], 'recommendations')}</div></div>"

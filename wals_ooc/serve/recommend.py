@@ -79,8 +79,15 @@ def open_interactions(location: str, storage_options: dict | None) -> Interactio
         return _interaction_stores[key]
 
 
+def display_names(ids, store: InteractionStore | None, side: str):
+    """A side's display names (``names.NameIndex``): the model's own copy, else those of the
+    interaction store it is bound to; None when neither has any."""
+    names = ids.name_map(side)
+    return store.name_map(side) if names is None and store is not None else names
+
+
 def _recommend_shard(model_location, interactions_location, storage_options, start, stop, n, filter_liked,
-                     allowance, output, fmt, index=None) -> int:
+                     allowance, output, fmt, index=None, names_location=None) -> int:
     single_threaded_blas_in_worker()
     model = FactorStore.open(model_location, "r", storage_options)
     ids = model_ids(model)
@@ -103,12 +110,16 @@ def _recommend_shard(model_location, interactions_location, storage_options, sta
             return top_k(queries[positions], source, n, exclude=sub)[:2]
 
         top, scores, _ = approximate_top_k(ann, queries, n, liked, exact, threads=1)
-    names = ids.name_map("item")  # the model's own copy, else those of the store it is bound to
-    if names is None and interactions_location is not None:
-        names = open_interactions(interactions_location, storage_options).name_map("item")
+    store = None  # the interaction store, opened only for names the model's copy of the id maps lacks
+    if names_location is not None and (ids.name_map("item") is None or ids.name_map("user") is None):
+        store = open_interactions(names_location, storage_options)
+    names, user_names = display_names(ids, store, "item"), display_names(ids, store, "user")
     if fmt == "zarr":
         group = open_group(output, "r+", storage_options)  # rows of row-block-aligned shards: no chunk shared
         array(group, "user_ids")[start:stop] = ids.ids_of("user", np.arange(start, stop))
+        if user_names is not None:
+            labels = user_names.names_of(np.arange(start, stop))
+            array(group, "user_names")[start:stop] = np.where(labels == None, "", labels).astype(object)  # noqa: E711
         array(group, f"{_SCRATCH}/rows")[start:stop] = top  # -1: no result; compacted away by _compact
         array(group, f"{_SCRATCH}/scores")[start:stop] = scores
     else:
@@ -121,6 +132,8 @@ def _recommend_shard(model_location, interactions_location, storage_options, sta
         }
         if names is not None:
             columns["name"] = names.names_arrow(top.ravel()[keep])
+        if user_names is not None:
+            columns["user_name"] = user_names.names_arrow(user_rows)
         table = pa.table(columns)
         pq.write_table(table, os.path.join(output, f"part-{start:012d}.parquet"))
     return stop - start
@@ -189,11 +202,12 @@ def recommend_all(
     """Write the top ``n`` items of every user to ``output`` (Zarr group or Parquet directory).
 
     No padding: a user with fewer than n candidates left (most items already liked) gets fewer
-    results. Zarr layout (ragged, like CSR): user_ids (n_users,), indptr (n_users + 1,) and
-    item_ids, scores, item_names (when the model or its store has names; "" for an item without
-    one) of length nnz: user k's results, best first, are ``[indptr[k]:indptr[k + 1]]``.
-    Parquet: one file per user shard (user, rank, item, score, and name when there are names)
-    and ``_SUCCESS``. Either is written through
+    results. Zarr layout (ragged, like CSR): user_ids (n_users,), user_names (n_users,; when the
+    model or its store has user names, "" for a user without one), indptr (n_users + 1,) and
+    item_ids, scores, item_names (when there are item names; "" for an item without one) of
+    length nnz: user k's results, best first, are ``[indptr[k]:indptr[k + 1]]``. Parquet: one
+    file per user shard (user, rank, item, score, then name and user_name when there are item
+    and user names; null for one without) and ``_SUCCESS``. Either is written through
     ``store.lifecycle`` (built beside, swapped in when complete). ``store`` (the interaction
     store) is needed only to filter already-liked items; ids come from the model. index:
     (location, ef_search, nprobe) of an approximate index over the item factors (inner
@@ -224,13 +238,16 @@ def recommend_all(
             # plain arrays of original ids (int64 or variable-length text), written shard by shard
             create_array(group, "user_ids", shape=(n_users,), dtype=np.int64 if kinds["user"] == "int" else str,
                          chunks=(rows,), dense=True)
+            if display_names(ids, store, "user") is not None:
+                create_array(group, "user_names", shape=(n_users,), dtype=str, chunks=(rows,), dense=True)
             scratch = group.create_group(_SCRATCH)
             create_array(scratch, "rows", shape=(n_users, n), dtype=np.int64, chunks=(rows, n), dense=True)
             create_array(scratch, "scores", shape=(n_users, n), dtype=np.float32, chunks=(rows, n), dense=True)
         tasks = [
             dask.delayed(_recommend_shard, pure=False)(
                 model.location, store.location if filter_already_liked and store is not None else None, storage_options, lo, hi, n,
-                filter_already_liked, allowance, out.location, fmt, index, dask_key_name=f"recommend-shard{k:05d}",
+                filter_already_liked, allowance, out.location, fmt, index, None if store is None else store.location,
+                dask_key_name=f"recommend-shard{k:05d}",
             )
             for k, (lo, hi) in enumerate(_user_ranges(model, store))
             if hi > lo
@@ -241,10 +258,7 @@ def recommend_all(
         finally:
             executor.run_everywhere(release_items)
         if fmt == "zarr":
-            names = ids.name_map("item")
-            if names is None and store is not None:
-                names = store.name_map("item")
-            _compact(out.group, ids, names, n_users, as_int(model.group.attrs["row_block"]))
+            _compact(out.group, ids, display_names(ids, store, "item"), n_users, as_int(model.group.attrs["row_block"]))
         if fmt == "parquet":
             with open(os.path.join(out.location, "_SUCCESS"), "w") as marker:
                 marker.write("complete\n")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import zarr
+
+if TYPE_CHECKING:
+    import zarr
 
 
 class ChunkAppender:

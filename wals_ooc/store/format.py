@@ -28,18 +28,19 @@ it, so readers never see the difference.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
-import google_crc32c
 import numpy as np
-import zarr
-from zarr.codecs import Crc32cCodec
-from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from ..errors import CorruptStoreError, StoreError, StoreNotFoundError
+
+if TYPE_CHECKING:
+    import zarr
+
+# zarr is imported by the functions that open or create nodes (``checked`` holds the zarr store
+# that verifies checksums), so that the layout's names load without it: `wals-ooc info` of a local
+# store reads it with ``peek``, without zarr
 
 # 2: every chunk carries a crc32c checksum; 3: id maps are groups of keys (int64 ids or XXH64 of
 # the UTF-8 bytes) + offsets/bytes, looked up chunk by chunk (``ids``), with per-side id kinds
@@ -71,77 +72,6 @@ def local_path(location: str | os.PathLike) -> str:
     return os.path.abspath(os.fspath(location).removeprefix("file://"))
 
 
-# ---------------------------------------------------------------------------------------------
-# Checksums: verified on every chunk read, with the store, array and chunk named on a mismatch
-# ---------------------------------------------------------------------------------------------
-
-_CHUNK_KEY = re.compile(r"^(?:(.*)/)?c((?:/\d+)*)$")
-
-
-class _ChecksumStore(WrapperStore):
-    """A Zarr store that checks each chunk's crc32c as it is read (arrays with a crc32c codec).
-
-    Zarr's codec checks it too, but cannot say which store, array and chunk failed; this can.
-    """
-
-    def __init__(self, store, location: str = "", finished: bool = False):
-        super().__init__(store)
-        self._location = location
-        self._finished = finished  # opened read-only: arrays marked dense must have every chunk
-        self._checked: dict[str, tuple[bool, bool]] = {}  # array path -> (crc32c last, dense)
-
-    def _with_store(self, store):
-        return type(self)(store, self._location, self._finished)
-
-    async def _kind_of(self, array_path: str, prototype) -> tuple[bool, bool]:
-        if array_path not in self._checked:
-            key = f"{array_path}/zarr.json" if array_path else "zarr.json"
-            raw = await self._store.get(key, prototype)
-            meta = {}
-            if raw is not None:
-                try:
-                    meta = json.loads(raw.to_bytes())
-                except (ValueError, AttributeError):
-                    meta = {}
-            codecs = meta.get("codecs") or []
-            last = codecs[-1] if codecs else None
-            dense = bool((meta.get("attributes") or {}).get(DENSE_ATTR))
-            self._checked[array_path] = (isinstance(last, dict) and last.get("name") == "crc32c", dense)
-        return self._checked[array_path]
-
-    async def get(self, key, prototype, byte_range=None):
-        value = await self._store.get(key, prototype, byte_range)
-        if byte_range is not None or key.endswith("zarr.json"):
-            return value
-        match = _CHUNK_KEY.match(key)
-        if match is None:
-            return value
-        array_path = match.group(1) or ""
-        checksum, dense = await self._kind_of(array_path, prototype)
-        if value is None:
-            if dense and self._finished:
-                coords = tuple(int(c) for c in match.group(2).split("/") if c)
-                raise CorruptStoreError(f"{self._location}: chunk {coords} of array {array_path or '/'} is missing: "
-                                        "the store is incomplete or damaged; write it again from its source")
-            return value
-        if checksum:
-            data = value.as_numpy_array()
-            stored = bytes(data[-4:]) if len(data) >= 4 else b""
-            if len(data) < 4 or np.uint32(google_crc32c.value(bytes(data[:-4]))).tobytes() != stored:
-                coords = tuple(int(c) for c in match.group(2).split("/") if c)
-                raise CorruptStoreError(
-                    f"{self._location}: chunk {coords} of array {array_path or '/'} is corrupt (checksum "
-                    "mismatch): the store is damaged; write it again from its source"
-                )
-        return value
-
-
-def _zarr_store(location: str, read_only: bool, storage_options: dict[str, Any] | None):
-    if is_local(location):
-        return LocalStore(local_path(location), read_only=read_only)
-    return FsspecStore.from_url(location, storage_options=storage_options or {}, read_only=read_only)
-
-
 def open_group(
     location: str | os.PathLike,
     mode: Mode = "r",
@@ -153,8 +83,12 @@ def open_group(
     pointer store is followed to its current generation; a missing group raises
     ``StoreNotFoundError``. Only ``wals_ooc.store.lifecycle`` creates groups ("w").
     """
+    import zarr
+
+    from .checked import ChecksumStore, zarr_store
+
     text = os.fspath(location)
-    store = _ChecksumStore(_zarr_store(text, mode == "r", storage_options), text, finished=mode == "r")
+    store = ChecksumStore(zarr_store(text, mode == "r", storage_options), text, finished=mode == "r")
     if mode not in ("r", "r+"):
         return zarr.open_group(store=store, mode=mode, zarr_format=3)
     try:
@@ -175,6 +109,8 @@ def open_group(
 
 def checksummed(compressors: Any = None) -> tuple:
     """The bytes-to-bytes codecs of a wals-ooc array: ``compressors`` followed by crc32c."""
+    from zarr.codecs import Crc32cCodec
+
     if compressors is None:
         compressors = ()
     elif not isinstance(compressors, (list, tuple)):
@@ -199,6 +135,8 @@ def create_array(group: zarr.Group, name: str, *, compressors: Any = None, dense
 
 def has_checksum(array: zarr.Array) -> bool:
     """Whether the chunks of ``array`` end with a crc32c checksum."""
+    from zarr.codecs import Crc32cCodec
+
     codecs = array.metadata.codecs if hasattr(array.metadata, "codecs") else ()
     return bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
 
@@ -231,19 +169,28 @@ def check_complete(group: zarr.Group, kind: str, location: str, version: int = F
 def array(group: zarr.Group, name: str) -> zarr.Array:
     """The array ``name`` of ``group``; a group found there is damage (``CorruptStoreError``)."""
     node = group[name]
-    if not isinstance(node, zarr.Array):
-        raise CorruptStoreError(f"{group.store_path}: {name} is a group where an array belongs: the store is damaged; "
+    if not _is_array(node):
+        raise CorruptStoreError(f"{_where(group)}: {name} is a group where an array belongs: the store is damaged; "
                                 "write it again")
-    return node
+    return cast("zarr.Array", node)
 
 
 def subgroup(group: zarr.Group, name: str) -> zarr.Group:
     """The group ``name`` of ``group``; an array found there is damage (``CorruptStoreError``)."""
     node = group[name]
-    if not isinstance(node, zarr.Group):
-        raise CorruptStoreError(f"{group.store_path}: {name} is an array where a group belongs: the store is damaged; "
+    if _is_array(node):
+        raise CorruptStoreError(f"{_where(group)}: {name} is an array where a group belongs: the store is damaged; "
                                 "write it again")
-    return node
+    return cast("zarr.Group", node)
+
+
+def _is_array(node: object) -> bool:
+    # by what a node has rather than its class: zarr's nodes and ``peek``'s (read without zarr)
+    return hasattr(node, "dtype") and hasattr(node, "shape")
+
+
+def _where(group: object) -> str:
+    return str(getattr(group, "store_path", group))
 
 
 def read(source: zarr.Array, selection: Any) -> np.ndarray:

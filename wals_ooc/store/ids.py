@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal
 
 import numpy as np
-import zarr
 
 from .._lazy import LazyModule, lazy_function
 from ..errors import UnknownIdError
@@ -50,15 +49,21 @@ from .appender import ChunkAppender
 from .format import array as node_array
 from .format import as_int, create_array, read
 
+if TYPE_CHECKING:
+    import zarr
+
 KINDS = ("int", "str")
 KEY_CHUNK = 1 << 16  # rows per chunk of key and offsets
 BYTES_CHUNK = 1 << 20  # bytes per chunk of the id text
 READ_BYTES = 16 << 20  # bytes of one array read at once (a run of consecutive chunks)
 RUN_BATCH = 1 << 14  # rows per record batch of a spilled run
 _EMPTY_BYTES = np.zeros(0, np.uint8)
+FEW_ROWS = 64  # rows read and decoded in Python (no numba, no Arrow): what `info` and one answer show
 
 
 def _compressor(typesize: int) -> zarr.codecs.BloscCodec:
+    import zarr.codecs
+
     shuffle: Literal["shuffle", "noshuffle"] = "shuffle" if typesize > 1 else "noshuffle"
     return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle=shuffle)
 
@@ -513,7 +518,7 @@ def _fixed_at(array: zarr.Array, positions: np.ndarray) -> np.ndarray:
     out = np.empty(len(positions), array.dtype)
     if not len(positions):
         return out
-    if len(positions) <= 64:  # a few ids (info, a report's users): no run planning, no numba to load
+    if len(positions) <= FEW_ROWS:  # a few ids (info, a report's users): no run planning, no numba to load
         return np.asarray(array.get_coordinate_selection(positions), array.dtype)
     chunk = array.chunks[0]
     which = positions // chunk
@@ -687,6 +692,8 @@ class IdIndex:
         rows = np.asarray(rows, np.int64)
         if not len(rows):
             return np.zeros(1, np.int64), _EMPTY_BYTES
+        if len(rows) <= FEW_ROWS:
+            return self._text_of_few(rows)
         if rows[-1] - rows[0] + 1 == len(rows):  # a contiguous range: two slices
             offsets = read(self._offsets, slice(int(rows[0]), int(rows[-1]) + 2))
             data = read(self._bytes, slice(int(offsets[0]), int(offsets[-1])))
@@ -707,6 +714,38 @@ class IdIndex:
             window = read(self._bytes, slice(a * chunk, min(total, (b + 1) * chunk)))
             gather_ranges(window, a * chunk, starts[lo:hi], stops[lo:hi], data, offsets[lo:hi])
         return offsets, data
+
+    def _text_of_few(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``text_of_rows`` of a few rows (``info``, one query's results), read chunk by chunk in
+        Python, so showing them loads no numba."""
+        positions = _sorted_distinct(np.concatenate([rows, rows + 1]))  # np.unique would import numpy.ma
+        bounds = np.asarray(self._offsets.get_coordinate_selection(positions), np.int64)
+        starts = bounds[np.searchsorted(positions, rows)]
+        stops = bounds[np.searchsorted(positions, rows + 1)]
+        chunk = self._bytes.chunks[0]
+        windows: dict[int, np.ndarray] = {}
+        pieces = []
+        for start, stop in zip(starts.tolist(), stops.tolist()):
+            piece = []
+            for k in range(start // chunk, (max(stop, start + 1) - 1) // chunk + 1):
+                if k not in windows:
+                    windows[k] = read(self._bytes, slice(k * chunk, (k + 1) * chunk))
+                lo, hi = max(start, k * chunk) - k * chunk, min(stop, (k + 1) * chunk) - k * chunk
+                piece.append(windows[k][lo:max(lo, hi)])
+            pieces.append(np.concatenate(piece) if piece else np.zeros(0, np.uint8))
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum([len(p) for p in pieces], out=offsets[1:])
+        return offsets, (np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)).astype(np.uint8)
+
+    def decoded(self, rows: np.ndarray) -> np.ndarray:
+        """The text of a few rows >= 0 (any order) as str objects, decoded in Python: Arrow's
+        conversions would load pandas, and a few rows need no numba."""
+        unique, inverse = _unique_inverse(np.asarray(rows, np.int64).ravel())
+        offsets, data = self.text_of_rows(unique)
+        raw = data.tobytes()
+        decoded = np.empty(len(unique), dtype=object)
+        decoded[:] = [raw[a:b].decode("utf-8") for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+        return decoded[inverse]
 
     def text_of(self, rows: np.ndarray) -> pa.Array:
         """Ids of any rows (any order, repeats allowed) as Arrow large_string (string ids)."""
@@ -740,7 +779,7 @@ class IdIndex:
             return out.reshape(shape)
         out = np.empty(len(flat), dtype=object)
         if len(flat) and self.n:
-            out[:] = self.text_of(safe).to_numpy(zero_copy_only=False)
+            out[:] = self.decoded(safe) if len(flat) <= FEW_ROWS else self.text_of(safe).to_numpy(zero_copy_only=False)
         if negative.any():
             out[negative] = "" if missing is None else missing
         return out.reshape(shape)

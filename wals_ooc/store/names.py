@@ -27,13 +27,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import zarr
 
 from .._lazy import LazyModule, lazy_function
 from ..errors import InputError, SettingError, UnknownIdError
 from .appender import ChunkAppender
 from .format import array, as_int, create_array, read, subgroup
 from .ids import BYTES_CHUNK, KEY_CHUNK, IdIndex, _compressor, as_text, hash_text, text_buffers
+
+if TYPE_CHECKING:
+    import zarr
 
 # pyarrow loads on first use: `wals-ooc info` of a named store reads a few names without it
 if TYPE_CHECKING:  # annotations only: pyarrow itself loads on first use
@@ -436,31 +438,6 @@ class _NameText(IdIndex):
         self._offsets = array(group, "offsets")
         self._bytes = array(group, "bytes")
 
-    def text_of_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """As ``IdIndex.text_of_rows``; a few rows (``info``, one query's results) are read
-        chunk by chunk in Python, so showing them loads no numba."""
-        rows = np.asarray(rows, np.int64)
-        if len(rows) > 64 or not len(rows):
-            return super().text_of_rows(rows)
-        positions = np.unique(np.concatenate([rows, rows + 1]))
-        bounds = np.asarray(self._offsets.get_coordinate_selection(positions), np.int64)
-        starts = bounds[np.searchsorted(positions, rows)]
-        stops = bounds[np.searchsorted(positions, rows + 1)]
-        chunk = self._bytes.chunks[0]
-        windows: dict[int, np.ndarray] = {}
-        pieces = []
-        for start, stop in zip(starts.tolist(), stops.tolist()):
-            piece = []
-            for k in range(start // chunk, (max(stop, start + 1) - 1) // chunk + 1):
-                if k not in windows:
-                    windows[k] = read(self._bytes, slice(k * chunk, (k + 1) * chunk))
-                lo, hi = max(start, k * chunk) - k * chunk, min(stop, (k + 1) * chunk) - k * chunk
-                piece.append(windows[k][lo:max(lo, hi)])
-            pieces.append(np.concatenate(piece) if piece else np.zeros(0, np.uint8))
-        offsets = np.zeros(len(rows) + 1, np.int64)
-        np.cumsum([len(p) for p in pieces], out=offsets[1:])
-        return offsets, (np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)).astype(np.uint8)
-
 
 class NameIndex:
     """One side's display names (see the module docstring), opened read-only."""
@@ -487,12 +464,8 @@ class NameIndex:
         out = np.empty(len(flat), dtype=object)
         valid = flat >= 0
         if valid.any():
-            unique, inverse = np.unique(flat[valid], return_inverse=True)
-            offsets, data = self._text.text_of_rows(unique)
-            raw = data.tobytes()  # decoded here: Arrow's conversions would load pandas
-            decoded = np.empty(len(unique), dtype=object)
-            decoded[:] = [raw[a:b].decode("utf-8") or None for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
-            values = decoded[inverse]
+            values = self._text.decoded(flat[valid])  # in Python: Arrow's conversions would load pandas
+            values[values == ""] = None
             out[valid] = values
         out[~valid] = None
         return out.reshape(rows.shape)

@@ -8,7 +8,6 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import zarr
 
 from ..errors import CorruptStoreError, StoreError
 from .format import (
@@ -27,6 +26,8 @@ from .format import (
 from .ids import IdIndex
 
 if TYPE_CHECKING:
+    import zarr
+
     from .names import NameIndex
 
 
@@ -66,10 +67,11 @@ class InteractionStore:
     store of any size costs the same.
     """
 
-    def __init__(self, location: str | os.PathLike, storage_options: dict[str, Any] | None = None):
+    def __init__(self, location: str | os.PathLike, storage_options: dict[str, Any] | None = None, group: Any = None):
         self.location = os.fspath(location)
         self.storage_options = storage_options
-        self.group = open_group(self.location, "r", storage_options)
+        # group: the store's root already opened (``peek.open_group``: `info` reads without zarr)
+        self.group = open_group(self.location, "r", storage_options) if group is None else group
         check_complete(self.group, INTERACTIONS_KIND, self.location)
         attrs = self.group.attrs
         self.n_users = as_int(attrs["n_users"])
