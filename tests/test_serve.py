@@ -267,13 +267,15 @@ def test_liked_rows_in_any_order_with_repeats_and_unknown_rows_match_the_store(s
     R = store_to_scipy(store)
     rng = np.random.default_rng(4)
     rows = np.concatenate([rng.integers(0, store.n_users, 60), [-1, 7, 7, store.n_users - 1, 0, -1]])
-    for gap in (liked_module.GAP_ENTRIES, 0):  # one merged read, and a read per row
-        previous, liked_module.GAP_ENTRIES = liked_module.GAP_ENTRIES, gap
+    # slices of the span, coordinate selections, and both with windows of a few entries
+    for ratio, window in ((1 << 30, liked_module.RUN_ENTRIES), (0, liked_module.RUN_ENTRIES), (1 << 30, 7), (0, 7)):
+        previous = liked_module.SPARSE_RATIO, liked_module.RUN_ENTRIES
+        liked_module.SPARSE_RATIO, liked_module.RUN_ENTRIES = ratio, window
         try:
             indptr, ids = liked_module.liked_csr(store, "user", rows)
         finally:
-            liked_module.GAP_ENTRIES = previous
+            liked_module.SPARSE_RATIO, liked_module.RUN_ENTRIES = previous
         assert len(indptr) == len(rows) + 1
         for k, row in enumerate(rows):
             expected = [] if row < 0 else sorted(R.indices[R.indptr[row]: R.indptr[row + 1]])
-            assert ids[indptr[k]: indptr[k + 1]].tolist() == expected, (gap, k, row)
+            assert ids[indptr[k]: indptr[k + 1]].tolist() == expected, (ratio, window, k, row)
