@@ -24,6 +24,8 @@ the top-N lists agree (ids equal where the scores differ by more than float roun
 
     python tools/bench_recommend.py                   # the 16M bench's model, N=10, 3 repeats
     python tools/bench_recommend.py --scale 0.1       # a 10x smaller store, quick look
+    python tools/bench_recommend.py --ann --model M --ann-sample random --ann-users 2000 \
+        --ann-index M-hnsw.ann=64,128 --ann-index M-ivf.ann=16,64   # saved indexes against exact
 """
 
 from __future__ import annotations
