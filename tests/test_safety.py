@@ -422,6 +422,27 @@ def test_decreasing_row_pointers_are_refused(base, tmp_path):
         open_store(store).rows("item", 0, 6)
 
 
+@pytest.mark.parametrize("damage", ["index", "pointers"])
+def test_liked_items_of_a_damaged_store_are_refused(base, tmp_path, damage):
+    import wals_ooc.serve.liked as liked_module
+
+    store = copy(base.data, tmp_path / "data.zarr")
+    group = open_group(str(store), "r+")["by_user"]
+    if damage == "index":
+        group["indices"][int(group["indptr"][3])] = open_store(store).n_items  # checksum valid, id out of range
+        match = r"by_user/indices holds \d+, outside \[0, \d+\)"
+    else:
+        group["indptr"][4] = int(group["indptr"][6]) + 1
+        match = "by_user/indptr is damaged at row"
+    for ratio in (1 << 30, 0):  # read as slices, and by coordinates
+        previous, liked_module.SPARSE_RATIO = liked_module.SPARSE_RATIO, ratio
+        try:
+            with pytest.raises(CorruptStoreError, match=match):
+                liked_module.liked_csr(open_store(store), "user", np.array([3, 4, 5, 9]))
+        finally:
+            liked_module.SPARSE_RATIO = previous
+
+
 def test_stores_of_an_older_format_are_refused_with_a_clear_message(base, tmp_path, capsys):
     store = copy(base.data, tmp_path / "data.zarr")
     open_group(str(store), "r+").attrs["format_version"] = 1

@@ -149,6 +149,39 @@ def test_recommend_all_equals_per_user_recommend(trained, tmp_path, fmt):
     assert (got_ids[same] == expected_ids[same]).mean() > 0.99
 
 
+def test_recommend_all_holds_the_item_factors_once_per_process_not_once_per_task(trained, tmp_path, monkeypatch):
+    """The norm-ordered copy of the item factors is shared by a process's tasks: it is weighed
+    against the process's allowance (a quarter at most), not each task's share, and left out of
+    the tasks' shares. A copy of a fifth of the allowance is held with 2 task threads (an eighth
+    of it was the limit when it was weighed per task), and the answers are the exact ones."""
+    from wals_ooc.memory import MemoryBudget
+    from wals_ooc.serve import recommend as serve_recommend
+    from wals_ooc.serve.scoring import NormOrder
+
+    model = wals_ooc.load(trained.factors_store.location, memory_budget="2GB", threads=2)
+    allowance = MemoryBudget.start(model.memory_budget).allowance
+    fifth = allowance // 5
+    monkeypatch.setattr(NormOrder, "nbytes_for", staticmethod(lambda n_rows, factors: fifth))
+    assert serve_recommend.item_cache_plan(allowance, 2, (10, 4)) == ((allowance - fifth) // 2, allowance)
+    monkeypatch.setattr(NormOrder, "nbytes_for", staticmethod(lambda n_rows, factors: allowance // 3))
+    assert serve_recommend.item_cache_plan(allowance, 2, (10, 4)) == (allowance // 2, allowance)  # not held
+    monkeypatch.setattr(NormOrder, "nbytes_for", staticmethod(lambda n_rows, factors: fifth))
+    built = []
+    of = NormOrder.of.__func__
+    monkeypatch.setattr(NormOrder, "of", classmethod(lambda cls, array, block_rows=1 << 16:
+                                                     built.append(array.shape) or of(cls, array, block_rows)))
+    serve_recommend.release_items()
+    output = model.recommend_all(N=5, output=str(tmp_path / "top.parquet"), format="parquet")
+    assert built == [tuple(model.factors_store.current("item").shape)]  # once: shared by both threads
+    store = model.interactions
+    table = pq.read_table(output).to_pandas().sort_values(["user", "rank"])
+    users = store.ids("user")[:40]
+    expected_ids, expected_scores = model.recommend(users, N=5)
+    for user, ids, scores in zip(users, expected_ids, expected_scores):
+        got = table[table["user"] == user]
+        np.testing.assert_allclose(got["score"].to_numpy(), scores.compressed(), rtol=1e-6)
+
+
 def test_recommend_all_refuses_to_overwrite_unless_asked(trained, tmp_path):
     out = str(tmp_path / "top.zarr")
     trained.recommend_all(N=3, output=out)
@@ -317,13 +350,15 @@ def test_liked_rows_in_any_order_with_repeats_and_unknown_rows_match_the_store(s
     R = store_to_scipy(store)
     rng = np.random.default_rng(4)
     rows = np.concatenate([rng.integers(0, store.n_users, 60), [-1, 7, 7, store.n_users - 1, 0, -1]])
-    for gap in (liked_module.GAP_ENTRIES, 0):  # one merged read, and a read per row
-        previous, liked_module.GAP_ENTRIES = liked_module.GAP_ENTRIES, gap
+    # slices of the span, coordinate selections, and both with windows of a few entries
+    for ratio, window in ((1 << 30, liked_module.RUN_ENTRIES), (0, liked_module.RUN_ENTRIES), (1 << 30, 7), (0, 7)):
+        previous = liked_module.SPARSE_RATIO, liked_module.RUN_ENTRIES
+        liked_module.SPARSE_RATIO, liked_module.RUN_ENTRIES = ratio, window
         try:
             indptr, ids = liked_module.liked_csr(store, "user", rows)
         finally:
-            liked_module.GAP_ENTRIES = previous
+            liked_module.SPARSE_RATIO, liked_module.RUN_ENTRIES = previous
         assert len(indptr) == len(rows) + 1
         for k, row in enumerate(rows):
             expected = [] if row < 0 else sorted(R.indices[R.indptr[row]: R.indptr[row + 1]])
-            assert ids[indptr[k]: indptr[k + 1]].tolist() == expected, (gap, k, row)
+            assert ids[indptr[k]: indptr[k + 1]].tolist() == expected, (ratio, window, k, row)

@@ -24,6 +24,8 @@ the top-N lists agree (ids equal where the scores differ by more than float roun
 
     python tools/bench_recommend.py                   # the 16M bench's model, N=10, 3 repeats
     python tools/bench_recommend.py --scale 0.1       # a 10x smaller store, quick look
+    python tools/bench_recommend.py --ann --model M --ann-sample random --ann-users 2000 \
+        --ann-index M-hnsw.ann=64,128 --ann-index M-ivf.ann=16,64   # saved indexes against exact
 """
 
 from __future__ import annotations
@@ -148,6 +150,46 @@ def _recall(exact, approx) -> float:
     return float(np.mean([len(set(a[a != -1]) & set(b[b != -1])) / max(1, (a != -1).sum()) for a, b in zip(exact, approx)]))
 
 
+def _ann_setting(args, model, location, kind, knob, value, users, queries, liked, exact) -> dict:
+    """One index at one search setting: end to end through ``model.recommend`` (median of 3),
+    recall@N against ``exact``, the retrieval step alone, and faiss alone on the raw vectors."""
+    import faiss
+    import numpy as np
+
+    from wals_ooc.index import approximate_top_k, forget_indexes, resolve_index
+
+    batch = args.ann_batch
+    forget_indexes()
+    tuned = resolve_index(location, model.factors_store, "item", "inner_product", model.memory_budget, **{knob: value})
+    model.recommend(users[:50], N=args.n, index=tuned)
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        approx = np.concatenate([model.recommend(users[lo: lo + batch], N=args.n, index=tuned)[0]
+                                 for lo in range(0, len(users), batch)])
+        times.append(time.perf_counter() - started)
+    row = {"value": value, "users_per_s": len(users) / statistics.median(times), "recall": _recall(exact, approx)}
+    # the approximate step alone (queries and liked items in memory): faiss's share, rounds
+    stats: dict = {}
+    started = time.perf_counter()
+    approximate_top_k(tuned, queries, args.n, liked, None, threads=args.threads, stats=stats)
+    row["retrieve_users_per_s"] = len(users) / (time.perf_counter() - started)
+    row["search_share"] = stats["search_seconds"] / (time.perf_counter() - started)
+    row["second_round"] = stats["second_round"] / len(users)
+    row["short"] = stats["exact"] / len(users)
+    # faiss alone on the raw vectors: one call, N + N candidates, its own threads
+    faiss.omp_set_num_threads(args.threads)
+    k = 2 * args.n
+    params = (faiss.SearchParametersHNSW(efSearch=max(value, k)) if kind == "hnsw"
+              else faiss.SearchParametersIVF(nprobe=value))
+    tuned.index.search(queries[:200], k, params=params)
+    started = time.perf_counter()
+    tuned.index.search(queries, k, params=params)
+    row["faiss_alone_users_per_s"] = len(users) / (time.perf_counter() - started)
+    forget_indexes()
+    return row
+
+
 def child_ann(args) -> dict:
     """Approximate recommend against exact on ``--ann-users`` evenly spaced users of a large
     catalogue: the index built (timed, once) or reused, then per setting users/s and recall@N
@@ -159,7 +201,7 @@ def child_ann(args) -> dict:
     import numpy as np
 
     import wals_ooc
-    from wals_ooc.index import approximate_top_k, forget_indexes, resolve_index
+    from wals_ooc.index import forget_indexes, resolve_index
     from wals_ooc.kernels.warm import warm_serving_kernels
     from wals_ooc.memory import peak_rss
     from wals_ooc.serve import recommend as serve_recommend
@@ -169,23 +211,38 @@ def child_ann(args) -> dict:
     warm_serving_kernels()
     model = wals_ooc.load(args.model, memory_budget=args.memory_budget, threads=args.threads)
     store = model.interactions
-    rows = sample_rows(store.n_users, args.ann_users)
-    users = store.ids("user")[rows]
-    result: dict = {"items": store.n_items, "users": len(users), "settings": []}
-    location = os.path.join(args.workdir, f"{os.path.basename(args.model.rstrip('/'))[:-5]}-{args.ann_kind}.ann")
-    # (reused indexes must be built with the same name: wals-ooc index MODEL --output LOCATION)
-    started = time.perf_counter()
-    if args.ann_reuse and os.path.isdir(location):
-        resolve_index(location, model.factors_store, "item", "inner_product")  # refuses a stale one
-        result["build_seconds"] = None
-    elif args.ann_kind == "hnsw":
-        model.build_index(location=location, kind="hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
-                          overwrite=True)
+    if args.ann_sample == "random":
+        rng = np.random.default_rng(args.seed)
+        rows = np.sort(rng.choice(store.n_users, size=min(args.ann_users, store.n_users), replace=False))
     else:
-        model.build_index(location=location, kind="ivf", overwrite=True)
-    if "build_seconds" not in result:
-        result["build_seconds"] = time.perf_counter() - started
-    batch = 1000
+        rows = sample_rows(store.n_users, args.ann_users)
+    users = store.ids("user")[rows]
+    result: dict = {"items": store.n_items, "users": len(users), "settings": [], "indexes": []}
+    if args.ann_index:  # indexes already built (wals-ooc index MODEL --output PATH), each with its settings
+        indexes = []
+        for spec in args.ann_index:
+            location, _, values = spec.partition("=")
+            tuned = resolve_index(location, model.factors_store, "item", "inner_product")  # refuses a stale one
+            indexes.append((location, tuned.settings.kind, values or args.ann_settings))
+            result["indexes"].append({"location": location, "describe": tuned.describe()})
+            forget_indexes()
+        result["build_seconds"] = None
+    else:
+        location = os.path.join(args.workdir, f"{os.path.basename(args.model.rstrip('/'))[:-5]}-{args.ann_kind}.ann")
+        # (reused indexes must be built with the same name: wals-ooc index MODEL --output LOCATION)
+        started = time.perf_counter()
+        if args.ann_reuse and os.path.isdir(location):
+            resolve_index(location, model.factors_store, "item", "inner_product")  # refuses a stale one
+            result["build_seconds"] = None
+        elif args.ann_kind == "hnsw":
+            model.build_index(location=location, kind="hnsw", hnsw_m=args.hnsw_m,
+                              ef_construction=args.ef_construction, overwrite=True)
+        else:
+            model.build_index(location=location, kind="ivf", overwrite=True)
+        if "build_seconds" not in result:
+            result["build_seconds"] = time.perf_counter() - started
+        indexes = [(location, args.ann_kind, args.ann_settings)]
+    batch = args.ann_batch
     model.recommend(users[:50], N=args.n)  # item factors into memory in norm order (not timed)
     started = time.perf_counter()
     exact, exact_scores = zip(*[model.recommend(users[lo: lo + batch], N=args.n) for lo in range(0, len(users), batch)])
@@ -218,45 +275,17 @@ def child_ann(args) -> dict:
     for lo in range(0, len(users), batch):
         original_ids(maps, "item", picks[lo: lo + batch])
     result["ids_seconds_per_user"] = (time.perf_counter() - started) / len(users)
-    values = [int(v) for v in args.ann_settings.split(",")]
-    knob = "ef_search" if args.ann_kind == "hnsw" else "nprobe"
     liked = model._liked("user", rows)
     # the exact scan alone (queries and liked items in memory), as the retrieval step is timed below
     started = time.perf_counter()
     scoring.top_k(queries, scoring.FactorSource(order, 1 << 16), args.n, exclude=liked)
     result["scan_users_per_s"] = len(users) / (time.perf_counter() - started)
-    for value in values:
-        forget_indexes()
-        tuned = resolve_index(location, model.factors_store, "item", "inner_product", model.memory_budget,
-                              **{knob: value})
-        model.recommend(users[:50], N=args.n, index=tuned)
-        times = []
-        for _ in range(3):
-            started = time.perf_counter()
-            approx = np.concatenate([model.recommend(users[lo: lo + batch], N=args.n, index=tuned)[0]
-                                     for lo in range(0, len(users), batch)])
-            times.append(time.perf_counter() - started)
-        row = {"value": value, "users_per_s": len(users) / statistics.median(times), "recall": _recall(exact, approx)}
-        # the approximate step alone (queries and liked items in memory): faiss's share, rounds
-        stats: dict = {}
-        started = time.perf_counter()
-        approximate_top_k(tuned, queries, args.n, liked, None, threads=args.threads, stats=stats)
-        row["retrieve_users_per_s"] = len(users) / (time.perf_counter() - started)
-        row["search_share"] = stats["search_seconds"] / (time.perf_counter() - started)
-        row["second_round"] = stats["second_round"] / len(users)
-        row["short"] = stats["exact"] / len(users)
-        # faiss alone on the raw vectors: one call, N + N candidates, its own threads
-        import faiss
-
-        faiss.omp_set_num_threads(args.threads)
-        k = 2 * args.n
-        params = (faiss.SearchParametersHNSW(efSearch=max(value, k)) if args.ann_kind == "hnsw"
-                  else faiss.SearchParametersIVF(nprobe=value))
-        tuned.index.search(queries[:200], k, params=params)
-        started = time.perf_counter()
-        tuned.index.search(queries, k, params=params)
-        row["faiss_alone_users_per_s"] = len(users) / (time.perf_counter() - started)
-        result["settings"].append(row)
+    for location, kind, settings in indexes:
+        values = [int(v) for v in settings.split(",")]
+        knob = "ef_search" if kind == "hnsw" else "nprobe"
+        for value in values:
+            result["settings"].append({"index": location, "knob": knob, **_ann_setting(
+                args, model, location, kind, knob, value, users, queries, liked, exact)})
     if args.ann_similar:  # similar items by cosine: no norm bound applies, every exact query scans all items
         items = store.ids("item")[sample_rows(store.n_items, args.ann_users // 4)]
         started = time.perf_counter()
@@ -287,17 +316,22 @@ def ann_main(args) -> None:
                "--ann-users", str(args.ann_users), "--ann-kind", args.ann_kind, "--ann-settings", args.ann_settings,
                "--hnsw-m", str(args.hnsw_m), "--ef-construction", str(args.ef_construction)]
     command += (["--ann-reuse"] if args.ann_reuse else []) + (["--ann-similar", args.ann_similar] if args.ann_similar else [])
+    command += ["--ann-sample", args.ann_sample, "--seed", str(args.seed), "--ann-batch", str(args.ann_batch)]
+    for spec in args.ann_index or []:
+        command += ["--ann-index", spec]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"ann run failed:\n{done.stderr[-3000:]}")
     r = json.loads(done.stdout.strip().splitlines()[-1])
-    knob = "ef_search" if args.ann_kind == "hnsw" else "nprobe"
     n = args.n
-    print(f"model {args.model}: {r['items']:,} items; {r['users']:,} evenly spaced users, N={n}, liked items "
-          f"filtered, {args.threads} threads, batches of 1000 users; {args.ann_kind} index "
-          + (f"(M={args.hnsw_m}, ef_construction={args.ef_construction}) " if args.ann_kind == "hnsw" else "")
-          + ("reused" if r["build_seconds"] is None else f"built in {r['build_seconds']:.1f}s"))
+    sample = "evenly spaced" if args.ann_sample == "even" else f"random (seed {args.seed})"
+    print(f"model {args.model}: {r['items']:,} items; {r['users']:,} {sample} users, N={n}, liked items "
+          f"filtered, {args.threads} threads, batches of {args.ann_batch} users; "
+          + ("indexes: " + "; ".join(i["describe"] for i in r["indexes"]) if r["indexes"] else
+             f"{args.ann_kind} index " + (f"(M={args.hnsw_m}, ef_construction={args.ef_construction}) "
+                                          if args.ann_kind == "hnsw" else "")
+             + ("reused" if r["build_seconds"] is None else f"built in {r['build_seconds']:.1f}s")))
     p50, p90, p99, top = r["norms"]
     mean, s90, smax = r["stop_share"]
     print(f"  catalogue: item norms median {p50:.3g}, p90 {p90:.3g}, p99 {p99:.3g}, max {top:.3g}; the exact scan "
@@ -309,7 +343,12 @@ def ann_main(args) -> None:
           f"'retrieval step alone' below)")
     print(f"  per user, outside scoring (both paths): liked items read {1e6 * r['liked_seconds_per_user']:.0f} us, "
           f"item ids mapped {1e6 * r['ids_seconds_per_user']:.0f} us")
+    shown = None
     for row in r["settings"]:
+        knob = row["knob"]
+        if len(r["indexes"]) > 1 and row["index"] != shown:
+            shown = row["index"]
+            print(f"  index {shown}:")
         print(f"  {knob}={row['value']:<6d}  {row['users_per_s']:10,.0f} users/s  recall@{n} {row['recall']:.4f}  "
               f"{row['users_per_s'] / r['exact_users_per_s']:6.2f}x exact, "
               f"{row['users_per_s'] / r['brute_users_per_s']:6.1f}x all-items exact  (median of 3)")
@@ -319,6 +358,7 @@ def ann_main(args) -> None:
               f"{row['faiss_alone_users_per_s'] / r['exact_users_per_s']:.2f}x exact, "
               f"{row['faiss_alone_users_per_s'] / r['scan_users_per_s']:.2f}x the exact scan alone")
     if "similar" in r:
+        knob = r["settings"][-1]["knob"]
         print(f"  similar_items (cosine; {r['similar_items']:,} evenly spaced items): exact "
               f"{r['similar_exact_per_s']:,.0f} items/s (every item scored: no norm bound for cosine)")
         for row in r["similar"]:
@@ -380,6 +420,13 @@ def main() -> None:
     parser.add_argument("--ann-similar", default=None,
                         help="also similar_items exact vs a cosine item index at this path (wals-ooc index MODEL "
                              "--metric cosine --output PATH)")
+    parser.add_argument("--ann-index", action="append", default=None, metavar="PATH[=V1,V2]",
+                        help="measure this index (built by `wals-ooc index MODEL --output PATH`) at these ef_search "
+                             "(hnsw) or nprobe (ivf) values (default --ann-settings); repeat for several indexes")
+    parser.add_argument("--ann-sample", choices=["even", "random"], default="even",
+                        help="--ann-users evenly spaced, or drawn at random (--seed)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ann-batch", type=int, default=1000, help="users per model.recommend call (--ann)")
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--ef-construction", type=int, default=80)
     parser.add_argument("--child", choices=["wals", "implicit", "ann"], help=argparse.SUPPRESS)

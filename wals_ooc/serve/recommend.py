@@ -47,7 +47,8 @@ def score_block_rows(n_queries: int, factors: int, allowance: int) -> int:
 
 def item_source(model: FactorStore, allowance: int, block_rows: int) -> FactorSource:
     """The current item factors: held in memory in norm order (once per process) when they fit a
-    quarter of the allowance, so exact top-K can stop early; else read from Zarr block by block."""
+    quarter of the allowance, so exact top-K can stop early; else read from Zarr block by block.
+    (The copy is shared by the process's tasks: give the process's allowance, see ``item_cache_plan``.)"""
     array = model.current("item")
     if NormOrder.nbytes_for(*array.shape) <= allowance // 4:
         # the model's id too: a model trained again at the same path must not be served from this cache
@@ -59,6 +60,17 @@ def item_source(model: FactorStore, allowance: int, block_rows: int) -> FactorSo
                 _items_in_memory[key] = NormOrder.of(array)
             return FactorSource(_items_in_memory[key], block_rows)
     return FactorSource(array, block_rows)
+
+
+def item_cache_plan(allowance: int, threads: int, shape: tuple[int, int]) -> tuple[int, int]:
+    """(each task's allowance, the allowance ``item_source`` judges the item factors against) for
+    ``threads`` tasks sharing a process's ``allowance``. The norm-ordered item factors are held
+    once per process, not once per task, so they are weighed against the process's allowance
+    (a quarter of it at most), and what they take is left out of the tasks' shares."""
+    held = NormOrder.nbytes_for(*shape)
+    if held <= allowance // 4:
+        return (allowance - held) // threads, allowance
+    return allowance // threads, allowance
 
 
 def release_items() -> None:
@@ -87,7 +99,7 @@ def display_names(ids, store: InteractionStore | None, side: str):
 
 
 def _recommend_shard(model_location, interactions_location, storage_options, start, stop, n, filter_liked,
-                     allowance, output, fmt, index=None, names_location=None) -> int:
+                     allowance, output, fmt, index=None, names_location=None, items_allowance=None) -> int:
     single_threaded_blas_in_worker()
     model = FactorStore.open(model_location, "r", storage_options)
     ids = model_ids(model)
@@ -97,7 +109,7 @@ def _recommend_shard(model_location, interactions_location, storage_options, sta
     if filter_liked:
         shard = open_interactions(interactions_location, storage_options).rows("user", start, stop)
         liked = (shard.indptr, shard.indices.astype(np.int64))
-    source = item_source(model, allowance, block_rows)
+    source = item_source(model, items_allowance or allowance, block_rows)
     if index is None:
         top, scores, _ = top_k(queries, source, n, exclude=liked)
     else:  # approximate candidates, liked items dropped exactly; users it cannot fill answered exactly
@@ -223,7 +235,8 @@ def recommend_all(
     budget = MemoryBudget.start(memory_budget)
     executor = Executor.of(executor, client, threads)
     executor.check_reachable(model.location, None if store is None else store.location, output)
-    allowance = budget.allowance // executor.threads_per_process
+    allowance, items_allowance = item_cache_plan(budget.allowance, executor.threads_per_process,
+                                                 (int(model.current("item").shape[0]), int(model.current("item").shape[1])))
     ids = model_ids(model)
     kind = RECOMMENDATIONS_KIND if fmt == "zarr" else RECOMMENDATIONS_PARQUET_KIND
     inputs = [model.location] + ([store.location] if store is not None else [])
@@ -247,6 +260,7 @@ def recommend_all(
             dask.delayed(_recommend_shard, pure=False)(
                 model.location, store.location if filter_already_liked and store is not None else None, storage_options, lo, hi, n,
                 filter_already_liked, allowance, out.location, fmt, index, None if store is None else store.location,
+                items_allowance,
                 dask_key_name=f"recommend-shard{k:05d}",
             )
             for k, (lo, hi) in enumerate(_user_ranges(model, store))
