@@ -23,6 +23,10 @@ values are each run (and summarised) against the same implicit runs.
 Confidence is Hu et al.'s c = 1 + alpha * r for both (wals-ooc is told confidence="linear",
 alpha0=1, nu=0 explicitly: its defaults are the log form): implicit is given the matrix
 1 + alpha * r with its own alpha = 1, which is how it builds that confidence.
+
+Both start from the same initial factors (wals-ooc's, random_state=0; ``--implicit-init`` lets
+implicit draw its own): at f=128 on the 16M store the draw alone moved the 5-iteration loss by
+0.2% (tools/RESULTS.md, issue 11 round 21), more than the solvers differ.
 """
 
 from __future__ import annotations
@@ -106,6 +110,8 @@ def child_implicit(args) -> dict:
                                     iterations=args.implicit_iterations or args.iterations, use_cg=args.solver != "cholesky",
                                     num_threads=args.threads, random_state=0, calculate_training_loss=False)
     model.cg_steps = args.cg_steps  # an attribute, not a constructor argument, in implicit 0.7
+    if not args.implicit_init:  # wals-ooc's initial factors (random_state 0), so only the solvers differ
+        model.user_factors, model.item_factors = (_initial_factors(store, side, args.factors) for side in ("user", "item"))
     times: list[float] = []
     with threadpool_limits(1, "blas"):  # implicit's own advice; its threads are num_threads
         model.fit(matrix, show_progress=False, callback=lambda it, seconds, loss: times.append(seconds))
@@ -115,12 +121,26 @@ def child_implicit(args) -> dict:
     return {"times": times, "warmup": 0.0, "loss": loss, "peak_rss": peak}
 
 
+def _initial_factors(store, side: str, factors: int):
+    """The factors wals-ooc's trainer starts from with random_state=0 (its defaults' scale and dtype)."""
+    import numpy as np
+
+    from wals_ooc.config import WALSConfig
+    from wals_ooc.train.half_sweep import initial_rows
+
+    config = WALSConfig()
+    n, block = store.n_rows(side), store.row_block
+    return np.concatenate([initial_rows(side, lo, min(n, lo + block), factors, 0, block, config.init_scale, config.dtype)
+                           for lo in range(0, n, block)])
+
+
 def run_child(peer: str, args, factors: int, block_size: int) -> dict:
     command = [sys.executable, __file__, "--child", peer, "--store", args.store, "--workdir", args.workdir,
                "--factors", str(factors), "--iterations", str(args.iterations), "--threads", str(args.threads),
                "--solver", args.solver, "--cg-steps", str(args.cg_steps), "--regularization", str(args.regularization),
                "--alpha", str(args.alpha), "--memory-budget", str(args.memory_budget), "--block-size", str(block_size),
                "--block-sweeps", str(args.block_sweeps), "--implicit-iterations", str(args.implicit_iterations or 0)]
+    command += ["--implicit-init"] if args.implicit_init else []
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -144,6 +164,8 @@ def main() -> None:
                         help="ialspp's block size(s): each is run against the same implicit runs")
     parser.add_argument("--block-sweeps", type=int, default=1, help="ialspp's sweeps per half-sweep")
     parser.add_argument("--implicit-iterations", type=int, default=0, help="implicit's iterations (default: --iterations)")
+    parser.add_argument("--implicit-init", action="store_true",
+                        help="let implicit draw its own initial factors (default: both start from wals-ooc's)")
     parser.add_argument("--regularization", type=float, default=0.01)
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--memory-budget", default="4GB", help="wals-ooc's budget (implicit has none)")
