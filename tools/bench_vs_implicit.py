@@ -12,15 +12,21 @@ wals-ooc is measured on a tiny warm-up fit before the timed one.
     python tools/bench_vs_implicit.py --factors 32 64 128 --repeats 3
     python tools/bench_vs_implicit.py --scale 0.1           # a 10x smaller matrix, quick look
     python tools/bench_vs_implicit.py --solver ialspp --block-size 32 --factors 256 --iterations 3 --implicit-iterations 5
+    python tools/bench_vs_implicit.py --solver ialspp --block-size 8 16 32 64 --factors 256   # one implicit run, 4 wals-ooc runs
 
 With ``--solver ialspp`` implicit runs its CG (``--cg-steps``) beside wals-ooc's iALS++, and the
 tool also reports the time wals-ooc takes to reach implicit's final loss (its cumulative
 iteration times up to the first iteration whose training loss is at or below implicit's final
-loss), against implicit's total time for its ``--implicit-iterations``.
+loss), against implicit's total time for its ``--implicit-iterations``. Several ``--block-size``
+values are each run (and summarised) against the same implicit runs.
 
 Confidence is Hu et al.'s c = 1 + alpha * r for both (wals-ooc is told confidence="linear",
 alpha0=1, nu=0 explicitly: its defaults are the log form): implicit is given the matrix
 1 + alpha * r with its own alpha = 1, which is how it builds that confidence.
+
+Both start from the same initial factors (wals-ooc's, random_state=0; ``--implicit-init`` lets
+implicit draw its own): at f=128 on the 16M store the draw alone moved the 5-iteration loss by
+0.2% (tools/RESULTS.md, issue 11 round 21), more than the solvers differ.
 """
 
 from __future__ import annotations
@@ -104,6 +110,8 @@ def child_implicit(args) -> dict:
                                     iterations=args.implicit_iterations or args.iterations, use_cg=args.solver != "cholesky",
                                     num_threads=args.threads, random_state=0, calculate_training_loss=False)
     model.cg_steps = args.cg_steps  # an attribute, not a constructor argument, in implicit 0.7
+    if not args.implicit_init:  # wals-ooc's initial factors (random_state 0), so only the solvers differ
+        model.user_factors, model.item_factors = (_initial_factors(store, side, args.factors) for side in ("user", "item"))
     times: list[float] = []
     with threadpool_limits(1, "blas"):  # implicit's own advice; its threads are num_threads
         model.fit(matrix, show_progress=False, callback=lambda it, seconds, loss: times.append(seconds))
@@ -113,12 +121,26 @@ def child_implicit(args) -> dict:
     return {"times": times, "warmup": 0.0, "loss": loss, "peak_rss": peak}
 
 
-def run_child(peer: str, args, factors: int) -> dict:
+def _initial_factors(store, side: str, factors: int):
+    """The factors wals-ooc's trainer starts from with random_state=0 (its defaults' scale and dtype)."""
+    import numpy as np
+
+    from wals_ooc.config import WALSConfig
+    from wals_ooc.train.half_sweep import initial_rows
+
+    config = WALSConfig()
+    n, block = store.n_rows(side), store.row_block
+    return np.concatenate([initial_rows(side, lo, min(n, lo + block), factors, 0, block, config.init_scale, config.dtype)
+                           for lo in range(0, n, block)])
+
+
+def run_child(peer: str, args, factors: int, block_size: int) -> dict:
     command = [sys.executable, __file__, "--child", peer, "--store", args.store, "--workdir", args.workdir,
                "--factors", str(factors), "--iterations", str(args.iterations), "--threads", str(args.threads),
                "--solver", args.solver, "--cg-steps", str(args.cg_steps), "--regularization", str(args.regularization),
-               "--alpha", str(args.alpha), "--memory-budget", str(args.memory_budget), "--block-size", str(args.block_size),
+               "--alpha", str(args.alpha), "--memory-budget", str(args.memory_budget), "--block-size", str(block_size),
                "--block-sweeps", str(args.block_sweeps), "--implicit-iterations", str(args.implicit_iterations or 0)]
+    command += ["--implicit-init"] if args.implicit_init else []
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -138,9 +160,12 @@ def main() -> None:
     parser.add_argument("--solver", choices=["cg", "cholesky", "ialspp"], default="cg",
                         help="wals-ooc's solver; implicit runs CG for cg and ialspp, Cholesky for cholesky")
     parser.add_argument("--cg-steps", type=int, default=3)
-    parser.add_argument("--block-size", type=int, default=32, help="ialspp's block size")
+    parser.add_argument("--block-size", type=int, nargs="+", default=[32],
+                        help="ialspp's block size(s): each is run against the same implicit runs")
     parser.add_argument("--block-sweeps", type=int, default=1, help="ialspp's sweeps per half-sweep")
     parser.add_argument("--implicit-iterations", type=int, default=0, help="implicit's iterations (default: --iterations)")
+    parser.add_argument("--implicit-init", action="store_true",
+                        help="let implicit draw its own initial factors (default: both start from wals-ooc's)")
     parser.add_argument("--regularization", type=float, default=0.01)
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--memory-budget", default="4GB", help="wals-ooc's budget (implicit has none)")
@@ -149,6 +174,7 @@ def main() -> None:
 
     if args.child:
         args.factors = args.factors[0]
+        args.block_size = args.block_size[0]
         result = (child_wals if args.child == "wals" else child_implicit)(args)
         print(json.dumps(result))
         return
@@ -161,7 +187,7 @@ def main() -> None:
     print(f"store {args.store}; {args.iterations} iterations (implicit {implicit_iterations}) x {args.repeats} repeats, "
           f"{args.threads} threads, wals-ooc solver {args.solver}"
           + {"cg": f" ({args.cg_steps} CG steps)", "cholesky": "",
-             "ialspp": f" (block size {args.block_size}, {args.block_sweeps} sweep(s))"}[args.solver]
+             "ialspp": f" (block size {' '.join(map(str, args.block_size))}, {args.block_sweeps} sweep(s))"}[args.solver]
           + f", implicit {'Cholesky' if args.solver == 'cholesky' else f'CG {args.cg_steps} steps'}", flush=True)
     try:
         import pyspark  # noqa: F401
@@ -171,51 +197,62 @@ def main() -> None:
 
     from wals_ooc.memory import format_bytes
 
+    block_sizes = args.block_size if args.solver == "ialspp" else args.block_size[:1]
     for factors in args.factors:
-        runs: dict[str, list[dict]] = {"wals": [], "implicit": []}
+        implicit_runs: list[dict] = []
+        wals_runs: dict[int, list[dict]] = {b: [] for b in block_sizes}
         for repeat in range(args.repeats):
-            for peer in ("wals", "implicit"):
-                result = run_child(peer, args, factors)
-                runs[peer].append(result)
-                print(f"  f={factors} run {repeat + 1} {peer:8s} s/iteration {[round(t, 2) for t in result['times']]}"
+            for peer, block_size in [("wals", b) for b in block_sizes] + [("implicit", block_sizes[0])]:
+                result = run_child(peer, args, factors, block_size)
+                (wals_runs[block_size] if peer == "wals" else implicit_runs).append(result)
+                label = f"{peer} b={block_size}" if peer == "wals" and args.solver == "ialspp" else peer
+                print(f"  f={factors} run {repeat + 1} {label:8s} s/iteration {[round(t, 2) for t in result['times']]}"
                       f" loss {result['loss']:.6g} peak RSS {format_bytes(result['peak_rss'])}", flush=True)
-        summary = {}
-        for peer, results in runs.items():
-            steady = [t for r in results for t in r["times"][1:]]
-            summary[peer] = {
-                "median_s_per_iteration": statistics.median(steady),
-                "median_first_iteration_s": statistics.median(r["times"][0] for r in results),
-                "final_loss": statistics.median(r["loss"] for r in results),
-                "peak_rss": max(r["peak_rss"] for r in results),
-                "warmup_s": statistics.median(r["warmup"] for r in results),
-            }
-        ratio = summary["wals"]["median_s_per_iteration"] / summary["implicit"]["median_s_per_iteration"]
-        loss_ratio = summary["wals"]["final_loss"] / summary["implicit"]["final_loss"]
-        print(f"\nf={factors}: median seconds per iteration (iterations 2..{args.iterations}, {args.repeats} runs)")
-        for peer, row in summary.items():
-            print(f"  {peer:8s} {row['median_s_per_iteration']:8.3f} s   first iteration {row['median_first_iteration_s']:.2f} s"
-                  f"   final loss {row['final_loss']:.6g}   peak RSS {format_bytes(row['peak_rss'])}"
-                  + (f"   numba warm-up fit {row['warmup_s']:.2f} s" if peer == "wals" else ""))
-        print(f"  ratio wals-ooc / implicit: time {ratio:.3f}x, final loss {loss_ratio:.4f}x", flush=True)
-        # time to implicit's final loss: wals-ooc's cumulative iteration times (first included;
-        # the numba warm-up is apart) to its first iteration at or below it, per run
-        reached = []
-        for wals_run, implicit_run in zip(runs["wals"], runs["implicit"]):
-            cumulative = [sum(wals_run["times"][: i + 1]) for i in range(len(wals_run["times"]))]
-            hit = [i for i, loss in enumerate(wals_run["losses"]) if loss <= implicit_run["loss"]]
-            reached.append((cumulative[hit[0]] if hit else None, hit[0] + 1 if hit else None, sum(implicit_run["times"])))
-        implicit_total = statistics.median(r[2] for r in reached)
-        if all(r[0] is not None for r in reached):
-            to_target = statistics.median(r[0] for r in reached)
-            print(f"  time to implicit's {implicit_iterations}-iteration loss: wals-ooc {to_target:.2f} s (iteration "
-                  f"{statistics.median(r[1] for r in reached):g}) vs implicit {implicit_total:.2f} s: "
-                  f"ratio {to_target / implicit_total:.3f}x", flush=True)
-        else:
-            print(f"  time to implicit's {implicit_iterations}-iteration loss: not reached by wals-ooc in {args.iterations} "
-                  f"iterations (implicit {implicit_total:.2f} s); wals-ooc losses per iteration "
-                  f"{[round(loss / runs['implicit'][0]['loss'], 5) for loss in runs['wals'][0]['losses']]} x implicit's", flush=True)
-        print(flush=True)
+        for block_size in block_sizes:
+            title = f"f={factors}" + (f", block size {block_size}" if args.solver == "ialspp" else "")
+            summarise(title, {"wals": wals_runs[block_size], "implicit": implicit_runs}, args, implicit_iterations)
 
+
+def summarise(title: str, runs: dict[str, list[dict]], args, implicit_iterations: int) -> None:
+    """Print the medians, ratios and time to implicit's final loss of one wals-ooc setting."""
+    from wals_ooc.memory import format_bytes
+
+    summary = {}
+    for peer, results in runs.items():
+        steady = [t for r in results for t in r["times"][1:]]
+        summary[peer] = {
+            "median_s_per_iteration": statistics.median(steady),
+            "median_first_iteration_s": statistics.median(r["times"][0] for r in results),
+            "final_loss": statistics.median(r["loss"] for r in results),
+            "peak_rss": max(r["peak_rss"] for r in results),
+            "warmup_s": statistics.median(r["warmup"] for r in results),
+        }
+    ratio = summary["wals"]["median_s_per_iteration"] / summary["implicit"]["median_s_per_iteration"]
+    loss_ratio = summary["wals"]["final_loss"] / summary["implicit"]["final_loss"]
+    print(f"\n{title}: median seconds per iteration (iterations 2..{args.iterations}, {args.repeats} runs)")
+    for peer, row in summary.items():
+        print(f"  {peer:8s} {row['median_s_per_iteration']:8.3f} s   first iteration {row['median_first_iteration_s']:.2f} s"
+              f"   final loss {row['final_loss']:.6g}   peak RSS {format_bytes(row['peak_rss'])}"
+              + (f"   numba warm-up fit {row['warmup_s']:.2f} s" if peer == "wals" else ""))
+    print(f"  ratio wals-ooc / implicit: time {ratio:.3f}x, final loss {loss_ratio:.4f}x", flush=True)
+    # time to implicit's final loss: wals-ooc's cumulative iteration times (first included;
+    # the numba warm-up is apart) to its first iteration at or below it, per run
+    reached = []
+    for wals_run, implicit_run in zip(runs["wals"], runs["implicit"]):
+        cumulative = [sum(wals_run["times"][: i + 1]) for i in range(len(wals_run["times"]))]
+        hit = [i for i, loss in enumerate(wals_run["losses"]) if loss <= implicit_run["loss"]]
+        reached.append((cumulative[hit[0]] if hit else None, hit[0] + 1 if hit else None, sum(implicit_run["times"])))
+    implicit_total = statistics.median(r[2] for r in reached)
+    if all(r[0] is not None for r in reached):
+        to_target = statistics.median(r[0] for r in reached)
+        print(f"  time to implicit's {implicit_iterations}-iteration loss: wals-ooc {to_target:.2f} s (iteration "
+              f"{statistics.median(r[1] for r in reached):g}) vs implicit {implicit_total:.2f} s: "
+              f"ratio {to_target / implicit_total:.3f}x", flush=True)
+    else:
+        print(f"  time to implicit's {implicit_iterations}-iteration loss: not reached by wals-ooc in {args.iterations} "
+              f"iterations (implicit {implicit_total:.2f} s); wals-ooc losses per iteration "
+              f"{[round(loss / runs['implicit'][0]['loss'], 5) for loss in runs['wals'][0]['losses']]} x implicit's", flush=True)
+    print(flush=True)
 
 if __name__ == "__main__":
     main()

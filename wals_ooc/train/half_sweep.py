@@ -425,15 +425,20 @@ def init_task(
     Each row block has its own seed, so the result does not depend on how blocks are grouped.
     """
     array = _factor_array(model_location, storage_options, side, slot)
-    side_index = 0 if side == "user" else 1
     gram = np.zeros((array.shape[1], array.shape[1]))
     for lo in range(start, stop, row_block):
         hi = min(stop, lo + row_block)
-        rng = np.random.default_rng([seed, side_index, lo // row_block])
-        rows = (rng.random((hi - lo, array.shape[1])) * scale).astype(dtype)
+        rows = initial_rows(side, lo, hi, array.shape[1], seed, row_block, scale, dtype)
         array[lo:hi] = rows
         gram += block_gram(rows)
     return gram
+
+
+def initial_rows(side: str, lo: int, hi: int, factors: int, seed: int, row_block: int, scale: float, dtype: str) -> np.ndarray:
+    """The initial factors of rows ``[lo, hi)`` of one row block (``lo`` a multiple of
+    ``row_block``): what ``init_task`` writes (tools/bench_vs_implicit.py starts implicit from them)."""
+    rng = np.random.default_rng([seed, 0 if side == "user" else 1, lo // row_block])
+    return (rng.random((hi - lo, factors)) * scale).astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
