@@ -23,7 +23,9 @@ continues with the first stage not done, and re-running a done stage is skipped)
   cluster-1  with ``--with-cluster``: one iteration, same seed and settings as train-1, of a model
              of its own (``model-cluster.zarr``) on a ``distributed.LocalCluster`` of 2 worker
              processes of 1 thread, each under ``--memory-budget``; reports the peak RSS of every
-             process (client, workers, nannies) and the time and loss beside train-1's.
+             process (the client, which holds the scheduler and the nannies, and each worker), their
+             CPU seconds (busy share of the machine: others' load shows), and the time and loss
+             beside train-1's.
              ``--delete-cluster-model`` deletes that model once its figures are recorded.
 
 The plans reported with a training stage are ``WALS.plan`` for the same store, budget and
@@ -404,15 +406,25 @@ def child_train(args) -> dict:
               callback=lambda it, seconds, loss: times.append(seconds), client=client)
     seconds = time.perf_counter() - started
     peaks = {"main": peak_rss()}
+    cpu = {"main": _cpu_seconds()}
     if client is not None:
-        peaks = {"client (and scheduler)": peaks["main"]}
+        cpu = {"client (with scheduler and nannies)": cpu["main"]}
+        # a LocalCluster's scheduler and nannies live in this process; each worker is a process of its own
+        peaks = {"client (with scheduler and nannies)": peaks["main"]}
         peaks.update({f"worker {w}": v for w, v in client.run(peak_rss).items()})
-        peaks.update({f"nanny {w}": v for w, v in client.run(peak_rss, nanny=True).items()})
+        cpu.update({f"worker {w}": v for w, v in client.run(_cpu_seconds).items()})
         client.close()
         cluster.close()
     history = model.loss_history
     return {"seconds": seconds, "iteration_seconds": times[-1] if times else seconds, "loss": history[-1].get("loss"),
-            "history": history[-1], "plan": plan, "plans": [plan["text"]], "peak_rss": max(peaks.values()), "peaks": peaks}
+            "history": history[-1], "plan": plan, "plans": [plan["text"]], "peak_rss": max(peaks.values()), "peaks": peaks,
+            "cpu_seconds": cpu}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far."""
+    times = os.times()
+    return times.user + times.system
 
 
 def child_recommend(args) -> dict:
@@ -628,6 +640,9 @@ def describe(name: str, result: dict, state: dict) -> str:
         line += " (its model then deleted)"
     for plan in result.get("plans", []):
         line += "\n             " + plan.replace("\n", "\n             ")
+    if "cpu_seconds" in result and name.startswith("cluster"):
+        line += ("\n             CPU seconds per process (whole stage): "
+                 + ", ".join(f"{k}: {v:.0f}" for k, v in result["cpu_seconds"].items()))
     if "peaks" in result and len(result["peaks"]) > 1:
         line += "\n             peak RSS per process: " + ", ".join(f"{k}: {gib(v)}" for k, v in result["peaks"].items())
     return line

@@ -87,13 +87,13 @@ def make(args) -> None:
         print(f"{plain}: {args.rows:,} rows, {gib(os.path.getsize(plain))} ({time.perf_counter() - started:.0f} s)", flush=True)
     if not os.path.exists(gz):
         started = time.perf_counter()
-        tool = ["pigz", "-p", "2"] if shutil.which("pigz") else ["gzip"]
+        tool = (["pigz", "-p", "2"] if shutil.which("pigz") else ["gzip"]) + [f"-{args.gzip_level}"]
         with open(plain, "rb") as source, open(gz + ".partial", "wb") as out:
             subprocess.run(tool + ["-c"], stdin=source, stdout=out, check=True)
             out.flush()
             os.fsync(out.fileno())
         os.replace(gz + ".partial", gz)
-        print(f"{gz}: {gib(os.path.getsize(gz))} ({tool[0]}, {time.perf_counter() - started:.0f} s)", flush=True)
+        print(f"{gz}: {gib(os.path.getsize(gz))} ({' '.join(tool)}, {time.perf_counter() - started:.0f} s)", flush=True)
 
 
 def child_convert(args) -> dict:
@@ -184,6 +184,7 @@ def main() -> None:
     parser.add_argument("--memory-budget", default="1GiB")
     parser.add_argument("--min-free", type=float, default=2 * 2**30, help="bytes: stop a convert under this free disk")
     parser.add_argument("--make", nargs="+", metavar="PART", help="make the inputs from these CSV parts")
+    parser.add_argument("--gzip-level", type=int, default=6, help="--make: gzip's compression level (1 fastest)")
     parser.add_argument("--run", action="store_true", help="convert both inputs and compare the stores")
     parser.add_argument("--keep-stores", action="store_true", help="--run: keep the stores (default: deleted after)")
     parser.add_argument("--clean", action="store_true", help="delete this tool's inputs and stores in --workdir")
