@@ -104,7 +104,8 @@ def child_convert(args) -> dict:
     report = wals_ooc.convert(args.child_input, args.child_store, memory_budget=args.memory_budget, overwrite=True,
                               progress=False)
     return {"seconds": time.perf_counter() - started, "rows": report.rows_read, "nnz": report.nnz,
-            "n_users": report.n_users, "n_items": report.n_items, "peak_rss": peak_rss()}
+            "n_users": report.n_users, "n_items": report.n_items, "peak_rss": peak_rss(),
+            "cpu_seconds": os.times().user + os.times().system}
 
 
 def run_child(args, source: str, store: str) -> dict:
@@ -206,7 +207,7 @@ def main() -> None:
             print(f"{label:6s} {os.path.basename(source)} ({gib(result['input_bytes'])}): {result['rows']:,} rows -> "
                   f"{result['nnz']:,} nnz ({result['n_users']:,} x {result['n_items']:,}) in {result['seconds']:.1f} s, "
                   f"{result['rows'] / result['seconds']:,.0f} rows/s, peak RSS {gib(result['peak_rss'])} "
-                  f"(budget {args.memory_budget}), store {gib(result['store_disk'])}, least free disk {gib(result['least_free'])}",
+                  f"(budget {args.memory_budget}), CPU {result.get('cpu_seconds', float('nan')):.0f} s, store {gib(result['store_disk'])}, least free disk {gib(result['least_free'])}",
                   flush=True)
         problems = compare(stores["plain"], stores["gzip"])
         print("stores identical" if not problems else "STORES DIFFER:\n  " + "\n  ".join(problems), flush=True)
