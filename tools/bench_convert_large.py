@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument("--make", nargs="+", metavar="PART", help="make the inputs from these CSV parts")
     parser.add_argument("--gzip-level", type=int, default=6, help="--make: gzip's compression level (1 fastest)")
     parser.add_argument("--run", action="store_true", help="convert both inputs and compare the stores")
-    parser.add_argument("--keep-stores", action="store_true", help="--run: keep the stores (default: deleted after)")
+    parser.add_argument("--keep-stores", action="store_true", help="--run: keep the stores (default: deleted after, unless they differ)")
     parser.add_argument("--clean", action="store_true", help="delete this tool's inputs and stores in --workdir")
     parser.add_argument("--child-input", help=argparse.SUPPRESS)
     parser.add_argument("--child-store", help=argparse.SUPPRESS)
@@ -213,7 +213,7 @@ def main() -> None:
         print("stores identical" if not problems else "STORES DIFFER:\n  " + "\n  ".join(problems), flush=True)
         with open(os.path.join(args.workdir, "results.json"), "w") as handle:
             json.dump({"results": results, "identical": not problems, "problems": problems}, handle, indent=1)
-        if not args.keep_stores:
+        if not args.keep_stores and not problems:  # stores that differ are kept, to be looked at
             for path in stores.values():
                 shutil.rmtree(path)
         if problems:
