@@ -373,3 +373,29 @@ def test_plain_chunks_read_from_bytes_equal_the_careful_path(tmp_path):
     assert reports["plain"].rows_read == reports["quoted"].rows_read
     for name in ("plain", "quoted"):
         _assert_store_equals(open_store(str(tmp_path / f"{name}.zarr")), *_expected(rows))
+
+
+def test_chunk_appender_writes_whole_chunks_and_keeps_no_reference_to_the_caller_s_array(tmp_path):
+    """Pieces of every size (empty, short of a chunk, past several chunks, ending on a boundary),
+    from an array offset (indptr's start 1): the array holds their concatenation, each chunk was
+    written whole, and overwriting a piece after appending it changes nothing."""
+    import zarr
+
+    from wals_ooc.store.appender import ChunkAppender
+    from wals_ooc.store.format import create_array
+
+    group = zarr.open_group(str(tmp_path / "a.zarr"), mode="w")
+    rng = np.random.default_rng(3)
+    for start in (0, 1):
+        array = create_array(group, f"a{start}", shape=(start,), dtype=np.int64, chunks=(8,), dense=True)
+        appender = ChunkAppender(array, start=start)
+        expected, scratch = [np.zeros(start, np.int64)], np.empty(40, np.int64)
+        for size in (0, 3, 5, 8 - start, 17, 1, 0, 24, 7, 2, 40, 1):
+            piece = scratch[:size]
+            piece[:] = rng.integers(0, 1000, size)
+            expected.append(piece.copy())
+            appender.append(piece)
+            assert (appender.written == start or appender.written % 8 == 0) and appender.pending_len < 8  # whole chunks
+            scratch[:] = -1  # the caller reuses its memory
+        assert appender.close() == sum(len(e) for e in expected)
+        np.testing.assert_array_equal(array[:], np.concatenate(expected))

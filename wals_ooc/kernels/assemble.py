@@ -80,70 +80,91 @@ def bucket_order(keys, bounds):
 def csr_from_entries(rows, cols, values, row_start, n_rows, n_cols):
     """Entries of rows ``[row_start, row_start + n_rows)`` (columns < ``n_cols``) -> (indptr,
     indices, values float64), sorted by row then column, duplicates summed in float64 in input
-    order (as ``segment_sums`` over a stable sort): a counting sort by row, then a stable sort
-    of each row's columns (insertion sort for short rows, merge sort for long ones)."""
+    order (as ``segment_sums`` over a stable sort): a counting sort by row that moves the
+    columns and values themselves (one streaming read of the entries, so the sorts below work
+    on contiguous memory), then a stable sort of each row's columns in place (insertion sort
+    for short rows, merge sort for long ones)."""
     n = len(rows)
     counts = np.zeros(n_rows + 1, np.int64)
     for k in range(n):
         counts[rows[k] - row_start + 1] += 1
-    longest = 0
     for r in range(n_rows):
-        longest = max(longest, counts[r + 1])
         counts[r + 1] += counts[r]
     fill = counts[:-1].copy()
-    by_row = np.empty(n, np.int64)
+    row_cols = np.empty(n, np.int32)
+    row_values = np.empty(n, values.dtype)
     for k in range(n):
         r = rows[k] - row_start
-        by_row[fill[r]] = k
-        fill[r] += 1
+        at = fill[r]
+        row_cols[at] = cols[k]
+        row_values[at] = values[k]
+        fill[r] = at + 1
     indptr = np.zeros(n_rows + 1, np.int64)
     indices = np.empty(n, np.int32)
     sums = np.empty(n, np.float64)
-    seg_cols = np.empty(longest, np.int64)
-    seg = np.empty(longest, np.int64)
     out = 0
     for r in range(n_rows):
         lo, hi = counts[r], counts[r + 1]
-        m = hi - lo
-        if m <= 32:  # stable insertion sort by column (entries of a row, in input order)
-            for p in range(m):
-                k = by_row[lo + p]
-                c = cols[k]
+        if hi - lo <= 32:  # stable insertion sort by column (entries of a row, in input order)
+            for p in range(lo + 1, hi):
+                c = row_cols[p]
+                v = row_values[p]
                 q = p
-                while q > 0 and seg_cols[q - 1] > c:
-                    seg_cols[q] = seg_cols[q - 1]
-                    seg[q] = seg[q - 1]
+                while q > lo and row_cols[q - 1] > c:
+                    row_cols[q] = row_cols[q - 1]
+                    row_values[q] = row_values[q - 1]
                     q -= 1
-                seg_cols[q] = c
-                seg[q] = k
+                row_cols[q] = c
+                row_values[q] = v
         else:
-            for p in range(m):
-                seg_cols[p] = cols[by_row[lo + p]]
-            within = np.argsort(seg_cols[:m], kind="mergesort")  # stable: duplicates in input order
-            for p in range(m):
-                seg[p] = by_row[lo + within[p]]
-            for p in range(m):
-                seg_cols[p] = cols[seg[p]]
+            within = np.argsort(row_cols[lo:hi], kind="mergesort")  # stable: duplicates in input order
+            segment_cols = row_cols[lo:hi][within]
+            segment_values = row_values[lo:hi][within]
+            row_cols[lo:hi] = segment_cols
+            row_values[lo:hi] = segment_values
         previous = -1
-        for p in range(m):
-            k = seg[p]
-            col = seg_cols[p]
+        for p in range(lo, hi):
+            col = row_cols[p]
             if col != previous:
                 indices[out] = col
-                sums[out] = np.float64(values[k])
+                sums[out] = np.float64(row_values[p])
                 out += 1
                 previous = col
             else:
-                sums[out - 1] += np.float64(values[k])
+                sums[out - 1] += np.float64(row_values[p])
         indptr[r + 1] = out
     return indptr, indices[:out], sums[:out]
 
 
 @njit(cache=True, nogil=True)
-def gather_fields(order, rows, cols, values, out_rows, out_cols, out_values):
-    """out_x[k] = x[order[k]] for the three fields of conversion's records."""
-    for k in range(len(order)):
-        at = order[k]
-        out_rows[k] = rows[at]
-        out_cols[k] = cols[at]
-        out_values[k] = values[at]
+def bucket_scatter(keys, others, values, bounds, out_keys, out_others, out_values):
+    """Stable counting sort of entries (key, other, value) by the shard their key falls in
+    (``bounds``: ascending shard starts, then the end), written into the ``out_`` arrays; the
+    entries are read once, in order, and written to one stream per shard. Returns the shard
+    cut points (length len(bounds))."""
+    n_shards = len(bounds) - 1
+    n = len(keys)
+    shard = np.empty(n, np.int32)
+    cuts = np.zeros(n_shards + 1, np.int64)
+    for k in range(n):
+        lo, hi = 0, n_shards - 1
+        key = keys[k]
+        while lo < hi:  # last shard whose start <= key
+            mid = (lo + hi + 1) >> 1
+            if bounds[mid] <= key:
+                lo = mid
+            else:
+                hi = mid - 1
+        shard[k] = lo
+        cuts[lo + 1] += 1
+    for s in range(n_shards):
+        cuts[s + 1] += cuts[s]
+    fill = cuts[:-1].copy()
+    for k in range(n):
+        s = shard[k]
+        at = fill[s]
+        out_keys[at] = keys[k]
+        out_others[at] = others[k]
+        out_values[at] = values[k]
+        fill[s] = at + 1
+    return cuts

@@ -28,7 +28,7 @@ from .rank import rank_counts_update
 from .solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
 from .subspace import subspace_solve_rows
 from .topk import keys_of, mask_columns, new_heaps, select_candidates, topk_finish, topk_select, topk_update
-from .assemble import bucket_order, csr_from_entries, fill_dense_table, gather_fields, map_dense_ids, segment_sums
+from .assemble import bucket_order, bucket_scatter, csr_from_entries, fill_dense_table, map_dense_ids, segment_sums
 from .text import (
     chunk_runs,
     csv_record_end,
@@ -125,8 +125,9 @@ def warm_id_kernels() -> None:
     records = np.zeros(3, np.dtype([("row", "<i4"), ("col", "<i4"), ("value", "<f4")]))
     csr_from_entries(records["row"], records["col"], records["value"], 0, 1, 1)
     bucket_order(np.ascontiguousarray(records["row"]), np.array([0, 1], np.int64))
-    gather_fields(order, records["row"], records["col"], records["value"], records["row"], records["col"],
-                  records["value"])
+    grouped = np.zeros(3, records.dtype)
+    bucket_scatter(records["row"], records["col"], records["value"], np.array([0, 1], np.int64), grouped["row"],
+                   grouped["col"], grouped["value"])
     table = np.full(2, -1, np.int32)
     fill_dense_table(order, 0, table)
     map_dense_ids(np.frombuffer(order.tobytes(), np.int64), 0, table, np.zeros(2, np.int64))

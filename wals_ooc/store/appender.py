@@ -21,11 +21,34 @@ class ChunkAppender:
         self.pending_len = 0
 
     def append(self, values: np.ndarray) -> None:
-        if len(values):
-            self.pending.append(values)
+        """Add ``values`` after what was appended before. The whole chunks they complete are
+        written at once, straight from ``values``; only a tail short of a chunk is kept, as a
+        copy (so the caller may reuse ``values``' memory, and nothing large is concatenated)."""
+        if not len(values):
+            return
+        need = -(self.written + self.pending_len) % self.chunk or self.chunk  # to the next chunk boundary
+        if len(values) < need:
+            self.pending.append(values.copy())
             self.pending_len += len(values)
-        if self.pending_len >= self.chunk:
-            self._flush(whole_chunks_only=True)
+            return
+        whole = (len(values) - need) // self.chunk * self.chunk
+        stop = need + whole
+        end = self.written + self.pending_len + stop
+        if self.array.shape[0] < end:
+            self.array.resize((end,))
+        if self.pending_len:
+            head = np.concatenate(self.pending + [values[:need]])
+            self.array[self.written : self.written + len(head)] = head
+            self.written += len(head)
+            start = need
+        else:
+            start = 0
+        if stop > start:
+            self.array[self.written : end] = values[start:stop]
+        self.written = end
+        tail = values[stop:]
+        self.pending = [tail.copy()] if len(tail) else []
+        self.pending_len = len(tail)
 
     def _flush(self, whole_chunks_only: bool) -> None:
         if not self.pending_len:

@@ -32,7 +32,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from ..errors import BudgetWarning, SettingError, WalsError
-from ..kernels.assemble import bucket_order, csr_from_entries, fill_dense_table, gather_fields, map_dense_ids, segment_sums
+from ..kernels.assemble import bucket_order, bucket_scatter, csr_from_entries, fill_dense_table, map_dense_ids, segment_sums
 from ..kernels.text import parse_ints
 from ..memory import MemoryBudget, format_bytes, peak_rss
 from .format import ID_ARRAYS, CSR_CHUNK, FORMAT_VERSION, INTERACTIONS_KIND, create_array, is_local
@@ -521,16 +521,22 @@ def _map_rows(spill, workspace, maps, record, disable, allowance):
     counts = {side: np.zeros(maps[side].n, np.int64) for side in ("user", "item")}
     mapped_paths: list[str] = []
     sink = None
-    with tqdm(desc=_desc("map ids"), unit="rows", unit_scale=True, disable=disable) as bar:
+    buffer = np.empty(0, record)
+    with tqdm(desc=_desc("map ids"), unit="rows", unit_scale=True, disable=disable) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="wals-ooc-map") as pool:
         for batch in spill.batches():
             if sink is None or sink.tell() >= SEGMENT_BYTES:
                 if sink is not None:
                     sink.close()
                 mapped_paths.append(workspace.file(f"rows-{len(mapped_paths):05d}.records"))
                 sink = open(mapped_paths[-1], "wb")
-            records = np.empty(batch.num_rows, record)
+            if len(buffer) < batch.num_rows:
+                buffer = np.empty(batch.num_rows, record)
+            records = buffer[: batch.num_rows]  # reused: fresh memory would fault in every page anew
+            # the items are mapped in a helper thread while this one maps the users (the kernels release the GIL)
+            items = pool.submit(mappers["item"].rows, batch.column(1), counts["item"])
             records["row"] = mappers["user"].rows(batch.column(0), counts["user"])
-            records["col"] = mappers["item"].rows(batch.column(1), counts["item"])
+            records["col"] = items.result()
             records["value"] = batch.column(2).to_numpy()
             if "order" in record.names:
                 records["order"] = batch.column(3).to_numpy()
@@ -542,19 +548,24 @@ def _map_rows(spill, workspace, maps, record, disable, allowance):
 
 
 def _mapped_chunks(mapped_paths: list[str], record: np.dtype, chunk_rows: int) -> Iterator[np.ndarray]:
-    """The records of pass 2, ``chunk_rows`` at a time; each segment is deleted once read."""
+    """The records of pass 2, ``chunk_rows`` at a time; each segment is deleted once read. The
+    chunks are read into one buffer (each is valid until the next is asked for): reading into
+    fresh memory would fault in every page of every chunk anew."""
+    buffer = np.empty(chunk_rows, record)
+    raw = buffer.view(np.uint8)
     for path in mapped_paths:
         with open(path, "rb") as source:
             while True:
-                records = np.fromfile(source, record, count=chunk_rows)
-                if not len(records):
+                got = source.readinto(raw) // record.itemsize
+                if not got:
                     break
-                yield records
+                yield buffer[:got]
         os.remove(path)
 
 
 def _bucket(mapped_paths, workspace, bounds, budget, record, disable):
-    """Pass 3: append each record to its user shard's and its item shard's bucket file."""
+    """Pass 3: append each record to its user shard's and its item shard's bucket file (the two
+    sides in two threads: the sort kernel and the file writes release the GIL)."""
     chunk_rows = max(1 << 14, budget.allowance // (16 * record.itemsize))
     paths = {
         side: [workspace.file(f"{side}-{k:06d}.records") for k in range(len(bounds[side]) - 1)]
@@ -562,24 +573,33 @@ def _bucket(mapped_paths, workspace, bounds, budget, record, disable):
     }
     total = sum(os.path.getsize(path) for path in mapped_paths) // record.itemsize
     starts = {side: np.asarray(bounds[side], np.int64) for side in ("user", "item")}
-    with tqdm(desc=_desc("bucket"), total=total, unit="rows", unit_scale=True, disable=disable) as bar:
-        for records in _mapped_chunks(mapped_paths, record, chunk_rows):
-            for side, key in (("user", "row"), ("item", "col")):
-                order, cuts = bucket_order(np.ascontiguousarray(records[key]), starts[side])  # stable counting sort
-                if "order" in record.names:
-                    grouped = records[order]
-                    if side == "item":
-                        grouped = _swap_row_col(grouped)
-                else:
-                    grouped = np.empty(len(records), record)
-                    first, second = ("row", "col") if side == "user" else ("col", "row")
-                    gather_fields(order, records[first], records[second], records["value"], grouped["row"],
+
+    grouped_buffers: dict[str, np.ndarray] = {}  # one per side, reused from chunk to chunk
+
+    def spread(records: np.ndarray, side: str) -> None:
+        first, second = ("row", "col") if side == "user" else ("col", "row")
+        if "order" in record.names:
+            order, cuts = bucket_order(np.ascontiguousarray(records[first]), starts[side])  # stable counting sort
+            grouped = records[order]
+            del order
+            if side == "item":
+                grouped = _swap_row_col(grouped)
+        else:  # the same stable counting sort, moving the fields themselves
+            if side not in grouped_buffers:
+                grouped_buffers[side] = np.empty(chunk_rows, record)
+            grouped = grouped_buffers[side][: len(records)]
+            cuts = bucket_scatter(records[first], records[second], records["value"], starts[side], grouped["row"],
                                   grouped["col"], grouped["value"])
-                del order
-                for k in range(len(paths[side])):
-                    if cuts[k + 1] > cuts[k]:
-                        with open(paths[side][k], "ab") as sink:
-                            grouped[cuts[k] : cuts[k + 1]].tofile(sink)
+        for k in range(len(paths[side])):
+            if cuts[k + 1] > cuts[k]:
+                with open(paths[side][k], "ab") as sink:
+                    grouped[cuts[k] : cuts[k + 1]].tofile(sink)
+
+    with tqdm(desc=_desc("bucket"), total=total, unit="rows", unit_scale=True, disable=disable) as bar, \
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="wals-ooc-bucket") as pool:
+        for records in _mapped_chunks(mapped_paths, record, chunk_rows):
+            for future in [pool.submit(spread, records, side) for side in ("user", "item")]:
+                future.result()
             bar.update(len(records))
     return paths
 
@@ -637,19 +657,28 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz
     values_out = ChunkAppender(_csr_array(csr, "values", 0, np.float32))
     order_out = ChunkAppender(_csr_array(csr, "order", 0, np.float64)) if "order" in record.names else None
     offset = 0
+    buffer = np.empty(0, record)
     for k, path in enumerate(tqdm(bucket_paths, desc=_desc(f"assemble {orientation}"), unit="shards", disable=disable)):
         entries = os.path.getsize(path) // record.itemsize if os.path.exists(path) else 0
         if entries > unit_nnz and bounds[k + 1] - bounds[k] == 1 and n_cols * DENSE_ROW_BYTES <= allowance // 2:
             indptr, indices, values, order = dense_row_to_csr(path, record, n_cols, unit_nnz)
-        else:  # passed without a name, so rows_to_csr can free the records once it has read them
+        else:
             if entries > 2 * unit_nnz:
                 warnings.warn(BudgetWarning(
                     f"row {bounds[k]} of {orientation} has {entries} entries, more than its columns' dense "
                     f"accumulator allows in the budget: assembling it in memory may exceed memory_budget"),
                     stacklevel=2)
-            indptr, indices, values, order = rows_to_csr(
-                np.fromfile(path, record) if entries else np.empty(0, record), bounds[k], bounds[k + 1], n_cols
-            )
+            if entries and "order" not in record.names:  # read into one buffer: fresh memory faults in every page
+                if len(buffer) < entries:
+                    buffer = np.empty(0, record)
+                    buffer = np.empty(entries, record)
+                with open(path, "rb") as source:
+                    source.readinto(buffer[:entries].view(np.uint8))
+                indptr, indices, values, order = rows_to_csr(buffer[:entries], bounds[k], bounds[k + 1], n_cols)
+            else:  # passed without a name, so rows_to_csr can free the records once it has read them
+                indptr, indices, values, order = rows_to_csr(
+                    np.fromfile(path, record) if entries else np.empty(0, record), bounds[k], bounds[k + 1], n_cols
+                )
         if os.path.exists(path):
             os.remove(path)
         if overflow is not None:
