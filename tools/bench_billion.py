@@ -20,6 +20,17 @@ continues with the first stage not done, and re-running a done stage is skipped)
   recommend  top-10 for a seeded sample of ``--recommend-users`` users (batches through
              ``WALS.recommend``, already-liked items filtered).
   evaluate   precision/recall/ndcg@10 on the held-out test store (``--eval-fraction`` of its users).
+  cluster-1  with ``--with-cluster``: one iteration, same seed and settings as train-1, of a model
+             of its own (``model-cluster.zarr``) on a ``distributed.LocalCluster`` of 2 worker
+             processes of 1 thread, each under ``--memory-budget``; reports the peak RSS of every
+             process (the client, which holds the scheduler and the nannies, and each worker), their
+             CPU seconds (busy share of the machine: others' load shows), and the time and loss
+             beside train-1's.
+             ``--delete-cluster-model`` deletes that model once its figures are recorded.
+
+The plans reported with a training stage are ``WALS.plan`` for the same store, budget and
+executor. While a stage runs the workdir's free disk is watched; under ``--min-free`` the stage
+is killed (it stays pending).
 
 Every stage runs in a fresh child process and reports wall time, rows/s or s/iteration, ns per
 nnz per iteration, the child's peak RSS (VmHWM, /proc) and the disk used under the workdir.
@@ -358,45 +369,62 @@ def child_convert(args) -> dict:
             "peak_rss": peak_rss()}
 
 
+def plan_figures(plan) -> dict:
+    """What a ``TrainingPlan`` (``WALS.plan``) says, as JSON: its text and each side's key numbers."""
+    sides = {}
+    for side, half in plan.sides.items():
+        sides[side] = {"mode": half.mode, "tasks": len(half.tasks), "concurrency": half.concurrency,
+                       "task_threads": half.task_threads, "planned_peak": half.peak_bytes,
+                       "allowance": half.allowance, "fixed_bytes": half.fixed_bytes, "fixed_passes": half.fixed_passes,
+                       "within_budget": half.within_budget}
+    return {"text": str(plan), "executor": plan.executor, "budget": plan.budget, "baseline": plan.baseline,
+            "within_budget": plan.within_budget, "sides": sides}
+
+
 def child_train(args) -> dict:
+    """``--iteration`` iterations of ``--model-name`` (resumed), threaded or (``--cluster``) on a
+    LocalCluster of 2 worker processes of 1 thread, each under ``--memory-budget``. The plans are
+    ``WALS.plan`` for the same store, model, budget and client."""
     import wals_ooc
     from wals_ooc.memory import peak_rss
 
     times: list[float] = []
-    plans: list[str] = []
-
-    import logging
-
-    class Plans(logging.Handler):
-        def emit(self, record):
-            if "half-sweep" in record.getMessage():
-                plans.append(record.getMessage())
-
-    logging.getLogger("wals_ooc").addHandler(Plans())
-    logging.getLogger("wals_ooc").setLevel(logging.INFO)
-    client = None
+    client = cluster = None
     if args.cluster:
         from distributed import Client, LocalCluster
 
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=0,
                                dashboard_address=":0")
         client = Client(cluster)
+    store = os.path.join(args.workdir, "train.zarr")
+    model_path = os.path.join(args.workdir, args.model_name)
     model = wals_ooc.WALS(factors=args.factors, iterations=args.iteration, random_state=0, threads=args.threads,
                           memory_budget=args.memory_budget)
+    plan = plan_figures(model.plan(store, client=client, factors_store=model_path, resume=True))
     started = time.perf_counter()
-    model.fit(os.path.join(args.workdir, "train.zarr"), os.path.join(args.workdir, args.model_name), resume=True,
-              progress=False, callback=lambda it, seconds, loss: times.append(seconds), client=client)
+    model.fit(store, model_path, resume=True, progress=False,
+              callback=lambda it, seconds, loss: times.append(seconds), client=client)
     seconds = time.perf_counter() - started
     peaks = {"main": peak_rss()}
+    cpu = {"main": _cpu_seconds()}
     if client is not None:
-        from wals_ooc.memory import peak_rss as worker_peak
-
-        peaks.update({w: v for w, v in client.run(worker_peak).items()})
+        cpu = {"client (with scheduler and nannies)": cpu["main"]}
+        # a LocalCluster's scheduler and nannies live in this process; each worker is a process of its own
+        peaks = {"client (with scheduler and nannies)": peaks["main"]}
+        peaks.update({f"worker {w}": v for w, v in client.run(peak_rss).items()})
+        cpu.update({f"worker {w}": v for w, v in client.run(_cpu_seconds).items()})
         client.close()
         cluster.close()
     history = model.loss_history
     return {"seconds": seconds, "iteration_seconds": times[-1] if times else seconds, "loss": history[-1].get("loss"),
-            "history": history[-1], "plans": plans, "peak_rss": max(peaks.values()), "peaks": peaks}
+            "history": history[-1], "plan": plan, "plans": [plan["text"]], "peak_rss": max(peaks.values()), "peaks": peaks,
+            "cpu_seconds": cpu}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far."""
+    times = os.times()
+    return times.user + times.system
 
 
 def child_recommend(args) -> dict:
@@ -448,11 +476,40 @@ def _common(args) -> list[str]:
 
 
 def run_child(args, stage: str, extra: list[str]) -> dict:
+    """Run a stage in a child process (its own process group, with any worker processes it
+    starts). While it runs, the free disk of the workdir's file system is watched: below
+    ``--min-free`` the whole group is killed, so a stage never fills a disk others share (what
+    the stage wrote stays its own, unfinished, and the stage stays pending)."""
+    import shutil
+    import signal
+    import tempfile
+
     command = [sys.executable, os.path.abspath(__file__), "--child", stage] + _common(args) + extra
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    if done.returncode:
-        raise SystemExit(f"stage {stage} {' '.join(extra)} failed (exit {done.returncode})")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(command, stdout=out, text=True, start_new_session=True)
+        least = None
+        try:
+            while proc.poll() is None:
+                free = shutil.disk_usage(args.workdir).free
+                least = free if least is None else min(least, free)
+                if free < args.min_free:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    raise SystemExit(f"stage {stage} stopped: {gib(free)} free on the disk of {args.workdir}, "
+                                     f"under --min-free {gib(args.min_free)}")
+                time.sleep(1.0)
+        except BaseException:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            raise
+        if proc.returncode:
+            raise SystemExit(f"stage {stage} {' '.join(extra)} failed (exit {proc.returncode})")
+        out.seek(0)
+        result = json.loads(out.read().strip().splitlines()[-1])
+    if least is not None:
+        result["least_free_disk"] = least
+    return result
 
 
 def stage_names(args) -> list[str]:
@@ -532,7 +589,14 @@ def do_stage(args, state, name: str) -> dict:
         if path not in state["created"]:
             state["created"].append(path)
             save_state(args.workdir, state)
-        return run_child(args, "train", ["--iteration", "1", "--model-name", "model-cluster.zarr", "--cluster"])
+        result = run_child(args, "train", ["--iteration", "1", "--model-name", "model-cluster.zarr", "--cluster"])
+        result["disk"] = disk_used(args.workdir)  # with the cluster's model, before any deletion
+        if args.delete_cluster_model:
+            import shutil
+
+            shutil.rmtree(path)
+            result["deleted_model"] = True
+        return result
     if name.startswith("train-"):
         path = os.path.join(args.workdir, "model.zarr")
         if path not in state["created"]:
@@ -551,17 +615,34 @@ def describe(name: str, result: dict, state: dict) -> str:
     elif name == "convert":
         line += (f"  rows {result['rows']:,} -> nnz {result['nnz']:,}  {result['rows'] / result['seconds']:,.0f} rows/s"
                  f"  (test: {result['test_rows']:,} rows, {result['test_seconds']:.1f} s)")
-    elif name.startswith("train") or name.startswith("cluster"):
+    elif name.startswith(("train", "cluster")):
         s = result["iteration_seconds"]
         line += f"  s/iteration {s:.1f}  ns per nnz per iteration {1e9 * s / nnz:.1f}  loss {result['loss']:.8g}"
+        threaded = state["stages"].get("train-1")
+        if name.startswith("cluster") and threaded:
+            t = threaded["iteration_seconds"]
+            line += (f"\n             threaded train-1: s/iteration {t:.1f} ({1e9 * t / nnz:.1f} ns per nnz), "
+                     f"loss {threaded['loss']:.8g}; cluster / threaded: time {s / t:.3f}x, "
+                     f"loss relative difference {(result['loss'] - threaded['loss']) / threaded['loss']:+.2e}")
+            h = result.get("history", {})
+            if "user_seconds" in h:
+                line += (f"\n             half-sweeps: user {h['user_seconds']:.1f} s (threaded {threaded['history']['user_seconds']:.1f}),"
+                         f" item {h['item_seconds']:.1f} s (threaded {threaded['history']['item_seconds']:.1f})")
     elif name == "recommend":
         line += f"  {result['users']:,} users, {result['users'] / result['seconds']:,.0f} users/s"
     elif name == "evaluate":
         line += "  " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
     if "disk" in result:
         line += f"  disk {gib(result['disk'])}"
+    if "least_free_disk" in result:
+        line += f" (least free {gib(result['least_free_disk'])})"
+    if result.get("deleted_model"):
+        line += " (its model then deleted)"
     for plan in result.get("plans", []):
         line += "\n             " + plan.replace("\n", "\n             ")
+    if "cpu_seconds" in result and name.startswith("cluster"):
+        line += ("\n             CPU seconds per process (whole stage): "
+                 + ", ".join(f"{k}: {v:.0f}" for k, v in result["cpu_seconds"].items()))
     if "peaks" in result and len(result["peaks"]) > 1:
         line += "\n             peak RSS per process: " + ", ".join(f"{k}: {gib(v)}" for k, v in result["peaks"].items())
     return line
@@ -592,6 +673,10 @@ def main() -> None:
     parser.add_argument("--delete-csv", action="store_true", help="delete the training CSV parts after a verified convert")
     parser.add_argument("--with-cluster", action="store_true",
                         help="add a stage: one iteration on a LocalCluster of 2 processes x 1 thread (budget per worker)")
+    parser.add_argument("--delete-cluster-model", action="store_true",
+                        help="delete the cluster stage's model (several GB) once its figures are recorded")
+    parser.add_argument("--min-free", type=float, default=2 * 2**30,
+                        help="bytes: a stage is killed when the workdir's disk has less free (default 2 GiB)")
     parser.add_argument("--one", action="store_true", help="run the next pending stage only")
     parser.add_argument("--until", default=None, help="stop after this stage")
     parser.add_argument("--status", action="store_true")
@@ -626,7 +711,7 @@ def main() -> None:
             continue
         print(f"running    {name} ...", flush=True)
         result = do_stage(args, state, name)
-        result["disk"] = disk_used(args.workdir)
+        result.setdefault("disk", disk_used(args.workdir))
         result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
         state["stages"][name] = result
         save_state(args.workdir, state)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import subprocess
@@ -48,15 +47,6 @@ def child(args) -> None:
     import wals_ooc
     from wals_ooc.memory import peak_rss
 
-    plans: list[str] = []
-
-    class Plans(logging.Handler):
-        def emit(self, record):
-            if "half-sweep" in record.getMessage():
-                plans.append(record.getMessage())
-
-    logging.getLogger("wals_ooc").addHandler(Plans())
-    logging.getLogger("wals_ooc").setLevel(logging.INFO)
     times: list[float] = []
     reads: list[dict] = []
     last = [_io()]
@@ -69,6 +59,8 @@ def child(args) -> None:
 
     model = wals_ooc.WALS(factors=args.factors, iterations=args.iterations, random_state=0, threads=args.threads,
                           memory_budget=args.memory_budget, solver=args.solver)
+    plan = model.plan(args.store, factors_store=args.model, resume=False)  # what fit will do, as it plans it
+    plans = [plan.user.describe(), plan.item.describe()]
     model.fit(args.store, args.model, resume=False, progress=False, callback=callback)
     store = wals_ooc.open_store(args.store)
     print(json.dumps({"times": times, "reads": reads, "peak_rss": peak_rss(), "nnz": store.nnz, "shape": list(store.shape),
