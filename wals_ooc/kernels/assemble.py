@@ -48,9 +48,9 @@ def fill_dense_table(keys, lowest, table):
 
 
 @njit(cache=True, nogil=True)
-def bucket_order(keys, bounds):
-    """Stable counting sort of entries by the shard their key falls in (``bounds``: ascending
-    shard starts, then the end): (entry order, shard cut points of length len(bounds))."""
+def _shards_of(keys, bounds):
+    """The shard of each key (``bounds``: ascending shard starts, then the end) and the shards'
+    cut points in key order (length len(bounds)): the counting pass of the sorts below."""
     n_shards = len(bounds) - 1
     shard = np.empty(len(keys), np.int32)
     cuts = np.zeros(n_shards + 1, np.int64)
@@ -67,6 +67,14 @@ def bucket_order(keys, bounds):
         cuts[lo + 1] += 1
     for s in range(n_shards):
         cuts[s + 1] += cuts[s]
+    return shard, cuts
+
+
+@njit(cache=True, nogil=True)
+def bucket_order(keys, bounds):
+    """Stable counting sort of entries by the shard their key falls in (``bounds``: ascending
+    shard starts, then the end): (entry order, shard cut points of length len(bounds))."""
+    shard, cuts = _shards_of(keys, bounds)
     fill = cuts[:-1].copy()
     order = np.empty(len(keys), np.int64)
     for k in range(len(keys)):
@@ -142,23 +150,8 @@ def bucket_scatter(keys, others, values, bounds, out_keys, out_others, out_value
     (``bounds``: ascending shard starts, then the end), written into the ``out_`` arrays; the
     entries are read once, in order, and written to one stream per shard. Returns the shard
     cut points (length len(bounds))."""
-    n_shards = len(bounds) - 1
     n = len(keys)
-    shard = np.empty(n, np.int32)
-    cuts = np.zeros(n_shards + 1, np.int64)
-    for k in range(n):
-        lo, hi = 0, n_shards - 1
-        key = keys[k]
-        while lo < hi:  # last shard whose start <= key
-            mid = (lo + hi + 1) >> 1
-            if bounds[mid] <= key:
-                lo = mid
-            else:
-                hi = mid - 1
-        shard[k] = lo
-        cuts[lo + 1] += 1
-    for s in range(n_shards):
-        cuts[s + 1] += cuts[s]
+    shard, cuts = _shards_of(keys, bounds)
     fill = cuts[:-1].copy()
     for k in range(n):
         s = shard[k]
