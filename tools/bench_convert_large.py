@@ -26,22 +26,9 @@ import time
 
 import numpy as np
 
+from bench_billion import disk_used, gib  # the tool beside this one (tools/ is on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def disk_used(path: str) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
 
 
 def inputs(args) -> tuple[str, str]:
