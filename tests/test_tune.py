@@ -292,14 +292,14 @@ def test_leave_last_out_folds_roll_back_one_entry_each_and_a_seeded_search_repea
     from wals_ooc.errors import SettingError
 
     rng = np.random.default_rng(4)
-    users, items = rng.integers(0, 40, 1500), rng.integers(0, 60, 1500)
+    users, items = rng.integers(0, 30, 900), rng.integers(0, 50, 900)
     pairs = sorted({(int(u), int(i)) for u, i in zip(users, items)})
     times = rng.permutation(len(pairs))
     csv = tmp_path / "log.csv"
     csv.write_text("user,item,time\n" + "".join(f"u{u:02d},i{i:02d},{t}\n" for (u, i), t in zip(pairs, times)))
     full = str(tmp_path / "full.zarr")
     wals_ooc.convert([csv], full, user_col="user", item_col="item", value_col=None, order_col="time", progress=False)
-    runs = [wals_ooc.tune(full, n_trials=3, base=TINY, validation_method="leave_last_out", model=tmp_path / f"m{n}.zarr",
+    runs = [wals_ooc.tune(full, n_trials=2, base=TINY, validation_method="leave_last_out", model=tmp_path / f"m{n}.zarr",
                           threads=2, progress=False, prune=False, seed=1) for n in (0, 1)]
     result = runs[0]
     assert len(result.folds) == 3
