@@ -21,7 +21,8 @@ continues with the first stage not done, and re-running a done stage is skipped)
              the model's checkpoint: ``--one`` runs one stage and exits, so each iteration can
              run in its own ``cpu-exclusive`` slot.
   recommend  top-10 for a seeded sample of ``--recommend-users`` users (batches through
-             ``WALS.recommend``, already-liked items filtered).
+             ``WALS.recommend``, already-liked items filtered), or with ``--recommend-all`` for every
+             user through ``recommend_all`` (Parquet in the workdir, deleted once measured).
   evaluate   precision/recall/ndcg@10 on the held-out test store (``--eval-fraction`` of its users).
   cluster-1  with ``--with-cluster``: one iteration, same seed and settings as train-1, of a model
              of its own (``model-cluster.zarr``) on a ``distributed.LocalCluster`` of 2 worker
@@ -537,6 +538,18 @@ def child_recommend(args) -> dict:
 
     model = wals_ooc.load(os.path.join(args.workdir, "model.zarr"), os.path.join(args.workdir, "train.zarr"),
                           memory_budget=args.memory_budget, threads=args.threads)
+    if args.recommend_all:  # every user through recommend_all (Parquet), the output then deleted
+        import shutil
+
+        output = os.path.join(args.workdir, "rec-all")
+        started = time.perf_counter()
+        model.recommend_all(N=10, output=output, format="parquet", overwrite=True)
+        seconds = time.perf_counter() - started
+        written = disk_used(output)
+        shutil.rmtree(output)
+        maps = model.id_maps()
+        return {"seconds": seconds, "users": int(maps.n_users), "output_bytes": written, "peak_rss": peak_rss(),
+                "mode": "recommend_all"}
     maps = model.id_maps()
     n_users = maps.n_users if hasattr(maps, "n_users") else model.factors_store.n_users
     rng = np.random.default_rng(0)
@@ -576,6 +589,8 @@ def _common(args) -> list[str]:
                  "affinity", "max_user_rows", "test_users", "test_fraction", "compress", "memory_budget", "factors", "threads",
                  "recommend_users", "eval_fraction"):
         out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.recommend_all:
+        out.append("--recommend-all")
     return out
 
 
@@ -740,6 +755,8 @@ def describe(name: str, result: dict, state: dict) -> str:
                          f" item {h['item_seconds']:.1f} s (threaded {threaded['history']['item_seconds']:.1f})")
     elif name == "recommend":
         line += f"  {result['users']:,} users, {result['users'] / result['seconds']:,.0f} users/s"
+        if result.get("mode") == "recommend_all":
+            line += f" (recommend_all, every user: Parquet {gib(result['output_bytes'])}, then deleted)"
     elif name == "evaluate":
         line += "  " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
     if "disk" in result:
@@ -781,6 +798,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--recommend-users", type=int, default=1_000_000)
+    parser.add_argument("--recommend-all", action="store_true",
+                        help="recommend stage: top-10 of every user through recommend_all (Parquet, then deleted)")
     parser.add_argument("--eval-fraction", type=float, default=1.0)
     parser.add_argument("--delete-csv", action="store_true", help="delete the training CSV parts after a verified convert")
     parser.add_argument("--with-cluster", action="store_true",
