@@ -416,6 +416,8 @@ def generate_part(args, part: int) -> dict:
     os.replace(train_path + ".partial", train_path)
     os.replace(test_path + ".partial", test_path)
     rows["seconds"] = time.perf_counter() - started
+    cpu = os.times()
+    rows["cpu_seconds"] = cpu.user + cpu.system + cpu.children_user + cpu.children_system  # with pigz's
     return rows
 
 
@@ -674,6 +676,8 @@ def do_generate(args, state) -> dict:
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "rows": rows, "test_rows": test_rows, "csv_bytes": bytes_,
             "part_seconds": sum(v["seconds"] for v in parts.values()), "peak_rss": peak,
+            "part_cpu_seconds": sum(v.get("cpu_seconds", 0.0) for v in parts.values()),
+            "parts_with_cpu_seconds": sum("cpu_seconds" in v for v in parts.values()),
             "note": "wall time of this invocation only; part_seconds sums every part's own time"}
 
 
@@ -736,7 +740,12 @@ def describe(name: str, result: dict, state: dict) -> str:
     line = f"{name:10s} wall {result['seconds']:9.1f} s  peak RSS {gib(result['peak_rss'])}"
     if name == "generate":
         line += (f"  rows {result['rows']:,} (+{result['test_rows']:,} held out)  CSV {gib(result['csv_bytes'])}  "
-                 f"{result['rows'] / max(result['part_seconds'], 1e-9) * min(2, 1):,.0f} rows/s per process")
+                 f"{result['rows'] / max(result['part_seconds'], 1e-9):,.0f} rows/s per process")
+        if result.get("parts_with_cpu_seconds"):
+            k = result["parts_with_cpu_seconds"]
+            rows_k = sum(v["train"] + v["test"] for v in state.get("parts", {}).values() if "cpu_seconds" in v)
+            line += (f"\n             CPU: {result['part_cpu_seconds']:,.0f} s in {k} parts (generator and pigz), "
+                     f"{rows_k / max(result['part_cpu_seconds'], 1e-9):,.0f} rows per CPU-second")
     elif name == "convert":
         line += (f"  rows {result['rows']:,} -> nnz {result['nnz']:,}  {result['rows'] / result['seconds']:,.0f} rows/s"
                  f"  (test: {result['test_rows']:,} rows, {result['test_seconds']:.1f} s)")
