@@ -281,3 +281,40 @@ def test_a_model_trained_again_at_the_same_path_is_scored_afresh(split_stores, t
     second = _validation_ndcg(train, validation, location, regularization=300.0)
     fresh = _validation_ndcg(train, validation, tmp_path / "other.zarr", regularization=300.0)
     assert second == pytest.approx(fresh, abs=1e-12) and second != pytest.approx(first, abs=1e-6)
+
+
+def test_leave_last_out_folds_roll_back_one_entry_each_and_a_seeded_search_repeats_exactly(tmp_path):
+    """With a carved leave-last-out validation a trial is scored on the mean of three folds (fold j
+    holds out each user's (j+1)-th latest entry, trained on the entries before it); the folds'
+    models are dropped; the same seed gives the same trials to the last bit."""
+    import optuna
+
+    from wals_ooc.errors import SettingError
+
+    rng = np.random.default_rng(4)
+    users, items = rng.integers(0, 30, 900), rng.integers(0, 50, 900)
+    pairs = sorted({(int(u), int(i)) for u, i in zip(users, items)})
+    times = rng.permutation(len(pairs))
+    csv = tmp_path / "log.csv"
+    csv.write_text("user,item,time\n" + "".join(f"u{u:02d},i{i:02d},{t}\n" for (u, i), t in zip(pairs, times)))
+    full = str(tmp_path / "full.zarr")
+    wals_ooc.convert([csv], full, user_col="user", item_col="item", value_col=None, order_col="time", progress=False)
+    runs = [wals_ooc.tune(full, n_trials=2, base=TINY, validation_method="leave_last_out", model=tmp_path / f"m{n}.zarr",
+                          threads=2, progress=False, prune=False, seed=1) for n in (0, 1)]
+    result = runs[0]
+    assert len(result.folds) == 3
+    by_user: dict = {}
+    for (u, i), t in zip(pairs, times):
+        by_user.setdefault(f"u{u:02d}", []).append((t, f"i{i:02d}"))
+    for j, (part, validation) in enumerate(result.folds):
+        held = {(u, i) for (u, i) in _entries(validation)}
+        assert held == {(u, sorted(seen)[-1 - j][1]) for u, seen in by_user.items()}
+        assert set(_entries(part)) == {(u, i) for u, seen in by_user.items() for _, i in sorted(seen)[: -1 - j]}
+    study = optuna.load_study(study_name=result.study_name, storage=f"sqlite:///{result.study}")
+    for trial in study.trials:
+        assert len(trial.user_attrs["fold_scores"]) == 3
+        assert trial.value == pytest.approx(np.mean(trial.user_attrs["fold_scores"]), rel=1e-12)
+    assert not [n for n in os.listdir(result.workdir) if "fold" in n]
+    assert [(r.value, r.settings) for r in runs[1].trials] == [(r.value, r.settings) for r in result.trials]
+    with pytest.raises(SettingError, match="validation_folds"):
+        wals_ooc.tune(full, full, validation_folds=2, model=tmp_path / "x.zarr", progress=False)

@@ -24,6 +24,11 @@ by a paired bootstrap over the test users (both libraries' per-user ndcg@10, ave
 seeds, resampled together): with one held-out rating for each of MovieLens's 943 users the 95%
 interval is about +-7% wide.
 
+Each trial is scored on the mean of --validation-folds folds for both libraries (default
+wals_ooc.tune's: 3 for MovieLens's leave-last-out, where fold j holds out each user's (j+1)-th
+latest rating and trains on the ratings before it; 1 for Last.fm's random carve). Pruning is
+judged on fold 0, so a pruned trial costs the same with any number of folds.
+
 --ml100k-validation last_fraction carves each user's latest 20% of training ratings instead of
 the latest one (a less noisy validation; the test split is unchanged; the same for both).
 
@@ -192,15 +197,19 @@ def implicit_model(settings: dict, seed: int):
                                    random_state=seed, calculate_training_loss=False)
 
 
-def tune_implicit(part, validation, trials: int, seed: int, scratch: str) -> tuple[dict, float, float]:
-    """The same TPE search and pruner as wals_ooc.tune, over implicit's own settings."""
+def tune_implicit(folds: list, trials: int, seed: int, scratch: str) -> tuple[dict, float, float]:
+    """The same TPE search and pruner as wals_ooc.tune, over implicit's own settings, on the same
+    validation folds (the (train, validation) stores wals_ooc.tune carved): pruning judged on fold
+    0, a finished trial scored on the mean over the folds."""
     import optuna
     from threadpoolctl import threadpool_limits
 
     import wals_ooc
 
-    train_store, validation_store = wals_ooc.open_store(part), wals_ooc.open_store(validation)
-    user_items = to_csr(train_store)
+    stores = [(wals_ooc.open_store(part), wals_ooc.open_store(validation)) for part, validation in folds]
+    matrices = [to_csr(part) for part, _ in stores]
+    train_store, validation_store = stores[0]
+    user_items = matrices[0]
     mean_value = float(user_items.data.mean())
     location = os.path.join(scratch, "implicit-trial.zarr")
 
@@ -209,10 +218,11 @@ def tune_implicit(part, validation, trials: int, seed: int, scratch: str) -> tup
         return {"factors": trial.suggest_int("factors", *FACTORS, log=True),
                 "regularization": trial.suggest_float("reg", 1e-3, 1e3, log=True), "alpha": weight / mean_value}
 
-    def validation_score(model) -> float:
-        store = factor_store(location, model.user_factors, model.item_factors, train_store,
+    def validation_score(model, fold: int = 0) -> float:
+        part, validation = stores[fold]
+        store = factor_store(location, model.user_factors, model.item_factors, part,
                              {"regularization": model.regularization, "alpha": model.alpha})
-        return score(store, train_store, validation_store)["ndcg"]
+        return score(store, part, validation)["ndcg"]
 
     def objective(trial) -> float:
         settings = settings_of(trial)
@@ -226,7 +236,12 @@ def tune_implicit(part, validation, trials: int, seed: int, scratch: str) -> tup
                     raise optuna.TrialPruned()
 
         model.fit(user_items, show_progress=False, callback=after_iteration)
-        return validation_score(model)
+        scores = [validation_score(model)]
+        for fold in range(1, len(stores)):
+            model = implicit_model(settings, seed)
+            model.fit(matrices[fold], show_progress=False)
+            scores.append(validation_score(model, fold))
+        return float(sum(scores) / len(scores))
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
@@ -252,22 +267,24 @@ def tune_implicit(part, validation, trials: int, seed: int, scratch: str) -> tup
 
 
 def run_seed(name: str, train: str, test: str, method: str, seed: int, trials: int, workdir: str,
-             fraction: float = 0.2) -> dict:
+             fraction: float = 0.2, folds: int | None = None) -> dict:
     import wals_ooc
     from threadpoolctl import threadpool_limits
 
-    part, validation = carve_validation(train, method, seed, workdir, name, fraction)
     train_store, test_store = wals_ooc.open_store(train), wals_ooc.open_store(test)
     scratch = tempfile.mkdtemp(prefix=f"{name}-s{seed}-", dir=workdir)
     out: dict = {"seed": seed}
 
+    # wals_ooc.tune carves the validation fold(s) from train (seeded); implicit is tuned on the same stores
     started = time.perf_counter()
     result = wals_ooc.tune(
-        part, validation, n_trials=trials, space={"factors": FACTORS}, base={"iterations": ITERATIONS},
-        model=os.path.join(scratch, "wals-final.zarr"), final=train, seed=seed, resume=False, threads=2,
+        train, None, n_trials=trials, space={"factors": FACTORS}, base={"iterations": ITERATIONS},
+        validation_method=method, validation_fraction=fraction, validation_folds=folds,
+        model=os.path.join(scratch, "wals-final.zarr"), final=True, seed=seed, resume=False, threads=2,
         progress=False, keep_best=False,
     )
     out["wals_search_seconds"] = time.perf_counter() - started
+    out["folds"] = len(result.folds)
     out["wals_best"] = result.best_params
     out["wals_validation"] = result.best_value
     out["wals_trials"] = result.counts()
@@ -281,7 +298,7 @@ def run_seed(name: str, train: str, test: str, method: str, seed: int, trials: i
     defaults.fit(train_store, os.path.join(scratch, "wals-defaults.zarr"), resume=False, progress=False)
     out["wals_defaults"] = score(defaults.factors_store, train_store, test_store)
 
-    best, value, seconds = tune_implicit(part, validation, trials, seed, scratch)
+    best, value, seconds = tune_implicit(result.folds, trials, seed, scratch)
     out["implicit_search_seconds"] = seconds
     out["implicit_best"] = best
     out["implicit_validation"] = value
@@ -310,7 +327,8 @@ def mean_of(runs: list[dict], key: str) -> dict:
 
 
 def report(name: str, runs: list[dict]) -> None:
-    print(f"\n{name}: mean of {len(runs)} seed(s), test split, wals-ooc's evaluator, K={K}")
+    print(f"\n{name}: mean of {len(runs)} seed(s), test split, wals-ooc's evaluator, K={K}; "
+          f"validation folds per trial: {runs[0].get('folds', 1)}")
     rows = [("wals-ooc tuned", "wals"), ("implicit tuned", "implicit"), ("wals-ooc defaults", "wals_defaults"),
             ("implicit defaults", "implicit_defaults")]
     means = {key: mean_of(runs, key) for _, key in rows}
@@ -335,6 +353,17 @@ def _rounded(settings: dict) -> dict:
     return {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in settings.items()}
 
 
+def warm_numba_cache() -> None:
+    """Compile wals-ooc's kernels into numba's on-disk cache in a separate process first, so this
+    process loads them from it. Freshly compiled fastmath kernels and the same kernels loaded from
+    the cache differ in the last bits (numba optimises the two paths differently), so a run on a
+    cold cache (the first after a kernel changed) would otherwise not repeat bit for bit."""
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", "from wals_ooc.kernels.warm import warm_training_kernels as t, "
+                    "warm_serving_kernels as s; t('float32'); s()"], check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", choices=("lastfm", "ml100k"), default=["lastfm", "ml100k"])
@@ -347,8 +376,12 @@ def main() -> None:
                              "user's latest rating, or each user's latest --validation-fraction of ratings")
     parser.add_argument("--validation-fraction", type=float, default=0.2,
                         help="share of each user's training entries held out for validation (random, last_fraction)")
+    parser.add_argument("--validation-folds", type=int, default=None,
+                        help="validation folds a trial is scored on, for both libraries (default: wals_ooc.tune's: "
+                             "3 for leave_last_out, 1 for random)")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
+    warm_numba_cache()
     everything = {}
     for name in args.datasets:
         train, test, method = prepare(name, args.workdir)
@@ -358,7 +391,8 @@ def main() -> None:
               + ("" if method == "leave_last_out" else f" (fraction {args.validation_fraction:g})"), file=sys.stderr)
         runs = []
         for seed in args.seeds:
-            runs.append(run_seed(name, train, test, method, seed, args.trials, args.workdir, args.validation_fraction))
+            runs.append(run_seed(name, train, test, method, seed, args.trials, args.workdir, args.validation_fraction,
+                                 args.validation_folds))
             print(f"{name} seed {seed}: wals-ooc {runs[-1]['wals']}, implicit {runs[-1]['implicit']}", file=sys.stderr, flush=True)
         everything[name] = runs
         report(name, runs)

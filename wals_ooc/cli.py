@@ -305,7 +305,7 @@ def cmd_tune(args) -> int:
             args.store, args.validation, n_trials=args.trials, metric=args.metric, k=args.k, space=SearchSpace.of(space),
             base={**_model_settings(args), "random_state": args.seed}, model=args.model, study=args.study,
             study_name=args.study_name, workdir=args.workdir, validation_fraction=args.validation_fraction,
-            validation_method=args.validation_method, final=final, merged_store=args.merged_store,
+            validation_method=args.validation_method, validation_folds=args.validation_folds, final=final, merged_store=args.merged_store,
             keep_best=not args.no_keep_best, prune=not args.no_prune, eval_every=args.eval_every,
             user_fraction=args.user_fraction, seed=args.seed, timeout=args.timeout, resume=not args.no_resume,
             client=client, threads=args.threads, memory_budget=args.memory_budget, progress=_progress(args),
@@ -576,6 +576,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--validation-fraction", type=float, default=0.2, help="share carved for validation (default 0.2)")
     p.add_argument("--validation-method", choices=("random", "leave_one_out", "leave_last_out", "last_fraction"),
                    default="random", help="how validation is carved (default random)")
+    p.add_argument("--validation-folds", type=int, default=None,
+                   help="score each trial on the mean of this many carved validation folds (leave_last_out: each "
+                        "user's latest, 2nd latest... entry; random: reseeded carves; default 3 for leave_last_out "
+                        "and leave_one_out, else 1)")
     p.add_argument("--trials", type=int, default=40, help="the search's total number of trials (default 40)")
     p.add_argument("--metric", choices=("ndcg", "precision", "recall", "map", "auc"), default="ndcg",
                    help="what is maximised (default ndcg)")

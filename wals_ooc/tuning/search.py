@@ -26,7 +26,7 @@ from ..evaluate.split import METHODS, split
 from ..execute import Executor
 from ..memory import MemoryBudget
 from ..store.format import INTERACTIONS_KIND
-from ..store.lifecycle import TargetState, enclosing_store, inspect_target
+from ..store.lifecycle import TargetState, enclosing_store, inspect_target, remove_store
 from ..store.merge import merge
 from ..store.reader import InteractionStore
 from ..train.factors import MODEL_KIND, FactorStore, default_model_location, interactions_identity
@@ -35,6 +35,7 @@ from .space import SEARCHED, DataSummary, SearchSpace, data_summary, trial_confi
 from .study import (
     StudyPlace,
     TrialRecord,
+    carved_names,
     check_places,
     format_table,
     locked_workdir,
@@ -70,6 +71,7 @@ class TuneResult:
     final_store: str | None = None
     seconds: float = 0.0
     data: dict = field(default_factory=dict)
+    folds: list[tuple[str, str]] = field(default_factory=list)  # (train, validation) store of each fold
 
     def table(self) -> str:
         """Every trial in a fixed-width table, the best marked with ``*``."""
@@ -179,6 +181,7 @@ def tune(
     workdir: str | os.PathLike | None = None,
     validation_fraction: float = 0.2,
     validation_method: str = "random",
+    validation_folds: int | None = None,
     final: bool | str | os.PathLike = False,
     merged_store: str | os.PathLike | None = None,
     keep_best: bool = True,
@@ -201,6 +204,14 @@ def tune(
     train_store, validation: interaction stores (paths, URLs or opened). Without ``validation``
     the search carves one out of ``train_store`` with ``wals_ooc.split`` (``validation_method``,
     ``validation_fraction``, ``seed``) into its work directory.
+    validation_folds: with a carved validation, score each trial on the mean of this many folds
+    (fold 0 is the single carve; ``leave_last_out`` carves fold j from fold j-1's training part,
+    so fold j holds out each user's (j+1)-th latest entry and trains on the entries before it;
+    ``random`` and ``leave_one_out`` carve fold j from the training store with seed ``seed + j``).
+    A trial trains once per fold, but its pruning is judged on fold 0 alone, so a pruned trial
+    costs what it did with one fold. Default (None): 3 for ``leave_last_out`` and
+    ``leave_one_out``, whose validation holds one entry per user (the best of many trials scored
+    on it is largely picked by noise), and 1 otherwise. Not with a given ``validation``.
     n_trials: the search's total budget; a resumed study runs only what is left of it (an
     interrupted trial is run again). space: what is searched (``SearchSpace``, or a dict of its
     fields). base: the settings not searched (factors, iterations, solver...; ``WALSConfig``
@@ -231,6 +242,7 @@ def tune(
         raise SettingError(f"eval_every must be >= 1, got {eval_every}")
     if validation is None and validation_method not in METHODS:
         raise SettingError(f"validation_method must be one of {METHODS}, got {validation_method!r}")
+    folds = _fold_count(validation_folds, validation is not None, validation_method)
     space = SearchSpace.of(space)
     base = _base_config(base, seed)
     MemoryBudget.start(memory_budget)  # a budget too small for any trial fails before anything is written
@@ -242,7 +254,8 @@ def tune(
     identity = {
         "train": interactions_identity(train_full)["store_id"],
         "validation": (interactions_identity(validation_store)["store_id"] if validation_store is not None else
-                       {"carved": validation_method, "fraction": validation_fraction, "seed": seed}),
+                       {"carved": validation_method, "fraction": validation_fraction, "seed": seed,
+                        **({"folds": folds} if folds > 1 else {})}),
         "metric": key,
         "search": {"space": space.to_dict(), "base": {k: v for k, v in base.to_dict().items() if k != "compute_loss"}},
     }
@@ -262,6 +275,9 @@ def tune(
         tuning_train, validation_store = _tuning_stores(
             train_full, validation_store, place, validation_method, validation_fraction, seed, memory_budget,
             storage_options, progress)
+        fold_stores = [(tuning_train, validation_store)] + [
+            _carved_fold(train_full, place, validation_method, validation_fraction, seed, j, memory_budget, progress)
+            for j in range(1, folds)]
         data = data_summary(tuning_train, base.eps)
         space = space.for_data(data)
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=max(4, min(10, n_trials // 4)))
@@ -275,7 +291,7 @@ def tune(
         remaining = _prepare_resume(study_obj, storage, n_trials, space, data, base, try_base)
         remove_trial_stores(place, keep=_best_numbers(study_obj) if keep_best else set())
         objective = _Objective(
-            tuning_train, validation_store, space, data, base, place, key, k, prune, eval_every, user_fraction, seed,
+            fold_stores, space, data, base, place, key, k, prune, eval_every, user_fraction, seed,
             keep_best, executor, memory_budget, storage_options,
         )
         if remaining > 0:
@@ -289,6 +305,7 @@ def tune(
             best_params=dict(best.user_attrs["settings"]), best_value=float(best.value), best_trial=best.number,
             metric=key, trials=trial_records(study_obj), study=place.db, study_name=place.name,
             workdir=place.workdir, data=data.to_dict(),
+            folds=[(t.location, v.location) for t, v in fold_stores],
         )
         best_store = place.trial_store(best.number)
         if keep_best and trial_store_complete(best_store):
@@ -324,6 +341,37 @@ def _tuning_stores(train_full, validation_store, place, method, fraction, seed, 
     split(train_full, carved_train, carved_validation, method=method,
           test_fraction=fraction, seed=seed, overwrite=True, memory_budget=memory_budget, progress=progress)
     return InteractionStore(carved_train), InteractionStore(carved_validation)
+
+
+def _fold_count(folds: int | None, given: bool, method: str) -> int:
+    if folds is None:
+        return 3 if not given and method in ("leave_last_out", "leave_one_out") else 1
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+        raise SettingError(f"validation_folds must be an integer >= 1, got {folds!r}")
+    if folds > 1 and given:
+        raise SettingError("validation_folds > 1 needs a validation carved from the training store: "
+                           "pass no validation store", flags={"validation": "--validation"})
+    if folds > 1 and method == "last_fraction":
+        raise SettingError("validation_folds > 1 is not offered for the last_fraction carve (each fold would "
+                           "drop a further fraction of every user's entries); use leave_last_out or random")
+    return folds
+
+
+def _carved_fold(train_full, place, method, fraction, seed, fold, memory_budget, progress):
+    """Fold ``fold`` (>= 1) of a carved validation: ``leave_last_out`` from the previous fold's
+    training part (rolling back one entry per user), else from the training store with seed
+    ``seed + fold``. Carved once; an interrupted carve is made again (it is seeded)."""
+    previous, _ = carved_names(fold - 1)
+    names = carved_names(fold)
+    part, validation = (os.path.join(place.workdir, n) for n in names)
+    try:
+        return InteractionStore(part), InteractionStore(validation)
+    except StoreError:
+        pass
+    source = InteractionStore(os.path.join(place.workdir, previous)) if method == "leave_last_out" else train_full
+    split(source, part, validation, method=method, test_fraction=fraction, seed=seed + fold, overwrite=True,
+          memory_budget=memory_budget, progress=progress)
+    return InteractionStore(part), InteractionStore(validation)
 
 
 def _final_store(final, train_full, validation, validation_store, merged_store, memory_budget, storage_options,
@@ -409,21 +457,24 @@ def _quiet_optuna():
 class _Objective:
     """One trial: train the proposed settings into the trial's store, scoring as it goes."""
 
-    def __init__(self, train_store, validation, space, data, base, place, key, k, prune, eval_every, user_fraction,
+    def __init__(self, folds, space, data, base, place, key, k, prune, eval_every, user_fraction,
                  seed, keep_best, executor, memory_budget, storage_options):
-        self.train_store, self.validation, self.space, self.data, self.base = train_store, validation, space, data, base
+        self.folds = folds  # (train, validation) stores; fold 0 is what pruning judges
+        self.train_store, self.validation = folds[0]
+        self.space, self.data, self.base = space, data, base
         self.place, self.key, self.k, self.prune, self.eval_every = place, key, k, prune, eval_every
         self.user_fraction, self.seed, self.keep_best = user_fraction, seed, keep_best
         self.executor, self.memory_budget, self.storage_options = executor, memory_budget, storage_options
 
-    def score(self, location: str) -> float:
+    def score(self, location: str, fold: int = 0) -> float:
+        train_store, validation = self.folds[fold]
         model = FactorStore.open(location, "r")
-        metrics = evaluate(model, self.train_store, self.validation, self.k, self.user_fraction, self.seed,
+        metrics = evaluate(model, train_store, validation, self.k, self.user_fraction, self.seed,
                            executor=self.executor, memory_budget=self.memory_budget,
                            storage_options=self.storage_options, auc=self.key == "auc")
         if not metrics["users"]:
-            raise DataMismatchError(f"no user of the validation store {self.validation.location} is in the training "
-                                    f"store {self.train_store.location} with a held-out item it knows: nothing to score")
+            raise DataMismatchError(f"no user of the validation store {validation.location} is in the training "
+                                    f"store {train_store.location} with a held-out item it knows: nothing to score")
         return float(metrics[self.key])
 
     def __call__(self, trial) -> float:
@@ -439,7 +490,7 @@ class _Objective:
 
         def after_iteration(iteration: int, seconds: float, loss) -> None:
             nonlocal done
-            done = iteration + 1  # the checkpoint of this iteration is committed
+            done = iteration  # iterations done (train's callback counts from 1); its checkpoint is committed
             if self.prune and done % self.eval_every == 0 and done < config.iterations:
                 trial.report(self.score(location), done)
                 if trial.should_prune():
@@ -448,7 +499,16 @@ class _Objective:
         try:
             train(self.train_store, location, config, executor=self.executor, callback=after_iteration,
                   progress=False, memory_budget=self.memory_budget, resume=False, storage_options=self.storage_options)
-            value = self.score(location)
+            scores = [self.score(location)]
+            for fold in range(1, len(self.folds)):  # the further folds: trained to the end, then dropped
+                fold_location = self.place.trial_store(trial.number, fold)
+                train(self.folds[fold][0], fold_location, config, executor=self.executor, progress=False,
+                      memory_budget=self.memory_budget, resume=False, storage_options=self.storage_options)
+                scores.append(self.score(fold_location, fold))
+                remove_store(fold_location, MODEL_KIND)
+            if len(scores) > 1:
+                trial.set_user_attr("fold_scores", scores)
+            value = float(sum(scores) / len(scores))
             if not math.isfinite(value):
                 raise FloatingPointError(f"trial {trial.number} scored {value}")
             best = _best(trial.study)

@@ -27,9 +27,15 @@ from ..errors import DataMismatchError, PathError, SettingError, StoreLockedErro
 
 KIND = "wals-ooc/tune"
 MARKER = "tune.json"
-TRIAL_STORE = re.compile(r"^trial-(\d{5,})\.zarr$")
-TRIAL_LEFTOVER = re.compile(r"^\.trial-(\d{5,})\.zarr\.wals-ooc-")  # a killed trial's build or lock file
-CARVED = ("train.zarr", "validation.zarr")  # a validation split carved by the search
+TRIAL_STORE = re.compile(r"^trial-(\d{5,})(?:-fold\d+)?\.zarr$")
+TRIAL_LEFTOVER = re.compile(r"^\.(trial-(\d{5,})(?:-fold\d+)?\.zarr)\.wals-ooc-")  # a killed trial's build or lock file
+CARVED = ("train.zarr", "validation.zarr")  # a validation split carved by the search (fold 0)
+CARVED_FOLD = re.compile(r"^(train|validation)-\d+\.zarr$")  # the further folds' splits
+
+
+def carved_names(fold: int) -> tuple[str, str]:
+    """The carved (train, validation) store names of a fold: fold 0 keeps the single split's names."""
+    return CARVED if fold == 0 else (f"train-{fold}.zarr", f"validation-{fold}.zarr")
 
 
 @dataclass(frozen=True)
@@ -59,8 +65,9 @@ class StudyPlace:
     def url(self) -> str:
         return "sqlite:///" + self.db
 
-    def trial_store(self, number: int) -> str:
-        return os.path.join(self.workdir, f"trial-{number:05d}.zarr")
+    def trial_store(self, number: int, fold: int = 0) -> str:
+        """A trial's model store; trials scored on several folds train fold ``j >= 1`` beside it."""
+        return os.path.join(self.workdir, f"trial-{number:05d}" + (f"-fold{fold}" if fold else "") + ".zarr")
 
 
 def open_storage(place: StudyPlace):
@@ -196,14 +203,20 @@ def remove_trial_stores(place: StudyPlace, keep: AbstractSet[int] = frozenset())
 
     if not os.path.isdir(place.workdir):
         return
-    numbers = set()
+    stores: dict[str, int] = {}
     for name in os.listdir(place.workdir):
-        found = TRIAL_STORE.match(name) or TRIAL_LEFTOVER.match(name)
+        found = TRIAL_STORE.match(name)
         if found:
-            numbers.add(int(found.group(1)))
-    for number in sorted(numbers - set(keep)):
+            stores[name] = int(found.group(1))
+            continue
+        leftover = TRIAL_LEFTOVER.match(name)
+        if leftover:
+            stores[leftover.group(1)] = int(leftover.group(2))
+    for name, number in sorted(stores.items()):
+        if number in keep and TRIAL_STORE.match(name) and "-fold" not in name:
+            continue  # a kept trial keeps its (fold 0) model; the other folds' models are scratch
         with contextlib.suppress(StoreLockedError):  # a live writer (never, under the study's lock)
-            remove_store(place.trial_store(number), MODEL_KIND)
+            remove_store(os.path.join(place.workdir, name), MODEL_KIND)
 
 
 def trial_store_complete(location: str) -> bool:
@@ -223,7 +236,7 @@ def _start_over(place: StudyPlace) -> None:
     from ..store.format import INTERACTIONS_KIND
 
     remove_trial_stores(place)
-    for name in CARVED:
+    for name in [*CARVED, *(n for n in sorted(os.listdir(place.workdir)) if CARVED_FOLD.match(n))]:
         remove_store(os.path.join(place.workdir, name), INTERACTIONS_KIND)
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(place.workdir, MARKER))
