@@ -41,10 +41,10 @@ model = load(args["model"], interactions=args["train"], memory_budget=args["budg
 options = {} if args["auc"] == "default" else {"auc": args["auc"] != "off"}
 if args.get("auc_fraction") is not None:
     options["auc_fraction"] = args["auc_fraction"]
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 metrics = model.evaluate(args["test"], k=args["k"], user_fraction=args["user_fraction"], seed=args["seed"], **options)
-seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak": peak_rss(), "metrics": metrics}))
+seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+print(json.dumps({"seconds": seconds, "cpu": cpu, "peak": peak_rss(), "metrics": metrics}))
 """
 
 
@@ -138,12 +138,13 @@ def main() -> None:
             out = run_child(args, mode, None, args.user_fraction)
             runs.setdefault(mode, []).append(out)
             print(f"  {mode:10s} {out['metrics']['users']:>9,} users in {out['seconds']:8.2f} s = {out['users_per_s']:>9,.0f} users/s,"
-                  f" peak RSS {out['peak'] / 2**30:.2f} GiB", flush=True)
+                  f" ({out['metrics']['users'] / out['cpu']:,.0f} per CPU second), peak RSS {out['peak'] / 2**30:.2f} GiB", flush=True)
         if args.before:
             out = run_child(args, "auc", args.before, args.before_fraction)
             runs.setdefault("before", []).append(out)
             print(f"  before     {out['metrics']['users']:>9,} users in {out['seconds']:8.2f} s = {out['users_per_s']:>9,.0f} users/s,"
-                  f" peak RSS {out['peak'] / 2**30:.2f} GiB ({args.before}, AUC of every user)", flush=True)
+                  f" ({out['metrics']['users'] / out['cpu']:,.0f} per CPU second), peak RSS {out['peak'] / 2**30:.2f} GiB"
+                  f" ({args.before}, AUC of every user)", flush=True)
     print(f"model {args.model}, test {args.test}, k={args.k}, {args.threads} threads, budget {args.memory_budget}, "
           f"user fraction {args.user_fraction}, {args.repeats} repeat(s)")
     medians = {mode: statistics.median(r["users_per_s"] for r in rs) for mode, rs in runs.items()}
