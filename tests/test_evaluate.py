@@ -208,3 +208,4 @@ def test_norm_ordered_rank_counts_equal_scoring_every_item():
     reference = top_k(queries, FactorSource(items, 256), 7, exclude=ex, test=test)
     np.testing.assert_array_equal(ids, reference[0])
     np.testing.assert_array_equal(outranked, reference[2])
+

@@ -61,9 +61,9 @@ class NormOrder:
         """Read ``array`` block by block into norm order (float32)."""
         n, f = int(array.shape[0]), int(array.shape[1])
         norms = np.empty(n, np.float32)
-        for lo in range(0, n, block_rows):
-            block = np.asarray(array[lo : lo + block_rows], dtype=np.float64)
-            norms[lo : lo + len(block)] = np.sqrt(np.einsum("ij,ij->i", block, block))
+        for lo in range(0, n, block_rows):  # float32 blocks (what nbytes_for counts), summed in float64
+            block = np.asarray(array[lo : lo + block_rows], dtype=np.float32)
+            norms[lo : lo + len(block)] = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
         ids = np.argsort(-norms, kind="stable").astype(np.int64)
         positions = np.empty(n, np.int64)
         positions[ids] = np.arange(n, dtype=np.int64)
