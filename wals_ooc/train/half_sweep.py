@@ -316,7 +316,7 @@ def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
     kind, alpha, alpha0, eps = _kernel_scalars(cfg)
     lam, nu = float(cfg.regularization), float(cfg.nu)
     indptr = csr.indptr
-    rows = np.empty((csr.nnz, cfg.factors), cfg.np_dtype)
+    rows = scratch.workspace((csr.nnz, cfg.factors), cfg.np_dtype)  # reused by the process's blocked tasks
     cursor = indptr[:-1].copy()
     parts = _row_parts(indptr, job.task_threads)
     _sweep(job, scratch, result, lambda lo, hi, Y_block: _in_parts(parts, lambda a, b: expand_block(
