@@ -144,6 +144,28 @@ def test_blocked_fixed_side_equals_resident_and_reads_it_as_often_as_planned(sma
         assert [e[f"{side}_fixed_bytes"] for e in blocked_model.loss_history] == [expected] * 3
 
 
+def test_a_scratch_copy_lends_one_workspace_that_grows_and_is_released_with_it(tmp_path):
+    """Blocked tasks reuse one workspace per scratch copy (no fresh pages a task): a smaller or
+    equal request gets the same memory, a larger one replaces it, and closing frees it."""
+    from wals_ooc.train.fixed_side import ScratchCopy
+
+    copy = ScratchCopy(np.arange(40, dtype=np.float32).reshape(10, 4), directory=str(tmp_path))
+    first = copy.workspace((6, 4), np.float32)
+    first[:] = 7
+    again = copy.workspace((3, 4), np.float32)
+    assert again.shape == (3, 4) and np.shares_memory(first, again) and (again == 7).all()
+    del first, again
+    larger = copy.workspace((50, 4), np.float64)
+    assert larger.shape == (50, 4) and larger.dtype == np.float64
+    larger[:] = 1.5
+    with copy.window(2, 5) as rows:
+        np.testing.assert_array_equal(rows, np.arange(8, 20, dtype=np.float32).reshape(3, 4))
+        del rows
+    del larger
+    copy.close()
+    assert copy._workspace is None
+
+
 def test_ialspp_on_a_blocked_plan_that_cannot_expand_its_entries_is_refused(small_store, tmp_path):
     """iALS++ runs blocked tasks only as expanded entries; a plan that would stream them refuses
     with a SettingError naming the budget and the solver, rather than solving another way."""

@@ -58,6 +58,7 @@ _lock = threading.RLock()
 _opened: dict[tuple, Any] = {}
 _worker_shards: dict[tuple, "LocalState"] = {}  # CSR shards a worker keeps between half-sweeps
 _blocked_task = threading.Lock()  # one blocked task at a time per process: it uses every thread
+_blocked_inputs = threading.BoundedSemaphore(2)  # blocked tasks holding their entries: one sweeping, one reading
 _pool: ThreadPoolExecutor | None = None
 WARM_STARTED = ("cg", "ialspp")  # solvers that start from the previous factors (Cholesky solves afresh)
 GATHER_ENTRIES = 256  # rows of a blocked CG task's gather scratch (per thread)
@@ -231,17 +232,31 @@ def _kernel_scalars(config: WALSConfig):
 
 
 def solve_task(job: HalfSweepJob, task: SolveTask, local: LocalState | None = None) -> TaskResult:
-    """Solve rows ``[task.row_start, task.row_stop)`` of ``job.side`` and write them to ``job.out_slot``."""
+    """Solve rows ``[task.row_start, task.row_stop)`` of ``job.side`` and write them to ``job.out_slot``.
+
+    A blocked task holds the process's blocked slot (``_blocked_task``) only to sweep and solve:
+    it reads its entries and warm factors before, and writes its rows after, so a second task
+    of the process reads while the first sweeps. ``_blocked_inputs`` lets two blocked tasks at
+    most hold their entries at once (the plan counts the second's, see ``plan``).
+    """
     started = time.perf_counter()
     single_threaded_blas_in_worker()
-    if job.mode == "blocked":
+    if job.mode != "blocked":
+        csr, X, result = _task_inputs(job, task, local)
+        _solve_resident(job, csr, X, local, result)
+        return _finish(job, task, csr, X, result, started)
+    with _blocked_inputs:
+        csr, X, result = _task_inputs(job, task, local)
         with _blocked_task:
-            return _solve(job, task, local, started)
-    return _solve(job, task, local, started)
+            scratch, _ = _fixed_of(job)
+            {"expanded": _blocked_expanded, "cg": _blocked_cg, "cholesky": _blocked_cholesky}[task.method](
+                job, csr, X, scratch, result)
+        return _finish(job, task, csr, X, result, started)
 
 
-def _solve(job: HalfSweepJob, task: SolveTask, local: LocalState | None, started: float) -> TaskResult:
-    cfg = job.config
+def _task_inputs(job: HalfSweepJob, task: SolveTask, local: LocalState | None) -> tuple[CSRShard, np.ndarray, TaskResult]:
+    """The task's CSR rows, its rows' starting factors (a view of the held side when resident and
+    local: solved in place), and its result to fill."""
     store = _interactions(job.interactions, job.storage_options)
     lo_row, hi_row = task.row_start, task.row_stop
     if local is not None:
@@ -250,51 +265,52 @@ def _solve(job: HalfSweepJob, task: SolveTask, local: LocalState | None, started
         csr = _shard_cache_on_worker(job).rows(store, job.side, lo_row, hi_row)
     else:
         csr = store.rows(job.side, lo_row, hi_row)
-    f = cfg.factors
-    kind, alpha, alpha0, eps = _kernel_scalars(cfg)
-    lam, nu = float(cfg.regularization), float(cfg.nu)
-    result = TaskResult(task.shard, task.part, csr.n_rows, csr.nnz, 0.0)
-
+    cfg = job.config
     if local is not None and job.mode == "resident":
-        own = local.factors[job.side][0]
-        X = own[lo_row:hi_row]  # a view: solved in place
+        X = local.factors[job.side][0][lo_row:hi_row]  # a view: solved in place
     elif job.solver in WARM_STARTED:
         X = np.ascontiguousarray(_factor_array(job.model, job.storage_options, job.side, job.warm_slot)[lo_row:hi_row])
     else:
-        X = np.zeros((csr.n_rows, f), dtype=cfg.np_dtype)
+        X = np.zeros((csr.n_rows, cfg.factors), dtype=cfg.np_dtype)
+    return csr, X, TaskResult(task.shard, task.part, csr.n_rows, csr.nnz, 0.0)
 
-    if job.mode == "resident":
-        if local is not None:
-            Y = local.factors[job.fixed_side][0]
-        else:
-            Y, made = _fixed_of(job)
-            result.fixed_bytes_read += Y.nbytes if made else 0
-        if job.solver == "cg":
-            result.observed = cg_solve_rows(
-                csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu, job.n_fixed,
-                cfg.cg_steps, job.loss
-            )
-        elif job.solver == "ialspp":
-            result.observed = subspace_solve_rows(
-                csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu, job.n_fixed,
-                cfg.block_size, cfg.block_sweeps, job.loss
-            )
-        else:
-            result.failures = cholesky_solve_rows(csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps,
-                                                  lam, nu, job.n_fixed)
-            if job.loss:
-                cursor = csr.indptr[:-1].copy()
-                result.observed = observed_loss_block(csr.indptr, csr.indices, csr.values, cursor, 0, job.n_fixed, Y, X,
-                                                      kind, alpha, alpha0, eps)
+
+def _solve_resident(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, local: LocalState | None, result: TaskResult) -> None:
+    cfg = job.config
+    kind, alpha, alpha0, eps = _kernel_scalars(cfg)
+    lam, nu = float(cfg.regularization), float(cfg.nu)
+    if local is not None:
+        Y = local.factors[job.fixed_side][0]
     else:
-        scratch, _ = _fixed_of(job)
-        {"expanded": _blocked_expanded, "cg": _blocked_cg, "cholesky": _blocked_cholesky}[task.method](
-            job, csr, X, scratch, result)
+        Y, made = _fixed_of(job)
+        result.fixed_bytes_read += Y.nbytes if made else 0
+    if job.solver == "cg":
+        result.observed = cg_solve_rows(
+            csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu, job.n_fixed,
+            cfg.cg_steps, job.loss
+        )
+    elif job.solver == "ialspp":
+        result.observed = subspace_solve_rows(
+            csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu, job.n_fixed,
+            cfg.block_size, cfg.block_sweeps, job.loss
+        )
+    else:
+        result.failures = cholesky_solve_rows(csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps,
+                                              lam, nu, job.n_fixed)
+        if job.loss:
+            cursor = csr.indptr[:-1].copy()
+            result.observed = observed_loss_block(csr.indptr, csr.indices, csr.values, cursor, 0, job.n_fixed, Y, X,
+                                                  kind, alpha, alpha0, eps)
 
-    result.regularization = regularization_sum(csr.indptr, X, lam, nu, float(cfg.alpha0), job.n_fixed)
+
+def _finish(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.ndarray, result: TaskResult, started: float) -> TaskResult:
+    """The solved rows' pieces of the objective and Gram matrix; write them to the out slot."""
+    cfg = job.config
+    result.regularization = regularization_sum(csr.indptr, X, float(cfg.regularization), float(cfg.nu), float(cfg.alpha0),
+                                               job.n_fixed)
     if job.loss:
         result.quadratic = gram_quadratic(X, job.gram)
-    _factor_array(job.model, job.storage_options, job.side, job.out_slot)[lo_row:hi_row] = X
+    _factor_array(job.model, job.storage_options, job.side, job.out_slot)[task.row_start:task.row_stop] = X
     result.gram = block_gram(X)
     result.seconds = time.perf_counter() - started
     return result
@@ -316,7 +332,7 @@ def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
     kind, alpha, alpha0, eps = _kernel_scalars(cfg)
     lam, nu = float(cfg.regularization), float(cfg.nu)
     indptr = csr.indptr
-    rows = np.empty((csr.nnz, cfg.factors), cfg.np_dtype)
+    rows = scratch.workspace((csr.nnz, cfg.factors), cfg.np_dtype)  # reused by the process's blocked tasks
     cursor = indptr[:-1].copy()
     parts = _row_parts(indptr, job.task_threads)
     _sweep(job, scratch, result, lambda lo, hi, Y_block: _in_parts(parts, lambda a, b: expand_block(

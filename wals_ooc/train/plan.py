@@ -9,8 +9,9 @@ tested without running anything (the rechunker habit). Two ways to reach the fix
 - "blocked": the fixed side does not fit. Each process copies it once into a local scratch file
   (decompressed), and tasks sweep it in windows of ``block_rows`` rows mapped from the page
   cache (see ``fixed_side``: a sweep costs ~20 ms of CPU a GB, and counts one window in the
-  RSS). Blocked tasks run one at a time per process, their rows spread over its threads, so
-  each sweep serves all of them. A task is one of:
+  RSS). Blocked tasks sweep one at a time per process, their rows spread over its threads, so
+  each sweep serves all of them; meanwhile the next task reads its entries and starting rows
+  (counted in ``task_bytes``). A task is one of:
   "expanded": one sweep copies each entry's fixed row out (f numbers an entry), then the
   resident kernels solve against the copies, with the same arithmetic as the resident plan;
   "cg": for a row block too heavy to expand, CG with one sweep per pass (4f numbers a row,
@@ -150,7 +151,8 @@ class HalfSweepPlan:
             lines.append(
                 f"  fixed side ({format_bytes(self.fixed_bytes)}) copied once per process to a local scratch file, then read "
                 f"{self.fixed_passes} times in windows of {self.block_rows} rows mapped from the page cache "
-                f"({format_bytes(self.fixed_passes * self.fixed_bytes)} per half-sweep); tasks: {how}"
+                f"({format_bytes(self.fixed_passes * self.fixed_bytes)} per half-sweep); tasks: {how}; "
+                "the next task reads its entries while one sweeps"
             )
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -345,7 +347,13 @@ def plan_half_sweep(
     block_bytes = block_rows * factors * itemsize
     room = max(1, usable - block_bytes)  # one blocked task at a time per process, one window mapped
     expanded_entry = BYTES_PER_ENTRY + 4 + factors * itemsize  # CSR, an index and the entry's fixed row
-    tasks, _ = balanced_tasks(shard_ranges, shard_block_nnz, expanded_entry, row_bytes, room, multiple=max(1, processes))
+    # while one task sweeps, the next reads its entries and starting rows (``half_sweep.solve_task``):
+    # tasks are cut counting a neighbour of their own size, then the largest neighbour is reserved
+    tasks, _ = balanced_tasks(shard_ranges, shard_block_nnz, expanded_entry + BYTES_PER_ENTRY, 2 * row_bytes, room,
+                              multiple=max(1, processes))
+    waiting = max((t.nnz * BYTES_PER_ENTRY + (t.row_stop - t.row_start) * row_bytes for t in tasks), default=0)
+    room = max(1, room - waiting)
+
     def expands(task: SolveTask) -> bool:
         fits = task.nnz * expanded_entry + (task.row_stop - task.row_start) * row_bytes <= room
         return blocked_method == "expanded" or (blocked_method is None and fits)
@@ -377,7 +385,8 @@ def plan_half_sweep(
     if heaviest > room:
         notes.append(f"a row block needs {format_bytes(heaviest)}: over the budget's share ({format_bytes(room)})")
     passes = sum(t.sweeps for t in planned)
-    return plan("blocked", solver, planned, 0, block_rows, row_batch, heaviest + block_bytes, 0, False, passes, at_once=1)
+    return plan("blocked", solver, planned, 0, block_rows, row_batch, heaviest + waiting + block_bytes, 0, False, passes,
+                at_once=1)
 
 
 def normal_equations_row_bytes(factors: int) -> int:
