@@ -204,7 +204,9 @@ def cmd_generate(args) -> int:
     from .memory import format_bytes
     from .synthetic import SyntheticSpec, write_csv, write_synthetic_store
 
-    spec = SyntheticSpec(n_users=args.users, n_items=args.items, rows=args.rows, seed=args.seed)
+    spec = SyntheticSpec(n_users=args.users, n_items=args.items, rows=args.rows, seed=args.seed,
+                         clusters=args.clusters, item_exponent=args.item_exponent, affinity=args.affinity,
+                         latent_dims=args.latent_dims, sharpness=args.sharpness)
     if args.output.endswith(".zarr"):
         print(write_synthetic_store(spec, args.output, overwrite=args.overwrite, memory_budget=args.memory_budget,
                                     progress=_progress(args)).summary())
@@ -539,6 +541,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=5_000, help="number of items")
     p.add_argument("--rows", type=int, default=200_000, help="number of interaction rows (duplicates are summed)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--clusters", type=int, default=20, help="taste clusters")
+    p.add_argument("--item-exponent", type=float, default=0.9, help="power-law exponent of item popularity by rank")
+    p.add_argument("--affinity", type=float, default=0.8, help="share of a user's rows drawn from its own taste")
+    p.add_argument("--latent-dims", type=int, default=0,
+                   help="0: each user in one cluster; else users and clusters are points in a taste space of this "
+                        "dimension and users draw from the clusters near them (see --sharpness)")
+    p.add_argument("--sharpness", type=float, default=10.0, help="with --latent-dims: how strongly users prefer "
+                   "the clusters nearest their taste")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (once the new one is complete)")
     _budget_arg(p)
     p.set_defaults(func=cmd_generate)

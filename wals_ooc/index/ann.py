@@ -247,12 +247,13 @@ class AnnIndex:
                 index.make_direct_map()
         finally:
             faiss.omp_set_num_threads(previous)
+        version = INDEX_FORMAT_VERSION if l2 else 2  # a native index stays readable by format-2 readers
         meta = {
-            "format_version": INDEX_FORMAT_VERSION if l2 else 2, "side": side, "max_norm": max_norm, "metric": metric, "settings": asdict(settings),
+            "format_version": version, "side": side, "max_norm": max_norm, "metric": metric, "settings": asdict(settings),
             "binding": binding, "dims": dims, "bytes": estimated_bytes(settings.kind, n, dims, settings),
             "nlist": settings.cells(n) if settings.kind == "ivf" else None,
         }
-        with output_store(location, INDEX_KIND, version=meta["format_version"], overwrite=overwrite,
+        with output_store(location, INDEX_KIND, version=version, overwrite=overwrite,
                           inputs=[model.location], layout="files") as out:
             faiss.write_index(index, os.path.join(out.location, INDEX_FILE))
             with open(os.path.join(out.location, META_FILE), "w") as handle:
