@@ -401,7 +401,7 @@ def test_chunk_appender_writes_whole_chunks_and_keeps_no_reference_to_the_caller
         np.testing.assert_array_equal(array[:], np.concatenate(expected))
 
 
-def test_synthetic_taste_space_is_reproducible_and_users_draw_near_their_taste():
+def test_synthetic_taste_space_is_reproducible_and_users_draw_near_their_taste(tmp_path):
     # latent_dims > 0: users and clusters are points in a taste space; a user's in-taste rows
     # come from clusters near its point (softmax of sharpness x cosine), not from one cluster
     import numpy as np
@@ -431,3 +431,12 @@ def test_synthetic_taste_space_is_reproducible_and_users_draw_near_their_taste()
     assert np.median(per_user) > 1  # tastes span several clusters
     with pytest.raises(SettingError):
         SyntheticSpec(latent_dims=-1)
+    # the command line passes the taste space through, and records it with the store
+    from wals_ooc.cli import main as cli_main
+    from wals_ooc.store import open_store as open_interactions
+
+    out = str(tmp_path / "gen.zarr")
+    assert cli_main(["generate", out, "--users", "60", "--items", "300", "--rows", "900", "--clusters", "12",
+                     "--latent-dims", "4", "--sharpness", "8", "--affinity", "1", "-q"]) == 0
+    recorded = open_interactions(out).group.attrs["sources"]["synthetic"]
+    assert (recorded["latent_dims"], recorded["sharpness"], recorded["clusters"], recorded["affinity"]) == (4, 8.0, 12, 1.0)
