@@ -1,6 +1,7 @@
 """An approximate-nearest-neighbour index over one side's factors (faiss), built out of core.
 
-Two metrics, both searched as faiss inner-product indexes (``METRIC_INNER_PRODUCT``):
+Two metrics, searched as faiss inner-product indexes (``METRIC_INNER_PRODUCT``) unless ``mips`` is
+``l2``:
 
 - ``inner_product`` (recommend: users' vectors against item factors), searched one of two ways
   (``IndexSettings.mips``): ``native``, the factors as they are in an inner-product graph; or
