@@ -431,6 +431,8 @@ def test_synthetic_taste_space_is_reproducible_and_users_draw_near_their_taste(t
     assert np.median(per_user) > 1  # tastes span several clusters
     with pytest.raises(SettingError):
         SyntheticSpec(latent_dims=-1)
+    with pytest.raises(SettingError, match="clusters"):
+        SyntheticSpec(clusters=0)
     # the command line passes the taste space through, and records it with the store
     from wals_ooc.cli import main as cli_main
     from wals_ooc.store import open_store as open_interactions

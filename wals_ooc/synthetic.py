@@ -56,6 +56,10 @@ class SyntheticSpec:
                                flags={"n_users": "--users", "n_items": "--items", "rows": "--rows"})
         if not 0 <= self.affinity <= 1:
             raise SettingError("affinity must be in [0, 1]")
+        if self.clusters < 1:
+            raise SettingError("clusters must be >= 1", flags={"clusters": "--clusters"})
+        if not (np.isfinite(self.user_exponent) and np.isfinite(self.item_exponent)):
+            raise SettingError("user_exponent and item_exponent must be finite numbers")
         if self.latent_dims < 0 or not np.isfinite(self.sharpness) or self.sharpness < 0:
             raise SettingError("latent_dims must be >= 0 and sharpness a finite number >= 0")
 
