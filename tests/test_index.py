@@ -181,3 +181,41 @@ def test_index_command_and_approximate_recommend_from_the_command_line(trained, 
     assert "ef_search must be a positive integer" in capsys.readouterr().err
     assert cli_main(["recommend", model, "--users", user, "--index", str(tmp_path / "none.ann")]) == 2
     assert "no index at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_mips_as_l2_filters_exactly_scores_exactly_recalls_and_reloads(trained, tmp_path, kind):
+    # the MIPS-to-L2 reduction: rows [x, sqrt(M^2 - |x|^2)], queries [q, 0]; an IVF index
+    # probing every cell is exhaustive, so its answers are the exact ones
+    forget_indexes()
+    location = str(tmp_path / f"l2-{kind}.ann")
+    built = trained.build_index(location=location, kind=kind, mips="l2", ef_search=64, nlist=4, nprobe=4)
+    assert built.l2 and built.meta["format_version"] == 3 and built.index.d == built.factors + 1
+    users, items = trained.to_numpy()
+    assert built.meta["max_norm"] == pytest.approx(float(np.linalg.norm(items, axis=1).max()), rel=1e-5)
+    assert "as L2" in built.describe()
+    store = trained.interactions
+    liked = store_to_scipy(store)
+    user_ids = store.ids("user")
+    exact_ids, exact_scores = trained.recommend(user_ids, N=10)
+    approx_ids, approx_scores = trained.recommend(user_ids, N=10, index=location)
+    assert _recall(exact_ids, approx_ids) >= (0.999 if kind == "ivf" else 0.9)
+    if kind == "ivf":
+        np.testing.assert_allclose(approx_scores, exact_scores, rtol=1e-5, atol=1e-6)
+    rows = store.index_of("item", approx_ids.ravel()).reshape(approx_ids.shape)
+    for u in range(store.n_users):
+        assert not set(liked.indices[liked.indptr[u]: liked.indptr[u + 1]]) & set(rows[u]), u
+        assert len(set(rows[u])) == 10
+        np.testing.assert_allclose(approx_scores[u], items[rows[u]] @ users[u], rtol=1e-5, atol=1e-6)
+    forget_indexes()
+    reopened = AnnIndex.open(location, model=trained.factors_store)
+    assert reopened.l2 and reopened.settings.mips == "l2"
+    np.testing.assert_array_equal(trained.recommend(user_ids[:30], N=10, index=reopened)[0], approx_ids[:30])
+
+
+def test_mips_setting_is_checked(trained, tmp_path):
+    with pytest.raises(SettingError, match="mips"):
+        trained.build_index(location=str(tmp_path / "bad.ann"), mips="euclid")
+    assert cli_main(["index", trained.factors_store.location, "--output", str(tmp_path / "c.ann"), "--mips", "l2",
+                     "--hnsw-m", "8"]) == 0
+    assert AnnIndex.open(str(tmp_path / "c.ann")).l2

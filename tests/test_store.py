@@ -399,3 +399,46 @@ def test_chunk_appender_writes_whole_chunks_and_keeps_no_reference_to_the_caller
             scratch[:] = -1  # the caller reuses its memory
         assert appender.close() == sum(len(e) for e in expected)
         np.testing.assert_array_equal(array[:], np.concatenate(expected))
+
+
+def test_synthetic_taste_space_is_reproducible_and_users_draw_near_their_taste(tmp_path):
+    # latent_dims > 0: users and clusters are points in a taste space; a user's in-taste rows
+    # come from clusters near its point (softmax of sharpness x cosine), not from one cluster
+    import numpy as np
+
+    from wals_ooc.errors import SettingError
+    from wals_ooc.synthetic import SyntheticSpec, _unit_rows, synthetic_batches
+
+    spec = SyntheticSpec(n_users=300, n_items=3000, rows=30_000, clusters=40, latent_dims=8, sharpness=12,
+                         affinity=1.0, seed=4)
+    first = list(synthetic_batches(spec, batch_rows=4096))
+    again = list(synthetic_batches(spec, batch_rows=4096))
+    users = np.concatenate([b.users for b in first])
+    items = np.concatenate([b.items for b in first])
+    np.testing.assert_array_equal(items, np.concatenate([b.items for b in again]))
+    assert len(users) == spec.rows and np.all(np.diff(users) >= 0) and items.min() >= 0 and items.max() < spec.n_items
+    # the generator's own draws, replayed: which cluster each item is in, where users and clusters are
+    rng = np.random.default_rng(spec.seed)
+    rng.permutation(spec.n_users), rng.permutation(spec.n_items)
+    item_cluster = rng.integers(0, spec.clusters, spec.n_items)
+    rng.integers(0, spec.clusters, spec.n_users)
+    centres = _unit_rows(rng, spec.clusters, spec.latent_dims)
+    positions = _unit_rows(rng, spec.n_users, spec.latent_dims)
+    cosine = np.einsum("ij,ij->i", positions[users], centres[item_cluster[items]])
+    random_pairs = positions[users] @ centres.T  # the cosine to a cluster picked blindly
+    assert cosine.mean() > 0.45 > random_pairs.mean() + 0.4
+    per_user = [len(np.unique(item_cluster[items[users == u]])) for u in np.unique(users)[:50]]
+    assert np.median(per_user) > 1  # tastes span several clusters
+    with pytest.raises(SettingError):
+        SyntheticSpec(latent_dims=-1)
+    with pytest.raises(SettingError, match="clusters"):
+        SyntheticSpec(clusters=0)
+    # the command line passes the taste space through, and records it with the store
+    from wals_ooc.cli import main as cli_main
+    from wals_ooc.store import open_store as open_interactions
+
+    out = str(tmp_path / "gen.zarr")
+    assert cli_main(["generate", out, "--users", "60", "--items", "300", "--rows", "900", "--clusters", "12",
+                     "--latent-dims", "4", "--sharpness", "8", "--affinity", "1", "-q"]) == 0
+    recorded = open_interactions(out).group.attrs["sources"]["synthetic"]
+    assert (recorded["latent_dims"], recorded["sharpness"], recorded["clusters"], recorded["affinity"]) == (4, 8.0, 12, 1.0)

@@ -182,9 +182,10 @@ def _ann_setting(args, model, location, kind, knob, value, users, queries, liked
     k = 2 * args.n
     params = (faiss.SearchParametersHNSW(efSearch=max(value, k)) if kind == "hnsw"
               else faiss.SearchParametersIVF(nprobe=value))
-    tuned.index.search(queries[:200], k, params=params)
+    raw = queries if not tuned.l2 else np.hstack([queries, np.zeros((len(queries), 1), np.float32)])
+    tuned.index.search(raw[:200], k, params=params)
     started = time.perf_counter()
-    tuned.index.search(queries, k, params=params)
+    tuned.index.search(raw, k, params=params)
     row["faiss_alone_users_per_s"] = len(users) / (time.perf_counter() - started)
     forget_indexes()
     return row

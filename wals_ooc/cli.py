@@ -204,7 +204,9 @@ def cmd_generate(args) -> int:
     from .memory import format_bytes
     from .synthetic import SyntheticSpec, write_csv, write_synthetic_store
 
-    spec = SyntheticSpec(n_users=args.users, n_items=args.items, rows=args.rows, seed=args.seed)
+    spec = SyntheticSpec(n_users=args.users, n_items=args.items, rows=args.rows, seed=args.seed,
+                         clusters=args.clusters, item_exponent=args.item_exponent, affinity=args.affinity,
+                         latent_dims=args.latent_dims, sharpness=args.sharpness)
     if args.output.endswith(".zarr"):
         print(write_synthetic_store(spec, args.output, overwrite=args.overwrite, memory_budget=args.memory_budget,
                                     progress=_progress(args)).summary())
@@ -398,7 +400,7 @@ def cmd_index(args) -> int:
     built = model.build_index(side=args.side, metric=args.metric, location=args.output, kind=args.kind,
                               hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=128 if args.ef_search is None else args.ef_search,
                               nlist=args.nlist, nprobe=32 if args.nprobe is None else args.nprobe, max_fetch=args.max_fetch,
-                              overwrite=args.overwrite)
+                              mips=args.mips, overwrite=args.overwrite)
     print(f"built {built.describe()} in {time.perf_counter() - started:.1f}s")
     return 0
 
@@ -540,6 +542,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=5_000, help="number of items")
     p.add_argument("--rows", type=int, default=200_000, help="number of interaction rows (duplicates are summed)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--clusters", type=int, default=20, help="taste clusters")
+    p.add_argument("--item-exponent", type=float, default=0.9, help="power-law exponent of item popularity by rank")
+    p.add_argument("--affinity", type=float, default=0.8, help="share of a user's rows drawn from its own taste")
+    p.add_argument("--latent-dims", type=int, default=0,
+                   help="0: each user in one cluster; else users and clusters are points in a taste space of this "
+                        "dimension and users draw from the clusters near them (see --sharpness)")
+    p.add_argument("--sharpness", type=float, default=10.0, help="with --latent-dims: how strongly users prefer "
+                   "the clusters nearest their taste")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (once the new one is complete)")
     _budget_arg(p)
     p.set_defaults(func=cmd_generate)
@@ -670,6 +680,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=None, help="cells searched per query (ivf; default 32)")
     p.add_argument("--max-fetch", type=int, default=1024,
                    help="most candidates fetched per query to make up for filtered items")
+    p.add_argument("--mips", choices=("native", "l2"), default="native",
+                   help="inner_product: search it natively, or as L2 over rows augmented to a common norm "
+                        "(better recall when item norms are not extreme)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index (once the new one is complete)")
     p.add_argument("--threads", type=int, default=None, help="build threads (default: all cores)")
     _budget_arg(p)

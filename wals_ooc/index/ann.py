@@ -1,16 +1,21 @@
 """An approximate-nearest-neighbour index over one side's factors (faiss), built out of core.
 
-Two metrics, both searched as faiss inner-product indexes (``METRIC_INNER_PRODUCT``):
+Two metrics, searched as faiss inner-product indexes (``METRIC_INNER_PRODUCT``) unless ``mips`` is
+``l2``:
 
-- ``inner_product`` (recommend: users' vectors against item factors): the factors as they are.
-  (The reduction of MIPS to a Euclidean search, storing ``[x, sqrt(M^2 - |x|^2)]``, was tried
-  and dropped: with the skewed norms of trained factors, a few popular items of large norm and
-  a long tail near zero, the tail collapses to almost one point and HNSW's recall@10 fell to
-  0.12 on a 1M-item catalogue, against 0.99 for the native inner-product graph);
+- ``inner_product`` (recommend: users' vectors against item factors), searched one of two ways
+  (``IndexSettings.mips``): ``native``, the factors as they are in an inner-product graph; or
+  ``l2``, the reduction of maximum-inner-product search to a Euclidean one (Bachrach et al.
+  2014): each row is stored as ``[x, sqrt(M^2 - |x|^2)]`` with ``M`` the largest row norm, a
+  query as ``[q, 0]``, so ``|q' - x'|^2 = |q|^2 + M^2 - 2 q.x`` and the nearest rows are the
+  best-scored ones, exactly; HNSW's graph is built for a metric, and searches this one better
+  when norms are not extreme (with a few huge-norm rows the small-norm tail collapses to
+  almost one point: recall@10 0.12 on a catalogue whose largest norm was 600x the median);
 - ``cosine`` (similar items or users): rows normalized, then inner product.
 
-Candidates are re-scored exactly (``q . x`` from the stored vectors) before they are ranked, so
-a returned score is the exact one; only which items are candidates is approximate.
+A returned score is the exact float32 product of the query with the stored row (for ``l2``,
+recomputed from the stored rows, as distances would lose it to cancellation); only which rows
+are candidates is approximate.
 
 The index is built by streaming the factor store block by block (one pass for the norms and, for
 IVF, a sample to train the coarse quantizer; one pass to add), so only the index itself and one
@@ -40,10 +45,12 @@ if TYPE_CHECKING:
     from ..train.factors import FactorStore
 
 INDEX_KIND = "wals-ooc/ann-index"
-INDEX_FORMAT_VERSION = 2  # 2: native inner-product indexes
+INDEX_FORMAT_VERSION = 3  # 2: native inner-product indexes; 3: also the MIPS-to-L2 reduction (mips="l2")
+READS_VERSIONS = (2, 3)
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"  # settings, metric and the model checkpoint the index was built from
 METRICS = ("inner_product", "cosine")
+MIPS = ("native", "l2")
 KINDS = ("hnsw", "ivf")
 SIDES = ("user", "item")
 BUILD_BLOCK = 1 << 16  # factor rows read and added at once
@@ -57,6 +64,8 @@ class IndexSettings:
     over k-means cells; fast to build). hnsw_m: graph neighbours per node; ef_construction:
     candidate list while building; ef_search: candidate list while searching (recall vs speed).
     nlist: IVF cells (default 4 sqrt(n)); nprobe: cells searched per query.
+    mips: how an inner-product index searches: "native" (faiss's inner-product metric) or "l2"
+    (the rows augmented to make it a Euclidean search; see the module's docstring).
     max_fetch: most candidates fetched per query to make up for filtered (already liked) items;
     a query left with fewer than N after filtering is answered exactly.
     """
@@ -68,10 +77,13 @@ class IndexSettings:
     nlist: int | None = None
     nprobe: int = 32
     max_fetch: int = 1024
+    mips: str = "native"
 
     def validate(self) -> None:
         if self.kind not in KINDS:
             raise SettingError(f"index kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.mips not in MIPS:
+            raise SettingError(f"index setting mips must be one of {', '.join(MIPS)}, got {self.mips!r}")
         for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe", "max_fetch"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
@@ -163,11 +175,17 @@ class AnnIndex:
     def nbytes(self) -> int:
         return int(self.meta["bytes"])
 
+    @property
+    def l2(self) -> bool:
+        """True when the index searches inner products as L2 distances over augmented rows."""
+        return self.metric == "inner_product" and self.settings.mips == "l2"
+
     def describe(self) -> str:
         s = self.settings
         how = (f"hnsw M={s.hnsw_m} ef_construction={s.ef_construction} ef_search={s.ef_search}" if s.kind == "hnsw"
                else f"ivf nlist={self.meta['nlist']} nprobe={s.nprobe}")
-        return (f"{self.location}: {self.side} factors ({self.n_rows} x {self.factors}), {self.metric}, {how}, "
+        metric = f"{self.metric} (as L2, max norm {self.meta['max_norm']:.4g})" if self.l2 else self.metric
+        return (f"{self.location}: {self.side} factors ({self.n_rows} x {self.factors}), {metric}, {how}, "
                 f"{format_bytes(self.nbytes)}, model step {self.meta['binding']['step']}")
 
     # -- building --------------------------------------------------------------------------------
@@ -201,7 +219,8 @@ class AnnIndex:
         binding = model_binding(model, side)
         array = model.current(side)
         n, f = int(array.shape[0]), int(array.shape[1])
-        dims = f
+        l2 = metric == "inner_product" and settings.mips == "l2"
+        dims = f + 1 if l2 else f
         needed = estimated_bytes(settings.kind, n, dims, settings) + 2 * BUILD_BLOCK * dims * 4
         if settings.kind == "ivf":
             needed += _sample_size(n, settings.cells(n)) * dims * 4
@@ -215,25 +234,27 @@ class AnnIndex:
         previous = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(threads)
         try:
-            sample = _first_pass(array, metric, settings, n)
-            index = _new_index(faiss, settings, dims, n)
+            max_norm = _max_norm(array, n) if l2 else None
+            sample = _first_pass(array, metric, settings, n, max_norm)
+            index = _new_index(faiss, settings, dims, n, l2)
             if settings.kind == "ivf":
                 index.train(sample)
             del sample
             for lo in range(0, n, BUILD_BLOCK):
-                index.add(_transform_rows(np.asarray(array[lo : lo + BUILD_BLOCK]), metric))
+                index.add(_transform_rows(np.asarray(array[lo : lo + BUILD_BLOCK]), metric, max_norm))
                 if progress is not None:
                     progress(min(n, lo + BUILD_BLOCK), n)
             if settings.kind == "ivf":
                 index.make_direct_map()
         finally:
             faiss.omp_set_num_threads(previous)
+        version = INDEX_FORMAT_VERSION if l2 else 2  # a native index stays readable by format-2 readers
         meta = {
-            "format_version": INDEX_FORMAT_VERSION, "side": side, "metric": metric, "settings": asdict(settings),
+            "format_version": version, "side": side, "max_norm": max_norm, "metric": metric, "settings": asdict(settings),
             "binding": binding, "dims": dims, "bytes": estimated_bytes(settings.kind, n, dims, settings),
             "nlist": settings.cells(n) if settings.kind == "ivf" else None,
         }
-        with output_store(location, INDEX_KIND, version=INDEX_FORMAT_VERSION, overwrite=overwrite,
+        with output_store(location, INDEX_KIND, version=version, overwrite=overwrite,
                           inputs=[model.location], layout="files") as out:
             faiss.write_index(index, os.path.join(out.location, INDEX_FILE))
             with open(os.path.join(out.location, META_FILE), "w") as handle:
@@ -249,8 +270,9 @@ class AnnIndex:
         faiss = _faiss()
         location = os.fspath(location)
         meta = read_meta(location)
-        if meta.get("format_version") != INDEX_FORMAT_VERSION:
-            raise StoreError(f"{location} has index format version {meta.get('format_version')}, this wals-ooc reads {INDEX_FORMAT_VERSION}")
+        if meta.get("format_version") not in READS_VERSIONS:
+            raise StoreError(f"{location} has index format version {meta.get('format_version')}, this wals-ooc reads "
+                             f"{' and '.join(map(str, READS_VERSIONS))}")
         if model is not None:
             check_binding(location, meta, model)
         if memory_budget is not None:
@@ -276,8 +298,10 @@ class AnnIndex:
         them with ``kernels.topk.select_candidates``). Scores are inner products for
         ``inner_product`` and cosines for ``cosine``: both index kinds store the vectors
         uncompressed (``IndexHNSWFlat``, ``IndexIVFFlat``), so the distances faiss returns are
-        the exact float32 products of the query with the stored rows; nothing is re-read.
-        All queries go to faiss in one call, searched in ``threads`` OpenMP threads."""
+        the exact float32 products of the query with the stored rows; nothing is re-read
+        (an ``l2`` index returns distances, so its candidates' products are recomputed from
+        the stored rows, ``exact_scores``). All queries go to faiss in one call, searched in
+        ``threads`` OpenMP threads."""
         faiss = _faiss()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = int(min(k, self.n_rows))
@@ -288,6 +312,13 @@ class AnnIndex:
             params = faiss.SearchParametersHNSW(efSearch=max(self.settings.ef_search, k))
         else:
             params = faiss.SearchParametersIVF(nprobe=min(self.settings.nprobe, int(self.meta["nlist"])))
+        if self.l2:
+            augmented = np.zeros((len(queries), queries.shape[1] + 1), np.float32)
+            augmented[:, :-1] = queries
+            with _omp_threads(faiss, threads):
+                _, ids = self.index.search(augmented, k, params=params)
+            ids = ids.astype(np.int64, copy=False)
+            return ids, self.exact_scores(queries, ids)
         with _omp_threads(faiss, threads):
             scores, ids = self.index.search(queries, k, params=params)
         ids = ids.astype(np.int64, copy=False)
@@ -364,7 +395,19 @@ def _sample_size(n: int, cells: int) -> int:
     return int(min(n, max(50 * cells, 10_000), 256 * cells))
 
 
-def _first_pass(array, metric: str, settings: IndexSettings, n: int) -> np.ndarray | None:
+def _max_norm(array, n: int) -> float:
+    """The largest row norm of a factor array, streamed block by block."""
+    largest = 0.0
+    for lo in range(0, n, BUILD_BLOCK):
+        block = np.asarray(array[lo : lo + BUILD_BLOCK], dtype=np.float32)
+        if len(block):
+            largest = max(largest, float(np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64).max())))
+    if not np.isfinite(largest):
+        raise CorruptStoreError("the factors hold a NaN or infinite value: retrain the model")
+    return largest
+
+
+def _first_pass(array, metric: str, settings: IndexSettings, n: int, max_norm: float | None = None) -> np.ndarray | None:
     """(IVF) an evenly spaced training sample of the rows as the index stores them."""
     take = _sample_size(n, settings.cells(n)) if settings.kind == "ivf" else 0
     if not take:
@@ -375,26 +418,32 @@ def _first_pass(array, metric: str, settings: IndexSettings, n: int) -> np.ndarr
         chosen = picks[(picks >= lo) & (picks < lo + BUILD_BLOCK)]
         if len(chosen):
             raw_sample.append(np.asarray(array.get_orthogonal_selection((chosen, slice(None))), dtype=np.float32))
-    return _transform_rows(np.concatenate(raw_sample), metric)
+    return _transform_rows(np.concatenate(raw_sample), metric, max_norm)
 
 
-def _transform_rows(block: np.ndarray, metric: str) -> np.ndarray:
-    """Rows as the index stores them: normalized for cosine, as they are for inner product."""
+def _transform_rows(block: np.ndarray, metric: str, max_norm: float | None = None) -> np.ndarray:
+    """Rows as the index stores them: normalized for cosine; for inner product as they are, or
+    with ``max_norm`` augmented by ``sqrt(max_norm^2 - |x|^2)`` (the MIPS-to-L2 reduction)."""
     block = np.asarray(block, dtype=np.float32)
+    if max_norm is not None:
+        squares = np.einsum("ij,ij->i", block, block, dtype=np.float64)
+        extra = np.sqrt(np.maximum(max_norm * max_norm - squares, 0.0)).astype(np.float32)
+        return np.ascontiguousarray(np.hstack([block, extra[:, None]]), dtype=np.float32)
     if metric == "cosine":
         norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))[:, None]
         block = block / np.where(norms == 0, 1, norms)
     return np.ascontiguousarray(block, dtype=np.float32)
 
 
-def _new_index(faiss, settings: IndexSettings, dims: int, n: int):
+def _new_index(faiss, settings: IndexSettings, dims: int, n: int, l2: bool = False):
+    faiss_metric = faiss.METRIC_L2 if l2 else faiss.METRIC_INNER_PRODUCT
     if settings.kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dims, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWFlat(dims, settings.hnsw_m, faiss_metric)
         index.hnsw.efConstruction = settings.ef_construction
         index.hnsw.efSearch = settings.ef_search
         return index
-    quantizer = faiss.IndexFlatIP(dims)
-    index = faiss.IndexIVFFlat(quantizer, dims, settings.cells(n), faiss.METRIC_INNER_PRODUCT)
+    quantizer = faiss.IndexFlatL2(dims) if l2 else faiss.IndexFlatIP(dims)
+    index = faiss.IndexIVFFlat(quantizer, dims, settings.cells(n), faiss_metric)
     index.nprobe = settings.nprobe  # (faiss's Python wrapper keeps the quantizer alive with the index)
     return index
 
