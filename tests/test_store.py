@@ -399,3 +399,29 @@ def test_chunk_appender_writes_whole_chunks_and_keeps_no_reference_to_the_caller
             scratch[:] = -1  # the caller reuses its memory
         assert appender.close() == sum(len(e) for e in expected)
         np.testing.assert_array_equal(array[:], np.concatenate(expected))
+
+
+def test_integer_ids_leaving_the_dense_count_midway(tmp_path):
+    """Pass 1 counts integer ids in a dense table while their range fits its share: an id far
+    out of range, or one that is not an integer, arriving after the first batches hands the
+    ids counted so far to the sorted path. The matrix is the same either way."""
+    rows = [(k % 1009, k % 97, 1 + k % 3) for k in range(3000)]
+
+    def batches(data, text_users=False):
+        for start in range(0, len(data), 1000):
+            part = data[start : start + 1000]
+            users = [u for u, _, _ in part]
+            yield RowBatch(pa.array([str(u) for u in users]) if text_users else np.array(users, np.int64),
+                           np.array([i for _, i, _ in part], np.int64), np.array([v for _, _, v in part], np.float32))
+
+    far = rows + [(10**15, 5, 2), (3, 10**14, 1)]
+    write_store(batches(far), str(tmp_path / "far.zarr"), shard_nnz=500, progress=False)
+    _assert_store_equals(open_store(str(tmp_path / "far.zarr")), *_expected(far))
+    text = rows + [("u7", 5, 2)]
+    write_store(batches(text, text_users=True), str(tmp_path / "text.zarr"), shard_nnz=500, progress=False)
+    store = open_store(str(tmp_path / "text.zarr"))
+    assert store.id_kinds == {"user": "str", "item": "int"}
+    expected: dict = {}
+    for u, i, v in text:
+        expected[(str(u), i)] = expected.get((str(u), i), 0.0) + v
+    assert _entries_by_id(store) == expected

@@ -41,6 +41,27 @@ def map_dense_ids(ids, lowest, table, counts):
 
 
 @njit(cache=True, nogil=True)
+def id_range(ids):
+    """(smallest, largest) of a non-empty int64 array."""
+    low = ids[0]
+    high = ids[0]
+    for k in range(1, len(ids)):
+        value = ids[k]
+        if value < low:
+            low = value
+        elif value > high:
+            high = value
+    return low, high
+
+
+@njit(cache=True, nogil=True)
+def count_dense_ids(ids, lowest, counts):
+    """counts[id - lowest] += 1 for each id (every id must fall in the table)."""
+    for k in range(len(ids)):
+        counts[ids[k] - lowest] += 1
+
+
+@njit(cache=True, nogil=True)
 def fill_dense_table(keys, lowest, table):
     """table[key - lowest] = position of key in the sorted distinct ``keys`` (others stay -1)."""
     for k in range(len(keys)):

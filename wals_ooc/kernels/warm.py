@@ -28,7 +28,16 @@ from .rank import rank_counts_update
 from .solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
 from .subspace import subspace_solve_rows
 from .topk import keys_of, mask_columns, new_heaps, select_candidates, topk_finish, topk_select, topk_update
-from .assemble import bucket_order, bucket_scatter, csr_from_entries, fill_dense_table, map_dense_ids, segment_sums
+from .assemble import (
+    bucket_order,
+    bucket_scatter,
+    count_dense_ids,
+    csr_from_entries,
+    fill_dense_table,
+    id_range,
+    map_dense_ids,
+    segment_sums,
+)
 from .text import (
     chunk_runs,
     csv_record_end,
@@ -131,6 +140,9 @@ def warm_id_kernels() -> None:
     table = np.full(2, -1, np.int32)
     fill_dense_table(order, 0, table)
     map_dense_ids(np.frombuffer(order.tobytes(), np.int64), 0, table, np.zeros(2, np.int64))
+    for ids in (order, np.frombuffer(order.tobytes(), np.int64)):  # pass 1's entries per integer id
+        id_range(ids)
+        count_dense_ids(ids, 0, np.zeros(2, np.int64))
     _warmed.add("ids")
 
 
