@@ -644,10 +644,10 @@ def _map_rows(spill, workspace, maps, record, disable, allowance, bucketer: _Buc
             records["value"] = batch.column(2).to_numpy()
             if "order" in record.names:
                 records["order"] = batch.column(3).to_numpy()
-            if bucketer is None:
-                records.tofile(sink)
-            else:
+            if bucketer is not None:
                 bucketer.add(records, pool)
+            elif sink is not None:
+                records.tofile(sink)
             bar.update(batch.num_rows)
     if sink is not None:
         sink.close()
@@ -678,6 +678,7 @@ class _Bucketer:
 
     def __init__(self, workspace: _Workspace, bounds: dict[str, list[int]], record: np.dtype):
         self.record = record
+        self.ordered = record.names is not None and "order" in record.names
         self.paths = {
             side: [workspace.file(f"{side}-{k:06d}.records") for k in range(len(bounds[side]) - 1)]
             for side in ("user", "item")
@@ -692,7 +693,7 @@ class _Bucketer:
     def spread(self, records: np.ndarray, side: str) -> None:
         record, starts, paths = self.record, self.starts[side], self.paths[side]
         first, second = ("row", "col") if side == "user" else ("col", "row")
-        if "order" in record.names:
+        if self.ordered:
             order, cuts = bucket_order(np.ascontiguousarray(records[first]), starts)  # stable counting sort
             grouped = records[order]
             del order
