@@ -37,6 +37,7 @@ from ..kernels.assemble import (
     bucket_scatter,
     count_dense_ids,
     csr_from_entries,
+    csr_into,
     fill_dense_table,
     id_range,
     map_dense_ids,
@@ -777,6 +778,7 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz
     order_out = ChunkAppender(_csr_array(csr, "order", 0, np.float64)) if "order" in record.names else None
     offset = 0
     buffer = np.empty(0, record)
+    work = _Buffers()
     for k, path in enumerate(tqdm(bucket_paths, desc=_desc(f"assemble {orientation}"), unit="shards", disable=disable)):
         entries = os.path.getsize(path) // record.itemsize if os.path.exists(path) else 0
         if entries > unit_nnz and bounds[k + 1] - bounds[k] == 1 and n_cols * DENSE_ROW_BYTES <= allowance // 2:
@@ -793,7 +795,7 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz
                     buffer = np.empty(entries, record)
                 with open(path, "rb") as source:
                     source.readinto(buffer[:entries].view(np.uint8).data)
-                indptr, indices, values, order = rows_to_csr(buffer[:entries], bounds[k], bounds[k + 1], n_cols)
+                indptr, indices, values, order = rows_to_csr(buffer[:entries], bounds[k], bounds[k + 1], n_cols, work)
             else:  # passed without a name, so rows_to_csr can free the records once it has read them
                 indptr, indices, values, order = rows_to_csr(
                     np.fromfile(path, record) if entries else np.empty(0, record), bounds[k], bounds[k + 1], n_cols
@@ -841,7 +843,22 @@ def dense_row_to_csr(path: str, record: np.dtype, n_cols: int, chunk_entries: in
     return np.array([0, len(indices)], np.int64), indices, values, order
 
 
-def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int):
+class _Buffers:
+    """Working arrays kept from one assembly unit to the next, grown as needed: fresh memory
+    would fault in every page anew for every unit."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, size: int, dtype) -> np.ndarray:
+        array = self.arrays.get(name)
+        if array is None or len(array) < size or array.dtype != dtype:
+            self.arrays.pop(name, None)  # the old one is freed before the new one is made
+            array = self.arrays[name] = np.empty(size, dtype)
+        return array[:size]
+
+
+def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int, work: _Buffers | None = None):
     """Records of rows in ``[row_start, row_stop)`` -> (indptr, indices, values, order), duplicates
     summed (order: the latest of them, or None when the records carry no order).
 
@@ -853,6 +870,18 @@ def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int)
     if not len(records):
         return (np.zeros(n_rows + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.float32),
                 np.empty(0, np.float64) if has_order else None)
+    if not has_order and work is not None:  # the same, into the caller's buffers
+        n = len(records)
+        values_dtype = records.dtype["value"]
+        indptr = work.get("indptr", n_rows + 1, np.int64)
+        indices, sums = work.get("indices", n, np.int32), work.get("sums", n, np.float64)
+        out = csr_into(records["row"], records["col"], records["value"], row_start, n_rows, n_cols,
+                       work.get("counts", n_rows + 1, np.int64), work.get("row_cols", n, np.int32),
+                       work.get("row_values", n, values_dtype), indptr, indices, sums)
+        values = work.get("values", out, np.float32)
+        with np.errstate(over="ignore"):
+            np.copyto(values, sums[:out], casting="unsafe")
+        return indptr, indices[:out], values, None
     if not has_order:  # one counting sort by row, a stable sort of each row's columns (numba)
         indptr, indices, sums = csr_from_entries(records["row"], records["col"], records["value"], row_start, n_rows,
                                                n_cols)
