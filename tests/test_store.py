@@ -425,3 +425,24 @@ def test_integer_ids_leaving_the_dense_count_midway(tmp_path):
     for u, i, v in text:
         expected[(str(u), i)] = expected.get((str(u), i), 0.0) + v
     assert _entries_by_id(store) == expected
+
+
+def test_plain_chunk_parsed_in_two_halves_keeps_rows_and_names_bad_lines(tmp_path):
+    """A plain chunk of 1 MiB or more is parsed as two halves at once: the rows come out in file
+    order, and a bad value in either half is still named by its line."""
+    from wals_ooc.store.sources import PARALLEL_PARSE_BYTES
+
+    n = PARALLEL_PARSE_BYTES // 9 + 1000  # 9-12 bytes a line: one chunk past the threshold
+    rows = [(k % 1013, k % 211, 1 + k % 4) for k in range(n)]
+    path = tmp_path / "plain.csv"
+    _write_csv(path, rows)
+    assert path.stat().st_size > PARALLEL_PARSE_BYTES
+    wals_ooc.convert(str(path), str(tmp_path / "s.zarr"), progress=False, memory_budget="2GB")
+    _assert_store_equals(open_store(str(tmp_path / "s.zarr")), *_expected(rows))
+    for bad in (100, n - 100):  # in the first half, then in the second
+        lines = path.read_text().splitlines()
+        lines[bad + 1] = lines[bad + 1] + "x"
+        (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n")
+        with pytest.raises(InputError) as info:
+            wals_ooc.convert(str(tmp_path / "bad.csv"), str(tmp_path / "t.zarr"), progress=False, memory_budget="2GB")
+        assert info.value.line == bad + 2 and info.value.field == "value"

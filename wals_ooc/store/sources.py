@@ -15,6 +15,7 @@ import os
 import re
 from bisect import bisect_right
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence, overload
 
@@ -438,13 +439,48 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
         strings_can_be_null=False,
         quoted_strings_can_be_null=False,
     )
-    rows_seen = 0
     # plain chunks (integer ids and counts, no quotes) are read straight from their bytes; any
     # other chunk, or one with a problem to name, goes through Arrow and the validator below
     plain = (wanted[3] is None and _kind_of(spec, "user") != "str" and _kind_of(spec, "item") != "str"
              and len(spec.delimiter.encode()) == 1 and spec.delimiter != '"')
     plain_fields = (names.index(user_name), names.index(item_name),
                     names.index(wanted[2]) if wanted[2] is not None else -1) if plain else None
+    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wals-ooc-parse") if plain_fields is not None else None
+    try:
+        yield from _csv_chunk_batches(path, spec, report, block_bytes, names, header_lines, wanted, convert_options,
+                                      plain_fields, validator, helper)
+    finally:
+        if helper is not None:
+            helper.shutdown()
+
+
+def _parse_plain(view: np.ndarray, n_fields: int, fields: tuple[int, int, int], delimiter: int,
+                 helper: ThreadPoolExecutor | None) -> list[tuple]:
+    """``parse_plain_csv`` of a chunk: a chunk of PARALLEL_PARSE_BYTES or more is cut at a newline
+    near its middle and its second half parsed by ``helper`` meanwhile (the kernel releases the
+    GIL), so two cores parse. The halves' rows, in order."""
+    halves = [view]
+    if helper is not None and len(view) >= PARALLEL_PARSE_BYTES:
+        middle = len(view) // 2
+        newline = np.flatnonzero(view[middle : middle + (1 << 16)] == 10)
+        if len(newline):
+            cut = middle + int(newline[0]) + 1
+            halves = [view[:cut], view[cut:]]
+    if len(halves) == 1:
+        return [parse_plain_csv(view, n_fields, *fields, delimiter)]
+    rest = halves[1]
+    second = helper.submit(lambda: parse_plain_csv(rest, n_fields, *fields, delimiter)) if helper is not None else None
+    first = parse_plain_csv(halves[0], n_fields, *fields, delimiter)
+    return [first, second.result()] if second is not None else [first]
+
+
+PARALLEL_PARSE_BYTES = 1 << 20
+
+
+def _csv_chunk_batches(path, spec, report, block_bytes, names, header_lines, wanted, convert_options, plain_fields,
+                       validator, helper) -> Iterator[RowBatch]:
+    """The batches of ``_csv_batches``, chunk by chunk (see there)."""
+    rows_seen = 0
     for view, first_line in _text_chunks(path, block_bytes, spec.delimiter):
         if first_line == 1 and spec.header:  # drop the header record (it may span several lines)
             cut = 0
@@ -454,17 +490,18 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
             if not len(view):
                 continue
         if plain_fields is not None:  # plain
-            users, items, numbers, ok = parse_plain_csv(view, len(names), *plain_fields, ord(spec.delimiter))
-            if ok:
-                rows_seen += len(users)
-                vals = numbers.astype(np.float32)
-                zero = vals == 0
-                if zero.any():
-                    report.zeros_dropped += int(zero.sum())
-                    keep = np.flatnonzero(~zero)
-                    users, items, vals = users[keep], items[keep], vals[keep]
-                if len(vals):
-                    yield RowBatch(users, items, vals, None)
+            parsed = _parse_plain(view, len(names), plain_fields, ord(spec.delimiter), helper)
+            if all(ok for _, _, _, ok in parsed):
+                for users, items, numbers, _ in parsed:
+                    rows_seen += len(users)
+                    vals = numbers.astype(np.float32)
+                    zero = vals == 0
+                    if zero.any():
+                        report.zeros_dropped += int(zero.sum())
+                        keep = np.flatnonzero(~zero)
+                        users, items, vals = users[keep], items[keep], vals[keep]
+                    if len(vals):
+                        yield RowBatch(users, items, vals, None)
                 continue
         chunk = view.tobytes()  # the careful way holds its bytes (the view's buffer is reused)
         lines = _ChunkLines(chunk, first_line, spec.delimiter)
