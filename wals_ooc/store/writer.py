@@ -275,7 +275,7 @@ def _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, re
     unit_nnz = max(1, budget.allowance // (8 * per_entry))  # a quarter of half the allowance: two assemble at once
     units = {side: assembly_units(counts[side], bounds[side], unit_nnz) for side in ("user", "item")}
     bucketer = _Bucketer(workspace, units, record)
-    if fused:
+    if fused:  # counts are used up (counted down to zero) by the check of pass 2
         _map_rows(spill, workspace, maps, record, disable, budget.allowance, bucketer=bucketer, expected=counts)
     else:
         _bucket(mapped_paths, bucketer, budget, record, disable)
@@ -622,7 +622,10 @@ def _map_rows(spill, workspace, maps, record, disable, allowance, bucketer: _Buc
     ``expected``) each batch's records go straight to their bucket files instead, and the
     counts are checked against ``expected``."""
     mappers = {side: _RowMapper(maps[side], allowance // 8) for side in ("user", "item")}
-    counts = {side: np.zeros(maps[side].n, np.int64) for side in ("user", "item")}
+    if expected is not None:  # counted down to zero in place (the shards are planned: no second array)
+        counts = {side: np.negative(expected[side], out=expected[side]) for side in ("user", "item")}
+    else:
+        counts = {side: np.zeros(maps[side].n, np.int64) for side in ("user", "item")}
     mapped_paths: list[str] = []
     sink = None
     buffer = np.empty(0, record)
@@ -652,7 +655,7 @@ def _map_rows(spill, workspace, maps, record, disable, allowance, bucketer: _Buc
             bar.update(batch.num_rows)
     if sink is not None:
         sink.close()
-    if expected is not None and not all(np.array_equal(counts[side], expected[side]) for side in ("user", "item")):
+    if expected is not None and any(counts[side].any() for side in ("user", "item")):
         raise RuntimeError("the entries per row of pass 2 differ from those pass 1 counted")
     return counts, mapped_paths
 
