@@ -10,6 +10,10 @@ Four streaming passes, each holding at most one batch or one shard in memory:
             user unit's and its item unit's bucket file;
 4. assemble: each bucket is sorted, duplicates summed, and appended as those rows of the CSR.
 
+When every id of both sides is an integer over a range the memory share can index, pass 1 also
+counts each id's entries (a dense table, no sort), so the shards are planned after pass 1 and
+passes 2 and 3 are one: each mapped batch goes straight into the bucket files.
+
 The store is built beside its target and swapped in only when complete (``store.lifecycle``),
 so a conversion that fails or is killed leaves an existing store as it was.
 """
