@@ -442,3 +442,49 @@ def test_synthetic_taste_space_is_reproducible_and_users_draw_near_their_taste(t
                      "--latent-dims", "4", "--sharpness", "8", "--affinity", "1", "-q"]) == 0
     recorded = open_interactions(out).group.attrs["sources"]["synthetic"]
     assert (recorded["latent_dims"], recorded["sharpness"], recorded["clusters"], recorded["affinity"]) == (4, 8.0, 12, 1.0)
+
+def test_integer_ids_leaving_the_dense_count_midway(tmp_path):
+    """Pass 1 counts integer ids in a dense table while their range fits its share: an id far
+    out of range, or one that is not an integer, arriving after the first batches hands the
+    ids counted so far to the sorted path. The matrix is the same either way."""
+    rows = [(k % 1009, k % 97, 1 + k % 3) for k in range(3000)]
+
+    def batches(data, text_users=False):
+        for start in range(0, len(data), 1000):
+            part = data[start : start + 1000]
+            users = [u for u, _, _ in part]
+            yield RowBatch(pa.array([str(u) for u in users]) if text_users else np.array(users, np.int64),
+                           np.array([i for _, i, _ in part], np.int64), np.array([v for _, _, v in part], np.float32))
+
+    far = rows + [(10**15, 5, 2), (3, 10**14, 1)]
+    write_store(batches(far), str(tmp_path / "far.zarr"), shard_nnz=500, progress=False)
+    _assert_store_equals(open_store(str(tmp_path / "far.zarr")), *_expected(far))
+    text = rows + [("u7", 5, 2)]
+    write_store(batches(text, text_users=True), str(tmp_path / "text.zarr"), shard_nnz=500, progress=False)
+    store = open_store(str(tmp_path / "text.zarr"))
+    assert store.id_kinds == {"user": "str", "item": "int"}
+    expected: dict = {}
+    for u, i, v in text:
+        expected[(str(u), i)] = expected.get((str(u), i), 0.0) + v
+    assert _entries_by_id(store) == expected
+
+
+def test_plain_chunk_parsed_in_two_halves_keeps_rows_and_names_bad_lines(tmp_path):
+    """A plain chunk of 1 MiB or more is parsed as two halves at once: the rows come out in file
+    order, and a bad value in either half is still named by its line."""
+    from wals_ooc.store.sources import PARALLEL_PARSE_BYTES
+
+    n = PARALLEL_PARSE_BYTES // 9 + 1000  # 9-12 bytes a line: one chunk past the threshold
+    rows = [(k % 1013, k % 211, 1 + k % 4) for k in range(n)]
+    path = tmp_path / "plain.csv"
+    _write_csv(path, rows)
+    assert path.stat().st_size > PARALLEL_PARSE_BYTES
+    wals_ooc.convert(str(path), str(tmp_path / "s.zarr"), progress=False, memory_budget="2GB")
+    _assert_store_equals(open_store(str(tmp_path / "s.zarr")), *_expected(rows))
+    for bad in (100, n - 100):  # in the first half, then in the second
+        lines = path.read_text().splitlines()
+        lines[bad + 1] = lines[bad + 1] + "x"
+        (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n")
+        with pytest.raises(InputError) as info:
+            wals_ooc.convert(str(tmp_path / "bad.csv"), str(tmp_path / "t.zarr"), progress=False, memory_budget="2GB")
+        assert info.value.line == bad + 2 and info.value.field == "value"

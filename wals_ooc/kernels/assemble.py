@@ -41,6 +41,27 @@ def map_dense_ids(ids, lowest, table, counts):
 
 
 @njit(cache=True, nogil=True)
+def id_range(ids):
+    """(smallest, largest) of a non-empty int64 array."""
+    low = ids[0]
+    high = ids[0]
+    for k in range(1, len(ids)):
+        value = ids[k]
+        if value < low:
+            low = value
+        elif value > high:
+            high = value
+    return low, high
+
+
+@njit(cache=True, nogil=True)
+def count_dense_ids(ids, lowest, counts):
+    """counts[id - lowest] += 1 for each id (every id must fall in the table)."""
+    for k in range(len(ids)):
+        counts[ids[k] - lowest] += 1
+
+
+@njit(cache=True, nogil=True)
 def fill_dense_table(keys, lowest, table):
     """table[key - lowest] = position of key in the sorted distinct ``keys`` (others stay -1)."""
     for k in range(len(keys)):
@@ -85,31 +106,25 @@ def bucket_order(keys, bounds):
 
 
 @njit(cache=True, nogil=True)
-def csr_from_entries(rows, cols, values, row_start, n_rows, n_cols):
-    """Entries of rows ``[row_start, row_start + n_rows)`` (columns < ``n_cols``) -> (indptr,
-    indices, values float64), sorted by row then column, duplicates summed in float64 in input
-    order (as ``segment_sums`` over a stable sort): a counting sort by row that moves the
-    columns and values themselves (one streaming read of the entries, so the sorts below work
-    on contiguous memory), then a stable sort of each row's columns in place (insertion sort
-    for short rows, merge sort for long ones)."""
+def csr_into(rows, cols, values, row_start, n_rows, n_cols, counts, row_cols, row_values, indptr, indices, sums):
+    """``csr_from_entries`` into buffers the caller keeps from unit to unit (fresh memory faults
+    in every page anew): counts and indptr of at least n_rows + 1, row_cols, row_values (the
+    values' dtype), indices and sums (float64) of at least len(rows). Returns the entries
+    written to indices[:k], sums[:k]; indptr[: n_rows + 1] holds the row pointers."""
     n = len(rows)
-    counts = np.zeros(n_rows + 1, np.int64)
+    counts[: n_rows + 1] = 0
     for k in range(n):
         counts[rows[k] - row_start + 1] += 1
     for r in range(n_rows):
         counts[r + 1] += counts[r]
-    fill = counts[:-1].copy()
-    row_cols = np.empty(n, np.int32)
-    row_values = np.empty(n, values.dtype)
+    indptr[0] = 0
+    fill = counts[:n_rows].copy()
     for k in range(n):
         r = rows[k] - row_start
         at = fill[r]
         row_cols[at] = cols[k]
         row_values[at] = values[k]
         fill[r] = at + 1
-    indptr = np.zeros(n_rows + 1, np.int64)
-    indices = np.empty(n, np.int32)
-    sums = np.empty(n, np.float64)
     out = 0
     for r in range(n_rows):
         lo, hi = counts[r], counts[r + 1]
@@ -141,6 +156,24 @@ def csr_from_entries(rows, cols, values, row_start, n_rows, n_cols):
             else:
                 sums[out - 1] += np.float64(row_values[p])
         indptr[r + 1] = out
+    return out
+
+
+@njit(cache=True, nogil=True)
+def csr_from_entries(rows, cols, values, row_start, n_rows, n_cols):
+    """Entries of rows ``[row_start, row_start + n_rows)`` (columns < ``n_cols``) -> (indptr,
+    indices, values float64), sorted by row then column, duplicates summed in float64 in input
+    order (as ``segment_sums`` over a stable sort): a counting sort by row that moves the
+    columns and values themselves (one streaming read of the entries, so the sorts below work
+    on contiguous memory), then a stable sort of each row's columns in place (insertion sort
+    for short rows, merge sort for long ones)."""
+    n = len(rows)
+    counts = np.empty(n_rows + 1, np.int64)
+    indptr = np.empty(n_rows + 1, np.int64)
+    indices = np.empty(n, np.int32)
+    sums = np.empty(n, np.float64)
+    out = csr_into(rows, cols, values, row_start, n_rows, n_cols, counts, np.empty(n, np.int32),
+                   np.empty(n, values.dtype), indptr, indices, sums)
     return indptr, indices[:out], sums[:out]
 
 

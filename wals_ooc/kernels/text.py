@@ -265,6 +265,23 @@ def chunk_runs(first_chunk, last_chunk, max_chunks):
 
 
 @njit(**_JIT)
+def scan_chunk(data):
+    """One pass over a chunk of CSV bytes: (whether it holds a double quote, its newlines, the
+    position just after its last newline or 0)."""
+    quoted = False
+    newlines = 0
+    last = 0
+    for p in range(len(data)):
+        c = data[p]
+        if c == 10:
+            newlines += 1
+            last = p + 1
+        elif c == 34:
+            quoted = True
+    return quoted, newlines, last
+
+
+@njit(**_JIT)
 def csv_record_end(data, start, delimiter, quote):
     """Position just after the last record-ending newline in ``data[start:]``, or -1 if none.
 

@@ -28,7 +28,17 @@ from .rank import rank_counts_close, rank_counts_finish, rank_counts_tile, rank_
 from .solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
 from .subspace import subspace_solve_rows
 from .topk import keys_of, mask_columns, new_heaps, select_candidates, topk_finish, topk_select, topk_update
-from .assemble import bucket_order, bucket_scatter, csr_from_entries, fill_dense_table, map_dense_ids, segment_sums
+from .assemble import (
+    bucket_order,
+    bucket_scatter,
+    count_dense_ids,
+    csr_from_entries,
+    csr_into,
+    fill_dense_table,
+    id_range,
+    map_dense_ids,
+    segment_sums,
+)
 from .text import (
     chunk_runs,
     csv_record_end,
@@ -40,6 +50,7 @@ from .text import (
     parse_ints,
     parse_ints_each,
     parse_plain_csv,
+    scan_chunk,
 )
 
 _warmed: set[tuple | str] = set()  # (dtype, solver, ...) training keys, "ids", "serve"
@@ -116,6 +127,7 @@ def warm_id_kernels() -> None:
         csv_record_end(data, 0, 44, 34)
         csv_record_lines(data, 44, 34)
         parse_plain_csv(data, 3, 0, 1, 2, 44)
+        scan_chunk(data)
         for other in (writable, readonly):
             equal_pairs(offsets, data, order, other[0], other[1], order)
     chunk_runs(order, order, 2)
@@ -124,6 +136,8 @@ def warm_id_kernels() -> None:
     # ids as Arrow hands them over (read-only int64)
     records = np.zeros(3, np.dtype([("row", "<i4"), ("col", "<i4"), ("value", "<f4")]))
     csr_from_entries(records["row"], records["col"], records["value"], 0, 1, 1)
+    csr_into(records["row"], records["col"], records["value"], 0, 1, 1, np.zeros(2, np.int64), np.zeros(3, np.int32),
+             np.zeros(3, np.float32), np.zeros(2, np.int64), np.zeros(3, np.int32), np.zeros(3, np.float64))
     bucket_order(np.ascontiguousarray(records["row"]), np.array([0, 1], np.int64))
     grouped = np.zeros(3, records.dtype)
     bucket_scatter(records["row"], records["col"], records["value"], np.array([0, 1], np.int64), grouped["row"],
@@ -131,6 +145,9 @@ def warm_id_kernels() -> None:
     table = np.full(2, -1, np.int32)
     fill_dense_table(order, 0, table)
     map_dense_ids(np.frombuffer(order.tobytes(), np.int64), 0, table, np.zeros(2, np.int64))
+    for ids in (order, np.frombuffer(order.tobytes(), np.int64)):  # pass 1's entries per integer id
+        id_range(ids)
+        count_dense_ids(ids, 0, np.zeros(2, np.int64))
     _warmed.add("ids")
 
 

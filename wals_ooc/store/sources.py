@@ -15,6 +15,7 @@ import os
 import re
 from bisect import bisect_right
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence, overload
 
@@ -25,7 +26,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..errors import InputError, SettingError
-from ..kernels.text import csv_record_end, csv_record_lines, parse_ints_each, parse_plain_csv
+from ..kernels.text import csv_record_end, csv_record_lines, parse_ints_each, parse_plain_csv, scan_chunk
 from .ids import as_text, text_buffers
 
 log = logging.getLogger("wals_ooc")
@@ -329,44 +330,56 @@ def _resolve_column(path: str, spec_col: str | int | None, names: list[str], rol
     return spec_col
 
 
-def _record_cut(data: bytes, delimiter: int) -> int:
-    """Length of the longest prefix of ``data`` made of whole records (0 if none ends in it)."""
-    if b'"' not in data:
-        return data.rfind(b"\n") + 1
-    return max(0, int(csv_record_end(np.frombuffer(data, np.uint8), 0, delimiter, QUOTE)))
-
-
-def _text_chunks(path: str, chunk_bytes: int, delimiter: str = ",") -> Iterator[tuple[bytes, int]]:
+def _text_chunks(path: str, chunk_bytes: int, delimiter: str = ",") -> Iterator[tuple[np.ndarray, int]]:
     """Whole records of a (possibly gzip) text file, about ``chunk_bytes`` at a time, with the
     1-based line number each chunk starts at. A chunk ends with a newline that ends a record,
     never one inside a quoted field, so the rows do not depend on the chunk size. A leading
-    UTF-8 BOM is dropped. Memory: one chunk (a longer record grows it, up to MAX_RECORD_BYTES)."""
+    UTF-8 BOM is dropped. Memory: one chunk (a longer record grows it, up to MAX_RECORD_BYTES).
+
+    Each chunk is a uint8 view of one buffer the file is read into, valid until the next chunk
+    is asked for (the caller copies what it keeps): fresh memory per chunk would fault in every
+    page anew, and slicing bytes copies them."""
     stream = pa.input_stream(path, compression="gzip" if _is_gzip(path) else None)
     separator = ord(delimiter)
-    leftover = b""
+    buffer = np.empty(chunk_bytes + (1 << 16), np.uint8)
+    held = 0  # bytes at the front of the buffer: the start of a record the last read cut
     line = 1
     first = True
     with stream:
         while True:
-            data = stream.read(chunk_bytes)
+            if len(buffer) - held < chunk_bytes:  # a long record: room for it and the next read
+                grown = np.empty(held + chunk_bytes + (1 << 16), np.uint8)
+                grown[:held] = buffer[:held]
+                buffer = grown
+            got = stream.readinto(buffer[held : held + chunk_bytes].data)
             if first:
-                data = data[len(BOM):] if data.startswith(BOM) else data
                 first = False
-            if not data:
+                if got >= len(BOM) and buffer[: len(BOM)].tobytes() == BOM:
+                    buffer[: got - len(BOM)] = buffer[len(BOM) : got].copy()
+                    got -= len(BOM)
+            if not got:
                 break
-            data = leftover + data
-            cut = _record_cut(data, separator)
+            end = held + got
+            quoted, newlines, cut = scan_chunk(buffer[:end])
+            if quoted:
+                cut = max(0, int(csv_record_end(buffer[:end], 0, separator, QUOTE)))
+                newlines = scan_chunk(buffer[:cut])[1]
             if cut == 0:
-                leftover = data
-                if len(leftover) > MAX_RECORD_BYTES:
-                    raise InputError(path, line, None, f"no record ends within {len(leftover)} bytes from this line: "
+                held = end
+                if held > MAX_RECORD_BYTES:
+                    raise InputError(path, line, None, f"no record ends within {held} bytes from this line: "
                                      "a quoted field that is never closed?")
                 continue
-            chunk, leftover = data[:cut], data[cut:]
-            yield chunk, line
-            line += chunk.count(b"\n")
-    if leftover:
-        yield leftover + b"\n", line
+            yield buffer[:cut], line
+            line += int(newlines)
+            held = end - cut
+            if held:
+                buffer[:held] = buffer[cut:end]  # numpy copies overlapping ranges safely
+    if held:
+        tail = np.empty(held + 1, np.uint8)
+        tail[:held] = buffer[:held]
+        tail[held] = 10
+        yield tail, line
 
 
 class _ChunkLines:
@@ -426,35 +439,71 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
         strings_can_be_null=False,
         quoted_strings_can_be_null=False,
     )
-    rows_seen = 0
     # plain chunks (integer ids and counts, no quotes) are read straight from their bytes; any
     # other chunk, or one with a problem to name, goes through Arrow and the validator below
     plain = (wanted[3] is None and _kind_of(spec, "user") != "str" and _kind_of(spec, "item") != "str"
              and len(spec.delimiter.encode()) == 1 and spec.delimiter != '"')
     plain_fields = (names.index(user_name), names.index(item_name),
                     names.index(wanted[2]) if wanted[2] is not None else -1) if plain else None
-    for chunk, first_line in _text_chunks(path, block_bytes, spec.delimiter):
+    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wals-ooc-parse") if plain_fields is not None else None
+    try:
+        yield from _csv_chunk_batches(path, spec, report, block_bytes, names, header_lines, wanted, convert_options,
+                                      plain_fields, validator, helper)
+    finally:
+        if helper is not None:
+            helper.shutdown()
+
+
+def _parse_plain(view: np.ndarray, n_fields: int, fields: tuple[int, int, int], delimiter: int,
+                 helper: ThreadPoolExecutor | None) -> list[tuple]:
+    """``parse_plain_csv`` of a chunk: a chunk of PARALLEL_PARSE_BYTES or more is cut at a newline
+    near its middle and its second half parsed by ``helper`` meanwhile (the kernel releases the
+    GIL), so two cores parse. The halves' rows, in order."""
+    halves = [view]
+    if helper is not None and len(view) >= PARALLEL_PARSE_BYTES:
+        middle = len(view) // 2
+        newline = np.flatnonzero(view[middle : middle + (1 << 16)] == 10)
+        if len(newline):
+            cut = middle + int(newline[0]) + 1
+            halves = [view[:cut], view[cut:]]
+    if len(halves) == 1:
+        return [parse_plain_csv(view, n_fields, *fields, delimiter)]
+    rest = halves[1]
+    second = helper.submit(lambda: parse_plain_csv(rest, n_fields, *fields, delimiter)) if helper is not None else None
+    first = parse_plain_csv(halves[0], n_fields, *fields, delimiter)
+    return [first, second.result()] if second is not None else [first]
+
+
+PARALLEL_PARSE_BYTES = 1 << 20
+
+
+def _csv_chunk_batches(path, spec, report, block_bytes, names, header_lines, wanted, convert_options, plain_fields,
+                       validator, helper) -> Iterator[RowBatch]:
+    """The batches of ``_csv_batches``, chunk by chunk (see there)."""
+    rows_seen = 0
+    for view, first_line in _text_chunks(path, block_bytes, spec.delimiter):
         if first_line == 1 and spec.header:  # drop the header record (it may span several lines)
             cut = 0
             for _ in range(header_lines):
-                cut = chunk.index(b"\n", cut) + 1
-            chunk, first_line = chunk[cut:], 1 + header_lines
-            if not chunk:
+                cut = int(np.flatnonzero(view[cut:] == 10)[0]) + cut + 1
+            view, first_line = view[cut:], 1 + header_lines
+            if not len(view):
                 continue
         if plain_fields is not None:  # plain
-            users, items, numbers, ok = parse_plain_csv(np.frombuffer(chunk, np.uint8), len(names), *plain_fields,
-                                                        ord(spec.delimiter))
-            if ok:
-                rows_seen += len(users)
-                vals = numbers.astype(np.float32)
-                zero = vals == 0
-                if zero.any():
-                    report.zeros_dropped += int(zero.sum())
-                    keep = np.flatnonzero(~zero)
-                    users, items, vals = users[keep], items[keep], vals[keep]
-                if len(vals):
-                    yield RowBatch(users, items, vals, None)
+            parsed = _parse_plain(view, len(names), plain_fields, ord(spec.delimiter), helper)
+            if all(ok for _, _, _, ok in parsed):
+                for users, items, numbers, _ in parsed:
+                    rows_seen += len(users)
+                    vals = numbers.astype(np.float32)
+                    zero = vals == 0
+                    if zero.any():
+                        report.zeros_dropped += int(zero.sum())
+                        keep = np.flatnonzero(~zero)
+                        users, items, vals = users[keep], items[keep], vals[keep]
+                    if len(vals):
+                        yield RowBatch(users, items, vals, None)
                 continue
+        chunk = view.tobytes()  # the careful way holds its bytes (the view's buffer is reused)
         lines = _ChunkLines(chunk, first_line, spec.delimiter)
         malformed: list[int] = []  # records, within this chunk, that were skipped
         first_error: list[InputError] = []

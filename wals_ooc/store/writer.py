@@ -10,6 +10,10 @@ Four streaming passes, each holding at most one batch or one shard in memory:
             user unit's and its item unit's bucket file;
 4. assemble: each bucket is sorted, duplicates summed, and appended as those rows of the CSR.
 
+When every id of both sides is an integer over a range the memory share can index, pass 1 also
+counts each id's entries (a dense table, no sort), so the shards are planned after pass 1 and
+passes 2 and 3 are one: each mapped batch goes straight into the bucket files.
+
 The store is built beside its target and swapped in only when complete (``store.lifecycle``),
 so a conversion that fails or is killed leaves an existing store as it was.
 """
@@ -32,7 +36,17 @@ import zarr
 from tqdm.auto import tqdm
 
 from ..errors import BudgetWarning, SettingError, WalsError
-from ..kernels.assemble import bucket_order, bucket_scatter, csr_from_entries, fill_dense_table, map_dense_ids, segment_sums
+from ..kernels.assemble import (
+    bucket_order,
+    bucket_scatter,
+    count_dense_ids,
+    csr_from_entries,
+    csr_into,
+    fill_dense_table,
+    id_range,
+    map_dense_ids,
+    segment_sums,
+)
 from ..kernels.text import parse_ints
 from ..memory import MemoryBudget, format_bytes, peak_rss
 from .format import ID_ARRAYS, CSR_CHUNK, FORMAT_VERSION, INTERACTIONS_KIND, create_array, is_local, subgroup
@@ -242,12 +256,21 @@ def _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, re
     workspace = _Workspace(out.workspace())
     disable = None if progress is None else not progress
     spill, sides, record = _collect(batches, workspace, budget, report, disable, id_types, source)
+    counted = {side: sides[side].finish() for side in ("user", "item")}  # entries per row, when pass 1 counted them
     maps = {}
     for side in ("user", "item"):
         write_id_map(group, ID_ARRAYS[side], sides[side].distinct, id_types[side])
         maps[side] = IdIndex(group[ID_ARRAYS[side]], out.target)
     del sides
-    counts, mapped_paths = _map_rows(spill, workspace, maps, record, disable, budget.allowance)
+    # with each row's entries known from pass 1, the shards are planned now and pass 2 puts each
+    # mapped batch straight into its bucket files (no file of mapped records written and read back)
+    fused = all(counts is not None for counts in counted.values())
+    mapped_paths: list[str] = []
+    if fused:
+        counts = {side: counted[side] for side in ("user", "item")}
+    else:
+        counts, mapped_paths = _map_rows(spill, workspace, maps, record, disable, budget.allowance)
+    del counted
     report.n_users, report.n_items = maps["user"].n, maps["item"].n
     raw_nnz = int(counts["user"].sum())
     target = shard_nnz or default_shard_nnz(raw_nnz, budget.allowance)
@@ -255,8 +278,13 @@ def _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, re
     per_entry = ASSEMBLE_BYTES_PER_NNZ + 3 * (record.itemsize - RECORD.itemsize)  # order: kept, sorted, reduced
     unit_nnz = max(1, budget.allowance // (8 * per_entry))  # a quarter of half the allowance: two assemble at once
     units = {side: assembly_units(counts[side], bounds[side], unit_nnz) for side in ("user", "item")}
+    bucketer = _Bucketer(workspace, units, record)
+    if fused:  # counts are used up (counted down to zero) by the check of pass 2
+        _map_rows(spill, workspace, maps, record, disable, budget.allowance, bucketer=bucketer, expected=counts)
+    else:
+        _bucket(mapped_paths, bucketer, budget, record, disable)
     del counts
-    buckets = _bucket(mapped_paths, workspace, units, budget, record, disable)
+    buckets = bucketer.paths
     # the two orientations are assembled at once, each in half the allowance (its units were cut
     # for that): the kernels and the chunk compression release the GIL, so both cores work
     nnz = {}
@@ -357,17 +385,81 @@ def _as_arrow(ids):
     return pa.array(ids) if isinstance(ids, np.ndarray) else ids
 
 
+class _DenseCounts:
+    """Entries per integer id in a table over the range of ids seen so far (``counts[id -
+    lowest]``), while that range fits ``memory_bytes``: the distinct ids and each one's entries
+    in one O(n) pass per batch (no sort), and the entries per row that pass 2 would count."""
+
+    def __init__(self, memory_bytes: int):
+        self.cap = max(1, memory_bytes // 8)  # table slots (int64 counts)
+        self.lowest = 0
+        self.counts = np.zeros(0, np.int64)
+
+    def add(self, ids: np.ndarray) -> bool:
+        """Count a batch of int64 ids; False (nothing counted) when their range outgrows the share."""
+        if not len(ids):
+            return True
+        low, high = (int(v) for v in id_range(ids))
+        have = len(self.counts)
+        if not have or low < self.lowest or high >= self.lowest + have:
+            new_low = low if not have else min(low, self.lowest)
+            new_high = high if not have else max(high, self.lowest + have - 1)
+            need = new_high - new_low + 1
+            if need > self.cap:
+                return False
+            slack = min(self.cap - need, need // 2)  # room to grow into: fewer copies of the table
+            if have and low < self.lowest:
+                new_low = max(-(1 << 63), new_low - slack)
+            else:
+                new_high = min((1 << 63) - 1, new_high + slack)
+            counts = np.zeros(new_high - new_low + 1, np.int64)
+            if have:
+                counts[self.lowest - new_low : self.lowest - new_low + have] = self.counts
+            self.counts, self.lowest = counts, new_low
+        count_dense_ids(ids, self.lowest, self.counts)
+        return True
+
+    def distinct(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted distinct ids, entries of each)."""
+        present = np.flatnonzero(self.counts)
+        return present.astype(np.int64) + self.lowest, self.counts[present]
+
+
 class _SideIds:
     """One side's ids through pass 1: their form (integers or text) and their distinct values.
 
     With id type "auto" a side stays integer while every id is a canonical integer (the text
     ``str(int(text))`` gives back) and turns to text for good at the first one that is not, so
-    the kind is decided by the whole input, the same way at any budget or batch size."""
+    the kind is decided by the whole input, the same way at any budget or batch size.
+    Integer ids are counted in a dense table (``_DenseCounts``) while their range fits the
+    memory share, which also gives each row's entries; past it, or once the side turns to text,
+    they go to ``DistinctIds`` (sorted per batch) and pass 2 counts the entries."""
 
     def __init__(self, side: str, id_type: str, workspace: _Workspace, memory_bytes: int, source: str):
         self.side, self.id_type, self.source = side, id_type, source
         self.kind = "str" if id_type == "str" else "int"
         self.distinct = DistinctIds(self.kind, workspace.path, memory_bytes, side)
+        self.dense: _DenseCounts | None = _DenseCounts(memory_bytes) if self.kind == "int" else None
+
+    def _leave_dense(self) -> None:
+        """Hand the ids counted so far to ``distinct`` and count no more."""
+        if self.dense is not None:
+            ids, _ = self.dense.distinct()
+            self.dense = None
+            if len(ids):
+                self.distinct.add(ids)
+
+    def finish(self) -> np.ndarray | None:
+        """At the end of pass 1: the entries of each row (the rows in sorted id order, as the id
+        map numbers them) when the dense table held the side to the end, else None. Either way
+        ``distinct`` then holds every distinct id."""
+        if self.dense is None:
+            return None
+        ids, counts = self.dense.distinct()
+        self.dense = None
+        if len(ids):
+            self.distinct.add(ids)
+        return counts
 
     def take(self, ids) -> np.ndarray | pa.Array:
         """The batch's ids in this side's current form (int64 or large_string), recorded as seen."""
@@ -381,10 +473,15 @@ class _SideIds:
                 raise InputError(self.source, None, self.side, f"non-integer id: {text[bad].as_py()!r} (use --id-type str)")
             else:
                 self.kind = "str"
+                self._leave_dense()
                 self.distinct.to_text()
                 ids = text
         if self.kind == "int":
             ids = np.asarray(ids, np.int64)
+            if self.dense is not None:
+                if self.dense.add(ids):
+                    return ids
+                self._leave_dense()
         else:
             ids = as_text(ids)
         self.distinct.add(ids)
@@ -521,17 +618,26 @@ class _RowMapper:
         return rows.astype(np.int32)
 
 
-def _map_rows(spill, workspace, maps, record, disable, allowance):
-    """Pass 2: original ids -> row indices, written as fixed-size records; count entries per row."""
+def _map_rows(spill, workspace, maps, record, disable, allowance, bucketer: _Bucketer | None = None,
+              expected: dict[str, np.ndarray] | None = None):
+    """Pass 2: original ids -> row indices, written as fixed-size records; count entries per row.
+
+    With a ``bucketer`` (the shards planned from the entries per row pass 1 counted, given as
+    ``expected``) each batch's records go straight to their bucket files instead, and the
+    counts are checked against ``expected``."""
     mappers = {side: _RowMapper(maps[side], allowance // 8) for side in ("user", "item")}
-    counts = {side: np.zeros(maps[side].n, np.int64) for side in ("user", "item")}
+    if expected is not None:  # counted down to zero in place (the shards are planned: no second array)
+        counts = {side: np.negative(expected[side], out=expected[side]) for side in ("user", "item")}
+    else:
+        counts = {side: np.zeros(maps[side].n, np.int64) for side in ("user", "item")}
     mapped_paths: list[str] = []
     sink = None
     buffer = np.empty(0, record)
-    with tqdm(desc=_desc("map ids"), unit="rows", unit_scale=True, disable=disable) as bar, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="wals-ooc-map") as pool:
+    with tqdm(desc=_desc("map ids" if bucketer is None else "map ids and bucket"), unit="rows", unit_scale=True,
+              disable=disable) as bar, \
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="wals-ooc-map") as pool:
         for batch in spill.batches():
-            if sink is None or sink.tell() >= SEGMENT_BYTES:
+            if bucketer is None and (sink is None or sink.tell() >= SEGMENT_BYTES):
                 if sink is not None:
                     sink.close()
                 mapped_paths.append(workspace.file(f"rows-{len(mapped_paths):05d}.records"))
@@ -546,10 +652,15 @@ def _map_rows(spill, workspace, maps, record, disable, allowance):
             records["value"] = batch.column(2).to_numpy()
             if "order" in record.names:
                 records["order"] = batch.column(3).to_numpy()
-            records.tofile(sink)
+            if bucketer is not None:
+                bucketer.add(records, pool)
+            elif sink is not None:
+                records.tofile(sink)
             bar.update(batch.num_rows)
     if sink is not None:
         sink.close()
+    if expected is not None and any(counts[side].any() for side in ("user", "item")):
+        raise RuntimeError("the entries per row of pass 2 differ from those pass 1 counted")
     return counts, mapped_paths
 
 
@@ -569,45 +680,55 @@ def _mapped_chunks(mapped_paths: list[str], record: np.dtype, chunk_rows: int) -
         os.remove(path)
 
 
-def _bucket(mapped_paths, workspace, bounds, budget, record, disable):
-    """Pass 3: append each record to its user shard's and its item shard's bucket file (the two
-    sides in two threads: the sort kernel and the file writes release the GIL)."""
-    chunk_rows = max(1 << 14, budget.allowance // (16 * record.itemsize))
-    paths = {
-        side: [workspace.file(f"{side}-{k:06d}.records") for k in range(len(bounds[side]) - 1)]
-        for side in ("user", "item")
-    }
-    total = sum(os.path.getsize(path) for path in mapped_paths) // record.itemsize
-    starts = {side: np.asarray(bounds[side], np.int64) for side in ("user", "item")}
+class _Bucketer:
+    """Pass 3's bucket files: each record appended to its user unit's and its item unit's file
+    (the two sides in two threads: the sort kernel and the file writes release the GIL)."""
 
-    grouped_buffers: dict[str, np.ndarray] = {}  # one per side, reused from chunk to chunk
+    def __init__(self, workspace: _Workspace, bounds: dict[str, list[int]], record: np.dtype):
+        self.record = record
+        self.ordered = record.names is not None and "order" in record.names
+        self.paths = {
+            side: [workspace.file(f"{side}-{k:06d}.records") for k in range(len(bounds[side]) - 1)]
+            for side in ("user", "item")
+        }
+        self.starts = {side: np.asarray(bounds[side], np.int64) for side in ("user", "item")}
+        self.grouped_buffers: dict[str, np.ndarray] = {}  # one per side, reused from chunk to chunk
 
-    def spread(records: np.ndarray, side: str) -> None:
+    def add(self, records: np.ndarray, pool: ThreadPoolExecutor) -> None:
+        for future in [pool.submit(self.spread, records, side) for side in ("user", "item")]:
+            future.result()
+
+    def spread(self, records: np.ndarray, side: str) -> None:
+        record, starts, paths = self.record, self.starts[side], self.paths[side]
         first, second = ("row", "col") if side == "user" else ("col", "row")
-        if "order" in record.names:
-            order, cuts = bucket_order(np.ascontiguousarray(records[first]), starts[side])  # stable counting sort
+        if self.ordered:
+            order, cuts = bucket_order(np.ascontiguousarray(records[first]), starts)  # stable counting sort
             grouped = records[order]
             del order
             if side == "item":
                 grouped = _swap_row_col(grouped)
         else:  # the same stable counting sort, moving the fields themselves
-            if side not in grouped_buffers:
-                grouped_buffers[side] = np.empty(chunk_rows, record)
-            grouped = grouped_buffers[side][: len(records)]
-            cuts = bucket_scatter(records[first], records[second], records["value"], starts[side], grouped["row"],
+            if len(self.grouped_buffers.get(side, ())) < len(records):
+                self.grouped_buffers[side] = np.empty(0, record)
+                self.grouped_buffers[side] = np.empty(len(records), record)
+            grouped = self.grouped_buffers[side][: len(records)]
+            cuts = bucket_scatter(records[first], records[second], records["value"], starts, grouped["row"],
                                   grouped["col"], grouped["value"])
-        for k in range(len(paths[side])):
+        for k in range(len(paths)):
             if cuts[k + 1] > cuts[k]:
-                with open(paths[side][k], "ab") as sink:
+                with open(paths[k], "ab") as sink:
                     grouped[cuts[k] : cuts[k + 1]].tofile(sink)
 
+
+def _bucket(mapped_paths, bucketer: _Bucketer, budget, record, disable) -> None:
+    """Pass 3: the records of pass 2's files into the bucket files."""
+    chunk_rows = max(1 << 14, budget.allowance // (16 * record.itemsize))
+    total = sum(os.path.getsize(path) for path in mapped_paths) // record.itemsize
     with tqdm(desc=_desc("bucket"), total=total, unit="rows", unit_scale=True, disable=disable) as bar, \
             ThreadPoolExecutor(max_workers=2, thread_name_prefix="wals-ooc-bucket") as pool:
         for records in _mapped_chunks(mapped_paths, record, chunk_rows):
-            for future in [pool.submit(spread, records, side) for side in ("user", "item")]:
-                future.result()
+            bucketer.add(records, pool)
             bar.update(len(records))
-    return paths
 
 
 def _swap_row_col(records: np.ndarray) -> np.ndarray:
@@ -664,6 +785,7 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz
     order_out = ChunkAppender(_csr_array(csr, "order", 0, np.float64)) if "order" in record.names else None
     offset = 0
     buffer = np.empty(0, record)
+    work = _Buffers()
     for k, path in enumerate(tqdm(bucket_paths, desc=_desc(f"assemble {orientation}"), unit="shards", disable=disable)):
         entries = os.path.getsize(path) // record.itemsize if os.path.exists(path) else 0
         if entries > unit_nnz and bounds[k + 1] - bounds[k] == 1 and n_cols * DENSE_ROW_BYTES <= allowance // 2:
@@ -680,7 +802,7 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz
                     buffer = np.empty(entries, record)
                 with open(path, "rb") as source:
                     source.readinto(buffer[:entries].view(np.uint8).data)
-                indptr, indices, values, order = rows_to_csr(buffer[:entries], bounds[k], bounds[k + 1], n_cols)
+                indptr, indices, values, order = rows_to_csr(buffer[:entries], bounds[k], bounds[k + 1], n_cols, work)
             else:  # passed without a name, so rows_to_csr can free the records once it has read them
                 indptr, indices, values, order = rows_to_csr(
                     np.fromfile(path, record) if entries else np.empty(0, record), bounds[k], bounds[k + 1], n_cols
@@ -728,7 +850,22 @@ def dense_row_to_csr(path: str, record: np.dtype, n_cols: int, chunk_entries: in
     return np.array([0, len(indices)], np.int64), indices, values, order
 
 
-def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int):
+class _Buffers:
+    """Working arrays kept from one assembly unit to the next, grown as needed: fresh memory
+    would fault in every page anew for every unit."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, size: int, dtype) -> np.ndarray:
+        array = self.arrays.get(name)
+        if array is None or len(array) < size or array.dtype != dtype:
+            self.arrays.pop(name, None)  # the old one is freed before the new one is made
+            array = self.arrays[name] = np.empty(size, dtype)
+        return array[:size]
+
+
+def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int, work: _Buffers | None = None):
     """Records of rows in ``[row_start, row_stop)`` -> (indptr, indices, values, order), duplicates
     summed (order: the latest of them, or None when the records carry no order).
 
@@ -740,6 +877,18 @@ def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int)
     if not len(records):
         return (np.zeros(n_rows + 1, np.int64), np.empty(0, np.int32), np.empty(0, np.float32),
                 np.empty(0, np.float64) if has_order else None)
+    if not has_order and work is not None:  # the same, into the caller's buffers
+        n = len(records)
+        values_dtype = records.dtype["value"]
+        indptr = work.get("indptr", n_rows + 1, np.int64)
+        indices, sums = work.get("indices", n, np.int32), work.get("sums", n, np.float64)
+        out = csr_into(records["row"], records["col"], records["value"], row_start, n_rows, n_cols,
+                       work.get("counts", n_rows + 1, np.int64), work.get("row_cols", n, np.int32),
+                       work.get("row_values", n, values_dtype), indptr, indices, sums)
+        values = work.get("values", out, np.float32)
+        with np.errstate(over="ignore"):
+            np.copyto(values, sums[:out], casting="unsafe")
+        return indptr, indices[:out], values, None
     if not has_order:  # one counting sort by row, a stable sort of each row's columns (numba)
         indptr, indices, sums = csr_from_entries(records["row"], records["col"], records["value"], row_start, n_rows,
                                                n_cols)
