@@ -138,3 +138,73 @@ def _plain_store(tmp_path):
     path = tmp_path / "plain.zarr"
     wals_ooc.convert(str(tmp_path / "log.csv"), str(path), user_col="u", item_col="i", value_col=None, progress=False)
     return str(path)
+
+
+def test_bounded_scan_gives_the_figures_of_scoring_every_item(small_store, tmp_path, monkeypatch):
+    """Items held in norm order, each user scanned only as far as its top K and its held-out
+    items' ranks can still change: every metric equals scoring every item (unpruned, and block
+    by block from Zarr as when the items do not fit the budget); a sampled AUC is each sampled
+    user's exact AUC."""
+    from wals_ooc.serve import scoring
+
+    wals_ooc.split(small_store, tmp_path / "tr.zarr", tmp_path / "te.zarr", test_fraction=0.3, seed=1, progress=False)
+    model = WALS(factors=8, iterations=5, random_state=0, alpha=3.0, regularization=0.05)
+    model.fit(str(tmp_path / "tr.zarr"), tmp_path / "m.zarr", progress=False)
+    test = str(tmp_path / "te.zarr")
+    bounded = model.evaluate(test, k=5)
+    sampled = model.evaluate(test, k=5, auc_fraction=0.5, seed=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(scoring, "PRUNE", False)
+        unpruned = model.evaluate(test, k=5)
+    with monkeypatch.context() as patch:  # item factors "too large": scored block by block from Zarr
+        patch.setattr(scoring.NormOrder, "nbytes_for", staticmethod(lambda n_rows, factors: 1 << 62))
+        blockwise = model.evaluate(test, k=5)
+        blockwise_sampled = model.evaluate(test, k=5, auc_fraction=0.5, seed=2)
+    assert bounded["users"] == bounded["auc_users"] > 50
+    for other in (unpruned, blockwise):
+        assert other.keys() == bounded.keys()
+        for name, value in bounded.items():
+            assert other[name] == pytest.approx(value, rel=1e-12, abs=1e-12), name
+    for name, value in sampled.items():
+        assert blockwise_sampled[name] == pytest.approx(value, rel=1e-12, abs=1e-12), name
+        if name not in ("auc", "auc_users"):
+            assert value == bounded[name], name  # top-K metrics are still those of every user
+    assert 0.3 * bounded["users"] < sampled["auc_users"] < 0.7 * bounded["users"]
+    assert sampled["auc"] != bounded["auc"]
+    assert "auc" not in model.evaluate(test, k=5, auc=False)
+    with pytest.raises(wals_ooc.errors.SettingError, match="auc_fraction"):
+        model.evaluate(test, k=5, auc_fraction=0.0)
+
+
+def test_norm_ordered_rank_counts_equal_scoring_every_item():
+    """The candidates above each held-out item, counted by the bounded norm-ordered scan, equal
+    the count over every item: scores of both signs (held-out items below minus the bound are
+    outranked by every remaining candidate at once), items of zero norm, users without held-out
+    items, excluded items masked."""
+    from wals_ooc.serve.scoring import FactorSource, NormOrder, top_k
+
+    rng = np.random.default_rng(5)
+    n_items, n_users = 1500, 300
+    items = (rng.standard_normal((n_items, 6)) * (rng.pareto(1.5, n_items)[:, None] + 0.1)).astype(np.float32)
+    items[rng.choice(n_items, 40, replace=False)] = 0
+    queries = rng.standard_normal((n_users, 6)).astype(np.float32)
+    chosen = [np.sort(rng.choice(n_items, rng.integers(0, 30), replace=False)) for _ in range(n_users)]
+    split_at = [rng.integers(0, len(c) + 1) for c in chosen]
+    exclude = [np.sort(c[:s]) for c, s in zip(chosen, split_at)]
+    held = [np.sort(c[s:][:5]) for c, s in zip(chosen, split_at)]
+
+    def csr(rows):
+        return np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64), np.concatenate(rows).astype(np.int64)
+
+    ex, test = csr(exclude), csr(held)
+    ids, scores, outranked = top_k(queries, FactorSource(NormOrder.of(items), 256), 7, exclude=ex, test=test)
+    all_scores = queries @ items.T
+    expected = []
+    for u in range(n_users):
+        negatives = np.setdiff1d(np.arange(n_items), np.concatenate([exclude[u], held[u]]))
+        expected += [int((all_scores[u, negatives] > all_scores[u, t]).sum()) for t in held[u]]
+    assert len(expected) > 500 and min(expected) == 0 and max(expected) > n_items // 2
+    np.testing.assert_array_equal(outranked, expected)
+    reference = top_k(queries, FactorSource(items, 256), 7, exclude=ex, test=test)
+    np.testing.assert_array_equal(ids, reference[0])
+    np.testing.assert_array_equal(outranked, reference[2])

@@ -8,8 +8,11 @@ continues with the first stage not done, and re-running a done stage is skipped)
              taste clusters, rows shuffled within chunks (users interleave as in a time-ordered
              log). Users of the evaluation sample (every k-th user, ``--test-users`` of them) send
              ``--test-fraction`` of their rows to separate ``test-*.csv`` parts (held out: never in
-             the training log). A numba kernel draws and formats the rows; parts are written by
-             ``--jobs`` processes, each part atomically (temp name, then rename).
+             the training log). A numba kernel draws (one splitmix64 stream per chunk of ~4M rows,
+             counts per user Poisson by numpy) and formats the rows; parts are written by ``--jobs``
+             processes, each part atomically (temp name, then rename), gzip level 1 through ``pigz``
+             (``--compress gzip``, the default: about half the disk of plain CSV; zlib if pigz is
+             absent) or plain (``--compress none``). Same settings and seed, same rows.
   convert    ``wals_ooc.convert`` of the training parts under ``--memory-budget``, then of the
              test parts; checks that every generated row was read. With ``--delete-csv`` the
              training parts (this tool's own intermediate files, listed in the state) are then
@@ -18,7 +21,8 @@ continues with the first stage not done, and re-running a done stage is skipped)
              the model's checkpoint: ``--one`` runs one stage and exits, so each iteration can
              run in its own ``cpu-exclusive`` slot.
   recommend  top-10 for a seeded sample of ``--recommend-users`` users (batches through
-             ``WALS.recommend``, already-liked items filtered).
+             ``WALS.recommend``, already-liked items filtered), or with ``--recommend-all`` for every
+             user through ``recommend_all`` (Parquet in the workdir, deleted once measured).
   evaluate   precision/recall/ndcg@10 on the held-out test store (``--eval-fraction`` of its users).
   cluster-1  with ``--with-cluster``: one iteration, same seed and settings as train-1, of a model
              of its own (``model-cluster.zarr``) on a ``distributed.LocalCluster`` of 2 worker
@@ -141,45 +145,62 @@ def _kernels():
         return end
 
     @njit(cache=True, nogil=True)
-    def generate_chunk(seed, u_lo, u_hi, expected, n_users, scramble_mul, global_cdf, global_guide, member_items,
-                       member_start, member_cdf, member_guide, n_clusters, affinity, test_every, test_fraction, train_buf, test_buf):
-        """Rows of users [u_lo, u_hi) as CSV text: (train bytes, test bytes, train rows, test rows)."""
-        np.random.seed(seed)
+    def _next(state):
+        """splitmix64: the next 64 random bits of ``state`` (a 1-element uint64 array)."""
+        state[0] += np.uint64(0x9E3779B97F4A7C15)
+        z = state[0]
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+    @njit(cache=True, nogil=True)
+    def _uniform(state):
+        return np.float64(_next(state) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+    @njit(cache=True, nogil=True)
+    def generate_chunk(seed, u_lo, counts, n_users, scramble_mul, global_cdf, global_guide, member_items,
+                       member_start, member_cdf, member_guide, n_clusters, affinity, count_cdf, test_every, test_fraction,
+                       train_buf, test_buf):
+        """Rows of users [u_lo, u_lo + len(counts)) (``counts[k]`` rows for user u_lo + k) as CSV text:
+        (train bytes, test bytes, train rows, test rows). One splitmix64 stream per chunk."""
+        state = np.empty(1, np.uint64)
+        state[0] = np.uint64(seed)
         total = 0
-        counts = np.empty(u_hi - u_lo, np.int64)
-        for u in range(u_lo, u_hi):
-            c = np.random.poisson(expected[u - u_lo])
-            if c < 1:
-                c = 1
-            counts[u - u_lo] = c
-            total += c
-        users = np.empty(total, np.int64)
-        k = 0
-        for u in range(u_lo, u_hi):
-            for _ in range(counts[u - u_lo]):
-                users[k] = u
-                k += 1
-        order = np.random.permutation(total)  # interleave users, as in a time-ordered log
+        for k in range(counts.shape[0]):
+            total += counts[k]
+        users = np.empty(total, np.int32)  # user - u_lo, one entry a row
+        r = 0
+        for k in range(counts.shape[0]):
+            for _ in range(counts[k]):
+                users[r] = k
+                r += 1
+        for i in range(total - 1, 0, -1):  # Fisher-Yates: interleave users, as in a time-ordered log
+            j = int(_uniform(state) * (i + 1))
+            t = users[i]
+            users[i] = users[j]
+            users[j] = t
         n_items = global_cdf.shape[0]
+        n_counts = count_cdf.shape[0]
         tpos = 0
         spos = 0
         n_train = 0
         n_test = 0
         for r in range(total):
-            u = users[order[r]]
+            u = u_lo + users[r]
             # ids scrambled over the id space (a bijection), so heavy users are anywhere
             user_id = (u * scramble_mul) % n_users
             cluster = (u * 2654435761) % n_clusters
-            if np.random.random() < affinity and member_start[cluster + 1] > member_start[cluster]:
+            if _uniform(state) < affinity and member_start[cluster + 1] > member_start[cluster]:
                 lo = member_start[cluster]
                 hi = member_start[cluster + 1]
-                item = member_items[_draw(member_cdf, member_guide, cluster, lo, hi - 1, np.random.random())]
+                item = member_items[_draw(member_cdf, member_guide, cluster, lo, hi - 1, _uniform(state))]
             else:
-                item = _draw(global_cdf, global_guide, 0, 0, n_items - 1, np.random.random())
+                item = _draw(global_cdf, global_guide, 0, 0, n_items - 1, _uniform(state))
+            x = _uniform(state)  # geometric counts, by inverse cdf
             count = 1
-            while np.random.random() > 0.35 and count < 50:  # geometric counts
+            while count < n_counts and x > count_cdf[count - 1]:
                 count += 1
-            to_test = test_every > 0 and u % test_every == 0 and np.random.random() < test_fraction
+            to_test = test_every > 0 and u % test_every == 0 and _uniform(state) < test_fraction
             if to_test:
                 buf = test_buf
                 pos = spos
@@ -261,29 +282,109 @@ def _scramble_multiplier(n: int) -> int:
     return m
 
 
-def part_bounds(args) -> list[int]:
-    """User boundaries of the parts: about the same expected rows each."""
+def expected_rows(args) -> np.ndarray:
+    """``_expected_rows``, computed once a run (15 s at 20M users) and kept in the workdir."""
+    path = os.path.join(args.workdir, "expected-rows.npy")
+    if os.path.exists(path):
+        return np.load(path, mmap_mode="r")
     expected = _expected_rows(args)
+    with open(path + ".partial", "wb") as handle:
+        np.save(handle, expected)
+    os.replace(path + ".partial", path)
+    return expected
+
+
+def part_bounds(args, expected: np.ndarray | None = None) -> list[int]:
+    """User boundaries of the parts: about the same expected rows each."""
+    expected = expected_rows(args) if expected is None else expected
     cum = np.cumsum(expected)
     cuts = np.searchsorted(cum, np.arange(1, args.parts) * (cum[-1] / args.parts))
     return [0] + [int(c) for c in cuts] + [args.users]
+
+
+def _count_cdf(stop: float = 0.35, cap: int = 50) -> np.ndarray:
+    """P(count <= k), k = 1..cap, of counts geometric with stopping probability ``stop``, capped."""
+    cdf = 1.0 - (1.0 - stop) ** np.arange(1, cap + 1, dtype=np.float64)
+    cdf[-1] = 1.0
+    return cdf
+
+
+class _Sink:
+    """A part file being written: gzip level 1 through ``pigz`` (zlib if pigz is not installed),
+    or plain; fed by a thread so that the next chunk is generated while this one is written."""
+
+    def __init__(self, path: str, compress: bool):
+        import queue
+        import shutil
+        import threading
+
+        self.path = path
+        self.handle = open(path, "wb")
+        self.proc = None
+        self.zfile = None
+        if compress and shutil.which("pigz"):
+            self.proc = subprocess.Popen(["pigz", "-1", "-n", "-p", "1", "-c"], stdin=subprocess.PIPE, stdout=self.handle)
+            self.out = self.proc.stdin
+        elif compress:
+            import gzip
+
+            self.zfile = gzip.GzipFile(fileobj=self.handle, mode="wb", compresslevel=1, mtime=0)
+            self.out = self.zfile
+        else:
+            self.out = self.handle
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            block = self.queue.get()
+            if block is None:
+                return
+            try:
+                if self.error is None:
+                    self.out.write(block)
+            except BaseException as exc:  # reported by close()
+                self.error = exc
+
+    def write(self, block) -> None:
+        self.queue.put(block)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        if self.proc is not None:
+            self.proc.stdin.close()
+            if self.proc.wait():
+                raise SystemExit(f"pigz failed writing {self.path} (exit {self.proc.returncode})")
+        elif self.zfile is not None:
+            self.zfile.close()
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
 
 
 def generate_part(args, part: int) -> dict:
     """Write train part ``part`` (and its test rows) atomically; returns its counts."""
     generate_chunk = _kernels()
     started = time.perf_counter()
-    expected = _expected_rows(args)
-    bounds = part_bounds(args)
+    expected = expected_rows(args)
+    bounds = part_bounds(args, expected)
     tables = _item_tables(args)
+    count_cdf = _count_cdf()
     mul = _scramble_multiplier(args.users)
     test_every = max(1, args.users // args.test_users) if args.test_users else 0
-    train_path, test_path = part_paths(args.workdir, part)
+    train_path, test_path = part_paths(args.workdir, part, args.compress)
+    row_bytes = len(str(args.users - 1)) + len(str(args.items - 1)) + 2 + 3  # two commas, count <= 50, newline
     chunk_rows = 4_000_000
-    rows = {"train": 0, "test": 0, "train_bytes": 0, "test_bytes": 0}
-    with open(train_path + ".partial", "wb") as train_out, open(test_path + ".partial", "wb") as test_out:
-        train_out.write(HEADER)  # every part has the header: convert reads each file alike
-        test_out.write(HEADER)
+    rows = {"train": 0, "test": 0, "train_bytes": 0, "test_bytes": 0, "text_bytes": 0}
+    sinks = [_Sink(train_path + ".partial", args.compress == "gzip"), _Sink(test_path + ".partial", args.compress == "gzip")]
+    try:
+        for sink in sinks:
+            sink.write(HEADER)  # every part has the header: convert reads each file alike
         u = bounds[part]
         stop = bounds[part + 1]
         cum = np.concatenate([[0.0], np.cumsum(expected[u:stop])])
@@ -291,27 +392,32 @@ def generate_part(args, part: int) -> dict:
         while u < stop:
             hi = u + max(1, int(np.searchsorted(cum, cum[u - bounds[part]] + chunk_rows) - (u - bounds[part])))
             hi = min(hi, stop)
-            want = int(cum[hi - bounds[part]] - cum[u - bounds[part]])
-            cap = (int(want * 1.1 + 10 * np.sqrt(want)) + (hi - u) + 1000) * 24  # poisson slack, min 1 row a user
-            train_buf = np.empty(cap, np.uint8)
-            test_buf = np.empty(cap // 4 + (1 << 16), np.uint8) if test_every else np.empty(1, np.uint8)
+            seed = (args.seed * 1_000_003 + part * 10_007 + chunk) * 0x9E3779B97F4A7C15 % 2**64
+            rng = np.random.default_rng(seed)
+            counts = np.maximum(rng.poisson(expected[u:hi]), 1).astype(np.int64)  # at least one row a user
+            total = int(counts.sum())
+            train_buf = np.empty(total * row_bytes, np.uint8)
+            test_buf = np.empty(total * row_bytes if test_every else 1, np.uint8)
             tpos, spos, n_train, n_test = generate_chunk(
-                args.seed * 1_000_003 + part * 10_007 + chunk, u, hi, expected[u:hi], args.users, mul, *tables, args.clusters, args.affinity, test_every,
+                np.uint64(seed), u, counts, args.users, mul, *tables, args.clusters, args.affinity, count_cdf, test_every,
                 args.test_fraction, train_buf, test_buf)
-            train_out.write(memoryview(train_buf)[:tpos])
-            test_out.write(memoryview(test_buf)[:spos])
+            sinks[0].write(memoryview(train_buf)[:tpos])
+            sinks[1].write(memoryview(test_buf)[:spos])
             rows["train"] += n_train
             rows["test"] += n_test
+            rows["text_bytes"] += tpos + spos
             u = hi
             chunk += 1
-        for handle in (train_out, test_out):
-            handle.flush()
-            os.fsync(handle.fileno())
+    finally:
+        for sink in sinks:
+            sink.close()
     rows["train_bytes"] = os.path.getsize(train_path + ".partial")
     rows["test_bytes"] = os.path.getsize(test_path + ".partial")
     os.replace(train_path + ".partial", train_path)
     os.replace(test_path + ".partial", test_path)
     rows["seconds"] = time.perf_counter() - started
+    cpu = os.times()
+    rows["cpu_seconds"] = cpu.user + cpu.system + cpu.children_user + cpu.children_system  # with pigz's
     return rows
 
 
@@ -337,8 +443,9 @@ def ensure_header(path: str) -> None:
     os.replace(path + ".partial", path)
 
 
-def part_paths(workdir: str, part: int) -> tuple[str, str]:
-    return (os.path.join(workdir, "csv", f"log-{part:03d}.csv"), os.path.join(workdir, "csv", f"test-{part:03d}.csv"))
+def part_paths(workdir: str, part: int, compress: str = "gzip") -> tuple[str, str]:
+    ext = ".csv.gz" if compress == "gzip" else ".csv"
+    return (os.path.join(workdir, "csv", f"log-{part:03d}{ext}"), os.path.join(workdir, "csv", f"test-{part:03d}{ext}"))
 
 
 # ----------------------------------------------------------------------------- child stages
@@ -359,7 +466,7 @@ def child_convert(args) -> dict:
     from wals_ooc.memory import peak_rss
 
     index = 0 if args.which == "train" else 1
-    paths = [part_paths(args.workdir, p)[index] for p in range(args.parts)]
+    paths = [part_paths(args.workdir, p, args.compress)[index] for p in range(args.parts)]
     os.makedirs(os.path.join(args.workdir, "tmp"), exist_ok=True)
     started = time.perf_counter()
     report = wals_ooc.convert(paths, os.path.join(args.workdir, f"{args.which}.zarr"), memory_budget=args.memory_budget,
@@ -433,6 +540,18 @@ def child_recommend(args) -> dict:
 
     model = wals_ooc.load(os.path.join(args.workdir, "model.zarr"), os.path.join(args.workdir, "train.zarr"),
                           memory_budget=args.memory_budget, threads=args.threads)
+    if args.recommend_all:  # every user through recommend_all (Parquet), the output then deleted
+        import shutil
+
+        output = os.path.join(args.workdir, "rec-all")
+        started = time.perf_counter()
+        model.recommend_all(N=10, output=output, format="parquet", overwrite=True)
+        seconds = time.perf_counter() - started
+        written = disk_used(output)
+        shutil.rmtree(output)
+        maps = model.id_maps()
+        return {"seconds": seconds, "users": int(maps.n_users), "output_bytes": written, "peak_rss": peak_rss(),
+                "mode": "recommend_all"}
     maps = model.id_maps()
     n_users = maps.n_users if hasattr(maps, "n_users") else model.factors_store.n_users
     rng = np.random.default_rng(0)
@@ -469,9 +588,11 @@ CHILDREN = {"generate": child_generate, "convert": child_convert, "train": child
 def _common(args) -> list[str]:
     out = []
     for name in ("workdir", "rows", "users", "items", "parts", "seed", "user_exponent", "item_exponent", "clusters",
-                 "affinity", "max_user_rows", "test_users", "test_fraction", "memory_budget", "factors", "threads",
+                 "affinity", "max_user_rows", "test_users", "test_fraction", "compress", "memory_budget", "factors", "threads",
                  "recommend_users", "eval_fraction"):
         out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.recommend_all:
+        out.append("--recommend-all")
     return out
 
 
@@ -519,6 +640,11 @@ def stage_names(args) -> list[str]:
 
 def do_generate(args, state) -> dict:
     os.makedirs(os.path.join(args.workdir, "csv"), exist_ok=True)
+    cache = os.path.join(args.workdir, "expected-rows.npy")
+    if cache not in state["created"]:
+        state["created"].append(cache)
+        save_state(args.workdir, state)
+    expected_rows(args)  # once, before the part processes read it
     parts = state.setdefault("parts", {})
     pending = [p for p in range(args.parts) if str(p) not in parts]
     started = time.perf_counter()
@@ -527,7 +653,7 @@ def do_generate(args, state) -> dict:
     while pending or running:
         while pending and len(running) < args.jobs:
             p = pending.pop(0)
-            for path in part_paths(args.workdir, p):
+            for path in part_paths(args.workdir, p, args.compress):
                 if path not in state["created"]:
                     state["created"].append(path)
             save_state(args.workdir, state)
@@ -550,6 +676,8 @@ def do_generate(args, state) -> dict:
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "rows": rows, "test_rows": test_rows, "csv_bytes": bytes_,
             "part_seconds": sum(v["seconds"] for v in parts.values()), "peak_rss": peak,
+            "part_cpu_seconds": sum(v.get("cpu_seconds", 0.0) for v in parts.values()),
+            "parts_with_cpu_seconds": sum("cpu_seconds" in v for v in parts.values()),
             "note": "wall time of this invocation only; part_seconds sums every part's own time"}
 
 
@@ -557,9 +685,10 @@ def do_stage(args, state, name: str) -> dict:
     if name == "generate":
         return do_generate(args, state)
     if name == "convert":
-        for p in range(args.parts):
-            for path in part_paths(args.workdir, p):
-                ensure_header(path)
+        if args.compress == "none":
+            for p in range(args.parts):
+                for path in part_paths(args.workdir, p, args.compress):
+                    ensure_header(path)
         for path in (os.path.join(args.workdir, "train.zarr"), os.path.join(args.workdir, "test.zarr")):
             if path not in state["created"]:
                 state["created"].append(path)
@@ -579,7 +708,7 @@ def do_stage(args, state, name: str) -> dict:
                        "peak_rss": max(converted["train"]["peak_rss"], converted["test"]["peak_rss"])})
         if args.delete_csv:
             for p in range(args.parts):
-                path = part_paths(args.workdir, p)[0]
+                path = part_paths(args.workdir, p, args.compress)[0]
                 if path in state["created"] and os.path.exists(path):
                     os.remove(path)
             result["deleted_csv"] = True
@@ -611,7 +740,12 @@ def describe(name: str, result: dict, state: dict) -> str:
     line = f"{name:10s} wall {result['seconds']:9.1f} s  peak RSS {gib(result['peak_rss'])}"
     if name == "generate":
         line += (f"  rows {result['rows']:,} (+{result['test_rows']:,} held out)  CSV {gib(result['csv_bytes'])}  "
-                 f"{result['rows'] / max(result['part_seconds'], 1e-9) * min(2, 1):,.0f} rows/s per process")
+                 f"{result['rows'] / max(result['part_seconds'], 1e-9):,.0f} rows/s per process")
+        if result.get("parts_with_cpu_seconds"):
+            k = result["parts_with_cpu_seconds"]
+            rows_k = sum(v["train"] + v["test"] for v in state.get("parts", {}).values() if "cpu_seconds" in v)
+            line += (f"\n             CPU: {result['part_cpu_seconds']:,.0f} s in {k} parts (generator and pigz), "
+                     f"{rows_k / max(result['part_cpu_seconds'], 1e-9):,.0f} rows per CPU-second")
     elif name == "convert":
         line += (f"  rows {result['rows']:,} -> nnz {result['nnz']:,}  {result['rows'] / result['seconds']:,.0f} rows/s"
                  f"  (test: {result['test_rows']:,} rows, {result['test_seconds']:.1f} s)")
@@ -630,6 +764,8 @@ def describe(name: str, result: dict, state: dict) -> str:
                          f" item {h['item_seconds']:.1f} s (threaded {threaded['history']['item_seconds']:.1f})")
     elif name == "recommend":
         line += f"  {result['users']:,} users, {result['users'] / result['seconds']:,.0f} users/s"
+        if result.get("mode") == "recommend_all":
+            line += f" (recommend_all, every user: Parquet {gib(result['output_bytes'])}, then deleted)"
     elif name == "evaluate":
         line += "  " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
     if "disk" in result:
@@ -664,11 +800,15 @@ def main() -> None:
     parser.add_argument("--max-user-rows", type=int, default=20_000)
     parser.add_argument("--test-users", type=int, default=1_000_000)
     parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--compress", choices=("gzip", "none"), default="gzip",
+                        help="CSV parts gzip level 1 (pigz, else zlib; about half the disk) or plain")
     parser.add_argument("--memory-budget", default="4GB")
     parser.add_argument("--factors", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--recommend-users", type=int, default=1_000_000)
+    parser.add_argument("--recommend-all", action="store_true",
+                        help="recommend stage: top-10 of every user through recommend_all (Parquet, then deleted)")
     parser.add_argument("--eval-fraction", type=float, default=1.0)
     parser.add_argument("--delete-csv", action="store_true", help="delete the training CSV parts after a verified convert")
     parser.add_argument("--with-cluster", action="store_true",
@@ -694,7 +834,7 @@ def main() -> None:
     state = load_state(args.workdir)
     settings = {k: v for k, v in vars(args).items() if k in ("rows", "users", "items", "parts", "seed", "user_exponent",
                                                              "item_exponent", "clusters", "affinity", "max_user_rows",
-                                                             "test_users", "test_fraction")}
+                                                             "test_users", "test_fraction", "compress")}
     if state.get("settings", settings) != settings:
         raise SystemExit(f"{args.workdir} holds a run of other settings {state['settings']}; use another --workdir")
     state["settings"] = settings

@@ -434,7 +434,8 @@ def cmd_evaluate(args) -> int:
 
     model = load(args.model, interactions=args.interactions, memory_budget=args.memory_budget, threads=args.threads)
     with _client(args) as client:
-        metrics = model.evaluate(args.test, k=args.k, user_fraction=args.user_fraction, seed=args.seed, client=client)
+        metrics = model.evaluate(args.test, k=args.k, user_fraction=args.user_fraction, seed=args.seed, client=client,
+                                 auc=not args.no_auc, auc_fraction=args.auc_fraction)
     print(json.dumps(metrics))
     return 0
 
@@ -690,7 +691,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="length of the recommendation list measured")
     p.add_argument("--user-fraction", type=float, default=None,
                    help="evaluate a seeded random share of the test users (default: all of them)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --user-fraction's sample")
+    p.add_argument("--seed", type=int, default=0, help="seed of --user-fraction's and --auc-fraction's samples")
+    p.add_argument("--auc-fraction", type=float, default=None,
+                   help="compute AUC (exactly) for a seeded random share of the evaluated users only, the costliest "
+                        "metric at catalogue scale; the output's auc_users counts them (default: all of them)")
+    p.add_argument("--no-auc", action="store_true", help="leave AUC out (top-K metrics only)")
     _interactions_arg(p)
     cluster_args(p)
     _budget_arg(p)

@@ -530,8 +530,9 @@ class WALS:
         return self._recalculate("item", interactions)
 
     def evaluate(self, test: InteractionStore | str, k: int = 10, user_fraction: float | None = None, seed: int = 0,
-                 client: Any = None) -> dict:
-        """Ranking metrics at k on a held-out store made by ``wals_ooc.split`` (see ``evaluate``)."""
+                 client: Any = None, auc: bool = True, auc_fraction: float | None = None) -> dict:
+        """Ranking metrics at k on a held-out store made by ``wals_ooc.split`` (see ``evaluate``;
+        ``auc=False`` leaves AUC out, ``auc_fraction`` computes it for a seeded share of the users)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise SettingError(f"k must be an integer >= 1, got {k!r}", flags={"k must": "-k must"})
         if user_fraction is not None and not 0 < user_fraction <= 1:
@@ -542,7 +543,7 @@ class WALS:
         test_store = _as_store(test, self.storage_options)
         _check_test_store(store, test_store)
         return evaluate_model(model, store, test_store, k, user_fraction, seed, client,
-                              self.threads, self.memory_budget, self.storage_options)
+                              self.threads, self.memory_budget, self.storage_options, auc=auc, auc_fraction=auc_fraction)
 
     def report(self, output: str | os.PathLike, test: InteractionStore | str | None = None, *, overwrite: bool = False,
                **options: Any) -> str:

@@ -8,7 +8,14 @@ items, and compare them with the held-out items T_u:
     map@K       = sum_r P@r * rel_r / min(K, |T_u|)
     auc         = 1 - mean over t in T_u of (# non-training, non-test items scored above t) / # such items
 
-Metrics are averaged over users with at least one held-out item the model knows.
+Metrics are averaged over users with at least one held-out item the model knows; AUC over
+those of them it was computed for (``auc_users``: all of them, or a seeded share with
+``auc_fraction``; each user's AUC is exact either way).
+
+Scoring: when the item factors fit a quarter of the budget they are held once per process in
+norm order, and each user is scored only as far as the Cauchy-Schwarz bound lets its top K or
+its held-out items' ranks still change (``serve/scoring.py``); else every item is scored, block
+by block. The figures are the same either way.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from ..errors import SettingError
 from ..execute import Executor, single_threaded_blas_in_worker
 from ..kernels.warm import warm_serving_kernels
 from ..memory import MemoryBudget
-from ..serve.recommend import item_source, score_block_rows
+from ..serve.recommend import item_cache_plan, item_source, release_items, score_block_rows
 from ..serve.scoring import top_k
 from ..store.reader import InteractionStore
 from ..train.factors import FactorStore
@@ -38,24 +45,30 @@ class MetricSums:
     users: int = 0
     skipped_users: int = 0
     skipped_items: int = 0
+    auc_users: int = 0
     sums: dict = field(default_factory=lambda: {m: 0.0 for m in METRICS})
 
     def add(self, other: MetricSums) -> None:
         self.users += other.users
+        self.auc_users += other.auc_users
         self.skipped_users += other.skipped_users
         self.skipped_items += other.skipped_items
         for m in METRICS:
             self.sums[m] += other.sums[m]
 
     def means(self, k: int) -> dict:
-        out = {f"{m}@{k}" if m != "auc" else m: (self.sums[m] / self.users if self.users else float("nan")) for m in METRICS}
-        out.update(users=self.users, skipped_users=self.skipped_users, skipped_test_items=self.skipped_items)
+        out = {f"{m}@{k}": (self.sums[m] / self.users if self.users else float("nan")) for m in METRICS if m != "auc"}
+        out["auc"] = self.sums["auc"] / self.auc_users if self.auc_users else float("nan")
+        out.update(users=self.users, skipped_users=self.skipped_users, skipped_test_items=self.skipped_items,
+                   auc_users=self.auc_users)
         return out
 
 
 def ranking_metrics(rec_ids: np.ndarray, test_indptr: np.ndarray, test_ids: np.ndarray, outranked: np.ndarray | None,
-                    n_candidates: np.ndarray | None, k: int) -> MetricSums:
+                    n_candidates: np.ndarray | None, k: int, auc_mask: np.ndarray | None = None) -> MetricSums:
     """Metric sums for a batch of users from their top-K lists and held-out ids (CSR, sorted).
+
+    auc_mask: (n,) bool, the users whose ``outranked`` counts were gathered (default all).
 
     Vectorised over the batch: each (user, id) pair becomes one integer key, and a top-K entry
     is a hit when its key is among the held-out keys (binary search in the sorted keys).
@@ -94,7 +107,9 @@ def ranking_metrics(rec_ids: np.ndarray, test_indptr: np.ndarray, test_ids: np.n
         ratio = np.asarray(outranked, np.float64) / np.maximum(negatives[owner], 1)
         mean_ratio = np.bincount(owner, ratio, minlength=n) / np.maximum(lengths, 1)
         auc = np.where(negatives > 0, 1.0 - mean_ratio, 1.0)
-        sums.sums["auc"] = float(auc[active].sum())
+        counted = active if auc_mask is None else active & auc_mask
+        sums.auc_users = int(counted.sum())
+        sums.sums["auc"] = float(auc[counted].sum())
     return sums
 
 
@@ -115,6 +130,7 @@ class MetricCurves:
     users: int = 0
     skipped_users: int = 0
     skipped_items: int = 0
+    auc_users: int = 0
     sums: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -123,6 +139,7 @@ class MetricCurves:
 
     def add(self, other: MetricCurves) -> None:
         self.users += other.users
+        self.auc_users += other.auc_users
         self.skipped_users += other.skipped_users
         self.skipped_items += other.skipped_items
         for m in METRICS:
@@ -133,13 +150,14 @@ class MetricCurves:
         users = self.users or float("nan")
         out: dict[str, Any] = {"k": list(range(1, self.k_max + 1))}
         for m in METRICS:
-            out[m] = float(self.sums[m] / users) if m == "auc" else (self.sums[m] / users).tolist()
-        out.update(users=self.users, skipped_users=self.skipped_users, skipped_test_items=self.skipped_items)
+            out[m] = float(self.sums[m] / (self.auc_users or float("nan"))) if m == "auc" else (self.sums[m] / users).tolist()
+        out.update(users=self.users, skipped_users=self.skipped_users, skipped_test_items=self.skipped_items,
+                   auc_users=self.auc_users)
         return out
 
 
 def ranking_curves(rec_ids: np.ndarray, test_indptr: np.ndarray, test_ids: np.ndarray, outranked: np.ndarray | None,
-                   n_candidates: np.ndarray | None, k_max: int) -> MetricCurves:
+                   n_candidates: np.ndarray | None, k_max: int, auc_mask: np.ndarray | None = None) -> MetricCurves:
     """Metric sums at every cutoff 1..k_max from one top-k_max list per user (the same
     definitions as ``ranking_metrics``, all cutoffs in one pass)."""
     curves = MetricCurves(k_max)
@@ -158,8 +176,9 @@ def ranking_curves(rec_ids: np.ndarray, test_indptr: np.ndarray, test_ids: np.nd
         curves.sums["recall"] += hits / len(truth)
         curves.sums["ndcg"] += np.cumsum(relevant * discounts) / ideal_at[shown - 1]
         curves.sums["map"] += np.cumsum(hits / cutoffs * relevant) / shown
-        if outranked is not None:
+        if outranked is not None and (auc_mask is None or auc_mask[u]):
             assert n_candidates is not None, "outranked comes with n_candidates"
+            curves.auc_users += 1
             negatives = n_candidates[u]
             ranks = outranked[test_indptr[u] : test_indptr[u + 1]]
             curves.sums["auc"] += float(1.0 - (ranks / negatives).mean()) if negatives > 0 else 1.0
@@ -167,7 +186,7 @@ def ranking_curves(rec_ids: np.ndarray, test_indptr: np.ndarray, test_ids: np.nd
 
 
 def _evaluate_shard(model_location, train_location, test_location, storage_options, lo, hi, k, allowance, max_users_seed,
-                    with_auc=True, curves: bool = False):
+                    with_auc=True, curves: bool = False, items_allowance=None, auc_fraction=None):
     single_threaded_blas_in_worker()
     model = FactorStore.open(model_location, "r", storage_options)
     train = InteractionStore(train_location, storage_options)
@@ -203,13 +222,37 @@ def _evaluate_shard(model_location, train_location, test_location, storage_optio
     exclude = (exclude_indptr, exclude_ids.astype(np.int64))
     queries = np.asarray(model.current("user").get_orthogonal_selection((user_rows, slice(None))))
     block_rows = score_block_rows(len(rows), queries.shape[1], allowance)
-    rec_ids, _, outranked = top_k(queries, item_source(model, allowance, block_rows), k, exclude=exclude,
-                                  test=test_csr if with_auc else None)
+    auc_mask = None  # AUC of every user, or (auc_fraction) of a seeded share of them: the others rank nothing
+    ranked = test_csr
+    if with_auc and auc_fraction is not None:
+        fraction, seed = auc_fraction
+        auc_mask = np.random.default_rng([seed, lo, 1]).random(len(rows)) < fraction
+        ranked = gather_rows(test_csr[0], test_csr[1], np.flatnonzero(auc_mask))
+        ranked = (_spread(ranked[0], auc_mask), ranked[1])
+    source = item_source(model, items_allowance or allowance, block_rows)
+    rec_ids, _, outranked = top_k(queries, source, k, exclude=exclude, test=ranked if with_auc else None)
+    if auc_mask is not None and outranked is not None:  # back to the CSR of every user (zeros: not ranked)
+        full = np.zeros(len(test_csr[1]), np.int64)
+        full[_segment_positions(test_csr[0], auc_mask)] = outranked
+        outranked = full
     n_candidates = train.n_items - np.diff(exclude[0]) - np.diff(test_csr[0])
     measure = ranking_curves if curves else ranking_metrics
-    batch = measure(rec_ids, test_csr[0], test_csr[1], outranked, n_candidates, k)
+    batch = measure(rec_ids, test_csr[0], test_csr[1], outranked, n_candidates, k, auc_mask)
     batch.skipped_users, batch.skipped_items = sums.skipped_users, sums.skipped_items
     return batch
+
+
+def _spread(indptr: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """The indptr over all users of a CSR that holds rows only for the ``chosen`` (bool) users."""
+    lengths = np.zeros(len(chosen), np.int64)
+    lengths[chosen] = np.diff(indptr)
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def _segment_positions(indptr: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """Positions, in a CSR's entries, of the entries of the ``chosen`` (bool) rows, in order."""
+    lengths = np.diff(indptr)
+    return np.flatnonzero(np.repeat(chosen, lengths))
 
 
 def evaluate(
@@ -225,17 +268,23 @@ def evaluate(
     storage_options: dict | None = None,
     executor: Executor | None = None,
     auc: bool = True,
+    auc_fraction: float | None = None,
 ) -> dict:
     """precision@k, recall@k, ndcg@k, map@k and AUC of a model on a held-out store.
 
     user_fraction: evaluate a seeded random share of the test users (None: all of them).
     auc: also compute AUC (it ranks every held-out item among all candidates: the costliest
-    metric; a search that does not score by it leaves it out).
+    metric, as a user is scored down the catalogue until no remaining item can outrank a
+    held-out one; a search that does not score by it leaves it out).
+    auc_fraction: compute AUC for a seeded random share of the evaluated users only (each one
+    exactly; None: all of them). The result's ``auc_users`` says how many users AUC averages.
     Test users and items are matched to the model's by their original ids.
     """
     _check_cutoff_and_fraction("k", "-k", k, user_fraction)
+    if auc_fraction is not None and not 0 < auc_fraction <= 1:  # also refuses NaN
+        raise SettingError(f"auc_fraction must be in (0, 1], got {auc_fraction}", flags={"auc_fraction": "--auc-fraction"})
     total = _run(model, train, test, k, user_fraction, seed, client, threads, memory_budget, storage_options, executor,
-                 auc=auc, curves=False)
+                 auc=auc, curves=False, auc_fraction=auc_fraction)
     means = total.means(k)
     if not auc:
         del means["auc"]
@@ -271,23 +320,30 @@ def _check_cutoff_and_fraction(name: str, flag: str, k, user_fraction) -> None:
 
 
 def _run(model, train, test, k, user_fraction, seed, client, threads, memory_budget, storage_options, executor,
-         auc: bool, curves: bool):
+         auc: bool, curves: bool, auc_fraction: float | None = None):
     warm_serving_kernels()  # fixed per-process cost: part of the baseline
     budget = MemoryBudget.start(memory_budget)
     executor = Executor.of(executor, client, threads)
     executor.check_reachable(model.location, train.location, test.location)
-    allowance = budget.allowance // executor.threads_per_process
+    items = model.current("item")
+    # the norm-ordered item factors are held once per process (see serve.recommend.item_cache_plan)
+    allowance, items_allowance = item_cache_plan(budget.allowance, executor.threads_per_process,
+                                                 (int(items.shape[0]), int(items.shape[1])))
     sample = None if user_fraction is None else (float(user_fraction), seed)
+    auc_sample = None if auc_fraction is None else (float(auc_fraction), seed)
     tasks = [
         dask.delayed(_evaluate_shard, pure=False)(
             model.location, train.location, test.location, storage_options, lo, hi, k, allowance, sample, auc, curves,
-            dask_key_name=f"evaluate-shard{n:05d}",
+            items_allowance, auc_sample, dask_key_name=f"evaluate-shard{n:05d}",
         )
         for n, (lo, hi) in enumerate(test.shard_ranges("user"))
         if hi > lo
     ]
     total = MetricCurves(k) if curves else MetricSums()
-    with executor.single_threaded_blas():
-        for part in executor.run(tasks):
-            total.add(part)
+    try:
+        with executor.single_threaded_blas():
+            for part in executor.run(tasks):
+                total.add(part)
+    finally:
+        executor.run_everywhere(release_items)
     return total

@@ -24,7 +24,7 @@ from .blocked import (
 )
 from .csr import csr_problem
 from .loss import observed_loss_block, regularization_sum
-from .rank import rank_counts_update
+from .rank import rank_counts_close, rank_counts_finish, rank_counts_tile, rank_counts_update
 from .solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
 from .subspace import subspace_solve_rows
 from .topk import keys_of, mask_columns, new_heaps, select_candidates, topk_finish, topk_select, topk_update
@@ -155,4 +155,11 @@ def warm_serving_kernels() -> None:
     test_indptr = np.array([0, 1, 1], np.int64)
     rank_counts_update(scores, ids, exclude_indptr, exclude_ids, exclude_indptr[:-1].copy(), test_indptr,
                        np.array([2], np.int64), np.ones(1, np.float32), np.zeros(1, np.int64))
+    # the norm-ordered scan's rank counting (evaluate's AUC)
+    auc_open = np.ones(2, np.bool_)
+    beaten = np.zeros(1, np.int64)
+    rank_counts_tile(scores, rows, 0, test_indptr, np.array([2], np.int64), np.ones(1, np.float32), auc_open, beaten)
+    rank_counts_close(rows, np.ones(2), 3, 3, test_indptr, np.array([2], np.int64), np.ones(1, np.float32),
+                      exclude_indptr, exclude_indptr[:-1].copy(), auc_open, beaten)
+    rank_counts_finish(test_indptr, beaten, np.zeros(1, np.int64))
     _warmed.add("serve")

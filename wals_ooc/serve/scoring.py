@@ -11,6 +11,12 @@ When the item factors are held in memory they are kept in descending order of no
 the rest of the catalogue cannot change its answer. ALS item norms grow with popularity, so
 most users are answered after scoring a few percent of the catalogue; the answer is the same
 as scoring everything.
+
+The same scan counts, for evaluation, how many candidates outscore each held-out item (AUC):
+a query's counts are final once every held-out score is either at or above the bound (no
+remaining item can beat it) or below minus the bound (every remaining candidate beats it, and
+they are added at once). Held-out items scoring near zero keep a query scanning further than
+its top K needs.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import zarr
 
-from ..kernels.rank import rank_counts_update
+from ..kernels.rank import rank_counts_close, rank_counts_finish, rank_counts_tile, rank_counts_update
 from ..kernels.topk import keys_of, mask_columns, new_heaps, topk_finish, topk_select, topk_update
 
 EMPTY_CSR = (np.zeros(1, np.int64), np.zeros(0, np.int64))
@@ -152,10 +158,10 @@ def top_k(
     exclude_indptr, exclude_ids = exclude if exclude is not None else (np.zeros(n + 1, np.int64), EMPTY_CSR[1])
     exclude_indptr = np.asarray(exclude_indptr, np.int64)
     exclude_ids = np.asarray(exclude_ids, np.int64)
-    if isinstance(source.array, NormOrder) and candidates is None and test is None and not source.normalized:
-        heap_scores, heap_ids = _norm_ordered_scan(queries, source.array, k, exclude_indptr, exclude_ids)
+    if isinstance(source.array, NormOrder) and candidates is None and not source.normalized:
+        heap_scores, heap_ids, outranked = _norm_ordered_scan(queries, source.array, k, exclude_indptr, exclude_ids, test)
         topk_finish(heap_scores, heap_ids)
-        return heap_ids, heap_scores, None
+        return heap_ids, heap_scores, outranked
     heap_scores, heap_ids = new_heaps(n, k)
     cursor = exclude_indptr[:-1].copy()
     outranked = test_scores = None
@@ -192,15 +198,19 @@ def _tile(buffer: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 
 def _norm_ordered_scan(queries: np.ndarray, order: NormOrder, k: int, exclude_indptr: np.ndarray,
-                       exclude_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                       exclude_ids: np.ndarray, test: tuple[np.ndarray, np.ndarray] | None = None,
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Heaps of the K best items per query, visiting items by descending norm and dropping each
-    query once no remaining item can enter its heap."""
+    query once no remaining item can enter its heap, nor (with ``test``) change the rank count
+    of one of its held-out items. Returns (heap scores, heap ids, outranked or None), outranked
+    as ``top_k`` returns it."""
     n = len(queries)
     n_items = order.rows.shape[0]
     heap_scores, heap_ids = new_heaps(n, k)
     exclude_keys = keys_of(exclude_indptr, exclude_ids, order.positions)
     cursor = exclude_indptr[:-1].copy()
     query_norms = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
+    ranks = None if test is None else _RankCounts.of(queries, order, test)
     buffer = np.empty(max(TILE_SCORES, min(n, QUERY_BLOCK) * FIRST_TILE), np.float32)
     for lo in range(0, n, QUERY_BLOCK):
         active = np.arange(lo, min(n, lo + QUERY_BLOCK), dtype=np.int64)
@@ -210,16 +220,55 @@ def _norm_ordered_scan(queries: np.ndarray, order: NormOrder, k: int, exclude_in
             stop = min(n_items, pos + width)
             scores = np.matmul(block, order.rows[pos:stop].T, out=_tile(buffer, len(active), stop - pos))
             mask_columns(scores, active, np.arange(pos, stop, dtype=np.int64), exclude_indptr, exclude_keys, cursor)
+            if ranks is not None:
+                rank_counts_tile(scores, active, pos, ranks.indptr, ranks.keys, ranks.scores, ranks.open, ranks.beaten)
             topk_select(scores, active, order.ids[pos:stop], heap_scores, heap_ids)
             pos = stop
             if pos < n_items and PRUNE:
-                bound = float(order.norms[pos]) * BOUND_MARGIN
-                open_ = heap_scores[active, 0] <= query_norms[active] * bound
+                bounds = query_norms[active] * (float(order.norms[pos]) * BOUND_MARGIN)
+                open_ = heap_scores[active, 0] <= bounds
+                if ranks is not None:
+                    rank_counts_close(active, bounds, pos, n_items, ranks.indptr, ranks.keys, ranks.scores,
+                                      exclude_indptr, cursor, ranks.open, ranks.beaten)
+                    open_ |= ranks.open[active]
                 if not open_.all():
                     active = active[open_]
                     block = queries[active]
             width = max(FIRST_TILE, min(2 * width, TILE_SCORES // max(1, len(active))))
-    return heap_scores, heap_ids
+    return heap_scores, heap_ids, None if ranks is None else ranks.outranked()
+
+
+@dataclass
+class _RankCounts:
+    """The held-out items of a norm-ordered scan, per query (CSR segments of ``indptr``): keys
+    (positions in norm order), scores ascending (the same pairs, sorted by score within a
+    query), the permutation back to the caller's order, the counts being gathered and which
+    queries are still counting."""
+
+    indptr: np.ndarray
+    keys: np.ndarray
+    scores: np.ndarray
+    order: np.ndarray
+    beaten: np.ndarray
+    open: np.ndarray
+
+    @classmethod
+    def of(cls, queries: np.ndarray, items: NormOrder, test: tuple[np.ndarray, np.ndarray]) -> _RankCounts:
+        indptr, ids = np.asarray(test[0], np.int64), np.asarray(test[1], np.int64)
+        lengths = np.diff(indptr)
+        owner = np.repeat(np.arange(len(lengths)), lengths)
+        pair_scores = _pair_scores(queries, FactorSource(items, 1), indptr, ids)
+        order = np.lexsort((pair_scores, owner))  # by query, then ascending score
+        return cls(indptr, items.positions[ids[order]], pair_scores[order], order, np.zeros(len(ids), np.int64),
+                   lengths > 0)
+
+    def outranked(self) -> np.ndarray:
+        """Candidates scoring above each held-out item, in the caller's order."""
+        counts = np.empty(len(self.beaten), np.int64)
+        rank_counts_finish(self.indptr, self.beaten, counts)
+        out = np.empty_like(counts)
+        out[self.order] = counts
+        return out
 
 
 def _pair_scores(queries, source: FactorSource, indptr: np.ndarray, ids: np.ndarray) -> np.ndarray:
