@@ -33,9 +33,10 @@ from .solve import _JIT, GATHER_MAX_ENTRIES, cholesky_solve_inplace, confidence,
 
 
 # a gathered row's entries are padded with zeros (weight 0) to a multiple of this: the entry
-# loops then run only their vectorised body (8 lanes x 4 unrolled), never the scalar remainder,
-# which at ~45 entries a row took most of their time
-ENTRY_PAD = 32
+# loops then run only their vectorised body (8 float32 lanes), never the scalar remainder. The
+# tiled system loops (8 accumulators) are not unrolled further, so 8 is enough; 32 (what the
+# one-accumulator loops, unrolled 4 times, needed) costs up to 31 wasted entries a row
+ENTRY_PAD = 8
 
 
 @njit(**_JIT)
@@ -64,23 +65,86 @@ def _scores(Y, indices, start, n, x, scores):
 
 
 @njit(**_JIT)
-def _accumulate(YT, k0, n, conf, weight, scores, wy, A, r, kb):
+def _accumulate(YT, k0, n, conf, weight, scores, w0, w1, A, r, kb):
     """Add the entries' part of the block's system and residual: A += sum_t w_t y_tB y_tB^T
-    (lower triangle), r += sum_t (c_t - w_t s_t) y_tB; rows k0.. k0 + kb of YT are the block's
-    columns (YT whole, C order: a slice of it would lose the layout the loops vectorise on)."""
+    (lower triangle; a few entries above it too), r += sum_t (c_t - w_t s_t) y_tB; rows k0..
+    k0 + kb of YT are the block's columns (YT whole, C order: a slice of it would lose the layout
+    the loops vectorise on). w0 and w1 are scratch of n entries.
+
+    The system is built in 2 x 4 register tiles: two weighted block rows (w_t y_ti) against four
+    block rows, eight dot products over the entries in one pass, so each pass reads six entry
+    vectors for eight multiply-adds (one dot product at a time read two for one, and its
+    horizontal sum and loop overhead were paid 8 times as often): 1.3-2x faster than that at
+    f = 256, b = 16-32, 24-150 entries (tools/RESULTS.md, issue 11 round 22)."""
     T = r.dtype.type
     for i in range(kb):
+        y = YT[k0 + i]
         acc = T(0)
         for t in range(n):
-            y = YT[k0 + i, t]
-            wy[t] = weight[t] * y
-            acc += (conf[t] - weight[t] * scores[t]) * y
+            acc += (conf[t] - weight[t] * scores[t]) * y[t]
         r[i] += acc
-        for k in range(i + 1):
+    i0 = 0
+    while i0 + 2 <= kb:
+        ya = YT[k0 + i0]
+        yb = YT[k0 + i0 + 1]
+        for t in range(n):
+            w0[t] = weight[t] * ya[t]
+            w1[t] = weight[t] * yb[t]
+        c = 0
+        while c <= i0 + 1:  # column tiles reaching the diagonal
+            if c + 4 <= kb:
+                y0 = YT[k0 + c]
+                y1 = YT[k0 + c + 1]
+                y2 = YT[k0 + c + 2]
+                y3 = YT[k0 + c + 3]
+                a00 = T(0)
+                a01 = T(0)
+                a02 = T(0)
+                a03 = T(0)
+                a10 = T(0)
+                a11 = T(0)
+                a12 = T(0)
+                a13 = T(0)
+                for t in range(n):
+                    v0 = w0[t]
+                    v1 = w1[t]
+                    a00 += v0 * y0[t]
+                    a01 += v0 * y1[t]
+                    a02 += v0 * y2[t]
+                    a03 += v0 * y3[t]
+                    a10 += v1 * y0[t]
+                    a11 += v1 * y1[t]
+                    a12 += v1 * y2[t]
+                    a13 += v1 * y3[t]
+                A[i0, c] += a00
+                A[i0, c + 1] += a01
+                A[i0, c + 2] += a02
+                A[i0, c + 3] += a03
+                A[i0 + 1, c] += a10
+                A[i0 + 1, c + 1] += a11
+                A[i0 + 1, c + 2] += a12
+                A[i0 + 1, c + 3] += a13
+            else:  # the block's last columns, fewer than 4
+                for i in range(i0, i0 + 2):
+                    w = w0 if i == i0 else w1
+                    for k in range(c, min(kb, c + 4)):
+                        y = YT[k0 + k]
+                        acc = T(0)
+                        for t in range(n):
+                            acc += w[t] * y[t]
+                        A[i, k] += acc
+            c += 4
+        i0 += 2
+    if i0 < kb:  # an odd last row
+        ya = YT[k0 + i0]
+        for t in range(n):
+            w0[t] = weight[t] * ya[t]
+        for k in range(i0 + 1):
+            y = YT[k0 + k]
             acc = T(0)
             for t in range(n):
-                acc += wy[t] * YT[k0 + k, t]
-            A[i, k] += acc
+                acc += w0[t] * y[t]
+            A[i0, k] += acc
 
 
 @njit(**_JIT)
@@ -147,6 +211,7 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
     weight = np.zeros(longest + ENTRY_PAD, dtype=X.dtype)
     scores = np.zeros(longest + ENTRY_PAD, dtype=X.dtype)
     wy = np.empty(cap + ENTRY_PAD, dtype=X.dtype)
+    wy1 = np.empty(cap + ENTRY_PAD, dtype=X.dtype)
     A = np.empty((b, b), dtype=X.dtype)
     r = np.empty(b, dtype=X.dtype)
     A64 = np.empty((b, b), dtype=np.float64)
@@ -174,7 +239,7 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
                 for k0 in range(0, f, b):
                     kb = min(b, f - k0)
                     _begin_block(gram, x, reg, k0, kb, A, r)
-                    _accumulate(YT, k0, n_pad, conf, weight, scores, wy, A, r, kb)
+                    _accumulate(YT, k0, n_pad, conf, weight, scores, wy, wy1, A, r, kb)
                     if _solve_block(A, r, A64, d64, x, k0, kb):
                         _update_scores(YT, k0, n_pad, r, scores, kb)
         else:  # chunks of ``cap`` entries, the block's columns gathered per chunk
@@ -186,7 +251,7 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
                         m = min(cap, n_u - c0)
                         YT = buffer[: kb * m].reshape((kb, m))
                         _gather_columns(Y, indices, start + c0, m, k0, kb, YT)
-                        _accumulate(YT, 0, m, conf[c0:], weight[c0:], scores[c0:], wy, A, r, kb)
+                        _accumulate(YT, 0, m, conf[c0:], weight[c0:], scores[c0:], wy, wy1, A, r, kb)
                     if _solve_block(A, r, A64, d64, x, k0, kb):
                         for c0 in range(0, n_u, cap):
                             m = min(cap, n_u - c0)
