@@ -23,7 +23,8 @@ continues with the first stage not done, and re-running a done stage is skipped)
   recommend  top-10 for a seeded sample of ``--recommend-users`` users (batches through
              ``WALS.recommend``, already-liked items filtered), or with ``--recommend-all`` for every
              user through ``recommend_all`` (Parquet in the workdir, deleted once measured).
-  evaluate   precision/recall/ndcg@10 on the held-out test store (``--eval-fraction`` of its users).
+  evaluate   precision/recall/ndcg@10 on the held-out test store (``--eval-fraction`` of its users;
+             AUC for ``--auc-fraction`` of those).
   cluster-1  with ``--with-cluster``: one iteration, same seed and settings as train-1, of a model
              of its own (``model-cluster.zarr``) on a ``distributed.LocalCluster`` of 2 worker
              processes of 1 thread, each under ``--memory-budget``; reports the peak RSS of every
@@ -574,7 +575,8 @@ def child_evaluate(args) -> dict:
     model = wals_ooc.load(os.path.join(args.workdir, "model.zarr"), os.path.join(args.workdir, "train.zarr"),
                           memory_budget=args.memory_budget, threads=args.threads)
     started = time.perf_counter()
-    metrics = model.evaluate(os.path.join(args.workdir, "test.zarr"), k=10, user_fraction=args.eval_fraction)
+    metrics = model.evaluate(os.path.join(args.workdir, "test.zarr"), k=10, user_fraction=args.eval_fraction,
+                             auc_fraction=args.auc_fraction)
     return {"seconds": time.perf_counter() - started, "metrics": metrics, "peak_rss": peak_rss()}
 
 
@@ -589,7 +591,7 @@ def _common(args) -> list[str]:
     out = []
     for name in ("workdir", "rows", "users", "items", "parts", "seed", "user_exponent", "item_exponent", "clusters",
                  "affinity", "max_user_rows", "test_users", "test_fraction", "compress", "memory_budget", "factors", "threads",
-                 "recommend_users", "eval_fraction"):
+                 "recommend_users", "eval_fraction", "auc_fraction"):
         out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.recommend_all:
         out.append("--recommend-all")
@@ -810,6 +812,8 @@ def main() -> None:
     parser.add_argument("--recommend-all", action="store_true",
                         help="recommend stage: top-10 of every user through recommend_all (Parquet, then deleted)")
     parser.add_argument("--eval-fraction", type=float, default=1.0)
+    parser.add_argument("--auc-fraction", type=float, default=1.0,
+                        help="share of the evaluated users whose AUC is computed exactly (it ranks the whole catalogue)")
     parser.add_argument("--delete-csv", action="store_true", help="delete the training CSV parts after a verified convert")
     parser.add_argument("--with-cluster", action="store_true",
                         help="add a stage: one iteration on a LocalCluster of 2 processes x 1 thread (budget per worker)")
