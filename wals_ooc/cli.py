@@ -682,7 +682,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="most candidates fetched per query to make up for filtered items")
     p.add_argument("--mips", choices=("native", "l2"), default="native",
                    help="inner_product: search it natively, or as L2 over rows augmented to a common norm "
-                        "(better recall when item norms are not extreme)")
+                        "(measured worse than native with HNSW on every catalogue tried; see the README)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index (once the new one is complete)")
     p.add_argument("--threads", type=int, default=None, help="build threads (default: all cores)")
     _budget_arg(p)
