@@ -209,3 +209,33 @@ def test_norm_ordered_rank_counts_equal_scoring_every_item():
     np.testing.assert_array_equal(ids, reference[0])
     np.testing.assert_array_equal(outranked, reference[2])
 
+
+
+def test_evaluate_peak_rss_stays_under_a_small_budget(tmp_path):
+    """Test shards of ~16k users under the smallest allowance: each task scores a piece of its
+    shard sized to the allowance (a score tile over every user of a shard would not fit)."""
+    import json
+
+    from wals_ooc.synthetic import SyntheticSpec, write_synthetic_store
+
+    from .conftest import run_python
+
+    write_synthetic_store(SyntheticSpec(n_users=60_000, n_items=20_000, rows=900_000, seed=5), str(tmp_path / "g.zarr"),
+                          progress=False)
+    wals_ooc.split(str(tmp_path / "g.zarr"), str(tmp_path / "tr.zarr"), str(tmp_path / "te.zarr"), seed=1, progress=False)
+    WALS(factors=16, iterations=1, random_state=0).fit(str(tmp_path / "tr.zarr"), str(tmp_path / "m.zarr"), progress=False)
+    code = f"""
+import json, wals_ooc
+from wals_ooc.memory import current_rss, peak_rss, warm_libraries
+from wals_ooc.kernels.warm import warm_serving_kernels
+warm_libraries(); warm_serving_kernels()
+budget = current_rss() + 72 * 2**20
+model = wals_ooc.load({str(tmp_path / 'm.zarr')!r}, {str(tmp_path / 'tr.zarr')!r}, memory_budget=budget, threads=2)
+metrics = model.evaluate({str(tmp_path / 'te.zarr')!r}, k=10)
+print(json.dumps({{"budget": budget, "peak": peak_rss(), "auc_users": metrics["auc_users"]}}))
+"""
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["auc_users"] > 10_000
+    assert figures["peak"] <= figures["budget"], figures

@@ -186,7 +186,9 @@ def ranking_curves(rec_ids: np.ndarray, test_indptr: np.ndarray, test_ids: np.nd
 
 
 def _evaluate_shard(model_location, train_location, test_location, storage_options, lo, hi, k, allowance, max_users_seed,
-                    with_auc=True, curves: bool = False, items_allowance=None, auc_fraction=None):
+                    with_auc=True, curves: bool = False, items_allowance=None, auc_fraction=None, shard_range=None):
+    """Metric sums of the test users ``[lo, hi)``, a piece of the test shard whose users are
+    ``shard_range`` (the seeded samples are drawn per shard, so they do not depend on the cut)."""
     single_threaded_blas_in_worker()
     model = FactorStore.open(model_location, "r", storage_options)
     train = InteractionStore(train_location, storage_options)
@@ -197,9 +199,10 @@ def _evaluate_shard(model_location, train_location, test_location, storage_optio
     sums = MetricCurves(k) if curves else MetricSums()
     known = (users >= 0) & has_rows
     sums.skipped_users = int(((users < 0) & has_rows).sum())
+    shard_lo, shard_hi = shard_range if shard_range is not None else (lo, hi)
     if max_users_seed is not None:
         fraction, seed = max_users_seed
-        known &= np.random.default_rng([seed, lo]).random(len(known)) < fraction
+        known &= _shard_draws(seed, shard_lo, shard_hi, lo, hi) < fraction
     rows = np.flatnonzero(known)
     if not len(rows):
         return sums
@@ -226,7 +229,7 @@ def _evaluate_shard(model_location, train_location, test_location, storage_optio
     ranked = test_csr
     if with_auc and auc_fraction is not None:
         fraction, seed = auc_fraction
-        auc_mask = np.random.default_rng([seed, lo, 1]).random(len(rows)) < fraction
+        auc_mask = _shard_draws(seed, shard_lo, shard_hi, lo, hi, 1)[rows] < fraction
         ranked = gather_rows(test_csr[0], test_csr[1], np.flatnonzero(auc_mask))
         ranked = (_spread(ranked[0], auc_mask), ranked[1])
     source = item_source(model, items_allowance or allowance, block_rows)
@@ -240,6 +243,20 @@ def _evaluate_shard(model_location, train_location, test_location, storage_optio
     batch = measure(rec_ids, test_csr[0], test_csr[1], outranked, n_candidates, k, auc_mask)
     batch.skipped_users, batch.skipped_items = sums.skipped_users, sums.skipped_items
     return batch
+
+
+def _shard_draws(seed: int, shard_lo: int, shard_hi: int, lo: int, hi: int, stream: int = 0) -> np.ndarray:
+    """Uniform draws of the users ``[lo, hi)``, seeded by their shard: the same users are drawn
+    however the shard is cut into pieces."""
+    key = [seed, shard_lo] if stream == 0 else [seed, shard_lo, stream]
+    return np.random.default_rng(key).random(shard_hi - shard_lo)[lo - shard_lo: hi - shard_lo]
+
+
+def _pieces(lo: int, hi: int, allowance: int) -> list[tuple[int, int]]:
+    """A test shard's users cut so that a score tile of the smallest height (256 item rows, 4
+    bytes a score) over a piece's users takes at most an eighth of a task's allowance."""
+    users = max(1, allowance // (8 * 4 * 256))
+    return [(a, min(a + users, hi)) for a in range(lo, hi, users)]
 
 
 def _spread(indptr: np.ndarray, chosen: np.ndarray) -> np.ndarray:
@@ -334,9 +351,10 @@ def _run(model, train, test, k, user_fraction, seed, client, threads, memory_bud
     tasks = [
         dask.delayed(_evaluate_shard, pure=False)(
             model.location, train.location, test.location, storage_options, lo, hi, k, allowance, sample, auc, curves,
-            items_allowance, auc_sample, dask_key_name=f"evaluate-shard{n:05d}",
+            items_allowance, auc_sample, (shard_lo, shard_hi), dask_key_name=f"evaluate-shard{n:05d}-{lo}",
         )
-        for n, (lo, hi) in enumerate(test.shard_ranges("user"))
+        for n, (shard_lo, shard_hi) in enumerate(test.shard_ranges("user"))
+        for lo, hi in _pieces(shard_lo, shard_hi, allowance)
         if hi > lo
     ]
     total = MetricCurves(k) if curves else MetricSums()
