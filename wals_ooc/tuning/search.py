@@ -366,7 +366,7 @@ def _carved_fold(train_full, place, method, fraction, seed, fold, memory_budget,
     part, validation = (os.path.join(place.workdir, n) for n in names)
     try:
         return InteractionStore(part), InteractionStore(validation)
-    except StoreError:
+    except StoreError:  # absent, interrupted or damaged: (re)carve this fold; it is seeded, so the same one comes out
         pass
     source = InteractionStore(os.path.join(place.workdir, previous)) if method == "leave_last_out" else train_full
     split(source, part, validation, method=method, test_fraction=fraction, seed=seed + fold, overwrite=True,
