@@ -309,7 +309,7 @@ def cmd_tune(args) -> int:
             study_name=args.study_name, workdir=args.workdir, validation_fraction=args.validation_fraction,
             validation_method=args.validation_method, validation_folds=args.validation_folds, final=final, merged_store=args.merged_store,
             keep_best=not args.no_keep_best, prune=not args.no_prune, eval_every=args.eval_every,
-            user_fraction=args.user_fraction, seed=args.seed, timeout=args.timeout, resume=not args.no_resume,
+            startup_trials=args.startup_trials, user_fraction=args.user_fraction, seed=args.seed, timeout=args.timeout, resume=not args.no_resume,
             client=client, threads=args.threads, memory_budget=args.memory_budget, progress=_progress(args),
             callback=report,
         )
@@ -614,6 +614,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="also search factors in this range (default: fixed --factors)")
     p.add_argument("--search-iterations", nargs=2, type=int, metavar=("LOW", "HIGH"), default=None,
                    help="also search iterations in this range (default: fixed --iterations)")
+    p.add_argument("--startup-trials", type=int, default=None,
+                   help="trials drawn at random before TPE models the scores, the first (default) settings "
+                        "included (default: see README, Tuning)")
     p.add_argument("--no-prune", action="store_true", help="train every trial to the end")
     p.add_argument("--eval-every", type=int, default=3, help="score trials every N iterations for pruning (default 3)")
     p.add_argument("--user-fraction", type=float, default=None, help="score a share of the validation users (default: all of them)")
