@@ -6,8 +6,9 @@ Data (from ../shared/data, converted once into --workdir):
 
 For each seed, a validation split is carved from the training store (Last.fm: random 20% with
 that seed; MovieLens: the latest remaining rating), and both libraries are tuned on it with the
-same search: Optuna's TPE sampler (same seed, multivariate, 10 random start-up trials), the same
-median pruner fed every 3 iterations, the same number of trials, 15 iterations each, and the
+same search: Optuna's TPE sampler (same seed, multivariate, the same start-up trials: by default
+wals_ooc.tune's, the first trial and one random, --startup-trials to change it for both), the
+same median pruner fed every 3 iterations, the same number of trials, 15 iterations each, and the
 same first trial (each library's own defaults).
 
   wals-ooc  ``wals_ooc.tune`` over confidence (linear, log), alpha, alpha0, nu, regularization, factors
