@@ -32,6 +32,7 @@ from .assemble import (
     bucket_order,
     bucket_scatter,
     count_dense_ids,
+    csr_by_columns_into,
     csr_from_entries,
     csr_into,
     fill_dense_table,
@@ -138,6 +139,9 @@ def warm_id_kernels() -> None:
     csr_from_entries(records["row"], records["col"], records["value"], 0, 1, 1)
     csr_into(records["row"], records["col"], records["value"], 0, 1, 1, np.zeros(2, np.int64), np.zeros(3, np.int32),
              np.zeros(3, np.float32), np.zeros(2, np.int64), np.zeros(3, np.int32), np.zeros(3, np.float64))
+    csr_by_columns_into(records["row"], records["col"], records["value"], 0, 1, 1, np.zeros(2, np.int64),
+                        np.zeros(3, np.int32), np.zeros(3, np.float32), np.zeros(2, np.int64), np.zeros(3, np.int32),
+                        np.zeros(3, np.float32), np.zeros(2, np.int64), np.zeros(3, np.int32), np.zeros(3, np.float64))
     bucket_order(np.ascontiguousarray(records["row"]), np.array([0, 1], np.int64))
     grouped = np.zeros(3, records.dtype)
     bucket_scatter(records["row"], records["col"], records["value"], np.array([0, 1], np.int64), grouped["row"],

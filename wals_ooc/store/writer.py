@@ -40,6 +40,7 @@ from ..kernels.assemble import (
     bucket_order,
     bucket_scatter,
     count_dense_ids,
+    csr_by_columns_into,
     csr_from_entries,
     csr_into,
     fill_dense_table,
@@ -882,9 +883,16 @@ def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int,
         values_dtype = records.dtype["value"]
         indptr = work.get("indptr", n_rows + 1, np.int64)
         indices, sums = work.get("indices", n, np.int32), work.get("sums", n, np.float64)
-        out = csr_into(records["row"], records["col"], records["value"], row_start, n_rows, n_cols,
-                       work.get("counts", n_rows + 1, np.int64), work.get("row_cols", n, np.int32),
-                       work.get("row_values", n, values_dtype), indptr, indices, sums)
+        if n_cols <= n // 2:  # two counting sorts (by column, then row): the column table is small beside the unit
+            out = csr_by_columns_into(records["row"], records["col"], records["value"], row_start, n_rows, n_cols,
+                                      work.get("col_counts", n_cols + 1, np.int64), work.get("col_rows", n, np.int32),
+                                      work.get("col_values", n, values_dtype), work.get("counts", n_rows + 1, np.int64),
+                                      work.get("row_cols", n, np.int32), work.get("row_values", n, values_dtype),
+                                      indptr, indices, sums)
+        else:
+            out = csr_into(records["row"], records["col"], records["value"], row_start, n_rows, n_cols,
+                           work.get("counts", n_rows + 1, np.int64), work.get("row_cols", n, np.int32),
+                           work.get("row_values", n, values_dtype), indptr, indices, sums)
         values = work.get("values", out, np.float32)
         with np.errstate(over="ignore"):
             np.copyto(values, sums[:out], casting="unsafe")
