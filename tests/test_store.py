@@ -518,3 +518,24 @@ def test_csr_by_columns_equals_the_row_sort_bit_for_bit():
         np.add.at(dense, (rows - start, cols), values.astype(np.float64))
         indptr, indices, sums = results[1]
         assert np.allclose(sp.csr_matrix((sums, indices, indptr), shape=(n_rows, n_cols)).toarray(), dense)
+
+
+def test_plain_parse_kernel_reads_fields_as_it_scans_them():
+    """parse_plain_csv: canonical (negative) ids, extra fields, any field order; anything else
+    (a leading zero, '+', a 19-digit id, a quote or '\\r', a missing or extra field, no final
+    newline) is not plain, so the chunk goes the careful way."""
+    from wals_ooc.kernels.text import parse_plain_csv
+
+    def parse(text: bytes, fields=(0, 1, 2), n_fields=3):
+        return parse_plain_csv(np.frombuffer(text, np.uint8), n_fields, *fields, 44)
+
+    users, items, values, ok = parse(b"5,-7,3\n0,123456789012345678,0012\n")
+    assert ok and users.tolist() == [5, 0] and items.tolist() == [-7, 123456789012345678]
+    assert values.tolist() == [3.0, 12.0]
+    users, items, values, ok = parse(b"x,9,,4\n\"q\",-2,ab,1\n", fields=(3, 1, -1), n_fields=4)
+    assert not ok  # a quote in a field not read
+    users, items, values, ok = parse(b"x,9,,4\ny,-2,ab,1\n", fields=(3, 1, -1), n_fields=4)
+    assert ok and users.tolist() == [4, 1] and items.tolist() == [9, -2] and values.tolist() == [1.0, 1.0]
+    for text in (b"05,1,1\n", b"+5,1,1\n", b"-0,1,1\n", b"1234567890123456789,1,1\n", b"1,2,3\r\n", b"1,2\n",
+                 b"1,2,3,4\n", b"1,2,3", b"1,2,-3\n", b"1,2,1234567890123456\n", b"1,,3\n", b"\n"):
+        assert not parse(text)[3], text
