@@ -539,3 +539,21 @@ def test_plain_parse_kernel_reads_fields_as_it_scans_them():
     for text in (b"05,1,1\n", b"+5,1,1\n", b"-0,1,1\n", b"1234567890123456789,1,1\n", b"1,2,3\r\n", b"1,2\n",
                  b"1,2,3,4\n", b"1,2,3", b"1,2,-3\n", b"1,2,1234567890123456\n", b"1,,3\n", b"\n"):
         assert not parse(text)[3], text
+
+
+def test_bucket_scatter_by_table_equals_the_search_among_bounds():
+    """Records grouped by a table of each row's unit come out as the search among the bounds
+    puts them: same order within each unit, same cut points (empty units too)."""
+    from wals_ooc.kernels.assemble import bucket_scatter, bucket_scatter_by_table
+
+    rng = np.random.default_rng(5)
+    bounds = np.array([0, 3, 3, 10, 11, 40], np.int64)
+    table = np.repeat(np.arange(len(bounds) - 1, dtype=np.int32), np.diff(bounds))
+    keys = rng.integers(0, 40, 500).astype(np.int32)
+    others, values = rng.integers(0, 9, 500).astype(np.int32), rng.random(500).astype(np.float32)
+    outs = [tuple(np.zeros(500, dtype) for dtype in (np.int32, np.int32, np.float32)) for _ in range(2)]
+    cuts = bucket_scatter(keys, others, values, bounds, *outs[0])
+    assert np.array_equal(bucket_scatter_by_table(keys, others, values, table, len(bounds) - 1, *outs[1]), cuts)
+    for ours, theirs in zip(*outs):
+        assert ours.tobytes() == theirs.tobytes()
+    assert np.array_equal(np.diff(cuts), np.bincount(table[keys], minlength=len(bounds) - 1))

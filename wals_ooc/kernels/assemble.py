@@ -247,3 +247,24 @@ def bucket_scatter(keys, others, values, bounds, out_keys, out_others, out_value
         out_values[at] = values[k]
         fill[s] = at + 1
     return cuts
+
+
+@njit(cache=True, nogil=True)
+def bucket_scatter_by_table(keys, others, values, shard_of, n_shards, out_keys, out_others, out_values):
+    """``bucket_scatter`` with each key's shard read from a table (``shard_of[key]``) instead of
+    searched for among the bounds: the same output."""
+    n = len(keys)
+    cuts = np.zeros(n_shards + 1, np.int64)
+    for k in range(n):
+        cuts[shard_of[keys[k]] + 1] += 1
+    for s in range(n_shards):
+        cuts[s + 1] += cuts[s]
+    fill = cuts[:-1].copy()
+    for k in range(n):
+        s = shard_of[keys[k]]
+        at = fill[s]
+        out_keys[at] = keys[k]
+        out_others[at] = others[k]
+        out_values[at] = values[k]
+        fill[s] = at + 1
+    return cuts

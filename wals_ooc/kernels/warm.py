@@ -31,6 +31,7 @@ from .topk import keys_of, mask_columns, new_heaps, select_candidates, topk_fini
 from .assemble import (
     bucket_order,
     bucket_scatter,
+    bucket_scatter_by_table,
     count_dense_ids,
     csr_by_columns_into,
     csr_from_entries,
@@ -146,6 +147,8 @@ def warm_id_kernels() -> None:
     grouped = np.zeros(3, records.dtype)
     bucket_scatter(records["row"], records["col"], records["value"], np.array([0, 1], np.int64), grouped["row"],
                    grouped["col"], grouped["value"])
+    bucket_scatter_by_table(records["row"], records["col"], records["value"], np.zeros(1, np.int32), 1, grouped["row"],
+                            grouped["col"], grouped["value"])
     table = np.full(2, -1, np.int32)
     fill_dense_table(order, 0, table)
     map_dense_ids(np.frombuffer(order.tobytes(), np.int64), 0, table, np.zeros(2, np.int64))

@@ -39,6 +39,7 @@ from ..errors import BudgetWarning, SettingError, WalsError
 from ..kernels.assemble import (
     bucket_order,
     bucket_scatter,
+    bucket_scatter_by_table,
     count_dense_ids,
     csr_by_columns_into,
     csr_from_entries,
@@ -279,7 +280,7 @@ def _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, re
     per_entry = ASSEMBLE_BYTES_PER_NNZ + 3 * (record.itemsize - RECORD.itemsize)  # order: kept, sorted, reduced
     unit_nnz = max(1, budget.allowance // (8 * per_entry))  # a quarter of half the allowance: two assemble at once
     units = {side: assembly_units(counts[side], bounds[side], unit_nnz) for side in ("user", "item")}
-    bucketer = _Bucketer(workspace, units, record)
+    bucketer = _Bucketer(workspace, units, record, budget.allowance // 32)
     if fused:  # counts are used up (counted down to zero) by the check of pass 2
         _map_rows(spill, workspace, maps, record, disable, budget.allowance, bucketer=bucketer, expected=counts)
     else:
@@ -685,7 +686,7 @@ class _Bucketer:
     """Pass 3's bucket files: each record appended to its user unit's and its item unit's file
     (the two sides in two threads: the sort kernel and the file writes release the GIL)."""
 
-    def __init__(self, workspace: _Workspace, bounds: dict[str, list[int]], record: np.dtype):
+    def __init__(self, workspace: _Workspace, bounds: dict[str, list[int]], record: np.dtype, table_bytes: int = 0):
         self.record = record
         self.ordered = record.names is not None and "order" in record.names
         self.paths = {
@@ -693,6 +694,13 @@ class _Bucketer:
             for side in ("user", "item")
         }
         self.starts = {side: np.asarray(bounds[side], np.int64) for side in ("user", "item")}
+        # each row's unit, when the table is small (int32 per row, at most table_bytes a side): a
+        # lookup per record instead of a search among the units' bounds
+        self.shard_of: dict[str, np.ndarray | None] = {
+            side: np.repeat(np.arange(len(starts) - 1, dtype=np.int32), np.diff(starts))
+            if 4 * int(starts[-1]) <= table_bytes else None
+            for side, starts in self.starts.items()
+        }
         self.grouped_buffers: dict[str, np.ndarray] = {}  # one per side, reused from chunk to chunk
 
     def add(self, records: np.ndarray, pool: ThreadPoolExecutor) -> None:
@@ -713,8 +721,13 @@ class _Bucketer:
                 self.grouped_buffers[side] = np.empty(0, record)
                 self.grouped_buffers[side] = np.empty(len(records), record)
             grouped = self.grouped_buffers[side][: len(records)]
-            cuts = bucket_scatter(records[first], records[second], records["value"], starts, grouped["row"],
-                                  grouped["col"], grouped["value"])
+            table = self.shard_of[side]
+            if table is not None:
+                cuts = bucket_scatter_by_table(records[first], records[second], records["value"], table, len(paths),
+                                               grouped["row"], grouped["col"], grouped["value"])
+            else:
+                cuts = bucket_scatter(records[first], records[second], records["value"], starts, grouped["row"],
+                                      grouped["col"], grouped["value"])
         for k in range(len(paths)):
             if cuts[k + 1] > cuts[k]:
                 with open(paths[k], "ab") as sink:
