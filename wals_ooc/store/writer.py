@@ -28,7 +28,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -491,13 +491,15 @@ class _SideIds:
 
 
 _DONE = object()
+_Batch = TypeVar("_Batch")
 
 
-def _ahead(batches: Iterable[RowBatch]) -> Iterator[RowBatch]:
-    """The batches, each read and parsed by a helper thread while the caller handles the one
-    before (Arrow's parser and the numba kernels release the GIL, so the two overlap). At most
-    two batches are held at once; an error of the reader is raised here, in the caller, and a
-    caller that stops early stops the reader."""
+def _ahead(batches: Iterable[_Batch]) -> Iterator[_Batch]:
+    """The batches, each read (and parsed) by a helper thread while the caller handles the one
+    before (Arrow's reads and parser and the numba kernels release the GIL, so the two overlap):
+    pass 1's input batches, pass 2's spilled ones. At most two batches are held at once; an
+    error of the reader is raised here, in the caller, and a caller that stops early stops the
+    reader."""
     import queue
     import threading
 
@@ -638,7 +640,7 @@ def _map_rows(spill, workspace, maps, record, disable, allowance, bucketer: _Buc
     with tqdm(desc=_desc("map ids" if bucketer is None else "map ids and bucket"), unit="rows", unit_scale=True,
               disable=disable) as bar, \
             ThreadPoolExecutor(max_workers=2, thread_name_prefix="wals-ooc-map") as pool:
-        for batch in spill.batches():
+        for batch in _ahead(spill.batches()):  # the next batch read while this one is mapped
             if bucketer is None and (sink is None or sink.tell() >= SEGMENT_BYTES):
                 if sink is not None:
                     sink.close()
