@@ -103,7 +103,7 @@ def test_heavy_users_are_searched_again_and_answers_equal_exact_when_the_index_i
     same = (ids == expected) | np.isclose(np.take_along_axis(brute, ids, 1), scores, rtol=1e-6)
     assert same.all()
     candidates, found = ann.search(queries[:50], 16)
-    np.testing.assert_allclose(found, ann.exact_scores(queries[:50], candidates), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(found, ann.rescore(queries[:50], candidates), rtol=1e-6, atol=1e-7)
 
 
 def test_similar_from_cosine_indexes_equals_exact_when_searched_fully(trained):

@@ -371,7 +371,8 @@ class WALS:
         ann = resolve_index(index, model, "item", "inner_product", self.memory_budget)
         return recommend_all_shards(model, store, output, N, filter_already_liked, format, client, self.threads,
                                     self.memory_budget, self.storage_options, overwrite,
-                                    index=None if ann is None else (ann.location, ann.settings.ef_search, ann.settings.nprobe))
+                                    index=None if ann is None else (ann.location, ann.settings.ef_search, ann.settings.nprobe,
+                                                                     ann.settings.candidates))
 
     def _similar(self, side: str, ids: Any, N: int, filter_self: bool, index: Any = None, names: bool = False, *,
                  recalculate: bool = False, interactions: Any = None, exclude_ids: Iterable | None = None,
@@ -400,7 +401,12 @@ class WALS:
                 raise SettingError(f"{side}_{other}s is read with recalculate_{side}=True only")
             rows = store.index_of(side, ids)
         source = FactorSource(array, score_block_rows(len(rows), array.shape[1], allowance), normalized=True)
-        if not recalculate:
+        candidates = None if candidate_ids is None else np.unique(store.index_of(side, list(candidate_ids)))
+        ann = resolve_index(index, model, side, "cosine", self.memory_budget) if candidates is None else None
+        stored = ann is not None and not recalculate
+        if ann is not None and stored:  # the index holds the rows as the exact scan normalizes them: no factor read
+            queries = ann.vectors(rows)
+        elif not recalculate:
             queries = source.rows(rows)
         exclude = None
         if filter_self:  # each query's own row (a new, unknown one has none)
@@ -410,11 +416,9 @@ class WALS:
             exclude = (self_indptr, rows[own].astype(np.int64))
         excluded = None if exclude_ids is None else np.unique(store.index_of(side, list(exclude_ids)))
         exclude = with_excluded(exclude, excluded, len(queries))
-        candidates = None if candidate_ids is None else np.unique(store.index_of(side, list(candidate_ids)))
-        ann = resolve_index(index, model, side, "cosine", self.memory_budget) if candidates is None else None
         width = N if candidates is None else min(N, len(candidates))
         if ann is not None:
-            ids_out, scores = _approximate(ann, queries, source, width, exclude, self.threads)
+            ids_out, scores = _approximate(ann, queries, source, width, exclude, self.threads, stored=stored)
         else:
             ids_out, scores, _ = top_k(queries, source, width, exclude=exclude, candidates=candidates)
         return self._answer(side, ids_out, scores, names, single)
@@ -559,14 +563,16 @@ class WALS:
 
 
 def _approximate(ann: AnnIndex, queries: np.ndarray, source: FactorSource, n: int,
-                 exclude: tuple[np.ndarray, np.ndarray] | None, threads: int | None) -> tuple[np.ndarray, np.ndarray]:
+                 exclude: tuple[np.ndarray, np.ndarray] | None, threads: int | None,
+                 stored: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Top-n from the index, excluded ids dropped exactly; queries it cannot fill answered exactly."""
     def exact(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         sub = None if exclude is None else subset_csr(exclude[0], exclude[1], positions)
         ids, scores, _ = top_k(queries[positions], source, n, exclude=sub)
         return ids, scores
 
-    ids, scores, _ = approximate_top_k(ann, queries, n, exclude, exact, threads=threads or os.cpu_count() or 1)
+    ids, scores, _ = approximate_top_k(ann, queries, n, exclude, exact, threads=threads or os.cpu_count() or 1,
+                                       stored=stored)
     return ids, scores
 
 
