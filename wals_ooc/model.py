@@ -489,7 +489,7 @@ class WALS:
     def build_index(self, side: str = "item", metric: str | None = None, location: str | os.PathLike | None = None,
                     kind: str = "hnsw", hnsw_m: int = 32, ef_construction: int = 80, ef_search: int = 128,
                     nlist: int | None = None, nprobe: int = 32, max_fetch: int = 1024, mips: str = "native",
-                    overwrite: bool = False, progress: Any = None) -> AnnIndex:
+                    overwrite: bool = False, progress: Any = None, candidates: int | None = None) -> AnnIndex:
         """Build an approximate-nearest-neighbour index (faiss) over the current ``side`` factors,
         streamed from the factor store, and save it (default: beside the model).
 
@@ -497,12 +497,13 @@ class WALS:
         default for users). kind: "hnsw" (graph) or "ivf" (k-means cells); mips: how an
         inner-product index searches, "native" or "l2" (the MIPS-to-L2 reduction: one extra
         coordinate per row, searched as a Euclidean index; better recall when norms are not
-        extreme); the other settings trade recall for speed (``IndexSettings``). Written through the lifecycle door: an
+        extreme); candidates: fewest candidates per query re-scored exactly (None: 64 for cosine,
+        none for inner product); the other settings trade recall for speed (``IndexSettings``). Written through the lifecycle door: an
         existing index is replaced only with ``overwrite``. Retraining the model makes the index
         stale: serving with it is then refused until it is rebuilt."""
         model = self._trained()[1]
         settings = IndexSettings(kind=kind, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
-                                 nlist=nlist, nprobe=nprobe, max_fetch=max_fetch, mips=mips)
+                                 nlist=nlist, nprobe=nprobe, max_fetch=max_fetch, mips=mips, candidates=candidates)
         return AnnIndex.build(model, None if location is None else os.fspath(location), side=side, metric=metric, settings=settings,
                               memory_budget=self.memory_budget, threads=self.threads, overwrite=overwrite,
                               progress=progress)
