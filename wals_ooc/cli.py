@@ -400,7 +400,7 @@ def cmd_index(args) -> int:
     built = model.build_index(side=args.side, metric=args.metric, location=args.output, kind=args.kind,
                               hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=128 if args.ef_search is None else args.ef_search,
                               nlist=args.nlist, nprobe=32 if args.nprobe is None else args.nprobe, max_fetch=args.max_fetch,
-                              mips=args.mips, overwrite=args.overwrite)
+                              mips=args.mips, overwrite=args.overwrite, candidates=args.candidates)
     print(f"built {built.describe()} in {time.perf_counter() - started:.1f}s")
     return 0
 
@@ -683,6 +683,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=None, help="cells searched per query (ivf; default 32)")
     p.add_argument("--max-fetch", type=int, default=1024,
                    help="most candidates fetched per query to make up for filtered items")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="fewest candidates fetched per query and re-scored exactly, so near-ties rank as in the "
+                        "exact answer (default: 64 for cosine, none for inner product; 0: none)")
     p.add_argument("--mips", choices=("native", "l2"), default="native",
                    help="inner_product: search it natively, or as L2 over rows augmented to a common norm "
                         "(measured worse than native with HNSW on every catalogue tried; see the README)")
