@@ -38,7 +38,7 @@ from .solve import _JIT, GATHER_MAX_ENTRIES, cholesky_solve_inplace, confidence,
 # one-accumulator loops, unrolled 4 times, needed) costs up to 31 wasted entries a row
 ENTRY_PAD = 8
 BATCH_ROWS = 64  # rows solved together, one per lane of the batched b x b solves
-BATCH_FLOATS = 1 << 20  # a batch's gathered columns: 4 MiB of float32 (fits L3 beside the other thread's)
+BATCH_FLOATS = 1 << 18  # a batch's gathered columns: 1 MiB of float32 (a longer row is a batch alone)
 LANE_BYTES = 1 << 20  # the batch's float64 b x b systems (fewer rows a batch at large b)
 
 
@@ -400,7 +400,8 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
     longest = max_row_nnz(indptr)
     cap = max(1, min(longest, gather_entries))
     lanes = max(1, min(BATCH_ROWS, LANE_BYTES // (b * b * 8)))
-    width = max(cap + ENTRY_PAD, BATCH_FLOATS // f)  # gathered entries a batch holds (any row of <= cap fits)
+    batch_entries = max(ENTRY_PAD, BATCH_FLOATS // f)  # a batch's gathered entries (a longer row is a batch alone)
+    width = max(cap + ENTRY_PAD, batch_entries)
     buffer = np.empty(f * width, dtype=X.dtype)
     conf = np.zeros(max(width, longest), dtype=X.dtype)
     weight = np.zeros(max(width, longest), dtype=X.dtype)
@@ -440,7 +441,7 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
         while u0 + n < n_rows and n < lanes:
             m = indptr[u0 + n + 1] - indptr[u0 + n]
             m_pad = -(-m // ENTRY_PAD) * ENTRY_PAD
-            if m > cap or offset[n] + m_pad > width:
+            if m > cap or (n > 0 and offset[n] + m_pad > batch_entries):
                 break
             offset[n + 1] = offset[n] + m_pad
             n += 1
