@@ -9,6 +9,8 @@ the last-level cache).
 
 from __future__ import annotations
 
+from typing import Any
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -19,7 +21,7 @@ MAX_ROW_LINES = 16  # rows up to 1 KiB (f = 256 in float32) are prefetched whole
 
 
 @intrinsic
-def prefetch_row(typingctx, rows, index):
+def _prefetch_row(typingctx, rows, index):
     """Prefetch the cache lines of ``rows[index]`` (2-D; ``index`` in range; nothing unless C-contiguous)."""
     if not (isinstance(rows, types.Array) and rows.ndim == 2 and isinstance(index, types.Integer)):
         return None
@@ -48,3 +50,7 @@ def prefetch_row(typingctx, rows, index):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+#: ``prefetch_row(rows, index)`` in a kernel (the intrinsic's first parameter is numba's typing context)
+prefetch_row: Any = _prefetch_row

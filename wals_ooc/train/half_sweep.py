@@ -47,7 +47,7 @@ from ..kernels.solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
 from ..kernels.subspace import subspace_solve_rows
 from ..store.format import array, open_group, subgroup
 from ..store.reader import CSRShard, InteractionStore
-from .fixed_side import ScratchCopy, fixed_side, release_fixed_side
+from .fixed_side import ScratchCopy, fixed_side, held_array, release_fixed_side
 from .plan import SolveTask
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +203,11 @@ class LocalState:
         if held is None or held[1] != slot:
             self.factors.pop(side, None)
             array = _factor_array(model_location, storage_options, side, slot)
-            self.factors[side] = (np.ascontiguousarray(array[:]), slot)
+            whole = held_array(array.shape, array.dtype)
+            step = array.chunks[0] * 16
+            for lo in range(0, array.shape[0], step):  # read a piece at a time: no second whole copy
+                whole[lo : lo + step] = array[lo : lo + step]
+            self.factors[side] = (whole, slot)
         return self.factors[side][0]
 
 
