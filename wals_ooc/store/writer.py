@@ -50,7 +50,7 @@ from ..kernels.assemble import (
     segment_sums,
 )
 from ..kernels.text import parse_ints
-from ..memory import MemoryBudget, format_bytes, peak_rss
+from ..memory import MemoryBudget, format_bytes, peak_rss, reused_large_buffers
 from .format import ID_ARRAYS, CSR_CHUNK, FORMAT_VERSION, INTERACTIONS_KIND, create_array, is_local, subgroup
 from .appender import ChunkAppender
 from .ids import DistinctIds, IdIndex, as_text, hash_text, text_buffers, write_id_map
@@ -233,9 +233,11 @@ def build_store(
     id_type, source_name: as for ``write_store``. stage: what the progress bars call this build
     ("split train": "split train: read", ...; default: the passes' names alone)."""
     token = _STAGE.set(f"{stage}: " if stage else "")
+    budget = memory_budget if isinstance(memory_budget, MemoryBudget) else MemoryBudget.start(memory_budget)
     try:
-        return _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, report, source_attrs,
-                            id_type, source_name)
+        with reused_large_buffers(budget.allowance):  # batch buffers and chunk encodes reuse their pages
+            return _build_store(batches, out, budget, shard_nnz, row_block, progress, report, source_attrs,
+                                id_type, source_name)
     finally:
         _STAGE.reset(token)
 
@@ -293,7 +295,7 @@ def _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, re
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="wals-ooc-assemble") as pool:
         futures = {
             side: pool.submit(_assemble, group, orientation, buckets[side], units[side], maps[other].n, record, unit_nnz,
-                              budget.allowance // 2, disable, _OverflowNamer(source, side, maps))
+                              budget.allowance // 2, disable, _OverflowNamer(source, side, maps), raw_nnz)
             for side, orientation, other in (("user", "by_user", "item"), ("item", "by_item", "user"))
         }
         for side in ("user", "item"):
@@ -786,19 +788,23 @@ class _OverflowNamer:
 
 
 def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz, allowance, disable,
-              overflow: _OverflowNamer | None = None) -> int:
+              overflow: _OverflowNamer | None = None, capacity: int = 0) -> int:
     """Pass 4: sort each unit's bucket, sum duplicates, and append its CSR rows to the store.
 
     A unit is at most ``unit_nnz`` entries unless it is one row with more (a very popular item):
     that row is summed in chunks into a dense accumulator over the columns instead. Either way
     duplicates are summed in float64 in input order, so the store does not depend on the budget.
+    capacity: the entries before duplicates are summed (an upper bound of what is written).
     """
     n_rows = bounds[-1]
     csr = group.create_group(orientation)
     indptr_out = ChunkAppender(_csr_array(csr, "indptr", n_rows + 1, np.int64), start=1)  # [0] is fill 0
-    indices_out = ChunkAppender(_csr_array(csr, "indices", 0, np.int32))
-    values_out = ChunkAppender(_csr_array(csr, "values", 0, np.float32))
-    order_out = ChunkAppender(_csr_array(csr, "order", 0, np.float64)) if "order" in record.names else None
+    # sized once to the entries before duplicates are summed and cut to the end on close: no
+    # resize (a metadata write) per append
+    indices_out = ChunkAppender(_csr_array(csr, "indices", capacity, np.int32), trim=True)
+    values_out = ChunkAppender(_csr_array(csr, "values", capacity, np.float32), trim=True)
+    order_out = ChunkAppender(_csr_array(csr, "order", capacity, np.float64), trim=True) \
+        if "order" in record.names else None
     offset = 0
     buffer = np.empty(0, record)
     work = _Buffers()
