@@ -494,7 +494,7 @@ def _csv_chunk_batches(path, spec, report, block_bytes, names, header_lines, wan
             if all(ok for _, _, _, ok in parsed):
                 for users, items, numbers, _ in parsed:
                     rows_seen += len(users)
-                    vals = numbers.astype(np.float32)
+                    vals = numbers  # float32
                     zero = vals == 0
                     if zero.any():
                         report.zeros_dropped += int(zero.sum())

@@ -47,6 +47,7 @@ from ..kernels.assemble import (
     fill_dense_table,
     id_range,
     map_dense_ids,
+    map_dense_offsets,
     segment_sums,
 )
 from ..kernels.text import parse_ints
@@ -343,19 +344,82 @@ SEGMENT_BYTES = 1 << 30  # spill files are cut at about this size: each is delet
 # so the next pass's output replaces them as it grows instead of adding to them (disk peak)
 
 
+class _Offsets:
+    """A spilled batch's integer ids as uint32 offsets from its smallest id (``base``)."""
+
+    def __init__(self, base: int, offsets: np.ndarray):
+        self.base, self.offsets = base, offsets
+
+    def ids(self) -> np.ndarray:
+        return self.offsets.astype(np.int64) + self.base
+
+
+@dataclass
+class _SpilledBatch:
+    """One batch of pass 1 as pass 2 reads it back: ids as ``_Offsets`` (integer sides whose
+    batch spans less than 2**32), an int64 or text Arrow array otherwise; values float32."""
+
+    users: Any
+    items: Any
+    values: np.ndarray
+    order: np.ndarray | None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.values)
+
+
+RAW_RING = 4  # raw batches read back into this many reused buffers: ``_ahead`` holds at most three
+
+
 class _Spill:
-    """Validated rows of pass 1, as Arrow IPC segments (a new one whenever a side's id column
-    changes type: integers until an id that is not a canonical integer turns up, then text;
-    and every ``SEGMENT_BYTES``)."""
+    """Validated rows of pass 1, in segments of two kinds: raw, when both sides' ids are integers
+    and no order is kept (each batch as uint32 id offsets from the batch's smallest user and
+    item id, then float32 values: 12 bytes a row, read back into reused buffers), and Arrow IPC
+    otherwise (text ids, ids spanning 2**32 or more, an order column). A new segment starts
+    whenever the kind or a side's id type changes (integers until an id that is not a canonical
+    integer turns up, then text), and every ``SEGMENT_BYTES``."""
 
     def __init__(self, workspace: _Workspace, has_order: bool):
         self.workspace, self.has_order = workspace, has_order
-        self.segments: list[str] = []
+        self.segments: list[tuple[str, list[tuple[int, int, int]] | None]] = []  # (path, raw batches or None)
         self.writer: Any = None  # the open Arrow IPC stream writer of the current segment
+        self.raw: Any = None  # the open file of the current raw segment
         self.schema: Any = None
         self.written = 0
+        self.buffer = np.empty(0, np.uint8)
 
     def write(self, users, items, values: np.ndarray, order: np.ndarray | None) -> None:
+        if order is None and isinstance(users, np.ndarray) and isinstance(items, np.ndarray) and len(values):
+            user_low, user_high = (int(v) for v in id_range(users))
+            item_low, item_high = (int(v) for v in id_range(items))
+            if user_high - user_low < 1 << 32 and item_high - item_low < 1 << 32:
+                self._write_raw(users, user_low, items, item_low, values)
+                return
+        self._write_arrow(users, items, values, order)
+
+    def _write_raw(self, users: np.ndarray, user_low: int, items: np.ndarray, item_low: int,
+                   values: np.ndarray) -> None:
+        if self.raw is None or self.written >= SEGMENT_BYTES:
+            self.close()
+            self.segments.append((self.workspace.file(f"rows-{len(self.segments):02d}.raw"), []))
+            self.raw = open(self.segments[-1][0], "wb")
+            self.written = 0
+        n = len(values)
+        if len(self.buffer) < 12 * n:  # reused: fresh memory would fault in every page anew
+            self.buffer = np.empty(0, np.uint8)
+            self.buffer = np.empty(12 * n, np.uint8)
+        block = self.buffer[: 12 * n]
+        np.subtract(users, user_low, out=block[: 4 * n].view(np.uint32), casting="unsafe")
+        np.subtract(items, item_low, out=block[4 * n : 8 * n].view(np.uint32), casting="unsafe")
+        block[8 * n :].view(np.float32)[:] = values
+        self.raw.write(block.data)
+        index = self.segments[-1][1]
+        assert index is not None
+        index.append((n, user_low, item_low))
+        self.written += 12 * n
+
+    def _write_arrow(self, users, items, values: np.ndarray, order: np.ndarray | None) -> None:
         columns = [_as_arrow(users), _as_arrow(items), pa.array(values)]
         fields = [("user", columns[0].type), ("item", columns[1].type), ("value", pa.float32())]
         if self.has_order:
@@ -367,7 +431,7 @@ class _Spill:
             path = self.workspace.file(f"rows-{len(self.segments):02d}.arrow")
             self.writer = pa.ipc.new_stream(pa.OSFile(path, "wb"), schema)
             self.schema = schema
-            self.segments.append(path)
+            self.segments.append((path, None))
             self.written = 0
         batch = pa.record_batch(columns, schema=schema)
         self.writer.write_batch(batch)
@@ -377,11 +441,34 @@ class _Spill:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.raw is not None:
+            self.raw.close()
+            self.raw = None
 
-    def batches(self) -> Iterator[pa.RecordBatch]:
-        for path in self.segments:
-            with pa.OSFile(path, "rb") as source:
-                yield from pa.ipc.open_stream(source)
+    def batches(self) -> Iterator[_SpilledBatch]:
+        """The batches in the order written. A raw batch's arrays are views of one of
+        ``RAW_RING`` buffers, valid until that many more batches have been asked for."""
+        ring: list[np.ndarray] = [np.empty(0, np.uint8) for _ in range(RAW_RING)]
+        turn = 0
+        for path, index in self.segments:
+            if index is None:
+                with pa.OSFile(path, "rb") as source:
+                    for batch in pa.ipc.open_stream(source):
+                        yield _SpilledBatch(batch.column(0), batch.column(1), batch.column(2).to_numpy(),
+                                            batch.column(3).to_numpy() if self.has_order else None)
+            else:
+                with open(path, "rb") as source:
+                    for n, user_low, item_low in index:
+                        if len(ring[turn]) < 12 * n:
+                            ring[turn] = np.empty(0, np.uint8)
+                            ring[turn] = np.empty(12 * n, np.uint8)
+                        block = ring[turn][: 12 * n]
+                        turn = (turn + 1) % RAW_RING
+                        if source.readinto(block.data) != 12 * n:
+                            raise RuntimeError(f"{path}: the spill ends early")
+                        yield _SpilledBatch(_Offsets(user_low, block[: 4 * n].view(np.uint32)),
+                                            _Offsets(item_low, block[4 * n : 8 * n].view(np.uint32)),
+                                            block[8 * n :].view(np.float32), None)
             os.remove(path)
 
 
@@ -583,13 +670,18 @@ class _RowMapper:
                 self.table = np.full(span, -1, np.int32)
                 fill_dense_table(self.keys, self.lowest, self.table)
 
-    def rows(self, column: pa.Array, counts: np.ndarray) -> np.ndarray:
+    def rows(self, column: pa.Array | _Offsets, counts: np.ndarray) -> np.ndarray:
         """Rows of the column's ids (int32); adds each row's entries to ``counts``."""
         if self.table is not None:
-            rows, missing = map_dense_ids(column.to_numpy(), self.lowest, self.table, counts)
+            if isinstance(column, _Offsets):
+                rows, missing = map_dense_offsets(column.offsets, column.base - self.lowest, self.table, counts)
+            else:
+                rows, missing = map_dense_ids(column.to_numpy(), self.lowest, self.table, counts)
             if missing >= 0:
                 raise RuntimeError("an id of the input is missing from the id map being written")
             return rows
+        if isinstance(column, _Offsets):
+            column = pa.array(column.ids())
         rows = self._rows(column)
         counts += np.bincount(rows, minlength=len(counts))
         return rows
@@ -652,12 +744,12 @@ def _map_rows(spill, workspace, maps, record, disable, allowance, bucketer: _Buc
                 buffer = np.empty(batch.num_rows, record)
             records = buffer[: batch.num_rows]  # reused: fresh memory would fault in every page anew
             # the items are mapped in a helper thread while this one maps the users (the kernels release the GIL)
-            items = pool.submit(mappers["item"].rows, batch.column(1), counts["item"])
-            records["row"] = mappers["user"].rows(batch.column(0), counts["user"])
+            items = pool.submit(mappers["item"].rows, batch.items, counts["item"])
+            records["row"] = mappers["user"].rows(batch.users, counts["user"])
             records["col"] = items.result()
-            records["value"] = batch.column(2).to_numpy()
+            records["value"] = batch.values
             if "order" in record.names:
-                records["order"] = batch.column(3).to_numpy()
+                records["order"] = batch.order
             if bucketer is not None:
                 bucketer.add(records, pool)
             elif sink is not None:
