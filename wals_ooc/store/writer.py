@@ -284,10 +284,13 @@ def _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, re
     unit_nnz = max(1, budget.allowance // (8 * per_entry))  # a quarter of half the allowance: two assemble at once
     units = {side: assembly_units(counts[side], bounds[side], unit_nnz) for side in ("user", "item")}
     bucketer = _Bucketer(workspace, units, record, budget.allowance // 32)
-    if fused:  # counts are used up (counted down to zero) by the check of pass 2
-        _map_rows(spill, workspace, maps, record, disable, budget.allowance, bucketer=bucketer, expected=counts)
-    else:
-        _bucket(mapped_paths, bucketer, budget, record, disable)
+    try:
+        if fused:  # counts are used up (counted down to zero) by the check of pass 2
+            _map_rows(spill, workspace, maps, record, disable, budget.allowance, bucketer=bucketer, expected=counts)
+        else:
+            _bucket(mapped_paths, bucketer, budget, record, disable)
+    finally:
+        bucketer.close()
     del counts
     buckets = bucketer.paths
     # the two orientations are assembled at once, each in half the allowance (its units were cut
@@ -778,6 +781,9 @@ def _mapped_chunks(mapped_paths: list[str], record: np.dtype, chunk_rows: int) -
         os.remove(path)
 
 
+OPEN_BUCKETS = 512  # bucket files kept open through pass 2 at most (both sides)
+
+
 class _Bucketer:
     """Pass 3's bucket files: each record appended to its user unit's and its item unit's file
     (the two sides in two threads: the sort kernel and the file writes release the GIL)."""
@@ -798,6 +804,10 @@ class _Bucketer:
             for side, starts in self.starts.items()
         }
         self.grouped_buffers: dict[str, np.ndarray] = {}  # one per side, reused from chunk to chunk
+        # the files stay open from batch to batch (an open and a close per unit and batch cost
+        # more than the writes of small units) while there are at most OPEN_BUCKETS of them
+        self.sinks: dict[str, dict[int, Any]] | None = \
+            {"user": {}, "item": {}} if sum(len(p) for p in self.paths.values()) <= OPEN_BUCKETS else None
 
     def add(self, records: np.ndarray, pool: ThreadPoolExecutor) -> None:
         for future in [pool.submit(self.spread, records, side) for side in ("user", "item")]:
@@ -824,10 +834,24 @@ class _Bucketer:
             else:
                 cuts = bucket_scatter(records[first], records[second], records["value"], starts, grouped["row"],
                                       grouped["col"], grouped["value"])
+        sinks = self.sinks[side] if self.sinks is not None else None
         for k in range(len(paths)):
             if cuts[k + 1] > cuts[k]:
-                with open(paths[k], "ab") as sink:
-                    grouped[cuts[k] : cuts[k + 1]].tofile(sink)
+                if sinks is None:
+                    with open(paths[k], "ab") as sink:
+                        sink.write(grouped[cuts[k] : cuts[k + 1]].view(np.uint8).data)
+                else:
+                    sink = sinks.get(k)
+                    if sink is None:
+                        sink = sinks[k] = open(paths[k], "ab")
+                    sink.write(grouped[cuts[k] : cuts[k + 1]].view(np.uint8).data)
+
+    def close(self) -> None:
+        """Close the bucket files kept open (before they are read)."""
+        for sinks in (self.sinks or {}).values():
+            for sink in sinks.values():
+                sink.close()
+            sinks.clear()
 
 
 def _bucket(mapped_paths, bucketer: _Bucketer, budget, record, disable) -> None:
@@ -898,7 +922,6 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz
     order_out = ChunkAppender(_csr_array(csr, "order", capacity, np.float64), trim=True) \
         if "order" in record.names else None
     offset = 0
-    buffer = np.empty(0, record)
     work = _Buffers()
     for k, path in enumerate(tqdm(bucket_paths, desc=_desc(f"assemble {orientation}"), unit="shards", disable=disable)):
         entries = os.path.getsize(path) // record.itemsize if os.path.exists(path) else 0
@@ -910,13 +933,12 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz
                     f"row {bounds[k]} of {orientation} has {entries} entries, more than its columns' dense "
                     f"accumulator allows in the budget: assembling it in memory may exceed memory_budget"),
                     stacklevel=2)
-            if entries and "order" not in record.names:  # read into one buffer: fresh memory faults in every page
-                if len(buffer) < entries:
-                    buffer = np.empty(0, record)
-                    buffer = np.empty(entries, record)
-                with open(path, "rb") as source:
-                    source.readinto(buffer[:entries].view(np.uint8).data)
-                indptr, indices, values, order = rows_to_csr(buffer[:entries], bounds[k], bounds[k + 1], n_cols, work)
+            if entries and "order" not in record.names:
+                # the file's pages mapped, not copied (copy-on-write, so the arrays are writable
+                # as the kernels were compiled for; nothing writes them)
+                mapped = np.memmap(path, record, mode="c", shape=(entries,)).view(np.ndarray)
+                indptr, indices, values, order = rows_to_csr(mapped, bounds[k], bounds[k + 1], n_cols, work)
+                del mapped  # unmapped here: nothing else refers to it
             else:  # passed without a name, so rows_to_csr can free the records once it has read them
                 indptr, indices, values, order = rows_to_csr(
                     np.fromfile(path, record) if entries else np.empty(0, record), bounds[k], bounds[k + 1], n_cols
