@@ -837,14 +837,14 @@ class _Bucketer:
         sinks = self.sinks[side] if self.sinks is not None else None
         for k in range(len(paths)):
             if cuts[k + 1] > cuts[k]:
+                piece = grouped[cuts[k] : cuts[k + 1]].view(np.uint8).data
                 if sinks is None:
-                    with open(paths[k], "ab") as sink:
-                        sink.write(grouped[cuts[k] : cuts[k + 1]].view(np.uint8).data)
+                    with open(paths[k], "ab") as once:
+                        once.write(piece)
                 else:
-                    sink = sinks.get(k)
-                    if sink is None:
-                        sink = sinks[k] = open(paths[k], "ab")
-                    sink.write(grouped[cuts[k] : cuts[k + 1]].view(np.uint8).data)
+                    if k not in sinks:
+                        sinks[k] = open(paths[k], "ab")
+                    sinks[k].write(piece)
 
     def close(self) -> None:
         """Close the bucket files kept open (before they are read)."""
