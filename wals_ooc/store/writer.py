@@ -733,19 +733,25 @@ def _map_rows(spill, workspace, maps, record, disable, allowance, bucketer: _Buc
         counts = {side: np.zeros(maps[side].n, np.int64) for side in ("user", "item")}
     mapped_paths: list[str] = []
     sink = None
-    buffer = np.empty(0, record)
+    # two record buffers in turn, reused (fresh memory would fault in every page anew): a batch
+    # is mapped into one while the other's records are still being bucketed
+    buffers = [np.empty(0, record), np.empty(0, record)]
+    turn = 0
+    bucketing: list = []  # the bucketer's work on the batch before, running meanwhile
     with tqdm(desc=_desc("map ids" if bucketer is None else "map ids and bucket"), unit="rows", unit_scale=True,
               disable=disable) as bar, \
-            ThreadPoolExecutor(max_workers=2, thread_name_prefix="wals-ooc-map") as pool:
+            ThreadPoolExecutor(max_workers=3, thread_name_prefix="wals-ooc-map") as pool:
         for batch in _ahead(spill.batches()):  # the next batch read while this one is mapped
             if bucketer is None and (sink is None or sink.tell() >= SEGMENT_BYTES):
                 if sink is not None:
                     sink.close()
                 mapped_paths.append(workspace.file(f"rows-{len(mapped_paths):05d}.records"))
                 sink = open(mapped_paths[-1], "wb")
-            if len(buffer) < batch.num_rows:
-                buffer = np.empty(batch.num_rows, record)
-            records = buffer[: batch.num_rows]  # reused: fresh memory would fault in every page anew
+            if len(buffers[turn]) < batch.num_rows:
+                buffers[turn] = np.empty(0, record)
+                buffers[turn] = np.empty(batch.num_rows, record)
+            records = buffers[turn][: batch.num_rows]
+            turn ^= 1
             # the items are mapped in a helper thread while this one maps the users (the kernels release the GIL)
             items = pool.submit(mappers["item"].rows, batch.items, counts["item"])
             records["row"] = mappers["user"].rows(batch.users, counts["user"])
@@ -754,10 +760,14 @@ def _map_rows(spill, workspace, maps, record, disable, allowance, bucketer: _Buc
             if "order" in record.names:
                 records["order"] = batch.order
             if bucketer is not None:
-                bucketer.add(records, pool)
+                for future in bucketing:  # in batch order: the files get the records in input order
+                    future.result()
+                bucketing = bucketer.submit(records, pool)
             elif sink is not None:
                 records.tofile(sink)
             bar.update(batch.num_rows)
+        for future in bucketing:
+            future.result()
     if sink is not None:
         sink.close()
     if expected is not None and any(counts[side].any() for side in ("user", "item")):
@@ -810,8 +820,13 @@ class _Bucketer:
             {"user": {}, "item": {}} if sum(len(p) for p in self.paths.values()) <= OPEN_BUCKETS else None
 
     def add(self, records: np.ndarray, pool: ThreadPoolExecutor) -> None:
-        for future in [pool.submit(self.spread, records, side) for side in ("user", "item")]:
+        for future in self.submit(records, pool):
             future.result()
+
+    def submit(self, records: np.ndarray, pool: ThreadPoolExecutor) -> list:
+        """``add`` without waiting: the futures of the two sides' work, to be waited for before
+        the next records are given (each side reuses one buffer, and files keep input order)."""
+        return [pool.submit(self.spread, records, side) for side in ("user", "item")]
 
     def spread(self, records: np.ndarray, side: str) -> None:
         record, starts, paths = self.record, self.starts[side], self.paths[side]
