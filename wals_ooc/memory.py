@@ -98,7 +98,7 @@ def return_freed_memory_to_os() -> None:
 
     import pyarrow as pa
 
-    global _mallopt
+    global _mallopt, _malloc_trim
     pa.set_memory_pool(pa.system_memory_pool())
     name = ctypes.util.find_library("c")
     if name is None:
@@ -108,11 +108,22 @@ def return_freed_memory_to_os() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 20)
         _mallopt = libc.mallopt
+        _malloc_trim = libc.malloc_trim
     except (OSError, AttributeError):  # not glibc: nothing to tune
         return
 
 
 _mallopt = None  # glibc's mallopt, once ``return_freed_memory_to_os`` has found it
+_malloc_trim = None  # and its malloc_trim
+
+
+def release_free_heap() -> None:
+    """Give the free memory malloc's heaps still hold back to the OS (glibc ``malloc_trim``:
+    every arena, free pages inside them too). Between a stage's passes, so what one pass freed
+    is not still resident when the next one allocates (buffers of up to ``reuse_threshold``
+    come from those heaps while ``reused_large_buffers`` is on)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 _reuse_lock = threading.Lock()
 _reuse_depth = 0
 REUSE_THRESHOLD_MAX = 4 << 20

@@ -51,7 +51,7 @@ from ..kernels.assemble import (
     segment_sums,
 )
 from ..kernels.text import parse_ints
-from ..memory import MemoryBudget, format_bytes, peak_rss, reused_large_buffers
+from ..memory import MemoryBudget, format_bytes, peak_rss, release_free_heap, reused_large_buffers
 from .format import ID_ARRAYS, CSR_CHUNK, FORMAT_VERSION, INTERACTIONS_KIND, create_array, is_local, subgroup
 from .appender import ChunkAppender
 from .ids import DistinctIds, IdIndex, as_text, hash_text, text_buffers, write_id_map
@@ -267,6 +267,7 @@ def _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, re
         write_id_map(group, ID_ARRAYS[side], sides[side].distinct, id_types[side])
         maps[side] = IdIndex(group[ID_ARRAYS[side]], out.target)
     del sides
+    release_free_heap()  # pass 1's batch buffers
     # with each row's entries known from pass 1, the shards are planned now and pass 2 puts each
     # mapped batch straight into its bucket files (no file of mapped records written and read back)
     fused = all(counts is not None for counts in counted.values())
@@ -291,6 +292,7 @@ def _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, re
             _bucket(mapped_paths, bucketer, budget, record, disable)
     finally:
         bucketer.close()
+    release_free_heap()  # pass 2's batch buffers, before the units are assembled
     del counts
     buckets = bucketer.paths
     # the two orientations are assembled at once, each in half the allowance (its units were cut
