@@ -755,10 +755,10 @@ def _map_rows(spill, workspace, maps, record, disable, allowance, bucketer: _Buc
             records = buffers[turn][: batch.num_rows]
             turn ^= 1
             # the items are mapped in a helper thread while this one maps the users (the kernels release the GIL)
-            items = pool.submit(mappers["item"].rows, batch.items, counts["item"])
+            items = pool.submit(_map_into, mappers["item"], batch.items, counts["item"], records["col"])
             records["row"] = mappers["user"].rows(batch.users, counts["user"])
-            records["col"] = items.result()
             records["value"] = batch.values
+            items.result()
             if "order" in record.names:
                 records["order"] = batch.order
             if bucketer is not None:
@@ -775,6 +775,12 @@ def _map_rows(spill, workspace, maps, record, disable, allowance, bucketer: _Buc
     if expected is not None and any(counts[side].any() for side in ("user", "item")):
         raise RuntimeError("the entries per row of pass 2 differ from those pass 1 counted")
     return counts, mapped_paths
+
+
+def _map_into(mapper: _RowMapper, column, counts: np.ndarray, out: np.ndarray) -> None:
+    """``mapper.rows`` of the column, stored into ``out`` (a field of the records) by the thread
+    that mapped them."""
+    out[:] = mapper.rows(column, counts)
 
 
 def _mapped_chunks(mapped_paths: list[str], record: np.dtype, chunk_rows: int) -> Iterator[np.ndarray]:
