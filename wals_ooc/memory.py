@@ -124,6 +124,8 @@ def release_free_heap() -> None:
     come from those heaps while ``reused_large_buffers`` is on)."""
     if _malloc_trim is not None:
         _malloc_trim(0)
+
+
 _reuse_lock = threading.Lock()
 _reuse_depth = 0
 REUSE_THRESHOLD_MAX = 4 << 20
