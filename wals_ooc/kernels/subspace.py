@@ -30,13 +30,14 @@ import numpy as np
 from numba import njit
 
 from .solve import _JIT, GATHER_MAX_ENTRIES, cholesky_solve_inplace, confidence, max_row_nnz, row_regularization
+from .transpose import transpose_tile
 
 
 # a gathered row's entries are padded with zeros (weight 0) to a multiple of this: the entry
 # loops then run only their vectorised body (8 float32 lanes), never the scalar remainder. The
 # tiled system loops (8 accumulators) are not unrolled further, so 8 is enough; 32 (what the
 # one-accumulator loops, unrolled 4 times, needed) costs up to 31 wasted entries a row
-ENTRY_PAD = 8
+ENTRY_PAD = 8  # also the gather's tile (``_gather_panel``): keep it 8
 BATCH_ROWS = 64  # rows solved together, one per lane of the batched b x b solves
 BATCH_FLOATS = 1 << 18  # a batch's gathered columns: 1 MiB of float32 (a longer row is a batch alone)
 LANE_BYTES = 1 << 20  # the batch's float64 b x b systems (fewer rows a batch at large b)
@@ -56,35 +57,38 @@ def _gather_columns(Y, indices, start, n, k0, kb, out):
 
 
 @njit(**_JIT)
-def _gather_panel(Y, indices, start, n, out):
-    """out[i, t] = Y[indices[start + t], i] for all f columns, t < n; the padding entries
-    n <= t < out's width (a multiple of ENTRY_PAD) repeat the row's first entry (they weigh
-    nothing, and a row's own entry cannot bring it a NaN it does not have). Eight entries at a
-    time: eight source rows read side by side along their columns, each column's eight values
-    one contiguous store, where one entry at a time scattered f stores over f cache lines."""
-    f = out.shape[0]
-    width = out.shape[1]
+def _gather_panel(Y, indices, start, n, buffer, base, width):
+    """buffer[base + i * width + t] = Y[indices[start + t], i] for all f columns i, t < n: the
+    row's panel, f x width, C order; the padding entries n <= t < width (a multiple of
+    ENTRY_PAD = 8) repeat the row's first entry (they weigh nothing, and a row's own entry cannot
+    bring it a NaN it does not have). Eight entries at a time, in 8 x 8 tiles transposed in
+    registers (``transpose_tile``: 8 vector loads and stores a tile, where element by element it
+    was 64 scalar ones each; the gather took 0.32-0.39 of the kernel's time at f = 256 that way)."""
+    f = Y.shape[1]
     if n == 0:
         return
+    f8 = f - f % 8
     for t0 in range(0, width, ENTRY_PAD):
-        s0 = Y[indices[start + min(t0, n - 1)]]
-        s1 = Y[indices[start + min(t0 + 1, n - 1)]]
-        s2 = Y[indices[start + min(t0 + 2, n - 1)]]
-        s3 = Y[indices[start + min(t0 + 3, n - 1)]]
-        s4 = Y[indices[start + min(t0 + 4, n - 1)]]
-        s5 = Y[indices[start + min(t0 + 5, n - 1)]]
-        s6 = Y[indices[start + min(t0 + 6, n - 1)]]
-        s7 = Y[indices[start + min(t0 + 7, n - 1)]]
-        for i in range(f):
-            o = out[i]
-            o[t0] = s0[i]
-            o[t0 + 1] = s1[i]
-            o[t0 + 2] = s2[i]
-            o[t0 + 3] = s3[i]
-            o[t0 + 4] = s4[i]
-            o[t0 + 5] = s5[i]
-            o[t0 + 6] = s6[i]
-            o[t0 + 7] = s7[i]
+        i0 = indices[start + min(t0, n - 1)]
+        i1 = indices[start + min(t0 + 1, n - 1)]
+        i2 = indices[start + min(t0 + 2, n - 1)]
+        i3 = indices[start + min(t0 + 3, n - 1)]
+        i4 = indices[start + min(t0 + 4, n - 1)]
+        i5 = indices[start + min(t0 + 5, n - 1)]
+        i6 = indices[start + min(t0 + 6, n - 1)]
+        i7 = indices[start + min(t0 + 7, n - 1)]
+        for k in range(0, f8, 8):
+            transpose_tile(Y, i0, i1, i2, i3, i4, i5, i6, i7, k, buffer, base + k * width + t0, width)
+        for k in range(f8, f):  # the last columns, fewer than 8
+            p = base + k * width + t0
+            buffer[p] = Y[i0, k]
+            buffer[p + 1] = Y[i1, k]
+            buffer[p + 2] = Y[i2, k]
+            buffer[p + 3] = Y[i3, k]
+            buffer[p + 4] = Y[i4, k]
+            buffer[p + 5] = Y[i5, k]
+            buffer[p + 6] = Y[i6, k]
+            buffer[p + 7] = Y[i7, k]
 
 
 @njit(**_JIT)
@@ -458,9 +462,8 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
             for t in range(o + m, o1):  # padding entries weigh nothing
                 conf[t] = 0
                 weight[t] = 0
-            YT = buffer[f * o : f * o1].reshape((f, o1 - o))
-            _gather_panel(Y, indices, start, m, YT)
-            _panel_scores(YT, o1 - o, X[u], scores[o:o1])
+            _gather_panel(Y, indices, start, m, buffer, f * o, o1 - o)
+            _panel_scores(buffer[f * o : f * o1].reshape((f, o1 - o)), o1 - o, X[u], scores[o:o1])
         for _ in range(sweeps):
             for k0 in range(0, f, b):
                 kb = min(b, f - k0)
@@ -490,12 +493,14 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
                         r[i] = RL[i, q] if status[q] == 0.0 else np.nan
                         x[k0 + i] += r[i]
                     _update_scores(buffer[f * o : f * o1].reshape((f, o1 - o)), k0, o1 - o, r, scores[o:o1], kb)
-        if observed_loss:
+        if observed_loss:  # the scores afresh (the cache drifts by rounding), from the batch's panel
             for q in range(n):
                 u = u0 + q
-                start = indptr[u]
-                o = offset[q]
-                observed += _row_observed(Y, indices, start, indptr[u + 1] - start, X[u], conf[o:], scores[o:], alpha0)
+                o, o1 = offset[q], offset[q + 1]
+                _panel_scores(buffer[f * o : f * o1].reshape((f, o1 - o)), o1 - o, X[u], scores[o:o1])
+                for t in range(o, o + indptr[u + 1] - indptr[u]):
+                    s = scores[t]
+                    observed += conf[t] * (1 - s) * (1 - s) - alpha0 * s * s
         u0 += n
     return observed
 
