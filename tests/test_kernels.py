@@ -2,12 +2,14 @@
 
 import numpy as np
 import pytest
+from numba import njit
 
 from wals_ooc.kernels.blocked import accumulate_block, solve_accumulated
 from wals_ooc.kernels.loss import observed_loss_block, row_penalties
 from wals_ooc.kernels.solve import CONFIDENCE_KINDS, GATHER_MAX_ENTRIES, GROUP_ROWS, cg_solve_rows, cholesky_solve_rows
 from wals_ooc.kernels.subspace import subspace_solve_rows
 from wals_ooc.kernels.topk import new_heaps, topk_finish, topk_update
+from wals_ooc.kernels.transpose import transpose_tile
 
 from .reference import dense_objective, dense_solve, random_interactions
 
@@ -298,3 +300,23 @@ def test_ialspp_rows_done_in_chunks_equal_rows_gathered_whole(setting):
     assert np.diff(R.indptr).max() > 3 * 4
     np.testing.assert_allclose(chunked, whole, rtol=1e-10, atol=1e-12)
     assert got == pytest.approx(expected, rel=1e-10)
+
+
+@njit(cache=False, nogil=True)
+def _tile(Y, rows, k, out, p, stride):
+    transpose_tile(Y, rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7], k, out, p, stride)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_transpose_tile_writes_the_columns_of_eight_rows(dtype, contiguous):
+    """The in-register 8 x 8 transpose (and its element-by-element fallback for a strided Y):
+    column i of rows r_0..r_7 lands at out[p + i * stride:][:8], and nothing else is written."""
+    whole = np.arange(20 * 38, dtype=dtype).reshape(20, 38)
+    Y = whole if contiguous else whole[:, ::2]  # the fallback: Y not C-contiguous
+    rows = np.array([3, 0, 19, 7, 7, 2, 11, 5])
+    out = np.full(200, -1, dtype)
+    _tile(Y, rows, 11, out, 3, 20)
+    for i in range(8):
+        np.testing.assert_array_equal(out[3 + 20 * i : 3 + 20 * i + 8], Y[rows, 11 + i])
+    assert (out == -1).sum() == 200 - 64

@@ -30,13 +30,14 @@ import numpy as np
 from numba import njit
 
 from .solve import _JIT, GATHER_MAX_ENTRIES, cholesky_solve_inplace, confidence, max_row_nnz, row_regularization
+from .transpose import transpose_tile
 
 
 # a gathered row's entries are padded with zeros (weight 0) to a multiple of this: the entry
 # loops then run only their vectorised body (8 float32 lanes), never the scalar remainder. The
 # tiled system loops (8 accumulators) are not unrolled further, so 8 is enough; 32 (what the
 # one-accumulator loops, unrolled 4 times, needed) costs up to 31 wasted entries a row
-ENTRY_PAD = 8
+ENTRY_PAD = 8  # also the gather's tile (``_gather_panel``): keep it 8
 BATCH_ROWS = 64  # rows solved together, one per lane of the batched b x b solves
 BATCH_FLOATS = 1 << 18  # a batch's gathered columns: 1 MiB of float32 (a longer row is a batch alone)
 LANE_BYTES = 1 << 20  # the batch's float64 b x b systems (fewer rows a batch at large b)
@@ -56,47 +57,53 @@ def _gather_columns(Y, indices, start, n, k0, kb, out):
 
 
 @njit(**_JIT)
-def _gather_panel(Y, indices, start, n, out):
-    """out[i, t] = Y[indices[start + t], i] for all f columns, t < n; the padding entries
-    n <= t < out's width (a multiple of ENTRY_PAD) repeat the row's first entry (they weigh
-    nothing, and a row's own entry cannot bring it a NaN it does not have). Eight entries at a
-    time: eight source rows read side by side along their columns, each column's eight values
-    one contiguous store, where one entry at a time scattered f stores over f cache lines."""
-    f = out.shape[0]
-    width = out.shape[1]
+def _gather_panel(Y, indices, start, n, buffer, base, width):
+    """buffer[base + i * width + t] = Y[indices[start + t], i] for all f columns i, t < n: the
+    row's panel, f x width, C order; the padding entries n <= t < width (a multiple of
+    ENTRY_PAD = 8) repeat the row's first entry (they weigh nothing, and a row's own entry cannot
+    bring it a NaN it does not have). Eight entries at a time, in 8 x 8 tiles transposed in
+    registers (``transpose_tile``: 8 vector loads and stores a tile, where element by element it
+    was 64 scalar ones each; the gather took 0.32-0.39 of the kernel's time at f = 256 that way)."""
+    f = Y.shape[1]
     if n == 0:
         return
+    f8 = f - f % 8
     for t0 in range(0, width, ENTRY_PAD):
-        s0 = Y[indices[start + min(t0, n - 1)]]
-        s1 = Y[indices[start + min(t0 + 1, n - 1)]]
-        s2 = Y[indices[start + min(t0 + 2, n - 1)]]
-        s3 = Y[indices[start + min(t0 + 3, n - 1)]]
-        s4 = Y[indices[start + min(t0 + 4, n - 1)]]
-        s5 = Y[indices[start + min(t0 + 5, n - 1)]]
-        s6 = Y[indices[start + min(t0 + 6, n - 1)]]
-        s7 = Y[indices[start + min(t0 + 7, n - 1)]]
-        for i in range(f):
-            o = out[i]
-            o[t0] = s0[i]
-            o[t0 + 1] = s1[i]
-            o[t0 + 2] = s2[i]
-            o[t0 + 3] = s3[i]
-            o[t0 + 4] = s4[i]
-            o[t0 + 5] = s5[i]
-            o[t0 + 6] = s6[i]
-            o[t0 + 7] = s7[i]
+        i0 = indices[start + min(t0, n - 1)]
+        i1 = indices[start + min(t0 + 1, n - 1)]
+        i2 = indices[start + min(t0 + 2, n - 1)]
+        i3 = indices[start + min(t0 + 3, n - 1)]
+        i4 = indices[start + min(t0 + 4, n - 1)]
+        i5 = indices[start + min(t0 + 5, n - 1)]
+        i6 = indices[start + min(t0 + 6, n - 1)]
+        i7 = indices[start + min(t0 + 7, n - 1)]
+        for k in range(0, f8, 8):
+            transpose_tile(Y, i0, i1, i2, i3, i4, i5, i6, i7, k, buffer, base + k * width + t0, width)
+        for k in range(f8, f):  # the last columns, fewer than 8
+            p = base + k * width + t0
+            buffer[p] = Y[i0, k]
+            buffer[p + 1] = Y[i1, k]
+            buffer[p + 2] = Y[i2, k]
+            buffer[p + 3] = Y[i3, k]
+            buffer[p + 4] = Y[i4, k]
+            buffer[p + 5] = Y[i5, k]
+            buffer[p + 6] = Y[i6, k]
+            buffer[p + 7] = Y[i7, k]
 
 
 @njit(**_JIT)
-def _panel_scores(YT, n, x, scores):
-    """scores[t] = sum_i YT[i, t] x[i] for t < n (axpys over the gathered panel's rows)."""
-    for t in range(n):
-        scores[t] = 0
-    for i in range(YT.shape[0]):
-        xi = x[i]
-        y = YT[i]
-        for t in range(n):
-            scores[t] += xi * y[t]
+def _panel_scores(P, base, width, X, u, scores, o):
+    """scores[o + t] = X[u] . y_t for t < width, the row's panel at P[base:] (f x width, C order)."""
+    f = X.shape[1]
+    panel = P[base : base + f * width]
+    s = scores[o : o + width]  # stores through a view indexed by the loop variable: what vectorises
+    for t in range(width):
+        s[t] = 0
+    for i in range(f):
+        xi = X[u, i]
+        p = i * width
+        for t in range(width):
+            s[t] += xi * panel[p + t]
 
 
 @njit(**_JIT)
@@ -201,6 +208,109 @@ def _update_scores(YT, k0, n, step, scores, kb):
         d = step[i]
         for t in range(n):
             scores[t] += d * YT[k0 + i, t]
+
+
+@njit(**_JIT)
+def _lane_entry(AL, gram, k0, i, k, q, reg, acc):
+    """AL[i, k, q] = gram_BB[i, k] + reg [i == k] + acc, in float64."""
+    AL[i, k, q] = np.float64(gram[k0 + i, k0 + k]) + np.float64(acc) + (np.float64(reg) if i == k else 0.0)
+
+
+@njit(**_JIT)
+def _lane_system(P, base, width, o, conf, weight, scores, gram, GR, X, u, reg, k0, kb, e, w0, w1, AL, RL, q):
+    """Batch row q's block system and residual, written to lane q: AL[i, k, q] = gram_BB + reg I
+    + sum_t w_t y_ti y_tk (lower triangle, a few entries above it too), RL[i, q] = sum_t (c_t -
+    w_t s_t) y_ti - GR[q, i] - reg X[u, k0 + i]. Feature k0 + i of the row's entry t is
+    P[base + i * width + t] (the row's panel from the block's first feature on), its confidence,
+    weight and score at o + t; e, w0, w1 are scratch of width entries. Flat indices throughout:
+    a view per block row (what ``_accumulate`` takes) cost two atomic reference counts each,
+    7% of the kernel's time at f = 256, b = 8. The 2 x 4 register tiles of ``_accumulate``."""
+    T = P.dtype.type
+    Pb = P[base : base + kb * width]  # one view a call (a view per block row cost two atomic counts each)
+    cw = conf[o : o + width]
+    ww = weight[o : o + width]
+    sw = scores[o : o + width]
+    for t in range(width):
+        e[t] = cw[t] - ww[t] * sw[t]
+    for i in range(kb):
+        p = i * width
+        acc = T(0)
+        for t in range(width):
+            acc += e[t] * Pb[p + t]
+        RL[i, q] = np.float64(acc) - np.float64(GR[q, i]) - np.float64(reg) * np.float64(X[u, k0 + i])
+    i0 = 0
+    while i0 < kb:
+        pa = i0 * width
+        pb = pa + width if i0 + 1 < kb else pa  # an odd last row pairs with itself (its second row unused)
+        for t in range(width):
+            wt = ww[t]
+            w0[t] = wt * Pb[pa + t]
+            w1[t] = wt * Pb[pb + t]
+        c = 0
+        while c <= i0 + 1 and c < kb:  # column tiles reaching the diagonal
+            if c + 4 <= kb:
+                p0 = c * width
+                p1 = p0 + width
+                p2 = p1 + width
+                p3 = p2 + width
+                a00 = T(0)
+                a01 = T(0)
+                a02 = T(0)
+                a03 = T(0)
+                a10 = T(0)
+                a11 = T(0)
+                a12 = T(0)
+                a13 = T(0)
+                for t in range(width):
+                    v0 = w0[t]
+                    v1 = w1[t]
+                    y0 = Pb[p0 + t]
+                    y1 = Pb[p1 + t]
+                    y2 = Pb[p2 + t]
+                    y3 = Pb[p3 + t]
+                    a00 += v0 * y0
+                    a01 += v0 * y1
+                    a02 += v0 * y2
+                    a03 += v0 * y3
+                    a10 += v1 * y0
+                    a11 += v1 * y1
+                    a12 += v1 * y2
+                    a13 += v1 * y3
+                _lane_entry(AL, gram, k0, i0, c, q, reg, a00)
+                _lane_entry(AL, gram, k0, i0, c + 1, q, reg, a01)
+                _lane_entry(AL, gram, k0, i0, c + 2, q, reg, a02)
+                _lane_entry(AL, gram, k0, i0, c + 3, q, reg, a03)
+                if i0 + 1 < kb:
+                    _lane_entry(AL, gram, k0, i0 + 1, c, q, reg, a10)
+                    _lane_entry(AL, gram, k0, i0 + 1, c + 1, q, reg, a11)
+                    _lane_entry(AL, gram, k0, i0 + 1, c + 2, q, reg, a12)
+                    _lane_entry(AL, gram, k0, i0 + 1, c + 3, q, reg, a13)
+            else:  # the block's last columns, fewer than 4
+                for k in range(c, kb):
+                    pk = k * width
+                    a0 = T(0)
+                    a1 = T(0)
+                    for t in range(width):
+                        y = Pb[pk + t]
+                        a0 += w0[t] * y
+                        a1 += w1[t] * y
+                    _lane_entry(AL, gram, k0, i0, k, q, reg, a0)
+                    if i0 + 1 < kb:
+                        _lane_entry(AL, gram, k0, i0 + 1, k, q, reg, a1)
+            c += 4
+        i0 += 2
+
+
+@njit(**_JIT)
+def _lane_update(P, base, width, o, step, scores, kb):
+    """scores[o + t] += sum_i P[base + i * width + t] step[i] (the row's step on its cache)."""
+    panel = P[base : base + kb * width]
+    s = scores[o : o + width]
+    for i in range(kb):
+        d = step[i]
+        p = i * width
+        for t in range(width):
+            s[t] += d * panel[p + t]
 
 
 @njit(**_JIT)
@@ -406,8 +516,9 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
     conf = np.zeros(max(width, longest), dtype=X.dtype)
     weight = np.zeros(max(width, longest), dtype=X.dtype)
     scores = np.zeros(max(width, longest), dtype=X.dtype)
-    wy = np.empty(cap + ENTRY_PAD, dtype=X.dtype)
-    wy1 = np.empty(cap + ENTRY_PAD, dtype=X.dtype)
+    wy = np.empty(width, dtype=X.dtype)
+    wy1 = np.empty(width, dtype=X.dtype)
+    e = np.empty(width, dtype=X.dtype)
     A = np.empty((b, b), dtype=X.dtype)
     r = np.empty(b, dtype=X.dtype)
     A64 = np.empty((b, b), dtype=np.float64)
@@ -458,44 +569,33 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
             for t in range(o + m, o1):  # padding entries weigh nothing
                 conf[t] = 0
                 weight[t] = 0
-            YT = buffer[f * o : f * o1].reshape((f, o1 - o))
-            _gather_panel(Y, indices, start, m, YT)
-            _panel_scores(YT, o1 - o, X[u], scores[o:o1])
+            _gather_panel(Y, indices, start, m, buffer, f * o, o1 - o)
+            _panel_scores(buffer, f * o, o1 - o, X, u, scores, o)
         for _ in range(sweeps):
             for k0 in range(0, f, b):
                 kb = min(b, f - k0)
                 _gram_rows(X, u0, n, gram, k0, kb, GR)
                 for q in range(n):
-                    x = X[u0 + q]
                     o, o1 = offset[q], offset[q + 1]
-                    reg = regs[q]
-                    for i in range(kb):
-                        for k in range(i + 1):
-                            A[i, k] = gram[k0 + i, k0 + k]
-                        A[i, i] += reg
-                        r[i] = -GR[q, i] - reg * x[k0 + i]
-                    YT = buffer[f * o : f * o1].reshape((f, o1 - o))
-                    _accumulate(YT, k0, o1 - o, conf[o:o1], weight[o:o1], scores[o:o1], wy, wy1, A, r, kb)
-                    for i in range(kb):
-                        RL[i, q] = r[i]
-                        for k in range(i + 1):
-                            AL[i, k, q] = A[i, k]
+                    _lane_system(buffer, f * o + k0 * (o1 - o), o1 - o, o, conf, weight, scores, gram, GR, X, u0 + q,
+                                 regs[q], k0, kb, e, wy, wy1, AL, RL, q)
                 _cholesky_lanes(AL, RL, kb, n, status)
                 for q in range(n):
                     if status[q] == 1.0:  # not positive definite: the row keeps this block
                         continue
-                    x = X[u0 + q]
                     o, o1 = offset[q], offset[q + 1]
                     for i in range(kb):
                         r[i] = RL[i, q] if status[q] == 0.0 else np.nan
-                        x[k0 + i] += r[i]
-                    _update_scores(buffer[f * o : f * o1].reshape((f, o1 - o)), k0, o1 - o, r, scores[o:o1], kb)
-        if observed_loss:
+                        X[u0 + q, k0 + i] += r[i]
+                    _lane_update(buffer, f * o + k0 * (o1 - o), o1 - o, o, r, scores, kb)
+        if observed_loss:  # the scores afresh (the cache drifts by rounding), from the batch's panel
             for q in range(n):
                 u = u0 + q
-                start = indptr[u]
-                o = offset[q]
-                observed += _row_observed(Y, indices, start, indptr[u + 1] - start, X[u], conf[o:], scores[o:], alpha0)
+                o, o1 = offset[q], offset[q + 1]
+                _panel_scores(buffer, f * o, o1 - o, X, u, scores, o)
+                for t in range(o, o + indptr[u + 1] - indptr[u]):
+                    s = scores[t]
+                    observed += conf[t] * (1 - s) * (1 - s) - alpha0 * s * s
         u0 += n
     return observed
 
