@@ -109,3 +109,120 @@ def test_an_index_saved_without_a_checksum_still_opens_and_a_damaged_one_is_stil
     forget_indexes()
     with pytest.raises(CorruptStoreError, match="index.faiss is corrupt"):
         model.recommend(user, N=3, index=location)
+
+
+# --- a test store of other data ---------------------------------------------------------------
+
+
+def test_evaluating_on_a_store_of_other_data_is_refused_not_answered_with_nan(model, tmp_path, capsys):
+    """A test store none of whose users the model knows gave NaN metrics and exit 0."""
+    csv = tmp_path / "other.csv"
+    items = model.interactions.ids("item")[:5]
+    csv.write_text("user,item\n" + "".join(f"visitor-{u},{items[u % 5]}\n" for u in range(30)))
+    other = str(tmp_path / "other.zarr")
+    wals_ooc.convert([str(csv)], other, user_col="user", item_col="item", value_col=None, progress=False)
+    with pytest.raises(DataMismatchError, match=f"{other}: none of its 30 test users is a user of"):
+        model.evaluate(other, k=5)
+    assert cli_main(["evaluate", model.factors_store.location, other, "-k", "5"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "wals-ooc evaluate: error:" in err and other in err
+    # a held-out part of the training data still evaluates (the check counts users, not the sample)
+    test = str(tmp_path / "test.zarr")
+    wals_ooc.split(model.interactions.location, str(tmp_path / "train.zarr"), test, test_fraction=0.2, seed=1)
+    trained = WALS(factors=4, iterations=1, random_state=1).fit(str(tmp_path / "train.zarr"), str(tmp_path / "m.zarr"),
+                                                              progress=False)
+    result = trained.evaluate(test, k=5, user_fraction=0.01, auc=False)
+    assert result["skipped_users"] == 0 and 0 <= result["users"] <= 10
+
+
+# --- settings out of their domain in the API ----------------------------------------------------
+
+
+def test_bad_vectors_and_fold_in_values_are_setting_errors_not_empty_answers(model):
+    """NaN user vectors answered an empty list in silence; a wrong width and NaN fold-in values
+    raised bare ValueErrors."""
+    factors = model.config.factors
+    with pytest.raises(SettingError, match="user_vectors must be finite: row 1"):
+        model.recommend(None, N=3, user_vectors=np.vstack([np.ones(factors), np.full(factors, np.nan)]))
+    with pytest.raises(SettingError, match="user_vectors must be finite"):
+        model.recommend(None, N=3, user_vectors=np.full(factors, np.inf, np.float32))
+    with pytest.raises(SettingError, match=f"user_vectors must have {factors} columns"):
+        model.recommend(None, N=3, user_vectors=np.ones((1, factors - 1), np.float32))
+    with pytest.raises(SettingError, match="user_vectors has 1 rows but 2 user_ids"):
+        model.recommend(list(model.interactions.ids("user")[:2]), N=3, user_vectors=np.ones((1, factors)))
+    item = model.interactions.ids("item")[0]
+    for value in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(SettingError, match="fold-in values must be finite and >= 0"):
+            model.recalculate_user({item: value})
+    vector = model.recalculate_user({item: 2.0})
+    ids, scores = model.recommend(None, N=3, user_vectors=vector)
+    assert ids.shape == (1, 3) and np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("budget", ["nanGB", "lots", float("nan"), float("inf"), "-1GB", -5, True])
+def test_a_memory_budget_that_is_no_size_is_refused_when_the_model_is_made(budget):
+    with pytest.raises(SettingError, match="memory budget must be a"):
+        WALS(memory_budget=budget)
+
+
+@pytest.mark.parametrize("settings", [{"threads": -2}, {"threads": 1.5}, {"random_state": -1}])
+def test_bad_threads_or_seed_fail_before_a_model_is_written(small_store, tmp_path, settings):
+    """threads=-2 and random_state=-1 failed inside the run, after the new model's skeleton was
+    published: a store 'trained 0 of N iterations' was left behind."""
+    with pytest.raises(SettingError, match="threads must be|random_state must be"):
+        WALS(factors=4, iterations=1, **settings).fit(small_store, str(tmp_path / "m.zarr"), progress=False)
+    assert os.listdir(tmp_path) == []
+    value = next(iter(settings.values()))
+    if isinstance(value, int):  # argparse itself refuses --threads 1.5
+        name = "--threads" if "threads" in settings else "--seed"
+        assert cli_main(["train", small_store, "--model", str(tmp_path / "m.zarr"), name, str(value)]) == 2
+        assert os.listdir(tmp_path) == []
+
+
+def test_a_split_with_nothing_to_hold_out_says_so(small_store, tmp_path):
+    """test_fraction=0 passed the check ([0, 1)) and failed as 'TEST: empty input: no valid rows
+    to convert'."""
+    with pytest.raises(SettingError, match=r"test_fraction must be in \(0, 1\), got 0"):
+        wals_ooc.split(small_store, str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"), test_fraction=0.0)
+    with pytest.raises(SettingError, match="would leave .*b.zarr empty"):  # too small a fraction to hold out any
+        wals_ooc.split(small_store, str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"), test_fraction=1e-6)
+    assert os.listdir(tmp_path) == []
+
+
+# --- a first training run that fails leaves no model ---------------------------------------------
+
+
+def test_a_new_model_whose_first_run_fails_is_removed_and_one_with_a_half_sweep_kept(small_store, tmp_path):
+    """Training on damaged data failed in the first half-sweep but left the new model's skeleton
+    ('trained 0 of N', refused by every server). The door publishes it provisionally: a failure
+    before the first committed half-sweep removes it (an empty directory given as the target is
+    left empty); a run killed outright still leaves it to resume, and one that failed later keeps
+    its checkpoint."""
+    import shutil
+
+    damaged = str(tmp_path / "damaged.zarr")
+    shutil.copytree(small_store, damaged)
+    chunk = os.path.join(damaged, "by_user", "indices", "c", "0")
+    _flip(chunk, 30)
+    new = tmp_path / "new.zarr"
+    with pytest.raises(CorruptStoreError, match="by_user/indices"):
+        WALS(factors=4, iterations=2, random_state=0).fit(damaged, str(new), progress=False)
+    assert not new.exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CorruptStoreError):
+        WALS(factors=4, iterations=2, random_state=0).fit(damaged, str(tmp_path / "empty"), progress=False)
+    assert os.listdir(tmp_path / "empty") == []
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == []  # no lock, no build left
+    # a failure after a committed half-sweep keeps the model, resumable
+    calls = []
+
+    def stop(iteration, seconds, loss):
+        calls.append(iteration)
+        raise RuntimeError("stopped by the callback")
+
+    kept = str(tmp_path / "kept.zarr")
+    with pytest.raises(RuntimeError, match="stopped"):
+        WALS(factors=4, iterations=3, random_state=0).fit(small_store, kept, progress=False, callback=stop)
+    assert wals_ooc.load(kept).factors_store.iterations_done == 1
+    WALS(factors=4, iterations=3, random_state=0).fit(small_store, kept, progress=False)
+    assert wals_ooc.load(kept).factors_store.iterations_done == 3
