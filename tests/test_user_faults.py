@@ -226,3 +226,43 @@ def test_a_new_model_whose_first_run_fails_is_removed_and_one_with_a_half_sweep_
     assert wals_ooc.load(kept).factors_store.iterations_done == 1
     WALS(factors=4, iterations=3, random_state=0).fit(small_store, kept, progress=False)
     assert wals_ooc.load(kept).factors_store.iterations_done == 3
+
+
+# --- input that reads as something else ----------------------------------------------------------
+
+
+def test_ids_with_spaces_around_them_are_kept_but_said_once_with_file_line_and_field(tmp_path, capsys):
+    """'1, 2, 3' made the item column text ' 2' in silence (the README keeps ids as written)."""
+    csv = tmp_path / "spaced.csv"
+    csv.write_text("user,item,value\n1,2,1\n3, 4,2\n5, 6 ,1\n7,8,1\n")
+    with pytest.warns(wals_ooc.errors.WalsWarning, match=r"2 ids have spaces around them \(2 in field 'item'; first: "
+                      rf"{csv}:3: field 'item': ' 4'\)"):
+        wals_ooc.convert([str(csv)], str(tmp_path / "a.zarr"), user_col="user", item_col="item", value_col="value",
+                         progress=False)
+    store = wals_ooc.store.reader.InteractionStore(str(tmp_path / "a.zarr"))
+    assert sorted(store.ids("item")) == [" 4", " 6 ", "2", "8"]  # kept as written
+    clean = tmp_path / "clean.csv"
+    clean.write_text("user,item\nu 1,a b\nu2,c\n")  # spaces inside ids are part of them
+    assert cli_main(["convert", str(clean), str(tmp_path / "b.zarr"), "--no-value", "-q"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert cli_main(["convert", str(csv), str(tmp_path / "c.zarr"), "--user-col", "user", "--item-col", "item",
+                     "--value-col", "value", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("wals-ooc convert: warning: 2 ids have spaces")
+
+
+def test_lines_ended_by_a_carriage_return_alone_are_named_not_read_as_an_empty_file(tmp_path):
+    """A CR-only file (classic Mac line endings) was 'empty input: a header but no rows'."""
+    for name, opener in (("mac.csv", open), ("mac.csv.gz", __import__("gzip").open)):
+        path = tmp_path / name
+        with opener(path, "wb") as handle:
+            handle.write(b"user,item\ru1,i1\ru2,i2\r")
+        with pytest.raises(wals_ooc.errors.InputError, match=f"{path}:1: its lines end in a carriage return alone"):
+            wals_ooc.convert([str(path)], str(tmp_path / "m.zarr"), user_col="user", item_col="item", value_col=None,
+                             progress=False)
+    mixed = tmp_path / "mixed.csv"  # CRLF, LF and a CR inside a quoted field: read as written
+    mixed.write_bytes(b"user,item\r\nu1,i1\nu2,\"a\rb\"\r\n")
+    wals_ooc.convert([str(mixed)], str(tmp_path / "x.zarr"), user_col="user", item_col="item", value_col=None,
+                     progress=False)
+    assert sorted(wals_ooc.store.reader.InteractionStore(str(tmp_path / "x.zarr")).ids("item")) == ["a\rb", "i1"]
+    assert not (tmp_path / "m.zarr").exists()
