@@ -266,3 +266,26 @@ def test_lines_ended_by_a_carriage_return_alone_are_named_not_read_as_an_empty_f
                      progress=False)
     assert sorted(wals_ooc.store.reader.InteractionStore(str(tmp_path / "x.zarr")).ids("item")) == ["a\rb", "i1"]
     assert not (tmp_path / "m.zarr").exists()
+
+
+# --- a search whose trial fails ---------------------------------------------------------------------
+
+
+def test_a_search_on_damaged_data_fails_in_one_line_without_optunas_warning(small_store, tmp_path):
+    """A trial that failed (a damaged chunk here, a full disk on the try) printed optuna's own
+    '[W ...] Trial 0 failed with value None.' before wals-ooc's one-line error."""
+    import shutil
+
+    damaged = str(tmp_path / "damaged.zarr")
+    shutil.copytree(small_store, damaged)
+    _flip(os.path.join(damaged, "by_item", "indices", "c", "0"), 50)
+    code = f"""
+import sys
+from wals_ooc.cli import main
+sys.exit(main(["tune", {damaged!r}, "--validation", {small_store!r}, "--trials", "2", "--factors", "4",
+               "--iterations", "1", "--model", {str(tmp_path / "t.zarr")!r}, "--threads", "2", "-q"]))
+"""
+    done = run_python(code)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("wals-ooc tune: error: "), done.stderr
+    assert "by_item/indices is corrupt" in done.stderr
