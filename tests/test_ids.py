@@ -477,7 +477,7 @@ def test_serving_and_split_arguments_are_checked(small_store, tmp_path):
         model.evaluate(small_store, k=0)
     with pytest.raises(SettingError, match=r"user_fraction must be in \(0, 1\], got nan"):
         model.evaluate(small_store, user_fraction=float("nan"))
-    with pytest.raises(SettingError, match=r"test_fraction must be in \[0, 1\), got nan"):
+    with pytest.raises(SettingError, match=r"test_fraction must be in \(0, 1\), got nan"):
         wals_ooc.split(small_store, tmp_path / "a.zarr", tmp_path / "b.zarr", test_fraction=float("nan"))
     with pytest.raises(UnknownIdError, match="unknown item id"):
         model.recalculate_user({"no such item": 1.0})

@@ -800,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     and exits 2 (1 for a failure of the system, 130 when interrupted); ``-v`` shows tracebacks."""
     import warnings
 
-    from .errors import WalsError
+    from .errors import StorageError, WalsError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command_in(argv) or "")  # no command named: the commands' options are not needed
@@ -815,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             raise
         print(f"{prefix} {exc.cli_message()}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, StorageError) else 2  # the storage failed, not the user
     except (ValueError, KeyError) as exc:  # argument checks of the API that predate errors.py
         if verbose:
             raise

@@ -118,6 +118,8 @@ class WALSConfig:
         if self.random_state is not None and (isinstance(self.random_state, bool)
                                               or not isinstance(self.random_state, (int, np.integer))):
             raise _setting("random_state", f"random_state must be an integer or None, got {self.random_state!r}")
+        if self.random_state is not None and self.random_state < 0:  # numpy's generators take none below 0
+            raise _setting("random_state", f"random_state must be >= 0, got {self.random_state}")
 
     @property
     def np_dtype(self) -> np.dtype:

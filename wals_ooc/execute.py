@@ -14,8 +14,11 @@ import os
 from typing import Any, Callable, Iterator, Sequence
 
 import dask
+import numpy as np
 import threadpoolctl
 from dask.callbacks import Callback
+
+from .errors import SettingError
 
 _blas_limited = False
 
@@ -49,6 +52,16 @@ class _TaskProgress(Callback):
             self.bar.update(1)
 
 
+def checked_threads(threads: Any) -> int | None:
+    """``threads`` if it is None or an integer >= 0 (0 and None: all cores), else SettingError."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+        raise SettingError(f"threads must be an integer >= 1 (0 or None: all cores), got {threads!r}",
+                           flags={"threads must": "--threads must"})
+    return int(threads)
+
+
 class Executor:
     """Where tasks run: ``threads`` local threads (``client=None``) or a distributed Client's workers.
 
@@ -58,7 +71,7 @@ class Executor:
 
     def __init__(self, client: Any = None, threads: int | None = None, retries: int = 3):
         self.client = client
-        self._threads = threads
+        self._threads = checked_threads(threads)
         self.retries = retries
 
     @classmethod

@@ -8,6 +8,8 @@ divide between shards, buffers and caches.
 
 from __future__ import annotations
 
+import math
+import numbers
 import resource
 import sys
 import threading
@@ -46,10 +48,17 @@ def to_bytes(budget: int | float | str | None) -> int:
     """Budget as a byte count; ``None`` means the default fraction of RAM."""
     if budget is None:
         return default_memory_budget()
+    given = budget
     if isinstance(budget, str):
-        return int(parse_bytes(budget))
-    if budget <= 0:
-        raise MemoryBudgetError(f"memory budget must be positive, got {budget}")
+        try:
+            budget = parse_bytes(budget)
+        except (ValueError, TypeError):
+            raise MemoryBudgetError(f"memory budget must be a size such as 4GB or 512MiB, got {given!r}",
+                                    flags={"memory budget": "--memory-budget"}) from None
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not math.isfinite(budget) \
+            or budget <= 0:  # NaN, inf, 0 and below
+        raise MemoryBudgetError(f"memory budget must be a positive size, got {given!r}",
+                                flags={"memory budget": "--memory-budget"})
     return int(budget)
 
 

@@ -17,6 +17,7 @@ import zarr
 from .config import WALSConfig
 from .errors import DataMismatchError, IncompleteModelWarning, SettingError, StoreError
 from .evaluate.metrics import evaluate as evaluate_model
+from .execute import checked_threads
 from .index import AnnIndex, IndexSettings, approximate_top_k, resolve_index, subset_csr
 from .kernels.warm import warm_serving_kernels
 from .memory import MemoryBudget, to_bytes
@@ -77,8 +78,9 @@ class WALS:
             block_sweeps=block_sweeps, dtype=dtype,
             random_state=random_state, init_scale=init_scale, compute_loss=compute_loss,
         )
+        to_bytes(memory_budget)  # refused here (NaN, "lots", -1GB), before anything is read or written
         self.memory_budget = memory_budget
-        self.threads = threads
+        self.threads = checked_threads(threads)
         self.interactions: InteractionStore | None = None
         self.factors_store: FactorStore | None = None
         self.storage_options: dict | None = None
@@ -282,7 +284,9 @@ class WALS:
             rows = store.index_of("user", user_ids)
             queries = _rows_of(model.current("user"), rows)
         else:  # new users may be unknown to the store: they have nothing to filter
-            queries = np.atleast_2d(user_vectors)
+            queries = _checked_vectors(user_vectors, model.config.factors, "user_vectors")
+            if user_ids is not None and not single and len(user_ids) != len(queries):
+                raise SettingError(f"user_vectors has {len(queries)} rows but {len(user_ids)} user_ids were given")
             rows = store.index_of("user", user_ids, missing="mark") if user_ids is not None else np.full(len(queries), -1)
         candidates = None if items is None else np.unique(store.index_of("item", list(items)))
         excluded = None if exclude_items is None else np.unique(store.index_of("item", list(exclude_items)))
@@ -583,6 +587,22 @@ def _check_n(n: Any) -> None:
             raise SettingError(f"N must be an integer >= 1, got a {type(n).__name__}: implicit's user_items matrix "
                                "goes in user_items= (by keyword) here; see the README, 'Coming from implicit'")
         raise SettingError(f"N must be an integer >= 1, got {n!r}", flags={"N must": "-n must"})
+
+
+def _checked_vectors(vectors: Any, factors: int, name: str) -> np.ndarray:
+    """``vectors`` as a 2-D array of rows of ``factors`` finite numbers, else SettingError (a NaN
+    row scored nothing and answered an empty list; a wrong width failed inside NumPy)."""
+    try:
+        queries = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise SettingError(f"{name} must be numbers, one row of {factors} per query") from None
+    if queries.ndim != 2 or queries.shape[1] != factors:
+        raise SettingError(f"{name} must have {factors} columns (the model's factors), got shape {queries.shape}")
+    bad = ~np.isfinite(queries).all(axis=1)
+    if bad.any():
+        raise SettingError(f"{name} must be finite: row {int(np.flatnonzero(bad)[0])} holds NaN or inf "
+                           f"({int(bad.sum())} of {len(queries)} rows)")
+    return np.atleast_2d(np.asarray(vectors))
 
 
 def _check_test_store(train: InteractionStore, test: InteractionStore) -> None:

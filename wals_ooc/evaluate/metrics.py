@@ -26,7 +26,7 @@ from typing import Any
 import dask
 import numpy as np
 
-from ..errors import SettingError
+from ..errors import DataMismatchError, SettingError
 from ..execute import Executor, single_threaded_blas_in_worker
 from ..kernels.warm import warm_serving_kernels
 from ..memory import MemoryBudget
@@ -47,12 +47,14 @@ class MetricSums:
     skipped_items: int = 0
     auc_users: int = 0
     sums: dict = field(default_factory=lambda: {m: 0.0 for m in METRICS})
+    known_users: int = 0  # test users (with entries) that the training data has, sampled or not
 
     def add(self, other: MetricSums) -> None:
         self.users += other.users
         self.auc_users += other.auc_users
         self.skipped_users += other.skipped_users
         self.skipped_items += other.skipped_items
+        self.known_users += other.known_users
         for m in METRICS:
             self.sums[m] += other.sums[m]
 
@@ -132,6 +134,7 @@ class MetricCurves:
     skipped_items: int = 0
     auc_users: int = 0
     sums: dict = field(default_factory=dict)
+    known_users: int = 0  # test users (with entries) that the training data has, sampled or not
 
     def __post_init__(self):
         for m in METRICS:
@@ -142,6 +145,7 @@ class MetricCurves:
         self.auc_users += other.auc_users
         self.skipped_users += other.skipped_users
         self.skipped_items += other.skipped_items
+        self.known_users += other.known_users
         for m in METRICS:
             self.sums[m] = self.sums[m] + other.sums[m]
 
@@ -199,6 +203,7 @@ def _evaluate_shard(model_location, train_location, test_location, storage_optio
     sums = MetricCurves(k) if curves else MetricSums()
     known = (users >= 0) & has_rows
     sums.skipped_users = int(((users < 0) & has_rows).sum())
+    sums.known_users = int(known.sum())
     shard_lo, shard_hi = shard_range if shard_range is not None else (lo, hi)
     if max_users_seed is not None:
         fraction, seed = max_users_seed
@@ -364,4 +369,7 @@ def _run(model, train, test, k, user_fraction, seed, client, threads, memory_bud
                 total.add(part)
     finally:
         executor.run_everywhere(release_items)
+    if total.known_users == 0 and total.skipped_users > 0:  # metrics of nobody: NaN, and no error said why
+        raise DataMismatchError(f"{test.location}: none of its {total.skipped_users:,} test users is a user of "
+                                f"{train.location}, the model's training data: it is not a held-out part of that data")
     return total

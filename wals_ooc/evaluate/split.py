@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import SettingError
+from ..errors import InputError, SettingError
 from ..memory import MemoryBudget
 from ..store.format import FORMAT_VERSION, INTERACTIONS_KIND
 from ..store.lifecycle import Transaction
@@ -110,8 +110,9 @@ def split(
         store = InteractionStore(store, storage_options)
     if method not in METHODS:
         raise SettingError(f"method must be one of {METHODS}, got {method!r}", flags={"method": "--method"})
-    if not (0 <= test_fraction < 1):
-        raise SettingError(f"test_fraction must be in [0, 1), got {test_fraction}", flags={"test_fraction": "--test-fraction"})
+    # leave_one_out and leave_last_out hold out one entry a user whatever the fraction; the others need one above 0
+    if not (0 <= test_fraction < 1) or (test_fraction == 0 and method in ("random", "last_fraction")):
+        raise SettingError(f"test_fraction must be in (0, 1), got {test_fraction}", flags={"test_fraction": "--test-fraction"})
     if min_train < 0:
         raise SettingError(f"min_train must be >= 0, got {min_train}", flags={"min_train": "--min-train"})
     if method in BY_ORDER and not store.has_order:
@@ -127,8 +128,8 @@ def split(
             for out in (train_out, test_out)
         ]
         for out, want_test in zip(outputs, (False, True)):
-            reports.append(
-                build_store(
+            try:
+                built = build_store(
                     _shard_batches(store, method, test_fraction, min_train, seed, want_test),
                     out,
                     row_block=store.row_block,
@@ -139,5 +140,12 @@ def split(
                                   "seed": seed, "side": "test" if want_test else "train"},
                     **build_options,
                 )
-            )
+            except InputError as exc:
+                if not exc.reason.startswith("empty input"):
+                    raise
+                raise SettingError(f"the split would leave {out.target} empty: no entry of {store.location} goes to "
+                                   f"its {'test' if want_test else 'train'} side with test_fraction={test_fraction}, "
+                                   f"min_train={min_train} ({method}); nothing was written",
+                                   flags={"test_fraction": "--test-fraction", "min_train": "--min-train"}) from None
+            reports.append(built)
     return SplitReport(*reports)

@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import threading
+import zlib
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -280,7 +281,7 @@ class AnnIndex:
         }
         with output_store(location, INDEX_KIND, version=version, overwrite=overwrite,
                           inputs=[model.location], layout="files") as out:
-            faiss.write_index(index, os.path.join(out.location, INDEX_FILE))
+            meta["checksum"] = _write_index_file(faiss, index, os.path.join(out.location, INDEX_FILE))
             with open(os.path.join(out.location, META_FILE), "w") as handle:
                 json.dump(meta, handle, indent=1)
         return cls(location, meta, index)
@@ -304,7 +305,7 @@ class AnnIndex:
             if meta["bytes"] > budget.allowance:
                 raise MemoryBudgetError(f"the index {location} takes about {format_bytes(meta['bytes'])}, over the "
                                         f"{format_bytes(budget.allowance)} the memory budget leaves")
-        index = faiss.read_index(os.path.join(location, INDEX_FILE))
+        index = _read_index_file(faiss, location, meta.get("checksum"))
         if meta["settings"]["kind"] == "ivf":
             index.make_direct_map()
         opened = cls(location, meta, index)
@@ -532,6 +533,44 @@ def read_meta(location: str) -> dict:
             return json.load(handle)
     except (OSError, ValueError) as exc:
         raise CorruptStoreError(f"{location}: its {META_FILE} cannot be read ({exc})") from None
+
+
+def _write_index_file(faiss, index, path: str) -> dict:
+    """Write ``index`` to ``path`` through Python's file (so a full disk is an ``OSError``, which
+    the lifecycle door reports as ``StorageError``; faiss's own writer raises ``RuntimeError``),
+    returning the file's ``{"crc32", "bytes"}`` as it is written."""
+    written = {"crc32": 0, "bytes": 0}
+    with open(path, "wb") as handle:
+        def write(chunk: bytes) -> int:
+            handle.write(chunk)
+            written["crc32"] = zlib.crc32(chunk, written["crc32"])
+            written["bytes"] += len(chunk)
+            return len(chunk)
+
+        faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+    return written
+
+
+def _read_index_file(faiss, location: str, checksum: dict | None):
+    """Read a saved index, its bytes checked against ``checksum`` first (a damaged file can crash
+    faiss's reader or, in a stored row, change answers); ``CorruptStoreError`` naming the file.
+    Indexes saved without a checksum are read as they are, faiss's complaints made the same error."""
+    path = os.path.join(local_path(location), INDEX_FILE)
+    if checksum is not None:
+        crc, size = 0, 0
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+        if (crc, size) != (checksum.get("crc32"), checksum.get("bytes")):
+            raise CorruptStoreError(f"{location}: {INDEX_FILE} is corrupt ({size} bytes, crc32 {crc:08x}; written: "
+                                    f"{checksum.get('bytes')} bytes, crc32 {int(checksum.get('crc32') or 0):08x}): "
+                                    "rebuild it with `wals-ooc index MODEL --overwrite`")
+    try:
+        return faiss.read_index(path)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1][:200]
+        raise CorruptStoreError(f"{location}: {INDEX_FILE} is corrupt (faiss cannot read it: {reason}): rebuild it "
+                                "with `wals-ooc index MODEL --overwrite`") from None
 
 
 def index_exists(location: str) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..config import WALSConfig
+from ..errors import SettingError
 from ..kernels.solve import CONFIDENCE_KINDS, cholesky_solve_rows
 
 
@@ -19,9 +20,11 @@ def merge_entries(columns: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
     columns = np.asarray(columns, dtype=np.int64).ravel()
     values = np.asarray(values, dtype=np.float64).ravel()
     if len(columns) != len(values):
-        raise ValueError("columns and values must have the same length")
-    if np.any(~np.isfinite(values)) or np.any(values < 0):
-        raise ValueError("values must be finite and >= 0")
+        raise SettingError(f"fold-in ids and values must have the same length, got {len(columns)} and {len(values)}")
+    bad = ~np.isfinite(values) | (values < 0)
+    if bad.any():
+        raise SettingError(f"fold-in values must be finite and >= 0, got {values[bad][0]} (the {int(bad.sum())} such "
+                           f"of {len(values)})")
     unique, inverse = np.unique(columns, return_inverse=True)
     summed = np.zeros(len(unique), np.float64)
     np.add.at(summed, inverse, values)

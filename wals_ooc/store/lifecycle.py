@@ -584,6 +584,8 @@ class Output:
         self.build_path: str | None = None
         self.location = place.text
         self.published = False
+        self.provisional = False  # published, but removed again if the run fails (see publish)
+        self._was_empty_dir = False
         self._group: zarr.Group | None = None
         self._created_dirs: list[str] = []
 
@@ -601,18 +603,28 @@ class Output:
         """A local directory for this run's temporary files, removed however the run ends."""
         return self.tx.workspace(self)
 
-    def publish(self) -> str:
+    def publish(self, provisional: bool = False) -> str:
         """Make a new store visible at the target now (it must open as a store of its kind in
         an unfinished state); the rest of the block then updates it in place. For a new model
-        store, so that a killed training run can be resumed. Returns the new ``location``."""
+        store, so that a killed training run can be resumed. Returns the new ``location``.
+
+        provisional: until ``keep()`` is called, a failure of the run (an exception: a setting,
+        damaged input, a full disk) removes the store again, as if it had never been made; only a
+        run killed outright leaves it, to be resumed."""
         if self.mode != "create" or self.published:
             raise RuntimeError(f"publish() is for a new store, and once ({self.target} is in mode {self.mode})")
         self._check_checksums()
+        self._was_empty_dir = self.place.local and self.place.isdir(self.place.path)
         self._swap_in()
         self.published = True
+        self.provisional = provisional
         self.location = self.place.text
         self._group = None
         return self.location
+
+    def keep(self) -> None:
+        """A provisionally published store now holds work worth keeping if the run fails."""
+        self.provisional = False
 
     # -- the life cycle ---------------------------------------------------------------------------
     def _refuse(self, state: TargetState) -> None:
@@ -729,7 +741,14 @@ class Output:
             place.remove(aside)
         self.build_path = None
 
-    def _abort(self) -> None:
+    def _abort(self, discard: bool = True) -> None:
+        if self.published and self.provisional and discard:  # made by this run, nothing in it worth keeping
+            with contextlib.suppress(Exception):
+                self.place.remove(self.place.path)
+                if self._was_empty_dir:
+                    os.mkdir(self.place.path)
+            self.published = self.provisional = False
+            return
         if self.build_path is not None and not self.published:
             with contextlib.suppress(Exception):
                 self.place.remove(self.build_path)
@@ -791,11 +810,11 @@ class Transaction:
                         if out.mode != "update" and not out.published:
                             out._swap_in()
                 except BaseException as failure:
-                    self._abort()
+                    self._abort(failure)
                     _raise_as_wals(failure, self.outputs)
                 failed = False
                 return False
-            self._abort()
+            self._abort(exc)
             _raise_as_wals(exc, self.outputs)
             return False
         finally:
@@ -807,9 +826,9 @@ class Transaction:
                 if failed:
                     out._remove_created_dirs()
 
-    def _abort(self) -> None:
-        for out in self.outputs:
-            out._abort()
+    def _abort(self, exc: BaseException) -> None:
+        for out in self.outputs:  # an interrupted run (Ctrl-C) keeps what it published, as a killed one
+            out._abort(discard=isinstance(exc, Exception))
 
 
 def _raise_as_wals(exc: BaseException, outputs: list[Output]):

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from bisect import bisect_right
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ..errors import InputError, SettingError
+from ..errors import InputError, SettingError, WalsWarning
 from ..kernels.text import csv_record_end, csv_record_lines, parse_ints_each, parse_plain_csv, scan_chunk
 from .ids import as_text, text_buffers
 
@@ -82,6 +83,8 @@ class BadRowReport:
     zeros_dropped: int = 0
     blank_lines: int = 0
     max_examples: int = 10
+    spaced_ids: Counter = field(default_factory=Counter)  # text ids with spaces around them, per field
+    spaced_example: str = ""  # the first: FILE:LINE: field 'x': ' 7'
 
     def add(self, error: InputError) -> None:
         self.counts[error.reason.split(":")[0]] += 1
@@ -197,6 +200,23 @@ class _BatchValidator:
         keep &= ~empty
         return text
 
+    def _note_spaced(self, ids: np.ndarray | pa.Array, name: str, line_of) -> None:
+        """Count text ids with a space or tab at either end (kept as written, so ' 7' and '7' are
+        two ids and the column is not read as integers: said once, as a warning, by ``read_batches``)."""
+        if not isinstance(ids, pa.Array) or not len(ids):
+            return
+        offsets, data = text_buffers(ids)
+        filled = np.flatnonzero(np.diff(offsets) > 0)
+        if not len(filled):
+            return
+        first, last = data[offsets[filled]], data[offsets[filled + 1] - 1]
+        spaced = filled[(first == 32) | (first == 9) | (last == 32) | (last == 9)]
+        if len(spaced):
+            if not self.report.spaced_ids:
+                row = int(spaced[0])
+                self.report.spaced_example = f"{self.path}:{line_of(row)}: field {name!r}: {ids[row].as_py()!r}"
+            self.report.spaced_ids[name] += len(spaced)
+
     def validate(self, users: pa.Array, items: pa.Array, values: pa.Array | None, line_of,
                  order: pa.Array | None = None) -> RowBatch | None:
         n = len(users)
@@ -205,6 +225,8 @@ class _BatchValidator:
         user_name, item_name, value_name, order_name = self.names
         user_ids = self._ids(users, user_name, "user", problems, keep)
         item_ids = self._ids(items, item_name, "item", problems, keep)
+        self._note_spaced(user_ids, user_name, line_of)
+        self._note_spaced(item_ids, item_name, line_of)
 
         if values is None:
             vals = np.ones(n, dtype=np.float32)
@@ -280,6 +302,17 @@ def _read_header(path: str, delimiter: str) -> tuple[list[str], int]:
         except csv.Error as exc:
             raise InputError(path, 1, None, f"unreadable header: {exc}") from exc
         return first, reader.line_num
+
+
+def _refuse_cr_line_endings(path: str) -> None:
+    """Lines ended by a carriage return alone (classic Mac OS, some spreadsheet exports) are not
+    lines to the chunked reader: the whole file read as one header line and 'no rows'."""
+    opener = gzip.open if _is_gzip(path) else open
+    with opener(path, "rb") as handle:
+        head = handle.read(1 << 20)
+    if b"\n" not in head and b"\r" in head.rstrip(b"\r"):
+        raise InputError(path, 1, None, "its lines end in a carriage return alone (CR, classic Mac line endings), "
+                         "which wals-ooc does not read: convert them to LF or CRLF first (e.g. tr '\\r' '\\n' < IN > OUT)")
 
 
 _NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
@@ -417,6 +450,7 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
     first, header_lines = _read_header(path, spec.delimiter)
     if not first or not any(field.strip() for field in first):
         raise InputError(path, 1, None, "empty input: no rows")
+    _refuse_cr_line_endings(path)
     names = first if spec.header else [f"f{k}" for k in range(len(first))]
     if spec.header and len(set(names)) != len(names):
         raise InputError(path, 1, None, f"duplicate column names in header {names}"
@@ -717,3 +751,9 @@ def read_batches(
             else _csv_batches(path, spec, report, block_bytes)
         )
         yield from source
+    if report.spaced_ids:
+        counts = ", ".join(f"{n:,} in field {name!r}" for name, n in report.spaced_ids.items())
+        warnings.warn(WalsWarning(f"{sum(report.spaced_ids.values()):,} ids have spaces around them ({counts}; first: "
+                                  f"{report.spaced_example}): they are kept as written, so ' 7' and '7' are different "
+                                  "ids and such a column is text; strip the spaces from the input if they are not "
+                                  "part of the ids"), stacklevel=2)

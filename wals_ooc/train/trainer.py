@@ -155,8 +155,8 @@ def _open_or_create(out: Output, store: InteractionStore, config: WALSConfig, st
         assert isinstance(entropy, int)
         seed = entropy % 2**31
     model = FactorStore.create(out.group, out.location, config, store, seed, storage_options)
-    if out.mode == "create":
-        model = FactorStore.open(out.publish(), "r+", storage_options)
+    if out.mode == "create":  # visible at once (a killed run resumes), removed if this run fails first
+        model = FactorStore.open(out.publish(provisional=True), "r+", storage_options)
     return model
 
 
@@ -238,12 +238,12 @@ def train(
     with output_store(model_location, MODEL_KIND, version=MODEL_FORMAT_VERSION, overwrite=not resume, resume=resume,
                       inputs=[store.location], storage_options=storage_options) as out:
         model = _open_or_create(out, store, config, storage_options)
-        _train_model(model, store, config, executor, budget, callback, progress, storage_options, max_block_rows,
+        _train_model(out, model, store, config, executor, budget, callback, progress, storage_options, max_block_rows,
                      blocked_method)
     return FactorStore.open(out.target, "r", storage_options)
 
 
-def _train_model(model: FactorStore, store: InteractionStore, config: WALSConfig, executor: Executor,
+def _train_model(out: Output, model: FactorStore, store: InteractionStore, config: WALSConfig, executor: Executor,
                  budget: MemoryBudget, callback, progress, storage_options, max_block_rows,
                  blocked_method) -> None:
     """The training loop proper, on an opened model (the door holds its lock)."""
@@ -316,6 +316,7 @@ def _train_model(model: FactorStore, store: InteractionStore, config: WALSConfig
                 if side == "user":
                     checkpoint = Checkpoint(checkpoint.step + 1, slots, pending_user_reg=regularization)
                     model.commit(checkpoint)
+                    out.keep()  # a trained half-sweep: kept (resumable) whatever happens next
                     continue
                 loss = None
                 if config.compute_loss:

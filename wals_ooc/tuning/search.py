@@ -462,11 +462,12 @@ def _report(callback):
 
 @contextlib.contextmanager
 def _quiet_optuna():
-    """Optuna's per-trial info lines and experimental-feature warnings off while we search."""
+    """Optuna's per-trial info lines and experimental-feature warnings off while we search, and
+    its warning of a failed trial (with a traceback): the failure itself is raised, as one error."""
     import optuna
 
     verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
