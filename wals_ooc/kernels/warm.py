@@ -39,6 +39,7 @@ from .assemble import (
     fill_dense_table,
     id_range,
     map_dense_ids,
+    map_dense_offsets,
     segment_sums,
 )
 from .text import (
@@ -152,6 +153,7 @@ def warm_id_kernels() -> None:
     table = np.full(2, -1, np.int32)
     fill_dense_table(order, 0, table)
     map_dense_ids(np.frombuffer(order.tobytes(), np.int64), 0, table, np.zeros(2, np.int64))
+    map_dense_offsets(np.zeros(2, np.uint32), 0, table, np.zeros(2, np.int64))  # the spill's id offsets
     for ids in (order, np.frombuffer(order.tobytes(), np.int64)):  # pass 1's entries per integer id
         id_range(ids)
         count_dense_ids(ids, 0, np.zeros(2, np.int64))

@@ -17,12 +17,15 @@ class ChunkAppender:
     chunk it shares with the previous shard; buffering up to one chunk writes each chunk once.
     """
 
-    def __init__(self, array: zarr.Array, start: int = 0):
+    def __init__(self, array: zarr.Array, start: int = 0, trim: bool = False):
+        """trim: the array was made longer than what will be appended (sized once to a bound,
+        so appends need no ``resize``, a metadata write each); ``close`` cuts it to the end."""
         self.array = array
         self.chunk = array.chunks[0]
         self.written = start  # elements already in the array
         self.pending: list[np.ndarray] = []
         self.pending_len = 0
+        self.trim = trim
 
     def append(self, values: np.ndarray) -> None:
         """Add ``values`` after what was appended before. The whole chunks they complete are
@@ -74,4 +77,6 @@ class ChunkAppender:
 
     def close(self) -> int:
         self._flush(whole_chunks_only=False)
+        if self.trim and self.array.shape[0] > self.written:
+            self.array.resize((self.written,))
         return self.written

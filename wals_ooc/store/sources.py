@@ -330,7 +330,8 @@ def _resolve_column(path: str, spec_col: str | int | None, names: list[str], rol
     return spec_col
 
 
-def _text_chunks(path: str, chunk_bytes: int, delimiter: str = ",") -> Iterator[tuple[np.ndarray, int]]:
+def _text_chunks(path: str, chunk_bytes: int, delimiter: str = ",",
+                 buffers: int = 1) -> Iterator[tuple[np.ndarray, int]]:
     """Whole records of a (possibly gzip) text file, about ``chunk_bytes`` at a time, with the
     1-based line number each chunk starts at. A chunk ends with a newline that ends a record,
     never one inside a quoted field, so the rows do not depend on the chunk size. A leading
@@ -338,10 +339,13 @@ def _text_chunks(path: str, chunk_bytes: int, delimiter: str = ",") -> Iterator[
 
     Each chunk is a uint8 view of one buffer the file is read into, valid until the next chunk
     is asked for (the caller copies what it keeps): fresh memory per chunk would fault in every
-    page anew, and slicing bytes copies them."""
+    page anew, and slicing bytes copies them. With ``buffers=2`` the chunks alternate between two
+    buffers, so each stays valid until the one after the next is asked for (the caller works on
+    one chunk while the next is read)."""
     stream = pa.input_stream(path, compression="gzip" if _is_gzip(path) else None)
     separator = ord(delimiter)
     buffer = np.empty(chunk_bytes + (1 << 16), np.uint8)
+    spare = np.empty(chunk_bytes + (1 << 16), np.uint8) if buffers == 2 else None
     held = 0  # bytes at the front of the buffer: the start of a record the last read cut
     line = 1
     first = True
@@ -373,7 +377,12 @@ def _text_chunks(path: str, chunk_bytes: int, delimiter: str = ",") -> Iterator[
             yield buffer[:cut], line
             line += int(newlines)
             held = end - cut
-            if held:
+            if spare is not None:  # the next chunk goes to the other buffer, with the record cut here
+                if len(spare) < max(held, len(buffer)):
+                    spare = np.empty(len(buffer), np.uint8)
+                spare[:held] = buffer[cut:end]
+                buffer, spare = spare, buffer
+            elif held:
                 buffer[:held] = buffer[cut:end]  # numpy copies overlapping ranges safely
     if held:
         tail = np.empty(held + 1, np.uint8)
@@ -445,7 +454,7 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
              and len(spec.delimiter.encode()) == 1 and spec.delimiter != '"')
     plain_fields = (names.index(user_name), names.index(item_name),
                     names.index(wanted[2]) if wanted[2] is not None else -1) if plain else None
-    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wals-ooc-parse") if plain_fields is not None else None
+    helper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="wals-ooc-parse") if plain_fields is not None else None
     try:
         yield from _csv_chunk_batches(path, spec, report, block_bytes, names, header_lines, wanted, convert_options,
                                       plain_fields, validator, helper)
@@ -455,23 +464,20 @@ def _csv_batches(path: str, spec: InputSpec, report: BadRowReport, block_bytes: 
 
 
 def _parse_plain(view: np.ndarray, n_fields: int, fields: tuple[int, int, int], delimiter: int,
-                 helper: ThreadPoolExecutor | None) -> list[tuple]:
-    """``parse_plain_csv`` of a chunk: a chunk of PARALLEL_PARSE_BYTES or more is cut at a newline
-    near its middle and its second half parsed by ``helper`` meanwhile (the kernel releases the
-    GIL), so two cores parse. The halves' rows, in order."""
+                 helper: ThreadPoolExecutor) -> list:
+    """``parse_plain_csv`` of a chunk, started in ``helper``'s threads (the kernel releases the
+    GIL): a chunk of PARALLEL_PARSE_BYTES or more is cut at a newline near its middle and its
+    halves parsed at once, so two cores parse. The futures of the halves' rows, in order."""
     halves = [view]
-    if helper is not None and len(view) >= PARALLEL_PARSE_BYTES:
+    if len(view) >= PARALLEL_PARSE_BYTES:
         middle = len(view) // 2
         newline = np.flatnonzero(view[middle : middle + (1 << 16)] == 10)
         if len(newline):
             cut = middle + int(newline[0]) + 1
             halves = [view[:cut], view[cut:]]
-    if len(halves) == 1:
-        return [parse_plain_csv(view, n_fields, *fields, delimiter)]
-    rest = halves[1]
-    second = helper.submit(lambda: parse_plain_csv(rest, n_fields, *fields, delimiter)) if helper is not None else None
-    first = parse_plain_csv(halves[0], n_fields, *fields, delimiter)
-    return [first, second.result()] if second is not None else [first]
+    user_field, item_field, value_field = fields
+    return [helper.submit(parse_plain_csv, half, n_fields, user_field, item_field, value_field, delimiter)
+            for half in halves]
 
 
 PARALLEL_PARSE_BYTES = 1 << 20
@@ -481,20 +487,35 @@ def _csv_chunk_batches(path, spec, report, block_bytes, names, header_lines, wan
                        validator, helper) -> Iterator[RowBatch]:
     """The batches of ``_csv_batches``, chunk by chunk (see there)."""
     rows_seen = 0
-    for view, first_line in _text_chunks(path, block_bytes, spec.delimiter):
-        if first_line == 1 and spec.header:  # drop the header record (it may span several lines)
-            cut = 0
-            for _ in range(header_lines):
-                cut = int(np.flatnonzero(view[cut:] == 10)[0]) + cut + 1
-            view, first_line = view[cut:], 1 + header_lines
-            if not len(view):
+
+    def chunks() -> Iterator[tuple[np.ndarray, int, list | None]]:
+        """(chunk, first line, its plain parse or None), the header dropped; the plain parse of
+        each chunk runs in ``helper`` while the next chunk is read (two buffers in turn)."""
+        pending = None
+        for view, first_line in _text_chunks(path, block_bytes, spec.delimiter, 2 if plain_fields is not None else 1):
+            if first_line == 1 and spec.header:  # drop the header record (it may span several lines)
+                cut = 0
+                for _ in range(header_lines):
+                    cut = int(np.flatnonzero(view[cut:] == 10)[0]) + cut + 1
+                view, first_line = view[cut:], 1 + header_lines
+                if not len(view):
+                    continue
+            if plain_fields is None:
+                yield view, first_line, None
                 continue
-        if plain_fields is not None:  # plain
-            parsed = _parse_plain(view, len(names), plain_fields, ord(spec.delimiter), helper)
+            started = (view, first_line, _parse_plain(view, len(names), plain_fields, ord(spec.delimiter), helper))
+            if pending is not None:
+                yield pending[0], pending[1], [future.result() for future in pending[2]]
+            pending = started
+        if pending is not None:
+            yield pending[0], pending[1], [future.result() for future in pending[2]]
+
+    for view, first_line, parsed in chunks():
+        if parsed is not None:  # plain
             if all(ok for _, _, _, ok in parsed):
                 for users, items, numbers, _ in parsed:
                     rows_seen += len(users)
-                    vals = numbers.astype(np.float32)
+                    vals = numbers  # float32
                     zero = vals == 0
                     if zero.any():
                         report.zeros_dropped += int(zero.sum())

@@ -47,10 +47,11 @@ from ..kernels.assemble import (
     fill_dense_table,
     id_range,
     map_dense_ids,
+    map_dense_offsets,
     segment_sums,
 )
 from ..kernels.text import parse_ints
-from ..memory import MemoryBudget, format_bytes, peak_rss
+from ..memory import MemoryBudget, format_bytes, peak_rss, release_free_heap, reused_large_buffers
 from .format import ID_ARRAYS, CSR_CHUNK, FORMAT_VERSION, INTERACTIONS_KIND, create_array, is_local, subgroup
 from .appender import ChunkAppender
 from .ids import DistinctIds, IdIndex, as_text, hash_text, text_buffers, write_id_map
@@ -233,9 +234,11 @@ def build_store(
     id_type, source_name: as for ``write_store``. stage: what the progress bars call this build
     ("split train": "split train: read", ...; default: the passes' names alone)."""
     token = _STAGE.set(f"{stage}: " if stage else "")
+    budget = memory_budget if isinstance(memory_budget, MemoryBudget) else MemoryBudget.start(memory_budget)
     try:
-        return _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, report, source_attrs,
-                            id_type, source_name)
+        with reused_large_buffers(budget.allowance):  # batch buffers and chunk encodes reuse their pages
+            return _build_store(batches, out, budget, shard_nnz, row_block, progress, report, source_attrs,
+                                id_type, source_name)
     finally:
         _STAGE.reset(token)
 
@@ -264,6 +267,7 @@ def _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, re
         write_id_map(group, ID_ARRAYS[side], sides[side].distinct, id_types[side])
         maps[side] = IdIndex(group[ID_ARRAYS[side]], out.target)
     del sides
+    release_free_heap()  # pass 1's batch buffers
     # with each row's entries known from pass 1, the shards are planned now and pass 2 puts each
     # mapped batch straight into its bucket files (no file of mapped records written and read back)
     fused = all(counts is not None for counts in counted.values())
@@ -281,10 +285,14 @@ def _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, re
     unit_nnz = max(1, budget.allowance // (8 * per_entry))  # a quarter of half the allowance: two assemble at once
     units = {side: assembly_units(counts[side], bounds[side], unit_nnz) for side in ("user", "item")}
     bucketer = _Bucketer(workspace, units, record, budget.allowance // 32)
-    if fused:  # counts are used up (counted down to zero) by the check of pass 2
-        _map_rows(spill, workspace, maps, record, disable, budget.allowance, bucketer=bucketer, expected=counts)
-    else:
-        _bucket(mapped_paths, bucketer, budget, record, disable)
+    try:
+        if fused:  # counts are used up (counted down to zero) by the check of pass 2
+            _map_rows(spill, workspace, maps, record, disable, budget.allowance, bucketer=bucketer, expected=counts)
+        else:
+            _bucket(mapped_paths, bucketer, budget, record, disable)
+    finally:
+        bucketer.close()
+    release_free_heap()  # pass 2's batch buffers, before the units are assembled
     del counts
     buckets = bucketer.paths
     # the two orientations are assembled at once, each in half the allowance (its units were cut
@@ -293,7 +301,7 @@ def _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, re
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="wals-ooc-assemble") as pool:
         futures = {
             side: pool.submit(_assemble, group, orientation, buckets[side], units[side], maps[other].n, record, unit_nnz,
-                              budget.allowance // 2, disable, _OverflowNamer(source, side, maps))
+                              budget.allowance // 2, disable, _OverflowNamer(source, side, maps), raw_nnz)
             for side, orientation, other in (("user", "by_user", "item"), ("item", "by_item", "user"))
         }
         for side in ("user", "item"):
@@ -341,19 +349,82 @@ SEGMENT_BYTES = 1 << 30  # spill files are cut at about this size: each is delet
 # so the next pass's output replaces them as it grows instead of adding to them (disk peak)
 
 
+class _Offsets:
+    """A spilled batch's integer ids as uint32 offsets from its smallest id (``base``)."""
+
+    def __init__(self, base: int, offsets: np.ndarray):
+        self.base, self.offsets = base, offsets
+
+    def ids(self) -> np.ndarray:
+        return self.offsets.astype(np.int64) + self.base
+
+
+@dataclass
+class _SpilledBatch:
+    """One batch of pass 1 as pass 2 reads it back: ids as ``_Offsets`` (integer sides whose
+    batch spans less than 2**32), an int64 or text Arrow array otherwise; values float32."""
+
+    users: Any
+    items: Any
+    values: np.ndarray
+    order: np.ndarray | None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.values)
+
+
+RAW_RING = 4  # raw batches read back into this many reused buffers: ``_ahead`` holds at most three
+
+
 class _Spill:
-    """Validated rows of pass 1, as Arrow IPC segments (a new one whenever a side's id column
-    changes type: integers until an id that is not a canonical integer turns up, then text;
-    and every ``SEGMENT_BYTES``)."""
+    """Validated rows of pass 1, in segments of two kinds: raw, when both sides' ids are integers
+    and no order is kept (each batch as uint32 id offsets from the batch's smallest user and
+    item id, then float32 values: 12 bytes a row, read back into reused buffers), and Arrow IPC
+    otherwise (text ids, ids spanning 2**32 or more, an order column). A new segment starts
+    whenever the kind or a side's id type changes (integers until an id that is not a canonical
+    integer turns up, then text), and every ``SEGMENT_BYTES``."""
 
     def __init__(self, workspace: _Workspace, has_order: bool):
         self.workspace, self.has_order = workspace, has_order
-        self.segments: list[str] = []
+        self.segments: list[tuple[str, list[tuple[int, int, int]] | None]] = []  # (path, raw batches or None)
         self.writer: Any = None  # the open Arrow IPC stream writer of the current segment
+        self.raw: Any = None  # the open file of the current raw segment
         self.schema: Any = None
         self.written = 0
+        self.buffer = np.empty(0, np.uint8)
 
     def write(self, users, items, values: np.ndarray, order: np.ndarray | None) -> None:
+        if order is None and isinstance(users, np.ndarray) and isinstance(items, np.ndarray) and len(values):
+            user_low, user_high = (int(v) for v in id_range(users))
+            item_low, item_high = (int(v) for v in id_range(items))
+            if user_high - user_low < 1 << 32 and item_high - item_low < 1 << 32:
+                self._write_raw(users, user_low, items, item_low, values)
+                return
+        self._write_arrow(users, items, values, order)
+
+    def _write_raw(self, users: np.ndarray, user_low: int, items: np.ndarray, item_low: int,
+                   values: np.ndarray) -> None:
+        if self.raw is None or self.written >= SEGMENT_BYTES:
+            self.close()
+            self.segments.append((self.workspace.file(f"rows-{len(self.segments):02d}.raw"), []))
+            self.raw = open(self.segments[-1][0], "wb")
+            self.written = 0
+        n = len(values)
+        if len(self.buffer) < 12 * n:  # reused: fresh memory would fault in every page anew
+            self.buffer = np.empty(0, np.uint8)
+            self.buffer = np.empty(12 * n, np.uint8)
+        block = self.buffer[: 12 * n]
+        np.subtract(users, user_low, out=block[: 4 * n].view(np.uint32), casting="unsafe")
+        np.subtract(items, item_low, out=block[4 * n : 8 * n].view(np.uint32), casting="unsafe")
+        block[8 * n :].view(np.float32)[:] = values
+        self.raw.write(block.data)
+        index = self.segments[-1][1]
+        assert index is not None
+        index.append((n, user_low, item_low))
+        self.written += 12 * n
+
+    def _write_arrow(self, users, items, values: np.ndarray, order: np.ndarray | None) -> None:
         columns = [_as_arrow(users), _as_arrow(items), pa.array(values)]
         fields = [("user", columns[0].type), ("item", columns[1].type), ("value", pa.float32())]
         if self.has_order:
@@ -365,7 +436,7 @@ class _Spill:
             path = self.workspace.file(f"rows-{len(self.segments):02d}.arrow")
             self.writer = pa.ipc.new_stream(pa.OSFile(path, "wb"), schema)
             self.schema = schema
-            self.segments.append(path)
+            self.segments.append((path, None))
             self.written = 0
         batch = pa.record_batch(columns, schema=schema)
         self.writer.write_batch(batch)
@@ -375,11 +446,34 @@ class _Spill:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.raw is not None:
+            self.raw.close()
+            self.raw = None
 
-    def batches(self) -> Iterator[pa.RecordBatch]:
-        for path in self.segments:
-            with pa.OSFile(path, "rb") as source:
-                yield from pa.ipc.open_stream(source)
+    def batches(self) -> Iterator[_SpilledBatch]:
+        """The batches in the order written. A raw batch's arrays are views of one of
+        ``RAW_RING`` buffers, valid until that many more batches have been asked for."""
+        ring: list[np.ndarray] = [np.empty(0, np.uint8) for _ in range(RAW_RING)]
+        turn = 0
+        for path, index in self.segments:
+            if index is None:
+                with pa.OSFile(path, "rb") as source:
+                    for batch in pa.ipc.open_stream(source):
+                        yield _SpilledBatch(batch.column(0), batch.column(1), batch.column(2).to_numpy(),
+                                            batch.column(3).to_numpy() if self.has_order else None)
+            else:
+                with open(path, "rb") as source:
+                    for n, user_low, item_low in index:
+                        if len(ring[turn]) < 12 * n:
+                            ring[turn] = np.empty(0, np.uint8)
+                            ring[turn] = np.empty(12 * n, np.uint8)
+                        block = ring[turn][: 12 * n]
+                        turn = (turn + 1) % RAW_RING
+                        if source.readinto(block.data) != 12 * n:
+                            raise RuntimeError(f"{path}: the spill ends early")
+                        yield _SpilledBatch(_Offsets(user_low, block[: 4 * n].view(np.uint32)),
+                                            _Offsets(item_low, block[4 * n : 8 * n].view(np.uint32)),
+                                            block[8 * n :].view(np.float32), None)
             os.remove(path)
 
 
@@ -581,13 +675,18 @@ class _RowMapper:
                 self.table = np.full(span, -1, np.int32)
                 fill_dense_table(self.keys, self.lowest, self.table)
 
-    def rows(self, column: pa.Array, counts: np.ndarray) -> np.ndarray:
+    def rows(self, column: pa.Array | _Offsets, counts: np.ndarray) -> np.ndarray:
         """Rows of the column's ids (int32); adds each row's entries to ``counts``."""
         if self.table is not None:
-            rows, missing = map_dense_ids(column.to_numpy(), self.lowest, self.table, counts)
+            if isinstance(column, _Offsets):
+                rows, missing = map_dense_offsets(column.offsets, column.base - self.lowest, self.table, counts)
+            else:
+                rows, missing = map_dense_ids(column.to_numpy(), self.lowest, self.table, counts)
             if missing >= 0:
                 raise RuntimeError("an id of the input is missing from the id map being written")
             return rows
+        if isinstance(column, _Offsets):
+            column = pa.array(column.ids())
         rows = self._rows(column)
         counts += np.bincount(rows, minlength=len(counts))
         return rows
@@ -636,36 +735,52 @@ def _map_rows(spill, workspace, maps, record, disable, allowance, bucketer: _Buc
         counts = {side: np.zeros(maps[side].n, np.int64) for side in ("user", "item")}
     mapped_paths: list[str] = []
     sink = None
-    buffer = np.empty(0, record)
+    # two record buffers in turn, reused (fresh memory would fault in every page anew): a batch
+    # is mapped into one while the other's records are still being bucketed
+    buffers = [np.empty(0, record), np.empty(0, record)]
+    turn = 0
+    bucketing: list = []  # the bucketer's work on the batch before, running meanwhile
     with tqdm(desc=_desc("map ids" if bucketer is None else "map ids and bucket"), unit="rows", unit_scale=True,
               disable=disable) as bar, \
-            ThreadPoolExecutor(max_workers=2, thread_name_prefix="wals-ooc-map") as pool:
+            ThreadPoolExecutor(max_workers=3, thread_name_prefix="wals-ooc-map") as pool:
         for batch in _ahead(spill.batches()):  # the next batch read while this one is mapped
             if bucketer is None and (sink is None or sink.tell() >= SEGMENT_BYTES):
                 if sink is not None:
                     sink.close()
                 mapped_paths.append(workspace.file(f"rows-{len(mapped_paths):05d}.records"))
                 sink = open(mapped_paths[-1], "wb")
-            if len(buffer) < batch.num_rows:
-                buffer = np.empty(batch.num_rows, record)
-            records = buffer[: batch.num_rows]  # reused: fresh memory would fault in every page anew
+            if len(buffers[turn]) < batch.num_rows:
+                buffers[turn] = np.empty(0, record)
+                buffers[turn] = np.empty(batch.num_rows, record)
+            records = buffers[turn][: batch.num_rows]
+            turn ^= 1
             # the items are mapped in a helper thread while this one maps the users (the kernels release the GIL)
-            items = pool.submit(mappers["item"].rows, batch.column(1), counts["item"])
-            records["row"] = mappers["user"].rows(batch.column(0), counts["user"])
-            records["col"] = items.result()
-            records["value"] = batch.column(2).to_numpy()
+            items = pool.submit(_map_into, mappers["item"], batch.items, counts["item"], records["col"])
+            records["row"] = mappers["user"].rows(batch.users, counts["user"])
+            records["value"] = batch.values
+            items.result()
             if "order" in record.names:
-                records["order"] = batch.column(3).to_numpy()
+                records["order"] = batch.order
             if bucketer is not None:
-                bucketer.add(records, pool)
+                for future in bucketing:  # in batch order: the files get the records in input order
+                    future.result()
+                bucketing = bucketer.submit(records, pool)
             elif sink is not None:
                 records.tofile(sink)
             bar.update(batch.num_rows)
+        for future in bucketing:
+            future.result()
     if sink is not None:
         sink.close()
     if expected is not None and any(counts[side].any() for side in ("user", "item")):
         raise RuntimeError("the entries per row of pass 2 differ from those pass 1 counted")
     return counts, mapped_paths
+
+
+def _map_into(mapper: _RowMapper, column, counts: np.ndarray, out: np.ndarray) -> None:
+    """``mapper.rows`` of the column, stored into ``out`` (a field of the records) by the thread
+    that mapped them."""
+    out[:] = mapper.rows(column, counts)
 
 
 def _mapped_chunks(mapped_paths: list[str], record: np.dtype, chunk_rows: int) -> Iterator[np.ndarray]:
@@ -682,6 +797,9 @@ def _mapped_chunks(mapped_paths: list[str], record: np.dtype, chunk_rows: int) -
                     break
                 yield buffer[:got]
         os.remove(path)
+
+
+OPEN_BUCKETS = 512  # bucket files kept open through pass 2 at most (both sides)
 
 
 class _Bucketer:
@@ -704,10 +822,19 @@ class _Bucketer:
             for side, starts in self.starts.items()
         }
         self.grouped_buffers: dict[str, np.ndarray] = {}  # one per side, reused from chunk to chunk
+        # the files stay open from batch to batch (an open and a close per unit and batch cost
+        # more than the writes of small units) while there are at most OPEN_BUCKETS of them
+        self.sinks: dict[str, dict[int, Any]] | None = \
+            {"user": {}, "item": {}} if sum(len(p) for p in self.paths.values()) <= OPEN_BUCKETS else None
 
     def add(self, records: np.ndarray, pool: ThreadPoolExecutor) -> None:
-        for future in [pool.submit(self.spread, records, side) for side in ("user", "item")]:
+        for future in self.submit(records, pool):
             future.result()
+
+    def submit(self, records: np.ndarray, pool: ThreadPoolExecutor) -> list:
+        """``add`` without waiting: the futures of the two sides' work, to be waited for before
+        the next records are given (each side reuses one buffer, and files keep input order)."""
+        return [pool.submit(self.spread, records, side) for side in ("user", "item")]
 
     def spread(self, records: np.ndarray, side: str) -> None:
         record, starts, paths = self.record, self.starts[side], self.paths[side]
@@ -730,10 +857,24 @@ class _Bucketer:
             else:
                 cuts = bucket_scatter(records[first], records[second], records["value"], starts, grouped["row"],
                                       grouped["col"], grouped["value"])
+        sinks = self.sinks[side] if self.sinks is not None else None
         for k in range(len(paths)):
             if cuts[k + 1] > cuts[k]:
-                with open(paths[k], "ab") as sink:
-                    grouped[cuts[k] : cuts[k + 1]].tofile(sink)
+                piece = grouped[cuts[k] : cuts[k + 1]].view(np.uint8).data
+                if sinks is None:
+                    with open(paths[k], "ab") as once:
+                        once.write(piece)
+                else:
+                    if k not in sinks:
+                        sinks[k] = open(paths[k], "ab")
+                    sinks[k].write(piece)
+
+    def close(self) -> None:
+        """Close the bucket files kept open (before they are read)."""
+        for sinks in (self.sinks or {}).values():
+            for sink in sinks.values():
+                sink.close()
+            sinks.clear()
 
 
 def _bucket(mapped_paths, bucketer: _Bucketer, budget, record, disable) -> None:
@@ -786,21 +927,24 @@ class _OverflowNamer:
 
 
 def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz, allowance, disable,
-              overflow: _OverflowNamer | None = None) -> int:
+              overflow: _OverflowNamer | None = None, capacity: int = 0) -> int:
     """Pass 4: sort each unit's bucket, sum duplicates, and append its CSR rows to the store.
 
     A unit is at most ``unit_nnz`` entries unless it is one row with more (a very popular item):
     that row is summed in chunks into a dense accumulator over the columns instead. Either way
     duplicates are summed in float64 in input order, so the store does not depend on the budget.
+    capacity: the entries before duplicates are summed (an upper bound of what is written).
     """
     n_rows = bounds[-1]
     csr = group.create_group(orientation)
     indptr_out = ChunkAppender(_csr_array(csr, "indptr", n_rows + 1, np.int64), start=1)  # [0] is fill 0
-    indices_out = ChunkAppender(_csr_array(csr, "indices", 0, np.int32))
-    values_out = ChunkAppender(_csr_array(csr, "values", 0, np.float32))
-    order_out = ChunkAppender(_csr_array(csr, "order", 0, np.float64)) if "order" in record.names else None
+    # sized once to the entries before duplicates are summed and cut to the end on close: no
+    # resize (a metadata write) per append
+    indices_out = ChunkAppender(_csr_array(csr, "indices", capacity, np.int32), trim=True)
+    values_out = ChunkAppender(_csr_array(csr, "values", capacity, np.float32), trim=True)
+    order_out = ChunkAppender(_csr_array(csr, "order", capacity, np.float64), trim=True) \
+        if "order" in record.names else None
     offset = 0
-    buffer = np.empty(0, record)
     work = _Buffers()
     for k, path in enumerate(tqdm(bucket_paths, desc=_desc(f"assemble {orientation}"), unit="shards", disable=disable)):
         entries = os.path.getsize(path) // record.itemsize if os.path.exists(path) else 0
@@ -812,13 +956,12 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz
                     f"row {bounds[k]} of {orientation} has {entries} entries, more than its columns' dense "
                     f"accumulator allows in the budget: assembling it in memory may exceed memory_budget"),
                     stacklevel=2)
-            if entries and "order" not in record.names:  # read into one buffer: fresh memory faults in every page
-                if len(buffer) < entries:
-                    buffer = np.empty(0, record)
-                    buffer = np.empty(entries, record)
-                with open(path, "rb") as source:
-                    source.readinto(buffer[:entries].view(np.uint8).data)
-                indptr, indices, values, order = rows_to_csr(buffer[:entries], bounds[k], bounds[k + 1], n_cols, work)
+            if entries and "order" not in record.names:
+                # the file's pages mapped, not copied (copy-on-write, so the arrays are writable
+                # as the kernels were compiled for; nothing writes them)
+                mapped = np.memmap(path, record, mode="c", shape=(entries,)).view(np.ndarray)
+                indptr, indices, values, order = rows_to_csr(mapped, bounds[k], bounds[k + 1], n_cols, work)
+                del mapped  # unmapped here: nothing else refers to it
             else:  # passed without a name, so rows_to_csr can free the records once it has read them
                 indptr, indices, values, order = rows_to_csr(
                     np.fromfile(path, record) if entries else np.empty(0, record), bounds[k], bounds[k + 1], n_cols
