@@ -386,3 +386,24 @@ def test_a_nan_in_one_shard_solve_raises_and_keeps_the_previous_slot(small_store
     monkeypatch.setattr(half_sweep, "cg_solve_rows", real)
     resumed = _fit(store, tmp_path / "m.zarr", iterations=2, resume=True)
     assert resumed.checkpoint.iteration == 2 and all(np.isfinite(part).all() for part in _factors(resumed))
+
+
+def test_a_local_half_sweep_hands_out_its_tasks_largest_first_and_each_once():
+    """``LargestFirst`` gives each task once, heaviest (entries plus f/2 a row) first, from any
+    number of threads at once; a local half-sweep's results still come back in plan order (the
+    seed test above: one thread and two give equal factors)."""
+    from wals_ooc.train.half_sweep import LargestFirst
+    from wals_ooc.train.plan import SolveTask
+
+    tasks = [SolveTask(shard=i, part=0, row_start=100 * i, row_stop=100 * i + rows, nnz=nnz)
+             for i, (rows, nnz) in enumerate([(10, 500), (100, 100), (1, 900), (50, 600), (20, 20)])]
+    queue = LargestFirst(tasks, factors=16)  # weights 580, 900, 908, 1000, 180
+    taken: list[SolveTask] = []
+    threads = [threading.Thread(target=lambda: taken.extend(queue.take() for _ in range(len(tasks) // 5)))
+               for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(t.shard for t in taken) == [0, 1, 2, 3, 4]
+    assert [t.shard for t in queue.tasks] == [3, 2, 1, 0, 4]
