@@ -56,6 +56,7 @@ def child(args) -> None:
         reads.append({k: now[k] - last[0][k] for k in ("rchar", "read_bytes")})
         last[0] = now
         times.append(seconds)
+        print(f"    {os.path.basename(args.model)}: iteration {it}: {seconds:.2f} s, loss {loss:.8g}", file=sys.stderr, flush=True)
 
     model = wals_ooc.WALS(factors=args.factors, iterations=args.iterations, random_state=0, threads=args.threads,
                           memory_budget=args.memory_budget, solver=args.solver)
@@ -73,9 +74,9 @@ def run(args, store: str, budget: str, label: str) -> dict:
     command = [sys.executable, __file__, "--child", "--store", store, "--model", model, "--factors", str(args.factors),
                "--iterations", str(args.iterations), "--threads", str(args.threads), "--memory-budget", budget,
                "--solver", args.solver]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # the child's per-iteration lines go to stderr as they come
     if done.returncode:
-        raise SystemExit(done.stderr[-3000:])
+        raise SystemExit(f"{label} run failed (exit {done.returncode}); its stderr is above")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
