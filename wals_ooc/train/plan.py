@@ -12,8 +12,10 @@ tested without running anything (the rechunker habit). Two ways to reach the fix
   RSS). Blocked tasks sweep one at a time per process, their rows spread over its threads, so
   each sweep serves all of them; meanwhile the next task reads its entries and starting rows
   (counted in ``task_bytes``). A task is one of:
-  "expanded": one sweep copies each entry's fixed row out (f numbers an entry), then the
-  resident kernels solve against the copies, with the same arithmetic as the resident plan;
+  "expanded": the task marks the distinct fixed rows its entries use (a bit a fixed row) and
+  one sweep copies them, in column order, into a compact array (f numbers a distinct column:
+  at most one an entry); the resident kernels then solve against it with the entries
+  renumbered, the same arithmetic as the resident plan;
   "cg": for a row block too heavy to expand, CG with one sweep per pass (4f numbers a row,
   ``1 + cg_steps`` sweeps); "cholesky": f x f normal equations accumulated for ``row_batch``
   rows at a time, one sweep per batch. The "ialspp" solver runs only as "expanded" tasks (its
@@ -345,8 +347,11 @@ def plan_half_sweep(
     block_bytes = min(BLOCK_BYTES, usable // 8)  # the rest holds rows: fewer tasks, fewer sweeps
     block_rows = max(1, min(n_fixed, block_bytes // (factors * itemsize), max_block_rows or n_fixed))
     block_bytes = block_rows * factors * itemsize
-    room = max(1, usable - block_bytes)  # one blocked task at a time per process, one window mapped
-    expanded_entry = BYTES_PER_ENTRY + 4 + factors * itemsize  # CSR, an index and the entry's fixed row
+    # one blocked task at a time per process, one window mapped; two tasks' marks of their columns
+    room = max(1, usable - block_bytes - 2 * distinct_columns_bytes(n_fixed))
+    # CSR, a renumbered index and the entry's fixed row (fewer rows when entries share a column:
+    # the plan, made without reading entries, counts one an entry)
+    expanded_entry = BYTES_PER_ENTRY + 4 + factors * itemsize
     # while one task sweeps, the next reads its entries and starting rows (``half_sweep.solve_task``):
     # tasks are cut counting a neighbour of their own size, then the largest neighbour is reserved
     tasks, _ = balanced_tasks(shard_ranges, shard_block_nnz, expanded_entry + BYTES_PER_ENTRY, 2 * row_bytes, room,
@@ -387,6 +392,12 @@ def plan_half_sweep(
     passes = sum(t.sweeps for t in planned)
     return plan("blocked", solver, planned, 0, block_rows, row_batch, heaviest + waiting + block_bytes, 0, False, passes,
                 at_once=1)
+
+
+def distinct_columns_bytes(n_fixed: int) -> int:
+    """Bytes an expanded task's marks of the fixed rows it uses take (``half_sweep.DistinctColumns``):
+    a bit a fixed row and a count a word of them."""
+    return 16 * (n_fixed // 64 + 2)
 
 
 def normal_equations_row_bytes(factors: int) -> int:
