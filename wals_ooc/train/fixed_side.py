@@ -14,10 +14,9 @@ drops the previous one before reading its own.
 
 A scratch copy also lends its half-sweep's blocked tasks (one at a time per process) a
 ``workspace``: one anonymous mapping, reused by every task and released with the copy. A fresh
-buffer per task would make the kernel zero and map its pages again every time (the expanded
-entries of a task at 337M nnz are ~0.9 GiB: ~230,000 page faults a task); the workspace asks
-for transparent huge pages (``MADV_HUGEPAGE``), which also cuts TLB misses when the solve reads
-the expanded rows back.
+buffer per task would make the kernel zero and map its pages again every time (the compact
+copy of a task's fixed rows is up to a few hundred MB); the workspace asks for transparent
+huge pages (``MADV_HUGEPAGE``), which also cuts TLB misses when the solve gathers from it.
 """
 
 from __future__ import annotations

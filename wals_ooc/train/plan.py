@@ -359,8 +359,12 @@ def plan_half_sweep(
     waiting = max((t.nnz * BYTES_PER_ENTRY + (t.row_stop - t.row_start) * row_bytes for t in tasks), default=0)
     room = max(1, room - waiting)
 
+    def expanded_bytes(task: SolveTask) -> int:  # a compact row for each distinct column: at most one an entry
+        distinct = min(task.nnz, n_fixed)
+        return task.nnz * (expanded_entry - factors * itemsize) + distinct * factors * itemsize
+
     def expands(task: SolveTask) -> bool:
-        fits = task.nnz * expanded_entry + (task.row_stop - task.row_start) * row_bytes <= room
+        fits = expanded_bytes(task) + (task.row_stop - task.row_start) * row_bytes <= room
         return blocked_method == "expanded" or (blocked_method is None and fits)
 
     method = blocked_method if blocked_method in ("cg", "cholesky") else solver
@@ -377,7 +381,7 @@ def plan_half_sweep(
         rows = task.row_stop - task.row_start
         if expands(task):
             planned.append(replace(task, method="expanded", sweeps=1))
-            heaviest = max(heaviest, task.nnz * expanded_entry + rows * row_bytes)
+            heaviest = max(heaviest, expanded_bytes(task) + rows * row_bytes)
             continue
         weight = task.nnz * BLOCKED_BYTES_PER_ENTRY + rows * row_bytes
         if method == "cg":  # too heavy to expand: CG vectors per row, a sweep per pass
