@@ -488,3 +488,72 @@ def test_plain_chunk_parsed_in_two_halves_keeps_rows_and_names_bad_lines(tmp_pat
         with pytest.raises(InputError) as info:
             wals_ooc.convert(str(tmp_path / "bad.csv"), str(tmp_path / "t.zarr"), progress=False, memory_budget="2GB")
         assert info.value.line == bad + 2 and info.value.field == "value"
+
+
+def test_csr_by_columns_equals_the_row_sort_bit_for_bit():
+    """The two counting sorts (by column, then row) give csr_into's rows, columns and float64 sums
+    exactly: duplicates summed in input order, empty rows, a unit starting past row 0."""
+    from wals_ooc.kernels.assemble import csr_by_columns_into, csr_into
+
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        n_rows, n_cols, n = int(rng.integers(1, 40)), int(rng.integers(1, 30)), int(rng.integers(0, 300))
+        start = int(rng.integers(0, 5))
+        rows = (rng.zipf(1.5, n) % n_rows + start).astype(np.int32)
+        cols = (rng.zipf(1.3, n) % n_cols).astype(np.int32)
+        values = (rng.random(n) * 1e3).astype(np.float32)
+        results = []
+        for radix in (False, True):
+            indptr, indices, sums = np.zeros(n_rows + 1, np.int64), np.zeros(n, np.int32), np.zeros(n, np.float64)
+            common = (np.zeros(n_rows + 1, np.int64), np.zeros(n, np.int32), np.zeros(n, np.float32), indptr, indices, sums)
+            if radix:
+                out = csr_by_columns_into(rows, cols, values, start, n_rows, n_cols, np.zeros(n_cols + 1, np.int64),
+                                          np.zeros(n, np.int32), np.zeros(n, np.float32), *common)
+            else:
+                out = csr_into(rows, cols, values, start, n_rows, n_cols, *common)
+            results.append((indptr, indices[:out], sums[:out]))
+        for ours, theirs in zip(*results):
+            assert ours.tobytes() == theirs.tobytes(), trial
+        dense = np.zeros((n_rows, n_cols))
+        np.add.at(dense, (rows - start, cols), values.astype(np.float64))
+        indptr, indices, sums = results[1]
+        assert np.allclose(sp.csr_matrix((sums, indices, indptr), shape=(n_rows, n_cols)).toarray(), dense)
+
+
+def test_plain_parse_kernel_reads_fields_as_it_scans_them():
+    """parse_plain_csv: canonical (negative) ids, extra fields, any field order; anything else
+    (a leading zero, '+', a 19-digit id, a quote or '\\r', a missing or extra field, no final
+    newline) is not plain, so the chunk goes the careful way."""
+    from wals_ooc.kernels.text import parse_plain_csv
+
+    def parse(text: bytes, fields=(0, 1, 2), n_fields=3):
+        return parse_plain_csv(np.frombuffer(text, np.uint8), n_fields, *fields, 44)
+
+    users, items, values, ok = parse(b"5,-7,3\n0,123456789012345678,0012\n")
+    assert ok and users.tolist() == [5, 0] and items.tolist() == [-7, 123456789012345678]
+    assert values.tolist() == [3.0, 12.0]
+    users, items, values, ok = parse(b"x,9,,4\n\"q\",-2,ab,1\n", fields=(3, 1, -1), n_fields=4)
+    assert not ok  # a quote in a field not read
+    users, items, values, ok = parse(b"x,9,,4\ny,-2,ab,1\n", fields=(3, 1, -1), n_fields=4)
+    assert ok and users.tolist() == [4, 1] and items.tolist() == [9, -2] and values.tolist() == [1.0, 1.0]
+    for text in (b"05,1,1\n", b"+5,1,1\n", b"-0,1,1\n", b"1234567890123456789,1,1\n", b"1,2,3\r\n", b"1,2\n",
+                 b"1,2,3,4\n", b"1,2,3", b"1,2,-3\n", b"1,2,1234567890123456\n", b"1,,3\n", b"\n"):
+        assert not parse(text)[3], text
+
+
+def test_bucket_scatter_by_table_equals_the_search_among_bounds():
+    """Records grouped by a table of each row's unit come out as the search among the bounds
+    puts them: same order within each unit, same cut points (empty units too)."""
+    from wals_ooc.kernels.assemble import bucket_scatter, bucket_scatter_by_table
+
+    rng = np.random.default_rng(5)
+    bounds = np.array([0, 3, 3, 10, 11, 40], np.int64)
+    table = np.repeat(np.arange(len(bounds) - 1, dtype=np.int32), np.diff(bounds))
+    keys = rng.integers(0, 40, 500).astype(np.int32)
+    others, values = rng.integers(0, 9, 500).astype(np.int32), rng.random(500).astype(np.float32)
+    outs = [tuple(np.zeros(500, dtype) for dtype in (np.int32, np.int32, np.float32)) for _ in range(2)]
+    cuts = bucket_scatter(keys, others, values, bounds, *outs[0])
+    assert np.array_equal(bucket_scatter_by_table(keys, others, values, table, len(bounds) - 1, *outs[1]), cuts)
+    for ours, theirs in zip(*outs):
+        assert ours.tobytes() == theirs.tobytes()
+    assert np.array_equal(np.diff(cuts), np.bincount(table[keys], minlength=len(bounds) - 1))

@@ -160,6 +160,59 @@ def csr_into(rows, cols, values, row_start, n_rows, n_cols, counts, row_cols, ro
 
 
 @njit(cache=True, nogil=True)
+def csr_by_columns_into(rows, cols, values, row_start, n_rows, n_cols, col_counts, col_rows, col_values, counts,
+                        row_cols, row_values, indptr, indices, sums):
+    """``csr_into`` by two stable counting sorts (by column, then by row) instead of a sort of
+    each row's columns: the same output, bit for bit (duplicates still meet in input order), in
+    two streaming passes. Worth it when the unit has at least about as many entries as there
+    are columns (each call clears and scans a table over the columns). Buffers as for
+    ``csr_into``, and col_counts (at least n_cols + 1, int64), col_rows (int32) and col_values
+    (the values' dtype) of at least len(rows). Returns the entries written."""
+    n = len(rows)
+    col_counts[: n_cols + 1] = 0
+    counts[: n_rows + 1] = 0
+    for k in range(n):
+        col_counts[cols[k] + 1] += 1
+        counts[rows[k] - row_start + 1] += 1
+    for c in range(n_cols):
+        col_counts[c + 1] += col_counts[c]
+    for r in range(n_rows):
+        counts[r + 1] += counts[r]
+    for k in range(n):  # by column; col_counts[c] ends as the end of column c
+        c = cols[k]
+        at = col_counts[c]
+        col_rows[at] = rows[k] - row_start
+        col_values[at] = values[k]
+        col_counts[c] = at + 1
+    fill = counts[:n_rows].copy()
+    lo = 0
+    for c in range(n_cols):  # by row, columns in ascending order: each row's entries come out sorted
+        hi = col_counts[c]
+        for p in range(lo, hi):
+            r = col_rows[p]
+            at = fill[r]
+            row_cols[at] = c
+            row_values[at] = col_values[p]
+            fill[r] = at + 1
+        lo = hi
+    indptr[0] = 0
+    out = 0
+    for r in range(n_rows):
+        previous = -1
+        for p in range(counts[r], counts[r + 1]):
+            col = row_cols[p]
+            if col != previous:
+                indices[out] = col
+                sums[out] = np.float64(row_values[p])
+                out += 1
+                previous = col
+            else:
+                sums[out - 1] += np.float64(row_values[p])
+        indptr[r + 1] = out
+    return out
+
+
+@njit(cache=True, nogil=True)
 def csr_from_entries(rows, cols, values, row_start, n_rows, n_cols):
     """Entries of rows ``[row_start, row_start + n_rows)`` (columns < ``n_cols``) -> (indptr,
     indices, values float64), sorted by row then column, duplicates summed in float64 in input
@@ -188,6 +241,27 @@ def bucket_scatter(keys, others, values, bounds, out_keys, out_others, out_value
     fill = cuts[:-1].copy()
     for k in range(n):
         s = shard[k]
+        at = fill[s]
+        out_keys[at] = keys[k]
+        out_others[at] = others[k]
+        out_values[at] = values[k]
+        fill[s] = at + 1
+    return cuts
+
+
+@njit(cache=True, nogil=True)
+def bucket_scatter_by_table(keys, others, values, shard_of, n_shards, out_keys, out_others, out_values):
+    """``bucket_scatter`` with each key's shard read from a table (``shard_of[key]``) instead of
+    searched for among the bounds: the same output."""
+    n = len(keys)
+    cuts = np.zeros(n_shards + 1, np.int64)
+    for k in range(n):
+        cuts[shard_of[keys[k]] + 1] += 1
+    for s in range(n_shards):
+        cuts[s + 1] += cuts[s]
+    fill = cuts[:-1].copy()
+    for k in range(n):
+        s = shard_of[keys[k]]
         at = fill[s]
         out_keys[at] = keys[k]
         out_others[at] = others[k]

@@ -362,10 +362,11 @@ def csv_record_lines(data, delimiter, quote):
 @njit(**_JIT)
 def parse_plain_csv(data, n_fields, user_field, item_field, value_field, delimiter):
     """A chunk of whole records read straight from its bytes, when it is plain: no quote or
-    carriage return anywhere, every record ``n_fields`` fields, ids canonical integers, values
-    (``value_field`` >= 0) digits only (at most 15, so exact in float64). Returns (users, items,
-    values float64, ok); not ok means the chunk is not plain (the caller parses it the careful
-    way, which names any problem) and the arrays are not to be used."""
+    carriage return anywhere, every record ``n_fields`` fields, ids canonical integers of at
+    most 18 digits, values (``value_field`` >= 0) digits only (at most 15, so exact in float64).
+    Returns (users, items, values float64, ok); not ok means the chunk is not plain (the caller
+    parses it the careful way, which names any problem; a longer id also goes that way) and the
+    arrays are not to be used. Each field's digits are read as it is scanned: one pass."""
     n = 0
     for p in range(len(data)):
         if data[p] == 10:
@@ -375,39 +376,51 @@ def parse_plain_csv(data, n_fields, user_field, item_field, value_field, delimit
     values = np.ones(n, np.float64)
     p = 0
     end = len(data)
+    last = n_fields - 1
     for r in range(n):
-        field = 0
-        start = p
-        while True:
+        for field in range(n_fields):
+            if field == user_field or field == item_field:
+                negative = False
+                if p < end and data[p] == 45:  # '-'
+                    negative = True
+                    p += 1
+                first = p
+                acc = 0
+                while p < end:
+                    d = np.int64(data[p]) - 48
+                    if d < 0 or d > 9:
+                        break
+                    acc = acc * 10 + d
+                    p += 1
+                digits = p - first
+                if digits == 0 or digits > 18 or (data[first] == 48 and (digits > 1 or negative)):
+                    return users, items, values, False
+                if field == user_field:
+                    users[r] = -acc if negative else acc
+                else:
+                    items[r] = -acc if negative else acc
+            elif field == value_field:
+                first = p
+                acc = 0
+                while p < end:
+                    d = np.int64(data[p]) - 48
+                    if d < 0 or d > 9:
+                        break
+                    acc = acc * 10 + d
+                    p += 1
+                if p == first or p - first > 15:
+                    return users, items, values, False
+                values[r] = np.float64(acc)
+            else:  # a field not read: anything but a quote or a carriage return
+                while p < end:
+                    c = data[p]
+                    if c == delimiter or c == 10:
+                        break
+                    if c == 34 or c == 13:
+                        return users, items, values, False
+                    p += 1
             c = data[p] if p < end else 10
-            if c == 34 or c == 13:  # '"' or '\r': not plain
+            if c != (10 if field == last else delimiter):
                 return users, items, values, False
-            if c == delimiter or c == 10:
-                if field == user_field or field == item_field:
-                    ok, value = _parse_int(data, start, p, True)
-                    if not ok:
-                        return users, items, values, False
-                    if field == user_field:
-                        users[r] = value
-                    else:
-                        items[r] = value
-                elif field == value_field:
-                    if p == start or p - start > 15:
-                        return users, items, values, False
-                    acc = 0
-                    for q in range(start, p):
-                        d = data[q] - 48
-                        if d < 0 or d > 9:
-                            return users, items, values, False
-                        acc = acc * 10 + d
-                    values[r] = np.float64(acc)
-                field += 1
-                p += 1
-                start = p
-                if c == 10:
-                    break
-            else:
-                p += 1
-        if field != n_fields:
-            return users, items, values, False
+            p += 1
     return users, items, values, p >= end

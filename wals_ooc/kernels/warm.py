@@ -34,7 +34,9 @@ from .topk import keys_of, mask_columns, new_heaps, select_candidates, topk_fini
 from .assemble import (
     bucket_order,
     bucket_scatter,
+    bucket_scatter_by_table,
     count_dense_ids,
+    csr_by_columns_into,
     csr_from_entries,
     csr_into,
     fill_dense_table,
@@ -147,10 +149,15 @@ def warm_id_kernels() -> None:
     csr_from_entries(records["row"], records["col"], records["value"], 0, 1, 1)
     csr_into(records["row"], records["col"], records["value"], 0, 1, 1, np.zeros(2, np.int64), np.zeros(3, np.int32),
              np.zeros(3, np.float32), np.zeros(2, np.int64), np.zeros(3, np.int32), np.zeros(3, np.float64))
+    csr_by_columns_into(records["row"], records["col"], records["value"], 0, 1, 1, np.zeros(2, np.int64),
+                        np.zeros(3, np.int32), np.zeros(3, np.float32), np.zeros(2, np.int64), np.zeros(3, np.int32),
+                        np.zeros(3, np.float32), np.zeros(2, np.int64), np.zeros(3, np.int32), np.zeros(3, np.float64))
     bucket_order(np.ascontiguousarray(records["row"]), np.array([0, 1], np.int64))
     grouped = np.zeros(3, records.dtype)
     bucket_scatter(records["row"], records["col"], records["value"], np.array([0, 1], np.int64), grouped["row"],
                    grouped["col"], grouped["value"])
+    bucket_scatter_by_table(records["row"], records["col"], records["value"], np.zeros(1, np.int32), 1, grouped["row"],
+                            grouped["col"], grouped["value"])
     table = np.full(2, -1, np.int32)
     fill_dense_table(order, 0, table)
     map_dense_ids(np.frombuffer(order.tobytes(), np.int64), 0, table, np.zeros(2, np.int64))

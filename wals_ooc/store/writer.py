@@ -28,7 +28,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +39,9 @@ from ..errors import BudgetWarning, SettingError, WalsError
 from ..kernels.assemble import (
     bucket_order,
     bucket_scatter,
+    bucket_scatter_by_table,
     count_dense_ids,
+    csr_by_columns_into,
     csr_from_entries,
     csr_into,
     fill_dense_table,
@@ -278,7 +280,7 @@ def _build_store(batches, out, memory_budget, shard_nnz, row_block, progress, re
     per_entry = ASSEMBLE_BYTES_PER_NNZ + 3 * (record.itemsize - RECORD.itemsize)  # order: kept, sorted, reduced
     unit_nnz = max(1, budget.allowance // (8 * per_entry))  # a quarter of half the allowance: two assemble at once
     units = {side: assembly_units(counts[side], bounds[side], unit_nnz) for side in ("user", "item")}
-    bucketer = _Bucketer(workspace, units, record)
+    bucketer = _Bucketer(workspace, units, record, budget.allowance // 32)
     if fused:  # counts are used up (counted down to zero) by the check of pass 2
         _map_rows(spill, workspace, maps, record, disable, budget.allowance, bucketer=bucketer, expected=counts)
     else:
@@ -489,13 +491,15 @@ class _SideIds:
 
 
 _DONE = object()
+_Batch = TypeVar("_Batch")
 
 
-def _ahead(batches: Iterable[RowBatch]) -> Iterator[RowBatch]:
-    """The batches, each read and parsed by a helper thread while the caller handles the one
-    before (Arrow's parser and the numba kernels release the GIL, so the two overlap). At most
-    two batches are held at once; an error of the reader is raised here, in the caller, and a
-    caller that stops early stops the reader."""
+def _ahead(batches: Iterable[_Batch]) -> Iterator[_Batch]:
+    """The batches, each read (and parsed) by a helper thread while the caller handles the one
+    before (Arrow's reads and parser and the numba kernels release the GIL, so the two overlap):
+    pass 1's input batches, pass 2's spilled ones. At most two batches are held at once; an
+    error of the reader is raised here, in the caller, and a caller that stops early stops the
+    reader."""
     import queue
     import threading
 
@@ -636,7 +640,7 @@ def _map_rows(spill, workspace, maps, record, disable, allowance, bucketer: _Buc
     with tqdm(desc=_desc("map ids" if bucketer is None else "map ids and bucket"), unit="rows", unit_scale=True,
               disable=disable) as bar, \
             ThreadPoolExecutor(max_workers=2, thread_name_prefix="wals-ooc-map") as pool:
-        for batch in spill.batches():
+        for batch in _ahead(spill.batches()):  # the next batch read while this one is mapped
             if bucketer is None and (sink is None or sink.tell() >= SEGMENT_BYTES):
                 if sink is not None:
                     sink.close()
@@ -684,7 +688,7 @@ class _Bucketer:
     """Pass 3's bucket files: each record appended to its user unit's and its item unit's file
     (the two sides in two threads: the sort kernel and the file writes release the GIL)."""
 
-    def __init__(self, workspace: _Workspace, bounds: dict[str, list[int]], record: np.dtype):
+    def __init__(self, workspace: _Workspace, bounds: dict[str, list[int]], record: np.dtype, table_bytes: int = 0):
         self.record = record
         self.ordered = record.names is not None and "order" in record.names
         self.paths = {
@@ -692,6 +696,13 @@ class _Bucketer:
             for side in ("user", "item")
         }
         self.starts = {side: np.asarray(bounds[side], np.int64) for side in ("user", "item")}
+        # each row's unit, when the table is small (int32 per row, at most table_bytes a side): a
+        # lookup per record instead of a search among the units' bounds
+        self.shard_of: dict[str, np.ndarray | None] = {
+            side: np.repeat(np.arange(len(starts) - 1, dtype=np.int32), np.diff(starts))
+            if 4 * int(starts[-1]) <= table_bytes else None
+            for side, starts in self.starts.items()
+        }
         self.grouped_buffers: dict[str, np.ndarray] = {}  # one per side, reused from chunk to chunk
 
     def add(self, records: np.ndarray, pool: ThreadPoolExecutor) -> None:
@@ -712,8 +723,13 @@ class _Bucketer:
                 self.grouped_buffers[side] = np.empty(0, record)
                 self.grouped_buffers[side] = np.empty(len(records), record)
             grouped = self.grouped_buffers[side][: len(records)]
-            cuts = bucket_scatter(records[first], records[second], records["value"], starts, grouped["row"],
-                                  grouped["col"], grouped["value"])
+            table = self.shard_of[side]
+            if table is not None:
+                cuts = bucket_scatter_by_table(records[first], records[second], records["value"], table, len(paths),
+                                               grouped["row"], grouped["col"], grouped["value"])
+            else:
+                cuts = bucket_scatter(records[first], records[second], records["value"], starts, grouped["row"],
+                                      grouped["col"], grouped["value"])
         for k in range(len(paths)):
             if cuts[k + 1] > cuts[k]:
                 with open(paths[k], "ab") as sink:
@@ -882,9 +898,16 @@ def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int,
         values_dtype = records.dtype["value"]
         indptr = work.get("indptr", n_rows + 1, np.int64)
         indices, sums = work.get("indices", n, np.int32), work.get("sums", n, np.float64)
-        out = csr_into(records["row"], records["col"], records["value"], row_start, n_rows, n_cols,
-                       work.get("counts", n_rows + 1, np.int64), work.get("row_cols", n, np.int32),
-                       work.get("row_values", n, values_dtype), indptr, indices, sums)
+        if n_cols <= n // 2:  # two counting sorts (by column, then row): the column table is small beside the unit
+            out = csr_by_columns_into(records["row"], records["col"], records["value"], row_start, n_rows, n_cols,
+                                      work.get("col_counts", n_cols + 1, np.int64), work.get("col_rows", n, np.int32),
+                                      work.get("col_values", n, values_dtype), work.get("counts", n_rows + 1, np.int64),
+                                      work.get("row_cols", n, np.int32), work.get("row_values", n, values_dtype),
+                                      indptr, indices, sums)
+        else:
+            out = csr_into(records["row"], records["col"], records["value"], row_start, n_rows, n_cols,
+                           work.get("counts", n_rows + 1, np.int64), work.get("row_cols", n, np.int32),
+                           work.get("row_values", n, values_dtype), indptr, indices, sums)
         values = work.get("values", out, np.float32)
         with np.errstate(over="ignore"):
             np.copyto(values, sums[:out], casting="unsafe")
