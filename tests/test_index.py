@@ -103,7 +103,7 @@ def test_heavy_users_are_searched_again_and_answers_equal_exact_when_the_index_i
     same = (ids == expected) | np.isclose(np.take_along_axis(brute, ids, 1), scores, rtol=1e-6)
     assert same.all()
     candidates, found = ann.search(queries[:50], 16)
-    np.testing.assert_allclose(found, ann.exact_scores(queries[:50], candidates), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(found, ann.rescore(queries[:50], candidates), rtol=1e-6, atol=1e-7)
 
 
 def test_similar_from_cosine_indexes_equals_exact_when_searched_fully(trained):
@@ -219,3 +219,57 @@ def test_mips_setting_is_checked(trained, tmp_path):
     assert cli_main(["index", trained.factors_store.location, "--output", str(tmp_path / "c.ann"), "--mips", "l2",
                      "--hnsw-m", "8"]) == 0
     assert AnnIndex.open(str(tmp_path / "c.ann")).l2
+
+
+def test_cosine_queries_come_from_the_index_and_candidates_are_rescored_as_the_exact_scan_scores(trained, tmp_path):
+    from wals_ooc.kernels.topk import candidate_scores
+    from wals_ooc.serve.scoring import FactorSource
+
+    forget_indexes()
+    array = trained.factors_store.current("item")
+    n_items = int(array.shape[0])
+    hnsw = trained.build_index(side="item", metric="cosine", location=str(tmp_path / "cos-hnsw.ann"), hnsw_m=8,
+                               ef_construction=32, ef_search=16)
+    ivf = trained.build_index(side="item", metric="cosine", location=str(tmp_path / "cos-ivf.ann"), kind="ivf",
+                              nlist=4, nprobe=4, candidates=0)
+    # the index stores each row exactly as the exact scan normalizes it (one kernel, to the last bit)
+    rows = np.arange(0, n_items, 3)
+    exact_rows = FactorSource(array, 64, normalized=True).rows(rows)
+    assert np.array_equal(hnsw.vectors(rows), exact_rows) and np.array_equal(ivf.vectors(rows), exact_rows)
+    # re-scoring: HNSW reads its flat storage in place, IVF gathers by id; the same kernel, the same bits
+    queries = exact_rows[:20]
+    ids = np.tile(np.arange(12, dtype=np.int64), (20, 1))
+    ids[3, 5] = -1
+    via_hnsw, via_ivf = hnsw.rescore(queries, ids, stored=True), ivf.rescore(queries, ids, stored=True)
+    assert np.array_equal(via_hnsw, via_ivf) and via_hnsw[3, 5] == -np.inf
+    first_rows = FactorSource(array, 64, normalized=True).rows(np.arange(12))
+    reference = queries.astype(np.float64) @ first_rows.astype(np.float64).T
+    reference[3, 5] = -np.inf
+    np.testing.assert_allclose(via_hnsw, reference, rtol=1e-5, atol=1e-6)
+    out = np.empty((1, 2), np.float32)
+    candidate_scores(np.ones((1, 3), np.float32), np.array([[1, 2, 3], [0.5, 0, 0]], np.float32),
+                     np.array([[1, 0]], np.int64), out)
+    assert out.tolist() == [[0.5, 6.0]]
+    # settings: cosine re-scores 64 candidates by default, candidates=0 none; saved beside the
+    # settings (format-2 readers take no such setting) and reloaded
+    assert hnsw.candidates == 64 and ivf.candidates == 0
+    meta = json.load(open(tmp_path / "cos-ivf.ann" / "index.json"))
+    assert meta["candidates"] == 0 and "candidates" not in meta["settings"] and meta["format_version"] == 2
+    assert AnnIndex.open(str(tmp_path / "cos-ivf.ann"), model=trained.factors_store).candidates == 0
+    assert AnnIndex.open(str(tmp_path / "cos-ivf.ann"), candidates=32).candidates == 32
+    with pytest.raises(SettingError, match="candidates"):
+        trained.build_index(side="item", metric="cosine", location=str(tmp_path / "bad.ann"), candidates=-1)
+    # similar items from the index: queries from its stored rows, self filtered exactly, scores
+    # equal to exact ones; exhaustive IVF with candidates re-scored equals the exact lists
+    item_ids = trained.interactions.ids("item")[::7]
+    exact_ids, exact_scores = trained.similar_items(item_ids, N=8, filter_self=True)
+    for index, floor in ((ivf, 0.99), (str(tmp_path / "cos-ivf.ann"), 0.99), (hnsw, 0.9)):
+        tuned = AnnIndex.open(index, model=trained.factors_store, candidates=32) if isinstance(index, str) else index
+        approx_ids, approx_scores = trained.similar_items(item_ids, N=8, filter_self=True, index=tuned)
+        assert not (approx_ids == item_ids[:, None]).any()
+        assert _recall(exact_ids, approx_ids) >= floor
+        same = approx_ids == exact_ids
+        np.testing.assert_allclose(approx_scores[same], exact_scores[same], rtol=1e-6, atol=1e-7)
+    stats: dict = {}
+    approximate_top_k(hnsw, exact_rows[:5], 4, stats=stats, stored=True)
+    assert stats["first_round"] == 5 and stats["exact"] == 0

@@ -12,7 +12,7 @@ from wals_ooc.kernels.blocked import (
     solve_accumulated,
 )
 from wals_ooc.kernels.loss import observed_loss_block, row_penalties
-from wals_ooc.kernels.solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
+from wals_ooc.kernels.solve import CONFIDENCE_KINDS, GATHER_MAX_ENTRIES, GROUP_ROWS, cg_solve_rows, cholesky_solve_rows
 from wals_ooc.kernels.subspace import subspace_solve_rows
 from wals_ooc.kernels.topk import new_heaps, topk_finish, topk_update
 
@@ -77,6 +77,31 @@ def test_cg_converges_to_closed_form_with_more_steps(setting):
         errors.append(np.linalg.norm(X - expected) / np.linalg.norm(expected))
     assert all(later <= earlier * 1.0001 for earlier, later in zip(errors, errors[1:])), errors
     assert errors[-1] < 1e-6, errors  # f = 8 steps: exact up to rounding
+
+
+def test_cg_row_groups_empty_and_long_rows_reach_closed_form():
+    """Rows over several lockstep groups, an empty row, and a row longer than the gather block
+    (solved alone from Y): f steps reach the closed form, and the loss returned (scores carried
+    through the steps) equals a pass over the solved rows."""
+    n_rows, n_fixed, f = 2 * GROUP_ROWS + 22, GATHER_MAX_ENTRIES + 300, 8
+    R = random_interactions(n_rows, n_fixed, 0.002, 7).tolil()
+    R[3, :] = 0
+    R[GROUP_ROWS + 5, :] = np.random.default_rng(8).integers(1, 4, size=n_fixed).astype(R.dtype)
+    R = R.tocsr()
+    R.eliminate_zeros()
+    assert R.getnnz(axis=1)[3] == 0 and R.getnnz(axis=1).max() > GATHER_MAX_ENTRIES
+    rng = np.random.default_rng(9)
+    Y = rng.normal(0, 0.3, size=(n_fixed, f))
+    setting = SETTINGS[1]
+    kind, alpha, alpha0, eps, lam, nu = _args(setting)
+    indptr = R.indptr.astype(np.int64)
+    X = rng.normal(0, 0.1, size=(n_rows, f))  # warm start, as in training
+    observed = cg_solve_rows(indptr, R.indices, R.data, Y, _gram(Y, alpha0), X, kind, alpha, alpha0, eps, lam, nu,
+                             n_fixed, f, True)
+    expected = dense_solve(R, Y, **{k: setting[k] for k in ("kind", "alpha", "alpha0", "lam", "nu")})
+    assert np.linalg.norm(X - expected) / np.linalg.norm(expected) < 1e-6
+    direct = observed_loss_block(indptr, R.indices, R.data, indptr[:-1].copy(), 0, n_fixed, Y, X, kind, alpha, alpha0, eps)
+    assert observed == pytest.approx(direct, rel=1e-9)
 
 
 def test_cg_float32_warm_start_reaches_closed_form():

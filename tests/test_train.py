@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -312,6 +313,49 @@ print(json.dumps({{"before": before, "after": after}}))
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     grown = {name: (counts["before"][name], n) for name, n in counts["after"].items() if n != counts["before"][name]}
     assert not grown, grown
+
+
+def test_a_write_failing_behind_the_tasks_fails_the_half_sweep_and_commits_nothing(small_store, tmp_path, monkeypatch):
+    """A local fit writes its solved rows on a writer thread while the tasks go on: a write that
+    fails there (the disk full at the third write of the next half-sweep) fails that half-sweep
+    with the error, and the model keeps its last checkpoint, factors and all; a resume trains on."""
+    import errno
+
+    import wals_ooc.train.half_sweep as half_sweep
+    from wals_ooc.errors import StorageError
+
+    store = open_store(small_store)
+    model = _fit(store, tmp_path / "m.zarr", iterations=1)
+    before, factors_before = model.checkpoint, _factors(model)
+    real, writers = half_sweep._factor_array, []
+
+    class DiskFillsUp:  # the real Zarr array, whose third write fails as a full disk does
+        def __init__(self, array):
+            self.array = array
+
+        def __getattr__(self, name):
+            return getattr(self.array, name)
+
+        def __getitem__(self, key):
+            return self.array[key]
+
+        def __setitem__(self, key, value):
+            writers.append(threading.current_thread().name)
+            if len(writers) == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.array[key] = value
+
+    monkeypatch.setattr(half_sweep, "_factor_array", lambda *args: DiskFillsUp(real(*args)))
+    with pytest.raises(StorageError, match="No space left on device"):
+        _fit(store, tmp_path / "m.zarr", iterations=2, resume=True, threads=2)
+    assert len(writers) >= 3 and all(name.startswith("wals-ooc-write") for name in writers), writers
+    kept = FactorStore.open(str(tmp_path / "m.zarr"))
+    assert kept.checkpoint.to_dict() == before.to_dict()
+    for now, then in zip(_factors(kept), factors_before):
+        np.testing.assert_array_equal(now, then)
+    monkeypatch.setattr(half_sweep, "_factor_array", real)
+    resumed = _fit(store, tmp_path / "m.zarr", iterations=2, resume=True)
+    assert resumed.checkpoint.iteration == 2 and all(np.isfinite(part).all() for part in _factors(resumed))
 
 
 def test_a_nan_in_one_shard_solve_raises_and_keeps_the_previous_slot(small_store, tmp_path, monkeypatch):

@@ -318,3 +318,7 @@ def test_leave_last_out_folds_roll_back_one_entry_each_and_a_seeded_search_repea
     assert [(r.value, r.settings) for r in runs[1].trials] == [(r.value, r.settings) for r in result.trials]
     with pytest.raises(SettingError, match="validation_folds"):
         wals_ooc.tune(full, full, validation_folds=2, model=tmp_path / "x.zarr", progress=False)
+    for startup in (-1, 1.5, True):
+        with pytest.raises(SettingError, match="startup_trials"):
+            wals_ooc.tune(full, full, startup_trials=startup, model=tmp_path / "x.zarr", progress=False)
+    assert not os.path.exists(tmp_path / "x.tune.db")

@@ -191,6 +191,71 @@ def _ann_setting(args, model, location, kind, knob, value, users, queries, liked
     return row
 
 
+def _similar_items(args, model, store) -> dict:
+    """similar_items exact against each cosine index of ``--ann-similar`` at its settings and at
+    each ``--similar-candidates``: items/s through ``model.similar_items`` in batches (median of
+    3), recall@N against the exact lists, how many of the exact lists' items the index missed
+    and how many of those score within 1e-4 (relative) of the exact N-th score, and faiss alone
+    (one call, k=N, the stored vectors as queries)."""
+    import faiss
+    import numpy as np
+
+    from wals_ooc.index import forget_indexes, resolve_index
+
+    batch = args.ann_batch
+    items = store.ids("item")[sample_rows(store.n_items, args.similar_items)]
+    rows = model._ids().index_of("item", items)
+    model.similar_items(items[:50], N=args.n)
+    started = time.perf_counter()
+    exact, exact_scores = zip(*[model.similar_items(items[lo: lo + batch], N=args.n)
+                                for lo in range(0, len(items), batch)])
+    out: dict = {"similar_exact_per_s": len(items) / (time.perf_counter() - started), "similar": [],
+                 "similar_items": len(items), "similar_indexes": []}
+    exact, exact_scores = np.ma.filled(np.concatenate(exact), -1), np.ma.filled(np.concatenate(exact_scores), np.nan)
+    tenth = exact_scores[:, -1]
+    picks = [None if c == "saved" else int(c) for c in args.similar_candidates.split(",")]
+    for spec in args.ann_similar:
+        location, _, values = spec.partition("=")
+        forget_indexes()
+        opened = resolve_index(location, model.factors_store, "item", "cosine", model.memory_budget)
+        knob = "ef_search" if opened.settings.kind == "hnsw" else "nprobe"
+        out["similar_indexes"].append({"location": location, "describe": opened.describe()})
+        for value in [int(v) for v in (values or args.ann_settings).split(",")]:
+            for candidates in picks:
+                forget_indexes()
+                tuned = resolve_index(location, model.factors_store, "item", "cosine", model.memory_budget,
+                                      **{knob: value}, candidates=candidates)
+                model.similar_items(items[:50], N=args.n, index=tuned)
+                times = []
+                for _ in range(3):
+                    started = time.perf_counter()
+                    approx = np.concatenate([np.ma.filled(model.similar_items(items[lo: lo + batch], N=args.n,
+                                                                               index=tuned)[0], -1)
+                                             for lo in range(0, len(items), batch)])
+                    times.append(time.perf_counter() - started)
+                missed = near = 0
+                for q in range(len(items)):
+                    got = set(approx[q][approx[q] != -1].tolist())
+                    for j, item in enumerate(exact[q]):
+                        if item != -1 and item not in got:
+                            missed += 1
+                            near += abs(exact_scores[q, j] - tenth[q]) <= 1e-4 * abs(tenth[q])
+                # faiss alone: the stored vectors as queries, one call, k=N, its own threads
+                queries = tuned.vectors(rows)
+                faiss.omp_set_num_threads(args.threads)
+                params = (faiss.SearchParametersHNSW(efSearch=max(value, args.n)) if knob == "ef_search"
+                          else faiss.SearchParametersIVF(nprobe=value))
+                tuned.index.search(queries[:100], args.n, params=params)
+                started = time.perf_counter()
+                tuned.index.search(queries, args.n, params=params)
+                alone = len(items) / (time.perf_counter() - started)
+                out["similar"].append({"index": location, "knob": knob, "value": value, "candidates": tuned.candidates,
+                                       "per_s": len(items) / statistics.median(times), "recall": _recall(exact, approx),
+                                       "missed": missed, "near": int(near), "faiss_alone_per_s": alone})
+    forget_indexes()
+    return out
+
+
 def child_ann(args) -> dict:
     """Approximate recommend against exact on ``--ann-users`` evenly spaced users of a large
     catalogue: the index built (timed, once) or reused, then per setting users/s and recall@N
@@ -212,6 +277,10 @@ def child_ann(args) -> dict:
     warm_serving_kernels()
     model = wals_ooc.load(args.model, memory_budget=args.memory_budget, threads=args.threads)
     store = model.interactions
+    if args.skip_recommend:
+        result = {"items": store.n_items, "skipped": True, **_similar_items(args, model, store)}
+        result["peak_rss"] = peak_rss()
+        return result
     if args.ann_sample == "random":
         rng = np.random.default_rng(args.seed)
         rows = np.sort(rng.choice(store.n_users, size=min(args.ann_users, store.n_users), replace=False))
@@ -288,23 +357,7 @@ def child_ann(args) -> dict:
             result["settings"].append({"index": location, "knob": knob, **_ann_setting(
                 args, model, location, kind, knob, value, users, queries, liked, exact)})
     if args.ann_similar:  # similar items by cosine: no norm bound applies, every exact query scans all items
-        items = store.ids("item")[sample_rows(store.n_items, args.ann_users // 4)]
-        started = time.perf_counter()
-        exact_similar = np.concatenate([model.similar_items(items[lo: lo + batch], N=args.n)[0]
-                                        for lo in range(0, len(items), batch)])
-        result["similar_exact_per_s"] = len(items) / (time.perf_counter() - started)
-        result["similar"] = []
-        for value in values:
-            forget_indexes()
-            tuned = resolve_index(args.ann_similar, model.factors_store, "item", "cosine", model.memory_budget,
-                                  **{knob: value})
-            model.similar_items(items[:50], N=args.n, index=tuned)
-            started = time.perf_counter()
-            approx = np.concatenate([model.similar_items(items[lo: lo + batch], N=args.n, index=tuned)[0]
-                                     for lo in range(0, len(items), batch)])
-            result["similar"].append({"value": value, "per_s": len(items) / (time.perf_counter() - started),
-                                      "recall": _recall(exact_similar, approx)})
-        result["similar_items"] = len(items)
+        result.update(_similar_items(args, model, store))
     result["peak_rss"] = peak_rss()
     return result
 
@@ -316,7 +369,11 @@ def ann_main(args) -> None:
                "--threads", str(args.threads), "-n", str(args.n), "--memory-budget", str(args.memory_budget),
                "--ann-users", str(args.ann_users), "--ann-kind", args.ann_kind, "--ann-settings", args.ann_settings,
                "--hnsw-m", str(args.hnsw_m), "--ef-construction", str(args.ef_construction)]
-    command += (["--ann-reuse"] if args.ann_reuse else []) + (["--ann-similar", args.ann_similar] if args.ann_similar else [])
+    command += (["--ann-reuse"] if args.ann_reuse else [])
+    for spec in args.ann_similar or []:
+        command += ["--ann-similar", spec]
+    command += ["--similar-items", str(args.similar_items), "--similar-candidates", args.similar_candidates]
+    command += ["--skip-recommend"] if args.skip_recommend else []
     command += ["--ann-sample", args.ann_sample, "--seed", str(args.seed), "--ann-batch", str(args.ann_batch)]
     for spec in args.ann_index or []:
         command += ["--ann-index", spec]
@@ -326,6 +383,11 @@ def ann_main(args) -> None:
         raise SystemExit(f"ann run failed:\n{done.stderr[-3000:]}")
     r = json.loads(done.stdout.strip().splitlines()[-1])
     n = args.n
+    if r.get("skipped"):
+        print(f"model {args.model}: {r['items']:,} items; N={n}, {args.threads} threads (recommend not measured)")
+        _print_similar(args, r)
+        print(f"  peak RSS {format_bytes(r['peak_rss'])}")
+        return
     sample = "evenly spaced" if args.ann_sample == "even" else f"random (seed {args.seed})"
     print(f"model {args.model}: {r['items']:,} items; {r['users']:,} {sample} users, N={n}, liked items "
           f"filtered, {args.threads} threads, batches of {args.ann_batch} users; "
@@ -358,14 +420,26 @@ def ann_main(args) -> None:
               f"faiss alone (k={2 * n}, raw vectors, one call) {row['faiss_alone_users_per_s']:10,.0f} users/s = "
               f"{row['faiss_alone_users_per_s'] / r['exact_users_per_s']:.2f}x exact, "
               f"{row['faiss_alone_users_per_s'] / r['scan_users_per_s']:.2f}x the exact scan alone")
-    if "similar" in r:
-        knob = r["settings"][-1]["knob"]
-        print(f"  similar_items (cosine; {r['similar_items']:,} evenly spaced items): exact "
-              f"{r['similar_exact_per_s']:,.0f} items/s (every item scored: no norm bound for cosine)")
-        for row in r["similar"]:
-            print(f"  {knob}={row['value']:<6d}  {row['per_s']:10,.0f} items/s  recall@{n} {row['recall']:.4f}  "
-                  f"{row['per_s'] / r['similar_exact_per_s']:6.1f}x exact")
+    _print_similar(args, r)
     print(f"  peak RSS {format_bytes(r['peak_rss'])}")
+
+
+def _print_similar(args, r: dict) -> None:
+    """The similar_items lines of an --ann run."""
+    n = args.n
+    if "similar" not in r:
+        return
+    print(f"  similar_items (cosine; {r['similar_items']:,} evenly spaced items, batches of {args.ann_batch}): exact "
+          f"{r['similar_exact_per_s']:,.0f} items/s (every item scored: no norm bound for cosine)")
+    shown = None
+    for row in r["similar"]:
+        if row["index"] != shown:
+            shown = row["index"]
+            print("  index " + next(i["describe"] for i in r["similar_indexes"] if i["location"] == shown) + ":")
+        print(f"  {row['knob']}={row['value']:<5d} candidates {row['candidates']:<4d} {row['per_s']:9,.0f} items/s  "
+              f"recall@{n} {row['recall']:.4f}  {row['per_s'] / r['similar_exact_per_s']:6.1f}x exact (median of 3); "
+              f"missed {row['missed']:,} of {n * r['similar_items']:,}, {row['near']:,} of them within 1e-4 of the "
+              f"exact {n}th score; faiss alone (k={n}) {row['faiss_alone_per_s']:,.0f}/s")
 
 
 def run_child(peer: str, args) -> dict:
@@ -418,9 +492,16 @@ def main() -> None:
     parser.add_argument("--ann-kind", choices=["hnsw", "ivf"], default="hnsw")
     parser.add_argument("--ann-settings", default="64,128,256", help="ef_search (hnsw) or nprobe (ivf) values")
     parser.add_argument("--ann-reuse", action="store_true", help="use the index already built beside --model")
-    parser.add_argument("--ann-similar", default=None,
+    parser.add_argument("--ann-similar", action="append", default=None, metavar="PATH[=V1,V2]",
                         help="also similar_items exact vs a cosine item index at this path (wals-ooc index MODEL "
-                             "--metric cosine --output PATH)")
+                             "--metric cosine --output PATH) at these ef_search/nprobe values (default "
+                             "--ann-settings); repeat for several")
+    parser.add_argument("--similar-items", type=int, default=1000, help="evenly spaced items for --ann-similar")
+    parser.add_argument("--similar-candidates", default="saved",
+                        help="candidates re-scored per similar_items query, comma-separated: integers, or 'saved' "
+                             "(the index's own setting)")
+    parser.add_argument("--skip-recommend", action="store_true",
+                        help="--ann: measure similar_items only (no recommend, no index over inner products)")
     parser.add_argument("--ann-index", action="append", default=None, metavar="PATH[=V1,V2]",
                         help="measure this index (built by `wals-ooc index MODEL --output PATH`) at these ef_search "
                              "(hnsw) or nprobe (ivf) values (default --ann-settings); repeat for several indexes")

@@ -6,8 +6,9 @@ Data (from ../shared/data, converted once into --workdir):
 
 For each seed, a validation split is carved from the training store (Last.fm: random 20% with
 that seed; MovieLens: the latest remaining rating), and both libraries are tuned on it with the
-same search: Optuna's TPE sampler (same seed, multivariate, 10 random start-up trials), the same
-median pruner fed every 3 iterations, the same number of trials, 15 iterations each, and the
+same search: Optuna's TPE sampler (same seed, multivariate, the same start-up trials: by default
+wals_ooc.tune's, the first trial and one random, --startup-trials to change it for both), the
+same median pruner fed every 3 iterations, the same number of trials, 15 iterations each, and the
 same first trial (each library's own defaults).
 
   wals-ooc  ``wals_ooc.tune`` over confidence (linear, log), alpha, alpha0, nu, regularization, factors
@@ -197,7 +198,7 @@ def implicit_model(settings: dict, seed: int):
                                    random_state=seed, calculate_training_loss=False)
 
 
-def tune_implicit(folds: list, trials: int, seed: int, scratch: str) -> tuple[dict, float, float]:
+def tune_implicit(folds: list, trials: int, seed: int, scratch: str, startup: int | None = None) -> tuple[dict, float, float]:
     """The same TPE search and pruner as wals_ooc.tune, over implicit's own settings, on the same
     validation folds (the (train, validation) stores wals_ooc.tune carved): pruning judged on fold
     0, a finished trial scored on the mean over the folds."""
@@ -244,9 +245,11 @@ def tune_implicit(folds: list, trials: int, seed: int, scratch: str) -> tuple[di
         return float(sum(scores) / len(scores))
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from wals_ooc.tuning.search import default_startup_trials, sampler_of
+
     study = optuna.create_study(
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=max(4, min(10, trials // 4))),
+        sampler=sampler_of(seed, default_startup_trials(trials) if startup is None else startup),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, trials // 8)), n_warmup_steps=EVAL_EVERY + 1),
     )
     # implicit's defaults first, as wals_ooc.tune starts from wals-ooc's
@@ -267,7 +270,7 @@ def tune_implicit(folds: list, trials: int, seed: int, scratch: str) -> tuple[di
 
 
 def run_seed(name: str, train: str, test: str, method: str, seed: int, trials: int, workdir: str,
-             fraction: float = 0.2, folds: int | None = None) -> dict:
+             fraction: float = 0.2, folds: int | None = None, startup: int | None = None) -> dict:
     import wals_ooc
     from threadpoolctl import threadpool_limits
 
@@ -279,7 +282,7 @@ def run_seed(name: str, train: str, test: str, method: str, seed: int, trials: i
     started = time.perf_counter()
     result = wals_ooc.tune(
         train, None, n_trials=trials, space={"factors": FACTORS}, base={"iterations": ITERATIONS},
-        validation_method=method, validation_fraction=fraction, validation_folds=folds,
+        validation_method=method, validation_fraction=fraction, validation_folds=folds, startup_trials=startup,
         model=os.path.join(scratch, "wals-final.zarr"), final=True, seed=seed, resume=False, threads=2,
         progress=False, keep_best=False,
     )
@@ -298,7 +301,7 @@ def run_seed(name: str, train: str, test: str, method: str, seed: int, trials: i
     defaults.fit(train_store, os.path.join(scratch, "wals-defaults.zarr"), resume=False, progress=False)
     out["wals_defaults"] = score(defaults.factors_store, train_store, test_store)
 
-    best, value, seconds = tune_implicit(result.folds, trials, seed, scratch)
+    best, value, seconds = tune_implicit(result.folds, trials, seed, scratch, startup)
     out["implicit_search_seconds"] = seconds
     out["implicit_best"] = best
     out["implicit_validation"] = value
@@ -379,6 +382,8 @@ def main() -> None:
     parser.add_argument("--validation-folds", type=int, default=None,
                         help="validation folds a trial is scored on, for both libraries (default: wals_ooc.tune's: "
                              "3 for leave_last_out, 1 for random)")
+    parser.add_argument("--startup-trials", type=int, default=None,
+                        help="random start-up trials of TPE, for both libraries (default: wals_ooc.tune's)")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     warm_numba_cache()
@@ -392,7 +397,7 @@ def main() -> None:
         runs = []
         for seed in args.seeds:
             runs.append(run_seed(name, train, test, method, seed, args.trials, args.workdir, args.validation_fraction,
-                                 args.validation_folds))
+                                 args.validation_folds, args.startup_trials))
             print(f"{name} seed {seed}: wals-ooc {runs[-1]['wals']}, implicit {runs[-1]['implicit']}", file=sys.stderr, flush=True)
         everything[name] = runs
         report(name, runs)

@@ -309,7 +309,7 @@ def cmd_tune(args) -> int:
             study_name=args.study_name, workdir=args.workdir, validation_fraction=args.validation_fraction,
             validation_method=args.validation_method, validation_folds=args.validation_folds, final=final, merged_store=args.merged_store,
             keep_best=not args.no_keep_best, prune=not args.no_prune, eval_every=args.eval_every,
-            user_fraction=args.user_fraction, seed=args.seed, timeout=args.timeout, resume=not args.no_resume,
+            startup_trials=args.startup_trials, user_fraction=args.user_fraction, seed=args.seed, timeout=args.timeout, resume=not args.no_resume,
             client=client, threads=args.threads, memory_budget=args.memory_budget, progress=_progress(args),
             callback=report,
         )
@@ -400,7 +400,7 @@ def cmd_index(args) -> int:
     built = model.build_index(side=args.side, metric=args.metric, location=args.output, kind=args.kind,
                               hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=128 if args.ef_search is None else args.ef_search,
                               nlist=args.nlist, nprobe=32 if args.nprobe is None else args.nprobe, max_fetch=args.max_fetch,
-                              mips=args.mips, overwrite=args.overwrite)
+                              mips=args.mips, overwrite=args.overwrite, candidates=args.candidates)
     print(f"built {built.describe()} in {time.perf_counter() - started:.1f}s")
     return 0
 
@@ -614,6 +614,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="also search factors in this range (default: fixed --factors)")
     p.add_argument("--search-iterations", nargs=2, type=int, metavar=("LOW", "HIGH"), default=None,
                    help="also search iterations in this range (default: fixed --iterations)")
+    p.add_argument("--startup-trials", type=int, default=None,
+                   help="trials drawn at random before TPE models the scores, the first (default) settings "
+                        "included (default: see README, Tuning)")
     p.add_argument("--no-prune", action="store_true", help="train every trial to the end")
     p.add_argument("--eval-every", type=int, default=3, help="score trials every N iterations for pruning (default 3)")
     p.add_argument("--user-fraction", type=float, default=None, help="score a share of the validation users (default: all of them)")
@@ -680,6 +683,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=None, help="cells searched per query (ivf; default 32)")
     p.add_argument("--max-fetch", type=int, default=1024,
                    help="most candidates fetched per query to make up for filtered items")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="fewest candidates fetched per query and re-scored exactly, so near-ties rank as in the "
+                        "exact answer (default: 64 for cosine, none for inner product; 0: none)")
     p.add_argument("--mips", choices=("native", "l2"), default="native",
                    help="inner_product: search it natively, or as L2 over rows augmented to a common norm "
                         "(measured worse than native with HNSW on every catalogue tried; see the README)")

@@ -60,7 +60,7 @@ class WALSConfig:
     iterations: int = 15
     solver: str = "cg"
     cg_steps: int = 3
-    block_size: int = 32
+    block_size: int = 8
     block_sweeps: int = 1
     dtype: str = "float32"
     random_state: int | None = None

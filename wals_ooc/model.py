@@ -371,7 +371,8 @@ class WALS:
         ann = resolve_index(index, model, "item", "inner_product", self.memory_budget)
         return recommend_all_shards(model, store, output, N, filter_already_liked, format, client, self.threads,
                                     self.memory_budget, self.storage_options, overwrite,
-                                    index=None if ann is None else (ann.location, ann.settings.ef_search, ann.settings.nprobe))
+                                    index=None if ann is None else (ann.location, ann.settings.ef_search, ann.settings.nprobe,
+                                                                     ann.settings.candidates))
 
     def _similar(self, side: str, ids: Any, N: int, filter_self: bool, index: Any = None, names: bool = False, *,
                  recalculate: bool = False, interactions: Any = None, exclude_ids: Iterable | None = None,
@@ -400,7 +401,12 @@ class WALS:
                 raise SettingError(f"{side}_{other}s is read with recalculate_{side}=True only")
             rows = store.index_of(side, ids)
         source = FactorSource(array, score_block_rows(len(rows), array.shape[1], allowance), normalized=True)
-        if not recalculate:
+        candidates = None if candidate_ids is None else np.unique(store.index_of(side, list(candidate_ids)))
+        ann = resolve_index(index, model, side, "cosine", self.memory_budget) if candidates is None else None
+        stored = ann is not None and not recalculate
+        if ann is not None and stored:  # the index holds the rows as the exact scan normalizes them: no factor read
+            queries = ann.vectors(rows)
+        elif not recalculate:
             queries = source.rows(rows)
         exclude = None
         if filter_self:  # each query's own row (a new, unknown one has none)
@@ -410,11 +416,9 @@ class WALS:
             exclude = (self_indptr, rows[own].astype(np.int64))
         excluded = None if exclude_ids is None else np.unique(store.index_of(side, list(exclude_ids)))
         exclude = with_excluded(exclude, excluded, len(queries))
-        candidates = None if candidate_ids is None else np.unique(store.index_of(side, list(candidate_ids)))
-        ann = resolve_index(index, model, side, "cosine", self.memory_budget) if candidates is None else None
         width = N if candidates is None else min(N, len(candidates))
         if ann is not None:
-            ids_out, scores = _approximate(ann, queries, source, width, exclude, self.threads)
+            ids_out, scores = _approximate(ann, queries, source, width, exclude, self.threads, stored=stored)
         else:
             ids_out, scores, _ = top_k(queries, source, width, exclude=exclude, candidates=candidates)
         return self._answer(side, ids_out, scores, names, single)
@@ -485,7 +489,7 @@ class WALS:
     def build_index(self, side: str = "item", metric: str | None = None, location: str | os.PathLike | None = None,
                     kind: str = "hnsw", hnsw_m: int = 32, ef_construction: int = 80, ef_search: int = 128,
                     nlist: int | None = None, nprobe: int = 32, max_fetch: int = 1024, mips: str = "native",
-                    overwrite: bool = False, progress: Any = None) -> AnnIndex:
+                    overwrite: bool = False, progress: Any = None, candidates: int | None = None) -> AnnIndex:
         """Build an approximate-nearest-neighbour index (faiss) over the current ``side`` factors,
         streamed from the factor store, and save it (default: beside the model).
 
@@ -493,12 +497,13 @@ class WALS:
         default for users). kind: "hnsw" (graph) or "ivf" (k-means cells); mips: how an
         inner-product index searches, "native" or "l2" (the MIPS-to-L2 reduction: one extra
         coordinate per row, searched as a Euclidean index; better recall when norms are not
-        extreme); the other settings trade recall for speed (``IndexSettings``). Written through the lifecycle door: an
+        extreme); candidates: fewest candidates per query re-scored exactly (None: 64 for cosine,
+        none for inner product); the other settings trade recall for speed (``IndexSettings``). Written through the lifecycle door: an
         existing index is replaced only with ``overwrite``. Retraining the model makes the index
         stale: serving with it is then refused until it is rebuilt."""
         model = self._trained()[1]
         settings = IndexSettings(kind=kind, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
-                                 nlist=nlist, nprobe=nprobe, max_fetch=max_fetch, mips=mips)
+                                 nlist=nlist, nprobe=nprobe, max_fetch=max_fetch, mips=mips, candidates=candidates)
         return AnnIndex.build(model, None if location is None else os.fspath(location), side=side, metric=metric, settings=settings,
                               memory_budget=self.memory_budget, threads=self.threads, overwrite=overwrite,
                               progress=progress)
@@ -559,14 +564,16 @@ class WALS:
 
 
 def _approximate(ann: AnnIndex, queries: np.ndarray, source: FactorSource, n: int,
-                 exclude: tuple[np.ndarray, np.ndarray] | None, threads: int | None) -> tuple[np.ndarray, np.ndarray]:
+                 exclude: tuple[np.ndarray, np.ndarray] | None, threads: int | None,
+                 stored: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Top-n from the index, excluded ids dropped exactly; queries it cannot fill answered exactly."""
     def exact(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         sub = None if exclude is None else subset_csr(exclude[0], exclude[1], positions)
         ids, scores, _ = top_k(queries[positions], source, n, exclude=sub)
         return ids, scores
 
-    ids, scores, _ = approximate_top_k(ann, queries, n, exclude, exact, threads=threads or os.cpu_count() or 1)
+    ids, scores, _ = approximate_top_k(ann, queries, n, exclude, exact, threads=threads or os.cpu_count() or 1,
+                                       stored=stored)
     return ids, scores
 
 

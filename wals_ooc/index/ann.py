@@ -13,9 +13,13 @@ Two metrics, searched as faiss inner-product indexes (``METRIC_INNER_PRODUCT``) 
   almost one point: recall@10 0.12 on a catalogue whose largest norm was 600x the median);
 - ``cosine`` (similar items or users): rows normalized, then inner product.
 
-A returned score is the exact float32 product of the query with the stored row (for ``l2``,
-recomputed from the stored rows, as distances would lose it to cancellation); only which rows
-are candidates is approximate.
+A returned score is the exact float32 product of the query with the stored row; only which rows
+are candidates is approximate. Candidates are re-scored from the stored rows (``rescore``) for
+``l2`` (distances would lose the products to cancellation) and whenever the index fetches
+``candidates`` per query: the products are then formed as the exact scan forms them (one fused
+multiply-add per factor, ``kernels.topk.candidate_scores``, over rows normalized by the same
+``kernels.topk.unit_rows``), so near-ties, which crowd cosine neighbourhoods of a large
+catalogue, are ranked as the exact answer ranks them when the candidates hold them.
 
 The index is built by streaming the factor store block by block (one pass for the norms and, for
 IVF, a sample to train the coarse quantizer; one pass to add), so only the index itself and one
@@ -36,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..kernels.topk import candidate_scores, unit_rows
 from ..errors import CorruptStoreError, DataMismatchError, MemoryBudgetError, PathError, SettingError, StoreError
 from ..memory import MemoryBudget, format_bytes
 from ..store.format import is_local, local_path
@@ -54,6 +59,7 @@ MIPS = ("native", "l2")
 KINDS = ("hnsw", "ivf")
 SIDES = ("user", "item")
 BUILD_BLOCK = 1 << 16  # factor rows read and added at once
+DEFAULT_CANDIDATES = {"cosine": 64, "inner_product": 0}  # re-scored per query (IndexSettings.candidates)
 
 
 @dataclass
@@ -68,6 +74,10 @@ class IndexSettings:
     (the rows augmented to make it a Euclidean search; see the module's docstring).
     max_fetch: most candidates fetched per query to make up for filtered (already liked) items;
     a query left with fewer than N after filtering is answered exactly.
+    candidates: fewest candidates fetched per query, re-scored exactly before the top N is
+    chosen (None: ``DEFAULT_CANDIDATES`` for cosine, none beyond N for inner product; 0: none).
+    Saved beside the settings (``index.json``'s "candidates"), so indexes saved before it stay
+    readable and readable by earlier versions.
     """
 
     kind: str = "hnsw"
@@ -78,6 +88,7 @@ class IndexSettings:
     nprobe: int = 32
     max_fetch: int = 1024
     mips: str = "native"
+    candidates: int | None = None
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -88,6 +99,8 @@ class IndexSettings:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise SettingError(f"index setting {name} must be a positive integer, got {value!r}")
+        if self.candidates is not None and (not isinstance(self.candidates, (int, np.integer)) or self.candidates < 0):
+            raise SettingError(f"index setting candidates must be a non-negative integer, got {self.candidates!r}")
         if self.nlist is not None and (not isinstance(self.nlist, (int, np.integer)) or self.nlist < 1):
             raise SettingError(f"index setting nlist must be a positive integer, got {self.nlist!r}")
 
@@ -152,7 +165,7 @@ class AnnIndex:
         self.location = location
         self.meta = meta
         self.index = faiss_index
-        self.settings = IndexSettings(**meta["settings"])
+        self.settings = IndexSettings(**meta["settings"], candidates=meta.get("candidates"))
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -176,6 +189,12 @@ class AnnIndex:
         return int(self.meta["bytes"])
 
     @property
+    def candidates(self) -> int:
+        """Fewest candidates fetched per query and re-scored exactly (0: N-based fetch, faiss's scores)."""
+        chosen = self.settings.candidates
+        return int(DEFAULT_CANDIDATES[self.metric] if chosen is None else chosen)
+
+    @property
     def l2(self) -> bool:
         """True when the index searches inner products as L2 distances over augmented rows."""
         return self.metric == "inner_product" and self.settings.mips == "l2"
@@ -185,6 +204,8 @@ class AnnIndex:
         how = (f"hnsw M={s.hnsw_m} ef_construction={s.ef_construction} ef_search={s.ef_search}" if s.kind == "hnsw"
                else f"ivf nlist={self.meta['nlist']} nprobe={s.nprobe}")
         metric = f"{self.metric} (as L2, max norm {self.meta['max_norm']:.4g})" if self.l2 else self.metric
+        if self.candidates:
+            how += f", {self.candidates} candidates re-scored"
         return (f"{self.location}: {self.side} factors ({self.n_rows} x {self.factors}), {metric}, {how}, "
                 f"{format_bytes(self.nbytes)}, model step {self.meta['binding']['step']}")
 
@@ -249,8 +270,11 @@ class AnnIndex:
         finally:
             faiss.omp_set_num_threads(previous)
         version = INDEX_FORMAT_VERSION if l2 else 2  # a native index stays readable by format-2 readers
+        saved = asdict(settings)
+        candidates = saved.pop("candidates")  # beside the settings: format-2 readers take no such setting
         meta = {
-            "format_version": version, "side": side, "max_norm": max_norm, "metric": metric, "settings": asdict(settings),
+            "format_version": version, "side": side, "max_norm": max_norm, "metric": metric, "settings": saved,
+            "candidates": candidates,
             "binding": binding, "dims": dims, "bytes": estimated_bytes(settings.kind, n, dims, settings),
             "nlist": settings.cells(n) if settings.kind == "ivf" else None,
         }
@@ -264,7 +288,7 @@ class AnnIndex:
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
     def open(cls, location: str, model=None, ef_search: int | None = None, nprobe: int | None = None,
-             memory_budget=None) -> AnnIndex:
+             memory_budget=None, candidates: int | None = None) -> AnnIndex:
         """Open a saved index; with ``model``, refuse it unless it was built from the model's
         current checkpoint. ``ef_search``/``nprobe`` override the saved search settings."""
         faiss = _faiss()
@@ -288,57 +312,97 @@ class AnnIndex:
             opened.settings.ef_search = int(ef_search)
         if nprobe is not None:
             opened.settings.nprobe = int(nprobe)
+        if candidates is not None:
+            opened.settings.candidates = int(candidates)
         opened.settings.validate()
         return opened
 
     # -- searching -------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, threads: int = 1,
+               stored: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Approximate top-``k`` candidate rows of each query: (ids (n, k) int64, -1 when fewer
         were found; their exact scores (n, k) float32, -inf for -1), in the index's order (rank
         them with ``kernels.topk.select_candidates``). Scores are inner products for
         ``inner_product`` and cosines for ``cosine``: both index kinds store the vectors
         uncompressed (``IndexHNSWFlat``, ``IndexIVFFlat``), so the distances faiss returns are
-        the exact float32 products of the query with the stored rows; nothing is re-read
-        (an ``l2`` index returns distances, so its candidates' products are recomputed from
-        the stored rows, ``exact_scores``). All queries go to faiss in one call, searched in
-        ``threads`` OpenMP threads."""
+        float32 products of the query with the stored rows, summed in faiss's order; with
+        ``candidates`` (and for ``l2``, which returns distances) they are recomputed from the
+        stored rows as the exact scan forms them (``rescore``). All queries go to faiss in one
+        call, searched in ``threads`` OpenMP threads. stored: the queries are rows of this index
+        (``vectors``), already as it stores them (normalized for cosine)."""
         faiss = _faiss()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = int(min(k, self.n_rows))
-        if self.metric == "cosine":
-            norms = np.linalg.norm(queries, axis=1, keepdims=True)
-            queries = np.ascontiguousarray(queries / np.where(norms == 0, 1, norms), dtype=np.float32)
+        if self.metric == "cosine" and not stored:
+            queries = _unit(queries)
         if self.settings.kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=max(self.settings.ef_search, k))
         else:
             params = faiss.SearchParametersIVF(nprobe=min(self.settings.nprobe, int(self.meta["nlist"])))
+        searched = queries
         if self.l2:
-            augmented = np.zeros((len(queries), queries.shape[1] + 1), np.float32)
-            augmented[:, :-1] = queries
-            with _omp_threads(faiss, threads):
-                _, ids = self.index.search(augmented, k, params=params)
-            ids = ids.astype(np.int64, copy=False)
-            return ids, self.exact_scores(queries, ids)
+            searched = np.zeros((len(queries), queries.shape[1] + 1), np.float32)
+            searched[:, :-1] = queries
         with _omp_threads(faiss, threads):
-            scores, ids = self.index.search(queries, k, params=params)
+            scores, ids = self.index.search(searched, k, params=params)
         ids = ids.astype(np.int64, copy=False)
+        if self.l2 or self.candidates:
+            return ids, self.rescore(queries, ids, stored=True)
         scores = np.where(ids >= 0, scores, np.float32(-np.inf)).astype(np.float32, copy=False)
         return ids, scores
 
-    def exact_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Scores (float32) of (query, id) pairs recomputed from the vectors the index stores
-        (the query normalized for cosine, as ``search`` does); -inf where the id is -1."""
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``rows`` (n, factors) float32, as the index searches them
+        (normalized for cosine): queries for similar items or users, with no factor read."""
+        rows = np.asarray(rows, np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.n_rows):
+            raise SettingError(f"rows outside the index {self.location} ({self.n_rows} rows)")
+        if not len(rows):
+            return np.zeros((0, self.factors), np.float32)
+        flat = self._flat_rows()
+        vectors = flat[rows] if flat is not None else self.index.reconstruct_batch(rows)
+        return np.ascontiguousarray(vectors[:, : self.factors], dtype=np.float32)
+
+    def rescore(self, queries: np.ndarray, ids: np.ndarray, stored: bool = False) -> np.ndarray:
+        """Scores (float32) of (query, id) pairs recomputed from the vectors the index stores, in
+        the exact scan's arithmetic (``kernels.topk.candidate_scores``; the query normalized for
+        cosine unless ``stored``); -inf where the id is -1. An HNSW index's vectors are read in
+        place (faiss's flat storage, no copy); an IVF index's are gathered by id first."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if self.metric == "cosine":
-            norms = np.linalg.norm(queries, axis=1, keepdims=True)
-            queries = queries / np.where(norms == 0, 1, norms)
+        if self.metric == "cosine" and not stored:
+            queries = _unit(queries)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        scores = np.empty(ids.shape, np.float32)
+        flat = self._flat_rows()
+        if flat is not None:
+            if flat.shape[1] > queries.shape[1]:  # l2: the rows' extra coordinate meets a 0 (adds exactly 0)
+                queries = np.hstack([queries, np.zeros((len(queries), flat.shape[1] - queries.shape[1]), np.float32)])
+            candidate_scores(queries, flat, ids, scores)
+            return scores
         valid = ids >= 0
-        scores = np.full(ids.shape, -np.inf, np.float32)
-        if valid.any():
-            vectors = self.index.reconstruct_batch(ids[valid])[:, : queries.shape[1]]
-            owner = np.nonzero(valid)[0]
-            scores[valid] = np.einsum("ij,ij->i", queries[owner], vectors)
+        unique, inverse = np.unique(ids[valid], return_inverse=True)
+        rows = np.ascontiguousarray(self.index.reconstruct_batch(unique)[:, : queries.shape[1]], dtype=np.float32) \
+            if len(unique) else np.zeros((0, queries.shape[1]), np.float32)
+        local = np.full(ids.shape, -1, np.int64)
+        local[valid] = inverse.ravel()
+        candidate_scores(queries, rows, local, scores)
         return scores
+
+    def _flat_rows(self) -> np.ndarray | None:
+        """The stored vectors (n, dims) as a read-only view of an HNSW index's flat storage, or
+        None (IVF keeps them per cell)."""
+        if self.settings.kind != "hnsw":
+            return None
+        view = getattr(self, "_flat_view", None)
+        if view is None:
+            faiss = _faiss()
+            storage = faiss.downcast_index(self.index.storage)
+            if not isinstance(storage, faiss.IndexFlat) or storage.ntotal != self.n_rows:
+                return None
+            view = faiss.rev_swig_ptr(storage.get_xb(), self.n_rows * storage.d).reshape(self.n_rows, storage.d)
+            view.flags.writeable = False
+            self._flat_view = view
+        return view
 
 
 def check_binding(location: str, meta: dict, model) -> None:
@@ -421,6 +485,14 @@ def _first_pass(array, metric: str, settings: IndexSettings, n: int, max_norm: f
     return _transform_rows(np.concatenate(raw_sample), metric, max_norm)
 
 
+def _unit(rows: np.ndarray) -> np.ndarray:
+    """Rows divided by their norms, as the exact cosine scan normalizes them (``unit_rows``)."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    out = np.empty_like(rows)
+    unit_rows(rows, out)
+    return out
+
+
 def _transform_rows(block: np.ndarray, metric: str, max_norm: float | None = None) -> np.ndarray:
     """Rows as the index stores them: normalized for cosine; for inner product as they are, or
     with ``max_norm`` augmented by ``sqrt(max_norm^2 - |x|^2)`` (the MIPS-to-L2 reduction)."""
@@ -430,8 +502,7 @@ def _transform_rows(block: np.ndarray, metric: str, max_norm: float | None = Non
         extra = np.sqrt(np.maximum(max_norm * max_norm - squares, 0.0)).astype(np.float32)
         return np.ascontiguousarray(np.hstack([block, extra[:, None]]), dtype=np.float32)
     if metric == "cosine":
-        norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))[:, None]
-        block = block / np.where(norms == 0, 1, norms)
+        return _unit(block)
     return np.ascontiguousarray(block, dtype=np.float32)
 
 
@@ -477,7 +548,7 @@ _opened: dict[tuple, AnnIndex] = {}
 
 def resolve_index(index: AnnIndex | str | os.PathLike | bool | None, model: FactorStore, side: str, metric: str,
                   memory_budget: int | str | None = None, ef_search: int | None = None,
-                  nprobe: int | None = None) -> AnnIndex | None:
+                  nprobe: int | None = None, candidates: int | None = None) -> AnnIndex | None:
     """The index a serving call asked for: None/False (exact), True (the default location beside
     the model), a path, or an ``AnnIndex``. It must cover ``side`` with ``metric`` and have been
     built from ``model``'s current factors; opened indexes are kept once per process."""
@@ -503,9 +574,10 @@ def resolve_index(index: AnnIndex | str | os.PathLike | bool | None, model: Fact
         raise SettingError(f"the index {opened.location} is over {opened.side} factors by {opened.metric}; this needs "
                            f"one over {side} factors by {metric}: build it with `wals-ooc index {model.location} "
                            f"--side {side} --metric {metric}`")
-    if ef_search is not None or nprobe is not None:
+    if ef_search is not None or nprobe is not None or candidates is not None:
         tuned = AnnIndex(opened.location, opened.meta, opened.index)
-        changes = {name: value for name, value in (("ef_search", ef_search), ("nprobe", nprobe)) if value is not None}
+        changes = {name: value for name, value in (("ef_search", ef_search), ("nprobe", nprobe),
+                                                   ("candidates", candidates)) if value is not None}
         tuned.settings = IndexSettings(**{**asdict(opened.settings), **changes})
         tuned.settings.validate()
         return tuned

@@ -10,7 +10,8 @@ searched again with ``N + e`` (at most ``max_fetch``), which leaves at least N w
 returns. The excluded ids are dropped exactly (binary search in the query's sorted list), never
 approximately. A query still short (the fetch was capped, or the index found fewer) is answered
 by the exact scan instead, so filtering never shortens or pads an answer that the exact path
-would fill.
+would fill. An index with ``candidates`` fetches at least that many per query in both rounds
+(re-scored exactly by ``AnnIndex.search``), so near-ties just past the N-th are in reach.
 """
 
 from __future__ import annotations
@@ -56,12 +57,14 @@ def approximate_top_k(
     exact: ExactAnswer | None = None,
     threads: int = 1,
     stats: dict | None = None,
+    stored: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Top-``k`` (ids, scores) of each query from ``index``, excluded ids dropped exactly.
 
     exclude: CSR (indptr, sorted ids) per query; exact: answers the given query positions
     exactly (ids, scores), for the queries the index could not fill; stats: when given, filled
-    with how many queries each round searched and the seconds spent in faiss. Returns (ids
+    with how many queries each round searched and the seconds spent in faiss; stored: the
+    queries are the index's own rows (``AnnIndex.vectors``: normalized already). Returns (ids
     (n, k) int64 -1 padded, scores (n, k) float32 best first, how many queries were answered
     exactly).
     """
@@ -71,17 +74,19 @@ def approximate_top_k(
     exclude_indptr = np.asarray(exclude_indptr, np.int64)
     exclude_ids = np.asarray(exclude_ids, np.int64)
     excluded = np.diff(exclude_indptr)
-    full = fetch_sizes(k, excluded, index.n_rows, index.settings.max_fetch)
-    first = fetch_sizes(k, excluded, index.n_rows, index.settings.max_fetch, first=True)
+    floor = min(index.candidates, index.n_rows)  # fewest candidates, re-scored exactly (IndexSettings.candidates)
+    full = np.maximum(fetch_sizes(k, excluded, index.n_rows, index.settings.max_fetch), floor)
+    first = np.maximum(fetch_sizes(k, excluded, index.n_rows, index.settings.max_fetch, first=True), floor)
     stats = stats if stats is not None else {}
     stats.update(first_round=n, second_round=0, exact=0, search_seconds=0.0)
-    heap_scores, heap_ids, kept = _search_rounds(index, queries, first, k, exclude_indptr, exclude_ids, threads, stats)
+    heap_scores, heap_ids, kept = _search_rounds(index, queries, first, k, exclude_indptr, exclude_ids, threads, stats,
+                                                 stored)
     again = np.flatnonzero((kept < k) & (full > first))
     if len(again):
         stats["second_round"] = int(len(again))
         sub_indptr, sub_ids = subset_csr(exclude_indptr, exclude_ids, again)
         heap_scores[again], heap_ids[again], kept[again] = _search_rounds(
-            index, queries[again], full[again], k, sub_indptr, sub_ids, threads, stats)
+            index, queries[again], full[again], k, sub_indptr, sub_ids, threads, stats, stored)
     topk_finish(heap_scores, heap_ids)
     short = np.flatnonzero(kept < k)
     if len(short) and exact is not None:
@@ -92,7 +97,8 @@ def approximate_top_k(
 
 
 def _search_rounds(index: AnnIndex, queries: np.ndarray, fetch: np.ndarray, k: int, exclude_indptr: np.ndarray,
-                   exclude_ids: np.ndarray, threads: int, stats: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   exclude_ids: np.ndarray, threads: int, stats: dict,
+                   stored: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(Unfinished) heaps of the queries from ``fetch[q]`` candidates each, and how many
     candidates each kept after the exclusion; queries of one fetch size are searched together,
     in batches of about ``BATCH_BYTES``."""
@@ -106,7 +112,7 @@ def _search_rounds(index: AnnIndex, queries: np.ndarray, fetch: np.ndarray, k: i
         for lo in range(0, len(chosen), step):
             batch = chosen[lo : lo + step]
             started = time.perf_counter()
-            candidates, scores = index.search(queries[batch], int(size), threads)
+            candidates, scores = index.search(queries[batch], int(size), threads, stored=stored)
             stats["search_seconds"] += time.perf_counter() - started
             kept[batch] = select_candidates(candidates, scores, batch, exclude_indptr, exclude_ids, heap_scores, heap_ids)
     return heap_scores, heap_ids, kept

@@ -37,6 +37,9 @@ from .solve import _JIT, GATHER_MAX_ENTRIES, cholesky_solve_inplace, confidence,
 # tiled system loops (8 accumulators) are not unrolled further, so 8 is enough; 32 (what the
 # one-accumulator loops, unrolled 4 times, needed) costs up to 31 wasted entries a row
 ENTRY_PAD = 8
+BATCH_ROWS = 64  # rows solved together, one per lane of the batched b x b solves
+BATCH_FLOATS = 1 << 18  # a batch's gathered columns: 1 MiB of float32 (a longer row is a batch alone)
+LANE_BYTES = 1 << 20  # the batch's float64 b x b systems (fewer rows a batch at large b)
 
 
 @njit(**_JIT)
@@ -50,6 +53,50 @@ def _gather_columns(Y, indices, start, n, k0, kb, out):
     for i in range(kb):
         for t in range(n, out.shape[1]):
             out[i, t] = 0
+
+
+@njit(**_JIT)
+def _gather_panel(Y, indices, start, n, out):
+    """out[i, t] = Y[indices[start + t], i] for all f columns, t < n; the padding entries
+    n <= t < out's width (a multiple of ENTRY_PAD) repeat the row's first entry (they weigh
+    nothing, and a row's own entry cannot bring it a NaN it does not have). Eight entries at a
+    time: eight source rows read side by side along their columns, each column's eight values
+    one contiguous store, where one entry at a time scattered f stores over f cache lines."""
+    f = out.shape[0]
+    width = out.shape[1]
+    if n == 0:
+        return
+    for t0 in range(0, width, ENTRY_PAD):
+        s0 = Y[indices[start + min(t0, n - 1)]]
+        s1 = Y[indices[start + min(t0 + 1, n - 1)]]
+        s2 = Y[indices[start + min(t0 + 2, n - 1)]]
+        s3 = Y[indices[start + min(t0 + 3, n - 1)]]
+        s4 = Y[indices[start + min(t0 + 4, n - 1)]]
+        s5 = Y[indices[start + min(t0 + 5, n - 1)]]
+        s6 = Y[indices[start + min(t0 + 6, n - 1)]]
+        s7 = Y[indices[start + min(t0 + 7, n - 1)]]
+        for i in range(f):
+            o = out[i]
+            o[t0] = s0[i]
+            o[t0 + 1] = s1[i]
+            o[t0 + 2] = s2[i]
+            o[t0 + 3] = s3[i]
+            o[t0 + 4] = s4[i]
+            o[t0 + 5] = s5[i]
+            o[t0 + 6] = s6[i]
+            o[t0 + 7] = s7[i]
+
+
+@njit(**_JIT)
+def _panel_scores(YT, n, x, scores):
+    """scores[t] = sum_i YT[i, t] x[i] for t < n (axpys over the gathered panel's rows)."""
+    for t in range(n):
+        scores[t] = 0
+    for i in range(YT.shape[0]):
+        xi = x[i]
+        y = YT[i]
+        for t in range(n):
+            scores[t] += xi * y[t]
 
 
 @njit(**_JIT)
@@ -190,6 +237,146 @@ def _solve_block(A, r, A64, d64, x, k0, kb):
 
 
 @njit(**_JIT)
+def _gram_rows(X, u0, n, gram, k0, kb, out):
+    """out[r, i] = gram[k0 + i] . X[u0 + r] for r < n, i < kb: the Gram part of block B's
+    residual for n rows at once. Register tiles of 2 rows x 4 Gram rows (the kb x f Gram rows
+    stay in L1 while the rows stream past), 30-39 GFMA/s at f = 256-512 where one row's b mat-vecs
+    ran at 8-9 (tools/RESULTS.md, issue 11 round 23)."""
+    T = X.dtype.type
+    f = X.shape[1]
+    r = 0
+    while r < n:
+        x0 = X[u0 + r]
+        x1 = X[u0 + r + 1] if r + 1 < n else x0
+        i = 0
+        while i + 4 <= kb:
+            g0 = gram[k0 + i]
+            g1 = gram[k0 + i + 1]
+            g2 = gram[k0 + i + 2]
+            g3 = gram[k0 + i + 3]
+            a00 = T(0)
+            a01 = T(0)
+            a02 = T(0)
+            a03 = T(0)
+            a10 = T(0)
+            a11 = T(0)
+            a12 = T(0)
+            a13 = T(0)
+            for k in range(f):
+                v0 = x0[k]
+                v1 = x1[k]
+                a00 += v0 * g0[k]
+                a01 += v0 * g1[k]
+                a02 += v0 * g2[k]
+                a03 += v0 * g3[k]
+                a10 += v1 * g0[k]
+                a11 += v1 * g1[k]
+                a12 += v1 * g2[k]
+                a13 += v1 * g3[k]
+            out[r, i] = a00
+            out[r, i + 1] = a01
+            out[r, i + 2] = a02
+            out[r, i + 3] = a03
+            if r + 1 < n:
+                out[r + 1, i] = a10
+                out[r + 1, i + 1] = a11
+                out[r + 1, i + 2] = a12
+                out[r + 1, i + 3] = a13
+            i += 4
+        while i < kb:  # the block's last Gram rows, fewer than 4
+            g0 = gram[k0 + i]
+            a00 = T(0)
+            a10 = T(0)
+            for k in range(f):
+                a00 += x0[k] * g0[k]
+                a10 += x1[k] * g0[k]
+            out[r, i] = a00
+            if r + 1 < n:
+                out[r + 1, i] = a10
+            i += 1
+        r += 2
+
+
+@njit(**_JIT)
+def _cholesky_lanes(AL, RL, kb, n, status):
+    """Solve n systems at once, lane by lane: AL[:kb, :kb, l] d = RL[:kb, l] (float64 Cholesky of
+    the lower triangles; the lanes are the last, contiguous axis, so every loop over them is a
+    vector loop). d is left in RL. status[l] = 0 solved, 1 not positive definite (that lane's
+    RL is garbage: the caller keeps the row unchanged), 2 a NaN or inf pivot (the caller makes
+    the step NaN, so the half-sweep's finite check reports it): ``cholesky_solve_inplace``'s
+    outcomes, with a bad pivot replaced by 1 so the other lanes' loops stay branch-free."""
+    for l in range(n):
+        status[l] = 0.0
+    for j in range(kb):
+        d = AL[j, j]
+        for k in range(j):
+            a = AL[j, k]
+            for l in range(n):
+                d[l] -= a[l] * a[l]
+        for l in range(n):
+            v = d[l]
+            finite = v - v == 0.0  # False for NaN and +-inf
+            positive = v > 0.0
+            status[l] = max(status[l], 0.0 if positive and finite else (1.0 if finite else 2.0))
+            d[l] = np.sqrt(v) if positive and finite else 1.0
+        for i in range(j + 1, kb):
+            e = AL[i, j]
+            for k in range(j):
+                a = AL[i, k]
+                c = AL[j, k]
+                for l in range(n):
+                    e[l] -= a[l] * c[l]
+            for l in range(n):
+                e[l] = e[l] / d[l]
+    for i in range(kb):  # L z = r
+        z = RL[i]
+        for k in range(i):
+            a = AL[i, k]
+            zk = RL[k]
+            for l in range(n):
+                z[l] -= a[l] * zk[l]
+        d = AL[i, i]
+        for l in range(n):
+            z[l] = z[l] / d[l]
+    for i in range(kb - 1, -1, -1):  # L^T d = z
+        z = RL[i]
+        for k in range(i + 1, kb):
+            a = AL[k, i]
+            zk = RL[k]
+            for l in range(n):
+                z[l] -= a[l] * zk[l]
+        d = AL[i, i]
+        for l in range(n):
+            z[l] = z[l] / d[l]
+
+
+@njit(**_JIT)
+def _long_row(indptr, indices, values, Y, gram, x, u, kind, alpha, alpha0, eps, reg, sweeps, b, cap, buffer, conf, weight,
+              scores, wy, wy1, A, r, A64, d64):
+    """One row of more than ``cap`` entries: chunks of ``cap`` entries, the block's columns
+    gathered per chunk (twice per block: system, then cache update)."""
+    f = x.shape[0]
+    start, stop = indptr[u], indptr[u + 1]
+    n_u = stop - start
+    _scores(Y, indices, start, n_u, x, scores)
+    for _ in range(sweeps):
+        for k0 in range(0, f, b):
+            kb = min(b, f - k0)
+            _begin_block(gram, x, reg, k0, kb, A, r)
+            for c0 in range(0, n_u, cap):
+                m = min(cap, n_u - c0)
+                YT = buffer[: kb * m].reshape((kb, m))
+                _gather_columns(Y, indices, start + c0, m, k0, kb, YT)
+                _accumulate(YT, 0, m, conf[c0:], weight[c0:], scores[c0:], wy, wy1, A, r, kb)
+            if _solve_block(A, r, A64, d64, x, k0, kb):
+                for c0 in range(0, n_u, cap):
+                    m = min(cap, n_u - c0)
+                    YT = buffer[: kb * m].reshape((kb, m))
+                    _gather_columns(Y, indices, start + c0, m, k0, kb, YT)
+                    _update_scores(YT, 0, m, r, scores[c0:], kb)
+
+
+@njit(**_JIT)
 def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, n_fixed, block_size,
                         sweeps, observed_loss=False, gather_entries=GATHER_MAX_ENTRIES):
     """iALS++ on every row, warm-started from X (updated in place): ``sweeps`` passes over the
@@ -197,70 +384,129 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
 
     Returns sum over entries of c (1 - s)^2 - alpha0 s^2 at the result when ``observed_loss``
     is set (see ``loss``); else 0. Arithmetic in X's dtype except each block's Cholesky
-    (float64: b x b, cheap beside the rest). Rows of more than ``gather_entries`` entries are
-    done in chunks of that many (the argument is there for tests).
+    (float64). Rows of more than ``gather_entries`` entries are done alone, in chunks of that
+    many (the argument is there for tests).
+
+    Rows are solved in batches (up to ``BATCH_ROWS`` rows whose gathered columns fit
+    ``BATCH_FLOATS``), block by block: for each block, the Gram part of every batch row's
+    residual in one register-tiled pass (``_gram_rows``), each row's entries part of its system
+    and residual (``_accumulate``), then the rows' b x b systems solved together, one row per
+    vector lane (``_cholesky_lanes``), and each row's step applied. Rows are independent and
+    each row sees its blocks in order, so the result is the row-by-row one up to rounding.
     """
     n_rows, f = X.shape
     T = X.dtype.type
     b = max(1, min(block_size, f))
     longest = max_row_nnz(indptr)
     cap = max(1, min(longest, gather_entries))
-    # a row's gathered columns, f x n_u padded (or a chunk's kb x cap)
-    buffer = np.empty(f * (cap + ENTRY_PAD), dtype=X.dtype)
-    conf = np.zeros(longest + ENTRY_PAD, dtype=X.dtype)
-    weight = np.zeros(longest + ENTRY_PAD, dtype=X.dtype)
-    scores = np.zeros(longest + ENTRY_PAD, dtype=X.dtype)
+    lanes = max(1, min(BATCH_ROWS, LANE_BYTES // (b * b * 8)))
+    batch_entries = max(ENTRY_PAD, BATCH_FLOATS // f)  # a batch's gathered entries (a longer row is a batch alone)
+    width = max(cap + ENTRY_PAD, batch_entries)
+    buffer = np.empty(f * width, dtype=X.dtype)
+    conf = np.zeros(max(width, longest), dtype=X.dtype)
+    weight = np.zeros(max(width, longest), dtype=X.dtype)
+    scores = np.zeros(max(width, longest), dtype=X.dtype)
     wy = np.empty(cap + ENTRY_PAD, dtype=X.dtype)
     wy1 = np.empty(cap + ENTRY_PAD, dtype=X.dtype)
     A = np.empty((b, b), dtype=X.dtype)
     r = np.empty(b, dtype=X.dtype)
     A64 = np.empty((b, b), dtype=np.float64)
     d64 = np.empty(b, dtype=np.float64)
+    AL = np.empty((b, b, lanes), dtype=np.float64)
+    RL = np.empty((b, lanes), dtype=np.float64)
+    status = np.empty(lanes, dtype=np.float64)
+    GR = np.empty((lanes, b), dtype=X.dtype)
+    offset = np.empty(lanes + 1, dtype=np.int64)
+    regs = np.empty(lanes, dtype=X.dtype)
     observed = 0.0
-    for u in range(n_rows):
-        start, stop = indptr[u], indptr[u + 1]
-        n_u = stop - start
-        x = X[u]
-        reg = T(row_regularization(n_u, lam, nu, alpha0, n_fixed))
-        for t in range(n_u):
-            c = T(confidence(values[start + t], kind, alpha, alpha0, eps))
-            conf[t] = c
-            weight[t] = c - alpha0
-        _scores(Y, indices, start, n_u, x, scores)
-        if n_u <= cap:  # gathered once, all f columns; every block reads its rows of it
-            n_pad = -(-n_u // ENTRY_PAD) * ENTRY_PAD
-            for t in range(n_u, n_pad):  # padding entries weigh nothing
+    u0 = 0
+    while u0 < n_rows:
+        n_u = indptr[u0 + 1] - indptr[u0]
+        if n_u > cap:
+            reg = T(row_regularization(n_u, lam, nu, alpha0, n_fixed))
+            start = indptr[u0]
+            for t in range(n_u):
+                c = T(confidence(values[start + t], kind, alpha, alpha0, eps))
+                conf[t] = c
+                weight[t] = c - alpha0
+            _long_row(indptr, indices, values, Y, gram, X[u0], u0, kind, alpha, alpha0, eps, reg, sweeps, b, cap, buffer,
+                      conf, weight, scores, wy, wy1, A, r, A64, d64)
+            if observed_loss:
+                observed += _row_observed(Y, indices, start, n_u, X[u0], conf, scores, alpha0)
+            u0 += 1
+            continue
+        # the batch: rows u0..u1 of at most cap entries each, their padded entries within width
+        n = 0
+        offset[0] = 0
+        while u0 + n < n_rows and n < lanes:
+            m = indptr[u0 + n + 1] - indptr[u0 + n]
+            m_pad = -(-m // ENTRY_PAD) * ENTRY_PAD
+            if m > cap or (n > 0 and offset[n] + m_pad > batch_entries):
+                break
+            offset[n + 1] = offset[n] + m_pad
+            n += 1
+        for q in range(n):
+            u = u0 + q
+            start, stop = indptr[u], indptr[u + 1]
+            m = stop - start
+            o, o1 = offset[q], offset[q + 1]
+            regs[q] = T(row_regularization(m, lam, nu, alpha0, n_fixed))
+            for t in range(m):
+                c = T(confidence(values[start + t], kind, alpha, alpha0, eps))
+                conf[o + t] = c
+                weight[o + t] = c - alpha0
+            for t in range(o + m, o1):  # padding entries weigh nothing
                 conf[t] = 0
                 weight[t] = 0
-                scores[t] = 0
-            YT = buffer[: f * n_pad].reshape((f, n_pad))
-            _gather_columns(Y, indices, start, n_u, 0, f, YT)
-            for _ in range(sweeps):
-                for k0 in range(0, f, b):
-                    kb = min(b, f - k0)
-                    _begin_block(gram, x, reg, k0, kb, A, r)
-                    _accumulate(YT, k0, n_pad, conf, weight, scores, wy, wy1, A, r, kb)
-                    if _solve_block(A, r, A64, d64, x, k0, kb):
-                        _update_scores(YT, k0, n_pad, r, scores, kb)
-        else:  # chunks of ``cap`` entries, the block's columns gathered per chunk
-            for _ in range(sweeps):
-                for k0 in range(0, f, b):
-                    kb = min(b, f - k0)
-                    _begin_block(gram, x, reg, k0, kb, A, r)
-                    for c0 in range(0, n_u, cap):
-                        m = min(cap, n_u - c0)
-                        YT = buffer[: kb * m].reshape((kb, m))
-                        _gather_columns(Y, indices, start + c0, m, k0, kb, YT)
-                        _accumulate(YT, 0, m, conf[c0:], weight[c0:], scores[c0:], wy, wy1, A, r, kb)
-                    if _solve_block(A, r, A64, d64, x, k0, kb):
-                        for c0 in range(0, n_u, cap):
-                            m = min(cap, n_u - c0)
-                            YT = buffer[: kb * m].reshape((kb, m))
-                            _gather_columns(Y, indices, start + c0, m, k0, kb, YT)
-                            _update_scores(YT, 0, m, r, scores[c0:], kb)
+            YT = buffer[f * o : f * o1].reshape((f, o1 - o))
+            _gather_panel(Y, indices, start, m, YT)
+            _panel_scores(YT, o1 - o, X[u], scores[o:o1])
+        for _ in range(sweeps):
+            for k0 in range(0, f, b):
+                kb = min(b, f - k0)
+                _gram_rows(X, u0, n, gram, k0, kb, GR)
+                for q in range(n):
+                    x = X[u0 + q]
+                    o, o1 = offset[q], offset[q + 1]
+                    reg = regs[q]
+                    for i in range(kb):
+                        for k in range(i + 1):
+                            A[i, k] = gram[k0 + i, k0 + k]
+                        A[i, i] += reg
+                        r[i] = -GR[q, i] - reg * x[k0 + i]
+                    YT = buffer[f * o : f * o1].reshape((f, o1 - o))
+                    _accumulate(YT, k0, o1 - o, conf[o:o1], weight[o:o1], scores[o:o1], wy, wy1, A, r, kb)
+                    for i in range(kb):
+                        RL[i, q] = r[i]
+                        for k in range(i + 1):
+                            AL[i, k, q] = A[i, k]
+                _cholesky_lanes(AL, RL, kb, n, status)
+                for q in range(n):
+                    if status[q] == 1.0:  # not positive definite: the row keeps this block
+                        continue
+                    x = X[u0 + q]
+                    o, o1 = offset[q], offset[q + 1]
+                    for i in range(kb):
+                        r[i] = RL[i, q] if status[q] == 0.0 else np.nan
+                        x[k0 + i] += r[i]
+                    _update_scores(buffer[f * o : f * o1].reshape((f, o1 - o)), k0, o1 - o, r, scores[o:o1], kb)
         if observed_loss:
-            _scores(Y, indices, start, n_u, x, scores)  # afresh: the cache drifts by rounding
-            for t in range(n_u):
-                s = scores[t]
-                observed += conf[t] * (1 - s) * (1 - s) - alpha0 * s * s
+            for q in range(n):
+                u = u0 + q
+                start = indptr[u]
+                o = offset[q]
+                observed += _row_observed(Y, indices, start, indptr[u + 1] - start, X[u], conf[o:], scores[o:], alpha0)
+        u0 += n
+    return observed
+
+
+@njit(**_JIT)
+def _row_observed(Y, indices, start, n_u, x, conf, scores, alpha0):
+    """sum over the row's entries of c (1 - s)^2 - alpha0 s^2, the scores computed afresh (the
+    cache drifts by rounding)."""
+    _scores(Y, indices, start, n_u, x, scores)
+    observed = 0.0
+    for t in range(n_u):
+        s = scores[t]
+        observed += conf[t] * (1 - s) * (1 - s) - alpha0 * s * s
     return observed

@@ -172,6 +172,41 @@ def select_candidates(cand_ids, cand_scores, rows, exclude_indptr, exclude_ids, 
 
 
 @njit(**_JIT)
+def unit_rows(block, out):
+    """``out`` = the rows of ``block`` divided by their norms (summed in float64; a zero row stays
+    zero): the one normalization cosine similarity uses, in the exact scan and in an index alike,
+    so both score the same float32 vectors."""
+    for i in range(block.shape[0]):
+        total = 0.0
+        for j in range(block.shape[1]):
+            v = np.float64(block[i, j])
+            total += v * v
+        norm = np.sqrt(total)
+        for j in range(block.shape[1]):
+            out[i, j] = block[i, j] / norm if norm > 0 else block[i, j]
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def candidate_scores(queries, rows, ids, out):
+    """Scores of each query's candidates: ``out[q, j] = queries[q] . rows[ids[q, j]]`` in float32
+    (-inf where ``ids[q, j]`` is -1), one fused multiply-add per factor in factor order, which is
+    how sgemm forms each entry of the exact scan's score tiles: re-scored candidates rank
+    near-ties as the exact answer ranks them far more often than another summation order does.
+    queries: (n, f); rows: (m, f) the vectors the ids index; ids, out: (n, k)."""
+    f = rows.shape[1]
+    for q in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            r = ids[q, j]
+            if r < 0:
+                out[q, j] = -np.inf
+                continue
+            acc = np.float32(0.0)
+            for c in range(f):
+                acc += queries[q, c] * rows[r, c]
+            out[q, j] = acc
+
+
+@njit(**_JIT)
 def keys_of(exclude_indptr, exclude_ids, key_of_id):
     """The excluded ids renumbered through ``key_of_id`` (e.g. item id -> position in norm
     order), sorted within each query: the CSR ``mask_columns`` takes for tiles in that order."""

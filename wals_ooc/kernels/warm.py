@@ -30,7 +30,7 @@ from .loss import observed_loss_block, regularization_sum
 from .rank import rank_counts_close, rank_counts_finish, rank_counts_tile, rank_counts_update
 from .solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
 from .subspace import subspace_solve_rows
-from .topk import keys_of, mask_columns, new_heaps, select_candidates, topk_finish, topk_select, topk_update
+from .topk import candidate_scores, keys_of, mask_columns, new_heaps, select_candidates, topk_finish, topk_select, topk_update, unit_rows
 from .assemble import (
     bucket_order,
     bucket_scatter,
@@ -185,6 +185,13 @@ def warm_serving_kernels() -> None:
     topk_select(scores, rows, ids, heap_scores, heap_ids)
     select_candidates(np.ones((2, 3), np.int64), scores, rows, exclude_indptr, exclude_ids, heap_scores, heap_ids)
     topk_finish(heap_scores, heap_ids)
+    candidate_rows = np.ones((4, 3), np.float32)
+    candidate_scores(np.ones((2, 3), np.float32), candidate_rows, np.array([[0, 1], [-1, 3]], np.int64),
+                     np.empty((2, 2), np.float32))
+    candidate_rows.flags.writeable = False  # an HNSW index's flat storage is scored through a read-only view
+    candidate_scores(np.ones((2, 3), np.float32), candidate_rows, np.array([[0, 1], [-1, 3]], np.int64),
+                     np.empty((2, 2), np.float32))
+    unit_rows(np.ones((2, 3), np.float32), np.empty((2, 3), np.float32))
     test_indptr = np.array([0, 1, 1], np.int64)
     rank_counts_update(scores, ids, exclude_indptr, exclude_ids, exclude_indptr[:-1].copy(), test_indptr,
                        np.array([2], np.int64), np.ones(1, np.float32), np.zeros(1, np.int64))

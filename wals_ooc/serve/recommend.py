@@ -113,8 +113,9 @@ def _recommend_shard(model_location, interactions_location, storage_options, sta
     if index is None:
         top, scores, _ = top_k(queries, source, n, exclude=liked)
     else:  # approximate candidates, liked items dropped exactly; users it cannot fill answered exactly
-        location, ef_search, nprobe = index
-        ann = resolve_index(location, model, "item", "inner_product", ef_search=ef_search, nprobe=nprobe)
+        location, ef_search, nprobe, candidates = index
+        ann = resolve_index(location, model, "item", "inner_product", ef_search=ef_search, nprobe=nprobe,
+                            candidates=candidates)
         assert ann is not None, "an index location resolves to an index (or raises)"
 
         def exact(positions):
@@ -209,7 +210,7 @@ def recommend_all(
     storage_options: dict | None = None,
     overwrite: bool = False,
     executor: Executor | None = None,
-    index: tuple[str, int, int] | None = None,
+    index: tuple[str, int, int, int | None] | None = None,
 ) -> str:
     """Write the top ``n`` items of every user to ``output`` (Zarr group or Parquet directory).
 
@@ -222,7 +223,7 @@ def recommend_all(
     and user names; null for one without) and ``_SUCCESS``. Either is written through
     ``store.lifecycle`` (built beside, swapped in when complete). ``store`` (the interaction
     store) is needed only to filter already-liked items; ids come from the model. index:
-    (location, ef_search, nprobe) of an approximate index over the item factors (inner
+    (location, ef_search, nprobe, candidates) of an approximate index over the item factors (inner
     product) to answer from.
     """
     if fmt not in ("zarr", "parquet"):

