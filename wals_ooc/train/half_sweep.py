@@ -62,6 +62,7 @@ _opened: dict[tuple, Any] = {}
 _worker_shards: dict[tuple, "LocalState"] = {}  # CSR shards a worker keeps between half-sweeps
 _blocked_task = threading.Lock()  # one blocked task at a time per process: it uses every thread
 _blocked_inputs = threading.BoundedSemaphore(2)  # blocked tasks holding their entries: one sweeping, one reading
+_shared_chunks = threading.Lock()  # writes of tasks that share a factor chunk (pieces of one row block, ``plan.row_pieces``)
 _pool: ThreadPoolExecutor | None = None
 _writer: ThreadPoolExecutor | None = None  # a local fit's write-behind thread (see ``LocalState.write_behind``)
 WARM_STARTED = ("cg", "ialspp")  # solvers that start from the previous factors (Cholesky solves afresh)
@@ -91,7 +92,8 @@ def _fixed_of(job: HalfSweepJob) -> tuple[Any, bool]:
     array = _factor_array(job.model, job.storage_options, job.fixed_side, job.fixed_slot)
     if job.mode == "resident":
         return fixed_side(key, lambda: np.ascontiguousarray(array[:]))
-    return fixed_side(key, lambda: ScratchCopy(array, copy_rows=max(1, job.block_rows)))
+    threads = max(1, job.task_threads)  # the copy buffers of all the threads take one window's rows
+    return fixed_side(key, lambda: ScratchCopy(array, copy_rows=max(1, job.block_rows // threads), threads=threads))
 
 
 def release_caches() -> None:
@@ -353,12 +355,21 @@ def _finish(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.ndarray, re
         result.quadratic = gram_quadratic(X, job.gram)
     out = _factor_array(job.model, job.storage_options, job.side, job.out_slot)
     if local is not None:
-        local.write_behind(out, task.row_start, task.row_stop, X)
+        local.write_behind(out, task.row_start, task.row_stop, X)  # one writer thread: writes in turn
+    elif _shares_chunk(out, task.row_start, task.row_stop):
+        with _shared_chunks:  # a chunk write reads, changes and writes the whole chunk: one at a time
+            out[task.row_start:task.row_stop] = X
     else:
         out[task.row_start:task.row_stop] = X
     result.gram = block_gram(X)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _shares_chunk(out, start: int, stop: int) -> bool:
+    """Whether rows ``[start, stop)`` cover a factor chunk only in part (another task writes the rest)."""
+    rows = int(out.chunks[0])
+    return bool(start % rows or (stop % rows and stop != out.shape[0]))
 
 
 def _sweep(job: HalfSweepJob, scratch: ScratchCopy, result: TaskResult, per_block) -> None:
