@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 from numba import njit
 
-from wals_ooc.kernels.blocked import accumulate_block, solve_accumulated
+from wals_ooc.kernels.blocked import (
+    accumulate_block,
+    column_ranks,
+    gather_marked,
+    mark_columns,
+    renumber_columns,
+    solve_accumulated,
+)
 from wals_ooc.kernels.loss import observed_loss_block, row_penalties
 from wals_ooc.kernels.solve import CONFIDENCE_KINDS, GATHER_MAX_ENTRIES, GROUP_ROWS, cg_solve_rows, cholesky_solve_rows
 from wals_ooc.kernels.subspace import subspace_solve_rows
@@ -320,3 +327,28 @@ def test_transpose_tile_writes_the_columns_of_eight_rows(dtype, contiguous):
     for i in range(8):
         np.testing.assert_array_equal(out[3 + 20 * i : 3 + 20 * i + 8], Y[rows, 11 + i])
     assert (out == -1).sum() == 200 - 64
+
+
+@pytest.mark.parametrize("n_fixed", [1, 63, 64, 200, 1000])
+def test_distinct_columns_copied_in_windows_hold_every_entrys_fixed_row(n_fixed):
+    """Marking an entry list's columns, renumbering the entries by rank and copying the marked
+    rows window by window (windows and their parts cut anywhere, not only at whole words) gives
+    a compact array with compact[renumbered] == Y[indices], one row per distinct column, in order."""
+    rng = np.random.default_rng(n_fixed)
+    Y = rng.random((n_fixed, 3)).astype(np.float32)
+    indices = rng.integers(0, n_fixed, 3 * n_fixed // 2 + 1).astype(np.int32)
+    bits = np.zeros(n_fixed // 64 + 1, np.uint64)
+    mark_columns(indices, bits)
+    first = np.empty(len(bits) + 1, np.int64)
+    distinct = np.unique(indices)
+    assert column_ranks(bits, first) == len(distinct) == first[-1]
+    renumbered = np.empty(len(indices), np.int32)
+    renumber_columns(indices, bits, first, renumbered)
+    np.testing.assert_array_equal(renumbered, np.searchsorted(distinct, indices))
+    compact = np.full((len(distinct), 3), np.nan, np.float32)
+    for lo in range(0, n_fixed, 37):
+        hi = min(n_fixed, lo + 37)
+        for a, b in ((lo, lo + 5), (lo + 5, hi)):
+            gather_marked(bits, first, a, min(b, hi), lo, Y[lo:hi], compact)
+    np.testing.assert_array_equal(compact, Y[distinct])
+    np.testing.assert_array_equal(compact[renumbered], Y[indices])

@@ -77,16 +77,22 @@ def one_block_store(tmp_path_factory):
 
 
 def test_a_plan_over_its_allowance_warns_and_says_what_to_change(one_block_store):
+    """Streamed with CG as one task (whole row blocks, as asked), the one block is over the
+    smallest allowance: a warning says what to change. By default the block is cut by rows (from
+    its row pointers) into pieces that expand, and the plan fits."""
     store = open_store(one_block_store)
     budget = MemoryBudget(total=1 << 30, baseline=(1 << 30) - 64 * MiB)  # the smallest allowance there is
     config = WALSConfig(factors=2048)
     with pytest.warns(BudgetWarning, match="item half-sweep plans a peak of .* raise memory_budget"):
-        plans = executor_plans(store, config, Executor(threads=2), budget)
+        plans = executor_plans(store, config, Executor(threads=2), budget, blocked_method="cg")
     assert plans["item"].mode == "blocked" and not plans["item"].within_budget
     assert "OVER budget" in plans["item"].describe()
     with warnings.catch_warnings():
-        warnings.simplefilter("error", BudgetWarning)  # a roomy budget: no warning at all
+        warnings.simplefilter("error", BudgetWarning)  # cut by rows, or a roomy budget: no warning at all
+        local = executor_plans(store, config, Executor(threads=2), budget)
         roomy = executor_plans(store, config, Executor(threads=2), MemoryBudget(total=8 << 30, baseline=0))
+    assert local["item"].mode == "blocked" and local["item"].within_budget
+    assert any(t.row_start % store.row_block for t in local["item"].tasks)
     assert all(p.within_budget for p in roomy.values())
 
 
@@ -187,3 +193,37 @@ def test_half_sweep_plans_tile_the_rows_and_stay_within_the_allowance_where_a_ro
                              + batch for starts, per in blocks for s, nnz in zip(starts, per))
         room = usable_bytes(allowance) - plan.block_rows * factors * 4
         assert heaviest_alone > room, "over budget although its row blocks could be planned within it"
+
+
+@fast
+@given(
+    counts=row_counts_st,
+    row_block=st.sampled_from([4, 32]),
+    shard_nnz=st.integers(50, 5000),
+    n_fixed=st.integers(1, 200_000),
+    factors=st.sampled_from([4, 32]),
+    task_kib=st.integers(1, 256),
+)
+def test_a_local_blocked_plan_cuts_heavy_row_blocks_by_rows_and_every_expanded_task_fits(
+        counts, row_block, shard_nnz, n_fixed, factors, task_kib):
+    """Given the rows' entry counts, a local blocked plan may cut row blocks by rows: its tasks still
+    tile the rows and hold every entry, each expanded task fits what a task may take, and a task
+    that cannot expand there is streamed (and counted in the plan's sweeps)."""
+    _, ranges, blocks = _shards(counts, row_block, shard_nnz)
+    room = task_kib << 10
+    plan = plan_half_sweep("user", ranges, blocks, n_fixed, factors, 4, "cg", 1 << 30, 2, True, 1000, 3, 1,
+                           row_counts=lambda a, b: counts[a:b], blocked_task_bytes=room)
+    _tiles(plan, len(counts), 1, int(counts.sum()))
+    assert all(t.nnz == int(counts[t.row_start:t.row_stop].sum()) for t in plan.tasks)
+    expanded_entry = 24 + 4 + factors * 4
+    for task in plan.tasks:
+        rows = task.row_stop - task.row_start
+        if task.method == "expanded":
+            assert task.sweeps == 1
+            assert task.nnz * (expanded_entry - factors * 4) + min(task.nnz, n_fixed) * factors * 4 + rows * 8 * factors <= room
+        else:
+            assert task.method == "cg" and task.sweeps == 4
+    assert plan.fixed_passes == sum(t.sweeps for t in plan.tasks)
+    whole = plan_half_sweep("user", ranges, blocks, n_fixed, factors, 4, "cg", 1 << 30, 2, False, 1000, 3, 1,
+                            row_counts=lambda a, b: counts[a:b], blocked_task_bytes=room)
+    _tiles(whole, len(counts), row_block, int(counts.sum()))  # on a cluster, whole row blocks only

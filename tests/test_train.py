@@ -34,7 +34,8 @@ def _factors(model: FactorStore) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fit(store, location, **settings) -> FactorStore:
-    extra = {k: settings.pop(k) for k in ("threads", "max_block_rows", "resume", "client", "blocked_method") if k in settings}
+    extra = {k: settings.pop(k) for k in ("threads", "max_block_rows", "resume", "client", "blocked_method",
+                                               "blocked_task_bytes") if k in settings}
     config = WALSConfig(**{"factors": 8, "iterations": 4, "random_state": 0, **settings})
     return train(store, str(location), config, progress=False, **{"resume": False, **extra})
 
@@ -143,6 +144,37 @@ def test_blocked_fixed_side_equals_resident_and_reads_it_as_often_as_planned(sma
         assert f"read {plan.fixed_passes} times" in plan.describe()
         expected = plan.fixed_passes * plan.fixed_bytes
         assert [e[f"{side}_fixed_bytes"] for e in blocked_model.loss_history] == [expected] * 3
+
+
+def test_blocked_row_blocks_too_heavy_to_expand_are_cut_by_rows_and_equal_resident(small_store, tmp_path):
+    """A row block whose entries do not fit beside their fixed rows is cut into runs of its rows
+    that do (counts read from the row pointers; the pieces of a block share its factor chunk and
+    write it in turn); a row too heavy alone is streamed with CG. The factors and losses equal the
+    resident plan's."""
+    from wals_ooc.train import make_plans
+
+    store = open_store(small_store)
+    settings = dict(solver="cg", dtype="float64", iterations=1, **OBJECTIVES["rendle"])
+    heaviest = max(int(store.row_counts(side).max()) for side in ("user", "item"))
+    task_bytes = int(0.9 * heaviest * (24 + 4 + 8 * 8))  # the heaviest row cannot expand (f = 8, float64)
+    plans = make_plans(store, WALSConfig(factors=8, **settings), 2**30, 2, max_block_rows=128,
+                       blocked_task_bytes=task_bytes)
+    for side, plan in plans.items():
+        starts = [t.row_start for t in plan.tasks]
+        stops = [t.row_stop for t in plan.tasks]
+        assert starts[0] == 0 and stops[-1] == store.n_rows(side) and starts[1:] == stops[:-1]
+        assert sum(t.nnz for t in plan.tasks) == store.nnz
+        assert any(s % store.row_block for s in starts), "no row block was cut by rows"
+        assert plan.fixed_passes == sum(t.sweeps for t in plan.tasks)
+        streamed = [t for t in plan.tasks if t.method == "cg"]
+        assert all(t.row_stop - t.row_start == 1 for t in streamed), "a streamed task of several rows: they would expand"
+    assert {t.method for plan in plans.values() for t in plan.tasks} == {"expanded", "cg"}
+    resident_model = _fit(store, tmp_path / "r.zarr", **settings)
+    blocked_model = _fit(store, tmp_path / "b.zarr", max_block_rows=128, threads=2, blocked_task_bytes=task_bytes, **settings)
+    for got, want in zip(_factors(blocked_model), _factors(resident_model)):
+        assert_close_rel(got, want, 1e-9)
+    assert [e["loss"] for e in blocked_model.loss_history] == pytest.approx(
+        [e["loss"] for e in resident_model.loss_history], rel=1e-9)
 
 
 def test_a_scratch_copy_lends_one_workspace_that_grows_and_is_released_with_it(tmp_path):

@@ -43,19 +43,30 @@ def _io() -> dict:
         return {"rchar": 0, "read_bytes": 0}
 
 
+def _cpu() -> float:
+    """CPU seconds (user + system) this process has used so far, every thread counted."""
+    times = os.times()
+    return times.user + times.system
+
+
 def child(args) -> None:
     import wals_ooc
     from wals_ooc.memory import peak_rss
 
     times: list[float] = []
     reads: list[dict] = []
+    cpu: list[float] = []
     last = [_io()]
+    last_cpu = [_cpu()]
 
     def callback(it, seconds, loss):
         now = _io()
         reads.append({k: now[k] - last[0][k] for k in ("rchar", "read_bytes")})
         last[0] = now
+        cpu.append(_cpu() - last_cpu[0])
+        last_cpu[0] = _cpu()
         times.append(seconds)
+        print(f"    {os.path.basename(args.model)}: iteration {it}: {seconds:.2f} s, loss {loss:.8g}", file=sys.stderr, flush=True)
 
     model = wals_ooc.WALS(factors=args.factors, iterations=args.iterations, random_state=0, threads=args.threads,
                           memory_budget=args.memory_budget, solver=args.solver)
@@ -63,7 +74,7 @@ def child(args) -> None:
     plans = [plan.user.describe(), plan.item.describe()]
     model.fit(args.store, args.model, resume=False, progress=False, callback=callback)
     store = wals_ooc.open_store(args.store)
-    print(json.dumps({"times": times, "reads": reads, "peak_rss": peak_rss(), "nnz": store.nnz, "shape": list(store.shape),
+    print(json.dumps({"times": times, "reads": reads, "cpu": cpu, "peak_rss": peak_rss(), "nnz": store.nnz, "shape": list(store.shape),
                       "history": model.loss_history, "plans": plans,
                       "fixed_bytes": {"user": store.n_items * args.factors * 4, "item": store.n_users * args.factors * 4}}))
 
@@ -73,9 +84,9 @@ def run(args, store: str, budget: str, label: str) -> dict:
     command = [sys.executable, __file__, "--child", "--store", store, "--model", model, "--factors", str(args.factors),
                "--iterations", str(args.iterations), "--threads", str(args.threads), "--memory-budget", budget,
                "--solver", args.solver]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # the child's per-iteration lines go to stderr as they come
     if done.returncode:
-        raise SystemExit(done.stderr[-3000:])
+        raise SystemExit(f"{label} run failed (exit {done.returncode}); its stderr is above")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -95,6 +106,9 @@ def report(label: str, result: dict, fmt) -> float:
     rchar = statistics.median(r["rchar"] for r in result["reads"][1:] or result["reads"])
     disk = statistics.median(r["read_bytes"] for r in result["reads"][1:] or result["reads"])
     print(f"      bytes read per iteration (/proc/PID/io): rchar {fmt(rchar)}, from disk {fmt(disk)}")
+    if result.get("cpu"):
+        busy = statistics.median(result["cpu"][1:] or result["cpu"])
+        print(f"      CPU seconds per iteration (user + system, every thread): {busy:.2f} ({busy / steady:.2f} cores busy)")
     return steady
 
 

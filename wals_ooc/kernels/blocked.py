@@ -7,9 +7,12 @@ notation is that of ``solve``.
 
 Three ways:
 
-- Expanded rows: one sweep copies every entry's fixed row into an (nnz, f) array, and the
-  resident kernels solve against it, CG or Cholesky, with the very same arithmetic (f numbers
-  an entry: for tasks whose entries fit).
+- Expanded rows: the task marks the distinct columns its entries use (a bit a fixed row) and
+  renumbers its entries by their rank among them; one sweep copies those fixed rows, in column
+  order, into a compact (distinct columns, f) array, and the resident kernels solve against it
+  with the renumbered entries: the very same arithmetic (at most f numbers an entry, fewer when
+  entries share columns; for tasks whose entries fit). The copy reads each block's rows in
+  increasing order and writes the compact rows one after another.
 - Conjugate gradient, one sweep of the blocks per CG pass ("column blocks outermost"): a row
   keeps only its CG vectors (x, r, p, Ap: 4f numbers), so a task can hold many rows and every
   block is read once per pass for all of them. The dense part of each product (gram @ p for all
@@ -39,30 +42,80 @@ def row_regularizations(indptr, lam, nu, alpha0, n_fixed, out):
 
 
 # ---------------------------------------------------------------------------------------------
-# Expanded rows: each entry's fixed row copied out of the blocks in one sweep
+# Expanded rows: the distinct fixed rows a task's entries use, copied out in column order
 # ---------------------------------------------------------------------------------------------
+
+_ONE = np.uint64(1)
 
 
 @njit(**_JIT)
-def expand_block(indptr, indices, cursor, block_lo, block_hi, Y_block, rows):
-    """rows[e] = Y[indices[e]] for every entry e whose column is in [block_lo, block_hi).
+def _popcount(word):
+    """Set bits of a uint64 (the SWAR count: no table, no branch)."""
+    word = word - ((word >> _ONE) & np.uint64(0x5555555555555555))
+    word = (word & np.uint64(0x3333333333333333)) + ((word >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    word = (word + (word >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return np.int64((word * np.uint64(0x0101010101010101)) >> np.uint64(56))
 
-    After one sweep of the blocks, ``rows`` (nnz, f) holds every entry's fixed row in entry
-    order, and the resident kernels solve against it with ``indices = arange(nnz)``: the same
-    arithmetic as against the whole fixed side.
-    """
-    n_rows = len(indptr) - 1
+
+@njit(**_JIT)
+def mark_columns(indices, bits):
+    """Set bit ``j`` of ``bits`` (uint64 words, zeroed by the caller) for every column ``j`` of ``indices``."""
+    for e in range(len(indices)):
+        j = np.int64(indices[e])
+        bits[j >> 6] |= _ONE << np.uint64(j & 63)
+
+
+@njit(**_JIT)
+def column_ranks(bits, first):
+    """first[w] = set bits in the words before w (len(bits) + 1 entries); returns the total:
+    the distinct columns marked, and the rank of column j is first[j >> 6] plus the set bits
+    below j in its word."""
+    total = 0
+    for w in range(len(bits)):
+        first[w] = total
+        total += _popcount(bits[w])
+    first[len(bits)] = total
+    return total
+
+
+@njit(**_JIT)
+def renumber_columns(indices, bits, first, out):
+    """out[e] = the rank of indices[e] among the marked columns (see ``column_ranks``)."""
+    for e in range(len(indices)):
+        j = np.int64(indices[e])
+        w = j >> 6
+        below = (_ONE << np.uint64(j & 63)) - _ONE
+        out[e] = first[w] + _popcount(bits[w] & below)
+
+
+@njit(**_JIT)
+def gather_marked(bits, first, row_lo, row_hi, block_lo, Y_block, compact):
+    """compact[rank(j)] = Y[j] for every marked column j in [row_lo, row_hi) (rows of the mapped
+    block ``Y_block``, whose first row is ``block_lo``): the block's rows are read in increasing
+    order and the compact rows written one after another."""
     f = Y_block.shape[1]
-    for u in range(n_rows):
-        idx = cursor[u]
-        stop = indptr[u + 1]
-        while idx < stop and indices[idx] < block_hi:
-            source = Y_block[indices[idx] - block_lo]
-            target = rows[idx]
+    if row_hi <= row_lo:
+        return
+    for w in range(row_lo >> 6, ((row_hi - 1) >> 6) + 1):
+        word = bits[w]
+        base = np.int64(w) << 6
+        if base < row_lo:  # drop the columns before row_lo (they belong to another part or block)
+            cut = np.uint64(row_lo - base)
+            rank = first[w] + _popcount(word & ((_ONE << cut) - _ONE))
+            word = (word >> cut) << cut
+        else:
+            rank = first[w]
+        if base + 64 > row_hi:
+            word &= (_ONE << np.uint64(row_hi - base)) - _ONE
+        while word:
+            low = word & (~word + _ONE)
+            j = base + _popcount(low - _ONE)
+            source = Y_block[j - block_lo]
+            target = compact[rank]
             for k in range(f):
                 target[k] = source[k]
-            idx += 1
-        cursor[u] = idx
+            rank += 1
+            word ^= low
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,10 @@ from .blocked import (
     cg_product_block,
     cg_residual_block,
     cg_step,
-    expand_block,
+    column_ranks,
+    gather_marked,
+    mark_columns,
+    renumber_columns,
     row_regularizations,
     solve_accumulated,
 )
@@ -97,7 +100,13 @@ def warm_training_kernels(dtype: str | np.dtype = "float32") -> None:
     loss_terms = np.zeros((2, 3))
     gather = np.zeros((4, 2), dtype)
     cursor = indptr[:-1].copy()
-    expand_block(indptr[0:3], indices, cursor[0:2], 0, 3, Y, np.zeros((3, 2), dtype))
+    bits = np.zeros(1, np.uint64)  # expanded blocked tasks: their distinct columns, renumbered and copied
+    mark_columns(indices, bits)
+    first = np.empty(2, np.int64)
+    column_ranks(bits, first)
+    renumbered = np.empty(3, np.int32)
+    renumber_columns(indices, bits, first, renumbered)
+    gather_marked(bits, first, 0, 3, 0, Y, np.zeros((3, 2), dtype))
     cursor = indptr[:-1].copy()
     cg_residual_block(indptr[0:3], indices, values, cursor[0:2], 0, 3, Y, X[0:2], R[0:2], gather, *scalars)
     cg_begin(X[0:2], R[0:2], D[0:2], reg[0:2], P[0:2], rs[0:2])

@@ -14,10 +14,9 @@ drops the previous one before reading its own.
 
 A scratch copy also lends its half-sweep's blocked tasks (one at a time per process) a
 ``workspace``: one anonymous mapping, reused by every task and released with the copy. A fresh
-buffer per task would make the kernel zero and map its pages again every time (the expanded
-entries of a task at 337M nnz are ~0.9 GiB: ~230,000 page faults a task); the workspace asks
-for transparent huge pages (``MADV_HUGEPAGE``), which also cuts TLB misses when the solve reads
-the expanded rows back.
+buffer per task would make the kernel zero and map its pages again every time (the compact
+copy of a task's fixed rows is up to a few hundred MB); the workspace asks for transparent
+huge pages (``MADV_HUGEPAGE``), which also cuts TLB misses when the solve gathers from it.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import mmap
 import os
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -51,18 +51,29 @@ class ScratchCopy:
     directory: where the file is made (default: ``tempfile.gettempdir()``, i.e. TMPDIR).
     """
 
-    def __init__(self, array: Any, directory: str | None = None, copy_rows: int = COPY_ROWS):
-        """Copy ``array`` into the file, ``copy_rows`` rows at a time (all the memory it takes)."""
+    def __init__(self, array: Any, directory: str | None = None, copy_rows: int = COPY_ROWS, threads: int = 1):
+        """Copy ``array`` into the file, ``copy_rows`` rows at a time by each of ``threads`` threads
+        (``threads * copy_rows`` rows: all the memory it takes)."""
         self.n_rows, self.factors = (int(n) for n in array.shape)
         self.dtype = np.dtype(array.dtype)
         self.row_bytes = self.factors * self.dtype.itemsize
         self._workspace: mmap.mmap | None = None
         where = directory or tempfile.gettempdir()
         self._file = tempfile.TemporaryFile(prefix="wals-ooc-fixed-", dir=where)
+        fd = self._file.fileno()
+
+        def copy(lo: int) -> None:
+            rows = np.ascontiguousarray(array[lo : lo + copy_rows], dtype=self.dtype)
+            _write_all(fd, memoryview(rows.data).cast("B"), lo * self.row_bytes)
+
         try:
-            for lo in range(0, self.n_rows, copy_rows):
-                rows = np.ascontiguousarray(array[lo : lo + copy_rows], dtype=self.dtype)
-                _write_all(self._file.fileno(), memoryview(rows.data).cast("B"), lo * self.row_bytes)
+            starts = range(0, self.n_rows, copy_rows)
+            if threads > 1 and len(starts) > 1:  # reads and writes release the GIL: the threads overlap
+                with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wals-ooc-copy") as pool:
+                    list(pool.map(copy, starts))
+            else:
+                for lo in starts:
+                    copy(lo)
         except OSError as exc:
             self._file.close()
             raise OSError(exc.errno, f"cannot write the fixed side's scratch copy ({self.nbytes} bytes) in {where}: "

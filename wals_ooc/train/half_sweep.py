@@ -38,7 +38,10 @@ from ..kernels.blocked import (
     cg_product_block,
     cg_residual_block,
     cg_step,
-    expand_block,
+    column_ranks,
+    gather_marked,
+    mark_columns,
+    renumber_columns,
     row_regularizations,
     solve_accumulated,
 )
@@ -59,6 +62,7 @@ _opened: dict[tuple, Any] = {}
 _worker_shards: dict[tuple, "LocalState"] = {}  # CSR shards a worker keeps between half-sweeps
 _blocked_task = threading.Lock()  # one blocked task at a time per process: it uses every thread
 _blocked_inputs = threading.BoundedSemaphore(2)  # blocked tasks holding their entries: one sweeping, one reading
+_shared_chunks = threading.Lock()  # writes of tasks that share a factor chunk (pieces of one row block, ``plan.row_pieces``)
 _pool: ThreadPoolExecutor | None = None
 _writer: ThreadPoolExecutor | None = None  # a local fit's write-behind thread (see ``LocalState.write_behind``)
 WARM_STARTED = ("cg", "ialspp")  # solvers that start from the previous factors (Cholesky solves afresh)
@@ -92,7 +96,8 @@ def _fixed_of(job: HalfSweepJob) -> tuple[Any, bool]:
     array = _factor_array(job.model, job.storage_options, job.fixed_side, job.fixed_slot)
     if job.mode == "resident":
         return fixed_side(key, lambda: np.ascontiguousarray(array[:]))
-    return fixed_side(key, lambda: ScratchCopy(array, copy_rows=max(1, job.block_rows)))
+    threads = max(1, job.task_threads)  # the copy buffers of all the threads take one window's rows
+    return fixed_side(key, lambda: ScratchCopy(array, copy_rows=max(1, job.block_rows // threads), threads=threads))
 
 
 def release_caches() -> None:
@@ -283,10 +288,14 @@ def solve_task(job: HalfSweepJob, task: SolveTask, local: LocalState | None = No
         return _finish(job, task, csr, X, result, started, local)
     with _blocked_inputs:
         csr, X, result = _task_inputs(job, task, local)
+        if task.method == "expanded":
+            columns = DistinctColumns.of(csr.indices, job.n_fixed)  # before the slot: while another task sweeps
         with _blocked_task:
             scratch, _ = _fixed_of(job)
-            {"expanded": _blocked_expanded, "cg": _blocked_cg, "cholesky": _blocked_cholesky}[task.method](
-                job, csr, X, scratch, result)
+            if task.method == "expanded":
+                _blocked_expanded(job, csr, X, scratch, result, columns)
+            else:
+                {"cg": _blocked_cg, "cholesky": _blocked_cholesky}[task.method](job, csr, X, scratch, result)
         return _finish(job, task, csr, X, result, started)
 
 
@@ -348,7 +357,10 @@ def _finish(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.ndarray, re
                                                job.n_fixed)
     out = _factor_array(job.model, job.storage_options, job.side, job.out_slot)
     if local is not None:
-        local.write_behind(out, task.row_start, task.row_stop, X)
+        local.write_behind(out, task.row_start, task.row_stop, X)  # one writer thread: writes in turn
+    elif _shares_chunk(out, task.row_start, task.row_stop):
+        with _shared_chunks:  # a chunk write reads, changes and writes the whole chunk: one at a time
+            out[task.row_start:task.row_stop] = X
     else:
         out[task.row_start:task.row_stop] = X
     result.gram = block_gram(X)
@@ -356,6 +368,12 @@ def _finish(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.ndarray, re
         result.quadratic = gram_quadratic_of(result.gram, job.gram)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _shares_chunk(out, start: int, stop: int) -> bool:
+    """Whether rows ``[start, stop)`` cover a factor chunk only in part (another task writes the rest)."""
+    rows = int(out.chunks[0])
+    return bool(start % rows or (stop % rows and stop != out.shape[0]))
 
 
 def _sweep(job: HalfSweepJob, scratch: ScratchCopy, result: TaskResult, per_block) -> None:
@@ -368,18 +386,49 @@ def _sweep(job: HalfSweepJob, scratch: ScratchCopy, result: TaskResult, per_bloc
             del Y_block  # the window is unmapped on leaving: hold no view of it
 
 
-def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: ScratchCopy, result: TaskResult) -> None:
-    """One sweep copies every entry's fixed row out; then the resident kernels solve the rows."""
+@dataclass
+class DistinctColumns:
+    """The distinct fixed rows a blocked task's entries use: bit ``j`` of ``bits`` is set for each
+    column ``j`` used, ``first`` ranks them (``column_ranks``), ``count`` of them in all, and
+    ``renumbered`` holds every entry's column as its rank: the entry's row in the compact copy."""
+
+    bits: np.ndarray
+    first: np.ndarray
+    count: int
+    renumbered: np.ndarray
+
+    @classmethod
+    def of(cls, indices: np.ndarray, n_fixed: int) -> "DistinctColumns":
+        bits = np.zeros(n_fixed // 64 + 1, np.uint64)
+        mark_columns(indices, bits)
+        first = np.empty(len(bits) + 1, np.int64)
+        count = int(column_ranks(bits, first))
+        renumbered = np.empty(len(indices), np.int32)
+        renumber_columns(indices, bits, first, renumbered)
+        return cls(bits, first, count, renumbered)
+
+
+def _window_parts(lo: int, hi: int, count: int) -> list[tuple[int, int]]:
+    """``count`` ranges of rows ``[lo, hi)`` of a window (cut at multiples of 64: whole words of the marks)."""
+    if count <= 1 or hi - lo < 128 * count:
+        return [(lo, hi)]
+    cuts = [lo] + [lo + ((hi - lo) * k // count) // 64 * 64 for k in range(1, count)] + [hi]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: ScratchCopy, result: TaskResult,
+                      columns: DistinctColumns) -> None:
+    """One sweep copies the distinct fixed rows the task uses, in column order, into a compact
+    array; then the resident kernels solve the rows against it (entries renumbered to its rows)."""
     cfg = job.config
     kind, alpha, alpha0, eps = _kernel_scalars(cfg)
     lam, nu = float(cfg.regularization), float(cfg.nu)
     indptr = csr.indptr
-    rows = scratch.workspace((csr.nnz, cfg.factors), cfg.np_dtype)  # reused by the process's blocked tasks
-    cursor = indptr[:-1].copy()
+    compact = scratch.workspace((max(1, columns.count), cfg.factors), cfg.np_dtype)  # reused by the process's blocked tasks
+    bits, first, entry = columns.bits, columns.first, columns.renumbered
+    _sweep(job, scratch, result, lambda lo, hi, Y_block: _in_parts(
+        _window_parts(lo, hi, job.task_threads), lambda a, b: gather_marked(bits, first, a, b, lo, Y_block, compact)))
     parts = _row_parts(indptr, job.task_threads)
-    _sweep(job, scratch, result, lambda lo, hi, Y_block: _in_parts(parts, lambda a, b: expand_block(
-        indptr[a:b + 1], csr.indices, cursor[a:b], lo, hi, Y_block, rows)))
-    entry = np.arange(csr.nnz, dtype=np.int32)
     observed = [0.0] * len(parts)
     failures = [0] * len(parts)
 
@@ -387,17 +436,17 @@ def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
         part = parts.index((a, b))
         ip = indptr[a:b + 1]
         if job.solver == "cg":
-            observed[part] = cg_solve_rows(ip, entry, csr.values, rows, job.gram, X[a:b], kind, alpha, alpha0, eps,
+            observed[part] = cg_solve_rows(ip, entry, csr.values, compact, job.gram, X[a:b], kind, alpha, alpha0, eps,
                                            lam, nu, job.n_fixed, cfg.cg_steps, job.loss)
             return
         if job.solver == "ialspp":
-            observed[part] = subspace_solve_rows(ip, entry, csr.values, rows, job.gram, X[a:b], kind, alpha, alpha0, eps,
+            observed[part] = subspace_solve_rows(ip, entry, csr.values, compact, job.gram, X[a:b], kind, alpha, alpha0, eps,
                                                  lam, nu, job.n_fixed, cfg.block_size, cfg.block_sweeps, job.loss)
             return
-        failures[part] = cholesky_solve_rows(ip, entry, csr.values, rows, job.gram, X[a:b], kind, alpha, alpha0, eps, lam, nu,
-                                             job.n_fixed)
+        failures[part] = cholesky_solve_rows(ip, entry, csr.values, compact, job.gram, X[a:b], kind, alpha, alpha0, eps, lam,
+                                             nu, job.n_fixed)
         if job.loss:
-            observed[part] = observed_loss_block(ip, entry, csr.values, ip[:-1].copy(), 0, csr.nnz, rows, X[a:b],
+            observed[part] = observed_loss_block(ip, entry, csr.values, ip[:-1].copy(), 0, len(compact), compact, X[a:b],
                                                  kind, alpha, alpha0, eps)
 
     _in_parts(parts, solve)

@@ -12,8 +12,10 @@ tested without running anything (the rechunker habit). Two ways to reach the fix
   RSS). Blocked tasks sweep one at a time per process, their rows spread over its threads, so
   each sweep serves all of them; meanwhile the next task reads its entries and starting rows
   (counted in ``task_bytes``). A task is one of:
-  "expanded": one sweep copies each entry's fixed row out (f numbers an entry), then the
-  resident kernels solve against the copies, with the same arithmetic as the resident plan;
+  "expanded": the task marks the distinct fixed rows its entries use (a bit a fixed row) and
+  one sweep copies them, in column order, into a compact array (f numbers a distinct column:
+  at most one an entry); the resident kernels then solve against it with the entries
+  renumbered, the same arithmetic as the resident plan;
   "cg": for a row block too heavy to expand, CG with one sweep per pass (4f numbers a row,
   ``1 + cg_steps`` sweeps); "cholesky": f x f normal equations accumulated for ``row_batch``
   rows at a time, one sweep per batch. The "ialspp" solver runs only as "expanded" tasks (its
@@ -27,6 +29,7 @@ the scratch copies); the executor counts what it reads, and tests hold the two e
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 
@@ -232,6 +235,11 @@ def balanced_tasks(shard_ranges, shard_block_nnz, entry_bytes: int, bytes_per_ro
     """As few tasks as fit in ``max_task_bytes`` (a multiple of ``multiple``), of about equal
     weight, each a run of whole row blocks that may span shards; and the heaviest one's bytes.
 
+    A block heavier than ``max_task_bytes`` on its own is a task alone, and the runs of blocks
+    between such blocks are balanced each on its own (one heavy block does not cut every other
+    task down to one block). The "blocks" are whatever ``shard_block_nnz`` lists: row blocks, or
+    pieces of them (``row_pieces``).
+
     For the blocked plan, where every task reads the whole fixed side a few times: fewer tasks
     mean fewer reads, and equal ones keep every process busy to the end.
     """
@@ -249,19 +257,19 @@ def balanced_tasks(shard_ranges, shard_block_nnz, entry_bytes: int, bytes_per_ro
         return [], 0
     starts, nnz, weights, shard_of = (np.concatenate(a) for a in block_parts)
     n_rows = shard_ranges[-1][1]
-    total = int(weights.sum())
-    count = max(1, -(-total // max(1, max_task_bytes)), int(multiple))
-    count = min(len(starts), -(-count // multiple) * multiple)
-    while True:
-        cumulative = np.cumsum(weights)
-        # cut before the block where the running weight passes each k/count of the total
-        cuts = np.unique(np.searchsorted(cumulative, total * np.arange(1, count) / count, side="left") + 1)
-        cuts = cuts[(cuts > 0) & (cuts < len(starts))]
-        bounds = np.concatenate([[0], cuts, [len(starts)]])
-        heaviest = max(int(weights[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:]))
-        if heaviest <= max_task_bytes or count >= len(starts):
-            break
-        count = min(len(starts), count + multiple)
+    alone = np.flatnonzero(weights > max_task_bytes)
+    if len(alone) == 0:
+        bounds = _balanced_bounds(weights, max_task_bytes, multiple)
+    else:
+        pieces = [np.zeros(1, np.int64)]
+        edges = np.concatenate([[-1], alone, [len(weights)]])
+        for a, b in zip(edges[:-1], edges[1:]):  # the run of blocks between two heavy ones, then the heavy one
+            if b - a > 1:
+                pieces.append(a + 1 + _balanced_bounds(weights[a + 1:b], max_task_bytes, 1)[1:])
+            if b < len(weights):
+                pieces.append(np.array([b + 1]))
+        bounds = np.unique(np.concatenate(pieces))
+    heaviest = max(int(weights[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:]))
     tasks: list[SolveTask] = []
     parts: dict[int, int] = {}  # shard -> its last part number
     for a, b in zip(bounds[:-1], bounds[1:]):
@@ -270,6 +278,74 @@ def balanced_tasks(shard_ranges, shard_block_nnz, entry_bytes: int, bytes_per_ro
         stop = int(starts[b]) if b < len(starts) else n_rows
         tasks.append(SolveTask(shard, part, int(starts[a]), stop, int(nnz[a:b].sum())))
     return tasks, heaviest
+
+
+def _balanced_bounds(weights: np.ndarray, max_bytes: int, multiple: int) -> np.ndarray:
+    """Cuts of ``weights`` (each at most ``max_bytes``) into about equal runs of at most ``max_bytes``
+    (a multiple of ``multiple`` of them where that allows): [0, cuts..., len(weights)]."""
+    total = int(weights.sum())
+    count = max(1, -(-total // max(1, max_bytes)), int(multiple))
+    count = min(len(weights), -(-count // multiple) * multiple)
+    cumulative = np.cumsum(weights)
+    while True:
+        # cut before the block where the running weight passes each k/count of the total
+        cuts = np.unique(np.searchsorted(cumulative, total * np.arange(1, count) / count, side="left") + 1)
+        cuts = cuts[(cuts > 0) & (cuts < len(weights))]
+        bounds = np.concatenate([[0], cuts, [len(weights)]]).astype(np.int64)
+        heaviest = max(int(weights[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:]))
+        if heaviest <= max_bytes:
+            return bounds
+        if count >= len(weights):  # equal shares cannot separate uneven blocks: fill runs in order instead
+            return _greedy_bounds(cumulative, max_bytes)
+        count = min(len(weights), count + multiple)
+
+
+def _greedy_bounds(cumulative: np.ndarray, max_bytes: int) -> np.ndarray:
+    """Runs filled in order up to ``max_bytes`` (a block heavier alone is a run alone), from the
+    running weight ``cumulative``: [0, cuts..., len(cumulative)]."""
+    bounds, at = [0], 0
+    while at < len(cumulative):
+        before = int(cumulative[at - 1]) if at else 0
+        at = max(at + 1, int(np.searchsorted(cumulative, before + max_bytes, side="right")))
+        bounds.append(min(at, len(cumulative)))
+    return np.array(bounds, np.int64)
+
+
+def row_pieces(shard_ranges, shard_block_nnz, row_counts, entry_bytes: int, bytes_per_row: int,
+               max_bytes: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``shard_block_nnz`` with every row block heavier than ``max_bytes`` replaced by runs of its
+    rows weighing at most ``max_bytes`` each (a row heavier alone is a run alone), from the rows'
+    entry counts ``row_counts(start, stop)`` (the store's row pointers, read once for each shard
+    that holds such a block).
+
+    Pieces of one row block share its factor chunk: their writes are serialised
+    (``half_sweep._finish``), so only the tasks of one process may be planned this way.
+    """
+    out = []
+    for (lo, hi), (block_starts, block_nnz) in zip(shard_ranges, shard_block_nnz):
+        rows = np.diff(np.append(block_starts, hi))
+        heavy = np.flatnonzero(block_nnz * entry_bytes + rows * bytes_per_row > max_bytes)
+        if len(heavy) == 0:
+            out.append((block_starts, block_nnz))
+            continue
+        shard_counts = np.asarray(row_counts(lo, hi), np.int64)
+        starts: list[np.ndarray] = []
+        nnz: list[np.ndarray] = []
+        done = 0
+        for k in heavy:
+            starts.append(block_starts[done:k])
+            nnz.append(block_nnz[done:k])
+            first = int(block_starts[k])
+            counts = shard_counts[first - lo:first - lo + int(rows[k])]
+            bounds = _greedy_bounds(np.cumsum(counts * entry_bytes + bytes_per_row), max_bytes)
+            entries = np.concatenate([[0], np.cumsum(counts)])
+            starts.append(first + bounds[:-1])
+            nnz.append(entries[bounds[1:]] - entries[bounds[:-1]])
+            done = k + 1
+        starts.append(block_starts[done:])
+        nnz.append(block_nnz[done:])
+        out.append((np.concatenate(starts).astype(np.int64), np.concatenate(nnz).astype(np.int64)))
+    return out
 
 
 def usable_bytes(allowance: int) -> int:
@@ -284,6 +360,8 @@ def blocked_cg_row_bytes(factors: int, itemsize: int) -> int:
     return 5 * factors * itemsize + 3 * itemsize + 8 + 24 + 8
 
 
+# a local blocked plan cuts row blocks heavier than 1/PIECES_A_TASK of a task by rows (``row_pieces``)
+PIECES_A_TASK = 4
 # entries a blocked task holds for all its passes: indices and values (8 bytes) and read slack
 BLOCKED_BYTES_PER_ENTRY = 12
 
@@ -303,6 +381,8 @@ def plan_half_sweep(
     cg_steps: int = 3,
     processes: int = 1,
     blocked_method: str | None = None,
+    row_counts: Callable[[int, int], np.ndarray] | None = None,
+    blocked_task_bytes: int | None = None,
 ) -> HalfSweepPlan:
     """Plan one half-sweep within ``allowance`` bytes for ``concurrency`` simultaneous tasks.
 
@@ -314,6 +394,10 @@ def plan_half_sweep(
     max_block_rows: stream the fixed side in blocks of at most this many rows even if it fits.
     blocked_method: "expanded", "cg" or "cholesky" for every blocked task (default: expanded
     where the entries fit, else the solver's streamed method); for tests and benchmarks.
+    row_counts: entries of each row of ``[start, stop)`` (the store's row pointers): given, a
+    local blocked plan cuts a row block too heavy to expand into runs of its rows that expand
+    (``row_pieces``); a row too heavy alone is streamed.
+    blocked_task_bytes: what a blocked task may take, instead of what the allowance leaves (for tests).
     """
     usable = usable_bytes(allowance)
     n_rows = shard_ranges[-1][1] if shard_ranges else 0
@@ -345,17 +429,41 @@ def plan_half_sweep(
     block_bytes = min(BLOCK_BYTES, usable // 8)  # the rest holds rows: fewer tasks, fewer sweeps
     block_rows = max(1, min(n_fixed, block_bytes // (factors * itemsize), max_block_rows or n_fixed))
     block_bytes = block_rows * factors * itemsize
-    room = max(1, usable - block_bytes)  # one blocked task at a time per process, one window mapped
-    expanded_entry = BYTES_PER_ENTRY + 4 + factors * itemsize  # CSR, an index and the entry's fixed row
+    # one blocked task at a time per process, one window mapped; two tasks' marks of their columns
+    room = max(1, usable - block_bytes - 2 * distinct_columns_bytes(n_fixed))
+    if blocked_task_bytes is not None:
+        room = blocked_task_bytes
+    # CSR, a renumbered index and the entry's fixed row (fewer rows when entries share a column:
+    # the plan, made without reading entries, counts one an entry)
+    expanded_entry = BYTES_PER_ENTRY + 4 + factors * itemsize
     # while one task sweeps, the next reads its entries and starting rows (``half_sweep.solve_task``):
     # tasks are cut counting a neighbour of their own size, then the largest neighbour is reserved
-    tasks, _ = balanced_tasks(shard_ranges, shard_block_nnz, expanded_entry + BYTES_PER_ENTRY, 2 * row_bytes, room,
-                              multiple=max(1, processes))
-    waiting = max((t.nnz * BYTES_PER_ENTRY + (t.row_stop - t.row_start) * row_bytes for t in tasks), default=0)
+    # and, where they expand in what is left, cut again to fill it
+    pieces = row_counts is not None and local and processes == 1 and blocked_method is None
+
+    def cut(entry_bytes: int, bytes_per_row: int, max_bytes: int) -> tuple[list[SolveTask], int]:
+        blocks = shard_block_nnz
+        if pieces:  # blocks heavier than a quarter task cut by rows, so that tasks fill up to max_bytes
+            blocks = row_pieces(shard_ranges, shard_block_nnz, row_counts, entry_bytes, bytes_per_row,
+                                max(1, max_bytes // PIECES_A_TASK))
+        cut_tasks, _ = balanced_tasks(shard_ranges, blocks, entry_bytes, bytes_per_row, max_bytes,
+                                      multiple=max(1, processes))
+        return cut_tasks, max((t.nnz * BYTES_PER_ENTRY + (t.row_stop - t.row_start) * row_bytes for t in cut_tasks),
+                              default=0)
+
+    tasks, waiting = cut(expanded_entry + BYTES_PER_ENTRY, 2 * row_bytes, room)
+    if pieces and waiting < room:
+        refilled, refilled_waiting = cut(expanded_entry, row_bytes, room - waiting)
+        if refilled_waiting <= waiting:  # each expands beside the largest neighbour of the new cut
+            tasks, waiting = refilled, refilled_waiting
     room = max(1, room - waiting)
 
+    def expanded_bytes(task: SolveTask) -> int:  # a compact row for each distinct column: at most one an entry
+        distinct = min(task.nnz, n_fixed)
+        return task.nnz * (expanded_entry - factors * itemsize) + distinct * factors * itemsize
+
     def expands(task: SolveTask) -> bool:
-        fits = task.nnz * expanded_entry + (task.row_stop - task.row_start) * row_bytes <= room
+        fits = expanded_bytes(task) + (task.row_stop - task.row_start) * row_bytes <= room
         return blocked_method == "expanded" or (blocked_method is None and fits)
 
     method = blocked_method if blocked_method in ("cg", "cholesky") else solver
@@ -372,7 +480,7 @@ def plan_half_sweep(
         rows = task.row_stop - task.row_start
         if expands(task):
             planned.append(replace(task, method="expanded", sweeps=1))
-            heaviest = max(heaviest, task.nnz * expanded_entry + rows * row_bytes)
+            heaviest = max(heaviest, expanded_bytes(task) + rows * row_bytes)
             continue
         weight = task.nnz * BLOCKED_BYTES_PER_ENTRY + rows * row_bytes
         if method == "cg":  # too heavy to expand: CG vectors per row, a sweep per pass
@@ -387,6 +495,12 @@ def plan_half_sweep(
     passes = sum(t.sweeps for t in planned)
     return plan("blocked", solver, planned, 0, block_rows, row_batch, heaviest + waiting + block_bytes, 0, False, passes,
                 at_once=1)
+
+
+def distinct_columns_bytes(n_fixed: int) -> int:
+    """Bytes an expanded task's marks of the fixed rows it uses take (``half_sweep.DistinctColumns``):
+    a bit a fixed row and a count a word of them."""
+    return 16 * (n_fixed // 64 + 2)
 
 
 def normal_equations_row_bytes(factors: int) -> int:

@@ -3,6 +3,7 @@ committing a checkpoint after each one."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -62,8 +63,9 @@ def _block_nnz(store: InteractionStore, side: str) -> list[tuple[np.ndarray, np.
 
 def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, concurrency: int,
                local: bool = True, max_block_rows: int | None = None, processes: int = 1,
-               blocked_method: str | None = None) -> dict[str, HalfSweepPlan]:
-    """The plan of each side's half-sweep (the same every iteration)."""
+               blocked_method: str | None = None, blocked_task_bytes: int | None = None) -> dict[str, HalfSweepPlan]:
+    """The plan of each side's half-sweep (the same every iteration). A blocked plan reads the
+    entry counts of the rows of its heaviest row blocks (``plan.row_pieces``)."""
     itemsize = config.np_dtype.itemsize
     return {
         side: plan_half_sweep(
@@ -81,19 +83,22 @@ def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, conc
             config.cg_steps,
             processes,
             blocked_method,
+            row_counts=functools.partial(store.row_counts, side),
+            blocked_task_bytes=blocked_task_bytes,
         )
         for side in SIDES
     }
 
 
 def executor_plans(store: InteractionStore, config: WALSConfig, executor: Executor, budget: MemoryBudget,
-                   max_block_rows: int | None = None, blocked_method: str | None = None) -> dict[str, HalfSweepPlan]:
+                   max_block_rows: int | None = None, blocked_method: str | None = None,
+                   blocked_task_bytes: int | None = None) -> dict[str, HalfSweepPlan]:
     """The half-sweep plans for this executor and budget; a ``BudgetWarning`` for each plan whose
     expected peak is over its allowance (training would run, but may exceed the budget)."""
     local = executor.is_local
     processes = 1 if local else max(1, executor.total_threads // executor.threads_per_process)
     plans = make_plans(store, config, budget.allowance, executor.threads_per_process, local, max_block_rows, processes,
-                       blocked_method)
+                       blocked_method, blocked_task_bytes)
     for plan in plans.values():
         log.info(plan.describe())
         problem = plan.budget_problem()
@@ -105,7 +110,7 @@ def executor_plans(store: InteractionStore, config: WALSConfig, executor: Execut
 def plan_training(store: InteractionStore, config: WALSConfig, *, client=None, threads: int | None = None,
                   memory_budget: int | str | None = None, model_location: str | None = None, resume: bool = True,
                   max_block_rows: int | None = None, executor: Executor | None = None,
-                  blocked_method: str | None = None) -> TrainingPlan:
+                  blocked_method: str | None = None, blocked_task_bytes: int | None = None) -> TrainingPlan:
     """What ``train`` would do with these arguments, without running or writing anything: the
     plans are made exactly as ``train`` makes them (kernels loaded first, then the budget measured)."""
     from ..store.lifecycle import inspect_target
@@ -114,7 +119,7 @@ def plan_training(store: InteractionStore, config: WALSConfig, *, client=None, t
     executor.check_reachable(store.location, model_location)
     warm_training_kernels(config.dtype)
     budget = MemoryBudget.start(memory_budget)
-    plans = executor_plans(store, config, executor, budget, max_block_rows, blocked_method)
+    plans = executor_plans(store, config, executor, budget, max_block_rows, blocked_method, blocked_task_bytes)
     state = "new"
     if model_location is not None:
         target = inspect_target(model_location, store.storage_options)
@@ -222,13 +227,15 @@ def train(
     max_block_rows: int | None = None,
     executor: Executor | None = None,
     blocked_method: str | None = None,
+    blocked_task_bytes: int | None = None,
 ) -> FactorStore:
     """Fit factors into ``model_location``, resuming from its last completed half-sweep.
 
     callback(iteration, seconds, loss) is called after each iteration, like implicit's; iterations
     count from 1 (the number of iterations done), as in ``loss_history`` and the command line.
     max_block_rows: always stream the fixed side in blocks of at most this many rows, even when
-    it would fit in memory; blocked_method: how blocked tasks solve (see ``plan``), for tests.
+    it would fit in memory; blocked_method: how blocked tasks solve (see ``plan``), and
+    blocked_task_bytes: what a blocked task may take (see ``plan_half_sweep``), for tests.
     executor: where tasks run (default: ``Executor(client, threads)``).
     """
     executor = Executor.of(executor, client, threads)
@@ -239,19 +246,19 @@ def train(
                       inputs=[store.location], storage_options=storage_options) as out:
         model = _open_or_create(out, store, config, storage_options)
         _train_model(out, model, store, config, executor, budget, callback, progress, storage_options, max_block_rows,
-                     blocked_method)
+                     blocked_method, blocked_task_bytes)
     return FactorStore.open(out.target, "r", storage_options)
 
 
 def _train_model(out: Output, model: FactorStore, store: InteractionStore, config: WALSConfig, executor: Executor,
                  budget: MemoryBudget, callback, progress, storage_options, max_block_rows,
-                 blocked_method) -> None:
+                 blocked_method, blocked_task_bytes=None) -> None:
     """The training loop proper, on an opened model (the door holds its lock)."""
     data_id = store.attrs().get("store_id")
     if model.checkpoint is None:
         _initialise(model, store, config, executor)
     local = executor.is_local
-    plans = executor_plans(store, config, executor, budget, max_block_rows, blocked_method)
+    plans = executor_plans(store, config, executor, budget, max_block_rows, blocked_method, blocked_task_bytes)
     state = None
     # what both half-sweeps leave unused caches CSR shards between iterations (per process)
     all_resident = all(p.mode == "resident" and (p.holds_own or not local) for p in plans.values())
