@@ -439,3 +439,33 @@ def test_a_local_half_sweep_hands_out_its_tasks_largest_first_and_each_once():
         thread.join()
     assert sorted(t.shard for t in taken) == [0, 1, 2, 3, 4]
     assert [t.shard for t in queue.tasks] == [3, 2, 1, 0, 4]
+
+
+def test_the_entry_cache_gives_back_the_rows_read_from_the_store_and_falls_back_when_the_disk_refuses(small_store, tmp_path):
+    """A blocked task's rows, read from Zarr once, come back from the local raw copy the next time
+    (same row pointers, indices and values); when a write to the copy fails, it is dropped and
+    rows are read from the store."""
+    from wals_ooc.train.entry_cache import EntryCache
+
+    store = open_store(small_store)
+    for side in ("user", "item"):
+        n = store.n_rows(side)
+        ranges = [(0, n // 3), (n // 3, n // 2), (n - 5, n)]
+        cache = EntryCache(n, store.nnz, directory=str(tmp_path))
+        for start, stop in ranges:
+            cache.rows(store, side, start, stop)
+        assert set(cache.filled) == set(ranges)
+        for start, stop in ranges:
+            want, got = store.rows(side, start, stop), cache._read(start, stop, cache.filled[(start, stop)])
+            for name in ("indptr", "indices", "values"):
+                np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+            np.testing.assert_array_equal(cache.rows(store, side, start, stop).indices, want.indices)
+        cache.close()
+    broken = EntryCache(store.n_rows("user"), store.nnz, directory=str(tmp_path))
+    broken._file.close()
+    broken._file = open(os.devnull, "rb")  # writes now fail (EBADF): the copy is dropped, rows still come from the store
+    shard = broken.rows(store, "user", 0, 4)
+    assert broken.broken and not broken.filled
+    np.testing.assert_array_equal(shard.indices, store.rows("user", 0, 4).indices)
+    np.testing.assert_array_equal(broken.rows(store, "user", 0, 4).values, store.rows("user", 0, 4).values)
+    broken.close()

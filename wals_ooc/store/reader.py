@@ -39,6 +39,7 @@ class CSRShard:
     indices: int32 (nnz,), column index in the other side's numbering, sorted within a row.
     values: float32 (nnz,), interaction values.
     order: float64 (nnz,), each entry's place in time, when asked for and the store has it.
+    entry_start: the global position of the first entry (in the orientation's entry arrays).
     """
 
     row_start: int
@@ -47,6 +48,7 @@ class CSRShard:
     indices: np.ndarray
     values: np.ndarray
     order: np.ndarray | None = None
+    entry_start: int = 0
 
     @property
     def n_rows(self) -> int:
@@ -160,7 +162,7 @@ class InteractionStore:
             if not self.has_order:
                 raise StoreError(f"{self.location} has no entry order: convert with an order column (--order-col)")
             order = read(array(group, "order"), slice(lo, hi))
-        return CSRShard(start, stop, local, indices, values, order)
+        return CSRShard(start, stop, local, indices, values, order, lo)
 
     def shard(self, side: str, k: int) -> CSRShard:
         start, stop = self.shard_ranges(side)[k]

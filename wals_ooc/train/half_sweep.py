@@ -50,6 +50,7 @@ from ..kernels.solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
 from ..kernels.subspace import subspace_solve_rows
 from ..store.format import array, open_group, subgroup, writing_every_chunk
 from ..store.reader import CSRShard, InteractionStore
+from .entry_cache import entry_cache, release_entry_caches
 from .fixed_side import ScratchCopy, fixed_side, held_array, release_fixed_side
 from .plan import SolveTask
 
@@ -105,6 +106,7 @@ def release_caches() -> None:
     global _pool, _writer
     with _lock:
         release_fixed_side()
+        release_entry_caches()
         _worker_shards.clear()
         _opened.clear()
         if _pool is not None:
@@ -248,6 +250,7 @@ class HalfSweepJob:
     loss: bool
     shard_cache_bytes: int = 0  # on cluster workers: CSR shards kept between half-sweeps
     task_threads: int = 1  # blocked: threads a task spreads its rows over
+    entry_cache: bool = False  # local blocked: tasks read their rows from a local raw copy after the first time (``entry_cache``)
 
 
 @dataclass
@@ -308,6 +311,8 @@ def _task_inputs(job: HalfSweepJob, task: SolveTask, local: LocalState | None) -
         csr = local.rows(store, job.side, lo_row, hi_row)
     elif job.shard_cache_bytes:
         csr = _shard_cache_on_worker(job).rows(store, job.side, lo_row, hi_row)
+    elif job.entry_cache:
+        csr = entry_cache(store, job.side).rows(store, job.side, lo_row, hi_row)
     else:
         csr = store.rows(job.side, lo_row, hi_row)
     cfg = job.config

@@ -292,6 +292,7 @@ def _train_model(out: Output, model: FactorStore, store: InteractionStore, confi
                     mode=plan.mode, solver=plan.solver, block_rows=plan.block_rows, row_batch=plan.row_batch,
                     n_fixed=plan.n_fixed, gram=gram.astype(config.np_dtype), loss=config.compute_loss and side == "item",
                     shard_cache_bytes=0 if local else cache_bytes, task_threads=plan.task_threads,
+                    entry_cache=local and plan.mode == "blocked",
                 )
                 label = f"{side}s-it{checkpoint.iteration:03d}"
                 try:
