@@ -142,23 +142,48 @@ def held_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 
 _lock = threading.RLock()
 _held: dict[tuple, Any] = {}
+_previous: dict[tuple, ScratchCopy] = {}  # the scratch copy of the half-sweep before (see ``previous_copy``)
 
 
 def fixed_side(key: tuple, make: Callable[[], Any]) -> tuple[Any, bool]:
     """This process's fixed side for ``key`` (made by ``make()`` on first use, after dropping any
-    other); and whether this call made it. Threads asking for the same key wait for one copy."""
+    other); and whether this call made it. Threads asking for the same key wait for one copy.
+
+    A scratch copy dropped this way is kept, without its workspace, as the previous one: it holds
+    the rows the next half-sweep starts from (``previous_copy``); the one before it is deleted."""
     with _lock:
         if key in _held:
             return _held[key], False
-        release_fixed_side()
+        kept = {k: held for k, held in _held.items() if isinstance(held, ScratchCopy)}
+        _held.clear()
+        _release_previous()
+        for held in kept.values():
+            held._drop_workspace()  # file-backed only from now on: nothing of it in the RSS
+        _previous.update(kept)
         _held[key] = make()
         return _held[key], True
 
 
+def previous_copy(key: tuple) -> ScratchCopy | None:
+    """The scratch copy made for ``key`` when it was the half-sweep before the running one (or
+    the running one's), if this process still holds it: a side's rows solved two half-sweeps ago
+    are the next half-sweep's starting rows, and its scratch copy holds them undecoded."""
+    with _lock:
+        held = _previous.get(key, _held.get(key))
+        return held if isinstance(held, ScratchCopy) else None
+
+
+def _release_previous() -> None:
+    for held in _previous.values():
+        held.close()
+    _previous.clear()
+
+
 def release_fixed_side() -> None:
-    """Drop the fixed side this process holds (closing a scratch copy deletes it)."""
+    """Drop the fixed sides this process holds (closing a scratch copy deletes it)."""
     with _lock:
         for held in _held.values():
             if isinstance(held, ScratchCopy):
                 held.close()
         _held.clear()
+        _release_previous()

@@ -51,7 +51,7 @@ from ..kernels.subspace import subspace_solve_rows
 from ..store.format import array, open_group, subgroup, writing_every_chunk
 from ..store.reader import CSRShard, InteractionStore
 from .entry_cache import entry_cache, release_entry_caches
-from .fixed_side import ScratchCopy, fixed_side, held_array, release_fixed_side
+from .fixed_side import ScratchCopy, fixed_side, held_array, previous_copy, release_fixed_side
 from .plan import SolveTask
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +302,14 @@ def solve_task(job: HalfSweepJob, task: SolveTask, local: LocalState | None = No
         return _finish(job, task, csr, X, result, started)
 
 
+def _warm_copy(job: HalfSweepJob) -> ScratchCopy | None:
+    """A blocked task's starting rows as the previous half-sweep's scratch copy of its fixed side
+    (this side, from the same slot), when the process still holds it (see ``fixed_side``)."""
+    if job.mode != "blocked" or job.step == 0:
+        return None
+    return previous_copy((job.model, job.side, job.warm_slot, job.step - 1, job.mode))
+
+
 def _task_inputs(job: HalfSweepJob, task: SolveTask, local: LocalState | None) -> tuple[CSRShard, np.ndarray, TaskResult]:
     """The task's CSR rows, its rows' starting factors (a view of the held side when resident and
     local: solved in place), and its result to fill."""
@@ -318,6 +326,10 @@ def _task_inputs(job: HalfSweepJob, task: SolveTask, local: LocalState | None) -
     cfg = job.config
     if local is not None and job.mode == "resident":
         X = local.factors[job.side][0][lo_row:hi_row]  # a view: solved in place
+    elif job.solver in WARM_STARTED and (copy := _warm_copy(job)) is not None:
+        with copy.window(lo_row, hi_row) as rows:  # the rows solved two half-sweeps ago, undecoded
+            X = np.array(rows)
+            del rows
     elif job.solver in WARM_STARTED:
         X = np.ascontiguousarray(_factor_array(job.model, job.storage_options, job.side, job.warm_slot)[lo_row:hi_row])
     else:
