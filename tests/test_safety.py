@@ -736,7 +736,12 @@ def test_generate_does_not_clobber_a_file_without_overwrite(tmp_path, capsys):
     assert "pass --overwrite" in one_line_error(code, err, "generate", target)
     assert target.read_text() == "precious\n"
     code, _, err = run(capsys, "generate", target, "--users", "20", "--items", "10", "--rows", "50", "--overwrite", "-q")
-    assert code == 0 and target.read_text().startswith('"user","item","count"') and leftovers(tmp_path) == []
+    assert "refusing to replace it, even with --overwrite" in one_line_error(code, err, "generate", target)
+    assert target.read_text() == "precious\n"  # not a log generate wrote: never replaced (trust6)
+    ours = tmp_path / "log.csv"
+    for _ in range(2):  # a log generate wrote is replaced with --overwrite
+        code, _, err = run(capsys, "generate", ours, "--users", "20", "--items", "10", "--rows", "50", "--overwrite", "-q")
+        assert code == 0 and ours.read_text().startswith('"user","item","count"') and leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "parquet"])

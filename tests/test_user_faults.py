@@ -289,3 +289,70 @@ sys.exit(main(["tune", {damaged!r}, "--validation", {small_store!r}, "--trials",
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("wals-ooc tune: error: "), done.stderr
     assert "by_item/indices is corrupt" in done.stderr
+
+
+# --- round 25 (trust6): object stores without credentials -----------------------------------
+
+
+def test_s3_without_credentials_or_bucket_is_one_line_naming_the_path(tmp_path, monkeypatch, capsys):
+    """Missing AWS credentials were an 'internal error: NoCredentialsError' (exit 1) from every
+    command that touched s3:// (reading: info, train...; writing: convert...); they are a
+    PathError naming the path and what to set. A bucket that does not exist is one line too."""
+    import s3fs
+
+    from wals_ooc.errors import PathError
+
+    from .conftest import moto_s3
+
+    csv = tmp_path / "plays.csv"
+    csv.write_text("user,item,plays\na,x,1\nb,y,2\n")
+    with moto_s3("trust6") as options:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            monkeypatch.delenv(name, raising=False)
+        for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+            monkeypatch.setenv(name, str(tmp_path / "absent"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", options["client_kwargs"]["endpoint_url"])
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        s3fs.S3FileSystem.clear_instance_cache()
+        for argv in (["info", "s3://trust6/plays.zarr"], ["convert", str(csv), "s3://trust6/plays.zarr", "-q"]):
+            assert cli_main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "error: s3://trust6/plays.zarr: no credentials to reach it" in err, err
+            assert "AWS_ACCESS_KEY_ID" in err and "internal error" not in err
+        with pytest.raises(PathError, match="no credentials"):
+            wals_ooc.open_store("s3://trust6/plays.zarr", storage_options={"client_kwargs": options["client_kwargs"]})
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        s3fs.S3FileSystem.clear_instance_cache()
+        assert cli_main(["info", "s3://no-such-bucket/plays.zarr"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "s3://no-such-bucket/plays.zarr: no such store" in err, err
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_overwrite_replaces_only_files_wals_ooc_wrote(model, tmp_path, capsys):
+    """`export --format npz --overwrite` onto the user's own .npz, or `generate --overwrite` onto
+    their CSV, replaced it: --overwrite replaces only a file of the kind the command writes."""
+    mine = tmp_path / "mine.npz"
+    np.savez(mine, ratings=np.arange(5))
+    data = tmp_path / "plays.csv"
+    data.write_text("user,item,count\n1,2,3\n")
+    before = {path: path.read_bytes() for path in (mine, data)}
+    for argv in (["export", model.factors_store.location, str(mine), "--format", "npz", "--overwrite"],
+                 ["export", model.factors_store.location, str(mine), "--format", "implicit", "--overwrite"],
+                 ["generate", str(data), "--users", "20", "--items", "10", "--rows", "50", "--overwrite", "-q"]):
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "refusing to replace it, even with --overwrite" in err and err.count("\n") == 1, err
+    assert {path: path.read_bytes() for path in (mine, data)} == before
+    assert sorted(os.listdir(tmp_path)) == ["mine.npz", "plays.csv"]  # nothing of ours left beside them
+    ours = tmp_path / "ours.npz"  # what the command wrote itself is replaced as before
+    for fmt in ("npz", "implicit"):
+        assert cli_main(["export", model.factors_store.location, str(ours), "--format", fmt, "--overwrite"]) == 0
+    with np.load(ours) as loaded:
+        assert loaded["item_factors"].shape == model.to_numpy()[1].shape
+    generated = tmp_path / "log.csv.gz"
+    for _ in range(2):
+        assert cli_main(["generate", str(generated), "--users", "20", "--items", "10", "--rows", "50", "--overwrite",
+                         "-q"]) == 0

@@ -162,6 +162,20 @@ def synthetic_batches(spec: SyntheticSpec, batch_rows: int = 1 << 20) -> Iterato
         yield RowBatch(users, np.minimum(items, spec.n_items - 1), values)
 
 
+CSV_HEADER = b'"user","item","count"'
+
+
+def _is_generated_csv(path: str) -> bool:
+    """Whether ``path`` starts as ``write_csv`` writes (its header, plain or gzip): what
+    ``overwrite`` may replace. Any other file (the user's own data) never is."""
+    import gzip
+
+    with open(path, "rb") as raw:
+        magic = raw.read(2)
+    with (gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")) as handle:
+        return handle.readline().rstrip(b"\r\n") == CSV_HEADER
+
+
 def write_csv(spec: SyntheticSpec, path: str | os.PathLike, compress: bool = False, batch_rows: int = 1 << 20,
               overwrite: bool = False) -> int:
     """Write the log as CSV with header ``user,item,count`` (gzip if ``compress``); returns rows.
@@ -170,7 +184,7 @@ def write_csv(spec: SyntheticSpec, path: str | os.PathLike, compress: bool = Fal
     only with ``overwrite`` (``store.lifecycle.output_file``)."""
     schema = pa.schema([("user", pa.int64()), ("item", pa.int64()), ("count", pa.int64())])
     rows = 0
-    with output_file(path, overwrite=overwrite) as temp:
+    with output_file(path, overwrite=overwrite, owned=_is_generated_csv, what="a log written by wals-ooc generate") as temp:
         sink = pa.CompressedOutputStream(temp, "gzip") if compress else pa.OSFile(temp, "wb")
         with sink, pacsv.CSVWriter(sink, schema) as writer:
             for batch in synthetic_batches(spec, batch_rows):

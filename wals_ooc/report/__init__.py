@@ -112,6 +112,12 @@ def render_report(data: ReportData) -> str:
     return page.page(f"wals-ooc model {os.path.basename(data.model.rstrip('/'))}", subtitle, sections)
 
 
+def _is_report(path: str) -> bool:
+    """Whether ``path`` begins as a page of ``render_report`` does (what ``overwrite`` may replace)."""
+    with open(path, "rb") as handle:
+        return b"<title>wals-ooc model " in handle.read(512)
+
+
 def write_report(model, output: str | os.PathLike, test=None, *, overwrite: bool = False, **options: Any) -> str:
     """Collect, render and write a model's report to ``output`` (an .html file), safely: an
     existing file is replaced only with ``overwrite`` and only once the new page is complete.
@@ -122,7 +128,8 @@ def write_report(model, output: str | os.PathLike, test=None, *, overwrite: bool
     data = collect_report(model, test, **options)
     text = render_report(data)
     inputs = [data.model, data.interactions] + ([data.test] if data.test else [])
-    with output_file(output, overwrite=overwrite, inputs=inputs) as temp:
+    with output_file(output, overwrite=overwrite, inputs=inputs, owned=_is_report,
+                     what="a report written by wals-ooc report") as temp:
         with open(temp, "w", encoding="utf-8") as handle:
             handle.write(text)
     return output

@@ -47,7 +47,8 @@ def export_factors(model: FactorStore, output: str, fmt: str = "parquet", overwr
         return output
     if not output.endswith(".npz"):
         raise SettingError(f"{output}: an {fmt} export is a .npz file; name it NAME.npz")
-    with output_file(output, overwrite=overwrite, inputs=[model.location]) as temp:
+    with output_file(output, overwrite=overwrite, inputs=[model.location], owned=is_npz_export,
+                     what="a factors .npz written by wals-ooc export") as temp:
         with zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
             maps = model_ids(model)
             for side in SIDES:
@@ -59,6 +60,16 @@ def export_factors(model: FactorStore, output: str, fmt: str = "parquet", overwr
                     with archive.open(f"{key}.npy", "w", force_zip64=True) as handle:
                         np.lib.format.write_array(handle, np.asarray(value), allow_pickle=False)
     return output
+
+
+def is_npz_export(path: str) -> bool:
+    """Whether ``path`` is a .npz this module writes (npz or implicit): a zip holding the ids
+    and factors of both sides (what ``--overwrite`` may replace; any other file is the user's)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+    return {f"{side}_{what}.npy" for side in SIDES for what in ("ids", "factors")} <= names
 
 
 def _write_parquet(model, side: str, path: str) -> None:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
-from ..errors import CorruptStoreError, StoreError, StoreNotFoundError
+from ..errors import CorruptStoreError, PathError, StoreError, StoreNotFoundError
 
 if TYPE_CHECKING:
     import zarr
@@ -72,6 +72,23 @@ def local_path(location: str | os.PathLike) -> str:
     return os.path.abspath(os.fspath(location).removeprefix("file://"))
 
 
+# what object-store clients raise when they find no credentials (botocore, google-auth), by
+# class name: neither library need be installed for local paths
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                   "DefaultCredentialsError", "RefreshError"}
+
+
+def credentials_problem(exc: BaseException, location: str | os.PathLike) -> PathError | None:
+    """The error to raise when ``exc`` says an object store found no credentials to reach
+    ``location`` (a one-line PathError naming it); None for any other failure."""
+    if not any(cls.__name__ in _NO_CREDENTIALS for cls in type(exc).__mro__):
+        return None
+    text = os.fspath(location)
+    how = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)" if text.startswith(("s3://", "s3a://"))
+           else "set up the object store's credentials")
+    return PathError(f"{text}: no credentials to reach it ({exc}): {how}, or pass them in storage_options")
+
+
 def open_group(
     location: str | os.PathLike,
     mode: Mode = "r",
@@ -104,6 +121,11 @@ def open_group(
         if isinstance(exc, StoreError):
             raise
         raise StoreNotFoundError(f"{text}: not a wals-ooc store ({exc})") from exc
+    except Exception as exc:
+        problem = credentials_problem(exc, text)
+        if problem is None:
+            raise
+        raise problem from exc
     return group
 
 

@@ -66,7 +66,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import zarr
 
 from ..errors import PathError, StaleLockWarning, StorageError, StoreLockedError, WalsError
-from .format import GENERATION_ATTR, KIND_PREFIX, as_int, has_checksum, is_local, local_path, open_group, subgroup
+from .format import GENERATION_ATTR, KIND_PREFIX, as_int, credentials_problem, has_checksum, is_local, local_path, open_group, subgroup
 
 OVERWRITE_FLAG = {"overwrite=True": "--overwrite"}
 MARKER = "_wals_ooc.json"  # the kind and completeness of a directory of files (Parquet output)
@@ -832,7 +832,12 @@ class Transaction:
 
 
 def _raise_as_wals(exc: BaseException, outputs: list[Output]):
-    """Re-raise ``exc``; an OSError becomes a StorageError naming the target(s)."""
+    """Re-raise ``exc``; an OSError becomes a StorageError naming the target(s), missing
+    credentials of an object store a PathError naming it."""
+    if isinstance(exc, Exception) and outputs:
+        problem = credentials_problem(exc, outputs[0].target)
+        if problem is not None:
+            raise problem from exc
     if isinstance(exc, WalsError) or not isinstance(exc, OSError):
         raise exc
     filename = exc.filename if isinstance(exc.filename, str) else None
@@ -894,11 +899,12 @@ def output_store(
 
 
 @contextlib.contextmanager
-def output_file(target: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[str | os.PathLike] = ()
-                ) -> Iterator[str]:
+def output_file(target: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[str | os.PathLike] = (),
+                owned: Callable[[str], bool] | None = None, what: str = "a wals-ooc output") -> Iterator[str]:
     """Write one local file safely: yields a temporary path beside ``target``, renamed onto it
     when the block succeeds (removed if it fails). An existing file is replaced only with
-    ``overwrite``; a directory never is."""
+    ``overwrite``, and, when ``owned`` is given, only if ``owned(path)`` says it is ``what`` this
+    writer makes (a file of the user's is never replaced, whatever the flags); a directory never is."""
     text = os.fspath(target)
     if not is_local(text):
         raise PathError(f"{text}: files are written to a local disk only")
@@ -909,6 +915,9 @@ def output_file(target: str | os.PathLike, *, overwrite: bool = False, inputs: S
         raise PathError(f"{text} is a directory: refusing to write a file over it (nothing was changed)")
     if state == "file" and not overwrite:
         raise PathError(f"{text} already exists; pass overwrite=True to replace it", flags=OVERWRITE_FLAG)
+    if state == "file" and owned is not None and not _owned_file(place.path, owned):
+        raise PathError(f"{text} is not {what}: refusing to replace it, even with overwrite=True (nothing was "
+                        "changed); choose another path", flags=OVERWRITE_FLAG)
     created: list[str] = []
     parent = place.parent
     while parent and not os.path.isdir(parent):
@@ -940,6 +949,14 @@ def output_file(target: str | os.PathLike, *, overwrite: bool = False, inputs: S
         raise
     finally:
         lock.release()
+
+
+def _owned_file(path: str, owned: Callable[[str], bool]) -> bool:
+    """``owned(path)``, a file that cannot be read counting as not ours."""
+    try:
+        return bool(owned(path))
+    except (OSError, ValueError):
+        return False
 
 
 @contextlib.contextmanager

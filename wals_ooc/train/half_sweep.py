@@ -53,6 +53,7 @@ from ..store.reader import CSRShard, InteractionStore
 from .entry_cache import entry_cache, release_entry_caches
 from .fixed_side import ScratchCopy, fixed_side, held_array, previous_copy, release_fixed_side
 from .plan import SolveTask
+from .sums import GramPieces, block_ranges, task_pieces
 
 # ---------------------------------------------------------------------------------------------
 # Per-process state: opened stores, and (on cluster workers) the running half-sweep's fixed side
@@ -251,21 +252,24 @@ class HalfSweepJob:
     shard_cache_bytes: int = 0  # on cluster workers: CSR shards kept between half-sweeps
     task_threads: int = 1  # blocked: threads a task spreads its rows over
     entry_cache: bool = False  # local blocked: tasks read their rows from a local raw copy after the first time (``entry_cache``)
+    row_block: int = 0  # the store's row block: rows are solved and summed block by block (``sums``)
 
 
 @dataclass
 class TaskResult:
-    """What a task reports: timing, its rows' pieces of the objective, and their Gram matrix."""
+    """What a task reports: timing, its rows' pieces of the objective (float64 partial sums, one
+    a row block where the solve allows: the driver adds them exactly, ``sums.exact_sum``), and
+    their share of the Gram tree (``sums``)."""
 
     shard: int
     part: int
     rows: int
     nnz: int
     seconds: float
-    gram: np.ndarray | None = None
-    quadratic: float = 0.0
-    observed: float = 0.0
-    regularization: float = 0.0
+    gram: GramPieces | None = None
+    quadratic: list[float] = field(default_factory=list)
+    observed: list[float] = field(default_factory=list)
+    regularization: list[float] = field(default_factory=list)
     failures: int = 0
     fixed_bytes_read: int = 0  # bytes of fixed factors this task read (from the store or the scratch copy)
 
@@ -287,7 +291,7 @@ def solve_task(job: HalfSweepJob, task: SolveTask, local: LocalState | None = No
     single_threaded_blas_in_worker()
     if job.mode != "blocked":
         csr, X, result = _task_inputs(job, task, local)
-        _solve_resident(job, csr, X, local, result)
+        _solve_resident(job, task, csr, X, local, result)
         return _finish(job, task, csr, X, result, started, local)
     with _blocked_inputs:
         csr, X, result = _task_inputs(job, task, local)
@@ -337,7 +341,15 @@ def _task_inputs(job: HalfSweepJob, task: SolveTask, local: LocalState | None) -
     return csr, X, TaskResult(task.shard, task.part, csr.n_rows, csr.nnz, 0.0)
 
 
-def _solve_resident(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, local: LocalState | None, result: TaskResult) -> None:
+def _task_blocks(job: HalfSweepJob, task: SolveTask) -> list[tuple[int, int]]:
+    """The task's rows cut at the store's row blocks, relative to its first row: each is solved
+    by its own kernel call, so that its rows' arithmetic (CG's row groups, their BLAS products)
+    and its partial sums do not depend on where the plan cut the tasks."""
+    return [(a - task.row_start, b - task.row_start) for a, b in block_ranges(task.row_start, task.row_stop, job.row_block)]
+
+
+def _solve_resident(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.ndarray, local: LocalState | None,
+                    result: TaskResult) -> None:
     cfg = job.config
     kind, alpha, alpha0, eps = _kernel_scalars(cfg)
     lam, nu = float(cfg.regularization), float(cfg.nu)
@@ -346,23 +358,24 @@ def _solve_resident(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, local: Loca
     else:
         Y, made = _fixed_of(job)
         result.fixed_bytes_read += Y.nbytes if made else 0
-    if job.solver == "cg":
-        result.observed = cg_solve_rows(
-            csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu, job.n_fixed,
-            cfg.cg_steps, job.loss
-        )
-    elif job.solver == "ialspp":
-        result.observed = subspace_solve_rows(
-            csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps, lam, nu, job.n_fixed,
-            cfg.block_size, cfg.block_sweeps, job.loss
-        )
-    else:
-        result.failures = cholesky_solve_rows(csr.indptr, csr.indices, csr.values, Y, job.gram, X, kind, alpha, alpha0, eps,
-                                              lam, nu, job.n_fixed)
-        if job.loss:
-            cursor = csr.indptr[:-1].copy()
-            result.observed = observed_loss_block(csr.indptr, csr.indices, csr.values, cursor, 0, job.n_fixed, Y, X,
-                                                  kind, alpha, alpha0, eps)
+    for a, b in _task_blocks(job, task):
+        ip = csr.indptr[a:b + 1]
+        if job.solver == "cg":
+            result.observed.append(cg_solve_rows(
+                ip, csr.indices, csr.values, Y, job.gram, X[a:b], kind, alpha, alpha0, eps, lam, nu, job.n_fixed,
+                cfg.cg_steps, job.loss
+            ))
+        elif job.solver == "ialspp":
+            result.observed.append(subspace_solve_rows(
+                ip, csr.indices, csr.values, Y, job.gram, X[a:b], kind, alpha, alpha0, eps, lam, nu, job.n_fixed,
+                cfg.block_size, cfg.block_sweeps, job.loss
+            ))
+        else:
+            result.failures += cholesky_solve_rows(ip, csr.indices, csr.values, Y, job.gram, X[a:b], kind, alpha, alpha0,
+                                                   eps, lam, nu, job.n_fixed)
+            if job.loss:
+                result.observed.append(observed_loss_block(ip, csr.indices, csr.values, ip[:-1].copy(), 0, job.n_fixed, Y,
+                                                           X[a:b], kind, alpha, alpha0, eps))
 
 
 def _finish(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.ndarray, result: TaskResult, started: float,
@@ -370,8 +383,10 @@ def _finish(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.ndarray, re
     """The solved rows' pieces of the objective and Gram matrix; write them to the out slot (behind
     the task's back in a local fit: ``LocalState.write_behind``)."""
     cfg = job.config
-    result.regularization = regularization_sum(csr.indptr, X, float(cfg.regularization), float(cfg.nu), float(cfg.alpha0),
-                                               job.n_fixed)
+    blocks = _task_blocks(job, task)
+    for a, b in blocks:
+        result.regularization.append(regularization_sum(csr.indptr[a:b + 1], X[a:b], float(cfg.regularization),
+                                                        float(cfg.nu), float(cfg.alpha0), job.n_fixed))
     out = _factor_array(job.model, job.storage_options, job.side, job.out_slot)
     if local is not None:
         local.write_behind(out, task.row_start, task.row_stop, X)  # one writer thread: writes in turn
@@ -380,9 +395,11 @@ def _finish(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.ndarray, re
             out[task.row_start:task.row_stop] = X
     else:
         out[task.row_start:task.row_stop] = X
-    result.gram = block_gram(X)
+    grams = [block_gram(X[a:b]) for a, b in blocks]
     if job.loss:
-        result.quadratic = gram_quadratic_of(result.gram, job.gram)
+        result.quadratic = [gram_quadratic_of(gram, job.gram) for gram in grams]
+    result.gram = task_pieces([(task.row_start + a, task.row_start + b) for a, b in blocks], grams, job.row_block,
+                              int(out.shape[0]))
     result.seconds = time.perf_counter() - started
     return result
 
@@ -467,7 +484,7 @@ def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
                                                  kind, alpha, alpha0, eps)
 
     _in_parts(parts, solve)
-    result.observed += sum(observed)
+    result.observed += observed
     result.failures += sum(failures)
 
 
@@ -514,7 +531,7 @@ def _blocked_cg(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: Scratc
 
         _in_parts(parts, finish)
     if job.loss:
-        result.observed = cg_observed_loss(loss_terms, steps)
+        result.observed.append(cg_observed_loss(loss_terms, steps))
 
 
 def _blocked_cholesky(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: ScratchCopy, result: TaskResult) -> None:
@@ -536,7 +553,7 @@ def _blocked_cholesky(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
         failures, observed = solve_accumulated(indptr, A, b, c_sum, job.gram, X[b0:b1], float(cfg.regularization),
                                                float(cfg.nu), float(cfg.alpha0), job.n_fixed)
         result.failures += failures
-        result.observed += observed
+        result.observed.append(observed)
         del A, b  # freed before the next batch allocates its own
 
 

@@ -25,6 +25,7 @@ from ..store.reader import InteractionStore
 from .factors import MODEL_FORMAT_VERSION, MODEL_KIND, Checkpoint, FactorStore, check_interactions_match
 from .half_sweep import HalfSweepJob, LocalState, init_task, release_caches, run_half_sweep
 from .plan import HalfSweepPlan, TrainingPlan, plan_half_sweep
+from .sums import exact_sum, tree_sum
 
 log = logging.getLogger("wals_ooc")
 
@@ -198,8 +199,8 @@ def _initialise(model: FactorStore, store: InteractionStore, config: WALSConfig,
 def _finite(result) -> bool:
     """A task's factors are finite iff their Gram is (a NaN or inf in a row reaches it), and so
     must be its pieces of the objective."""
-    pieces = (result.quadratic, result.observed, result.regularization)
-    return result.gram is not None and bool(np.isfinite(result.gram).all()) and bool(np.isfinite(pieces).all())
+    pieces = [*result.quadratic, *result.observed, *result.regularization]
+    return result.gram is not None and result.gram.finite() and bool(np.isfinite(pieces).all())
 
 
 def _sum_in_order(parts) -> np.ndarray:
@@ -293,6 +294,7 @@ def _train_model(out: Output, model: FactorStore, store: InteractionStore, confi
                     n_fixed=plan.n_fixed, gram=gram.astype(config.np_dtype), loss=config.compute_loss and side == "item",
                     shard_cache_bytes=0 if local else cache_bytes, task_threads=plan.task_threads,
                     entry_cache=local and plan.mode == "blocked",
+                    row_block=store.row_block,
                 )
                 label = f"{side}s-it{checkpoint.iteration:03d}"
                 try:
@@ -314,12 +316,13 @@ def _train_model(out: Output, model: FactorStore, store: InteractionStore, confi
                 failures = sum(r.failures for r in results)
                 if failures:
                     log.warning("%d %s rows had a singular system and kept their previous factors", failures, side)
-                model.set_gram(side, job.out_slot, _sum_in_order(r.gram for r in results))
+                model.set_gram(side, job.out_slot, tree_sum((r.gram for r in results if r.gram is not None),
+                                                            store.n_rows(side), store.row_block))
                 side_seconds[side] = time.perf_counter() - started
                 side_fixed_bytes[side] = sum(r.fixed_bytes_read for r in results)
                 slots = dict(checkpoint.slots)
                 slots[side] = job.out_slot
-                regularization = float(sum(r.regularization for r in results))
+                regularization = exact_sum(x for r in results for x in r.regularization)
                 _check_data_unchanged(store, data_id)
                 if side == "user":
                     checkpoint = Checkpoint(checkpoint.step + 1, slots, pending_user_reg=regularization)
@@ -328,7 +331,8 @@ def _train_model(out: Output, model: FactorStore, store: InteractionStore, confi
                     continue
                 loss = None
                 if config.compute_loss:
-                    loss = float(sum(r.quadratic + r.observed for r in results)) + regularization + checkpoint.pending_user_reg
+                    loss = exact_sum([*(x for r in results for x in (*r.quadratic, *r.observed)), regularization,
+                                      checkpoint.pending_user_reg])
                 report = IterationReport(
                     checkpoint.iteration + 1, loss, side_seconds["user"] + side_seconds["item"],
                     side_seconds["user"], side_seconds["item"], side_fixed_bytes["user"], side_fixed_bytes["item"],
