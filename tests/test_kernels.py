@@ -15,6 +15,7 @@ from wals_ooc.kernels.blocked import (
 from wals_ooc.kernels.loss import observed_loss_block, row_penalties
 from wals_ooc.kernels.solve import CONFIDENCE_KINDS, GATHER_MAX_ENTRIES, GROUP_ROWS, cg_solve_rows, cholesky_solve_rows
 from wals_ooc.kernels.subspace import subspace_solve_rows
+from wals_ooc.kernels.tile import pack_gram, tiled_product, tiles
 from wals_ooc.kernels.topk import new_heaps, topk_finish, topk_update
 from wals_ooc.kernels.transpose import transpose_tile
 
@@ -81,11 +82,12 @@ def test_cg_converges_to_closed_form_with_more_steps(setting):
     assert errors[-1] < 1e-6, errors  # f = 8 steps: exact up to rounding
 
 
-def test_cg_row_groups_empty_and_long_rows_reach_closed_form():
+@pytest.mark.parametrize("f", [8, 32])  # 32: the Gram products register-tiled (tile.py), 8: BLAS
+def test_cg_row_groups_empty_and_long_rows_reach_closed_form(f):
     """Rows over several lockstep groups, an empty row, and a row longer than the gather block
     (solved alone from Y): f steps reach the closed form, and the loss returned (scores carried
     through the steps) equals a pass over the solved rows."""
-    n_rows, n_fixed, f = 2 * GROUP_ROWS + 22, GATHER_MAX_ENTRIES + 300, 8
+    n_rows, n_fixed = 2 * GROUP_ROWS + 22, GATHER_MAX_ENTRIES + 300
     R = random_interactions(n_rows, n_fixed, 0.002, 7).tolil()
     R[3, :] = 0
     R[GROUP_ROWS + 5, :] = np.random.default_rng(8).integers(1, 4, size=n_fixed).astype(R.dtype)
@@ -104,6 +106,25 @@ def test_cg_row_groups_empty_and_long_rows_reach_closed_form():
     assert np.linalg.norm(X - expected) / np.linalg.norm(expected) < 1e-6
     direct = observed_loss_block(indptr, R.indices, R.data, indptr[:-1].copy(), 0, n_fixed, Y, X, kind, alpha, alpha0, eps)
     assert observed == pytest.approx(direct, rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("f", [16, 48])
+def test_tiled_gram_product_equals_matmul(f, dtype):
+    """Rows times the Gram packed in 16-column panels, for row counts that are not a multiple of 4
+    (the padding rows are computed too, and nothing past them is written)."""
+    rng = np.random.default_rng(f)
+    A = rng.normal(size=(12, f)).astype(dtype)
+    G = rng.normal(size=(f, f)).astype(dtype)
+    assert tiles(f) and not tiles(f + 8) and not tiles(0)
+    Gp = pack_gram(G)
+    for n in (1, 4, 7, 12):
+        D = np.full((12, f), np.nan, dtype)
+        tiled_product(A, Gp, D, n)
+        m = -(-n // 4) * 4
+        np.testing.assert_allclose(D[:m], A[:m].astype(np.float64) @ G, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                                   atol=1e-4 if dtype == np.float32 else 1e-12)
+        assert np.isnan(D[m:]).all()
 
 
 def test_cg_float32_warm_start_reaches_closed_form():

@@ -358,10 +358,10 @@ def test_kernel_warm_up_covers_every_signature_training_and_serving_use(small_st
 import json
 import numba
 from wals_ooc import WALS
-from wals_ooc.kernels import assemble, loss, rank, solve, subspace, text, topk
+from wals_ooc.kernels import assemble, loss, rank, solve, subspace, text, tile, topk
 from wals_ooc.kernels.warm import warm_serving_kernels, warm_training_kernels
 
-kernels = [k for m in (assemble, loss, rank, solve, subspace, text, topk) for k in vars(m).values()
+kernels = [k for m in (assemble, loss, rank, solve, subspace, text, tile, topk) for k in vars(m).values()
            if isinstance(k, numba.core.registry.CPUDispatcher)]
 warm_training_kernels("float32"); warm_serving_kernels()
 before = {{k.__name__: len(k.signatures) for k in kernels}}

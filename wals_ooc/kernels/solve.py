@@ -25,6 +25,7 @@ import numpy as np
 from numba import njit
 
 from .prefetch import prefetch_row
+from .tile import TILE_COLUMNS, pack_gram, tiled_product, tiles
 
 LINEAR, LOG, CONSTANT = 0, 1, 2
 CONFIDENCE_KINDS = {"linear": LINEAR, "log": LOG, "constant": CONSTANT}
@@ -37,7 +38,7 @@ GATHER_MAX_ENTRIES = 16384  # scratch rows per thread for gathered fixed factors
 # CG's row groups (``cg_solve_rows``): rows solved in lockstep, and the bytes of fixed rows they
 # gather (about L2; measured on the 16M store against 1 row a group and no prefetch, one thread:
 # 0.82-0.84x a user row and 0.91-0.96x an item row at f = 64 and 128)
-GROUP_ROWS = 64
+GROUP_ROWS = 64  # a multiple of TILE_ROWS
 GROUP_BYTES = 1 << 20
 PREFETCH_ENTRIES = 8  # how far ahead the gather prefetches fixed rows
 
@@ -148,6 +149,16 @@ def _cg_row(rows, ids, base, n_u, values, weight, x, r, p, Ap, gram, reg, kind, 
 
 
 @njit(**_JIT)
+def _gram_product(A, G, Gp, D, n, tiled):
+    """D[:n] = A[:n] @ G: register-tiled against the packed Gram ``Gp`` when ``tiled`` (rows up to
+    n rounded up to ``TILE_ROWS`` written), else BLAS."""
+    if tiled:
+        tiled_product(A, Gp, D, n)
+    else:
+        np.dot(A[:n], G, D[:n])
+
+
+@njit(**_JIT)
 def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, n_fixed, cg_steps, observed_loss=False):
     """Conjugate-gradient solve of every row, warm-started from X (updated in place).
 
@@ -158,11 +169,14 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     Never forms a row's f x f system (Takacs et al. 2011, as implicit's CG). Rows go in groups
     of up to ``GROUP_ROWS`` rows and ``GROUP_BYTES`` of fixed rows, whose CG steps run in
     lockstep: the fixed rows of the group are gathered once into a contiguous block (prefetched
-    ``PREFETCH_ENTRIES`` entries ahead), so every pass after the gather reads them from cache,
-    and the dense part of each step, Gram times the search directions of the group's rows, is one
-    matrix-matrix product (BLAS) instead of one matrix-vector product a row (the f x f Gram is
-    read once a group instead of once a row: at f = 128 it does not fit in L1). A row longer
-    than the gather block reads Y directly, alone (``_cg_row``).
+    ``PREFETCH_ENTRIES`` entries ahead) by the residual pass itself, which uses each row as it
+    arrives, so every CG step after it reads them from cache; and the dense part of each step,
+    Gram times the search directions of the group's rows, is one matrix-matrix product instead
+    of one matrix-vector product a row (the f x f Gram is read once a group instead of once a
+    row: at f = 128 it does not fit in L1). When f is a multiple of 16 that product is
+    register-tiled against the Gram packed once per call (``tile.tiled_product``: 89 GFLOP/s a
+    core against BLAS's 32-42 at these row counts, which packs the Gram on every call), else
+    BLAS. A row longer than the gather block reads Y directly, alone (``_cg_row``).
     Arithmetic stays in X's dtype (scalars are cast to it), so float32 runs 8 lanes wide.
     """
     n_rows, f = X.shape
@@ -177,9 +191,12 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     score = np.empty(held, dtype=X.dtype)  # x.y of each entry, kept current through the steps
     proj = np.empty(held, dtype=X.dtype)  # p.y of each entry in the current step
     G = np.ascontiguousarray(gram.astype(X.dtype))
-    X_group = np.empty((GROUP_ROWS, f), dtype=X.dtype)
+    tiled = tiles(f)
+    Gp = pack_gram(G) if tiled else np.empty((0, f, TILE_COLUMNS), dtype=X.dtype)
+    # rows of a group's products (zeros: the tiled product also reads the padding up to a multiple of 4)
+    X_group = np.zeros((GROUP_ROWS, f), dtype=X.dtype)
     R = np.empty((GROUP_ROWS, f), dtype=X.dtype)
-    P = np.empty((GROUP_ROWS, f), dtype=X.dtype)
+    P = np.zeros((GROUP_ROWS, f), dtype=X.dtype)
     D = np.empty((GROUP_ROWS, f), dtype=X.dtype)  # Gram times X, then times P, of the group's rows
     Ap = np.empty(f, dtype=X.dtype)
     r1 = np.empty(f, dtype=X.dtype)
@@ -204,18 +221,11 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
                and indptr[u1 + 1] - indptr[u1] <= gather_cap):
             u1 += 1
         nb = u1 - u0
-        for e in range(indptr[u1] - base):  # independent copies: many cache misses in flight at once
-            ahead = base + e + PREFETCH_ENTRIES
-            if ahead < last:
-                prefetch_row(Y, indices[ahead])
-            source = Y[indices[base + e]]
-            for k in range(f):
-                Y_rows[e, k] = source[k]
         for i in range(nb):
             for k in range(f):
                 X_group[i, k] = X[u0 + i, k]
-        np.dot(X_group[:nb], G, D[:nb])
-        for i in range(nb):  # r = b - A x, p = r
+        _gram_product(X_group, G, Gp, D, nb, tiled)
+        for i in range(nb):  # r = b - A x, p = r; the fixed rows gathered as the residual takes them
             e0, e1 = indptr[u0 + i] - base, indptr[u0 + i + 1] - base
             reg = T(row_regularization(e1 - e0, lam, nu, alpha0, n_fixed))
             regs[i] = reg
@@ -224,7 +234,13 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
             for k in range(f):
                 r[k] = -D[i, k] - reg * x[k]
             for e in range(e0, e1):
+                ahead = base + e + PREFETCH_ENTRIES  # independent copies: many cache misses in flight at once
+                if ahead < last:
+                    prefetch_row(Y, indices[ahead])
+                source = Y[indices[base + e]]
                 y = Y_rows[e]
+                for k in range(f):
+                    y[k] = source[k]
                 c = T(confidence(values[base + e], kind, alpha, alpha0, eps))
                 w = c - alpha0
                 weight[e] = w
@@ -243,7 +259,7 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
                 running = running or active[i]
             if not running:
                 break
-            np.dot(P[:nb], G, D[:nb])
+            _gram_product(P, G, Gp, D, nb, tiled)
             for i in range(nb):
                 if not active[i]:
                     continue
