@@ -594,3 +594,77 @@ def test_scan_chunk_counts_newlines_finds_the_last_and_sees_quotes():
             newlines = np.flatnonzero(data == 10)
             expected = (bool((data == 34).any()), len(newlines), int(newlines[-1]) + 1 if len(newlines) else 0)
             assert tuple(scan_chunk(data)) == expected, (size, alphabet)
+
+
+def test_heap_guard_gives_back_free_heap_once_the_rss_passes_its_mark():
+    """Buffers under the raised mmap threshold come from malloc's heap and, freed, stay resident:
+    the guard releases them when the RSS is over its mark (here: at once)."""
+    from .conftest import run_python
+
+    code = """
+import json, time
+import numpy as np
+from wals_ooc.memory import HeapGuard, current_rss, reused_large_buffers, warm_libraries
+warm_libraries()
+with reused_large_buffers(1 << 30):  # 4 MiB threshold: the 3 MiB buffers below come from the heap
+    buffers = [np.ones(3 << 17) for _ in range(32)]  # 32 float64 buffers of 3 MiB, touched
+    for k in range(0, 32, 2):
+        buffers[k] = None  # every other one freed: holes below live buffers, not trimmed by free()
+    held = current_rss()
+    with HeapGuard(mark=0, period=0.002) as guard:
+        deadline = time.monotonic() + 5
+        while current_rss() > held - (32 << 20) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    print(json.dumps({"held": held, "after": current_rss(), "trims": guard.trims, "highest": guard.highest}))
+"""
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["trims"] >= 1 and figures["highest"] >= figures["after"]
+    assert figures["held"] - figures["after"] >= 32 << 20, figures  # ~48 MiB of holes given back
+
+
+def test_conversion_stays_under_a_small_budget_with_the_largest_heap_reuse(tmp_path):
+    """A small input at a small allowance, with buffers of up to 4 MiB kept in malloc's heap (as
+    at the largest allowances): the peak stays under the budget, and no BudgetWarning."""
+    from wals_ooc.synthetic import SyntheticSpec, write_csv
+
+    from .conftest import run_python
+
+    csv_path = tmp_path / "in.csv"
+    write_csv(SyntheticSpec(n_users=60_000, n_items=20_000, rows=1_500_000, seed=4), csv_path)
+    allowance = 64 * 2**20
+    code = f"""
+import json, warnings, wals_ooc
+import wals_ooc.memory as memory
+from wals_ooc.memory import current_rss, peak_rss, warm_libraries
+memory.reuse_threshold = lambda allowance: memory.REUSE_THRESHOLD_MAX
+warm_libraries()
+budget = current_rss() + {allowance} + 2**20  # 1 MiB for the pages allocated before convert measures its own start
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    report = wals_ooc.convert({str(csv_path)!r}, {str(tmp_path / 's.zarr')!r}, memory_budget=budget,
+                              shard_nnz=50_000, progress=False)
+print(json.dumps({{"budget": budget, "peak": peak_rss(), "nnz": report.nnz, "warnings": [str(w.message) for w in caught]}}))
+"""
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["nnz"] > 800_000
+    assert figures["peak"] <= figures["budget"], figures
+    assert not [w for w in figures["warnings"] if "memory budget" in w], figures
+
+
+def test_a_build_over_its_budget_warns(tmp_path):
+    """A peak over the budget is never silent: BudgetWarning names the store and both figures."""
+    from wals_ooc.errors import BudgetWarning
+    from wals_ooc.memory import MemoryBudget
+    from wals_ooc.store.sources import RowBatch
+    from wals_ooc.store.writer import write_store
+
+    batch = RowBatch(np.arange(1000, dtype=np.int64) % 37, np.arange(1000, dtype=np.int64) % 11,
+                     np.ones(1000, np.float32), None)
+    tight = MemoryBudget(total=1 << 20, baseline=0)  # far under what the process already holds
+    with pytest.warns(BudgetWarning, match=r"s\.zarr: peak RSS .* went over the memory budget of 1\.00 MiB"):
+        report = write_store(iter([batch]), tmp_path / "s.zarr", memory_budget=tight, progress=False)
+    assert report.nnz == 37 * 11

@@ -88,7 +88,8 @@ def main() -> None:
             result = json.loads(done.stdout.strip().splitlines()[-1])
             runs[peer].append(result)
             print(f"  run {repeat + 1} {peer:6s} {result['seconds']:7.2f} s  {result['rows'] / result['seconds']:>12,.0f} rows/s"
-                  f"  peak RSS {format_bytes(result['peak_rss'])}" + (f" (budget {format_bytes(result['budget'])})" if result["budget"] else ""),
+                  f"  peak RSS {format_bytes(result['peak_rss'])}" + (f" (budget {format_bytes(result['budget'])})" if result["budget"] else "")
+                  + ("  OVER BUDGET" if result["budget"] and result["peak_rss"] > result["budget"] else ""),
                   flush=True)
     assert runs["wals"][0]["nnz"] == runs["pandas"][0]["nnz"], "the two disagree on nnz"
     medians = {peer: statistics.median(r["rows"] / r["seconds"] for r in results) for peer, results in runs.items()}
@@ -96,7 +97,8 @@ def main() -> None:
     print(f"\nmedian rows/s: wals-ooc {medians['wals']:,.0f}, pandas+scipy {medians['pandas']:,.0f} "
           f"(ratio {medians['wals'] / medians['pandas']:.2f}); peak RSS wals-ooc {format_bytes(peaks['wals'])} "
           f"(budget {format_bytes(runs['wals'][0]['budget'])}, input {format_bytes(size)}), pandas+scipy {format_bytes(peaks['pandas'])}; "
-          f"nnz {runs['wals'][0]['nnz']:,}")
+          f"nnz {runs['wals'][0]['nnz']:,}; wals-ooc runs over their budget: "
+          f"{sum(r['peak_rss'] > r['budget'] for r in runs['wals'])} of {len(runs['wals'])}")
 
 
 if __name__ == "__main__":

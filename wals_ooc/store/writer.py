@@ -51,7 +51,7 @@ from ..kernels.assemble import (
     segment_sums,
 )
 from ..kernels.text import parse_ints
-from ..memory import MemoryBudget, format_bytes, peak_rss, release_free_heap, reused_large_buffers
+from ..memory import HeapGuard, MemoryBudget, format_bytes, peak_rss, release_free_heap, reused_large_buffers
 from .format import ID_ARRAYS, CSR_CHUNK, FORMAT_VERSION, INTERACTIONS_KIND, create_array, is_local, subgroup
 from .appender import ChunkAppender
 from .ids import DistinctIds, IdIndex, as_text, hash_text, text_buffers, write_id_map
@@ -235,12 +235,23 @@ def build_store(
     ("split train": "split train: read", ...; default: the passes' names alone)."""
     token = _STAGE.set(f"{stage}: " if stage else "")
     budget = memory_budget if isinstance(memory_budget, MemoryBudget) else MemoryBudget.start(memory_budget)
+    peak_before = peak_rss()
     try:
-        with reused_large_buffers(budget.allowance):  # batch buffers and chunk encodes reuse their pages
-            return _build_store(batches, out, budget, shard_nnz, row_block, progress, report, source_attrs,
-                                id_type, source_name)
+        # batch buffers and chunk encodes reuse their pages; the guard gives the free ones back
+        # whenever the RSS nears the budget (what the passes hold alive is planned within it)
+        with reused_large_buffers(budget.allowance), \
+                HeapGuard(budget.baseline + budget.allowance * 3 // 4, step=max(1 << 20, budget.allowance // 64)) as guard:
+            report = _build_store(batches, out, budget, shard_nnz, row_block, progress, report, source_attrs,
+                                  id_type, source_name)
     finally:
         _STAGE.reset(token)
+    # never silently: the caller asked for a cap (VmHWM is the process's: it counts only if the
+    # build raised it; the guard's samples are the build's own)
+    highest = max(guard.highest, report.peak_rss if report.peak_rss > peak_before else 0)
+    if highest > budget.total:
+        warnings.warn(BudgetWarning(f"{out.target}: peak RSS {format_bytes(highest)} went over the memory budget of "
+                                    f"{format_bytes(budget.total)}"), stacklevel=2)
+    return report
 
 
 def _desc(name: str) -> str:
@@ -945,10 +956,18 @@ def _assemble(group, orientation, bucket_paths, bounds, n_cols, record, unit_nnz
     order_out = ChunkAppender(_csr_array(csr, "order", capacity, np.float64), trim=True) \
         if "order" in record.names else None
     offset = 0
-    work = _Buffers()
+    sizes = [os.path.getsize(path) // record.itemsize if os.path.exists(path) else 0 for path in bucket_paths]
+
+    def dense(k: int) -> bool:  # a row too long for a unit, summed into per-column accumulators
+        return sizes[k] > unit_nnz and bounds[k + 1] - bounds[k] == 1 and n_cols * DENSE_ROW_BYTES <= allowance // 2
+
+    # the working arrays are made once, at the largest unit's size: grown unit by unit, each
+    # smaller one left behind would stay resident in malloc's heap (not planned in the budget)
+    work = _Buffers(entries=max((n for k, n in enumerate(sizes) if not dense(k)), default=0),
+                    rows=max((bounds[k + 1] - bounds[k] for k in range(len(sizes))), default=0) + 1)
     for k, path in enumerate(tqdm(bucket_paths, desc=_desc(f"assemble {orientation}"), unit="shards", disable=disable)):
-        entries = os.path.getsize(path) // record.itemsize if os.path.exists(path) else 0
-        if entries > unit_nnz and bounds[k + 1] - bounds[k] == 1 and n_cols * DENSE_ROW_BYTES <= allowance // 2:
+        entries = sizes[k]
+        if dense(k):
             indptr, indices, values, order = dense_row_to_csr(path, record, n_cols, unit_nnz)
         else:
             if entries > 2 * unit_nnz:
@@ -1013,14 +1032,19 @@ class _Buffers:
     """Working arrays kept from one assembly unit to the next, grown as needed: fresh memory
     would fault in every page anew for every unit."""
 
-    def __init__(self) -> None:
+    def __init__(self, entries: int = 0, rows: int = 0) -> None:
+        """entries, rows: the largest unit's entries and rows + 1, if known: arrays of either
+        length are made that long at once (``get(..., per=)``), never grown."""
         self.arrays: dict[str, np.ndarray] = {}
+        self.least = {"entries": entries, "rows": rows}
 
-    def get(self, name: str, size: int, dtype) -> np.ndarray:
+    def get(self, name: str, size: int, dtype, per: str = "") -> np.ndarray:
+        """An array ``name`` of ``size`` (its first ``size`` elements); per="entries" or
+        "rows": made at least as long as the largest unit needs."""
         array = self.arrays.get(name)
         if array is None or len(array) < size or array.dtype != dtype:
             self.arrays.pop(name, None)  # the old one is freed before the new one is made
-            array = self.arrays[name] = np.empty(size, dtype)
+            array = self.arrays[name] = np.empty(max(size, self.least.get(per, 0)), dtype)
         return array[:size]
 
 
@@ -1039,19 +1063,20 @@ def rows_to_csr(records: np.ndarray, row_start: int, row_stop: int, n_cols: int,
     if not has_order and work is not None:  # the same, into the caller's buffers
         n = len(records)
         values_dtype = records.dtype["value"]
-        indptr = work.get("indptr", n_rows + 1, np.int64)
-        indices, sums = work.get("indices", n, np.int32), work.get("sums", n, np.float64)
+        indptr = work.get("indptr", n_rows + 1, np.int64, "rows")
+        indices, sums = work.get("indices", n, np.int32, "entries"), work.get("sums", n, np.float64, "entries")
+        counts = work.get("counts", n_rows + 1, np.int64, "rows")
+        row_cols, row_values = work.get("row_cols", n, np.int32, "entries"), work.get("row_values", n, values_dtype, "entries")
         if n_cols <= n // 2:  # two counting sorts (by column, then row): the column table is small beside the unit
             out = csr_by_columns_into(records["row"], records["col"], records["value"], row_start, n_rows, n_cols,
-                                      work.get("col_counts", n_cols + 1, np.int64), work.get("col_rows", n, np.int32),
-                                      work.get("col_values", n, values_dtype), work.get("counts", n_rows + 1, np.int64),
-                                      work.get("row_cols", n, np.int32), work.get("row_values", n, values_dtype),
+                                      work.get("col_counts", n_cols + 1, np.int64),
+                                      work.get("col_rows", n, np.int32, "entries"),
+                                      work.get("col_values", n, values_dtype, "entries"), counts, row_cols, row_values,
                                       indptr, indices, sums)
         else:
-            out = csr_into(records["row"], records["col"], records["value"], row_start, n_rows, n_cols,
-                           work.get("counts", n_rows + 1, np.int64), work.get("row_cols", n, np.int32),
-                           work.get("row_values", n, values_dtype), indptr, indices, sums)
-        values = work.get("values", out, np.float32)
+            out = csr_into(records["row"], records["col"], records["value"], row_start, n_rows, n_cols, counts,
+                           row_cols, row_values, indptr, indices, sums)
+        values = work.get("values", out, np.float32, "entries")
         with np.errstate(over="ignore"):
             np.copyto(values, sums[:out], casting="unsafe")
         return indptr, indices[:out], values, None
