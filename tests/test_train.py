@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from wals_ooc import WALSConfig, open_store
+from wals_ooc.errors import SettingError
 from wals_ooc.train import FactorStore, train
 from wals_ooc.train.objective import objective
 
@@ -102,10 +103,29 @@ def test_ialspp_trainer_is_exact_with_one_block_and_converges_to_cholesky_with_s
     errors = []
     for sweeps in (1, 3, 12):
         X, _ = _factors(_fit(store, tmp_path / f"s{sweeps}.zarr", solver="ialspp", block_size=3, block_sweeps=sweeps,
-                             iterations=1, **settings))
+                             first_sweeps=1, iterations=1, **settings))
         errors.append(np.linalg.norm(X - X_first) / np.linalg.norm(X_first))
     assert errors[0] > errors[1] > errors[2], errors
     assert errors[2] < 1e-3, errors
+
+
+def test_ialspp_first_iteration_takes_first_sweeps_and_later_ones_block_sweeps(small_store, tmp_path):
+    """first_sweeps passes in the first iteration's half-sweeps (the same factors as block_sweeps
+    that many), block_sweeps after; a bad count is refused naming its flag."""
+    store = open_store(small_store)
+    settings = dict(dtype="float64", solver="ialspp", block_size=3, iterations=1, **OBJECTIVES["hu"])
+    first = _factors(_fit(store, tmp_path / "first.zarr", block_sweeps=1, first_sweeps=3, **settings))
+    every = _factors(_fit(store, tmp_path / "every.zarr", block_sweeps=3, first_sweeps=1, **settings))
+    one = _factors(_fit(store, tmp_path / "one.zarr", block_sweeps=1, first_sweeps=1, **settings))
+    np.testing.assert_array_equal(first[0], every[0])
+    np.testing.assert_array_equal(first[1], every[1])
+    assert np.abs(first[0] - one[0]).max() > 1e-6
+    config = WALSConfig(block_sweeps=1, first_sweeps=3)
+    assert [config.sweeps_at(step) for step in range(5)] == [3, 3, 1, 1, 1]
+    assert WALSConfig(block_sweeps=4, first_sweeps=2).sweeps_at(0) == 4
+    with pytest.raises(SettingError, match="first_sweeps must be >= 1") as refused:
+        WALSConfig(first_sweeps=0)
+    assert refused.value.flags == {"first_sweeps": "--first-sweeps"}
 
 
 def test_same_seed_same_factors_and_other_seed_other_factors(small_store, tmp_path):

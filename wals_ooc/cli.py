@@ -238,13 +238,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cg-steps", type=int, default=d.cg_steps, help="conjugate-gradient steps per row solve")
     p.add_argument("--block-size", type=int, default=d.block_size, help="ialspp: coordinates solved together")
     p.add_argument("--block-sweeps", type=int, default=d.block_sweeps, help="ialspp: passes over the blocks per half-sweep")
+    p.add_argument("--first-sweeps", type=int, default=d.first_sweeps,
+                   help="ialspp: passes over the blocks in the first iteration's half-sweeps (at least --block-sweeps)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="factor precision")
 
 
 def _model_settings(args) -> dict:
     return dict(factors=args.factors, regularization=args.regularization, alpha=args.alpha, alpha0=args.alpha0,
                 confidence=args.confidence, eps=args.eps, nu=args.nu, iterations=args.iterations, solver=args.solver,
-                cg_steps=args.cg_steps, block_size=args.block_size, block_sweeps=args.block_sweeps, dtype=args.dtype)
+                cg_steps=args.cg_steps, block_size=args.block_size, block_sweeps=args.block_sweeps,
+                first_sweeps=args.first_sweeps, dtype=args.dtype)
 
 
 def cmd_train(args) -> int:

@@ -18,7 +18,7 @@ SOLVERS = ("cg", "cholesky", "ialspp")
 FLAGS = {"factors": "--factors", "regularization": "--regularization", "alpha": "--alpha", "alpha0": "--alpha0",
          "confidence": "--confidence", "eps": "--eps", "nu": "--nu", "iterations": "--iterations", "solver": "--solver",
          "cg_steps": "--cg-steps", "block_size": "--block-size",
-         "block_sweeps": "--block-sweeps", "dtype": "--dtype", "random_state": "--seed", "init_scale": "--init-scale"}
+         "block_sweeps": "--block-sweeps", "first_sweeps": "--first-sweeps", "dtype": "--dtype", "random_state": "--seed", "init_scale": "--init-scale"}
 
 
 def _setting(name: str, message: str) -> SettingError:
@@ -38,6 +38,10 @@ class WALSConfig:
     solver: "cg" (conjugate gradient, warm started, cg_steps steps), "cholesky" (exact) or
         "ialspp" (iALS++: block coordinate descent over block_size coordinates at a time, warm
         started, block_sweeps passes over the blocks per half-sweep; see kernels/subspace.py).
+    first_sweeps: ialspp's passes over the blocks in the half-sweeps of the first iteration (at
+        least block_sweeps), whose warm start is the random initial factors: a second pass there
+        reached implicit CG's 5-iteration loss an iteration sooner at f = 256 (tools/RESULTS.md,
+        issue 11 round 25).
     dtype: float32 (default) or float64 for factors and solves.
     random_state: seed of the initial factors; None draws one and records it in the model.
     init_scale: initial factors are uniform in [0, init_scale).
@@ -62,13 +66,14 @@ class WALSConfig:
     cg_steps: int = 3
     block_size: int = 8
     block_sweeps: int = 1
+    first_sweeps: int = 2
     dtype: str = "float32"
     random_state: int | None = None
     init_scale: float = 0.01
     compute_loss: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("factors", "iterations", "cg_steps", "block_size", "block_sweeps"):
+        for name in ("factors", "iterations", "cg_steps", "block_size", "block_sweeps", "first_sweeps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise _setting(name, f"{name} must be an integer, got {value!r}")
@@ -106,6 +111,8 @@ class WALSConfig:
             raise _setting("block_size", f"block_size must be >= 1, got {self.block_size}")
         if self.block_sweeps < 1:
             raise _setting("block_sweeps", f"block_sweeps must be >= 1, got {self.block_sweeps}")
+        if self.first_sweeps < 1:
+            raise _setting("first_sweeps", f"first_sweeps must be >= 1, got {self.first_sweeps}")
         try:
             dtype = np.dtype(self.dtype)
         except TypeError:
@@ -120,6 +127,10 @@ class WALSConfig:
             raise _setting("random_state", f"random_state must be an integer or None, got {self.random_state!r}")
         if self.random_state is not None and self.random_state < 0:  # numpy's generators take none below 0
             raise _setting("random_state", f"random_state must be >= 0, got {self.random_state}")
+
+    def sweeps_at(self, step: int) -> int:
+        """ialspp's passes over the blocks in half-sweep ``step`` (0 and 1: the first iteration)."""
+        return max(self.block_sweeps, self.first_sweeps) if step < 2 else self.block_sweeps
 
     @property
     def np_dtype(self) -> np.dtype:

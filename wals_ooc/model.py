@@ -65,6 +65,7 @@ class WALS:
         cg_steps: int = _D.cg_steps,
         block_size: int = _D.block_size,
         block_sweeps: int = _D.block_sweeps,
+        first_sweeps: int = _D.first_sweeps,
         dtype: str = _D.dtype,
         random_state: int | None = _D.random_state,
         init_scale: float = _D.init_scale,
@@ -75,7 +76,7 @@ class WALS:
         self.config = WALSConfig(
             factors=factors, regularization=regularization, alpha=alpha, alpha0=alpha0, confidence=confidence,
             eps=eps, nu=nu, iterations=iterations, solver=solver, cg_steps=cg_steps, block_size=block_size,
-            block_sweeps=block_sweeps, dtype=dtype,
+            block_sweeps=block_sweeps, first_sweeps=first_sweeps, dtype=dtype,
             random_state=random_state, init_scale=init_scale, compute_loss=compute_loss,
         )
         to_bytes(memory_budget)  # refused here (NaN, "lots", -1GB), before anything is read or written

@@ -588,11 +588,12 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
                         r[i] = RL[i, q] if status[q] == 0.0 else np.nan
                         X[u0 + q, k0 + i] += r[i]
                     _lane_update(buffer, f * o + k0 * (o1 - o), o1 - o, o, r, scores, kb)
-        if observed_loss:  # the scores afresh (the cache drifts by rounding), from the batch's panel
+        if observed_loss:  # from the prediction cache: it drifts from X . y by float rounding only (one
+            # update a block), and a fresh pass over the panel cost 1/3 of the scores' share (tools/RESULTS.md,
+            # issue 11 round 25)
             for q in range(n):
                 u = u0 + q
-                o, o1 = offset[q], offset[q + 1]
-                _panel_scores(buffer, f * o, o1 - o, X, u, scores, o)
+                o = offset[q]
                 for t in range(o, o + indptr[u + 1] - indptr[u]):
                     s = scores[t]
                     observed += conf[t] * (1 - s) * (1 - s) - alpha0 * s * s

@@ -368,7 +368,7 @@ def _solve_resident(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.nda
         elif job.solver == "ialspp":
             result.observed.append(subspace_solve_rows(
                 ip, csr.indices, csr.values, Y, job.gram, X[a:b], kind, alpha, alpha0, eps, lam, nu, job.n_fixed,
-                cfg.block_size, cfg.block_sweeps, job.loss
+                cfg.block_size, cfg.sweeps_at(job.step), job.loss
             ))
         else:
             result.failures += cholesky_solve_rows(ip, csr.indices, csr.values, Y, job.gram, X[a:b], kind, alpha, alpha0,
@@ -475,7 +475,7 @@ def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
             return
         if job.solver == "ialspp":
             observed[part] = subspace_solve_rows(ip, entry, csr.values, compact, job.gram, X[a:b], kind, alpha, alpha0, eps,
-                                                 lam, nu, job.n_fixed, cfg.block_size, cfg.block_sweeps, job.loss)
+                                                 lam, nu, job.n_fixed, cfg.block_size, cfg.sweeps_at(job.step), job.loss)
             return
         failures[part] = cholesky_solve_rows(ip, entry, csr.values, compact, job.gram, X[a:b], kind, alpha, alpha0, eps, lam,
                                              nu, job.n_fixed)
