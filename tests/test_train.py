@@ -526,3 +526,12 @@ def test_the_entry_cache_gives_back_the_rows_read_from_the_store_and_falls_back_
     np.testing.assert_array_equal(shard.indices, store.rows("user", 0, 4).indices)
     np.testing.assert_array_equal(broken.rows(store, "user", 0, 4).values, store.rows("user", 0, 4).values)
     broken.close()
+    # A disk without room for the copy (it may take at most half the free space and must leave
+    # 4 GiB): no file is made, rows come from the store.
+    full = EntryCache(store.n_rows("user"), store.nnz, directory=str(tmp_path), free_bytes=3 << 30)
+    assert full.broken and not full.filled
+    np.testing.assert_array_equal(full.rows(store, "user", 0, 4).indices, store.rows("user", 0, 4).indices)
+    assert not full.filled
+    full.close()
+    from wals_ooc.train.entry_cache import has_room
+    assert has_room(1 << 30, 8 << 30) and not has_room(5 << 30, 8 << 30) and not has_room(1 << 30, 4 << 30)

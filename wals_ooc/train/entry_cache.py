@@ -25,8 +25,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import tempfile
 import threading
+from typing import BinaryIO
 
 import numpy as np
 
@@ -55,18 +57,37 @@ def _read_into(fd: int, out: np.ndarray, offset: int) -> None:
         done += moved
 
 
+ROOM_LEFT = 4 << 30  # free bytes an entry copy must leave on its disk
+
+
+def has_room(nbytes: int, free: int) -> bool:
+    """Whether a copy of ``nbytes`` fits in ``free`` bytes of disk, taking at most half of it and
+    leaving at least ``ROOM_LEFT``."""
+    return nbytes <= free // 2 and free - nbytes >= ROOM_LEFT
+
+
 class EntryCache:
     """The CSR rows of one side of an interaction store, copied into a local unlinked file as
     tasks read them (``rows``)."""
 
-    def __init__(self, n_rows: int, nnz: int, directory: str | None = None):
+    def __init__(self, n_rows: int, nnz: int, directory: str | None = None, free_bytes: int | None = None):
         self.n_rows, self.nnz = int(n_rows), int(nnz)
         self._indices_at = (self.n_rows + 1) * 8
         self._values_at = self._indices_at + self.nnz * 4
-        self._file = tempfile.TemporaryFile(prefix="wals-ooc-entries-", dir=directory or tempfile.gettempdir())
+        self.nbytes = self._values_at + self.nnz * 4
         self._lock = threading.Lock()
         self.filled: dict[tuple[int, int], int] = {}  # row range -> its first entry's global position
-        self.broken = False  # a write failed: read from Zarr from now on
+        self.broken = False  # a write failed, or the disk has no room: read from Zarr from now on
+        where = directory or tempfile.gettempdir()
+        free = shutil.disk_usage(where).free if free_bytes is None else int(free_bytes)
+        if not has_room(self.nbytes, free):
+            # The copy only saves CPU; the model's own writes and the fixed side's scratch copy need
+            # the disk more. Never start one that could fill it.
+            log.info("no local copy of the entries: %d bytes would leave too little of %d free in %s", self.nbytes, free, where)
+            self.broken = True
+            self._file: BinaryIO = open(os.devnull, "rb")
+            return
+        self._file = tempfile.TemporaryFile(prefix="wals-ooc-entries-", dir=where)
 
     def rows(self, store: InteractionStore, side: str, start: int, stop: int) -> CSRShard:
         """CSR rows ``[start, stop)`` of ``side``: from the copy when a task wrote them before,
