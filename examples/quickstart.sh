@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The whole job on the bundled example: convert -> inspect -> split -> train -> evaluate -> serve.
-# Outputs go to ./example-output (removed and made afresh each run).
+# Outputs go to ./example-output (made afresh each run; a directory this script did not make is refused).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-example-output}"
-rm -rf "$out" && mkdir -p "$out"
+# Never delete what this script did not make: an existing output directory must carry its marker.
+if [ -e "$out" ] && [ ! -e "$out/.wals-ooc-example" ]; then
+  echo "error: $out exists and was not made by this example; choose another output directory" >&2
+  exit 2
+fi
+rm -rf "$out" && mkdir -p "$out" && touch "$out/.wals-ooc-example"
 
 wals-ooc convert "$here/plays.csv" "$out/plays.zarr" --user-col user --item-col artist --value-col plays --row-block 64 -q
 wals-ooc info "$out/plays.zarr"

@@ -312,3 +312,19 @@ def test_readme_test_command_is_what_ci_runs():
     assert "mypy wals_ooc" in command and "pytest" in command
     ci = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
     assert command in ci
+
+
+def test_quickstart_refuses_an_output_directory_it_did_not_make(tmp_path):
+    """examples/quickstart.sh made its output afresh with `rm -rf`: given a user's directory as
+    its output it would have deleted it. It now refuses a directory without its own marker and
+    leaves it as it was."""
+    import pathlib
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "examples" / "quickstart.sh"
+    theirs = tmp_path / "notes"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("mine")
+    done = subprocess.run(["bash", str(script), str(theirs)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "was not made by this example" in done.stderr and done.stderr.count("\n") == 1
+    assert [p.name for p in theirs.iterdir()] == ["keep.txt"] and (theirs / "keep.txt").read_text() == "mine"
