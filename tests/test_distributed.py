@@ -1,6 +1,6 @@
 """Training on a real distributed.LocalCluster of worker processes: same result as the threaded
 scheduler, a worker killed mid half-sweep is survived, stores on S3 (moto on loopback), and
-the driver killed at 12 random points always resumes to the checkpointed factors."""
+the driver killed at 20 random points always resumes to the checkpointed factors."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ print(time.perf_counter() - started)
 """
 
 
-def test_driver_killed_at_12_random_points_always_resumes_to_checkpointed_factors(small_store, tmp_path):
+def test_driver_killed_at_20_random_points_always_resumes_to_checkpointed_factors(small_store, tmp_path):
     """Each kill leaves a checkpoint whose factors equal the uninterrupted run's at that step;
     resuming after the last kill ends equal to the uninterrupted run."""
     config = WALSConfig(factors=6, iterations=10, random_state=8)
@@ -129,17 +129,16 @@ def test_driver_killed_at_12_random_points_always_resumes_to_checkpointed_factor
     assert timed.returncode == 0, timed.stderr
     span = float(timed.stdout.strip().splitlines()[-1])
     rng = random.Random(2026)
-    n_kills = 12  # spread over the run, one in each twelfth of its span
     seen_steps = []
     kills = attempts = 0
-    while kills < n_kills:
+    while kills < 20:
         attempts += 1
-        assert attempts < 3 * n_kills, f"only {kills} kills landed in {attempts} runs"
+        assert attempts < 60, f"only {kills} kills landed in {attempts} runs"
         if FactorStore.exists(resumed) and FactorStore.open(resumed).complete:
             shutil.rmtree(resumed)  # finished: start a fresh run so every kill interrupts training
-        # one kill in each twelfth of the span (timed from after the imports, as span is), so the
+        # one kill in each twentieth of the span (timed from after the imports, as span is), so the
         # kills spread over the run however the load changes its pace
-        delay = max(0.05, span * (kills + rng.random()) / n_kills)
+        delay = max(0.05, span * (kills + rng.random()) / 20)
         done = subprocess.run([sys.executable, str(script), small_store, resumed, str(delay)], capture_output=True,
                               text=True, timeout=300)
         assert done.returncode in (0, -9), done.stderr
