@@ -37,24 +37,22 @@ from ..store.reader import CSRShard, InteractionStore
 log = logging.getLogger(__name__)
 
 
-def _write_all(fd: int, data: np.ndarray, offset: int) -> None:
-    buffer = memoryview(np.ascontiguousarray(data).data).cast("B")
+def _move_all(move, fd: int, buffer: memoryview, offset: int, what: str) -> None:
+    """Run ``os.pwritev`` or ``os.preadv`` (``move``) until all of ``buffer`` has moved."""
     done = 0
     while done < len(buffer):
-        moved = os.pwritev(fd, [buffer[done:]], offset + done)
+        moved = move(fd, [buffer[done:]], offset + done)
         if moved <= 0:
-            raise OSError(errno.EIO, "short write")
+            raise OSError(errno.EIO, f"short {what} of the local copy of the entries")
         done += moved
+
+
+def _write_all(fd: int, data: np.ndarray, offset: int) -> None:
+    _move_all(os.pwritev, fd, memoryview(np.ascontiguousarray(data).data).cast("B"), offset, "write")
 
 
 def _read_into(fd: int, out: np.ndarray, offset: int) -> None:
-    buffer = memoryview(out.data).cast("B")
-    done = 0
-    while done < len(buffer):
-        moved = os.preadv(fd, [buffer[done:]], offset + done)
-        if moved <= 0:
-            raise OSError(errno.EIO, "short read of the local copy of the entries")
-        done += moved
+    _move_all(os.preadv, fd, memoryview(out.data).cast("B"), offset, "read")
 
 
 ROOM_LEFT = 4 << 30  # free bytes an entry copy must leave on its disk
