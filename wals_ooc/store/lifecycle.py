@@ -550,8 +550,8 @@ def _sweep_other_targets(place: _Place) -> None:
             continue
         try:
             _recover(other_place)
-        except OSError:
-            pass
+        except OSError:  # best effort on a store that is not this run's target: it is tried again next time
+            continue
         finally:
             lock.release()
 
