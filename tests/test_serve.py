@@ -362,3 +362,20 @@ def test_liked_rows_in_any_order_with_repeats_and_unknown_rows_match_the_store(s
         for k, row in enumerate(rows):
             expected = [] if row < 0 else sorted(R.indices[R.indptr[row]: R.indptr[row + 1]])
             assert ids[indptr[k]: indptr[k + 1]].tolist() == expected, (ratio, window, k, row)
+
+
+@pytest.mark.parametrize("in_norm_order", [False, True])
+def test_a_query_scores_the_same_alone_as_in_a_batch(in_norm_order):
+    """One query's scores, bit for bit, and so its near-tie order, do not depend on which queries
+    are asked with it (numpy/OpenBLAS form a one-row product in another order than a tile)."""
+    from wals_ooc.serve.scoring import FactorSource, NormOrder, top_k
+
+    rng = np.random.default_rng(7)
+    items = rng.standard_normal((3000, 32)).astype(np.float32)
+    queries = rng.standard_normal((9, 32)).astype(np.float32)
+    source = FactorSource(NormOrder.of(items) if in_norm_order else items, 700)
+    ids, scores, _ = top_k(queries, source, 50)
+    for q in range(len(queries)):
+        alone_ids, alone_scores, _ = top_k(queries[q : q + 1], source, 50)
+        np.testing.assert_array_equal(alone_scores[0], scores[q])
+        np.testing.assert_array_equal(alone_ids[0], ids[q])

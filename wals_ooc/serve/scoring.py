@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 
 from ..kernels.rank import rank_counts_close, rank_counts_finish, rank_counts_tile, rank_counts_update
-from ..kernels.topk import keys_of, mask_columns, new_heaps, topk_finish, topk_select, topk_update, unit_rows
+from ..kernels.topk import candidate_scores, keys_of, mask_columns, new_heaps, topk_select, topk_update, unit_rows
 
 EMPTY_CSR = (np.zeros(1, np.int64), np.zeros(0, np.int64))
 QUERY_BLOCK = 512  # queries multiplied together
@@ -154,7 +154,13 @@ def top_k(
         id how many scored candidates outrank it (for AUC), in the CSR's order.
     Ties are broken towards the lower id. Returns (ids (n, k) int64 with -1 padding, scores
     (n, k) float32, outranked or None).
+
+    A query's answer does not depend on the queries asked with it: BLAS forms a tile's scores in
+    an order that can depend on the tile's shape (a one-row product, small tiles), so the scan
+    keeps ``k + rescore_slack(k)`` candidates and the answer is the best k of them re-scored in
+    one order (``_canonical``).
     """
+    wanted, k = k, k + rescore_slack(k)
     n = queries.shape[0]
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     exclude_indptr, exclude_ids = exclude if exclude is not None else (np.zeros(n + 1, np.int64), EMPTY_CSR[1])
@@ -162,7 +168,7 @@ def top_k(
     exclude_ids = np.asarray(exclude_ids, np.int64)
     if isinstance(source.array, NormOrder) and candidates is None and not source.normalized:
         heap_scores, heap_ids, outranked = _norm_ordered_scan(queries, source.array, k, exclude_indptr, exclude_ids, test)
-        topk_finish(heap_scores, heap_ids)
+        heap_ids, heap_scores = _canonical(queries, source, heap_ids, wanted)
         return heap_ids, heap_scores, outranked
     heap_scores, heap_ids = new_heaps(n, k)
     cursor = exclude_indptr[:-1].copy()
@@ -190,8 +196,29 @@ def top_k(
                 col_ids = ids[c0:c1]
                 mask_columns(scores, rows, col_ids, exclude_indptr, exclude_ids, cursor)
                 topk_select(scores, rows, col_ids, heap_scores, heap_ids)
-    topk_finish(heap_scores, heap_ids)
+    heap_ids, heap_scores = _canonical(queries, source, heap_ids, wanted)
     return heap_ids, heap_scores, outranked
+
+
+def rescore_slack(k: int) -> int:
+    """Candidates kept beyond the K asked, so that re-scoring can reorder near-ties at the K-th
+    place: scores from two orders of summation differ by a few ulps, so only candidates that
+    close to the K-th can trade places, and ``k`` more cover any but a crowd of exact ties."""
+    return min(k, 64)
+
+
+def _canonical(queries: np.ndarray, source: FactorSource, heap_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of each query's candidates (ids, -1 = none) by scores formed one fused
+    multiply-add per factor in factor order (``candidate_scores``, the order sgemm forms the
+    entries of large tiles in), best first, ties towards the lower id: (ids (n, k), scores)."""
+    found = heap_ids >= 0
+    unique = np.unique(heap_ids[found])
+    rows = np.ascontiguousarray(source.rows(unique), dtype=np.float32)
+    local = np.where(found, np.searchsorted(unique, heap_ids), -1).astype(np.int64)
+    scores = np.empty(heap_ids.shape, np.float32)
+    candidate_scores(queries, rows, local, scores)
+    order = np.lexsort((heap_ids, -scores), axis=-1)[:, :k]
+    return np.take_along_axis(heap_ids, order, axis=-1), np.take_along_axis(scores, order, axis=-1)
 
 
 def _tile(buffer: np.ndarray, rows: int, cols: int) -> np.ndarray:
