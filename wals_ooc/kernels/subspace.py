@@ -14,7 +14,9 @@ n_u b^2 (its b x b system) + n_u b (residual, cache) + f b (the Gram rows) + b^3
 so a sweep over the f / b blocks costs n_u f b + f^2 + f b^2 / 6 against CG's (1 + steps) f^2
 and Cholesky's n_u f^2 + f^3 / 6. Each block step is an exact minimisation of a convex
 quadratic, so the row's objective never rises; repeated sweeps converge to the closed form
-(Gauss-Seidel by blocks on a symmetric positive definite system).
+(Gauss-Seidel by blocks on a symmetric positive definite system). A block's system A_BB does not
+depend on x: with several sweeps it is built and factored in the first one only and its factor
+kept (``kept_factor_bytes``), so a later sweep costs n_u b + f b + b^2 a block.
 
 A row's fixed factors are gathered once, transposed (f x n_u, contiguous), into a scratch
 block that every sweep reads from cache: then the block's system, residual and cache update are
@@ -43,9 +45,9 @@ BATCH_FLOATS = 1 << 18  # a batch's gathered columns: 1 MiB of float32 (a longer
 LANE_BYTES = 1 << 20  # the batch's float64 b x b systems (fewer rows a batch at large b)
 
 
-@njit(**_JIT)
-def batch_lanes(block_size):
-    """Rows a batch solves together (one per vector lane of its b x b systems)."""
+def batch_lanes(block_size: int) -> int:
+    """Rows a batch solves together (one per vector lane of its b x b systems); the kernel's own
+    ``lanes`` (plain Python here, so that a plan does not load numba)."""
     return max(1, min(BATCH_ROWS, LANE_BYTES // (block_size * block_size * 8)))
 
 
@@ -55,7 +57,7 @@ def kept_factor_bytes(factors: int, block_size: int, sweeps: int) -> int:
     and a long row's (f b 8), so the later sweeps do not rebuild them; one block's otherwise."""
     b = max(1, min(block_size, factors))
     blocks = -(-factors // b) if sweeps > 1 else 1
-    return blocks * b * b * (int(batch_lanes(b)) + 1) * 8
+    return blocks * b * b * (batch_lanes(b) + 1) * 8
 
 
 @njit(**_JIT)
@@ -589,7 +591,7 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
     b = max(1, min(block_size, f))
     longest = max_row_nnz(indptr)
     cap = max(1, min(longest, gather_entries))
-    lanes = batch_lanes(b)
+    lanes = max(1, min(BATCH_ROWS, LANE_BYTES // (b * b * 8)))  # batch_lanes(b)
     batch_entries = max(ENTRY_PAD, BATCH_FLOATS // f)  # a batch's gathered entries (a longer row is a batch alone)
     width = max(cap + ENTRY_PAD, batch_entries)
     buffer = np.empty(f * width, dtype=X.dtype)
