@@ -330,6 +330,39 @@ def test_ialspp_rows_done_in_chunks_equal_rows_gathered_whole(setting):
     assert got == pytest.approx(expected, rel=1e-10)
 
 
+@pytest.mark.parametrize("gather_entries", [16384, 4])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_ialspp_sweeps_on_kept_factors_equal_sweeps_rebuilt_and_reach_the_closed_form(dtype, gather_entries):
+    """A call of several sweeps factors each block's system once and keeps it (batched rows, and
+    rows longer than the gather scratch): the same factors as one call a sweep, which rebuilds
+    every system; and one call of many sweeps reaches the dense closed form. f = 10 in blocks of
+    3 (the last one 1 wide), 90 rows (two batches)."""
+    setting = SETTINGS[0]
+    R, Y = _problem(11, n_rows=90, f=10, dtype=dtype)
+    kind, alpha, alpha0, eps, lam, nu = _args(setting)
+    t = np.dtype(dtype).type
+    start = np.random.default_rng(2).normal(0, 0.3, size=(R.shape[0], Y.shape[1])).astype(dtype)
+    args = (kind, t(alpha), t(alpha0), t(eps), lam, nu, Y.shape[0], 3)
+
+    def run(X, sweeps):
+        return subspace_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, _gram(Y, alpha0), X, *args, sweeps,
+                                   True, gather_entries)
+
+    kept, rebuilt = start.copy(), start.copy()
+    loss_kept = run(kept, 3)
+    for _ in range(3):
+        loss_rebuilt = run(rebuilt, 1)
+    assert not np.array_equal(kept, start)
+    tolerance = 1e-12 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(kept, rebuilt, rtol=tolerance, atol=tolerance)
+    assert loss_kept == pytest.approx(loss_rebuilt, rel=tolerance)
+    if dtype == np.float64:
+        expected = dense_solve(R, Y, **{k: setting[k] for k in ("kind", "alpha", "alpha0", "lam", "nu")})
+        many = start.copy()
+        run(many, 300)
+        np.testing.assert_allclose(many, expected, rtol=1e-9, atol=1e-10)
+
+
 @njit(cache=False, nogil=True)
 def _tile(Y, rows, k, out, p, stride):
     transpose_tile(Y, rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7], k, out, p, stride)

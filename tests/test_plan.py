@@ -227,3 +227,37 @@ def test_a_local_blocked_plan_cuts_heavy_row_blocks_by_rows_and_every_expanded_t
     whole = plan_half_sweep("user", ranges, blocks, n_fixed, factors, 4, "cg", 1 << 30, 2, False, 1000, 3, 1,
                             row_counts=lambda a, b: counts[a:b], blocked_task_bytes=room)
     _tiles(whole, len(counts), row_block, int(counts.sum()))  # on a cluster, whole row blocks only
+
+
+def test_a_plan_counts_the_solvers_own_bytes_in_every_task():
+    """kernel_bytes (ialspp's kept block factors, 2 MiB at f = 512, b = 8, 2 sweeps) is held by
+    each task beside its rows: the planned task and peak count it, and resident tasks are cut
+    smaller to leave room for it."""
+    from wals_ooc.kernels.subspace import kept_factor_bytes
+
+    assert kept_factor_bytes(512, 8, 2) == 512 * 8 * 65 * 8 and kept_factor_bytes(512, 8, 1) == 8 * 8 * 65 * 8
+    counts = np.full(3000, 40, np.int64)
+    _, ranges, blocks = _shards(counts, 32, 4000)
+    args = ("user", ranges, blocks, 5000, 512, 4, "ialspp", 200 * MiB, 2, True)
+    plain = plan_half_sweep(*args)
+    kept = plan_half_sweep(*args, kernel_bytes=kept_factor_bytes(512, 8, 2))
+    assert plain.mode == kept.mode == "resident" and kept.tasks == plain.tasks
+    assert kept.task_bytes == plain.task_bytes + kept_factor_bytes(512, 8, 2)
+    assert kept.peak_bytes == plain.peak_bytes + 2 * kept_factor_bytes(512, 8, 2) and kept.within_budget
+    left = (usable_bytes(200 * MiB) - (5000 + 3000) * 512 * 4) // 2  # what each of 2 tasks may take
+    tight = plan_half_sweep(*args, kernel_bytes=left - 200_000)  # room for about one row block a task
+    assert len(tight.tasks) > len(plain.tasks) and tight.task_bytes <= left
+
+
+def test_the_trainer_plans_ialspp_with_its_kept_factors(small_store):
+    from wals_ooc.kernels.subspace import kept_factor_bytes
+    from wals_ooc.train.trainer import make_plans
+
+    store = open_store(small_store)
+    for solver in ("cg", "ialspp"):
+        config = WALSConfig(factors=16, solver=solver, block_size=4)
+        plans = make_plans(store, config, 256 * MiB, 2)
+        base = make_plans(store, WALSConfig(factors=16, solver="cg"), 256 * MiB, 2)
+        extra = kept_factor_bytes(16, 4, 3) if solver == "ialspp" else 0
+        for side in ("user", "item"):
+            assert plans[side].task_bytes == base[side].task_bytes + extra

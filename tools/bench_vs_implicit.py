@@ -139,7 +139,8 @@ def run_child(peer: str, args, factors: int, block_size: int) -> dict:
                "--factors", str(factors), "--iterations", str(args.iterations), "--threads", str(args.threads),
                "--solver", args.solver, "--cg-steps", str(args.cg_steps), "--regularization", str(args.regularization),
                "--alpha", str(args.alpha), "--memory-budget", str(args.memory_budget), "--block-size", str(block_size),
-               "--block-sweeps", str(args.block_sweeps), "--first-sweeps", str(args.first_sweeps), "--implicit-iterations", str(args.implicit_iterations or 0)]
+               "--first-sweeps", str(args.first_sweeps), "--implicit-iterations", str(args.implicit_iterations or 0)]
+    command += ["--block-sweeps", str(args.block_sweeps)] if args.block_sweeps is not None else []
     command += ["--implicit-init"] if args.implicit_init else []
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -162,7 +163,7 @@ def main() -> None:
     parser.add_argument("--cg-steps", type=int, default=3)
     parser.add_argument("--block-size", type=int, nargs="+", default=[32],
                         help="ialspp's block size(s): each is run against the same implicit runs")
-    parser.add_argument("--block-sweeps", type=int, default=1, help="ialspp's sweeps per half-sweep")
+    parser.add_argument("--block-sweeps", type=int, default=None, help="ialspp's sweeps per half-sweep (default: wals-ooc's, by f)")
     parser.add_argument("--first-sweeps", type=int, default=2, help="ialspp's sweeps per half-sweep in the first iteration")
     parser.add_argument("--implicit-iterations", type=int, default=0, help="implicit's iterations (default: --iterations)")
     parser.add_argument("--implicit-init", action="store_true",
@@ -188,7 +189,7 @@ def main() -> None:
     print(f"store {args.store}; {args.iterations} iterations (implicit {implicit_iterations}) x {args.repeats} repeats, "
           f"{args.threads} threads, wals-ooc solver {args.solver}"
           + {"cg": f" ({args.cg_steps} CG steps)", "cholesky": "",
-             "ialspp": f" (block size {' '.join(map(str, args.block_size))}, {args.block_sweeps} sweep(s), {args.first_sweeps} in the first iteration)"}[args.solver]
+             "ialspp": f" (block size {' '.join(map(str, args.block_size))}, {args.block_sweeps or 'by f'} sweep(s), {args.first_sweeps} in the first iteration)"}[args.solver]
           + f", implicit {'Cholesky' if args.solver == 'cholesky' else f'CG {args.cg_steps} steps'}", flush=True)
     try:
         import pyspark  # noqa: F401

@@ -237,7 +237,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "descent (fast at high --factors)")
     p.add_argument("--cg-steps", type=int, default=d.cg_steps, help="conjugate-gradient steps per row solve")
     p.add_argument("--block-size", type=int, default=d.block_size, help="ialspp: coordinates solved together")
-    p.add_argument("--block-sweeps", type=int, default=d.block_sweeps, help="ialspp: passes over the blocks per half-sweep")
+    p.add_argument("--block-sweeps", type=int, default=d.block_sweeps,
+                   help="ialspp: passes over the blocks per half-sweep (default: 3 below --factors 512, 2 from 512 on; "
+                        "only the first pass factors each block's system)")
     p.add_argument("--first-sweeps", type=int, default=d.first_sweeps,
                    help="ialspp: passes over the blocks in the first iteration's half-sweeps (at least --block-sweeps)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="factor precision")

@@ -21,6 +21,15 @@ FLAGS = {"factors": "--factors", "regularization": "--regularization", "alpha": 
          "block_sweeps": "--block-sweeps", "first_sweeps": "--first-sweeps", "dtype": "--dtype", "random_state": "--seed", "init_scale": "--init-scale"}
 
 
+def default_block_sweeps(factors: int) -> int:
+    """ialspp's passes over the blocks per half-sweep when block_sweeps is None: 3 below f = 512,
+    2 from 512 on. Measured on the 0.25-scale bench (tools/RESULTS.md, issue 11 round 26): at
+    f = 256, 3 passes reach implicit CG's 5-iteration loss in 2 iterations (2 passes: 3); at
+    f = 512, 2 do, and a pass costs more there against the loss it gains (the Gram part of every
+    pass, f^2 a row, is the larger share)."""
+    return 3 if factors < 512 else 2
+
+
 def _setting(name: str, message: str) -> SettingError:
     return SettingError(message, flags={name: FLAGS[name]})
 
@@ -38,10 +47,15 @@ class WALSConfig:
     solver: "cg" (conjugate gradient, warm started, cg_steps steps), "cholesky" (exact) or
         "ialspp" (iALS++: block coordinate descent over block_size coordinates at a time, warm
         started, block_sweeps passes over the blocks per half-sweep; see kernels/subspace.py).
+    block_sweeps: ialspp's passes over the blocks per half-sweep; None (default) chooses by
+        factors (``default_block_sweeps``: 3 below f = 512, 2 from 512 on). Only the first pass
+        builds and factors each block's system; a later one costs about a third of it, and
+        2-3 passes reached implicit CG's 5-iteration loss in 2 iterations at f = 256 and 512
+        where one needed 3-4 (tools/RESULTS.md, issue 11 round 26).
     first_sweeps: ialspp's passes over the blocks in the half-sweeps of the first iteration (at
         least block_sweeps), whose warm start is the random initial factors: a second pass there
-        reached implicit CG's 5-iteration loss an iteration sooner at f = 256 (tools/RESULTS.md,
-        issue 11 round 25).
+        reached implicit CG's 5-iteration loss an iteration sooner at f = 256 with block_sweeps 1
+        (tools/RESULTS.md, issue 11 round 25).
     dtype: float32 (default) or float64 for factors and solves.
     random_state: seed of the initial factors; None draws one and records it in the model.
     init_scale: initial factors are uniform in [0, init_scale).
@@ -65,7 +79,7 @@ class WALSConfig:
     solver: str = "cg"
     cg_steps: int = 3
     block_size: int = 8
-    block_sweeps: int = 1
+    block_sweeps: int | None = None
     first_sweeps: int = 2
     dtype: str = "float32"
     random_state: int | None = None
@@ -75,6 +89,8 @@ class WALSConfig:
     def __post_init__(self) -> None:
         for name in ("factors", "iterations", "cg_steps", "block_size", "block_sweeps", "first_sweeps"):
             value = getattr(self, name)
+            if name == "block_sweeps" and value is None:  # chosen by factors (``sweeps_at``)
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise _setting(name, f"{name} must be an integer, got {value!r}")
             object.__setattr__(self, name, int(value))
@@ -109,7 +125,7 @@ class WALSConfig:
             raise _setting("cg_steps", f"cg_steps must be >= 1, got {self.cg_steps}")
         if self.block_size < 1:
             raise _setting("block_size", f"block_size must be >= 1, got {self.block_size}")
-        if self.block_sweeps < 1:
+        if self.block_sweeps is not None and self.block_sweeps < 1:
             raise _setting("block_sweeps", f"block_sweeps must be >= 1, got {self.block_sweeps}")
         if self.first_sweeps < 1:
             raise _setting("first_sweeps", f"first_sweeps must be >= 1, got {self.first_sweeps}")
@@ -130,7 +146,8 @@ class WALSConfig:
 
     def sweeps_at(self, step: int) -> int:
         """ialspp's passes over the blocks in half-sweep ``step`` (0 and 1: the first iteration)."""
-        return max(self.block_sweeps, self.first_sweeps) if step < 2 else self.block_sweeps
+        later = default_block_sweeps(self.factors) if self.block_sweeps is None else self.block_sweeps
+        return max(later, self.first_sweeps) if step < 2 else later
 
     @property
     def np_dtype(self) -> np.dtype:

@@ -64,7 +64,7 @@ class WALS:
         solver: str = _D.solver,
         cg_steps: int = _D.cg_steps,
         block_size: int = _D.block_size,
-        block_sweeps: int = _D.block_sweeps,
+        block_sweeps: int | None = _D.block_sweeps,
         first_sweeps: int = _D.first_sweeps,
         dtype: str = _D.dtype,
         random_state: int | None = _D.random_state,

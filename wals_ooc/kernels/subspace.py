@@ -14,7 +14,9 @@ n_u b^2 (its b x b system) + n_u b (residual, cache) + f b (the Gram rows) + b^3
 so a sweep over the f / b blocks costs n_u f b + f^2 + f b^2 / 6 against CG's (1 + steps) f^2
 and Cholesky's n_u f^2 + f^3 / 6. Each block step is an exact minimisation of a convex
 quadratic, so the row's objective never rises; repeated sweeps converge to the closed form
-(Gauss-Seidel by blocks on a symmetric positive definite system).
+(Gauss-Seidel by blocks on a symmetric positive definite system). A block's system A_BB does not
+depend on x: with several sweeps it is built and factored in the first one only and its factor
+kept (``kept_factor_bytes``), so a later sweep costs n_u b + f b + b^2 a block.
 
 A row's fixed factors are gathered once, transposed (f x n_u, contiguous), into a scratch
 block that every sweep reads from cache: then the block's system, residual and cache update are
@@ -29,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .solve import _JIT, GATHER_MAX_ENTRIES, cholesky_solve_inplace, confidence, max_row_nnz, row_regularization
+from .solve import _JIT, GATHER_MAX_ENTRIES, confidence, max_row_nnz, row_regularization
 from .transpose import transpose_tile
 
 
@@ -41,6 +43,21 @@ ENTRY_PAD = 8  # also the gather's tile (``_gather_panel``): keep it 8
 BATCH_ROWS = 64  # rows solved together, one per lane of the batched b x b solves
 BATCH_FLOATS = 1 << 18  # a batch's gathered columns: 1 MiB of float32 (a longer row is a batch alone)
 LANE_BYTES = 1 << 20  # the batch's float64 b x b systems (fewer rows a batch at large b)
+
+
+def batch_lanes(block_size: int) -> int:
+    """Rows a batch solves together (one per vector lane of its b x b systems); the kernel's own
+    ``lanes`` (plain Python here, so that a plan does not load numba)."""
+    return max(1, min(BATCH_ROWS, LANE_BYTES // (block_size * block_size * 8)))
+
+
+def kept_factor_bytes(factors: int, block_size: int, sweeps: int) -> int:
+    """Bytes a kernel call keeps for its blocks' factored systems: with more than one sweep, every
+    block's b x b float64 factors for a batch's lanes (f b lanes 8 bytes, 2 MiB at f = 512, b = 8)
+    and a long row's (f b 8), so the later sweeps do not rebuild them; one block's otherwise."""
+    b = max(1, min(block_size, factors))
+    blocks = -(-factors // b) if sweeps > 1 else 1
+    return blocks * b * b * (batch_lanes(b) + 1) * 8
 
 
 @njit(**_JIT)
@@ -119,9 +136,10 @@ def _scores(Y, indices, start, n, x, scores):
 
 
 @njit(**_JIT)
-def _accumulate(YT, k0, n, conf, weight, scores, w0, w1, A, r, kb):
+def _accumulate(YT, k0, n, conf, weight, scores, w0, w1, A, r, kb, system=True):
     """Add the entries' part of the block's system and residual: A += sum_t w_t y_tB y_tB^T
-    (lower triangle; a few entries above it too), r += sum_t (c_t - w_t s_t) y_tB; rows k0..
+    (lower triangle; a few entries above it too; only when ``system``), r += sum_t (c_t - w_t
+    s_t) y_tB; rows k0..
     k0 + kb of YT are the block's columns (YT whole, C order: a slice of it would lose the layout
     the loops vectorise on). w0 and w1 are scratch of n entries.
 
@@ -137,6 +155,8 @@ def _accumulate(YT, k0, n, conf, weight, scores, w0, w1, A, r, kb):
         for t in range(n):
             acc += (conf[t] - weight[t] * scores[t]) * y[t]
         r[i] += acc
+    if not system:
+        return
     i0 = 0
     while i0 + 2 <= kb:
         ya = YT[k0 + i0]
@@ -217,14 +237,11 @@ def _lane_entry(AL, gram, k0, i, k, q, reg, acc):
 
 
 @njit(**_JIT)
-def _lane_system(P, base, width, o, conf, weight, scores, gram, GR, X, u, reg, k0, kb, e, w0, w1, AL, RL, q):
-    """Batch row q's block system and residual, written to lane q: AL[i, k, q] = gram_BB + reg I
-    + sum_t w_t y_ti y_tk (lower triangle, a few entries above it too), RL[i, q] = sum_t (c_t -
-    w_t s_t) y_ti - GR[q, i] - reg X[u, k0 + i]. Feature k0 + i of the row's entry t is
-    P[base + i * width + t] (the row's panel from the block's first feature on), its confidence,
-    weight and score at o + t; e, w0, w1 are scratch of width entries. Flat indices throughout:
-    a view per block row (what ``_accumulate`` takes) cost two atomic reference counts each,
-    7% of the kernel's time at f = 256, b = 8. The 2 x 4 register tiles of ``_accumulate``."""
+def _lane_residual(P, base, width, o, conf, weight, scores, GR, X, u, reg, k0, kb, e, RL, q):
+    """Batch row q's block residual, written to lane q: RL[i, q] = sum_t (c_t - w_t s_t) y_ti -
+    GR[q, i] - reg X[u, k0 + i]. Feature k0 + i of the row's entry t is P[base + i * width + t]
+    (the row's panel from the block's first feature on), its confidence, weight and score at
+    o + t; e is scratch of width entries."""
     T = P.dtype.type
     Pb = P[base : base + kb * width]  # one view a call (a view per block row cost two atomic counts each)
     cw = conf[o : o + width]
@@ -238,6 +255,20 @@ def _lane_system(P, base, width, o, conf, weight, scores, gram, GR, X, u, reg, k
         for t in range(width):
             acc += e[t] * Pb[p + t]
         RL[i, q] = np.float64(acc) - np.float64(GR[q, i]) - np.float64(reg) * np.float64(X[u, k0 + i])
+
+
+@njit(**_JIT)
+def _lane_system(P, base, width, o, weight, gram, reg, k0, kb, w0, w1, AL, q):
+    """Batch row q's block system, written to lane q: AL[i, k, q] = gram_BB + reg I + sum_t w_t
+    y_ti y_tk (lower triangle, a few entries above it too); the panel and entries as in
+    ``_lane_residual``, w0 and w1 scratch of width entries. It does not depend on the row's
+    factors, so a half-sweep of several sweeps builds and factors it once (``subspace_solve_rows``).
+    Flat indices throughout: a view per block row (what ``_accumulate`` takes) cost two atomic
+    reference counts each, 7% of the kernel's time at f = 256, b = 8. The 2 x 4 register tiles of
+    ``_accumulate``."""
+    T = P.dtype.type
+    Pb = P[base : base + kb * width]
+    ww = weight[o : o + width]
     i0 = 0
     while i0 < kb:
         pa = i0 * width
@@ -330,23 +361,6 @@ def _begin_block(gram, x, reg, k0, kb, A, r):
 
 
 @njit(**_JIT)
-def _solve_block(A, r, A64, d64, x, k0, kb):
-    """Solve A d = r (float64 Cholesky of the lower triangle), x_B += d, and leave d in r.
-    Returns False (and changes nothing) when A is not positive definite: in exact arithmetic it
-    always is, a principal block of the row's positive definite matrix."""
-    for i in range(kb):
-        d64[i] = r[i]
-        for k in range(i + 1):
-            A64[i, k] = A[i, k]
-    if not cholesky_solve_inplace(A64, d64, kb):
-        return False
-    for i in range(kb):
-        r[i] = d64[i]
-        x[k0 + i] += r[i]
-    return True
-
-
-@njit(**_JIT)
 def _gram_rows(X, u0, n, gram, k0, kb, out):
     """out[r, i] = gram[k0 + i] . X[u0 + r] for r < n, i < kb: the Gram part of block B's
     residual for n rows at once. Register tiles of 2 rows x 4 Gram rows (the kb x f Gram rows
@@ -408,13 +422,13 @@ def _gram_rows(X, u0, n, gram, k0, kb, out):
 
 
 @njit(**_JIT)
-def _cholesky_lanes(AL, RL, kb, n, status):
-    """Solve n systems at once, lane by lane: AL[:kb, :kb, l] d = RL[:kb, l] (float64 Cholesky of
-    the lower triangles; the lanes are the last, contiguous axis, so every loop over them is a
-    vector loop). d is left in RL. status[l] = 0 solved, 1 not positive definite (that lane's
-    RL is garbage: the caller keeps the row unchanged), 2 a NaN or inf pivot (the caller makes
-    the step NaN, so the half-sweep's finite check reports it): ``cholesky_solve_inplace``'s
-    outcomes, with a bad pivot replaced by 1 so the other lanes' loops stay branch-free."""
+def _factor_lanes(AL, kb, n, status):
+    """Factor n systems at once, lane by lane: AL[:kb, :kb, l] = L L^T in place (float64 Cholesky
+    of the lower triangles; the lanes are the last, contiguous axis, so every loop over them is a
+    vector loop). status[l] = 0 factored, 1 not positive definite (the caller keeps that row's
+    block unchanged), 2 a NaN or inf pivot (the caller makes the step NaN, so the half-sweep's
+    finite check reports it): ``cholesky_solve_inplace``'s outcomes, with a bad pivot replaced by
+    1 so the other lanes' loops stay branch-free."""
     for l in range(n):
         status[l] = 0.0
     for j in range(kb):
@@ -438,6 +452,11 @@ def _cholesky_lanes(AL, RL, kb, n, status):
                     e[l] -= a[l] * c[l]
             for l in range(n):
                 e[l] = e[l] / d[l]
+
+
+@njit(**_JIT)
+def _solve_lanes(AL, RL, kb, n):
+    """L L^T d = RL[:kb, l] for each lane l < n, L from ``_factor_lanes``; d is left in RL."""
     for i in range(kb):  # L z = r
         z = RL[i]
         for k in range(i):
@@ -461,24 +480,83 @@ def _cholesky_lanes(AL, RL, kb, n, status):
 
 
 @njit(**_JIT)
+def _factor_block(A, A64, kb):
+    """A64 = L, the float64 Cholesky factor of A's lower triangle (kb x kb). Returns 0 factored,
+    1 not positive definite, 2 a NaN or inf pivot (``cholesky_solve_inplace``'s outcomes)."""
+    for i in range(kb):
+        for k in range(i + 1):
+            A64[i, k] = A[i, k]
+    for j in range(kb):
+        diag = A64[j, j]
+        for k in range(j):
+            diag -= A64[j, k] * A64[j, k]
+        if diag != diag or diag == np.inf:
+            return 2
+        if diag <= 0:
+            return 1
+        diag = np.sqrt(diag)
+        A64[j, j] = diag
+        for i in range(j + 1, kb):
+            acc = A64[i, j]
+            for k in range(j):
+                acc -= A64[i, k] * A64[j, k]
+            A64[i, j] = acc / diag
+    return 0
+
+
+@njit(**_JIT)
+def _solve_factored(L, status, r, d64, x, k0, kb):
+    """d = (L L^T)^-1 r in float64 with L from ``_factor_block``, x_B += d, d left in r. Returns
+    False (and changes nothing) when the block's status is 1 (not positive definite: in exact
+    arithmetic it always is, a principal block of the row's positive definite matrix); a NaN or
+    inf pivot (2) gives a NaN step, so the half-sweep's finite check reports it."""
+    if status == 1:
+        return False
+    for i in range(kb):
+        d64[i] = r[i] if status == 0 else np.nan
+    if status == 0:
+        for i in range(kb):  # L z = r
+            acc = d64[i]
+            for k in range(i):
+                acc -= L[i, k] * d64[k]
+            d64[i] = acc / L[i, i]
+        for i in range(kb - 1, -1, -1):  # L^T d = z
+            acc = d64[i]
+            for k in range(i + 1, kb):
+                acc -= L[k, i] * d64[k]
+            d64[i] = acc / L[i, i]
+    for i in range(kb):
+        r[i] = d64[i]
+        x[k0 + i] += r[i]
+    return True
+
+
+@njit(**_JIT)
 def _long_row(indptr, indices, values, Y, gram, x, u, kind, alpha, alpha0, eps, reg, sweeps, b, cap, buffer, conf, weight,
-              scores, wy, wy1, A, r, A64, d64):
+              scores, wy, wy1, A, r, KA, KS, d64):
     """One row of more than ``cap`` entries: chunks of ``cap`` entries, the block's columns
-    gathered per chunk (twice per block: system, then cache update)."""
+    gathered per chunk (twice per block: system or residual, then cache update). Each block's
+    system is built and factored in the first sweep only, its factor kept in KA[j] (status in
+    KS[j]; KA and KS hold one block when ``sweeps`` is 1) for the later ones, which gather for
+    the residual alone."""
     f = x.shape[0]
     start, stop = indptr[u], indptr[u + 1]
     n_u = stop - start
     _scores(Y, indices, start, n_u, x, scores)
-    for _ in range(sweeps):
-        for k0 in range(0, f, b):
+    for sweep in range(sweeps):
+        for j in range(-(-f // b)):
+            k0 = j * b
             kb = min(b, f - k0)
             _begin_block(gram, x, reg, k0, kb, A, r)
             for c0 in range(0, n_u, cap):
                 m = min(cap, n_u - c0)
                 YT = buffer[: kb * m].reshape((kb, m))
                 _gather_columns(Y, indices, start + c0, m, k0, kb, YT)
-                _accumulate(YT, 0, m, conf[c0:], weight[c0:], scores[c0:], wy, wy1, A, r, kb)
-            if _solve_block(A, r, A64, d64, x, k0, kb):
+                _accumulate(YT, 0, m, conf[c0:], weight[c0:], scores[c0:], wy, wy1, A, r, kb, sweep == 0)
+            slot = j if sweeps > 1 else 0  # one block's room when nothing is kept
+            if sweep == 0:
+                KS[slot] = _factor_block(A, KA[slot], kb)
+            if _solve_factored(KA[slot], KS[slot], r, d64, x, k0, kb):
                 for c0 in range(0, n_u, cap):
                     m = min(cap, n_u - c0)
                     YT = buffer[: kb * m].reshape((kb, m))
@@ -499,9 +577,13 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
 
     Rows are solved in batches (up to ``BATCH_ROWS`` rows whose gathered columns fit
     ``BATCH_FLOATS``), block by block: for each block, the Gram part of every batch row's
-    residual in one register-tiled pass (``_gram_rows``), each row's entries part of its system
-    and residual (``_accumulate``), then the rows' b x b systems solved together, one row per
-    vector lane (``_cholesky_lanes``), and each row's step applied. Rows are independent and
+    residual in one register-tiled pass (``_gram_rows``), each row's entries part of its
+    residual (``_lane_residual``) and, in the first sweep, of its system (``_lane_system``), then
+    the rows' b x b systems factored (first sweep) and solved together, one row per vector lane
+    (``_factor_lanes``, ``_solve_lanes``), and each row's step applied. A block's system does not
+    depend on the row's factors, so with several sweeps each block's factored lanes are kept from
+    the first sweep (``kept_factor_bytes``: f b lanes float64) and a later sweep costs the Gram
+    part, the residual, two triangular solves and the cache update. Rows are independent and
     each row sees its blocks in order, so the result is the row-by-row one up to rounding.
     """
     n_rows, f = X.shape
@@ -509,7 +591,7 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
     b = max(1, min(block_size, f))
     longest = max_row_nnz(indptr)
     cap = max(1, min(longest, gather_entries))
-    lanes = max(1, min(BATCH_ROWS, LANE_BYTES // (b * b * 8)))
+    lanes = max(1, min(BATCH_ROWS, LANE_BYTES // (b * b * 8)))  # batch_lanes(b)
     batch_entries = max(ENTRY_PAD, BATCH_FLOATS // f)  # a batch's gathered entries (a longer row is a batch alone)
     width = max(cap + ENTRY_PAD, batch_entries)
     buffer = np.empty(f * width, dtype=X.dtype)
@@ -521,11 +603,14 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
     e = np.empty(width, dtype=X.dtype)
     A = np.empty((b, b), dtype=X.dtype)
     r = np.empty(b, dtype=X.dtype)
-    A64 = np.empty((b, b), dtype=np.float64)
     d64 = np.empty(b, dtype=np.float64)
-    AL = np.empty((b, b, lanes), dtype=np.float64)
+    blocks = -(-f // b)
+    kept = blocks if sweeps > 1 else 1  # each block's factored systems, kept for the later sweeps
+    KA = np.empty((kept, b, b), dtype=np.float64)  # a long row's
+    KS = np.zeros(kept, dtype=np.int64)
+    AL = np.empty((kept, b, b, lanes), dtype=np.float64)  # a batch's, one row a lane
     RL = np.empty((b, lanes), dtype=np.float64)
-    status = np.empty(lanes, dtype=np.float64)
+    status = np.empty((kept, lanes), dtype=np.float64)
     GR = np.empty((lanes, b), dtype=X.dtype)
     offset = np.empty(lanes + 1, dtype=np.int64)
     regs = np.empty(lanes, dtype=X.dtype)
@@ -541,7 +626,7 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
                 conf[t] = c
                 weight[t] = c - alpha0
             _long_row(indptr, indices, values, Y, gram, X[u0], u0, kind, alpha, alpha0, eps, reg, sweeps, b, cap, buffer,
-                      conf, weight, scores, wy, wy1, A, r, A64, d64)
+                      conf, weight, scores, wy, wy1, A, r, KA, KS, d64)
             if observed_loss:
                 observed += _row_observed(Y, indices, start, n_u, X[u0], conf, scores, alpha0)
             u0 += 1
@@ -571,21 +656,35 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
                 weight[t] = 0
             _gather_panel(Y, indices, start, m, buffer, f * o, o1 - o)
             _panel_scores(buffer, f * o, o1 - o, X, u, scores, o)
-        for _ in range(sweeps):
-            for k0 in range(0, f, b):
+        for sweep in range(sweeps):
+            for j in range(blocks):
+                k0 = j * b
                 kb = min(b, f - k0)
+                slot = j if sweeps > 1 else 0
+                ALj = AL[slot]
+                sj = status[slot]
                 _gram_rows(X, u0, n, gram, k0, kb, GR)
+                # two loops, not one with the system under a test: that one ran every sweep 2.4x slower
+                # (tools/RESULTS.md, issue 11 round 26)
+                if sweep == 0:
+                    for q in range(n):
+                        o, o1 = offset[q], offset[q + 1]
+                        base = f * o + k0 * (o1 - o)
+                        _lane_residual(buffer, base, o1 - o, o, conf, weight, scores, GR, X, u0 + q, regs[q], k0, kb, e, RL, q)
+                        _lane_system(buffer, base, o1 - o, o, weight, gram, regs[q], k0, kb, wy, wy1, ALj, q)
+                    _factor_lanes(ALj, kb, n, sj)
+                else:
+                    for q in range(n):
+                        o, o1 = offset[q], offset[q + 1]
+                        base = f * o + k0 * (o1 - o)
+                        _lane_residual(buffer, base, o1 - o, o, conf, weight, scores, GR, X, u0 + q, regs[q], k0, kb, e, RL, q)
+                _solve_lanes(ALj, RL, kb, n)
                 for q in range(n):
-                    o, o1 = offset[q], offset[q + 1]
-                    _lane_system(buffer, f * o + k0 * (o1 - o), o1 - o, o, conf, weight, scores, gram, GR, X, u0 + q,
-                                 regs[q], k0, kb, e, wy, wy1, AL, RL, q)
-                _cholesky_lanes(AL, RL, kb, n, status)
-                for q in range(n):
-                    if status[q] == 1.0:  # not positive definite: the row keeps this block
+                    if sj[q] == 1.0:  # not positive definite: the row keeps this block
                         continue
                     o, o1 = offset[q], offset[q + 1]
                     for i in range(kb):
-                        r[i] = RL[i, q] if status[q] == 0.0 else np.nan
+                        r[i] = RL[i, q] if sj[q] == 0.0 else np.nan
                         X[u0 + q, k0 + i] += r[i]
                     _lane_update(buffer, f * o + k0 * (o1 - o), o1 - o, o, r, scores, kb)
         if observed_loss:  # from the prediction cache: it drifts from X . y by float rounding only (one

@@ -383,6 +383,7 @@ def plan_half_sweep(
     blocked_method: str | None = None,
     row_counts: Callable[[int, int], np.ndarray] | None = None,
     blocked_task_bytes: int | None = None,
+    kernel_bytes: int = 0,
 ) -> HalfSweepPlan:
     """Plan one half-sweep within ``allowance`` bytes for ``concurrency`` simultaneous tasks.
 
@@ -398,6 +399,8 @@ def plan_half_sweep(
     local blocked plan cuts a row block too heavy to expand into runs of its rows that expand
     (``row_pieces``); a row too heavy alone is streamed.
     blocked_task_bytes: what a blocked task may take, instead of what the allowance leaves (for tests).
+    kernel_bytes: what a task's solver holds beside its rows and entries, whatever the task's size
+    (ialspp's kept block factors: ``kernels.subspace.kept_factor_bytes``).
     """
     usable = usable_bytes(allowance)
     n_rows = shard_ranges[-1][1] if shard_ranges else 0
@@ -417,11 +420,12 @@ def plan_half_sweep(
         holdings = [(True, fixed_bytes + n_rows * factors * itemsize)] if local else []
         holdings.append((False, fixed_bytes))
         for holds_own, resident in holdings:
-            per_task = (usable - resident) // max(1, concurrency)
+            per_task = (usable - resident) // max(1, concurrency) - kernel_bytes
             if per_task <= 0:
                 continue
             tasks, task_bytes = _tasks(shard_ranges, shard_block_nnz, row_bytes, per_task)
             if task_bytes <= per_task:
+                task_bytes += kernel_bytes
                 spare = usable - resident - concurrency * task_bytes
                 return plan("resident", solver, tasks, resident, n_fixed, 0, task_bytes, spare, holds_own, 1)
         notes.append(f"the fixed side ({format_bytes(fixed_bytes)}) and a task beside it do not fit in {format_bytes(usable)}")
@@ -430,7 +434,7 @@ def plan_half_sweep(
     block_rows = max(1, min(n_fixed, block_bytes // (factors * itemsize), max_block_rows or n_fixed))
     block_bytes = block_rows * factors * itemsize
     # one blocked task at a time per process, one window mapped; two tasks' marks of their columns
-    room = max(1, usable - block_bytes - 2 * distinct_columns_bytes(n_fixed))
+    room = max(1, usable - block_bytes - 2 * distinct_columns_bytes(n_fixed) - kernel_bytes)
     if blocked_task_bytes is not None:
         room = blocked_task_bytes
     # CSR, a renumbered index and the entry's fixed row (fewer rows when entries share a column:
@@ -493,7 +497,7 @@ def plan_half_sweep(
     if heaviest > room:
         notes.append(f"a row block needs {format_bytes(heaviest)}: over the budget's share ({format_bytes(room)})")
     passes = sum(t.sweeps for t in planned)
-    return plan("blocked", solver, planned, 0, block_rows, row_batch, heaviest + waiting + block_bytes, 0, False, passes,
+    return plan("blocked", solver, planned, 0, block_rows, row_batch, heaviest + waiting + block_bytes + kernel_bytes, 0, False, passes,
                 at_once=1)
 
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..config import WALSConfig
 from ..errors import BudgetWarning, DataMismatchError, NumericalError, SettingError, WalsError
 from ..execute import Executor
+from ..kernels.subspace import kept_factor_bytes
 from ..kernels.warm import warm_training_kernels
 from ..memory import MemoryBudget
 from ..store.format import array, open_group, subgroup
@@ -68,6 +69,9 @@ def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, conc
     """The plan of each side's half-sweep (the same every iteration). A blocked plan reads the
     entry counts of the rows of its heaviest row blocks (``plan.row_pieces``)."""
     itemsize = config.np_dtype.itemsize
+    kernel_bytes = 0
+    if config.solver == "ialspp":  # the block factors a kernel call keeps across its sweeps
+        kernel_bytes = kept_factor_bytes(config.factors, config.block_size, max(config.sweeps_at(0), config.sweeps_at(2)))
     return {
         side: plan_half_sweep(
             side,
@@ -86,6 +90,7 @@ def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, conc
             blocked_method,
             row_counts=functools.partial(store.row_counts, side),
             blocked_task_bytes=blocked_task_bytes,
+            kernel_bytes=kernel_bytes,
         )
         for side in SIDES
     }
