@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import mmap
 import os
 import tempfile
@@ -31,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 COPY_ROWS = 65536  # rows per write while making a scratch copy
 
@@ -51,9 +54,11 @@ class ScratchCopy:
     directory: where the file is made (default: ``tempfile.gettempdir()``, i.e. TMPDIR).
     """
 
-    def __init__(self, array: Any, directory: str | None = None, copy_rows: int = COPY_ROWS, threads: int = 1):
+    def __init__(self, array: Any, directory: str | None = None, copy_rows: int = COPY_ROWS, threads: int = 1,
+                 empty: bool = False):
         """Copy ``array`` into the file, ``copy_rows`` rows at a time by each of ``threads`` threads
-        (``threads * copy_rows`` rows: all the memory it takes)."""
+        (``threads * copy_rows`` rows: all the memory it takes). ``empty``: copy nothing (``array``
+        gives only the shape and dtype; ``write_rows`` fills the file)."""
         self.n_rows, self.factors = (int(n) for n in array.shape)
         self.dtype = np.dtype(array.dtype)
         self.row_bytes = self.factors * self.dtype.itemsize
@@ -61,6 +66,8 @@ class ScratchCopy:
         where = directory or tempfile.gettempdir()
         self._file = tempfile.TemporaryFile(prefix="wals-ooc-fixed-", dir=where)
         fd = self._file.fileno()
+        if empty:
+            return
 
         def copy(lo: int) -> None:
             rows = np.ascontiguousarray(array[lo : lo + copy_rows], dtype=self.dtype)
@@ -78,6 +85,11 @@ class ScratchCopy:
             self._file.close()
             raise OSError(exc.errno, f"cannot write the fixed side's scratch copy ({self.nbytes} bytes) in {where}: "
                                      f"{exc.strerror}; point TMPDIR at a local disk with room") from exc
+
+    def write_rows(self, start: int, rows: np.ndarray) -> None:
+        """Write ``rows`` as rows ``[start, start + len(rows))`` of the copy."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        _write_all(self._file.fileno(), memoryview(rows.data).cast("B"), start * self.row_bytes)
 
     @property
     def nbytes(self) -> int:
@@ -143,6 +155,63 @@ def held_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 _lock = threading.RLock()
 _held: dict[tuple, Any] = {}
 _previous: dict[tuple, ScratchCopy] = {}  # the scratch copy of the half-sweep before (see ``previous_copy``)
+_forwarded: dict[tuple, tuple[ScratchCopy, dict[tuple[int, int], int]]] = {}  # see ``forward_rows``
+_forward_failed: set[tuple] = set()
+
+
+def forward_rows(key: tuple, shape: tuple[int, int], dtype: Any, start: int, rows: np.ndarray) -> None:
+    """Write a task's solved rows ``[start, start + len(rows))`` into the scratch copy that the
+    half-sweep of ``key`` will take as its fixed side (``fixed_side``), so that half-sweep does not
+    copy the side again from Zarr (read, decode and write 1.6 GB for the users of a 337M store,
+    inside the blocked slot). Used only when every task of the half-sweep runs in this process: the
+    copy is taken only when its tasks' row ranges cover every row. A write the disk refuses drops
+    the copy (the next half-sweep copies from Zarr, as without it)."""
+    with _lock:
+        if key in _forward_failed:
+            return
+        entry = _forwarded.get(key)
+        if entry is None:
+            try:
+                entry = _forwarded[key] = (ScratchCopy(_Shape(shape, dtype), empty=True), {})
+            except OSError as exc:
+                log.info("no forwarded scratch copy (%s): the next half-sweep copies its fixed side from Zarr", exc)
+                _forward_failed.add(key)
+                return
+    copy, written = entry
+    try:
+        copy.write_rows(start, rows)
+    except OSError as exc:
+        log.info("forwarded scratch copy dropped (%s): the next half-sweep copies its fixed side from Zarr", exc)
+        with _lock:
+            if _forwarded.pop(key, None) is not None:
+                copy.close()
+            _forward_failed.add(key)
+        return
+    with _lock:
+        written[(int(start), int(start) + len(rows))] = 1
+
+
+class _Shape:
+    """Shape and dtype of a scratch copy to fill by ``write_rows`` (``ScratchCopy(..., empty=True)``)."""
+
+    def __init__(self, shape: tuple[int, int], dtype: Any):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+
+def _take_forwarded(key: tuple) -> ScratchCopy | None:
+    """The forwarded copy for ``key`` if its rows were all written (others are deleted); under ``_lock``."""
+    entry = _forwarded.pop(key, None)
+    for copy, _ in _forwarded.values():
+        copy.close()
+    _forwarded.clear()
+    _forward_failed.clear()
+    if entry is None:
+        return None
+    copy, written = entry
+    if sum(b - a for a, b in written) == copy.n_rows:  # tasks' row ranges never overlap: every row written
+        return copy
+    copy.close()
+    return None
 
 
 def fixed_side(key: tuple, make: Callable[[], Any]) -> tuple[Any, bool]:
@@ -160,7 +229,8 @@ def fixed_side(key: tuple, make: Callable[[], Any]) -> tuple[Any, bool]:
         for held in kept.values():
             held._drop_workspace()  # file-backed only from now on: nothing of it in the RSS
         _previous.update(kept)
-        _held[key] = make()
+        forwarded = _take_forwarded(key)
+        _held[key] = forwarded if forwarded is not None else make()
         return _held[key], True
 
 
@@ -187,3 +257,4 @@ def release_fixed_side() -> None:
                 held.close()
         _held.clear()
         _release_previous()
+        _take_forwarded(())

@@ -51,7 +51,7 @@ from ..kernels.subspace import subspace_solve_rows
 from ..store.format import array, open_group, subgroup, writing_every_chunk
 from ..store.reader import CSRShard, InteractionStore
 from .entry_cache import entry_cache, release_entry_caches
-from .fixed_side import ScratchCopy, fixed_side, held_array, previous_copy, release_fixed_side
+from .fixed_side import ScratchCopy, fixed_side, forward_rows, held_array, previous_copy, release_fixed_side
 from .plan import SolveTask
 from .sums import GramPieces, block_ranges, task_pieces
 
@@ -92,10 +92,15 @@ def _factor_array(location: str, storage_options: dict | None, side: str, slot: 
         return _opened[key]
 
 
+def _fixed_key(model: str, side: str, slot: int, step: int, mode: str) -> tuple:
+    """What names the fixed side of a half-sweep in ``fixed_side``: that side's factors of ``slot``, at ``step``."""
+    return (model, side, slot, step, mode)
+
+
 def _fixed_of(job: HalfSweepJob) -> tuple[Any, bool]:
     """This process's fixed side for the job's half-sweep: the whole array ("resident") or a
     scratch copy ("blocked"), made by the first task that asks; and whether this call made it."""
-    key = (job.model, job.fixed_side, job.fixed_slot, job.step, job.mode)
+    key = _fixed_key(job.model, job.fixed_side, job.fixed_slot, job.step, job.mode)
     array = _factor_array(job.model, job.storage_options, job.fixed_side, job.fixed_slot)
     if job.mode == "resident":
         return fixed_side(key, lambda: np.ascontiguousarray(array[:]))
@@ -274,6 +279,7 @@ class HalfSweepJob:
     task_threads: int = 1  # blocked: threads a task spreads its rows over
     entry_cache: bool = False  # local blocked: tasks read their rows from a local raw copy after the first time (``entry_cache``)
     row_block: int = 0  # the store's row block: rows are solved and summed block by block (``sums``)
+    forward: bool = False  # local, next half-sweep blocked: solved rows also go into its scratch copy (``forward_rows``)
 
 
 @dataclass
@@ -416,6 +422,9 @@ def _finish(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.ndarray, re
             out[task.row_start:task.row_stop] = X
     else:
         out[task.row_start:task.row_stop] = X
+    if job.forward:
+        forward_rows(_fixed_key(job.model, job.side, job.out_slot, job.step + 1, "blocked"), tuple(out.shape), out.dtype,
+                     task.row_start, X)
     grams = [block_gram(X[a:b]) for a, b in blocks]
     if job.loss:
         result.quadratic = [gram_quadratic_of(gram, job.gram) for gram in grams]
