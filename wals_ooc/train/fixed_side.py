@@ -36,6 +36,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 COPY_ROWS = 65536  # rows per write while making a scratch copy
+DROP_MARGIN = 2 << 20  # bytes either side of a window also dropped from the mapping on leaving it (``window``)
 
 
 def _write_all(fd: int, buffer: memoryview, offset: int) -> None:
@@ -63,6 +64,8 @@ class ScratchCopy:
         self.dtype = np.dtype(array.dtype)
         self.row_bytes = self.factors * self.dtype.itemsize
         self._workspace: mmap.mmap | None = None
+        self._whole: mmap.mmap | None = None
+        self._map_lock = threading.Lock()
         where = directory or tempfile.gettempdir()
         self._file = tempfile.TemporaryFile(prefix="wals-ooc-fixed-", dir=where)
         fd = self._file.fileno()
@@ -119,23 +122,45 @@ class ScratchCopy:
     def window(self, lo: int, hi: int) -> Iterator[np.ndarray]:
         """Rows ``[lo, hi)`` as a (hi - lo, f) array mapped from the file, valid inside the block.
 
+        The whole file is mapped once (``_mapping``) and each window's pages are dropped from the
+        mapping on leaving (``MADV_DONTNEED``: the page tables only; the page cache keeps them),
+        so the RSS counts the windows in use and nothing more. A mapping and an unmapping a window
+        cost more, each taking the process's memory map for writing (and stopping the page faults
+        of the other threads' windows) while the tasks' threads sweep their windows at once.
+
         The mapping is private and writable only so that NumPy and numba see an ordinary array:
         nothing writes to it (a write would copy the page, never reach the file).
         """
         start, stop = lo * self.row_bytes, hi * self.row_bytes
-        aligned = start - start % mmap.ALLOCATIONGRANULARITY
-        mapped = mmap.mmap(self._file.fileno(), stop - aligned, flags=mmap.MAP_PRIVATE,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+        whole = self._mapping()
         try:
-            yield np.frombuffer(mapped, self.dtype, (hi - lo) * self.factors, start - aligned).reshape(hi - lo, self.factors)
+            yield np.frombuffer(whole, self.dtype, (hi - lo) * self.factors, start).reshape(hi - lo, self.factors)
         finally:
-            try:
-                mapped.close()
-            except BufferError:  # a caller still holds the array (an exception's traceback): unmapped when collected
-                pass
+            # with DROP_MARGIN either side: a fault maps the pages around it that the page cache holds
+            # (fault-around, whole large folios), also outside the window; a neighbour's page in use is
+            # mapped again at its next touch
+            first = max(0, start - DROP_MARGIN)
+            first -= first % mmap.PAGESIZE
+            last = min(len(whole), stop + DROP_MARGIN)
+            if last > first:
+                whole.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def _mapping(self) -> mmap.mmap:
+        """The whole file, mapped private (made at the first window; the file is complete by then)."""
+        with self._map_lock:
+            if self._whole is None:
+                self._whole = mmap.mmap(self._file.fileno(), max(1, self.nbytes), flags=mmap.MAP_PRIVATE,
+                                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            return self._whole
 
     def close(self) -> None:
         self._drop_workspace()
+        if self._whole is not None:
+            try:
+                self._whole.close()
+            except BufferError:  # a caller still holds a window (an exception's traceback): unmapped when collected
+                pass
+            self._whole = None
         self._file.close()
 
 
