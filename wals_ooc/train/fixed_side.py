@@ -2,12 +2,14 @@
 ("resident"), or a local scratch copy read in blocks ("blocked").
 
 The scratch copy is the fixed factor slot written once, decompressed, into an unlinked
-temporary file (``TMPDIR``). Tasks map one window of it at a time (a private read-only use of
-``mmap``, unmapped after the window's sweep), so the page cache serves every sweep after the
-first without a copy, without decompression, and without counting more than the window in the
+temporary file (``TMPDIR``). The file is mapped whole (a private use of ``mmap`` that nothing
+writes) and tasks read it one window at a time, the window's pages dropped from the mapping on
+leaving it (``MADV_DONTNEED``), so the page cache serves every sweep after the first without a
+copy, without decompression, and without counting more than the windows in use in the
 process's RSS (measured: a sweep of 1 GB costs ~20 ms of CPU this way against ~0.4 s with
 ``os.preadv`` into a buffer). Being unlinked, the file vanishes when the process ends, however
-it ends.
+it ends. In a local run the half-sweep before writes its solved rows into the next half-sweep's
+copy as it goes (``forward_rows``), so only the first half-sweep copies from Zarr.
 
 Each process keeps the fixed side of one half-sweep at a time: a task of the next half-sweep
 drops the previous one before reading its own.
