@@ -219,7 +219,7 @@ def forward_rows(key: tuple, shape: tuple[int, int], dtype: Any, start: int, row
 
 
 class _Shape:
-    """Shape and dtype of a scratch copy to fill by ``write_rows`` (``ScratchCopy(..., empty=True)``)."""
+    """The shape and dtype of a scratch copy that ``write_rows`` fills (``ScratchCopy(..., empty=True)``)."""
 
     def __init__(self, shape: tuple[int, int], dtype: Any):
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)

@@ -147,8 +147,8 @@ def _in_chunks(chunks: list[tuple[int, int]], work, threads: int) -> None:
     """Call ``work(a, b)`` for every range of ``chunks``, taken in order by ``threads`` threads
     (this one and the process's pool) as each finishes its last: a thread slowed down (another
     task's thread, Zarr's, on the same cores) takes fewer, and none waits on another before the
-    last chunk (with one fixed range a thread, the other thread waited 20-25% of a blocked task's
-    solve and gather on the 30M store)."""
+    last chunk (with one fixed range a thread, the threads waited 17-20% of a blocked task's
+    solve and of its gather on the 30M store)."""
     taken = iter(range(len(chunks)))
     take = threading.Lock()
 
@@ -475,8 +475,9 @@ class DistinctColumns:
 def _column_parts(first: np.ndarray, n_fixed: int, count: int) -> list[tuple[int, int]]:
     """``count`` ranges of the fixed rows ``[0, n_fixed)`` holding about equal numbers of a task's
     distinct columns (``first``: ``DistinctColumns.first``), cut at multiples of 64 (whole words
-    of the marks). Each thread of a blocked task sweeps its own range, window by window, with no
-    wait for the other threads until the end (a wait a window cost more than the copies)."""
+    of the marks). A blocked task's threads sweep these ranges window by window, each taking the
+    next range when done (``_in_chunks``), with no wait for one another until the last: a wait
+    every window (a submit and a barrier each) left the threads idle more than the copies took."""
     if count <= 1:
         return [(0, n_fixed)]
     words = np.searchsorted(first[:-1], first[-1] * np.arange(1, count) / count, side="left")
@@ -502,7 +503,7 @@ def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
             hi = min(b, lo + rows)
             with scratch.window(lo, hi) as Y_block:
                 gather_marked(bits, first, lo, hi, lo, Y_block, compact)
-                del Y_block  # the window is unmapped on leaving: hold no view of it
+                del Y_block  # the window's pages are dropped on leaving: hold no view of it
 
     _in_chunks(_column_parts(first, job.n_fixed, CHUNKS_A_THREAD * threads), gather, threads)
     result.fixed_bytes_read += job.n_fixed * cfg.factors * np.dtype(cfg.np_dtype).itemsize  # one sweep
