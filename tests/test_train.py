@@ -180,17 +180,29 @@ def test_same_seed_gives_the_same_bits_whatever_the_task_cut(small_store, tmp_pa
 
 @pytest.mark.parametrize("solver,method", [("cholesky", "expanded"), ("cholesky", "cholesky"), ("cg", "expanded"), ("cg", "cg"),
                                            ("ialspp", "expanded")])
-def test_blocked_fixed_side_equals_resident_and_reads_it_as_often_as_planned(small_store, tmp_path, solver, method):
+def test_blocked_fixed_side_equals_resident_and_reads_it_as_often_as_planned(small_store, tmp_path, monkeypatch, solver,
+                                                                            method):
     """Sweeping the fixed side in 37-row windows of a scratch copy (expanded entry rows;
     accumulated normal equations; CG one sweep per pass) gives the same factors and losses as
-    holding it whole, and reads the fixed side exactly as many times as the plan says."""
-    from wals_ooc.train import make_plans
+    holding it whole, and reads the fixed side exactly as many times as the plan says. Only the
+    first half-sweep copies its fixed side from Zarr: the others take the rows the half-sweep
+    before them forwarded (``fixed_side.forward_rows``)."""
+    from wals_ooc.train import half_sweep, make_plans
 
+    copied = []
+
+    class CountedCopy(half_sweep.ScratchCopy):
+        def __init__(self, array, *args, **kwargs):
+            copied.append(array.shape)
+            super().__init__(array, *args, **kwargs)
+
+    monkeypatch.setattr(half_sweep, "ScratchCopy", CountedCopy)  # the copies made from Zarr
     store = open_store(small_store)
     settings = dict(solver=solver, dtype="float64", iterations=3, **OBJECTIVES["rendle"])
     resident_model = _fit(store, tmp_path / "r.zarr", **settings)
     resident = _factors(resident_model)
     blocked_model = _fit(store, tmp_path / "b.zarr", max_block_rows=37, threads=2, blocked_method=method, **settings)
+    assert copied == [(store.n_items, 8)], "a half-sweep after the first copied its fixed side from Zarr"
     blocked = _factors(blocked_model)
     assert_close_rel(blocked[0], resident[0], 1e-9)
     assert_close_rel(blocked[1], resident[1], 1e-9)
@@ -257,6 +269,48 @@ def test_a_scratch_copy_lends_one_workspace_that_grows_and_is_released_with_it(t
     del larger
     copy.close()
     assert copy._workspace is None
+
+
+def test_forwarded_rows_make_the_next_scratch_copy_only_when_every_row_was_written(monkeypatch):
+    """A half-sweep's solved rows written ahead into the next half-sweep's scratch copy are taken
+    as its fixed side only when their ranges cover every row; otherwise (rows missing, or a write
+    the disk refused) the next half-sweep copies its fixed side as before."""
+    from wals_ooc.train import fixed_side as fs
+
+    rows = np.arange(40, dtype=np.float32).reshape(10, 4)
+    made = []
+
+    def make():
+        made.append(1)
+        return fs.ScratchCopy(rows)
+
+    try:
+        fs.forward_rows(("k", 1), (10, 4), np.float32, 6, rows[6:])
+        fs.forward_rows(("k", 1), (10, 4), np.float32, 0, rows[:6])
+        copy, was_made = fs.fixed_side(("k", 1), make)
+        assert was_made and not made
+        with copy.window(0, 10) as got:
+            np.testing.assert_array_equal(got, rows)
+            del got
+        fs.forward_rows(("k", 2), (10, 4), np.float32, 0, rows[:6])  # rows 6-9 never written
+        fs.fixed_side(("k", 2), make)
+        assert made == [1]
+
+        def refused(self, start, block):
+            raise OSError(28, "No space left on device")
+
+        fs.forward_rows(("k", 3), (10, 4), np.float32, 0, rows[:6])
+        monkeypatch.setattr(fs.ScratchCopy, "write_rows", refused)
+        fs.forward_rows(("k", 3), (10, 4), np.float32, 6, rows[6:])
+        monkeypatch.undo()
+        fs.forward_rows(("k", 3), (10, 4), np.float32, 6, rows[6:])  # dropped for this key: not written again
+        copy, _ = fs.fixed_side(("k", 3), make)
+        assert made == [1, 1]
+        with copy.window(0, 10) as got:
+            np.testing.assert_array_equal(got, rows)
+            del got
+    finally:
+        fs.release_fixed_side()
 
 
 def test_ialspp_on_a_blocked_plan_that_cannot_expand_its_entries_is_refused(small_store, tmp_path):

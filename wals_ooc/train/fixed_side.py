@@ -2,12 +2,14 @@
 ("resident"), or a local scratch copy read in blocks ("blocked").
 
 The scratch copy is the fixed factor slot written once, decompressed, into an unlinked
-temporary file (``TMPDIR``). Tasks map one window of it at a time (a private read-only use of
-``mmap``, unmapped after the window's sweep), so the page cache serves every sweep after the
-first without a copy, without decompression, and without counting more than the window in the
+temporary file (``TMPDIR``). The file is mapped whole (a private use of ``mmap`` that nothing
+writes) and tasks read it one window at a time, the window's pages dropped from the mapping on
+leaving it (``MADV_DONTNEED``), so the page cache serves every sweep after the first without a
+copy, without decompression, and without counting more than the windows in use in the
 process's RSS (measured: a sweep of 1 GB costs ~20 ms of CPU this way against ~0.4 s with
 ``os.preadv`` into a buffer). Being unlinked, the file vanishes when the process ends, however
-it ends.
+it ends. In a local run the half-sweep before writes its solved rows into the next half-sweep's
+copy as it goes (``forward_rows``), so only the first half-sweep copies from Zarr.
 
 Each process keeps the fixed side of one half-sweep at a time: a task of the next half-sweep
 drops the previous one before reading its own.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import mmap
 import os
 import tempfile
@@ -32,7 +35,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 COPY_ROWS = 65536  # rows per write while making a scratch copy
+DROP_MARGIN = 2 << 20  # bytes either side of a window also dropped from the mapping on leaving it (``window``)
 
 
 def _write_all(fd: int, buffer: memoryview, offset: int) -> None:
@@ -51,16 +57,22 @@ class ScratchCopy:
     directory: where the file is made (default: ``tempfile.gettempdir()``, i.e. TMPDIR).
     """
 
-    def __init__(self, array: Any, directory: str | None = None, copy_rows: int = COPY_ROWS, threads: int = 1):
+    def __init__(self, array: Any, directory: str | None = None, copy_rows: int = COPY_ROWS, threads: int = 1,
+                 empty: bool = False):
         """Copy ``array`` into the file, ``copy_rows`` rows at a time by each of ``threads`` threads
-        (``threads * copy_rows`` rows: all the memory it takes)."""
+        (``threads * copy_rows`` rows: all the memory it takes). ``empty``: copy nothing (``array``
+        gives only the shape and dtype; ``write_rows`` fills the file)."""
         self.n_rows, self.factors = (int(n) for n in array.shape)
         self.dtype = np.dtype(array.dtype)
         self.row_bytes = self.factors * self.dtype.itemsize
         self._workspace: mmap.mmap | None = None
+        self._whole: mmap.mmap | None = None
+        self._map_lock = threading.Lock()
         where = directory or tempfile.gettempdir()
         self._file = tempfile.TemporaryFile(prefix="wals-ooc-fixed-", dir=where)
         fd = self._file.fileno()
+        if empty:
+            return
 
         def copy(lo: int) -> None:
             rows = np.ascontiguousarray(array[lo : lo + copy_rows], dtype=self.dtype)
@@ -78,6 +90,11 @@ class ScratchCopy:
             self._file.close()
             raise OSError(exc.errno, f"cannot write the fixed side's scratch copy ({self.nbytes} bytes) in {where}: "
                                      f"{exc.strerror}; point TMPDIR at a local disk with room") from exc
+
+    def write_rows(self, start: int, rows: np.ndarray) -> None:
+        """Write ``rows`` as rows ``[start, start + len(rows))`` of the copy."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        _write_all(self._file.fileno(), memoryview(rows.data).cast("B"), start * self.row_bytes)
 
     @property
     def nbytes(self) -> int:
@@ -107,23 +124,45 @@ class ScratchCopy:
     def window(self, lo: int, hi: int) -> Iterator[np.ndarray]:
         """Rows ``[lo, hi)`` as a (hi - lo, f) array mapped from the file, valid inside the block.
 
+        The whole file is mapped once (``_mapping``) and each window's pages are dropped from the
+        mapping on leaving (``MADV_DONTNEED``: the page tables only; the page cache keeps them),
+        so the RSS counts the windows in use and nothing more. A mapping and an unmapping a window
+        cost more, each taking the process's memory map for writing (and stopping the page faults
+        of the other threads' windows) while the tasks' threads sweep their windows at once.
+
         The mapping is private and writable only so that NumPy and numba see an ordinary array:
         nothing writes to it (a write would copy the page, never reach the file).
         """
         start, stop = lo * self.row_bytes, hi * self.row_bytes
-        aligned = start - start % mmap.ALLOCATIONGRANULARITY
-        mapped = mmap.mmap(self._file.fileno(), stop - aligned, flags=mmap.MAP_PRIVATE,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+        whole = self._mapping()
         try:
-            yield np.frombuffer(mapped, self.dtype, (hi - lo) * self.factors, start - aligned).reshape(hi - lo, self.factors)
+            yield np.frombuffer(whole, self.dtype, (hi - lo) * self.factors, start).reshape(hi - lo, self.factors)
         finally:
-            try:
-                mapped.close()
-            except BufferError:  # a caller still holds the array (an exception's traceback): unmapped when collected
-                pass
+            # with DROP_MARGIN either side: a fault maps the pages around it that the page cache holds
+            # (fault-around, whole large folios), also outside the window; a neighbour's page in use is
+            # mapped again at its next touch
+            first = max(0, start - DROP_MARGIN)
+            first -= first % mmap.PAGESIZE
+            last = min(len(whole), stop + DROP_MARGIN)
+            if last > first:
+                whole.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def _mapping(self) -> mmap.mmap:
+        """The whole file, mapped private (made at the first window; the file is complete by then)."""
+        with self._map_lock:
+            if self._whole is None:
+                self._whole = mmap.mmap(self._file.fileno(), max(1, self.nbytes), flags=mmap.MAP_PRIVATE,
+                                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            return self._whole
 
     def close(self) -> None:
         self._drop_workspace()
+        if self._whole is not None:
+            try:
+                self._whole.close()
+            except BufferError:  # a caller still holds a window (an exception's traceback): unmapped when collected
+                pass
+            self._whole = None
         self._file.close()
 
 
@@ -143,6 +182,63 @@ def held_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 _lock = threading.RLock()
 _held: dict[tuple, Any] = {}
 _previous: dict[tuple, ScratchCopy] = {}  # the scratch copy of the half-sweep before (see ``previous_copy``)
+_forwarded: dict[tuple, tuple[ScratchCopy, dict[tuple[int, int], int]]] = {}  # see ``forward_rows``
+_forward_failed: set[tuple] = set()
+
+
+def forward_rows(key: tuple, shape: tuple[int, int], dtype: Any, start: int, rows: np.ndarray) -> None:
+    """Write a task's solved rows ``[start, start + len(rows))`` into the scratch copy that the
+    half-sweep of ``key`` will take as its fixed side (``fixed_side``), so that half-sweep does not
+    copy the side again from Zarr (read, decode and write 1.6 GB for the users of a 337M store,
+    inside the blocked slot). Used only when every task of the half-sweep runs in this process: the
+    copy is taken only when its tasks' row ranges cover every row. A write the disk refuses drops
+    the copy (the next half-sweep copies from Zarr, as without it)."""
+    with _lock:
+        if key in _forward_failed:
+            return
+        entry = _forwarded.get(key)
+        if entry is None:
+            try:
+                entry = _forwarded[key] = (ScratchCopy(_Shape(shape, dtype), empty=True), {})
+            except OSError as exc:
+                log.info("no forwarded scratch copy (%s): the next half-sweep copies its fixed side from Zarr", exc)
+                _forward_failed.add(key)
+                return
+    copy, written = entry
+    try:
+        copy.write_rows(start, rows)
+    except OSError as exc:
+        log.info("forwarded scratch copy dropped (%s): the next half-sweep copies its fixed side from Zarr", exc)
+        with _lock:
+            if _forwarded.pop(key, None) is not None:
+                copy.close()
+            _forward_failed.add(key)
+        return
+    with _lock:
+        written[(int(start), int(start) + len(rows))] = 1
+
+
+class _Shape:
+    """The shape and dtype of a scratch copy that ``write_rows`` fills (``ScratchCopy(..., empty=True)``)."""
+
+    def __init__(self, shape: tuple[int, int], dtype: Any):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+
+def _take_forwarded(key: tuple) -> ScratchCopy | None:
+    """The forwarded copy for ``key`` if its rows were all written (others are deleted); under ``_lock``."""
+    entry = _forwarded.pop(key, None)
+    for copy, _ in _forwarded.values():
+        copy.close()
+    _forwarded.clear()
+    _forward_failed.clear()
+    if entry is None:
+        return None
+    copy, written = entry
+    if sum(b - a for a, b in written) == copy.n_rows:  # tasks' row ranges never overlap: every row written
+        return copy
+    copy.close()
+    return None
 
 
 def fixed_side(key: tuple, make: Callable[[], Any]) -> tuple[Any, bool]:
@@ -160,7 +256,8 @@ def fixed_side(key: tuple, make: Callable[[], Any]) -> tuple[Any, bool]:
         for held in kept.values():
             held._drop_workspace()  # file-backed only from now on: nothing of it in the RSS
         _previous.update(kept)
-        _held[key] = make()
+        forwarded = _take_forwarded(key)
+        _held[key] = forwarded if forwarded is not None else make()
         return _held[key], True
 
 
@@ -187,3 +284,4 @@ def release_fixed_side() -> None:
                 held.close()
         _held.clear()
         _release_previous()
+        _take_forwarded(())

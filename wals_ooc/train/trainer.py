@@ -299,6 +299,7 @@ def _train_model(out: Output, model: FactorStore, store: InteractionStore, confi
                     n_fixed=plan.n_fixed, gram=gram.astype(config.np_dtype), loss=config.compute_loss and side == "item",
                     shard_cache_bytes=0 if local else cache_bytes, task_threads=plan.task_threads,
                     entry_cache=local and plan.mode == "blocked",
+                    forward=local and plans[fixed].mode == "blocked" and checkpoint.step + 1 < total_steps,
                     row_block=store.row_block,
                 )
                 label = f"{side}s-it{checkpoint.iteration:03d}"
