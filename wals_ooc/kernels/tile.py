@@ -327,7 +327,7 @@ def _gathered(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):
     raise NotImplementedError("numba kernels only: see gathered_pass")
 
 
-@overload(_gathered, jit_options=dict(cache=True, nogil=True))
+@overload(_gathered)
 def _gathered_overload(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):
     if isinstance(source, types.Array) and source.layout == "C" and all(
             isinstance(a, types.Array) and a.layout == "C" for a in (rows, v, weight, dots, acc)):
