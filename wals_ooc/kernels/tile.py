@@ -11,6 +11,11 @@ each step one load of the panel's row and one broadcast of each row's element.
 
 ``tiled_product(A, Gp, D, n)`` writes rows up to n rounded up to 4, so A and D must hold them;
 f must be a multiple of ``TILE_COLUMNS`` (``tiles(f)``).
+
+The same way, CG's sparse passes over a row's fixed rows (``weighted_pass`` for a step,
+``gathered_pass`` for the warm start's residual, which also gathers the rows) hold the row's
+vector and the running sum in the host's widest vector registers through the whole pass, so
+each fixed row is read once and the sum never goes through memory (``fuses(f, itemsize)``).
 """
 
 from __future__ import annotations
