@@ -15,7 +15,7 @@ from wals_ooc.kernels.blocked import (
 from wals_ooc.kernels.loss import observed_loss_block, row_penalties
 from wals_ooc.kernels.solve import CONFIDENCE_KINDS, GATHER_MAX_ENTRIES, GROUP_ROWS, cg_solve_rows, cholesky_solve_rows
 from wals_ooc.kernels.subspace import subspace_solve_rows
-from wals_ooc.kernels.tile import pack_gram, tiled_product, tiles
+from wals_ooc.kernels.tile import WIDE_BYTES, fuses, gathered_pass, pack_gram, tiled_product, tiles, weighted_pass
 from wals_ooc.kernels.topk import new_heaps, topk_finish, topk_update
 from wals_ooc.kernels.transpose import transpose_tile
 
@@ -125,6 +125,39 @@ def test_tiled_gram_product_equals_matmul(f, dtype):
         np.testing.assert_allclose(D[:m], A[:m].astype(np.float64) @ G, rtol=1e-5 if dtype == np.float32 else 1e-12,
                                    atol=1e-4 if dtype == np.float32 else 1e-12)
         assert np.isnan(D[m:]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_row_passes_equal_numpy(dtype):
+    """CG's sparse passes with the sums in registers (tile.py): the step's dots and weighted sum,
+    and the residual's pass gathering its rows (a strided source takes the plain loop)."""
+    itemsize = np.dtype(dtype).itemsize
+    lanes = WIDE_BYTES // itemsize
+    assert fuses(lanes, itemsize) and fuses(8 * lanes, itemsize) and not fuses(9 * lanes, itemsize)
+    assert not fuses(lanes + 1, itemsize) and not fuses(0, itemsize)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    rng = np.random.default_rng(3)
+    for f in (lanes, 3 * lanes, 8 * lanes):
+        wide = rng.normal(size=(50, 2 * f)).astype(dtype)
+        ids = rng.integers(0, 50, size=40).astype(np.int32)
+        v, acc0 = rng.normal(size=f).astype(dtype), rng.normal(size=f).astype(dtype)
+        weight = rng.normal(size=30).astype(dtype)
+        for source in (np.ascontiguousarray(wide[:, :f]), wide[:, :f]):
+            rows, dots, acc = np.full((30, f), np.nan, dtype), np.zeros(30, dtype), acc0.copy()
+            gathered_pass(source, ids, 5, 40, rows, 2, 27, v, weight, dots, acc, 1.5)
+            y = source[ids[7:32]].astype(np.float64)
+            s = y @ v
+            np.testing.assert_array_equal(rows[2:27], source[ids[7:32]])
+            assert np.isnan(rows[:2]).all() and np.isnan(rows[27:]).all()
+            np.testing.assert_allclose(dots[2:27], s, **tolerance)
+            np.testing.assert_allclose(acc, acc0 + (1.5 + weight[2:27] * (1 - s)) @ y, **tolerance)
+        acc = acc0.copy()
+        weighted_pass(rows, 2, 27, v, weight, dots, acc)
+        np.testing.assert_allclose(dots[2:27], s, **tolerance)
+        np.testing.assert_allclose(acc, acc0 + (weight[2:27] * s) @ y, **tolerance)
+        acc = acc0.copy()
+        weighted_pass(rows, 4, 4, v, weight, dots, acc)  # no entries: the sum unchanged
+        np.testing.assert_array_equal(acc, acc0)
 
 
 def test_cg_float32_warm_start_reaches_closed_form():

@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit
 
 from .prefetch import prefetch_row
-from .tile import TILE_COLUMNS, pack_gram, tiled_product, tiles
+from .tile import TILE_COLUMNS, fuses, gathered_pass, pack_gram, tiled_product, tiles, weighted_pass
 
 LINEAR, LOG, CONSTANT = 0, 1, 2
 CONFIDENCE_KINDS = {"linear": LINEAR, "log": LOG, "constant": CONSTANT}
@@ -176,7 +176,11 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     row: at f = 128 it does not fit in L1). When f is a multiple of 16 that product is
     register-tiled against the Gram packed once per call (``tile.tiled_product``: 89 GFLOP/s a
     core against BLAS's 32-42 at these row counts, which packs the Gram on every call), else
-    BLAS. A row longer than the gather block reads Y directly, alone (``_cg_row``).
+    BLAS. The sparse passes over a row's fixed rows (the residual's, which gathers them, and
+    each step's y.p and Ap += w (y.p) y) are LLVM vector code holding the row's x or p and the
+    sum in registers, each fixed row read once a pass, when the row fits the host's vector
+    registers (``tile.fuses``: f a multiple of 16 up to 128 in float32 with AVX-512); else numba
+    loops. A row longer than the gather block reads Y directly, alone (``_cg_row``).
     Arithmetic stays in X's dtype (scalars are cast to it), so float32 runs 8 lanes wide.
     """
     n_rows, f = X.shape
@@ -192,6 +196,7 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     proj = np.empty(held, dtype=X.dtype)  # p.y of each entry in the current step
     G = np.ascontiguousarray(gram.astype(X.dtype))
     tiled = tiles(f)
+    fused = fuses(f, X.itemsize)
     Gp = pack_gram(G) if tiled else np.empty((0, f, TILE_COLUMNS), dtype=X.dtype)
     # rows of a group's products (zeros: the tiled product also reads the padding up to a multiple of 4)
     X_group = np.zeros((GROUP_ROWS, f), dtype=X.dtype)
@@ -233,22 +238,27 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
             r = R[i]
             for k in range(f):
                 r[k] = -D[i, k] - reg * x[k]
-            for e in range(e0, e1):
-                ahead = base + e + PREFETCH_ENTRIES  # independent copies: many cache misses in flight at once
-                if ahead < last:
-                    prefetch_row(Y, indices[ahead])
-                source = Y[indices[base + e]]
-                y = Y_rows[e]
-                for k in range(f):
-                    y[k] = source[k]
-                c = T(confidence(values[base + e], kind, alpha, alpha0, eps))
-                w = c - alpha0
-                weight[e] = w
-                s = _dot(y, x, f)
-                score[e] = s
-                coef = c - w * s
-                for k in range(f):
-                    r[k] += coef * y[k]
+            if fused:  # the row's pass with x and r in registers (``tile.gathered_pass``)
+                for e in range(e0, e1):
+                    weight[e] = T(confidence(values[base + e], kind, alpha, alpha0, eps)) - alpha0
+                gathered_pass(Y, indices, base, last, Y_rows, e0, e1, X_group[i], weight, score, r, alpha0)
+            else:
+                for e in range(e0, e1):
+                    ahead = base + e + PREFETCH_ENTRIES  # independent copies: many cache misses in flight at once
+                    if ahead < last:
+                        prefetch_row(Y, indices[ahead])
+                    source = Y[indices[base + e]]
+                    y = Y_rows[e]
+                    for k in range(f):
+                        y[k] = source[k]
+                    c = T(confidence(values[base + e], kind, alpha, alpha0, eps))
+                    w = c - alpha0
+                    weight[e] = w
+                    s = _dot(y, x, f)
+                    score[e] = s
+                    coef = c - w * s
+                    for k in range(f):
+                        r[k] += coef * y[k]
             rs[i] = _dot(r, r, f)
             for k in range(f):
                 P[i, k] = r[k]
@@ -270,13 +280,16 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
                 p = P[i]
                 for k in range(f):
                     Ap[k] = D[i, k] + reg * p[k]
-                for e in range(e0, e1):
-                    y = Y_rows[e]
-                    d = _dot(y, p, f)
-                    proj[e] = d
-                    coef = weight[e] * d
-                    for k in range(f):
-                        Ap[k] += coef * y[k]
+                if fused:  # each gathered row read once, p and Ap in registers (``tile.weighted_pass``)
+                    weighted_pass(Y_rows, e0, e1, p, weight, proj, Ap)
+                else:
+                    for e in range(e0, e1):
+                        y = Y_rows[e]
+                        d = _dot(y, p, f)
+                        proj[e] = d
+                        coef = weight[e] * d
+                        for k in range(f):
+                            Ap[k] += coef * y[k]
                 rs_old = rs[i]
                 step = rs_old / _dot(p, Ap, f)
                 for k in range(f):

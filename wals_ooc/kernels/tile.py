@@ -11,6 +11,11 @@ each step one load of the panel's row and one broadcast of each row's element.
 
 ``tiled_product(A, Gp, D, n)`` writes rows up to n rounded up to 4, so A and D must hold them;
 f must be a multiple of ``TILE_COLUMNS`` (``tiles(f)``).
+
+The same way, CG's sparse passes over a row's fixed rows (``weighted_pass`` for a step,
+``gathered_pass`` for the warm start's residual, which also gathers the rows) hold the row's
+vector and the running sum in the host's widest vector registers through the whole pass, so
+each fixed row is read once and the sum never goes through memory (``fuses(f, itemsize)``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 TILE_ROWS = 4
 TILE_COLUMNS = 16
@@ -133,3 +138,227 @@ def tiled_product(A, Gp, D, n):
     for j in range(Gp.shape[0]):  # one 16-column panel (f x 16) stays in L1 while the rows go by
         for i0 in range(0, n, TILE_ROWS):
             _tile_kernel(A, i0, Gp, j, D)
+
+
+def _wide_vector_bytes() -> int:
+    """The widest vector register of the host: 64 bytes with AVX-512, else 32 (numba compiles,
+    and caches, for the host CPU, so the choice is baked in with the code)."""
+    try:
+        from llvmlite import binding
+
+        features = binding.get_host_cpu_features()
+        return 64 if features.get("avx512f", False) else 32
+    except Exception:  # pragma: no cover - features unknown: the width every x86-64 with AVX has
+        return 32
+
+
+WIDE_BYTES = _wide_vector_bytes()
+PASS_MAX_PIECES = 8  # registers of the sum (and as many of the entry's row) kept through a pass
+
+
+PREFETCH_ENTRIES = 8  # how far ahead a gathering pass prefetches its source rows
+LINE_BYTES = 64
+
+
+@intrinsic(prefer_literal=True)
+def _row_pass(typingctx, source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, pieces):
+    """For e in [e0, e1): y = rows[e] (gathered first, when ``source`` is an array: rows[e] =
+    source[ids[base + e]], prefetching the row ``PREFETCH_ENTRIES`` entries ahead, below ``last``);
+    d = y . v; dots[e] = d; acc += (a0 + weight[e] * (c0 + b0 * d)) * y, with acc and v held in
+    ``pieces`` vector registers through the whole pass (f = pieces x lanes)."""
+    gather = not isinstance(source, (types.NoneType, types.Omitted))
+    vectors_ok = all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == rows.dtype
+                     for a in (v, weight, dots, acc)) if isinstance(rows, types.Array) else False
+    if not (isinstance(pieces, types.IntegerLiteral) and isinstance(rows, types.Array) and rows.ndim == 2
+            and rows.layout == "C" and rows.dtype in (types.float32, types.float64) and vectors_ok
+            and all(isinstance(n, types.Integer) for n in (base, last, e0, e1))
+            and all(isinstance(s, types.Float) for s in (a0, b0, c0))
+            and (not gather or (isinstance(source, types.Array) and source.ndim == 2 and source.layout == "C"
+                                and source.dtype == rows.dtype and isinstance(ids, types.Array) and ids.ndim == 1
+                                and isinstance(ids.dtype, types.Integer)))):
+        return None
+    count = pieces.literal_value
+    sig = types.void(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, pieces)
+
+    def codegen(context, builder, signature, args):
+        (t_src, t_ids, t_base, t_last, t_rows, t_e0, t_e1, t_v, t_w, t_d, t_acc, t_a0, t_b0, t_c0, _) = signature.args
+        a_rows, a_v, a_w, a_d, a_acc = [context.make_array(t)(context, builder, args[n])
+                                        for t, n in ((t_rows, 4), (t_v, 7), (t_w, 8), (t_d, 9), (t_acc, 10))]
+        intp = context.get_value_type(types.intp)
+
+        def const(value):
+            return ir.Constant(intp, value)
+
+        def index(n, t):
+            return context.cast(builder, args[n], t, types.intp)
+
+        start, stop = index(5, t_e0), index(6, t_e1)
+        element = context.get_value_type(t_rows.dtype)
+        size = context.get_abi_sizeof(element)
+
+        def scalar(n, t):
+            return context.cast(builder, args[n], t, t_rows.dtype)
+
+        a0, b0, c0 = scalar(11, t_a0), scalar(12, t_b0), scalar(13, t_c0)
+        lanes = WIDE_BYTES // size
+        vector = ir.VectorType(element, lanes)
+        int32 = ir.IntType(32)
+        fmuladd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fmuladd.v{lanes}{element.intrinsic_name}")
+        undef = ir.Constant(vector, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(int32, lanes), [0] * lanes)
+
+        def pointer(t, a, at):
+            return cgutils.get_item_pointer(context, builder, t, a, at, wraparound=False)
+
+        def vector_pointers(first):
+            return [builder.bitcast(builder.gep(first, [const(h * lanes)]), vector.as_pointer()) for h in range(count)]
+
+        def load_vectors(first):
+            return [builder.load(p, align=size) for p in vector_pointers(first)]
+
+        if gather:
+            a_src = context.make_array(t_src)(context, builder, args[0])
+            a_ids = context.make_array(t_ids)(context, builder, args[1])
+            g_base, g_last = index(2, t_base), index(3, t_last)
+            byte_pointer = ir.IntType(8).as_pointer()
+            prefetch = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, int32, int32, int32]), "llvm.prefetch.p0")
+            id_type = context.get_value_type(t_ids.dtype)
+
+            def source_row(position):  # source[ids[position]]
+                raw = builder.load(pointer(t_ids, a_ids, [position]))
+                row = builder.sext(raw, intp) if id_type.width < intp.width else raw
+                return pointer(t_src, a_src, [row, const(0)])
+
+        v_vectors = load_vectors(pointer(t_v, a_v, [const(0)]))
+        acc_base = pointer(t_acc, a_acc, [const(0)])
+        initial = load_vectors(acc_base)
+        entry = builder.block
+        loop = builder.append_basic_block("pass.e")
+        done = builder.append_basic_block("pass.done")
+        builder.cbranch(builder.icmp_signed("<", start, stop), loop, done)
+        builder.position_at_end(loop)
+        e = builder.phi(intp)
+        e.add_incoming(start, entry)
+        sums = [builder.phi(vector) for _ in range(count)]
+        for total, first in zip(sums, initial):
+            total.add_incoming(first, entry)
+        row_here = pointer(t_rows, a_rows, [e, const(0)])
+        if gather:
+            ahead = builder.add(builder.add(g_base, e), const(PREFETCH_ENTRIES))
+            last_one = builder.sub(g_last, const(1))
+            ahead = builder.select(builder.icmp_signed("<", ahead, g_last), ahead, last_one)
+            target = builder.bitcast(source_row(ahead), byte_pointer)
+            for line in range(max(1, count * WIDE_BYTES // LINE_BYTES)):  # into L2 (locality 2), as prefetch.py
+                builder.call(prefetch, [builder.gep(target, [const(line * LINE_BYTES)]), int32(0), int32(2), int32(1)])
+            y = load_vectors(source_row(builder.add(g_base, e)))
+            for value, p in zip(y, vector_pointers(row_here)):
+                builder.store(value, p, align=size)
+        else:
+            y = load_vectors(row_here)
+        terms = [builder.fmul(a, b) for a, b in zip(y, v_vectors)]
+        while len(terms) > 1:  # a tree: independent adds
+            terms = [builder.fadd(terms[i], terms[i + 1]) if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+        folded, width = terms[0], lanes
+        while width > 1:  # halves added until one lane holds the dot
+            width //= 2
+            upper = builder.shuffle_vector(folded, undef, ir.Constant(ir.VectorType(int32, lanes),
+                                                                      [width + i if i < width else i for i in range(lanes)]))
+            folded = builder.fadd(folded, upper)
+        d = builder.extract_element(folded, int32(0))
+        builder.store(d, pointer(t_d, a_d, [e]))
+        w = builder.load(pointer(t_w, a_w, [e]))
+        coef = builder.fadd(a0, builder.fmul(w, builder.fadd(c0, builder.fmul(b0, d))))
+        broadcast = builder.shuffle_vector(builder.insert_element(undef, coef, int32(0)), undef, splat)
+        updated = [builder.call(fmuladd, [broadcast, yh, total]) for yh, total in zip(y, sums)]
+        for total, new in zip(sums, updated):
+            total.add_incoming(new, loop)
+        following = builder.add(e, const(1))
+        e.add_incoming(following, loop)
+        builder.cbranch(builder.icmp_signed("<", following, stop), loop, done)
+        builder.position_at_end(done)
+        results = [builder.phi(vector) for _ in range(count)]  # phis first in a block
+        for result, first, new in zip(results, initial, updated):
+            result.add_incoming(first, entry)
+            result.add_incoming(new, loop)
+        for result, p in zip(results, vector_pointers(acc_base)):
+            builder.store(result, p, align=size)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+_row_pass_kernel: Any = _row_pass
+
+
+@njit(cache=True, nogil=True)
+def fuses(f, itemsize):
+    """Whether ``weighted_pass`` and ``gathered_pass`` take f columns of ``itemsize``-byte elements."""
+    lanes = WIDE_BYTES // itemsize
+    return f > 0 and f % lanes == 0 and f // lanes <= PASS_MAX_PIECES
+
+
+@njit(cache=True, nogil=True)
+def _pass(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0):
+    pieces = acc.shape[0] // (WIDE_BYTES // acc.itemsize)
+    if pieces == 1:
+        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, 1)
+    elif pieces == 2:
+        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, 2)
+    elif pieces == 3:
+        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, 3)
+    elif pieces == 4:
+        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, 4)
+    elif pieces == 5:
+        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, 5)
+    elif pieces == 6:
+        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, 6)
+    elif pieces == 7:
+        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, 7)
+    else:
+        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, 8)
+
+
+@njit(cache=True, nogil=True)
+def weighted_pass(rows, e0, e1, v, weight, dots, acc):
+    """For e in [e0, e1): dots[e] = rows[e] . v and acc += weight[e] * dots[e] * rows[e], each row
+    read once and acc and v kept in registers (``fuses(f, itemsize)`` must hold)."""
+    T = acc.dtype.type
+    _pass(None, None, 0, 0, rows, e0, e1, v, weight, dots, acc, T(0), T(1), T(0))
+
+
+def _gathered(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):
+    raise NotImplementedError("numba kernels only: see gathered_pass")
+
+
+@overload(_gathered)
+def _gathered_overload(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):
+    if isinstance(source, types.Array) and source.layout == "C" and all(
+            isinstance(a, types.Array) and a.layout == "C" for a in (rows, v, weight, dots, acc)):
+        def fused(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):
+            T = acc.dtype.type
+            _pass(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, T(a0), T(-1), T(1))
+        return fused
+
+    def plain(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):  # rows not known contiguous
+        f = acc.shape[0]
+        for e in range(e0, e1):
+            y = rows[e]
+            y[:] = source[ids[base + e]]
+            d = acc.dtype.type(0)
+            for k in range(f):
+                d += y[k] * v[k]
+            dots[e] = d
+            coef = a0 + weight[e] * (1 - d)
+            for k in range(f):
+                acc[k] += coef * y[k]
+    return plain
+
+
+@njit(cache=True, nogil=True)
+def gathered_pass(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):
+    """For e in [e0, e1): rows[e] = source[ids[base + e]] (prefetched ``PREFETCH_ENTRIES`` ahead,
+    below ``ids[last]``), dots[e] = rows[e] . v and acc += (a0 + weight[e] (1 - dots[e])) rows[e]
+    (``fuses(f, itemsize)`` must hold; a source not known to be C-contiguous takes a plain loop)."""
+    _gathered(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0)
