@@ -68,7 +68,7 @@ def row_regularization(count, lam, nu, alpha0, n_fixed):
     return lam * (count + alpha0 * n_fixed) ** nu
 
 
-@njit(**_JIT)
+@njit(**_INLINED)
 def _dot(a, b, f):
     """a . b over the first f elements, in the arrays' own dtype (float32 stays 8 lanes wide)."""
     total = a.dtype.type(0)
@@ -307,7 +307,7 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     return observed
 
 
-@njit(**_JIT)
+@njit(**_INLINED)
 def cholesky_solve_inplace(A, b, f):
     """Solve A z = b for symmetric positive definite A (lower triangle used); A and b overwritten, z in b.
 
@@ -345,7 +345,7 @@ def cholesky_solve_inplace(A, b, f):
     return True
 
 
-@njit(**_JIT)
+@njit(**_INLINED)
 def _add_rank_one_lower(A, y, weight, f):
     for i in range(f):
         wy = weight * y[i]
