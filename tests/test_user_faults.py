@@ -159,7 +159,7 @@ def test_bad_vectors_and_fold_in_values_are_setting_errors_not_empty_answers(mod
     assert ids.shape == (1, 3) and np.isfinite(scores).all()
 
 
-@pytest.mark.parametrize("budget", ["nanGB", "lots", float("nan"), float("inf"), "-1GB", -5, True])
+@pytest.mark.parametrize("budget", ["nanGB", "lots", float("nan"), float("inf"), "-1GB", -5, True, "1e400", "1e400GB", 0.5])
 def test_a_memory_budget_that_is_no_size_is_refused_when_the_model_is_made(budget):
     with pytest.raises(SettingError, match="memory budget must be a"):
         WALS(memory_budget=budget)

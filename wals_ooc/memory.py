@@ -54,11 +54,11 @@ def to_bytes(budget: int | float | str | None) -> int:
     if isinstance(budget, str):
         try:
             budget = parse_bytes(budget)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):  # "1e400" overflows to inf in parse_bytes
             raise MemoryBudgetError(f"memory budget must be a size such as 4GB or 512MiB, got {given!r}",
                                     flags={"memory budget": "--memory-budget"}) from None
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not math.isfinite(budget) \
-            or budget <= 0:  # NaN, inf, 0 and below
+            or budget < 1:  # NaN, inf, under one byte (0.5 would truncate to 0)
         raise MemoryBudgetError(f"memory budget must be a positive size, got {given!r}",
                                 flags={"memory budget": "--memory-budget"})
     return int(budget)

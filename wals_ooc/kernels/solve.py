@@ -34,6 +34,13 @@ CONFIDENCE_KINDS = {"linear": LINEAR, "log": LOG, "constant": CONSTANT}
 # but may not assume values are finite, so NaN and inf checks keep their meaning
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _JIT: dict[str, Any] = dict(cache=True, nogil=True, fastmath=FASTMATH)
+# A fastmath callee that LLVM leaves as a call must be inlined by Numba instead. Numba links a
+# callee into each caller's module as a weak (linkonce_odr) copy, optimised again there; Numba's
+# JIT binds the caller to the first copy loaded, which in the process that compiled the kernel is
+# the callee's own compilation and, in a process loading the kernel from the cache, the copy in
+# the cached caller. With reassoc the two copies round differently: a cold and a warm cache gave
+# other bits (tests/test_cache_bits.py). Inlined, there is one body, in the caller.
+_INLINED: dict[str, Any] = dict(_JIT, inline="always")
 GATHER_MAX_ENTRIES = 16384  # scratch rows per thread for gathered fixed factors (4 MiB at f = 64)
 # CG's row groups (``cg_solve_rows``): rows solved in lockstep, and the bytes of fixed rows they
 # gather (about L2; measured on the 16M store against 1 row a group and no prefetch, one thread:
@@ -61,7 +68,7 @@ def row_regularization(count, lam, nu, alpha0, n_fixed):
     return lam * (count + alpha0 * n_fixed) ** nu
 
 
-@njit(**_JIT)
+@njit(**_INLINED)
 def _dot(a, b, f):
     """a . b over the first f elements, in the arrays' own dtype (float32 stays 8 lanes wide)."""
     total = a.dtype.type(0)
@@ -70,7 +77,7 @@ def _dot(a, b, f):
     return total
 
 
-@njit(**_JIT)
+@njit(**_INLINED)
 def _symv(G, x, out, f):
     """out = G @ x for symmetric G, as axpys over G's rows (no horizontal sums: vectorises well)."""
     for j in range(f):
@@ -98,7 +105,7 @@ def _fixed_row(rows, ids, base, t):
     return rows[ids[base + t]]
 
 
-@njit(**_JIT)
+@njit(**_INLINED)
 def _cg_row(rows, ids, base, n_u, values, weight, x, r, p, Ap, gram, reg, kind, alpha, alpha0, eps, cg_steps, f,
             observed_loss):
     """CG on one row, its fixed factors being ``_fixed_row(rows, ids, base, t)`` for t < n_u.
@@ -313,7 +320,7 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     return observed
 
 
-@njit(**_JIT)
+@njit(**_INLINED)
 def cholesky_solve_inplace(A, b, f):
     """Solve A z = b for symmetric positive definite A (lower triangle used); A and b overwritten, z in b.
 
@@ -351,7 +358,7 @@ def cholesky_solve_inplace(A, b, f):
     return True
 
 
-@njit(**_JIT)
+@njit(**_INLINED)
 def _add_rank_one_lower(A, y, weight, f):
     for i in range(f):
         wy = weight * y[i]
