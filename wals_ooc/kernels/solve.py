@@ -321,23 +321,17 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
 
 
 @njit(**_INLINED)
-def cholesky_solve_inplace(A, b, f):
-    """Solve A z = b for symmetric positive definite A (lower triangle used); A and b overwritten, z in b.
-
-    Returns False when A is not positive definite (a pivot <= 0). A system holding NaN or inf
-    gives a NaN solution (and True), so the half-sweep's finite check reports it instead of the
-    row being kept as a mere failure.
-    """
+def cholesky_factor_inplace(A, f):
+    """A's lower triangle (f x f) overwritten by its Cholesky factor L (A = L L^T). Returns 0
+    factored, 1 not positive definite (a pivot <= 0), 2 a NaN or inf pivot."""
     for j in range(f):
         diag = A[j, j]
         for k in range(j):
             diag -= A[j, k] * A[j, k]
         if diag != diag or diag == np.inf:
-            for i in range(f):
-                b[i] = np.nan
-            return True
+            return 2
         if diag <= 0:
-            return False
+            return 1
         diag = np.sqrt(diag)
         A[j, j] = diag
         for i in range(j + 1, f):
@@ -345,16 +339,40 @@ def cholesky_solve_inplace(A, b, f):
             for k in range(j):
                 acc -= A[i, k] * A[j, k]
             A[i, j] = acc / diag
+    return 0
+
+
+@njit(**_INLINED)
+def cholesky_substitute_inplace(L, b, f):
+    """b = (L L^T)^-1 b for L from ``cholesky_factor_inplace`` (forward, then back substitution)."""
     for i in range(f):  # L z = b
         acc = b[i]
         for k in range(i):
-            acc -= A[i, k] * b[k]
-        b[i] = acc / A[i, i]
+            acc -= L[i, k] * b[k]
+        b[i] = acc / L[i, i]
     for i in range(f - 1, -1, -1):  # L^T x = z
         acc = b[i]
         for k in range(i + 1, f):
-            acc -= A[k, i] * b[k]
-        b[i] = acc / A[i, i]
+            acc -= L[k, i] * b[k]
+        b[i] = acc / L[i, i]
+
+
+@njit(**_INLINED)
+def cholesky_solve_inplace(A, b, f):
+    """Solve A z = b for symmetric positive definite A (lower triangle used); A and b overwritten, z in b.
+
+    Returns False when A is not positive definite (a pivot <= 0). A system holding NaN or inf
+    gives a NaN solution (and True), so the half-sweep's finite check reports it instead of the
+    row being kept as a mere failure.
+    """
+    status = cholesky_factor_inplace(A, f)
+    if status == 1:
+        return False
+    if status == 2:
+        for i in range(f):
+            b[i] = np.nan
+        return True
+    cholesky_substitute_inplace(A, b, f)
     return True
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .solve import _JIT, GATHER_MAX_ENTRIES, confidence, max_row_nnz, row_regularization
+from .solve import _JIT, GATHER_MAX_ENTRIES, cholesky_factor_inplace, cholesky_substitute_inplace, confidence, max_row_nnz, row_regularization
 from .transpose import transpose_tile
 
 
@@ -482,26 +482,11 @@ def _solve_lanes(AL, RL, kb, n):
 @njit(**_JIT)
 def _factor_block(A, A64, kb):
     """A64 = L, the float64 Cholesky factor of A's lower triangle (kb x kb). Returns 0 factored,
-    1 not positive definite, 2 a NaN or inf pivot (``cholesky_solve_inplace``'s outcomes)."""
+    1 not positive definite, 2 a NaN or inf pivot (``cholesky_factor_inplace``'s outcomes)."""
     for i in range(kb):
         for k in range(i + 1):
             A64[i, k] = A[i, k]
-    for j in range(kb):
-        diag = A64[j, j]
-        for k in range(j):
-            diag -= A64[j, k] * A64[j, k]
-        if diag != diag or diag == np.inf:
-            return 2
-        if diag <= 0:
-            return 1
-        diag = np.sqrt(diag)
-        A64[j, j] = diag
-        for i in range(j + 1, kb):
-            acc = A64[i, j]
-            for k in range(j):
-                acc -= A64[i, k] * A64[j, k]
-            A64[i, j] = acc / diag
-    return 0
+    return cholesky_factor_inplace(A64, kb)
 
 
 @njit(**_JIT)
@@ -515,16 +500,7 @@ def _solve_factored(L, status, r, d64, x, k0, kb):
     for i in range(kb):
         d64[i] = r[i] if status == 0 else np.nan
     if status == 0:
-        for i in range(kb):  # L z = r
-            acc = d64[i]
-            for k in range(i):
-                acc -= L[i, k] * d64[k]
-            d64[i] = acc / L[i, i]
-        for i in range(kb - 1, -1, -1):  # L^T d = z
-            acc = d64[i]
-            for k in range(i + 1, kb):
-                acc -= L[k, i] * d64[k]
-            d64[i] = acc / L[i, i]
+        cholesky_substitute_inplace(L, d64, kb)
     for i in range(kb):
         r[i] = d64[i]
         x[k0 + i] += r[i]
