@@ -15,7 +15,7 @@ from wals_ooc.kernels.blocked import (
 from wals_ooc.kernels.loss import observed_loss_block, row_penalties
 from wals_ooc.kernels.solve import CONFIDENCE_KINDS, GATHER_MAX_ENTRIES, GROUP_ROWS, cg_solve_rows, cholesky_solve_rows
 from wals_ooc.kernels.subspace import subspace_solve_rows
-from wals_ooc.kernels.tile import WIDE_BYTES, fuses, gathered_pass, pack_gram, tiled_product, tiles, weighted_pass
+from wals_ooc.kernels.tile import WIDE_BYTES, fuses, gathered_pass, half_rows, pack_gram, tiled_product, tiles, weighted_pass
 from wals_ooc.kernels.topk import new_heaps, topk_finish, topk_update
 from wals_ooc.kernels.transpose import transpose_tile
 
@@ -158,6 +158,76 @@ def test_fused_row_passes_equal_numpy(dtype):
         acc = acc0.copy()
         weighted_pass(rows, 4, 4, v, weight, dots, acc)  # no entries: the sum unchanged
         np.testing.assert_array_equal(acc, acc0)
+
+
+def test_half_rows_round_as_numpy_and_count_overflows():
+    """The float16 copy of a fixed side: NumPy's rounding (to nearest even), subnormals, inf and
+    NaN kept, and a count of the finite values beyond float16's range (then unusable)."""
+    rng = np.random.default_rng(5)
+    source = (rng.normal(0, 0.5, size=(20, 32)) * 10.0 ** rng.integers(-9, 3, size=(20, 32))).astype(np.float32)
+    target = np.zeros_like(source, dtype=np.uint16)
+    assert half_rows(source, target, 3, 17) == 0
+    np.testing.assert_array_equal(target[3:17], source[3:17].astype(np.float16).view(np.uint16))
+    assert not target[:3].any() and not target[17:].any()
+    special = np.array([[np.inf, -np.inf, np.nan, 65504.0, 6e-8, 1e-9, -7e4, 1e30]], np.float32)
+    bits = np.zeros(special.shape, np.uint16)
+    assert half_rows(special, bits, 0, 1) == 2  # -7e4 and 1e30: finite, beyond 65504
+    widened = bits.view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(widened[0, [0, 1, 3, 4, 5, 6, 7]], [np.inf, -np.inf, 65504.0, np.float16(6e-8), 0, -np.inf, np.inf])
+    assert np.isnan(widened[0, 2])
+
+
+def test_gathered_pass_widens_a_half_copy():
+    """The residual's pass gathering from float16 bits (uint16): the rows it writes are the
+    float16 values widened exactly to float32, and its dots and sum are NumPy's over them."""
+    lanes = WIDE_BYTES // 4
+    rng = np.random.default_rng(6)
+    for f in (lanes, 8 * lanes):
+        fixed = rng.normal(size=(50, f)).astype(np.float32)
+        half = np.zeros(fixed.shape, np.uint16)
+        half_rows(fixed, half, 0, 50)
+        ids = rng.integers(0, 50, size=40).astype(np.int32)
+        v, acc0 = rng.normal(size=f).astype(np.float32), rng.normal(size=f).astype(np.float32)
+        weight = rng.normal(size=30).astype(np.float32)
+        rows, dots, acc = np.full((30, f), np.nan, np.float32), np.zeros(30, np.float32), acc0.copy()
+        gathered_pass(half, ids, 5, 40, rows, 2, 27, v, weight, dots, acc, 1.5)
+        y = fixed[ids[7:32]].astype(np.float16).astype(np.float64)
+        np.testing.assert_array_equal(rows[2:27], y)
+        assert np.isnan(rows[:2]).all() and np.isnan(rows[27:]).all()
+        s = y @ v
+        np.testing.assert_allclose(dots[2:27], s, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(acc, acc0 + (1.5 + weight[2:27] * (1 - s)) @ y, rtol=1e-4, atol=1e-4)
+
+
+def test_cg_with_a_half_copy_reaches_its_closed_form():
+    """CG gathering from the fixed side's float16 copy (groups of rows, fused passes): f steps reach
+    the closed form of the rows it gathered (float16-rounded fixed rows, float32 Gram), and stay
+    within float16's rounding of the exact closed form: each fixed value is off by at most 2^-11
+    relatively, which moves the solution by that times the system's conditioning (3.3e-4 here)."""
+    f = 2 * (WIDE_BYTES // 4)
+    assert fuses(f, 4)
+    R, Y = _problem(11, n_rows=150, n_fixed=120, f=f, density=0.3)
+    kind, alpha, alpha0, eps, lam, nu = _args(SETTINGS[0])
+    gram = _gram(Y, alpha0)
+    half = np.zeros(Y.shape, np.uint16)
+    assert half_rows(Y, half, 0, len(Y)) == 0
+    indptr = R.indptr.astype(np.int64)
+    X0 = np.random.default_rng(12).normal(0, 0.1, size=(R.shape[0], f)).astype(np.float32)
+    X, X_exact = X0.copy(), X0.copy()
+    cg_solve_rows(indptr, R.indices, R.data, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, len(Y), f, False, half)
+    cg_solve_rows(indptr, R.indices, R.data, Y, gram, X_exact, kind, alpha, alpha0, eps, lam, nu, len(Y), f, False)
+    Yh = Y.astype(np.float16).astype(np.float64)
+    rounded = np.empty_like(X, dtype=np.float64)
+    for u in range(R.shape[0]):
+        cols, r = R.indices[R.indptr[u]:R.indptr[u + 1]], R.data[R.indptr[u]:R.indptr[u + 1]].astype(np.float64)
+        c = alpha0 + alpha * r
+        A = gram.astype(np.float64) + (Yh[cols].T * (c - alpha0)) @ Yh[cols] + lam * np.eye(f)
+        rounded[u] = np.linalg.solve(A, Yh[cols].T @ c)
+    exact = dense_solve(R, Y, kind="linear", alpha=alpha, alpha0=alpha0, lam=lam)
+    assert np.linalg.norm(X - rounded) / np.linalg.norm(rounded) < 1e-4
+    assert np.linalg.norm(X_exact - exact) / np.linalg.norm(exact) < 1e-4  # float32 gathers: exact
+    moved = np.linalg.norm(X - exact) / np.linalg.norm(exact)
+    assert 1e-6 < moved < 2e-3, moved  # the copy was used, and only rounds
 
 
 def test_cg_float32_warm_start_reaches_closed_form():

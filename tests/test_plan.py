@@ -261,3 +261,20 @@ def test_the_trainer_plans_ialspp_with_its_kept_factors(small_store):
         extra = kept_factor_bytes(16, 4, 3) if solver == "ialspp" else 0
         for side in ("user", "item"):
             assert plans[side].task_bytes == base[side].task_bytes + extra
+
+
+def test_a_resident_cg_plan_counts_the_half_copy_of_the_fixed_side():
+    """CG's float16 copy of the fixed side (``solve.gathers_half``: float32 rows that fuse) is held
+    beside it: a resident plan counts its n_fixed x f x 2 bytes; none for other solvers or f."""
+    from wals_ooc.kernels.solve import gathers_half
+    from wals_ooc.kernels.tile import WIDE_BYTES
+
+    f = 2 * (WIDE_BYTES // 4)
+    assert gathers_half(f, 4) and not gathers_half(f, 8) and not gathers_half(f + 1, 4)
+    counts = np.full(3000, 40, np.int64)
+    _, ranges, blocks = _shards(counts, 32, 4000)
+    cg, cholesky = (plan_half_sweep("user", ranges, blocks, 5000, f, 4, solver, 200 * MiB, 2, True) for solver in ("cg", "cholesky"))
+    assert cg.mode == cholesky.mode == "resident"
+    assert cg.resident_bytes == cholesky.resident_bytes + 5000 * f * 2
+    odd = [plan_half_sweep("user", ranges, blocks, 5000, f + 1, 4, solver, 200 * MiB, 2, True) for solver in ("cg", "cholesky")]
+    assert odd[0].resident_bytes == odd[1].resident_bytes

@@ -48,6 +48,19 @@ GATHER_MAX_ENTRIES = 16384  # scratch rows per thread for gathered fixed factors
 GROUP_ROWS = 64  # a multiple of TILE_ROWS
 GROUP_BYTES = 1 << 20
 PREFETCH_ENTRIES = 8  # how far ahead the gather prefetches fixed rows
+# CG's warm-start pass gathers the fixed rows from a float16 copy of the fixed side (``half`` of
+# ``cg_solve_rows``), widened to float32 as loaded: half the bytes of its random reads, which bound
+# it. Measured on the 16M store, 2 threads: 0.89x the iteration at f = 128 and 0.91x at f = 64;
+# 5-iteration losses 4.603967e7 against float32's 4.604012e7 (f = 128) and 4.720325e7 against
+# 4.720271e7 (f = 64), and at 10 iterations (f = 64) 4.631782e7 against 4.631842e7: float32's own
+# rounding band (tools/RESULTS.md, round 27). False: float32 gathers everywhere.
+HALF_GATHER = True
+
+
+def gathers_half(f: int, itemsize: int) -> bool:
+    """Whether the trainer gives ``cg_solve_rows`` a float16 copy of the fixed side (``half``) for
+    f columns of ``itemsize``-byte factors: float32 whose row pass is fused (``tile.fuses``)."""
+    return HALF_GATHER and itemsize == 4 and bool(fuses(f, itemsize))
 
 
 @njit(**_JIT)
@@ -166,7 +179,8 @@ def _gram_product(A, G, Gp, D, n, tiled):
 
 
 @njit(**_JIT)
-def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, n_fixed, cg_steps, observed_loss=False):
+def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, n_fixed, cg_steps, observed_loss=False,
+                  half=None):
     """Conjugate-gradient solve of every row, warm-started from X (updated in place).
 
     Returns sum over entries of c (1 - s)^2 - alpha0 s^2 at the solution (s = x.y) when
@@ -188,6 +202,11 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     sum in registers, each fixed row read once a pass, when the row fits the host's vector
     registers (``tile.fuses``: f a multiple of 16 up to 128 in float32 with AVX-512); else numba
     loops. A row longer than the gather block reads Y directly, alone (``_cg_row``).
+
+    ``half``: None, or Y's values as float16 bits (uint16, same shape; ``tile.half_rows``), from
+    which the residual's pass gathers the fixed rows when it is fused (widened to float32 as
+    loaded: half the bytes of the random reads): the rows' solves and carried scores then use
+    those rounded rows (relative error <= 2^-11 an element), the Gram and long rows Y's own.
     Arithmetic stays in X's dtype (scalars are cast to it), so float32 runs 8 lanes wide.
     """
     n_rows, f = X.shape
@@ -248,7 +267,10 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
             if fused:  # the row's pass with x and r in registers (``tile.gathered_pass``)
                 for e in range(e0, e1):
                     weight[e] = T(confidence(values[base + e], kind, alpha, alpha0, eps)) - alpha0
-                gathered_pass(Y, indices, base, last, Y_rows, e0, e1, X_group[i], weight, score, r, alpha0)
+                if half is None:
+                    gathered_pass(Y, indices, base, last, Y_rows, e0, e1, X_group[i], weight, score, r, alpha0)
+                else:
+                    gathered_pass(half, indices, base, last, Y_rows, e0, e1, X_group[i], weight, score, r, alpha0)
             else:
                 for e in range(e0, e1):
                     ahead = base + e + PREFETCH_ENTRIES  # independent copies: many cache misses in flight at once

@@ -174,7 +174,9 @@ def _row_pass(typingctx, source, ids, base, last, rows, e0, e1, v, weight, dots,
             and all(isinstance(n, types.Integer) for n in (base, last, e0, e1))
             and all(isinstance(s, types.Float) for s in (a0, b0, c0))
             and (not gather or (isinstance(source, types.Array) and source.ndim == 2 and source.layout == "C"
-                                and source.dtype == rows.dtype and isinstance(ids, types.Array) and ids.ndim == 1
+                                and (source.dtype == rows.dtype
+                                     or (source.dtype == types.uint16 and rows.dtype == types.float32))
+                                and isinstance(ids, types.Array) and ids.ndim == 1
                                 and isinstance(ids.dtype, types.Integer)))):
         return None
     count = pieces.literal_value
@@ -225,6 +227,9 @@ def _row_pass(typingctx, source, ids, base, last, rows, e0, e1, v, weight, dots,
             prefetch = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, int32, int32, int32]), "llvm.prefetch.p0")
             id_type = context.get_value_type(t_ids.dtype)
+            half = t_src.dtype == types.uint16  # float16 bits: widened to float32 as loaded
+            source_bytes = 2 if half else size
+            half_vector = ir.VectorType(ir.HalfType(), lanes)
 
             def source_row(position):  # source[ids[position]]
                 raw = builder.load(pointer(t_ids, a_ids, [position]))
@@ -250,9 +255,15 @@ def _row_pass(typingctx, source, ids, base, last, rows, e0, e1, v, weight, dots,
             last_one = builder.sub(g_last, const(1))
             ahead = builder.select(builder.icmp_signed("<", ahead, g_last), ahead, last_one)
             target = builder.bitcast(source_row(ahead), byte_pointer)
-            for line in range(max(1, count * WIDE_BYTES // LINE_BYTES)):  # into L2 (locality 2), as prefetch.py
+            for line in range(max(1, count * lanes * source_bytes // LINE_BYTES)):  # into L2 (locality 2), as prefetch.py
                 builder.call(prefetch, [builder.gep(target, [const(line * LINE_BYTES)]), int32(0), int32(2), int32(1)])
-            y = load_vectors(source_row(builder.add(g_base, e)))
+            if half:
+                first = builder.bitcast(source_row(builder.add(g_base, e)), ir.HalfType().as_pointer())
+                y = [builder.fpext(builder.load(builder.bitcast(builder.gep(first, [const(h * lanes)]),
+                                                                half_vector.as_pointer()), align=2), vector)
+                     for h in range(count)]
+            else:
+                y = load_vectors(source_row(builder.add(g_base, e)))
             for value, p in zip(y, vector_pointers(row_here)):
                 builder.store(value, p, align=size)
         else:
@@ -334,6 +345,11 @@ def _gathered(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):
 
 @overload(_gathered)
 def _gathered_overload(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):
+    if isinstance(source, types.Array) and source.layout == "C" and source.dtype == types.uint16:
+        def widened(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):  # float16 bits
+            T = acc.dtype.type
+            _pass(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, T(a0), T(-1), T(1))
+        return widened
     if isinstance(source, types.Array) and source.layout == "C" and all(
             isinstance(a, types.Array) and a.layout == "C" for a in (rows, v, weight, dots, acc)):
         def fused(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):
@@ -362,3 +378,37 @@ def gathered_pass(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a
     below ``ids[last]``), dots[e] = rows[e] . v and acc += (a0 + weight[e] (1 - dots[e])) rows[e]
     (``fuses(f, itemsize)`` must hold; a source not known to be C-contiguous takes a plain loop)."""
     _gathered(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0)
+
+
+@intrinsic
+def _half_bits(typingctx, value):
+    """The float16 bits (round to nearest even) of a float32, as a uint16."""
+    if value != types.float32:
+        return None
+    sig = types.uint16(value)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+_half_bits_kernel: Any = _half_bits
+
+
+HALF_LIMIT = 65504.0  # float16's largest finite value
+
+
+@njit(cache=True, nogil=True)
+def half_rows(source, target, a, b):
+    """target[a:b] = the float16 bits of source[a:b] (float32, rounded to nearest even), the copy
+    that ``gathered_pass`` widens. Returns how many finite values rounded beyond float16's range
+    (to inf): the copy is then unusable (its user keeps float32)."""
+    f = source.shape[1]
+    overflows = 0
+    for i in range(a, b):
+        for k in range(f):
+            value = source[i, k]
+            target[i, k] = _half_bits_kernel(value)
+            overflows += np.abs(value) > HALF_LIMIT and np.abs(value) < np.inf
+    return overflows

@@ -30,6 +30,7 @@ from .loss import observed_loss_block, regularization_sum
 from .rank import rank_counts_close, rank_counts_finish, rank_counts_tile, rank_counts_update
 from .solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
 from .subspace import subspace_solve_rows
+from .tile import half_rows
 from .topk import candidate_scores, keys_of, mask_columns, new_heaps, select_candidates, topk_finish, topk_select, topk_update, unit_rows
 from .assemble import (
     bucket_order,
@@ -85,6 +86,10 @@ def warm_training_kernels(dtype: str | np.dtype = "float32") -> None:
     X = np.zeros((2, 2), dtype)
     scalars = (kind, t(1.0), t(1.0), t(1.0))
     cg_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 2, True)
+    if dtype == np.float32:  # and with the fixed side's float16 copy (``solve.gathers_half``)
+        half = np.zeros(Y.shape, np.uint16)
+        half_rows(Y, half, 0, Y.shape[0])
+        cg_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 2, True, half)
     cholesky_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3)
     subspace_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 1, 1, True)
     A = np.zeros((2, 2, 2), np.float64)

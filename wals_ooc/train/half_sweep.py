@@ -46,12 +46,12 @@ from ..kernels.blocked import (
     solve_accumulated,
 )
 from ..kernels.loss import gram_quadratic_of, observed_loss_block, regularization_sum
-from ..kernels.solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
+from ..kernels.solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows, gathers_half
 from ..kernels.subspace import subspace_solve_rows
 from ..store.format import array, open_group, subgroup, writing_every_chunk
 from ..store.reader import CSRShard, InteractionStore
 from .entry_cache import entry_cache, release_entry_caches
-from .fixed_side import ScratchCopy, fixed_side, forward_rows, held_array, previous_copy, release_fixed_side
+from .fixed_side import ScratchCopy, fixed_side, forward_rows, half_copy, held_array, previous_copy, release_fixed_side
 from .plan import SolveTask
 from .sums import GramPieces, block_ranges, task_pieces
 
@@ -385,12 +385,15 @@ def _solve_resident(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.nda
     else:
         Y, made = _fixed_of(job)
         result.fixed_bytes_read += Y.nbytes if made else 0
+    half = None
+    if job.solver == "cg" and gathers_half(Y.shape[1], Y.dtype.itemsize):
+        half = half_copy(_fixed_key(job.model, job.fixed_side, job.fixed_slot, job.step, "half"), Y)
     for a, b in _task_blocks(job, task):
         ip = csr.indptr[a:b + 1]
         if job.solver == "cg":
             result.observed.append(cg_solve_rows(
                 ip, csr.indices, csr.values, Y, job.gram, X[a:b], kind, alpha, alpha0, eps, lam, nu, job.n_fixed,
-                cfg.cg_steps, job.loss
+                cfg.cg_steps, job.loss, half
             ))
         elif job.solver == "ialspp":
             result.observed.append(subspace_solve_rows(

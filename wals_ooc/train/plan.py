@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import SettingError
+from ..kernels.solve import gathers_half
 from ..memory import format_bytes
 
 # working bytes per stored entry in a task: indices + values as read, zarr decode buffers, and
@@ -417,8 +418,10 @@ def plan_half_sweep(
     if max_block_rows is not None:
         notes.append(f"fixed side streamed in blocks of at most {max_block_rows} rows, as asked")
     else:
-        holdings = [(True, fixed_bytes + n_rows * factors * itemsize)] if local else []
-        holdings.append((False, fixed_bytes))
+        # CG's warm-start gathers read a float16 copy of the fixed side beside it (``half_sweep``)
+        half_bytes = n_fixed * factors * 2 if solver == "cg" and gathers_half(factors, itemsize) else 0
+        holdings = [(True, fixed_bytes + half_bytes + n_rows * factors * itemsize)] if local else []
+        holdings.append((False, fixed_bytes + half_bytes))
         for holds_own, resident in holdings:
             per_task = (usable - resident) // max(1, concurrency) - kernel_bytes
             if per_task <= 0:
