@@ -177,9 +177,10 @@ def test_half_rows_round_as_numpy_and_count_overflows():
     assert np.isnan(widened[0, 2])
 
 
-def test_gathered_pass_widens_a_half_copy():
-    """The residual's pass gathering from float16 bits (uint16): the rows it writes are the
-    float16 values widened exactly to float32, and its dots and sum are NumPy's over them."""
+def test_row_passes_widen_a_half_copy():
+    """The residual's pass gathering from float16 bits (uint16): the rows it keeps are the float16
+    values (widened exactly to float32, or as they are), and its dots and sum are NumPy's over
+    them; so are the step's pass's over float16 rows."""
     lanes = WIDE_BYTES // 4
     rng = np.random.default_rng(6)
     for f in (lanes, 8 * lanes):
@@ -189,14 +190,20 @@ def test_gathered_pass_widens_a_half_copy():
         ids = rng.integers(0, 50, size=40).astype(np.int32)
         v, acc0 = rng.normal(size=f).astype(np.float32), rng.normal(size=f).astype(np.float32)
         weight = rng.normal(size=30).astype(np.float32)
-        rows, dots, acc = np.full((30, f), np.nan, np.float32), np.zeros(30, np.float32), acc0.copy()
-        gathered_pass(half, ids, 5, 40, rows, 2, 27, v, weight, dots, acc, 1.5)
         y = fixed[ids[7:32]].astype(np.float16).astype(np.float64)
-        np.testing.assert_array_equal(rows[2:27], y)
-        assert np.isnan(rows[:2]).all() and np.isnan(rows[27:]).all()
         s = y @ v
+        for rows in (np.full((30, f), np.nan, np.float32), np.full((30, f), 0xFFFF, np.uint16)):  # kept widened, or as float16
+            dots, acc = np.zeros(30, np.float32), acc0.copy()
+            gathered_pass(half, ids, 5, 40, rows, 2, 27, v, weight, dots, acc, 1.5)
+            kept = rows.view(np.float16) if rows.dtype == np.uint16 else rows
+            np.testing.assert_array_equal(kept[2:27], y)
+            assert np.isnan(kept[:2]).all() and np.isnan(kept[27:]).all()
+            np.testing.assert_allclose(dots[2:27], s, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(acc, acc0 + (1.5 + weight[2:27] * (1 - s)) @ y, rtol=1e-4, atol=1e-4)
+        dots, acc = np.zeros(30, np.float32), acc0.copy()
+        weighted_pass(rows, 2, 27, v, weight, dots, acc)  # the step's pass over float16 rows
         np.testing.assert_allclose(dots[2:27], s, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(acc, acc0 + (1.5 + weight[2:27] * (1 - s)) @ y, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(acc, acc0 + (weight[2:27] * s) @ y, rtol=1e-4, atol=1e-4)
 
 
 def test_cg_with_a_half_copy_reaches_its_closed_form():

@@ -204,9 +204,11 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     loops. A row longer than the gather block reads Y directly, alone (``_cg_row``).
 
     ``half``: None, or Y's values as float16 bits (uint16, same shape; ``tile.half_rows``), from
-    which the residual's pass gathers the fixed rows when it is fused (widened to float32 as
-    loaded: half the bytes of the random reads): the rows' solves and carried scores then use
-    those rounded rows (relative error <= 2^-11 an element), the Gram and long rows Y's own.
+    which the residual's pass gathers the fixed rows when it is fused, into a block of float16
+    rows that the steps' passes read too (each widened to float32 as loaded: half the bytes of
+    the random reads, and of the block the steps read from cache): the rows' solves and carried
+    scores then use those rounded rows (relative error <= 2^-11 an element); the Gram, the plain
+    loops and rows longer than the block use Y.
     Arithmetic stays in X's dtype (scalars are cast to it), so float32 runs 8 lanes wide.
     """
     n_rows, f = X.shape
@@ -216,13 +218,15 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     gather_cap = min(longest, GATHER_MAX_ENTRIES)
     group_entries = max(1, GROUP_BYTES // (f * X.itemsize))
     held = max(1, gather_cap, min(group_entries, nnz))  # a group holds at most this many entries
-    Y_rows = np.empty((held, f), dtype=X.dtype)
+    fused = fuses(f, X.itemsize)
+    halves = fused and half is not None  # the gathered rows kept as float16 (the steps widen them too)
+    Y_rows = np.empty((0 if halves else held, f), dtype=X.dtype)
+    H_rows = np.empty((held if halves else 0, f), dtype=np.uint16)
     weight = np.empty(max(held, longest), dtype=X.dtype)  # c - alpha0 of each entry
     score = np.empty(held, dtype=X.dtype)  # x.y of each entry, kept current through the steps
     proj = np.empty(held, dtype=X.dtype)  # p.y of each entry in the current step
     G = np.ascontiguousarray(gram.astype(X.dtype))
     tiled = tiles(f)
-    fused = fuses(f, X.itemsize)
     Gp = pack_gram(G) if tiled else np.empty((0, f, TILE_COLUMNS), dtype=X.dtype)
     # rows of a group's products (zeros: the tiled product also reads the padding up to a multiple of 4)
     X_group = np.zeros((GROUP_ROWS, f), dtype=X.dtype)
@@ -270,7 +274,7 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
                 if half is None:
                     gathered_pass(Y, indices, base, last, Y_rows, e0, e1, X_group[i], weight, score, r, alpha0)
                 else:
-                    gathered_pass(half, indices, base, last, Y_rows, e0, e1, X_group[i], weight, score, r, alpha0)
+                    gathered_pass(half, indices, base, last, H_rows, e0, e1, X_group[i], weight, score, r, alpha0)
             else:
                 for e in range(e0, e1):
                     ahead = base + e + PREFETCH_ENTRIES  # independent copies: many cache misses in flight at once
@@ -310,7 +314,10 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
                 for k in range(f):
                     Ap[k] = D[i, k] + reg * p[k]
                 if fused:  # each gathered row read once, p and Ap in registers (``tile.weighted_pass``)
-                    weighted_pass(Y_rows, e0, e1, p, weight, proj, Ap)
+                    if half is None:
+                        weighted_pass(Y_rows, e0, e1, p, weight, proj, Ap)
+                    else:
+                        weighted_pass(H_rows, e0, e1, p, weight, proj, Ap)
                 else:
                     for e in range(e0, e1):
                         y = Y_rows[e]

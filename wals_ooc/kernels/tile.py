@@ -167,10 +167,12 @@ def _row_pass(typingctx, source, ids, base, last, rows, e0, e1, v, weight, dots,
     d = y . v; dots[e] = d; acc += (a0 + weight[e] * (c0 + b0 * d)) * y, with acc and v held in
     ``pieces`` vector registers through the whole pass (f = pieces x lanes)."""
     gather = not isinstance(source, (types.NoneType, types.Omitted))
-    vectors_ok = all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == rows.dtype
-                     for a in (v, weight, dots, acc)) if isinstance(rows, types.Array) else False
+    value = acc.dtype if isinstance(acc, types.Array) else None  # the arithmetic's type; rows may be float16 bits
+    vectors_ok = all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == value
+                     for a in (v, weight, dots, acc))
     if not (isinstance(pieces, types.IntegerLiteral) and isinstance(rows, types.Array) and rows.ndim == 2
-            and rows.layout == "C" and rows.dtype in (types.float32, types.float64) and vectors_ok
+            and rows.layout == "C" and value in (types.float32, types.float64) and vectors_ok
+            and (rows.dtype == value or (rows.dtype == types.uint16 and value == types.float32))
             and all(isinstance(n, types.Integer) for n in (base, last, e0, e1))
             and all(isinstance(s, types.Float) for s in (a0, b0, c0))
             and (not gather or (isinstance(source, types.Array) and source.ndim == 2 and source.layout == "C"
@@ -195,15 +197,16 @@ def _row_pass(typingctx, source, ids, base, last, rows, e0, e1, v, weight, dots,
             return context.cast(builder, args[n], t, types.intp)
 
         start, stop = index(5, t_e0), index(6, t_e1)
-        element = context.get_value_type(t_rows.dtype)
+        element = context.get_value_type(t_acc.dtype)
         size = context.get_abi_sizeof(element)
 
         def scalar(n, t):
-            return context.cast(builder, args[n], t, t_rows.dtype)
+            return context.cast(builder, args[n], t, t_acc.dtype)
 
         a0, b0, c0 = scalar(11, t_a0), scalar(12, t_b0), scalar(13, t_c0)
         lanes = WIDE_BYTES // size
         vector = ir.VectorType(element, lanes)
+        half_vector = ir.VectorType(ir.HalfType(), lanes)
         int32 = ir.IntType(32)
         fmuladd = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fmuladd.v{lanes}{element.intrinsic_name}")
@@ -213,12 +216,14 @@ def _row_pass(typingctx, source, ids, base, last, rows, e0, e1, v, weight, dots,
         def pointer(t, a, at):
             return cgutils.get_item_pointer(context, builder, t, a, at, wraparound=False)
 
-        def vector_pointers(first):
-            return [builder.bitcast(builder.gep(first, [const(h * lanes)]), vector.as_pointer()) for h in range(count)]
+        def vector_pointers(first, kind=vector):  # the row's ``count`` vectors from ``first`` (any element pointer)
+            first = builder.bitcast(first, kind.element.as_pointer())
+            return [builder.bitcast(builder.gep(first, [const(h * lanes)]), kind.as_pointer()) for h in range(count)]
 
-        def load_vectors(first):
-            return [builder.load(p, align=size) for p in vector_pointers(first)]
+        def load_vectors(first, kind=vector):
+            return [builder.load(p, align=2 if kind is half_vector else size) for p in vector_pointers(first, kind)]
 
+        rows_half = t_rows.dtype == types.uint16  # float16 bits, widened as loaded
         if gather:
             a_src = context.make_array(t_src)(context, builder, args[0])
             a_ids = context.make_array(t_ids)(context, builder, args[1])
@@ -229,7 +234,6 @@ def _row_pass(typingctx, source, ids, base, last, rows, e0, e1, v, weight, dots,
             id_type = context.get_value_type(t_ids.dtype)
             half = t_src.dtype == types.uint16  # float16 bits: widened to float32 as loaded
             source_bytes = 2 if half else size
-            half_vector = ir.VectorType(ir.HalfType(), lanes)
 
             def source_row(position):  # source[ids[position]]
                 raw = builder.load(pointer(t_ids, a_ids, [position]))
@@ -257,15 +261,13 @@ def _row_pass(typingctx, source, ids, base, last, rows, e0, e1, v, weight, dots,
             target = builder.bitcast(source_row(ahead), byte_pointer)
             for line in range(max(1, count * lanes * source_bytes // LINE_BYTES)):  # into L2 (locality 2), as prefetch.py
                 builder.call(prefetch, [builder.gep(target, [const(line * LINE_BYTES)]), int32(0), int32(2), int32(1)])
-            if half:
-                first = builder.bitcast(source_row(builder.add(g_base, e)), ir.HalfType().as_pointer())
-                y = [builder.fpext(builder.load(builder.bitcast(builder.gep(first, [const(h * lanes)]),
-                                                                half_vector.as_pointer()), align=2), vector)
-                     for h in range(count)]
-            else:
-                y = load_vectors(source_row(builder.add(g_base, e)))
-            for value, p in zip(y, vector_pointers(row_here)):
-                builder.store(value, p, align=size)
+            loaded = load_vectors(source_row(builder.add(g_base, e)), half_vector if half else vector)
+            y = [builder.fpext(h, vector) for h in loaded] if half else loaded
+            kept = loaded if rows_half else y  # float16 rows only from a float16 source
+            for value, p in zip(kept, vector_pointers(row_here, half_vector if rows_half else vector)):
+                builder.store(value, p, align=2 if rows_half else size)
+        elif rows_half:
+            y = [builder.fpext(h, vector) for h in load_vectors(row_here, half_vector)]
         else:
             y = load_vectors(row_here)
         terms = [builder.fmul(a, b) for a, b in zip(y, v_vectors)]
