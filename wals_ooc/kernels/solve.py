@@ -50,17 +50,17 @@ GROUP_BYTES = 1 << 20
 PREFETCH_ENTRIES = 8  # how far ahead the gather prefetches fixed rows
 # CG's warm-start pass gathers the fixed rows from a float16 copy of the fixed side (``half`` of
 # ``cg_solve_rows``), widened to float32 as loaded: half the bytes of its random reads, which bound
-# it. Measured on the 16M store, 2 threads: 0.89x the iteration at f = 128 and 0.91x at f = 64;
-# 5-iteration losses 4.603967e7 against float32's 4.604012e7 (f = 128) and 4.720325e7 against
-# 4.720271e7 (f = 64), and at 10 iterations (f = 64) 4.631782e7 against 4.631842e7: float32's own
-# rounding band (tools/RESULTS.md, round 27). False: float32 gathers everywhere.
+# it, and of the gathered block the steps read. Measured on the 16M store, 2 threads: 0.77x main's
+# iteration at f = 128 and 0.88x at f = 64; the losses move within float32's own rounding band
+# (5 iterations: 4.603967e7 against float32's 4.604012e7 at f = 128, 4.720325e7 against
+# 4.720271e7 at f = 64; tools/RESULTS.md, round 27). False: float32 gathers everywhere.
 HALF_GATHER = True
 
 
 def gathers_half(f: int, itemsize: int) -> bool:
     """Whether the trainer gives ``cg_solve_rows`` a float16 copy of the fixed side (``half``) for
     f columns of ``itemsize``-byte factors: float32 whose row pass is fused (``tile.fuses``)."""
-    return HALF_GATHER and itemsize == 4 and bool(fuses(f, itemsize))
+    return HALF_GATHER and itemsize == 4 and bool(fuses.py_func(f, itemsize))  # Python's: no signature compiled
 
 
 @njit(**_JIT)
@@ -213,6 +213,8 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     """
     n_rows, f = X.shape
     T = X.dtype.type
+    if half is not None and half.shape != Y.shape:
+        raise ValueError("cg_solve_rows: the float16 copy does not have the fixed side's shape")
     nnz = indptr[n_rows] - indptr[0]
     longest = max_row_nnz(indptr)
     gather_cap = min(longest, GATHER_MAX_ENTRIES)

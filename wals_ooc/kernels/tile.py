@@ -16,6 +16,8 @@ The same way, CG's sparse passes over a row's fixed rows (``weighted_pass`` for 
 ``gathered_pass`` for the warm start's residual, which also gathers the rows) hold the row's
 vector and the running sum in the host's widest vector registers through the whole pass, so
 each fixed row is read once and the sum never goes through memory (``fuses(f, itemsize)``).
+In float32 the rows may also be float16 bits (uint16: ``half_rows`` makes such a copy of a
+fixed side), widened to float32 as loaded: the gathering pass reads half the bytes at random.
 """
 
 from __future__ import annotations
@@ -404,8 +406,8 @@ HALF_LIMIT = 65504.0  # float16's largest finite value
 @njit(cache=True, nogil=True)
 def half_rows(source, target, a, b):
     """target[a:b] = the float16 bits of source[a:b] (float32, rounded to nearest even), the copy
-    that ``gathered_pass`` widens. Returns how many finite values rounded beyond float16's range
-    (to inf): the copy is then unusable (its user keeps float32)."""
+    that ``gathered_pass`` widens. Returns how many finite values lie beyond float16's largest
+    (most round to inf): the copy is then unusable (its user keeps float32)."""
     f = source.shape[1]
     overflows = 0
     for i in range(a, b):

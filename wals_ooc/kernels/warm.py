@@ -86,9 +86,11 @@ def warm_training_kernels(dtype: str | np.dtype = "float32") -> None:
     X = np.zeros((2, 2), dtype)
     scalars = (kind, t(1.0), t(1.0), t(1.0))
     cg_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 2, True)
-    if dtype == np.float32:  # and with the fixed side's float16 copy (``solve.gathers_half``)
-        half = np.zeros(Y.shape, np.uint16)
-        half_rows(Y, half, 0, Y.shape[0])
+    halves = [None]  # the resident path passes its float16 copy, or None (``solve.gathers_half``)
+    if dtype == np.float32:
+        halves.append(np.zeros(Y.shape, np.uint16))
+        half_rows(Y, halves[-1], 0, Y.shape[0])
+    for half in halves:
         cg_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 2, True, half)
     cholesky_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3)
     subspace_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 1, 1, True)
