@@ -86,7 +86,7 @@ def warm_training_kernels(dtype: str | np.dtype = "float32") -> None:
     X = np.zeros((2, 2), dtype)
     scalars = (kind, t(1.0), t(1.0), t(1.0))
     cg_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 2, True)
-    halves = [None]  # the resident path passes its float16 copy, or None (``solve.gathers_half``)
+    halves: list[np.ndarray | None] = [None]  # the resident path passes its float16 copy, or None (``solve.gathers_half``)
     if dtype == np.float32:
         halves.append(np.zeros(Y.shape, np.uint16))
         half_rows(Y, halves[-1], 0, Y.shape[0])
