@@ -45,6 +45,20 @@ def test_whole_chunks_are_zarr_s_bytes_and_read_back_checked(tmp_path, dtype):
     assert np.array_equal(array(open_group(str(tmp_path / "a.zarr"), "r"), "x")[:], again)
 
 
+def test_a_stack_of_grams_is_written_a_matrix_a_chunk(tmp_path):
+    grams = np.random.default_rng(1).standard_normal((2, 8, 8))
+    direct = _slot(tmp_path / "a.zarr", shape=(2, 8, 8), chunks=(1, 8, 8), dtype=np.float64)
+    through = _slot(tmp_path / "b.zarr", shape=(2, 8, 8), chunks=(1, 8, 8), dtype=np.float64)
+    assert chunk_files(direct) is not None
+    for slot in (1, 0):
+        write_rows(direct, slot, slot + 1, grams[slot][None])
+        through[slot] = grams[slot]
+    ours, zarrs = _files(tmp_path / "a.zarr" / "x"), _files(tmp_path / "b.zarr" / "x")
+    assert sorted(ours) == sorted(zarrs) == [os.path.join("c", str(k), "0", "0") for k in (0, 1)]
+    assert all(ours[key] == zarrs[key] for key in ours)
+    assert np.array_equal(array(open_group(str(tmp_path / "a.zarr"), "r"), "x")[:], grams)
+
+
 def test_other_writes_go_through_zarr(tmp_path):
     rows = np.arange(200 * 8, dtype=np.float32).reshape(200, 8)
     direct = _slot(tmp_path / "a.zarr")

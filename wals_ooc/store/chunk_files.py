@@ -33,12 +33,13 @@ _CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "c
 
 
 class ChunkFiles:
-    """The chunk files of a 2-d array chunked by rows only (a chunk spans every column), whose
-    chunks are the bytes codec (little-endian, C order) then crc32c, in a local directory."""
+    """The chunk files of an array chunked along its first axis only (a chunk spans every other
+    axis: whole rows of a factor matrix, whole matrices of a stack of Grams), whose chunks are
+    the bytes codec (little-endian, C order) then crc32c, in a local directory."""
 
-    def __init__(self, directory: str, shape: tuple[int, int], chunk_rows: int, dtype: np.dtype, fill_value, keys):
+    def __init__(self, directory: str, shape: tuple[int, ...], chunk_rows: int, dtype: np.dtype, fill_value, keys):
         self.directory = directory
-        self.n_rows, self.n_cols = shape
+        self.n_rows, self.row_shape = shape[0], tuple(shape[1:])
         self.chunk_rows = chunk_rows
         self.dtype = dtype
         self.fill_value = fill_value
@@ -52,15 +53,15 @@ class ChunkFiles:
     def write(self, start: int, stop: int, rows: np.ndarray) -> None:
         """Write rows ``[start, stop)`` (whole chunks: ``covers``), chunk by chunk."""
         rows = np.ascontiguousarray(rows, dtype=self.dtype.newbyteorder("<"))
-        if rows.shape != (stop - start, self.n_cols):
-            raise ValueError(f"rows of shape {rows.shape} for rows [{start}, {stop}) of {self.n_cols} columns")
+        if rows.shape != (stop - start, *self.row_shape):
+            raise ValueError(f"rows of shape {rows.shape} for rows [{start}, {stop}) of shape {self.row_shape}")
         for lo in range(start, stop, self.chunk_rows):
             part = rows[lo - start : min(stop, lo + self.chunk_rows) - start]
             if len(part) < self.chunk_rows:  # the edge chunk: stored whole, padded with the fill value
-                padded = np.full((self.chunk_rows, self.n_cols), self.fill_value, dtype=part.dtype)
+                padded = np.full((self.chunk_rows, *self.row_shape), self.fill_value, dtype=part.dtype)
                 padded[: len(part)] = part
                 part = padded
-            self._write_chunk(self._keys((lo // self.chunk_rows, 0)), part)
+            self._write_chunk(self._keys((lo // self.chunk_rows,) + (0,) * len(self.row_shape)), part)
 
     def _write_chunk(self, key: str, data: np.ndarray) -> None:
         import google_crc32c
@@ -114,12 +115,12 @@ def chunk_files(node) -> ChunkFiles | None:
         if not isinstance(inner, LocalStore) or store.read_only or sys.byteorder != "little":
             return None
         shape, chunks = tuple(node.shape), tuple(node.chunks)
-        if (described.get("zarr_format") != 3 or len(shape) != 2 or chunks[1] != shape[1]
+        if (described.get("zarr_format") != 3 or len(shape) < 2 or chunks[1:] != shape[1:]
                 or list(described.get("codecs") or ()) != _CODECS or described.get("storage_transformers")
                 or (described.get("chunk_grid") or {}).get("name") != "regular" or node.order != "C"):
             return None
         directory = os.path.join(str(inner.root), *[p for p in node.store_path.path.split("/") if p])
-        return ChunkFiles(directory, (int(shape[0]), int(shape[1])), int(chunks[0]), np.dtype(node.dtype),
+        return ChunkFiles(directory, tuple(int(n) for n in shape), int(chunks[0]), np.dtype(node.dtype),
                           meta.fill_value, meta.encode_chunk_key)
     except Exception:  # anything unexpected in Zarr's objects: leave the writes to Zarr
         return None
