@@ -27,6 +27,8 @@ import os
 import sys
 import uuid
 
+from typing import Any
+
 import numpy as np
 
 _CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
@@ -81,7 +83,7 @@ class ChunkFiles:
                 temp = f"{path}.{uuid.uuid4().hex}.partial"
                 try:
                     with open(temp, "wb") as handle:
-                        handle.write(memoryview(data).cast("B"))
+                        handle.write(data.data.cast("B"))
                         handle.write(checksum)
                     os.replace(temp, path)
                 except BaseException:
@@ -89,7 +91,7 @@ class ChunkFiles:
                         os.unlink(temp)
                     raise
                 return
-            written = os.pwritev(fd, [memoryview(data).cast("B"), checksum], 0)
+            written = os.pwritev(fd, [data.data.cast("B"), checksum], 0)
             if written != size:  # a short write (a full disk): say so, as Zarr's write would
                 raise OSError(f"{path}: wrote {written} of {size} bytes")
             if os.fstat(fd).st_size > size:
@@ -108,8 +110,8 @@ def chunk_files(node) -> ChunkFiles | None:
     if not isinstance(node, zarr.Array):  # a wrapper (a test's) writes its own way
         return None
     try:
-        meta = node.metadata
-        described = meta.to_dict()
+        meta: Any = node.metadata  # v3 metadata (checked below); v2 has no chunk key encoder of this kind
+        described: dict[str, Any] = dict(meta.to_dict())
         store = node.store_path.store
         inner = getattr(store, "_store", store)  # under ``checked.ChecksumStore``
         if not isinstance(inner, LocalStore) or store.read_only or sys.byteorder != "little":
