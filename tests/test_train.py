@@ -461,13 +461,16 @@ print(json.dumps({{"before": before, "after": after}}))
     assert not grown, grown
 
 
-def test_a_write_failing_behind_the_tasks_fails_the_half_sweep_and_commits_nothing(small_store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("through", ["zarr", "chunk files"])
+def test_a_write_failing_behind_the_tasks_fails_the_half_sweep_and_commits_nothing(small_store, tmp_path, monkeypatch, through):
     """A local fit writes its solved rows on a writer thread while the tasks go on: a write that
     fails there (the disk full at the third write of the next half-sweep) fails that half-sweep
-    with the error, and the model keeps its last checkpoint, factors and all; a resume trains on."""
+    with the error, and the model keeps its last checkpoint, factors and all; a resume trains on.
+    The rows go to Zarr's chunk files directly (``store.chunk_files``) unless the array is wrapped."""
     import errno
 
     import wals_ooc.train.half_sweep as half_sweep
+    from wals_ooc.store.chunk_files import ChunkFiles
     from wals_ooc.errors import StorageError
 
     store = open_store(small_store)
@@ -491,7 +494,18 @@ def test_a_write_failing_behind_the_tasks_fails_the_half_sweep_and_commits_nothi
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             self.array[key] = value
 
-    monkeypatch.setattr(half_sweep, "_factor_array", lambda *args: DiskFillsUp(real(*args)))
+    real_chunk = ChunkFiles._write_chunk
+
+    def chunk_fills_up(self, key, data):  # the direct path: its third chunk write fails
+        writers.append(threading.current_thread().name)
+        if len(writers) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_chunk(self, key, data)
+
+    if through == "zarr":
+        monkeypatch.setattr(half_sweep, "_factor_array", lambda *args: DiskFillsUp(real(*args)))
+    else:
+        monkeypatch.setattr(ChunkFiles, "_write_chunk", chunk_fills_up)
     with pytest.raises(StorageError, match="No space left on device"):
         _fit(store, tmp_path / "m.zarr", iterations=2, resume=True, threads=2)
     assert len(writers) >= 3 and all(name.startswith("wals-ooc-write") for name in writers), writers
@@ -500,6 +514,7 @@ def test_a_write_failing_behind_the_tasks_fails_the_half_sweep_and_commits_nothi
     for now, then in zip(_factors(kept), factors_before):
         np.testing.assert_array_equal(now, then)
     monkeypatch.setattr(half_sweep, "_factor_array", real)
+    monkeypatch.setattr(ChunkFiles, "_write_chunk", real_chunk)
     resumed = _fit(store, tmp_path / "m.zarr", iterations=2, resume=True)
     assert resumed.checkpoint.iteration == 2 and all(np.isfinite(part).all() for part in _factors(resumed))
 

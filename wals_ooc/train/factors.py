@@ -36,6 +36,7 @@ import zarr
 
 from ..config import WALSConfig
 from ..errors import DataMismatchError, StoreError
+from ..store.chunk_files import write_rows
 from ..store.format import (
     DENSE_ATTR,
     ID_NODES,
@@ -140,6 +141,7 @@ class FactorStore:
         self.location = os.fspath(location)
         self.group = group
         self.storage_options = storage_options
+        self._grams: dict[str, zarr.Array] = {}  # each side's Gram array, opened once
 
     # -- creation and opening -------------------------------------------------------------------
     @classmethod
@@ -269,6 +271,7 @@ class FactorStore:
 
     def refresh(self) -> None:
         self.group = open_group(self.location, "r+", self.storage_options)
+        self._grams = {}
 
     # -- factor arrays --------------------------------------------------------------------------
     def slot(self, side: str, slot: int) -> zarr.Array:
@@ -288,10 +291,17 @@ class FactorStore:
 
     def gram(self, side: str, slot: int) -> np.ndarray:
         """Y^T Y (float64) of a side's slot, recorded when the slot was written."""
-        return read(array(subgroup(self.group, side), "gram"), slot)
+        return read(self._gram_array(side), slot)
 
     def set_gram(self, side: str, slot: int, gram: np.ndarray) -> None:
-        array(subgroup(self.group, side), "gram")[slot] = gram
+        """Record the Gram of a slot just written (straight to its chunk file when local: the
+        slot is not the checkpoint's while it is written, see ``chunk_files``)."""
+        write_rows(self._gram_array(side), slot, slot + 1, np.asarray(gram, dtype=np.float64)[None])
+
+    def _gram_array(self, side: str) -> zarr.Array:
+        if side not in self._grams:
+            self._grams[side] = array(subgroup(self.group, side), "gram")
+        return self._grams[side]
 
     def read_rows(self, side: str, start: int, stop: int) -> np.ndarray:
         return read(self.current(side), slice(start, stop))

@@ -48,6 +48,7 @@ from ..kernels.blocked import (
 from ..kernels.loss import gram_quadratic_of, observed_loss_block, regularization_sum
 from ..kernels.solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows, gathers_half
 from ..kernels.subspace import subspace_solve_rows
+from ..store.chunk_files import write_rows
 from ..store.format import array, open_group, subgroup, writing_every_chunk
 from ..store.reader import CSRShard, InteractionStore
 from .entry_cache import entry_cache, release_entry_caches
@@ -207,12 +208,13 @@ class LocalState:
     writes: list[Future] = field(default_factory=list)
 
     def write_behind(self, target, start: int, stop: int, rows: np.ndarray) -> None:
-        """``target[start:stop] = rows`` on this process's writer thread (``drain`` waits for it)."""
+        """``target[start:stop] = rows`` on this process's writer thread (``drain`` waits for it),
+        straight to the chunk files when it can (``chunk_files.write_rows``)."""
         global _writer
         with _lock:
             if _writer is None:
                 _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wals-ooc-write")
-            future = _writer.submit(target.__setitem__, slice(start, stop), rows)
+            future = _writer.submit(write_rows, target, start, stop, rows)
         with self.lock:
             self.writes.append(future)
 
@@ -424,7 +426,7 @@ def _finish(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.ndarray, re
         with _shared_chunks:  # a chunk write reads, changes and writes the whole chunk: one at a time
             out[task.row_start:task.row_stop] = X
     else:
-        out[task.row_start:task.row_stop] = X
+        write_rows(out, task.row_start, task.row_stop, X)
     if job.forward:
         forward_rows(_fixed_key(job.model, job.side, job.out_slot, job.step + 1, "blocked"), tuple(out.shape), out.dtype,
                      task.row_start, X)

@@ -278,6 +278,7 @@ def _train_model(out: Output, model: FactorStore, store: InteractionStore, confi
     remaining_tasks = sum(len(plans[SIDES[s % 2]].tasks) for s in range(checkpoint.step, total_steps))
     side_seconds = {"user": 0.0, "item": 0.0}
     side_fixed_bytes = {"user": 0, "item": 0}
+    grams: dict[str, tuple[int, np.ndarray]] = {}  # side -> (slot, Gram) of the slots this run wrote: not read back
     try:
         with executor.single_threaded_blas(), tqdm(total=remaining_tasks, desc="train", unit="shard", disable=None if progress is None else not progress) as bar:
             if history and history[-1].get("loss") is not None:
@@ -290,7 +291,10 @@ def _train_model(out: Output, model: FactorStore, store: InteractionStore, confi
                 if state is not None:
                     state.ensure(model.location, storage_options, fixed, checkpoint.slots[fixed])
                     state.ensure(model.location, storage_options, side, checkpoint.slots[side])
-                gram = config.alpha0 * model.gram(fixed, checkpoint.slots[fixed])
+                held_gram = grams.get(fixed)
+                if held_gram is None or held_gram[0] != checkpoint.slots[fixed]:
+                    held_gram = (checkpoint.slots[fixed], model.gram(fixed, checkpoint.slots[fixed]))
+                gram = config.alpha0 * held_gram[1]
                 job = HalfSweepJob(
                     interactions=store.location, model=model.location, storage_options=storage_options,
                     side=side, fixed_side=fixed, step=checkpoint.step, fixed_slot=checkpoint.slots[fixed],
@@ -322,8 +326,9 @@ def _train_model(out: Output, model: FactorStore, store: InteractionStore, confi
                 failures = sum(r.failures for r in results)
                 if failures:
                     log.warning("%d %s rows had a singular system and kept their previous factors", failures, side)
-                model.set_gram(side, job.out_slot, tree_sum((r.gram for r in results if r.gram is not None),
-                                                            store.n_rows(side), store.row_block))
+                solved_gram = tree_sum((r.gram for r in results if r.gram is not None), store.n_rows(side), store.row_block)
+                model.set_gram(side, job.out_slot, solved_gram)
+                grams[side] = (job.out_slot, solved_gram)
                 side_seconds[side] = time.perf_counter() - started
                 side_fixed_bytes[side] = sum(r.fixed_bytes_read for r in results)
                 slots = dict(checkpoint.slots)
