@@ -440,6 +440,22 @@ def test_ialspp_rows_done_in_chunks_equal_rows_gathered_whole(setting):
     assert got == pytest.approx(expected, rel=1e-10)
 
 
+def test_ialspp_gram_rows_tiles_cover_every_row_and_gram_row():
+    """``_gram_rows`` (4 x 4 register tiles) against NumPy when neither the rows nor the block's
+    Gram rows fill a tile, and from a row offset: every output written, nothing beyond n or kb."""
+    from wals_ooc.kernels.subspace import _gram_rows
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(12, 13))
+    G = rng.normal(size=(13, 13))
+    for n in (1, 2, 3, 4, 5, 7, 9):
+        for k0, kb in ((0, 1), (2, 3), (4, 4), (5, 5), (3, 8)):
+            out = np.full((10, 9), 7.0)
+            _gram_rows(X, 2, n, G, k0, kb, out)
+            np.testing.assert_allclose(out[:n, :kb], X[2 : 2 + n] @ G[k0 : k0 + kb].T, rtol=1e-12)
+            assert (out[n:] == 7.0).all() and (out[:, kb:] == 7.0).all()
+
+
 @pytest.mark.parametrize("gather_entries", [16384, 4])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_ialspp_sweeps_on_kept_factors_equal_sweeps_rebuilt_and_reach_the_closed_form(dtype, gather_entries):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .solve import _JIT, GATHER_MAX_ENTRIES, cholesky_factor_inplace, cholesky_substitute_inplace, confidence, max_row_nnz, row_regularization
+from .solve import _INLINED, _JIT, GATHER_MAX_ENTRIES, cholesky_factor_inplace, cholesky_substitute_inplace, confidence, max_row_nnz, row_regularization
 from .transpose import transpose_tile
 
 
@@ -42,6 +42,11 @@ from .transpose import transpose_tile
 ENTRY_PAD = 8  # also the gather's tile (``_gather_panel``): keep it 8
 BATCH_ROWS = 64  # rows solved together, one per lane of the batched b x b solves
 BATCH_FLOATS = 1 << 18  # a batch's gathered columns: 1 MiB of float32 (a longer row is a batch alone)
+# ... but at least this many entries: at f = 512 a 1 MiB batch held ~11 rows of 40 entries, and the
+# Gram rows' pass (``_gram_rows``), reloaded into L1 for every batch and block, then ran at half its
+# speed alone; 2048 entries (4 MiB at f = 512, the gather scratch of one row of 2048 entries) made a
+# 2-sweep call 7-11% faster there and changed nothing at f = 256 (tools/RESULTS.md, issue 11 round 27)
+BATCH_MIN_ENTRIES = 2048
 LANE_BYTES = 1 << 20  # the batch's float64 b x b systems (fewer rows a batch at large b)
 
 
@@ -363,21 +368,26 @@ def _begin_block(gram, x, reg, k0, kb, A, r):
 @njit(**_JIT)
 def _gram_rows(X, u0, n, gram, k0, kb, out):
     """out[r, i] = gram[k0 + i] . X[u0 + r] for r < n, i < kb: the Gram part of block B's
-    residual for n rows at once. Register tiles of 2 rows x 4 Gram rows (the kb x f Gram rows
-    stay in L1 while the rows stream past), 30-39 GFMA/s at f = 256-512 where one row's b mat-vecs
-    ran at 8-9 (tools/RESULTS.md, issue 11 round 23)."""
+    residual for n rows at once. Register tiles of 4 rows x 4 Gram rows (the kb x f Gram rows
+    stay in L1 while the rows stream past; a tile's last rows or Gram rows, when n or kb is not a
+    multiple of 4, repeat its first ones and are not stored). 4 x 4 reads 8 vectors for 16
+    multiply-adds where round 23's 2 x 4 read 6 for 8: 0.174 s against 0.196 a sweep in the
+    kernel at f = 512 (20,000 users, one thread; tools/RESULTS.md, issue 11 round 27)."""
     T = X.dtype.type
     f = X.shape[1]
     r = 0
     while r < n:
         x0 = X[u0 + r]
         x1 = X[u0 + r + 1] if r + 1 < n else x0
+        x2 = X[u0 + r + 2] if r + 2 < n else x0
+        x3 = X[u0 + r + 3] if r + 3 < n else x0
+        rows = min(4, n - r)
         i = 0
-        while i + 4 <= kb:
+        while i < kb:
             g0 = gram[k0 + i]
-            g1 = gram[k0 + i + 1]
-            g2 = gram[k0 + i + 2]
-            g3 = gram[k0 + i + 3]
+            g1 = gram[k0 + i + 1] if i + 1 < kb else g0
+            g2 = gram[k0 + i + 2] if i + 2 < kb else g0
+            g3 = gram[k0 + i + 3] if i + 3 < kb else g0
             a00 = T(0)
             a01 = T(0)
             a02 = T(0)
@@ -386,39 +396,61 @@ def _gram_rows(X, u0, n, gram, k0, kb, out):
             a11 = T(0)
             a12 = T(0)
             a13 = T(0)
+            a20 = T(0)
+            a21 = T(0)
+            a22 = T(0)
+            a23 = T(0)
+            a30 = T(0)
+            a31 = T(0)
+            a32 = T(0)
+            a33 = T(0)
             for k in range(f):
                 v0 = x0[k]
                 v1 = x1[k]
-                a00 += v0 * g0[k]
-                a01 += v0 * g1[k]
-                a02 += v0 * g2[k]
-                a03 += v0 * g3[k]
-                a10 += v1 * g0[k]
-                a11 += v1 * g1[k]
-                a12 += v1 * g2[k]
-                a13 += v1 * g3[k]
-            out[r, i] = a00
-            out[r, i + 1] = a01
-            out[r, i + 2] = a02
-            out[r, i + 3] = a03
-            if r + 1 < n:
-                out[r + 1, i] = a10
-                out[r + 1, i + 1] = a11
-                out[r + 1, i + 2] = a12
-                out[r + 1, i + 3] = a13
+                v2 = x2[k]
+                v3 = x3[k]
+                h0 = g0[k]
+                h1 = g1[k]
+                h2 = g2[k]
+                h3 = g3[k]
+                a00 += v0 * h0
+                a01 += v0 * h1
+                a02 += v0 * h2
+                a03 += v0 * h3
+                a10 += v1 * h0
+                a11 += v1 * h1
+                a12 += v1 * h2
+                a13 += v1 * h3
+                a20 += v2 * h0
+                a21 += v2 * h1
+                a22 += v2 * h2
+                a23 += v2 * h3
+                a30 += v3 * h0
+                a31 += v3 * h1
+                a32 += v3 * h2
+                a33 += v3 * h3
+            cols = min(4, kb - i)
+            _store_tile_row(out, r, i, cols, a00, a01, a02, a03)
+            if rows > 1:
+                _store_tile_row(out, r + 1, i, cols, a10, a11, a12, a13)
+            if rows > 2:
+                _store_tile_row(out, r + 2, i, cols, a20, a21, a22, a23)
+            if rows > 3:
+                _store_tile_row(out, r + 3, i, cols, a30, a31, a32, a33)
             i += 4
-        while i < kb:  # the block's last Gram rows, fewer than 4
-            g0 = gram[k0 + i]
-            a00 = T(0)
-            a10 = T(0)
-            for k in range(f):
-                a00 += x0[k] * g0[k]
-                a10 += x1[k] * g0[k]
-            out[r, i] = a00
-            if r + 1 < n:
-                out[r + 1, i] = a10
-            i += 1
-        r += 2
+        r += 4
+
+
+@njit(**_INLINED)
+def _store_tile_row(out, r, i, cols, a0, a1, a2, a3):
+    """out[r, i:i + cols] = (a0, a1, a2, a3)[:cols] (a tile row of ``_gram_rows``)."""
+    out[r, i] = a0
+    if cols > 1:
+        out[r, i + 1] = a1
+    if cols > 2:
+        out[r, i + 2] = a2
+    if cols > 3:
+        out[r, i + 3] = a3
 
 
 @njit(**_JIT)
@@ -568,7 +600,7 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
     longest = max_row_nnz(indptr)
     cap = max(1, min(longest, gather_entries))
     lanes = max(1, min(BATCH_ROWS, LANE_BYTES // (b * b * 8)))  # batch_lanes(b)
-    batch_entries = max(ENTRY_PAD, BATCH_FLOATS // f)  # a batch's gathered entries (a longer row is a batch alone)
+    batch_entries = max(BATCH_MIN_ENTRIES, BATCH_FLOATS // f)  # a batch's gathered entries (a longer row is a batch alone)
     width = max(cap + ENTRY_PAD, batch_entries)
     buffer = np.empty(f * width, dtype=X.dtype)
     conf = np.zeros(max(width, longest), dtype=X.dtype)
