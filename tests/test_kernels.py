@@ -15,7 +15,7 @@ from wals_ooc.kernels.blocked import (
 from wals_ooc.kernels.loss import observed_loss_block, row_penalties
 from wals_ooc.kernels.solve import CONFIDENCE_KINDS, GATHER_MAX_ENTRIES, GROUP_ROWS, cg_solve_rows, cholesky_solve_rows
 from wals_ooc.kernels.subspace import subspace_solve_rows
-from wals_ooc.kernels.tile import WIDE_BYTES, fuses, gathered_pass, half_rows, pack_gram, tiled_product, tiles, weighted_pass
+from wals_ooc.kernels.tile import WIDE_BYTES, fuses, gathered_pass, half_rows, half_usable, pack_gram, tiled_product, tiles, weighted_pass
 from wals_ooc.kernels.topk import new_heaps, topk_finish, topk_update
 from wals_ooc.kernels.transpose import transpose_tile
 
@@ -166,15 +166,33 @@ def test_half_rows_round_as_numpy_and_count_overflows():
     rng = np.random.default_rng(5)
     source = (rng.normal(0, 0.5, size=(20, 32)) * 10.0 ** rng.integers(-9, 3, size=(20, 32))).astype(np.float32)
     target = np.zeros_like(source, dtype=np.uint16)
-    assert half_rows(source, target, 3, 17) == 0
+    overflows, tiny = half_rows(source, target, 3, 17)
+    assert overflows == 0 and tiny == np.count_nonzero((np.abs(source[3:17]) < 2.0**-14) & (source[3:17] != 0))
     np.testing.assert_array_equal(target[3:17], source[3:17].astype(np.float16).view(np.uint16))
     assert not target[:3].any() and not target[17:].any()
     special = np.array([[np.inf, -np.inf, np.nan, 65504.0, 6e-8, 1e-9, -7e4, 1e30]], np.float32)
     bits = np.zeros(special.shape, np.uint16)
-    assert half_rows(special, bits, 0, 1) == 2  # -7e4 and 1e30: finite, beyond 65504
+    assert half_rows(special, bits, 0, 1) == (2, 2)  # -7e4 and 1e30: finite, beyond 65504; 6e-8 and 1e-9 subnormal
     widened = bits.view(np.float16).astype(np.float32)
     np.testing.assert_array_equal(widened[0, [0, 1, 3, 4, 5, 6, 7]], [np.inf, -np.inf, 65504.0, np.float16(6e-8), 0, -np.inf, np.inf])
     assert np.isnan(widened[0, 2])
+
+
+def test_a_half_copy_is_refused_beyond_float16s_range_or_below_its_normals():
+    """The trainer keeps float32 gathers when float16 cannot carry the fixed side: one value
+    beyond 65504, or more than one non-zero value in 8 subnormal (a side of tiny values)."""
+    from wals_ooc.train.fixed_side import half_copy, release_fixed_side
+
+    assert half_usable(0, 0, 100) and half_usable(0, 12, 100) and not half_usable(0, 13, 100)
+    assert not half_usable(1, 0, 100)
+    rng = np.random.default_rng(7)
+    usual = (rng.random((64, 32)) * 0.01).astype(np.float32)  # the default init_scale: 0.6% subnormal
+    try:
+        assert half_copy(("test-usual",), usual) is not None
+        assert half_copy(("test-tiny",), usual * np.float32(1e-3)) is None  # ~61% subnormal
+        assert half_copy(("test-huge",), usual * np.float32(1e7)) is None  # beyond 65504
+    finally:
+        release_fixed_side()
 
 
 def test_row_passes_widen_a_half_copy():
@@ -217,7 +235,7 @@ def test_cg_with_a_half_copy_reaches_its_closed_form():
     kind, alpha, alpha0, eps, lam, nu = _args(SETTINGS[0])
     gram = _gram(Y, alpha0)
     half = np.zeros(Y.shape, np.uint16)
-    assert half_rows(Y, half, 0, len(Y)) == 0
+    assert half_rows(Y, half, 0, len(Y))[0] == 0
     indptr = R.indptr.astype(np.int64)
     X0 = np.random.default_rng(12).normal(0, 0.1, size=(R.shape[0], f)).astype(np.float32)
     X, X_exact = X0.copy(), X0.copy()

@@ -401,18 +401,33 @@ _half_bits_kernel: Any = _half_bits
 
 
 HALF_LIMIT = 65504.0  # float16's largest finite value
+HALF_TINY = 2.0**-14  # float16's smallest normal value: below it a value keeps less than 11 bits
 
 
 @njit(cache=True, nogil=True)
 def half_rows(source, target, a, b):
     """target[a:b] = the float16 bits of source[a:b] (float32, rounded to nearest even), the copy
-    that ``gathered_pass`` widens. Returns how many finite values lie beyond float16's largest
-    (most round to inf): the copy is then unusable (its user keeps float32)."""
+    that ``gathered_pass`` widens. Returns (overflows, tiny): how many finite values lie beyond
+    float16's largest (most round to inf: the copy is then unusable, its user keeps float32), and
+    how many non-zero values lie below its smallest normal (``HALF_TINY``: subnormal, fewer bits;
+    ``half_usable`` weighs them)."""
     f = source.shape[1]
     overflows = 0
+    tiny = 0
     for i in range(a, b):
         for k in range(f):
             value = source[i, k]
             target[i, k] = _half_bits_kernel(value)
-            overflows += np.abs(value) > HALF_LIMIT and np.abs(value) < np.inf
-    return overflows
+            magnitude = np.abs(value)
+            overflows += magnitude > HALF_LIMIT and magnitude < np.inf
+            tiny += magnitude < HALF_TINY and magnitude > 0
+    return overflows, tiny
+
+
+def half_usable(overflows: int, tiny: int, values: int) -> bool:
+    """Whether a float16 copy carries its float32 source well enough for CG's gathers: no value
+    beyond float16's range, and at most one non-zero value in 8 below its smallest normal. A
+    subnormal is off by up to 2^-25 absolutely; while 7 values in 8 are larger than 2^-14 that is
+    within float16's own relative rounding (2^-11) of a row's typical value. A side whose values
+    are mostly that small (a tiny ``init_scale``, say) keeps float32 gathers."""
+    return overflows == 0 and 8 * tiny <= values

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..kernels.tile import half_rows
+from ..kernels.tile import half_rows, half_usable
 
 log = logging.getLogger(__name__)
 
@@ -268,12 +268,14 @@ def half_copy(key: tuple, fixed: np.ndarray) -> np.ndarray | None:
     """The float16 bits (uint16) of ``fixed``, the resident fixed side of ``key``, made once by the
     first task that asks (``kernels.tile.half_rows``: ~16 ms for 46M values) and dropped with the
     fixed side or by the next key's copy: CG's warm-start pass gathers its random rows from it,
-    half the bytes. None (float32 gathers) when a value lies beyond float16's range."""
+    half the bytes. None (float32 gathers) when float16 cannot carry the side: a value beyond its
+    range, or most values below its smallest normal (``tile.half_usable``)."""
     with _lock:
         if key not in _halves:
             _halves.clear()
             held = held_array(fixed.shape, np.uint16)
-            _halves[key] = held if half_rows(fixed, held, 0, fixed.shape[0]) == 0 else None
+            overflows, tiny = half_rows(fixed, held, 0, fixed.shape[0])
+            _halves[key] = held if half_usable(overflows, tiny, fixed.size) else None
         return _halves[key]
 
 
