@@ -85,3 +85,21 @@ def test_a_chunk_file_linked_from_another_copy_is_replaced_not_changed(tmp_path)
     write_rows(direct, 0, 64, 2 * rows[:64])
     assert (tmp_path / "copy").read_bytes() == before and chunk.read_bytes() != before
     assert np.array_equal(direct[:64], 2 * rows[:64]) and os.stat(chunk).st_nlink == 1
+
+
+def test_chunks_zarr_does_not_read_back_make_every_write_go_through_zarr(tmp_path, monkeypatch):
+    """Should a Zarr release name or encode chunk files otherwise than ``ChunkFiles`` writes them,
+    the first write's read-back sees it: the rows are written through Zarr, and so are later ones."""
+    import wals_ooc.store.chunk_files as module
+
+    node = _slot(tmp_path / "a.zarr")
+    right = chunk_files(node)
+    misnamed = module.ChunkFiles(right.directory, (200, 8), 64, np.dtype(np.float32), 0, lambda coords: f"elsewhere/{coords[0]}")
+    monkeypatch.setattr(module, "chunk_files", lambda _: misnamed)
+    monkeypatch.setattr(module, "_checked", {})
+    rows = np.random.default_rng(2).standard_normal((200, 8)).astype(np.float32)
+    write_rows(node, 0, 128, rows[:128])
+    assert module._checked == {right.directory: False}
+    write_rows(node, 128, 200, rows[128:])
+    assert np.array_equal(array(open_group(str(tmp_path / "a.zarr"), "r"), "x")[:], rows)
+    assert sorted(os.listdir(os.path.join(right.directory, "elsewhere"))) == ["0", "1"]  # only the checked write (2 chunks) went astray

@@ -23,6 +23,7 @@ The bytes written are Zarr's own (checked in ``tests/test_chunk_files.py``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import uuid
@@ -30,6 +31,8 @@ import uuid
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 _CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 
@@ -128,12 +131,27 @@ def chunk_files(node) -> ChunkFiles | None:
         return None
 
 
+_checked: dict[str, bool] = {}  # an array's directory -> whether Zarr read our first write back
+
+
 def write_rows(node, start: int, stop: int, rows: np.ndarray) -> None:
     """``node[start:stop] = rows``: straight to the chunk files when they are whole chunks of a
     layout ``ChunkFiles`` writes (for arrays nobody reads while they are written, see above),
-    through Zarr otherwise."""
+    through Zarr otherwise.
+
+    The first direct write to an array in a process is read back through Zarr: should a Zarr
+    release store chunks under other names or bytes than the ones written here, the rows are
+    written again through Zarr, and so is every later write to that array (nothing is read back
+    stale in silence)."""
     files = chunk_files(node)
-    if files is not None and files.covers(start, stop):
-        files.write(start, stop, rows)
-    else:
+    if files is None or not files.covers(start, stop) or _checked.get(files.directory) is False:
         node[start:stop] = rows
+        return
+    files.write(start, stop, rows)
+    if files.directory not in _checked:
+        stop_check = min(stop, start + files.chunk_rows)
+        same = np.array_equal(np.asarray(node[start:stop_check]), np.asarray(rows[: stop_check - start], dtype=files.dtype), equal_nan=True)
+        _checked[files.directory] = same
+        if not same:
+            log.warning("%s: Zarr did not read back the chunk written to its file; writing through Zarr", files.directory)
+            node[start:stop] = rows
