@@ -250,7 +250,9 @@ def test_a_plan_counts_the_solvers_own_bytes_in_every_task():
 
 
 def test_the_trainer_plans_ialspp_with_its_kept_factors(small_store):
-    from wals_ooc.kernels.subspace import kept_factor_bytes
+    """ialspp's tasks count the block factors kept across sweeps and the batch's gathered panel
+    (4 MiB at f = 512 in float32)."""
+    from wals_ooc.kernels.subspace import kept_factor_bytes, panel_bytes
     from wals_ooc.train.trainer import make_plans
 
     store = open_store(small_store)
@@ -258,7 +260,7 @@ def test_the_trainer_plans_ialspp_with_its_kept_factors(small_store):
         config = WALSConfig(factors=16, solver=solver, block_size=4)
         plans = make_plans(store, config, 256 * MiB, 2)
         base = make_plans(store, WALSConfig(factors=16, solver="cg"), 256 * MiB, 2)
-        extra = kept_factor_bytes(16, 4, 3) if solver == "ialspp" else 0
+        extra = kept_factor_bytes(16, 4, 3) + panel_bytes(16, 4) if solver == "ialspp" else 0
         for side in ("user", "item"):
             assert plans[side].task_bytes == base[side].task_bytes + extra
 

@@ -65,6 +65,19 @@ def kept_factor_bytes(factors: int, block_size: int, sweeps: int) -> int:
     return blocks * b * b * (batch_lanes(b) + 1) * 8
 
 
+def panel_bytes(factors: int, itemsize: int) -> int:
+    """Bytes of a kernel call's gathered panel for a batch of short rows (``subspace_solve_rows``'
+    ``buffer``: at least ``BATCH_MIN_ENTRIES`` entries of f values, 4 MiB at f = 512 in float32);
+    a row longer than that widens it, as the gather scratch of the other solvers does."""
+    return max(BATCH_MIN_ENTRIES, BATCH_FLOATS // max(1, factors)) * factors * itemsize
+
+
+def kernel_scratch_bytes(factors: int, block_size: int, sweeps: int, itemsize: int) -> int:
+    """What a kernel call holds whatever its task's size: the kept factors and the batch's panel
+    (the plan's ``kernel_bytes`` for ialspp)."""
+    return kept_factor_bytes(factors, block_size, sweeps) + panel_bytes(factors, itemsize)
+
+
 @njit(**_JIT)
 def _gather_columns(Y, indices, start, n, k0, kb, out):
     """out[i, t] = Y[indices[start + t], k0 + i] for i < kb, t < n, and 0 for n <= t < out's

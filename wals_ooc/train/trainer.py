@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..config import WALSConfig
 from ..errors import BudgetWarning, DataMismatchError, NumericalError, SettingError, WalsError
 from ..execute import Executor
-from ..kernels.subspace import kept_factor_bytes
+from ..kernels.subspace import kernel_scratch_bytes
 from ..kernels.warm import warm_training_kernels
 from ..memory import MemoryBudget
 from ..store.format import array, open_group, subgroup
@@ -70,8 +70,8 @@ def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, conc
     entry counts of the rows of its heaviest row blocks (``plan.row_pieces``)."""
     itemsize = config.np_dtype.itemsize
     kernel_bytes = 0
-    if config.solver == "ialspp":  # the block factors a kernel call keeps across its sweeps
-        kernel_bytes = kept_factor_bytes(config.factors, config.block_size, max(config.sweeps_at(0), config.sweeps_at(2)))
+    if config.solver == "ialspp":  # the block factors a kernel call keeps across its sweeps, and its panel
+        kernel_bytes = kernel_scratch_bytes(config.factors, config.block_size, max(config.sweeps_at(0), config.sweeps_at(2)), itemsize)
     return {
         side: plan_half_sweep(
             side,
