@@ -280,3 +280,5 @@ def test_a_resident_cg_plan_counts_the_half_copy_of_the_fixed_side():
     assert cg.resident_bytes == cholesky.resident_bytes + 5000 * f * 2
     odd = [plan_half_sweep("user", ranges, blocks, 5000, f + 1, 4, solver, 200 * MiB, 2, True) for solver in ("cg", "cholesky")]
     assert odd[0].resident_bytes == odd[1].resident_bytes
+    off = plan_half_sweep("user", ranges, blocks, 5000, f, 4, "cg", 200 * MiB, 2, True, half_gathers=False)
+    assert off.resident_bytes == cholesky.resident_bytes  # --no-half-gathers: no copy held

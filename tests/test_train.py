@@ -611,10 +611,9 @@ def test_the_entry_cache_gives_back_the_rows_read_from_the_store_and_falls_back_
 
 def test_cg_training_gathers_from_a_half_copy_of_the_fixed_side(small_store, tmp_path, monkeypatch):
     """A resident CG fit whose rows fuse (f = one wide vector of float32) hands every kernel call
-    the fixed side's float16 copy (``solve.gathers_half``); with ``HALF_GATHER`` off, none, and
+    the fixed side's float16 copy (``solve.gathers_half``); with ``half_gathers=False``, none, and
     the two fits' losses agree to float16's rounding."""
     import wals_ooc.train.half_sweep as half_sweep
-    from wals_ooc.kernels import solve
     from wals_ooc.kernels.tile import WIDE_BYTES
 
     store = open_store(small_store)
@@ -629,8 +628,7 @@ def test_cg_training_gathers_from_a_half_copy_of_the_fixed_side(small_store, tmp
     copied = _fit(store, tmp_path / "h.zarr", factors=f, iterations=3, threads=2)
     assert halves and all(h is not None and h.dtype == np.uint16 and h.shape[1] == f for h in halves)
     halves.clear()
-    monkeypatch.setattr(solve, "HALF_GATHER", False)
-    plain = _fit(store, tmp_path / "p.zarr", factors=f, iterations=3, threads=2)
+    plain = _fit(store, tmp_path / "p.zarr", factors=f, iterations=3, threads=2, half_gathers=False)
     assert halves and all(h is None for h in halves)
     ours, theirs = copied.loss_history[-1]["loss"], plain.loss_history[-1]["loss"]
     assert abs(ours - theirs) <= 1e-3 * theirs, (ours, theirs)

@@ -243,13 +243,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-sweeps", type=int, default=d.first_sweeps,
                    help="ialspp: passes over the blocks in the first iteration's half-sweeps (at least --block-sweeps)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="factor precision")
+    p.add_argument("--half-gathers", action=argparse.BooleanOptionalAction, default=d.half_gathers,
+                   help="cg: gather the fixed rows from a float16 copy (float32 arithmetic; faster, losses within float32 rounding); --no-half-gathers keeps float32 gathers")
 
 
 def _model_settings(args) -> dict:
     return dict(factors=args.factors, regularization=args.regularization, alpha=args.alpha, alpha0=args.alpha0,
                 confidence=args.confidence, eps=args.eps, nu=args.nu, iterations=args.iterations, solver=args.solver,
                 cg_steps=args.cg_steps, block_size=args.block_size, block_sweeps=args.block_sweeps,
-                first_sweeps=args.first_sweeps, dtype=args.dtype)
+                first_sweeps=args.first_sweeps, dtype=args.dtype, half_gathers=args.half_gathers)
 
 
 def cmd_train(args) -> int:

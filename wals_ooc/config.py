@@ -18,7 +18,8 @@ SOLVERS = ("cg", "cholesky", "ialspp")
 FLAGS = {"factors": "--factors", "regularization": "--regularization", "alpha": "--alpha", "alpha0": "--alpha0",
          "confidence": "--confidence", "eps": "--eps", "nu": "--nu", "iterations": "--iterations", "solver": "--solver",
          "cg_steps": "--cg-steps", "block_size": "--block-size",
-         "block_sweeps": "--block-sweeps", "first_sweeps": "--first-sweeps", "dtype": "--dtype", "random_state": "--seed", "init_scale": "--init-scale"}
+         "block_sweeps": "--block-sweeps", "first_sweeps": "--first-sweeps", "dtype": "--dtype", "random_state": "--seed", "init_scale": "--init-scale",
+         "half_gathers": "--half-gathers"}
 
 
 def default_block_sweeps(factors: int) -> int:
@@ -57,6 +58,13 @@ class WALSConfig:
         reached implicit CG's 5-iteration loss an iteration sooner at f = 256 with block_sweeps 1
         (tools/RESULTS.md, issue 11 round 25).
     dtype: float32 (default) or float64 for factors and solves.
+    half_gathers: CG's warm start gathers each row's fixed rows from a float16 copy of the fixed
+        side (widened to float32 as read; arithmetic stays float32) where the rows fit the vector
+        registers (float32, f a multiple of 16 up to 128 with AVX-512): half the bytes of its random
+        reads, 0.77x the iteration at f = 128, 0.88x at f = 64, with losses within float32's own
+        rounding band (tools/RESULTS.md, issue 11 round 27). The copy is counted in the plan and not
+        used when float16 cannot carry the side (a value beyond 65504, mostly subnormal values).
+        False: float32 gathers.
     random_state: seed of the initial factors; None draws one and records it in the model.
     init_scale: initial factors are uniform in [0, init_scale).
     iterations: at least 1 (0 would store the random initial factors as if trained).
@@ -85,6 +93,7 @@ class WALSConfig:
     random_state: int | None = None
     init_scale: float = 0.01
     compute_loss: bool = True
+    half_gathers: bool = True
 
     def __post_init__(self) -> None:
         for name in ("factors", "iterations", "cg_steps", "block_size", "block_sweeps", "first_sweeps"):
@@ -101,6 +110,10 @@ class WALSConfig:
             if not math.isfinite(value):
                 raise _setting(name, f"{name} must be finite, got {value}")
             object.__setattr__(self, name, float(value))
+        for name in ("half_gathers",):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise _setting(name, f"{name} must be True or False, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, bool(getattr(self, name)))
         if self.factors < 1:
             raise _setting("factors", f"factors must be >= 1, got {self.factors}")
         if self.regularization < 0:

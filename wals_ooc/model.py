@@ -70,6 +70,7 @@ class WALS:
         random_state: int | None = _D.random_state,
         init_scale: float = _D.init_scale,
         compute_loss: bool = _D.compute_loss,
+        half_gathers: bool = _D.half_gathers,
         memory_budget: int | str | None = None,
         threads: int | None = None,
     ) -> None:
@@ -77,7 +78,7 @@ class WALS:
             factors=factors, regularization=regularization, alpha=alpha, alpha0=alpha0, confidence=confidence,
             eps=eps, nu=nu, iterations=iterations, solver=solver, cg_steps=cg_steps, block_size=block_size,
             block_sweeps=block_sweeps, first_sweeps=first_sweeps, dtype=dtype,
-            random_state=random_state, init_scale=init_scale, compute_loss=compute_loss,
+            random_state=random_state, init_scale=init_scale, compute_loss=compute_loss, half_gathers=half_gathers,
         )
         to_bytes(memory_budget)  # refused here (NaN, "lots", -1GB), before anything is read or written
         self.memory_budget = memory_budget

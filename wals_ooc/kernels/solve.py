@@ -53,14 +53,15 @@ PREFETCH_ENTRIES = 8  # how far ahead the gather prefetches fixed rows
 # it, and of the gathered block the steps read. Measured on the 16M store, 2 threads: 0.77x main's
 # iteration at f = 128 and 0.88x at f = 64; the losses move within float32's own rounding band
 # (5 iterations: 4.603967e7 against float32's 4.604012e7 at f = 128, 4.720325e7 against
-# 4.720271e7 at f = 64; tools/RESULTS.md, round 27). False: float32 gathers everywhere.
-HALF_GATHER = True
+# 4.720271e7 at f = 64; tools/RESULTS.md, round 27). ``WALSConfig.half_gathers`` = False (the
+# command line's --no-half-gathers) keeps float32 gathers.
 
 
 def gathers_half(f: int, itemsize: int) -> bool:
     """Whether the trainer gives ``cg_solve_rows`` a float16 copy of the fixed side (``half``) for
-    f columns of ``itemsize``-byte factors: float32 whose row pass is fused (``tile.fuses``)."""
-    return HALF_GATHER and itemsize == 4 and bool(fuses.py_func(f, itemsize))  # Python's: no signature compiled
+    f columns of ``itemsize``-byte factors: float32 whose row pass is fused (``tile.fuses``), when
+    the settings ask for it (``WALSConfig.half_gathers``, the default)."""
+    return itemsize == 4 and bool(fuses.py_func(f, itemsize))  # Python's: no signature compiled
 
 
 @njit(**_JIT)

@@ -388,7 +388,7 @@ def _solve_resident(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.nda
         Y, made = _fixed_of(job)
         result.fixed_bytes_read += Y.nbytes if made else 0
     half = None
-    if job.solver == "cg" and gathers_half(Y.shape[1], Y.dtype.itemsize):
+    if job.solver == "cg" and cfg.half_gathers and gathers_half(Y.shape[1], Y.dtype.itemsize):
         half = half_copy(_fixed_key(job.model, job.fixed_side, job.fixed_slot, job.step, "half"), Y)
     for a, b in _task_blocks(job, task):
         ip = csr.indptr[a:b + 1]

@@ -385,6 +385,7 @@ def plan_half_sweep(
     row_counts: Callable[[int, int], np.ndarray] | None = None,
     blocked_task_bytes: int | None = None,
     kernel_bytes: int = 0,
+    half_gathers: bool = True,
 ) -> HalfSweepPlan:
     """Plan one half-sweep within ``allowance`` bytes for ``concurrency`` simultaneous tasks.
 
@@ -402,6 +403,7 @@ def plan_half_sweep(
     blocked_task_bytes: what a blocked task may take, instead of what the allowance leaves (for tests).
     kernel_bytes: what a task's solver holds beside its rows and entries, whatever the task's size
     (ialspp's kept block factors: ``kernels.subspace.kept_factor_bytes``).
+    half_gathers: CG may hold a float16 copy of the fixed side (``WALSConfig.half_gathers``).
     """
     usable = usable_bytes(allowance)
     n_rows = shard_ranges[-1][1] if shard_ranges else 0
@@ -419,7 +421,7 @@ def plan_half_sweep(
         notes.append(f"fixed side streamed in blocks of at most {max_block_rows} rows, as asked")
     else:
         # CG's warm-start gathers read a float16 copy of the fixed side beside it (``half_sweep``)
-        half_bytes = n_fixed * factors * 2 if solver == "cg" and gathers_half(factors, itemsize) else 0
+        half_bytes = n_fixed * factors * 2 if solver == "cg" and half_gathers and gathers_half(factors, itemsize) else 0
         holdings = [(True, fixed_bytes + half_bytes + n_rows * factors * itemsize)] if local else []
         holdings.append((False, fixed_bytes + half_bytes))
         for holds_own, resident in holdings:

@@ -91,6 +91,7 @@ def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, conc
             row_counts=functools.partial(store.row_counts, side),
             blocked_task_bytes=blocked_task_bytes,
             kernel_bytes=kernel_bytes,
+            half_gathers=config.half_gathers,
         )
         for side in SIDES
     }
