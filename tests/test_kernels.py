@@ -507,6 +507,59 @@ def test_ialspp_sweeps_on_kept_factors_equal_sweeps_rebuilt_and_reach_the_closed
         np.testing.assert_allclose(many, expected, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("fixed", ["tiny", "rank_deficient", "ill_conditioned"])
+@pytest.mark.parametrize("gather_entries", [16384, 4])
+def test_ialspp_in_the_eigenbasis_reaches_the_unrotated_fixed_point_and_no_row_objective_rises(fixed, gather_entries):
+    """Solved in the eigenbasis of a non-diagonal fixed-side Gram (Y Q against diag(lam), the rows
+    in as X Q and out as X Q^T, ``fixed_side.Eigenbasis``): every sweep lowers every row's objective
+    (measured in the original basis), and the sweeps reach the dense closed form, the fixed point of
+    the unrotated solve; for a tiny fixed side (3 rows, f = 10: most eigenvalues 0), a rank-deficient
+    one (rank 4 of f = 10) and an ill-conditioned one (singular values 1 to 1e-6); batched rows and
+    rows longer than the gather scratch. float64."""
+    from wals_ooc.train.fixed_side import Eigenbasis
+
+    setting = SETTINGS[0]
+    f = 10
+    rng = np.random.default_rng(7)
+    if fixed == "tiny":
+        R, _ = _problem(12, n_rows=30, n_fixed=3, f=f, density=0.6, dtype=np.float64)
+        Y = rng.normal(0, 0.3, size=(3, f))
+    else:
+        R, _ = _problem(12, n_rows=30, n_fixed=40, f=f, dtype=np.float64)
+        U = np.linalg.qr(rng.normal(size=(40, f)))[0]
+        V = np.linalg.qr(rng.normal(size=(f, f)))[0]
+        sv = np.r_[np.ones(4), np.zeros(f - 4)] if fixed == "rank_deficient" else np.logspace(0, -6, f)
+        Y = (U * sv) @ V.T + 0.2  # a shared offset: one leading direction couples every coordinate
+    kind, alpha, alpha0, eps, lam, nu = _args(setting)
+    gram = _gram(Y, alpha0)
+    assert np.abs(gram - np.diag(np.diag(gram))).max() > 0.1 * np.abs(gram).max()  # far from diagonal
+    basis = Eigenbasis(gram)
+    Q, D = basis.basis, basis.diagonal
+    np.testing.assert_allclose(Q @ D @ Q.T, gram, atol=1e-10)
+    assert np.all(np.diff(np.diag(D)) <= 0)  # leading directions first
+    rotated = basis.rotated(Y)
+    np.testing.assert_allclose(rotated, Y @ Q, rtol=1e-12, atol=1e-14)
+    expected = dense_solve(R, Y, **{k: setting[k] for k in ("kind", "alpha", "alpha0", "lam", "nu")})
+    X = np.random.default_rng(3).normal(0, 0.3, size=expected.shape)
+    objectives, errors = [_row_objectives(R, X, Y, setting)], []
+    plain = X.copy()
+    for sweeps in (1, 1, 1, 2, 300):
+        rows = basis.rotate_in(X)
+        subspace_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, rotated, D, rows, kind, alpha, alpha0, eps, lam,
+                            nu, Y.shape[0], 3, sweeps, False, gather_entries, True)
+        basis.rotate_out(rows, X)
+        objectives.append(_row_objectives(R, X, Y, setting))
+        errors.append(np.linalg.norm(X - expected) / np.linalg.norm(expected))
+    for earlier, later in zip(objectives, objectives[1:]):
+        assert np.all(later <= earlier * (1 + 1e-12) + 1e-12), (earlier - later).min()
+    assert all(later < earlier or later < 1e-12 for earlier, later in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-8, errors
+    # the unrotated solve reaches the same point
+    subspace_solve_rows(R.indptr.astype(np.int64), R.indices, R.data, Y, gram, plain, kind, alpha, alpha0, eps, lam, nu,
+                        Y.shape[0], 3, 2000, False, gather_entries)
+    np.testing.assert_allclose(X, plain, rtol=1e-7, atol=1e-9)
+
+
 @njit(cache=False, nogil=True)
 def _tile(Y, rows, k, out, p, stride):
     transpose_tile(Y, rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7], k, out, p, stride)

@@ -251,18 +251,25 @@ def test_a_plan_counts_the_solvers_own_bytes_in_every_task():
 
 def test_the_trainer_plans_ialspp_with_its_kept_factors(small_store):
     """ialspp's tasks count the block factors kept across sweeps and the batch's gathered panel
-    (4 MiB at f = 512 in float32)."""
+    (4 MiB at f = 512 in float32); in the eigenbasis also a row block rotated (the store's row
+    block, at least ``ROTATED_ROWS`` rows), and the resident plan the rotated fixed side."""
     from wals_ooc.kernels.subspace import kept_factor_bytes, panel_bytes
+    from wals_ooc.train.fixed_side import ROTATED_ROWS
     from wals_ooc.train.trainer import make_plans
 
     store = open_store(small_store)
-    for solver in ("cg", "ialspp"):
-        config = WALSConfig(factors=16, solver=solver, block_size=4)
+    base = make_plans(store, WALSConfig(factors=16, solver="cg"), 256 * MiB, 2)
+    plain = make_plans(store, WALSConfig(factors=16, solver="cholesky"), 256 * MiB, 2)  # no copy of the fixed side
+    for solver, eigen in (("ialspp", False), ("ialspp", True)):
+        config = WALSConfig(factors=16, solver=solver, block_size=4, eigenbasis=eigen)
         plans = make_plans(store, config, 256 * MiB, 2)
-        base = make_plans(store, WALSConfig(factors=16, solver="cg"), 256 * MiB, 2)
-        extra = kept_factor_bytes(16, 4, 3) + panel_bytes(16, 4) if solver == "ialspp" else 0
+        extra = kept_factor_bytes(16, 4, 2 if eigen else 3) + panel_bytes(16, 4)
+        rotated = max(store.row_block, ROTATED_ROWS) * 16 * 4 if eigen else 0
         for side in ("user", "item"):
-            assert plans[side].task_bytes == base[side].task_bytes + extra
+            assert plans[side].mode == "resident"
+            assert plans[side].task_bytes == base[side].task_bytes + extra + rotated
+            fixed = plans[side].n_fixed * 16 * 4 if rotated else 0
+            assert plans[side].resident_bytes == plain[side].resident_bytes + fixed
 
 
 def test_a_resident_cg_plan_counts_the_half_copy_of_the_fixed_side():

@@ -123,8 +123,11 @@ def test_ialspp_first_iteration_takes_first_sweeps_and_later_ones_block_sweeps(s
     config = WALSConfig(block_sweeps=1, first_sweeps=3)
     assert [config.sweeps_at(step) for step in range(5)] == [3, 3, 1, 1, 1]
     assert WALSConfig(block_sweeps=4, first_sweeps=2).sweeps_at(0) == 4
-    # block_sweeps None (the default): 3 passes below f = 512, 2 from 512 on, and first_sweeps at least
-    assert [WALSConfig(factors=f).sweeps_at(step) for f in (256, 512) for step in (0, 2)] == [3, 3, 2, 2]
+    # block_sweeps and first_sweeps None (the defaults): in the eigenbasis 2 passes below f = 512, 1
+    # from 512 on (the first iteration too); in the factors' basis 3 below f = 512, 2 from 512 on
+    assert [WALSConfig(factors=f).sweeps_at(step) for f in (256, 512) for step in (0, 2)] == [2, 2, 1, 1]
+    assert WALSConfig(factors=512, first_sweeps=2).sweeps_at(0) == 2 and WALSConfig().first_sweeps is None
+    assert [WALSConfig(factors=f, eigenbasis=False).sweeps_at(step) for f in (256, 512) for step in (0, 2)] == [3, 3, 2, 2]
     assert WALSConfig(factors=512, first_sweeps=4).sweeps_at(1) == 4 and WALSConfig().block_sweeps is None
     with pytest.raises(SettingError, match="first_sweeps must be >= 1") as refused:
         WALSConfig(first_sweeps=0)

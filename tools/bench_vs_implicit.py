@@ -74,7 +74,8 @@ def child_wals(args) -> dict:
     from wals_ooc.train.objective import objective
 
     settings = dict(_objective(args), solver=args.solver, cg_steps=args.cg_steps, block_size=args.block_size,
-                    block_sweeps=args.block_sweeps, first_sweeps=args.first_sweeps, random_state=0, threads=args.threads)
+                    block_sweeps=args.block_sweeps, first_sweeps=args.first_sweeps, eigenbasis=args.eigenbasis, random_state=0,
+                    threads=args.threads)
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: Numba compile (first ever) or cache load
         small = os.path.join(tmp, "warm.zarr")
         write_synthetic_store(SyntheticSpec(n_users=300, n_items=200, rows=3000, seed=1), small, progress=False)
@@ -139,7 +140,9 @@ def run_child(peer: str, args, factors: int, block_size: int) -> dict:
                "--factors", str(factors), "--iterations", str(args.iterations), "--threads", str(args.threads),
                "--solver", args.solver, "--cg-steps", str(args.cg_steps), "--regularization", str(args.regularization),
                "--alpha", str(args.alpha), "--memory-budget", str(args.memory_budget), "--block-size", str(block_size),
-               "--first-sweeps", str(args.first_sweeps), "--implicit-iterations", str(args.implicit_iterations or 0)]
+               "--implicit-iterations", str(args.implicit_iterations or 0)]
+    command += ["--first-sweeps", str(args.first_sweeps)] if args.first_sweeps is not None else []
+    command += [] if args.eigenbasis else ["--no-eigenbasis"]
     command += ["--block-sweeps", str(args.block_sweeps)] if args.block_sweeps is not None else []
     command += ["--implicit-init"] if args.implicit_init else []
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -164,7 +167,10 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, nargs="+", default=[32],
                         help="ialspp's block size(s): each is run against the same implicit runs")
     parser.add_argument("--block-sweeps", type=int, default=None, help="ialspp's sweeps per half-sweep (default: wals-ooc's, by f)")
-    parser.add_argument("--first-sweeps", type=int, default=2, help="ialspp's sweeps per half-sweep in the first iteration")
+    parser.add_argument("--first-sweeps", type=int, default=None,
+                        help="ialspp's sweeps per half-sweep in the first iteration (default: wals-ooc's, by f)")
+    parser.add_argument("--eigenbasis", action=argparse.BooleanOptionalAction, default=True,
+                        help="ialspp: solve in the eigenbasis of the fixed side's Gram (wals-ooc's default)")
     parser.add_argument("--implicit-iterations", type=int, default=0, help="implicit's iterations (default: --iterations)")
     parser.add_argument("--implicit-init", action="store_true",
                         help="let implicit draw its own initial factors (default: both start from wals-ooc's)")
@@ -189,7 +195,7 @@ def main() -> None:
     print(f"store {args.store}; {args.iterations} iterations (implicit {implicit_iterations}) x {args.repeats} repeats, "
           f"{args.threads} threads, wals-ooc solver {args.solver}"
           + {"cg": f" ({args.cg_steps} CG steps)", "cholesky": "",
-             "ialspp": f" (block size {' '.join(map(str, args.block_size))}, {args.block_sweeps or 'by f'} sweep(s), {args.first_sweeps} in the first iteration)"}[args.solver]
+             "ialspp": f" (block size {' '.join(map(str, args.block_size))}, {args.block_sweeps or 'by f'} sweep(s), {args.first_sweeps or 'by f'} in the first iteration, {'' if args.eigenbasis else 'not '}in the eigenbasis)"}[args.solver]
           + f", implicit {'Cholesky' if args.solver == 'cholesky' else f'CG {args.cg_steps} steps'}", flush=True)
     try:
         import pyspark  # noqa: F401

@@ -238,20 +238,23 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cg-steps", type=int, default=d.cg_steps, help="conjugate-gradient steps per row solve")
     p.add_argument("--block-size", type=int, default=d.block_size, help="ialspp: coordinates solved together")
     p.add_argument("--block-sweeps", type=int, default=d.block_sweeps,
-                   help="ialspp: passes over the blocks per half-sweep (default: 3 below --factors 512, 2 from 512 on; "
+                   help="ialspp: passes over the blocks per half-sweep (default: in the eigenbasis 2 below --factors 512, 1 from 512 on, else 3 and 2; "
                         "only the first pass factors each block's system)")
     p.add_argument("--first-sweeps", type=int, default=d.first_sweeps,
-                   help="ialspp: passes over the blocks in the first iteration's half-sweeps (at least --block-sweeps)")
+                   help="ialspp: passes over the blocks in the first iteration's half-sweeps (at least --block-sweeps; default: 1 from --factors 512 on in the eigenbasis, else 2)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="factor precision")
     p.add_argument("--half-gathers", action=argparse.BooleanOptionalAction, default=d.half_gathers,
                    help="cg: gather the fixed rows from a float16 copy (float32 arithmetic; faster, losses within float32 rounding); --no-half-gathers keeps float32 gathers")
+    p.add_argument("--eigenbasis", action=argparse.BooleanOptionalAction, default=d.eigenbasis,
+                   help="ialspp: solve in the eigenbasis of the fixed side's Gram (fewer passes reach the same loss); --no-eigenbasis solves in the factors' own basis")
 
 
 def _model_settings(args) -> dict:
     return dict(factors=args.factors, regularization=args.regularization, alpha=args.alpha, alpha0=args.alpha0,
                 confidence=args.confidence, eps=args.eps, nu=args.nu, iterations=args.iterations, solver=args.solver,
                 cg_steps=args.cg_steps, block_size=args.block_size, block_sweeps=args.block_sweeps,
-                first_sweeps=args.first_sweeps, dtype=args.dtype, half_gathers=args.half_gathers)
+                first_sweeps=args.first_sweeps, dtype=args.dtype, half_gathers=args.half_gathers,
+                eigenbasis=args.eigenbasis)
 
 
 def cmd_train(args) -> int:

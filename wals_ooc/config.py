@@ -19,16 +19,27 @@ FLAGS = {"factors": "--factors", "regularization": "--regularization", "alpha": 
          "confidence": "--confidence", "eps": "--eps", "nu": "--nu", "iterations": "--iterations", "solver": "--solver",
          "cg_steps": "--cg-steps", "block_size": "--block-size",
          "block_sweeps": "--block-sweeps", "first_sweeps": "--first-sweeps", "dtype": "--dtype", "random_state": "--seed", "init_scale": "--init-scale",
-         "half_gathers": "--half-gathers"}
+         "half_gathers": "--half-gathers", "eigenbasis": "--eigenbasis"}
 
 
-def default_block_sweeps(factors: int) -> int:
-    """ialspp's passes over the blocks per half-sweep when block_sweeps is None: 3 below f = 512,
-    2 from 512 on. Measured on the 0.25-scale bench (tools/RESULTS.md, issue 11 round 26): at
-    f = 256, 3 passes reach implicit CG's 5-iteration loss in 2 iterations (2 passes: 3); at
-    f = 512, 2 do, and a pass costs more there against the loss it gains (the Gram part of every
-    pass, f^2 a row, is the larger share)."""
+def default_block_sweeps(factors: int, eigenbasis: bool = True) -> int:
+    """ialspp's passes over the blocks per half-sweep when block_sweeps is None. In the eigenbasis
+    of the fixed side's Gram (``eigenbasis``, the default): 2 below f = 512, 1 from 512 on
+    (tools/RESULTS.md, round 28, ialspp9: with first_sweeps 2 these reach implicit CG's 5-iteration
+    loss in 2 iterations on the 0.25-scale bench). In the factors' own basis: 3 below f = 512, 2
+    from 512 on (issue 11 round 26: at f = 256, 3 passes reach it in 2 iterations, 2 in 3; at
+    f = 512, 2 do, and a pass costs more there against the loss it gains)."""
+    if eigenbasis:
+        return 2 if factors < 512 else 1
     return 3 if factors < 512 else 2
+
+
+def default_first_sweeps(factors: int, eigenbasis: bool = True) -> int:
+    """ialspp's passes over the blocks in the first iteration's half-sweeps when first_sweeps is
+    None (at least the later ones'): in the eigenbasis 1 from f = 512 on (one pass a half-sweep
+    reached implicit CG's 5-iteration loss in 2 iterations there, tools/RESULTS.md, round 28,
+    ialspp9), 2 otherwise (issue 11 round 25)."""
+    return 1 if eigenbasis and factors >= 512 else 2
 
 
 def _setting(name: str, message: str) -> SettingError:
@@ -49,12 +60,14 @@ class WALSConfig:
         "ialspp" (iALS++: block coordinate descent over block_size coordinates at a time, warm
         started, block_sweeps passes over the blocks per half-sweep; see kernels/subspace.py).
     block_sweeps: ialspp's passes over the blocks per half-sweep; None (default) chooses by
-        factors (``default_block_sweeps``: 3 below f = 512, 2 from 512 on). Only the first pass
+        factors (``default_block_sweeps``: in the eigenbasis 2 below f = 512, 1 from 512 on; else
+        3 below f = 512, 2 from 512 on). Only the first pass
         builds and factors each block's system; a later one costs about a third of it, and
         2-3 passes reached implicit CG's 5-iteration loss in 2 iterations at f = 256 and 512
         where one needed 3-4 (tools/RESULTS.md, issue 11 round 26).
     first_sweeps: ialspp's passes over the blocks in the half-sweeps of the first iteration (at
-        least block_sweeps), whose warm start is the random initial factors: a second pass there
+        least block_sweeps), whose warm start is the random initial factors; None (default) chooses
+        by factors (``default_first_sweeps``: 1 from f = 512 on in the eigenbasis, else 2): a second pass there
         reached implicit CG's 5-iteration loss an iteration sooner at f = 256 with block_sweeps 1
         (tools/RESULTS.md, issue 11 round 25).
     dtype: float32 (default) or float64 for factors and solves.
@@ -65,6 +78,13 @@ class WALSConfig:
         rounding band (tools/RESULTS.md, issue 11 round 27). The copy is counted in the plan and not
         used when float16 cannot carry the side (a value beyond 65504, mostly subnormal values).
         False: float32 gathers.
+    eigenbasis: ialspp solves each half-sweep in the eigenbasis of the fixed side's Gram G = Q
+        diag(lam) Q^T (the fixed side rotated once into a copy beside it, Y Q, each row block's
+        rows in as X Q and out as X Q^T): the Gram part of a block step is then diagonal (b a row
+        where it was f b), and the blocks, leading eigen-directions first, are less coupled, so
+        fewer passes reach the same loss (tools/RESULTS.md, round 28, ialspp9). The objective and
+        the stored factors are the same as without it (a rotation keeps every score and norm).
+        False: solved in the factors' own basis.
     random_state: seed of the initial factors; None draws one and records it in the model.
     init_scale: initial factors are uniform in [0, init_scale).
     iterations: at least 1 (0 would store the random initial factors as if trained).
@@ -88,17 +108,18 @@ class WALSConfig:
     cg_steps: int = 3
     block_size: int = 8
     block_sweeps: int | None = None
-    first_sweeps: int = 2
+    first_sweeps: int | None = None
     dtype: str = "float32"
     random_state: int | None = None
     init_scale: float = 0.01
     compute_loss: bool = True
     half_gathers: bool = True
+    eigenbasis: bool = True
 
     def __post_init__(self) -> None:
         for name in ("factors", "iterations", "cg_steps", "block_size", "block_sweeps", "first_sweeps"):
             value = getattr(self, name)
-            if name == "block_sweeps" and value is None:  # chosen by factors (``sweeps_at``)
+            if name in ("block_sweeps", "first_sweeps") and value is None:  # chosen by factors (``sweeps_at``)
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise _setting(name, f"{name} must be an integer, got {value!r}")
@@ -110,7 +131,7 @@ class WALSConfig:
             if not math.isfinite(value):
                 raise _setting(name, f"{name} must be finite, got {value}")
             object.__setattr__(self, name, float(value))
-        for name in ("half_gathers",):
+        for name in ("half_gathers", "eigenbasis"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise _setting(name, f"{name} must be True or False, got {getattr(self, name)!r}")
             object.__setattr__(self, name, bool(getattr(self, name)))
@@ -140,7 +161,7 @@ class WALSConfig:
             raise _setting("block_size", f"block_size must be >= 1, got {self.block_size}")
         if self.block_sweeps is not None and self.block_sweeps < 1:
             raise _setting("block_sweeps", f"block_sweeps must be >= 1, got {self.block_sweeps}")
-        if self.first_sweeps < 1:
+        if self.first_sweeps is not None and self.first_sweeps < 1:
             raise _setting("first_sweeps", f"first_sweeps must be >= 1, got {self.first_sweeps}")
         try:
             dtype = np.dtype(self.dtype)
@@ -159,8 +180,9 @@ class WALSConfig:
 
     def sweeps_at(self, step: int) -> int:
         """ialspp's passes over the blocks in half-sweep ``step`` (0 and 1: the first iteration)."""
-        later = default_block_sweeps(self.factors) if self.block_sweeps is None else self.block_sweeps
-        return max(later, self.first_sweeps) if step < 2 else later
+        later = default_block_sweeps(self.factors, self.eigenbasis) if self.block_sweeps is None else self.block_sweeps
+        first = default_first_sweeps(self.factors, self.eigenbasis) if self.first_sweeps is None else self.first_sweeps
+        return max(later, first) if step < 2 else later
 
     @property
     def np_dtype(self) -> np.dtype:

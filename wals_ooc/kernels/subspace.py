@@ -363,19 +363,34 @@ def _lane_update(P, base, width, o, step, scores, kb):
 
 
 @njit(**_JIT)
-def _begin_block(gram, x, reg, k0, kb, A, r):
-    """The block's system and residual before the entries: gram_BB + reg I and -gram_B: x - reg x_B."""
+def _begin_block(gram, x, reg, k0, kb, A, r, diagonal):
+    """The block's system and residual before the entries: gram_BB + reg I and -gram_B: x - reg x_B
+    (gram_B: x = gram_ii x_i when ``diagonal``: the Gram is diagonal, the eigenbasis's)."""
     f = x.shape[0]
     T = x.dtype.type
     for i in range(kb):
         for k in range(i + 1):
             A[i, k] = gram[k0 + i, k0 + k]
         A[i, i] += reg
-        g = gram[k0 + i]
-        acc = T(0)
-        for k in range(f):
-            acc += g[k] * x[k]
+        if diagonal:
+            acc = gram[k0 + i, k0 + i] * x[k0 + i]
+        else:
+            g = gram[k0 + i]
+            acc = T(0)
+            for k in range(f):
+                acc += g[k] * x[k]
         r[i] = -acc - reg * x[k0 + i]
+
+
+@njit(**_INLINED)
+def _diagonal_rows(X, u0, n, gram, k0, kb, out):
+    """out[r, i] = gram[k0 + i, k0 + i] X[u0 + r, k0 + i] for r < n, i < kb: ``_gram_rows`` when
+    the Gram is diagonal (the rows and the fixed side in the eigenbasis of its Gram): b a row and
+    block instead of f b."""
+    for r in range(n):
+        x = X[u0 + r]
+        for i in range(kb):
+            out[r, i] = gram[k0 + i, k0 + i] * x[k0 + i]
 
 
 @njit(**_JIT)
@@ -554,7 +569,7 @@ def _solve_factored(L, status, r, d64, x, k0, kb):
 
 @njit(**_JIT)
 def _long_row(indptr, indices, values, Y, gram, x, u, kind, alpha, alpha0, eps, reg, sweeps, b, cap, buffer, conf, weight,
-              scores, wy, wy1, A, r, KA, KS, d64):
+              scores, wy, wy1, A, r, KA, KS, d64, diagonal):
     """One row of more than ``cap`` entries: chunks of ``cap`` entries, the block's columns
     gathered per chunk (twice per block: system or residual, then cache update). Each block's
     system is built and factored in the first sweep only, its factor kept in KA[j] (status in
@@ -568,7 +583,7 @@ def _long_row(indptr, indices, values, Y, gram, x, u, kind, alpha, alpha0, eps, 
         for j in range(-(-f // b)):
             k0 = j * b
             kb = min(b, f - k0)
-            _begin_block(gram, x, reg, k0, kb, A, r)
+            _begin_block(gram, x, reg, k0, kb, A, r, diagonal)
             for c0 in range(0, n_u, cap):
                 m = min(cap, n_u - c0)
                 YT = buffer[: kb * m].reshape((kb, m))
@@ -587,14 +602,16 @@ def _long_row(indptr, indices, values, Y, gram, x, u, kind, alpha, alpha0, eps, 
 
 @njit(**_JIT)
 def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, n_fixed, block_size,
-                        sweeps, observed_loss=False, gather_entries=GATHER_MAX_ENTRIES):
+                        sweeps, observed_loss=False, gather_entries=GATHER_MAX_ENTRIES, diagonal=False):
     """iALS++ on every row, warm-started from X (updated in place): ``sweeps`` passes over the
     blocks of ``block_size`` coordinates (the last block may be narrower).
 
     Returns sum over entries of c (1 - s)^2 - alpha0 s^2 at the result when ``observed_loss``
     is set (see ``loss``); else 0. Arithmetic in X's dtype except each block's Cholesky
     (float64). Rows of more than ``gather_entries`` entries are done alone, in chunks of that
-    many (the argument is there for tests).
+    many (the argument is there for tests). ``diagonal``: ``gram`` is diagonal (zero off its
+    diagonal: Y and X in the eigenbasis of the fixed side's Gram, ``train.fixed_side.Eigenbasis``),
+    so the Gram part of a block's residual costs b a row instead of f b.
 
     Rows are solved in batches (up to ``BATCH_ROWS`` rows whose gathered columns fit
     ``BATCH_FLOATS``), block by block: for each block, the Gram part of every batch row's
@@ -647,7 +664,7 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
                 conf[t] = c
                 weight[t] = c - alpha0
             _long_row(indptr, indices, values, Y, gram, X[u0], u0, kind, alpha, alpha0, eps, reg, sweeps, b, cap, buffer,
-                      conf, weight, scores, wy, wy1, A, r, KA, KS, d64)
+                      conf, weight, scores, wy, wy1, A, r, KA, KS, d64, diagonal)
             if observed_loss:
                 observed += _row_observed(Y, indices, start, n_u, X[u0], conf, scores, alpha0)
             u0 += 1
@@ -684,7 +701,10 @@ def subspace_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0
                 slot = j if sweeps > 1 else 0
                 ALj = AL[slot]
                 sj = status[slot]
-                _gram_rows(X, u0, n, gram, k0, kb, GR)
+                if diagonal:
+                    _diagonal_rows(X, u0, n, gram, k0, kb, GR)
+                else:
+                    _gram_rows(X, u0, n, gram, k0, kb, GR)
                 # two loops, not one with the system under a test: that one ran every sweep 2.4x slower
                 # (tools/RESULTS.md, issue 11 round 26)
                 if sweep == 0:

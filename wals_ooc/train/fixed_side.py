@@ -187,6 +187,7 @@ _previous: dict[tuple, ScratchCopy] = {}  # the scratch copy of the half-sweep b
 _forwarded: dict[tuple, tuple[ScratchCopy, dict[tuple[int, int], int]]] = {}  # see ``forward_rows``
 _forward_failed: set[tuple] = set()
 _halves: dict[tuple, np.ndarray | None] = {}  # see ``half_copy``
+_bases: dict[tuple, "Eigenbasis"] = {}  # see ``eigenbasis``
 
 
 def forward_rows(key: tuple, shape: tuple[int, int], dtype: Any, start: int, rows: np.ndarray) -> None:
@@ -302,5 +303,82 @@ def release_fixed_side() -> None:
                 held.close()
         _held.clear()
         _halves.clear()
+        _bases.clear()
         _release_previous()
         _take_forwarded(())
+
+
+ROTATED_ROWS = 2048  # rows of the fixed side rotated at a time (``Eigenbasis.rotated``): fixed cuts, so the same bits
+
+
+class Eigenbasis:
+    """The eigenbasis of a half-sweep's fixed-side Gram G = Q diag(lam) Q^T (float64 ``eigh``,
+    eigenvalues below 0 by rounding taken as 0, leading directions first), for iALS++ solved in
+    it: with the fixed rows Y Q and the rows X Q, G is diag(lam), so the Gram part of a block
+    step costs b a row instead of f b (``kernels.subspace``, ``diagonal``); the objective is the
+    same (a rotation keeps every score and norm), the solved rows go back as X Q^T.
+
+    basis: Q (f x f) and diagonal: diag(lam) (f x f), both in the factors' dtype.
+    ``rotated(fixed)`` is Y Q, made once (``ROTATED_ROWS`` rows at a time, taken by every thread
+    that asks while it is made: the threads of a half-sweep share the GEMM rather than wait).
+    """
+
+    def __init__(self, gram: np.ndarray):
+        lam, vectors = np.linalg.eigh(np.asarray(gram, dtype=np.float64))
+        dtype = np.asarray(gram).dtype
+        self.basis = np.ascontiguousarray(vectors[:, ::-1], dtype=dtype)
+        self.diagonal = np.diag(np.maximum(lam[::-1], 0.0)).astype(dtype)
+        self._rows: np.ndarray | None = None
+        self._taken = 0
+        self._done = 0
+        self._failed: BaseException | None = None
+        self._cond = threading.Condition()
+
+    def rotated(self, fixed: np.ndarray) -> np.ndarray:
+        """Y Q for the resident fixed side Y (an array of its own, as big as Y: the plan counts it)."""
+        with self._cond:
+            if self._rows is None:
+                self._rows = held_array(fixed.shape, self.basis.dtype)
+        rows = self._rows
+        pieces = -(-fixed.shape[0] // ROTATED_ROWS)
+        while True:
+            with self._cond:
+                k = self._taken
+                self._taken += 1
+            if k >= pieces:
+                break
+            lo, hi = k * ROTATED_ROWS, min(fixed.shape[0], (k + 1) * ROTATED_ROWS)
+            try:
+                np.dot(fixed[lo:hi], self.basis, out=rows[lo:hi])
+            except BaseException as exc:  # the other threads must not wait for it
+                with self._cond:
+                    self._failed = exc
+                    self._cond.notify_all()
+                raise
+            with self._cond:
+                self._done += 1
+                self._cond.notify_all()
+        with self._cond:
+            while self._done < pieces and self._failed is None:
+                self._cond.wait()
+            if self._failed is not None:
+                raise RuntimeError("rotating the fixed side into its eigenbasis failed in another thread") from self._failed
+        return rows
+
+    def rotate_in(self, X: np.ndarray) -> np.ndarray:
+        """X Q, a new array (a task's rows, a row block at a time)."""
+        return np.dot(X, self.basis)
+
+    def rotate_out(self, rotated: np.ndarray, X: np.ndarray) -> None:
+        """X = rotated Q^T, in place (X C-contiguous)."""
+        np.dot(rotated, self.basis.T, out=X)
+
+
+def eigenbasis(key: tuple, gram: np.ndarray) -> Eigenbasis:
+    """The half-sweep ``key``'s ``Eigenbasis`` of its fixed-side Gram, made by the first task that
+    asks (one ``eigh``: ~30-60 ms at f = 512) and dropped with the fixed side or by the next key's."""
+    with _lock:
+        if key not in _bases:
+            _bases.clear()
+            _bases[key] = Eigenbasis(gram)
+        return _bases[key]

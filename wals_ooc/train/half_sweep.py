@@ -46,13 +46,13 @@ from ..kernels.blocked import (
     solve_accumulated,
 )
 from ..kernels.loss import gram_quadratic_of, observed_loss_block, regularization_sum
-from ..kernels.solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows, gathers_half
+from ..kernels.solve import CONFIDENCE_KINDS, GATHER_MAX_ENTRIES, cg_solve_rows, cholesky_solve_rows, gathers_half
 from ..kernels.subspace import subspace_solve_rows
 from ..store.chunk_files import write_rows
 from ..store.format import array, open_group, subgroup, writing_every_chunk
 from ..store.reader import CSRShard, InteractionStore
 from .entry_cache import entry_cache, release_entry_caches
-from .fixed_side import ScratchCopy, fixed_side, forward_rows, half_copy, held_array, previous_copy, release_fixed_side
+from .fixed_side import ROTATED_ROWS, ScratchCopy, eigenbasis, fixed_side, forward_rows, half_copy, held_array, previous_copy, release_fixed_side
 from .plan import SolveTask
 from .sums import GramPieces, block_ranges, task_pieces
 
@@ -390,6 +390,10 @@ def _solve_resident(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.nda
     half = None
     if job.solver == "cg" and cfg.half_gathers and gathers_half(Y.shape[1], Y.dtype.itemsize):
         half = half_copy(_fixed_key(job.model, job.fixed_side, job.fixed_slot, job.step, "half"), Y)
+    basis = None
+    if job.solver == "ialspp" and cfg.eigenbasis:  # solved in the eigenbasis of the fixed side's Gram
+        basis = eigenbasis(_fixed_key(job.model, job.fixed_side, job.fixed_slot, job.step, "eigen"), job.gram)
+        Y = basis.rotated(Y)
     for a, b in _task_blocks(job, task):
         ip = csr.indptr[a:b + 1]
         if job.solver == "cg":
@@ -398,16 +402,27 @@ def _solve_resident(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.nda
                 cfg.cg_steps, job.loss, half
             ))
         elif job.solver == "ialspp":
-            result.observed.append(subspace_solve_rows(
-                ip, csr.indices, csr.values, Y, job.gram, X[a:b], kind, alpha, alpha0, eps, lam, nu, job.n_fixed,
-                cfg.block_size, cfg.sweeps_at(job.step), job.loss
-            ))
+            result.observed.append(_subspace_solve(ip, csr.indices, csr.values, Y, job.gram, X[a:b], job, basis))
         else:
             result.failures += cholesky_solve_rows(ip, csr.indices, csr.values, Y, job.gram, X[a:b], kind, alpha, alpha0,
                                                    eps, lam, nu, job.n_fixed)
             if job.loss:
                 result.observed.append(observed_loss_block(ip, csr.indices, csr.values, ip[:-1].copy(), 0, job.n_fixed, Y,
                                                            X[a:b], kind, alpha, alpha0, eps))
+
+
+def _subspace_solve(indptr, indices, values, Y, gram, X, job: HalfSweepJob, basis) -> float:
+    """iALS++ on rows X (in place) against the fixed rows Y; with a ``fixed_side.Eigenbasis``, Y
+    is the fixed side already rotated into it and X goes in and out (GEMMs over the row block)."""
+    cfg = job.config
+    kind, alpha, alpha0, eps = _kernel_scalars(cfg)
+    rows = X if basis is None else basis.rotate_in(X)
+    observed = subspace_solve_rows(indptr, indices, values, Y, gram if basis is None else basis.diagonal, rows, kind, alpha,
+                                   alpha0, eps, float(cfg.regularization), float(cfg.nu), job.n_fixed, cfg.block_size,
+                                   cfg.sweeps_at(job.step), job.loss, GATHER_MAX_ENTRIES, basis is not None)
+    if basis is not None:
+        basis.rotate_out(rows, X)
+    return observed
 
 
 def _finish(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.ndarray, result: TaskResult, started: float,
@@ -477,6 +492,14 @@ class DistinctColumns:
         return cls(bits, first, count, renumbered)
 
 
+def _rotation_parts(n_rows: int, count: int) -> list[tuple[int, int]]:
+    """About ``count`` ranges of ``n_rows`` rows cut at multiples of ``ROTATED_ROWS`` (the rotation's
+    pieces do not depend on the thread count)."""
+    pieces = -(-n_rows // ROTATED_ROWS)
+    step = max(1, -(-pieces // max(1, count))) * ROTATED_ROWS
+    return [(lo, min(n_rows, lo + step)) for lo in range(0, n_rows, step)]
+
+
 def _column_parts(first: np.ndarray, n_fixed: int, count: int) -> list[tuple[int, int]]:
     """``count`` ranges of the fixed rows ``[0, n_fixed)`` holding about equal numbers of a task's
     distinct columns (``first``: ``DistinctColumns.first``), cut at multiples of 64 (whole words
@@ -512,6 +535,16 @@ def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
 
     _in_chunks(_column_parts(first, job.n_fixed, CHUNKS_A_THREAD * threads), gather, threads)
     result.fixed_bytes_read += job.n_fixed * cfg.factors * np.dtype(cfg.np_dtype).itemsize  # one sweep
+    basis = None
+    if job.solver == "ialspp" and cfg.eigenbasis:  # the compact rows rotated in place, as the resident side is
+        basis = eigenbasis(_fixed_key(job.model, job.fixed_side, job.fixed_slot, job.step, "eigen"), job.gram)
+
+        def rotate(a: int, b: int) -> None:
+            for lo in range(a, b, ROTATED_ROWS):
+                hi = min(b, lo + ROTATED_ROWS)
+                compact[lo:hi] = basis.rotate_in(compact[lo:hi])
+
+        _in_chunks(_rotation_parts(len(compact), CHUNKS_A_THREAD * threads), rotate, threads)
     parts = _row_parts(indptr, CHUNKS_A_THREAD * threads)
     observed = [0.0] * len(parts)
     failures = [0] * len(parts)
@@ -525,8 +558,7 @@ def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
                                            lam, nu, job.n_fixed, cfg.cg_steps, job.loss)
             return
         if job.solver == "ialspp":
-            observed[part] = subspace_solve_rows(ip, entry, csr.values, compact, job.gram, X[a:b], kind, alpha, alpha0, eps,
-                                                 lam, nu, job.n_fixed, cfg.block_size, cfg.sweeps_at(job.step), job.loss)
+            observed[part] = _subspace_solve(ip, entry, csr.values, compact, job.gram, X[a:b], job, basis)
             return
         failures[part] = cholesky_solve_rows(ip, entry, csr.values, compact, job.gram, X[a:b], kind, alpha, alpha0, eps, lam,
                                              nu, job.n_fixed)

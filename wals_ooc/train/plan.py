@@ -386,6 +386,7 @@ def plan_half_sweep(
     blocked_task_bytes: int | None = None,
     kernel_bytes: int = 0,
     half_gathers: bool = True,
+    eigenbasis: bool = False,
 ) -> HalfSweepPlan:
     """Plan one half-sweep within ``allowance`` bytes for ``concurrency`` simultaneous tasks.
 
@@ -404,6 +405,8 @@ def plan_half_sweep(
     kernel_bytes: what a task's solver holds beside its rows and entries, whatever the task's size
     (ialspp's kept block factors: ``kernels.subspace.kept_factor_bytes``).
     half_gathers: CG may hold a float16 copy of the fixed side (``WALSConfig.half_gathers``).
+    eigenbasis: ialspp holds the fixed side rotated into its Gram's eigenbasis beside it
+    (``WALSConfig.eigenbasis``, ``fixed_side.Eigenbasis``).
     """
     usable = usable_bytes(allowance)
     n_rows = shard_ranges[-1][1] if shard_ranges else 0
@@ -422,6 +425,8 @@ def plan_half_sweep(
     else:
         # CG's warm-start gathers read a float16 copy of the fixed side beside it (``half_sweep``)
         half_bytes = n_fixed * factors * 2 if solver == "cg" and half_gathers and gathers_half(factors, itemsize) else 0
+        if solver == "ialspp" and eigenbasis:  # ... and iALS++'s solves read it rotated into its eigenbasis
+            half_bytes = fixed_bytes
         holdings = [(True, fixed_bytes + half_bytes + n_rows * factors * itemsize)] if local else []
         holdings.append((False, fixed_bytes + half_bytes))
         for holds_own, resident in holdings:

@@ -24,6 +24,7 @@ from ..store.format import array, open_group, subgroup
 from ..store.lifecycle import Output, output_store
 from ..store.reader import InteractionStore
 from .factors import MODEL_FORMAT_VERSION, MODEL_KIND, Checkpoint, FactorStore, check_interactions_match
+from .fixed_side import ROTATED_ROWS
 from .half_sweep import HalfSweepJob, LocalState, init_task, release_caches, run_half_sweep
 from .plan import HalfSweepPlan, TrainingPlan, plan_half_sweep
 from .sums import exact_sum, tree_sum
@@ -72,6 +73,8 @@ def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, conc
     kernel_bytes = 0
     if config.solver == "ialspp":  # the block factors a kernel call keeps across its sweeps, and its panel
         kernel_bytes = kernel_scratch_bytes(config.factors, config.block_size, max(config.sweeps_at(0), config.sweeps_at(2)), itemsize)
+        if config.eigenbasis:  # a row block rotated into the eigenbasis (``half_sweep._subspace_solve``)
+            kernel_bytes += max(store.row_block, ROTATED_ROWS) * config.factors * itemsize
     return {
         side: plan_half_sweep(
             side,
@@ -92,6 +95,7 @@ def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, conc
             blocked_task_bytes=blocked_task_bytes,
             kernel_bytes=kernel_bytes,
             half_gathers=config.half_gathers,
+            eigenbasis=config.solver == "ialspp" and config.eigenbasis,
         )
         for side in SIDES
     }
