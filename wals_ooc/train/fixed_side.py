@@ -304,6 +304,7 @@ def release_fixed_side() -> None:
         _held.clear()
         _halves.clear()
         _bases.clear()
+        _rotation_buffer.clear()
         _release_previous()
         _take_forwarded(())
 
@@ -338,7 +339,7 @@ class Eigenbasis:
         """Y Q for the resident fixed side Y (an array of its own, as big as Y: the plan counts it)."""
         with self._cond:
             if self._rows is None:
-                self._rows = held_array(fixed.shape, self.basis.dtype)
+                self._rows = _rotation_rows(fixed.shape, self.basis.dtype)
         rows = self._rows
         pieces = -(-fixed.shape[0] // ROTATED_ROWS)
         while True:
@@ -372,6 +373,20 @@ class Eigenbasis:
     def rotate_out(self, rotated: np.ndarray, X: np.ndarray) -> None:
         """X = rotated Q^T, in place (X C-contiguous)."""
         np.dot(rotated, self.basis.T, out=X)
+
+
+_rotation_buffer: list[np.ndarray] = []  # the largest rotated side so far, reused (``_rotation_rows``)
+
+
+def _rotation_rows(shape: tuple[int, int], dtype: Any) -> np.ndarray:
+    """Room for a rotated fixed side: the buffer of the half-sweeps before when it is large enough
+    (the sides alternate: the larger one's buffer serves both, so its pages are not mapped and
+    zeroed again every half-sweep), else a new one that replaces it."""
+    count = shape[0] * shape[1]
+    with _lock:
+        if not _rotation_buffer or _rotation_buffer[0].dtype != np.dtype(dtype) or _rotation_buffer[0].size < count:
+            _rotation_buffer[:] = [held_array((count,), dtype)]
+        return _rotation_buffer[0][:count].reshape(shape)
 
 
 def eigenbasis(key: tuple, gram: np.ndarray) -> Eigenbasis:
