@@ -72,6 +72,19 @@ def test_a_cold_and_a_warm_numba_cache_give_the_same_factors_bit_for_bit(tmp_pat
     assert warm["losses"] == cold["losses"]
 
 
+# ... then three more iterations in the eigenbasis of the fixed side's Gram, as training runs them by
+# default (``fixed_side.Eigenbasis``: the kernel's ``diagonal`` path, another compilation)
+EIGENBASIS_HALF_SWEEPS = r"""
+from wals_ooc.train.fixed_side import Eigenbasis
+for _ in range(3):
+    for (indptr, indices, vals), fixed, solved in ((by_user, Y, X), (by_item, X, Y)):
+        basis = Eigenbasis((fixed.T @ fixed).astype(np.float32))
+        rotated, rows = basis.rotated(fixed).copy(), basis.rotate_in(solved)
+        losses.append(cg_solve_rows(indptr, indices, vals, rotated, basis.diagonal, rows, 0, t(2.0), t(1.0), t(1.0), 0.05,
+                                    0.0, len(fixed), 4, 2, True, GATHER_MAX_ENTRIES, True))
+        basis.rotate_out(rows, solved)
+"""
+
 # The same training by iALS++ (f = 16, blocks of 4, 2 sweeps: the kept block factors and the long
 # row's chunked path). Its fastmath callees are still weak copies in the kernel; this checks that
 # a cold and a warm cache agree for it all the same (README, Reproducibility).
@@ -81,11 +94,13 @@ IALSPP_TRAINING = (TRAINING
                             "from wals_ooc.kernels.subspace import subspace_solve_rows as cg_solve_rows")
                    .replace("n_users, n_items, f = 20_000, 300, 8", "n_users, n_items, f = 20_000, 300, 16")
                    .replace("len(fixed), 3, True))", "len(fixed), 4, 2, True))")
-                   .replace("weak = [] if stats.cache_hits else", "weak = [] if True else"))
+                   .replace("weak = [] if stats.cache_hits else", "weak = [] if True else")
+                   .replace("stats = cg_solve_rows.stats", EIGENBASIS_HALF_SWEEPS + "stats = cg_solve_rows.stats"))
 
 
 def test_ialspp_gives_the_same_factors_from_a_cold_and_a_warm_cache(tmp_path):
     assert IALSPP_TRAINING.count("subspace_solve_rows") == 1 and "4, 2, True))" in IALSPP_TRAINING
+    assert "GATHER_MAX_ENTRIES, True))" in IALSPP_TRAINING  # the eigenbasis's half-sweeps too
     cache_dir = str(tmp_path / "numba-cache")
     done = [run_python(IALSPP_TRAINING, env={"NUMBA_CACHE_DIR": cache_dir}) for _ in range(2)]
     assert all(d.returncode == 0 for d in done), [d.stderr[-2000:] for d in done]

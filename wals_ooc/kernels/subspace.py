@@ -372,13 +372,14 @@ def _begin_block(gram, x, reg, k0, kb, A, r, diagonal):
         for k in range(i + 1):
             A[i, k] = gram[k0 + i, k0 + k]
         A[i, i] += reg
-        if diagonal:
-            acc = gram[k0 + i, k0 + i] * x[k0 + i]
-        else:
-            g = gram[k0 + i]
-            acc = T(0)
-            for k in range(f):
-                acc += g[k] * x[k]
+        if diagonal:  # one product: -g x - reg x would be contracted to a multiply-add one way or another
+            # by each of fastmath's compilations of this callee (cold and warm caches rounded differently)
+            r[i] = -(gram[k0 + i, k0 + i] + reg) * x[k0 + i]
+            continue
+        g = gram[k0 + i]
+        acc = T(0)
+        for k in range(f):
+            acc += g[k] * x[k]
         r[i] = -acc - reg * x[k0 + i]
 
 
