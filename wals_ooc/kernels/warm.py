@@ -28,7 +28,7 @@ from .blocked import (
 from .csr import csr_problem
 from .loss import observed_loss_block, regularization_sum
 from .rank import rank_counts_close, rank_counts_finish, rank_counts_tile, rank_counts_update
-from .solve import CONFIDENCE_KINDS, cg_solve_rows, cholesky_solve_rows
+from .solve import CONFIDENCE_KINDS, GATHER_MAX_ENTRIES, cg_solve_rows, cholesky_solve_rows
 from .subspace import subspace_solve_rows
 from .tile import half_rows
 from .topk import candidate_scores, keys_of, mask_columns, new_heaps, select_candidates, topk_finish, topk_select, topk_update, unit_rows
@@ -93,7 +93,7 @@ def warm_training_kernels(dtype: str | np.dtype = "float32") -> None:
     for half in halves:
         cg_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 2, True, half)
     cholesky_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3)
-    subspace_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 1, 1, True)
+    subspace_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 1, 1, True, GATHER_MAX_ENTRIES, False)  # as half_sweep calls it
     A = np.zeros((2, 2, 2), np.float64)
     b = np.zeros((2, 2), np.float64)
     c_sum = np.zeros(2)
