@@ -245,13 +245,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="factor precision")
     p.add_argument("--half-gathers", action=argparse.BooleanOptionalAction, default=d.half_gathers,
                    help="cg: gather the fixed rows from a float16 copy (float32 arithmetic; faster, losses within float32 rounding); --no-half-gathers keeps float32 gathers")
+    p.add_argument("--cg-preconditioner", choices=("jacobi", "none"), default=d.cg_preconditioner,
+                   help="cg: precondition the steps by each row's diagonal (jacobi: a lower loss for the same steps) "
+                        "or not (none: plain CG, as implicit)")
 
 
 def _model_settings(args) -> dict:
     return dict(factors=args.factors, regularization=args.regularization, alpha=args.alpha, alpha0=args.alpha0,
                 confidence=args.confidence, eps=args.eps, nu=args.nu, iterations=args.iterations, solver=args.solver,
                 cg_steps=args.cg_steps, block_size=args.block_size, block_sweeps=args.block_sweeps,
-                first_sweeps=args.first_sweeps, dtype=args.dtype, half_gathers=args.half_gathers)
+                first_sweeps=args.first_sweeps, dtype=args.dtype, half_gathers=args.half_gathers,
+                cg_preconditioner=args.cg_preconditioner)
 
 
 def cmd_train(args) -> int:

@@ -71,6 +71,7 @@ class WALS:
         init_scale: float = _D.init_scale,
         compute_loss: bool = _D.compute_loss,
         half_gathers: bool = _D.half_gathers,
+        cg_preconditioner: str = _D.cg_preconditioner,
         memory_budget: int | str | None = None,
         threads: int | None = None,
     ) -> None:
@@ -79,6 +80,7 @@ class WALS:
             eps=eps, nu=nu, iterations=iterations, solver=solver, cg_steps=cg_steps, block_size=block_size,
             block_sweeps=block_sweeps, first_sweeps=first_sweeps, dtype=dtype,
             random_state=random_state, init_scale=init_scale, compute_loss=compute_loss, half_gathers=half_gathers,
+            cg_preconditioner=cg_preconditioner,
         )
         to_bytes(memory_budget)  # refused here (NaN, "lots", -1GB), before anything is read or written
         self.memory_budget = memory_budget

@@ -92,6 +92,7 @@ def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, conc
             blocked_task_bytes=blocked_task_bytes,
             kernel_bytes=kernel_bytes,
             half_gathers=config.half_gathers,
+            jacobi=config.cg_preconditioner == "jacobi",
         )
         for side in SIDES
     }
