@@ -273,6 +273,9 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     p1 = np.empty(f, dtype=X.dtype)
     Inv = np.ones((GROUP_ROWS, f), dtype=X.dtype)  # 1 / diag(A) of the group's rows (Jacobi)
     inv1 = np.empty(f, dtype=X.dtype)
+    G_diagonal = np.empty(f, dtype=X.dtype)
+    for k in range(f):
+        G_diagonal[k] = G[k, k]
     rs = np.empty(GROUP_ROWS, dtype=X.dtype)  # r.r (r.z with ``jacobi``) of the group's rows
     regs = np.empty(GROUP_ROWS, dtype=X.dtype)
     active = np.empty(GROUP_ROWS, dtype=np.bool_)
@@ -308,7 +311,7 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
                 r[k] = -D[i, k] - reg * x[k]
             if jacobi:
                 for k in range(f):
-                    inv[k] = G[k, k] + reg
+                    inv[k] = G_diagonal[k] + reg
             if fused:  # the row's pass with x and r in registers (``tile.gathered_pass``)
                 for e in range(e0, e1):
                     weight[e] = T(confidence(values[base + e], kind, alpha, alpha0, eps)) - alpha0
@@ -341,16 +344,24 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
                     if jacobi:
                         for k in range(f):
                             inv[k] += w * y[k] * y[k]
-            rs[i] = _dot(r, r, f)
-            active[i] = not rs[i] < 1e-20  # NaN steps on, so the NaN reaches x and is caught
-            if jacobi:
-                _invert_diagonal(inv, f, True)
-                rs[i] = _preconditioned_dot(r, inv, f)
+            if jacobi:  # inv = 1 / diag (as ``_invert_diagonal``), p = z = inv r, rs = r.z, in one loop
+                rr = T(0)
+                rz = T(0)
                 for k in range(f):
-                    P[i, k] = r[k] * inv[k]
+                    dk = inv[k]
+                    ik = T(1) / dk if dk > 0 else T(1)
+                    inv[k] = ik
+                    rk = r[k]
+                    rr += rk * rk
+                    rz += rk * rk * ik
+                    P[i, k] = rk * ik
+                rs[i] = rz
+                active[i] = not rr < 1e-20  # the exit tests r.r, as plain CG's
             else:
+                rs[i] = _dot(r, r, f)
                 for k in range(f):
                     P[i, k] = r[k]
+                active[i] = not rs[i] < 1e-20  # NaN steps on, so the NaN reaches x and is caught
         for _ in range(cg_steps):
             running = False
             for i in range(nb):
@@ -383,25 +394,36 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
                             Ap[k] += coef * y[k]
                 rs_old = rs[i]
                 step = rs_old / _dot(p, Ap, f)
+                for e in range(e0, e1):
+                    score[e] += step * proj[e]
+                if jacobi:  # x, r, r.r and r.z in one loop, then p = z + beta p
+                    inv = Inv[i]
+                    rr = T(0)
+                    rz = T(0)
+                    for k in range(f):
+                        x[k] += step * p[k]
+                        rk = r[k] - step * Ap[k]
+                        r[k] = rk
+                        rr += rk * rk
+                        rz += rk * rk * inv[k]
+                    if rr < 1e-20:
+                        active[i] = False
+                        continue
+                    beta = rz / rs_old
+                    for k in range(f):
+                        p[k] = r[k] * inv[k] + beta * p[k]
+                    rs[i] = rz
+                    continue
                 for k in range(f):
                     x[k] += step * p[k]
                     r[k] -= step * Ap[k]
-                for e in range(e0, e1):
-                    score[e] += step * proj[e]
                 rs_new = _dot(r, r, f)
                 if rs_new < 1e-20:
                     active[i] = False
                     continue
-                if jacobi:
-                    inv = Inv[i]
-                    rs_new = _preconditioned_dot(r, inv, f)
-                    beta = rs_new / rs_old
-                    for k in range(f):
-                        p[k] = r[k] * inv[k] + beta * p[k]
-                else:
-                    beta = rs_new / rs_old
-                    for k in range(f):
-                        p[k] = r[k] + beta * p[k]
+                beta = rs_new / rs_old
+                for k in range(f):
+                    p[k] = r[k] + beta * p[k]
                 rs[i] = rs_new
         for e in range(indptr[u1] - base if observed_loss else 0):
             s = score[e]
