@@ -150,7 +150,8 @@ def _cg_row(rows, ids, base, n_u, values, weight, x, r, p, Ap, inv, gram, reg, k
     _symv(gram, x, r, f)
     for k in range(f):
         r[k] = -r[k] - reg * x[k]
-        inv[k] = gram[k, k] + reg
+        if jacobi:
+            inv[k] = gram[k, k] + reg
     for t in range(n_u):
         y = _fixed_row(rows, ids, base, t)
         c = T(confidence(values[t], kind, alpha, alpha0, eps))
@@ -162,11 +163,16 @@ def _cg_row(rows, ids, base, n_u, values, weight, x, r, p, Ap, inv, gram, reg, k
         if jacobi:
             for k in range(f):
                 inv[k] += w * y[k] * y[k]
-    _invert_diagonal(inv, f, jacobi)
-    rs_old = _preconditioned_dot(r, inv, f)
-    converged = _dot(r, r, f) < 1e-20
-    for k in range(f):
-        p[k] = r[k] * inv[k]
+    rs_old = _dot(r, r, f)
+    converged = rs_old < 1e-20
+    if jacobi:
+        _invert_diagonal(inv, f, jacobi)
+        rs_old = _preconditioned_dot(r, inv, f)
+        for k in range(f):
+            p[k] = r[k] * inv[k]
+    else:
+        for k in range(f):
+            p[k] = r[k]
     for _ in range(0 if converged else cg_steps):  # NaN steps on, so the NaN reaches x and is caught
         _symv(gram, p, Ap, f)
         for k in range(f):
@@ -180,12 +186,18 @@ def _cg_row(rows, ids, base, n_u, values, weight, x, r, p, Ap, inv, gram, reg, k
         for k in range(f):
             x[k] += step * p[k]
             r[k] -= step * Ap[k]
-        if _dot(r, r, f) < 1e-20:
+        rs_new = _dot(r, r, f)
+        if rs_new < 1e-20:
             break
-        rs_new = _preconditioned_dot(r, inv, f)
-        beta = rs_new / rs_old
-        for k in range(f):
-            p[k] = r[k] * inv[k] + beta * p[k]
+        if jacobi:
+            rs_new = _preconditioned_dot(r, inv, f)
+            beta = rs_new / rs_old
+            for k in range(f):
+                p[k] = r[k] * inv[k] + beta * p[k]
+        else:
+            beta = rs_new / rs_old
+            for k in range(f):
+                p[k] = r[k] + beta * p[k]
         rs_old = rs_new
     observed = 0.0
     for t in range(n_u if observed_loss else 0):
