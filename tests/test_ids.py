@@ -459,6 +459,7 @@ def test_values_beyond_float32_are_errors_without_numpy_warnings(tmp_path):
     (dict(factors=2.5), "factors must be an integer, got 2.5"),
     (dict(alpha="2"), "alpha must be a number, got '2'"),
     (dict(half_gathers="no"), "half_gathers must be True or False, got 'no'"),
+    (dict(cg_preconditioner="ilu"), "cg_preconditioner must be one of ['jacobi', 'none'], got 'ilu'"),
 ])
 def test_settings_that_are_not_finite_or_out_of_range_are_refused(setting, message):
     with pytest.raises(SettingError) as caught:

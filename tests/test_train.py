@@ -635,3 +635,27 @@ def test_cg_training_gathers_from_a_half_copy_of_the_fixed_side(small_store, tmp
     assert halves and all(h is None for h in halves)
     ours, theirs = copied.loss_history[-1]["loss"], plain.loss_history[-1]["loss"]
     assert abs(ours - theirs) <= 1e-3 * theirs, (ours, theirs)
+
+
+def test_cg_preconditioner_reaches_every_kernel_call_and_the_loss_never_rises(small_store, tmp_path, monkeypatch):
+    """``cg_preconditioner`` is handed to every resident CG kernel call ("jacobi", the default:
+    True; "none": False); with either the training loss never rises, and the two take other steps."""
+    import wals_ooc.train.half_sweep as half_sweep
+
+    store = open_store(small_store)
+    real, asked = half_sweep.cg_solve_rows, []
+
+    def spy(*args):
+        asked.append(args[16])
+        return real(*args)
+
+    monkeypatch.setattr(half_sweep, "cg_solve_rows", spy)
+    fits = {}
+    for name, flag in (("jacobi", True), ("none", False)):
+        asked.clear()
+        fits[name] = _fit(store, tmp_path / f"{name}.zarr", iterations=4, dtype="float64", cg_preconditioner=name)
+        assert asked and all(a is flag for a in asked)
+        losses = [e["loss"] for e in fits[name].loss_history]
+        assert all(later <= earlier for earlier, later in zip(losses, losses[1:])), losses
+    assert WALSConfig().cg_preconditioner == "jacobi"
+    assert not np.allclose(_factors(fits["jacobi"])[0], _factors(fits["none"])[0])

@@ -76,6 +76,8 @@ def child_wals(args) -> dict:
     settings = dict(_objective(args), solver=args.solver, cg_steps=args.cg_steps, block_size=args.block_size,
                     block_sweeps=args.block_sweeps, first_sweeps=args.first_sweeps, eigenbasis=args.eigenbasis, random_state=0,
                     threads=args.threads)
+    if args.cg_preconditioner:
+        settings["cg_preconditioner"] = args.cg_preconditioner
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: Numba compile (first ever) or cache load
         small = os.path.join(tmp, "warm.zarr")
         write_synthetic_store(SyntheticSpec(n_users=300, n_items=200, rows=3000, seed=1), small, progress=False)
@@ -145,6 +147,7 @@ def run_child(peer: str, args, factors: int, block_size: int) -> dict:
     command += [] if args.eigenbasis else ["--no-eigenbasis"]
     command += ["--block-sweeps", str(args.block_sweeps)] if args.block_sweeps is not None else []
     command += ["--implicit-init"] if args.implicit_init else []
+    command += ["--cg-preconditioner", args.cg_preconditioner] if args.cg_preconditioner else []
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -164,6 +167,8 @@ def main() -> None:
     parser.add_argument("--solver", choices=["cg", "cholesky", "ialspp"], default="cg",
                         help="wals-ooc's solver; implicit runs CG for cg and ialspp, Cholesky for cholesky")
     parser.add_argument("--cg-steps", type=int, default=3)
+    parser.add_argument("--cg-preconditioner", choices=["jacobi", "none"], default=None,
+                        help="wals-ooc's CG preconditioner (default: wals-ooc's, jacobi; implicit's CG has none)")
     parser.add_argument("--block-size", type=int, nargs="+", default=[32],
                         help="ialspp's block size(s): each is run against the same implicit runs")
     parser.add_argument("--block-sweeps", type=int, default=None, help="ialspp's sweeps per half-sweep (default: wals-ooc's, by f)")

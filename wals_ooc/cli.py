@@ -247,6 +247,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="cg: gather the fixed rows from a float16 copy (float32 arithmetic; faster, losses within float32 rounding); --no-half-gathers keeps float32 gathers")
     p.add_argument("--eigenbasis", action=argparse.BooleanOptionalAction, default=d.eigenbasis,
                    help="ialspp: solve in the eigenbasis of the fixed side's Gram (fewer passes reach the same loss); --no-eigenbasis solves in the factors' own basis")
+    p.add_argument("--cg-preconditioner", choices=("jacobi", "none"), default=d.cg_preconditioner,
+                   help="cg: precondition the steps by each row's diagonal (jacobi: a lower loss for the same steps) "
+                        "or not (none: plain CG, as implicit)")
 
 
 def _model_settings(args) -> dict:
@@ -254,7 +257,7 @@ def _model_settings(args) -> dict:
                 confidence=args.confidence, eps=args.eps, nu=args.nu, iterations=args.iterations, solver=args.solver,
                 cg_steps=args.cg_steps, block_size=args.block_size, block_sweeps=args.block_sweeps,
                 first_sweeps=args.first_sweeps, dtype=args.dtype, half_gathers=args.half_gathers,
-                eigenbasis=args.eigenbasis)
+                eigenbasis=args.eigenbasis, cg_preconditioner=args.cg_preconditioner)
 
 
 def cmd_train(args) -> int:

@@ -72,6 +72,7 @@ class WALS:
         compute_loss: bool = _D.compute_loss,
         half_gathers: bool = _D.half_gathers,
         eigenbasis: bool = _D.eigenbasis,
+        cg_preconditioner: str = _D.cg_preconditioner,
         memory_budget: int | str | None = None,
         threads: int | None = None,
     ) -> None:
@@ -81,6 +82,7 @@ class WALS:
             block_sweeps=block_sweeps, first_sweeps=first_sweeps, dtype=dtype,
             random_state=random_state, init_scale=init_scale, compute_loss=compute_loss, half_gathers=half_gathers,
             eigenbasis=eigenbasis,
+            cg_preconditioner=cg_preconditioner,
         )
         to_bytes(memory_budget)  # refused here (NaN, "lots", -1GB), before anything is read or written
         self.memory_budget = memory_budget

@@ -28,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .solve import _JIT, _add_rank_one_lower, _dot, cholesky_solve_inplace, confidence, row_regularization
+from .solve import (_JIT, _add_rank_one_lower, _dot, _invert_diagonal, _preconditioned_dot, cholesky_solve_inplace, confidence,
+                    row_regularization)
 
 CONVERGED = 1e-20  # a row whose squared residual is below this takes no more CG steps
 
@@ -150,11 +151,13 @@ def _advance(indptr, indices, cursor, u, block_hi):
 
 @njit(**_JIT)
 def cg_residual_block(indptr, indices, values, cursor, block_lo, block_hi, Y_block, X, R, gather,
-                      kind, alpha, alpha0, eps):
-    """R[u] += sum over the row's entries in the block of (c - (c - alpha0) y.x_u) y.
+                      kind, alpha, alpha0, eps, squares=None):
+    """R[u] += sum over the row's entries in the block of (c - (c - alpha0) y.x_u) y; given
+    ``squares`` (Jacobi), also squares[u] += sum of (c - alpha0) y * y (elementwise).
 
     Summed over every block this is b - S x of the row's system (the sparse part of the
-    residual); ``cg_begin`` adds the dense part. gather: (m, f) scratch in Y's dtype.
+    residual) and the diagonal of S; ``cg_begin`` adds the dense parts. gather: (m, f) scratch
+    in Y's dtype.
     """
     n_rows, f = X.shape
     T = X.dtype.type
@@ -174,6 +177,11 @@ def cg_residual_block(indptr, indices, values, cursor, block_lo, block_hi, Y_blo
                 coef = c - (c - alpha0) * _dot(y, x, f)
                 for k in range(f):
                     r[k] += coef * y[k]
+                if squares is not None:
+                    w = c - alpha0
+                    sq = squares[u]
+                    for k in range(f):
+                        sq[k] += w * y[k] * y[k]
 
 
 @njit(**_JIT)
@@ -215,8 +223,12 @@ def cg_product_block(indptr, indices, values, cursor, block_lo, block_hi, Y_bloc
 
 
 @njit(**_JIT)
-def cg_begin(X, R, XG, reg, P, rs):
-    """Finish the residual r = b - A x (R holds b - S x; XG = X @ gram), set p = r, rs = r.r."""
+def cg_begin(X, R, XG, reg, P, rs, inv=None, gram=None):
+    """Finish the residual r = b - A x (R holds b - S x; XG = X @ gram), set p = r, rs = r.r.
+
+    Jacobi (``inv`` holding the diagonal of S from ``cg_residual_block``, and the Gram): inv =
+    1 / diag(A), p = z = inv * r, rs = r.z, and rs = 0 for a row whose r.r is below
+    ``CONVERGED`` (as ``solve.cg_solve_rows``: the exit tests r.r)."""
     n_rows, f = X.shape
     for u in range(n_rows):
         r = R[u]
@@ -224,16 +236,28 @@ def cg_begin(X, R, XG, reg, P, rs):
             r[k] -= XG[u, k] + reg[u] * X[u, k]
             P[u, k] = r[k]
         rs[u] = _dot(r, r, f)
+        if inv is not None:  # Jacobi: the Gram is given too
+            d = inv[u]
+            for k in range(f):
+                d[k] += gram[k, k] + reg[u]
+            _invert_diagonal(d, f, True)
+            if rs[u] < CONVERGED:
+                rs[u] = 0
+                continue
+            rs[u] = _preconditioned_dot(r, d, f)
+            for k in range(f):
+                P[u, k] = r[k] * d[k]
 
 
 @njit(**_JIT)
-def cg_step(X, R, P, AP, PG, reg, rs, steps):
+def cg_step(X, R, P, AP, PG, reg, rs, steps, inv=None):
     """One CG step for every row still above ``CONVERGED`` (AP holds the sparse part of A p;
-    PG = P @ gram). steps[u] receives the step length taken (0 for a converged row)."""
+    PG = P @ gram). steps[u] receives the step length taken (0 for a converged row). Given
+    ``inv`` (Jacobi, from ``cg_begin``): preconditioned, rs = r.z, 0 once r.r is below ``CONVERGED``."""
     n_rows, f = X.shape
     for u in range(n_rows):
         steps[u] = 0
-        if rs[u] < CONVERGED:  # converged (a NaN steps on, so the NaN reaches x and is caught)
+        if rs[u] < CONVERGED if inv is None else rs[u] == 0:  # converged (a NaN steps on, so the NaN reaches x)
             continue
         p, ap, x, r = P[u], AP[u], X[u], R[u]
         for k in range(f):
@@ -245,11 +269,18 @@ def cg_step(X, R, P, AP, PG, reg, rs, steps):
         steps[u] = step
         rs_new = _dot(r, r, f)
         if rs_new < CONVERGED:
-            rs[u] = rs_new
+            rs[u] = rs_new if inv is None else 0
             continue
-        beta = rs_new / rs[u]
-        for k in range(f):
-            p[k] = r[k] + beta * p[k]
+        if inv is not None:
+            d = inv[u]
+            rs_new = _preconditioned_dot(r, d, f)
+            beta = rs_new / rs[u]
+            for k in range(f):
+                p[k] = r[k] * d[k] + beta * p[k]
+        else:
+            beta = rs_new / rs[u]
+            for k in range(f):
+                p[k] = r[k] + beta * p[k]
         rs[u] = rs_new
 
 

@@ -102,6 +102,25 @@ def _symv(G, x, out, f):
             out[j] += G[k, j] * xk
 
 
+@njit(**_INLINED)
+def _invert_diagonal(d, f, jacobi):
+    """d = 1 / d where d > 0 (A's diagonal: Jacobi's preconditioner), else 1 (no preconditioning
+    of that coordinate: a zero diagonal has a zero residual too, and a NaN must reach x); all 1
+    when ``jacobi`` is off (plain CG)."""
+    T = d.dtype.type
+    for k in range(f):
+        d[k] = T(1) / d[k] if jacobi and d[k] > 0 else T(1)
+
+
+@njit(**_INLINED)
+def _preconditioned_dot(r, inv, f):
+    """r . (inv * r): CG's r.z with z = inv * r."""
+    total = r.dtype.type(0)
+    for k in range(f):
+        total += r[k] * r[k] * inv[k]
+    return total
+
+
 @njit(**_JIT)
 def max_row_nnz(indptr):
     longest = 0
@@ -120,16 +139,19 @@ def _fixed_row(rows, ids, base, t):
 
 
 @njit(**_INLINED)
-def _cg_row(rows, ids, base, n_u, values, weight, x, r, p, Ap, gram, reg, kind, alpha, alpha0, eps, cg_steps, f,
-            observed_loss):
-    """CG on one row, its fixed factors being ``_fixed_row(rows, ids, base, t)`` for t < n_u.
+def _cg_row(rows, ids, base, n_u, values, weight, x, r, p, Ap, inv, gram, reg, kind, alpha, alpha0, eps, cg_steps, f,
+            observed_loss, jacobi):
+    """CG on one row, its fixed factors being ``_fixed_row(rows, ids, base, t)`` for t < n_u
+    (preconditioned by the inverse of A's diagonal, kept in ``inv``, when ``jacobi`` is set).
     Returns the row's observed-loss terms sum c (1 - s)^2 - alpha0 s^2 at the solution when
     ``observed_loss`` is set, else 0."""
     T = x.dtype.type
-    # r = b - A x
+    # r = b - A x; inv = A's diagonal (then its inverse)
     _symv(gram, x, r, f)
     for k in range(f):
         r[k] = -r[k] - reg * x[k]
+        if jacobi:
+            inv[k] = gram[k, k] + reg
     for t in range(n_u):
         y = _fixed_row(rows, ids, base, t)
         c = T(confidence(values[t], kind, alpha, alpha0, eps))
@@ -138,10 +160,20 @@ def _cg_row(rows, ids, base, n_u, values, weight, x, r, p, Ap, gram, reg, kind, 
         coef = c - w * _dot(y, x, f)
         for k in range(f):
             r[k] += coef * y[k]
+        if jacobi:
+            for k in range(f):
+                inv[k] += w * y[k] * y[k]
     rs_old = _dot(r, r, f)
-    for k in range(f):
-        p[k] = r[k]
-    for _ in range(0 if rs_old < 1e-20 else cg_steps):  # NaN steps on, so the NaN reaches x and is caught
+    converged = rs_old < 1e-20
+    if jacobi:
+        _invert_diagonal(inv, f, jacobi)
+        rs_old = _preconditioned_dot(r, inv, f)
+        for k in range(f):
+            p[k] = r[k] * inv[k]
+    else:
+        for k in range(f):
+            p[k] = r[k]
+    for _ in range(0 if converged else cg_steps):  # NaN steps on, so the NaN reaches x and is caught
         _symv(gram, p, Ap, f)
         for k in range(f):
             Ap[k] += reg * p[k]
@@ -157,9 +189,15 @@ def _cg_row(rows, ids, base, n_u, values, weight, x, r, p, Ap, gram, reg, kind, 
         rs_new = _dot(r, r, f)
         if rs_new < 1e-20:
             break
-        beta = rs_new / rs_old
-        for k in range(f):
-            p[k] = r[k] + beta * p[k]
+        if jacobi:
+            rs_new = _preconditioned_dot(r, inv, f)
+            beta = rs_new / rs_old
+            for k in range(f):
+                p[k] = r[k] * inv[k] + beta * p[k]
+        else:
+            beta = rs_new / rs_old
+            for k in range(f):
+                p[k] = r[k] + beta * p[k]
         rs_old = rs_new
     observed = 0.0
     for t in range(n_u if observed_loss else 0):
@@ -181,7 +219,7 @@ def _gram_product(A, G, Gp, D, n, tiled):
 
 @njit(**_JIT)
 def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps, lam, nu, n_fixed, cg_steps, observed_loss=False,
-                  half=None):
+                  half=None, jacobi=False):
     """Conjugate-gradient solve of every row, warm-started from X (updated in place).
 
     Returns sum over entries of c (1 - s)^2 - alpha0 s^2 at the solution (s = x.y) when
@@ -210,6 +248,12 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     the random reads, and of the block the steps read from cache): the rows' solves and carried
     scores then use those rounded rows (relative error <= 2^-11 an element); the Gram, the plain
     loops and rows longer than the block use Y.
+
+    ``jacobi``: preconditioned CG, z = r / diag(A) (Jacobi), the diagonal diag(gram) + reg +
+    sum (c - alpha0) y * y accumulated by the residual's pass as it reads the rows (the fused
+    pass holds it in registers too); the steps then use r.z for r.r and z for r (the early exit
+    still tests r.r). Three steps of it reach a lower loss than three plain ones (the diagonal
+    of the rows' systems spans orders of magnitude with play counts as confidences).
     Arithmetic stays in X's dtype (scalars are cast to it), so float32 runs 8 lanes wide.
     """
     n_rows, f = X.shape
@@ -239,7 +283,12 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     Ap = np.empty(f, dtype=X.dtype)
     r1 = np.empty(f, dtype=X.dtype)
     p1 = np.empty(f, dtype=X.dtype)
-    rs = np.empty(GROUP_ROWS, dtype=X.dtype)
+    Inv = np.ones((GROUP_ROWS, f), dtype=X.dtype)  # 1 / diag(A) of the group's rows (Jacobi)
+    inv1 = np.empty(f, dtype=X.dtype)
+    G_diagonal = np.empty(f, dtype=X.dtype)
+    for k in range(f):
+        G_diagonal[k] = G[k, k]
+    rs = np.empty(GROUP_ROWS, dtype=X.dtype)  # r.r (r.z with ``jacobi``) of the group's rows
     regs = np.empty(GROUP_ROWS, dtype=X.dtype)
     active = np.empty(GROUP_ROWS, dtype=np.bool_)
     last = indptr[n_rows]
@@ -250,8 +299,8 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
         n0 = indptr[u0 + 1] - base
         if n0 > gather_cap:  # longer than the gather block: alone, reading Y directly
             reg = T(row_regularization(n0, lam, nu, alpha0, n_fixed))
-            observed += _cg_row(Y, indices, base, n0, values[base:base + n0], weight, X[u0], r1, p1, Ap, gram, reg,
-                                kind, alpha, alpha0, eps, cg_steps, f, observed_loss)
+            observed += _cg_row(Y, indices, base, n0, values[base:base + n0], weight, X[u0], r1, p1, Ap, inv1, gram, reg,
+                                kind, alpha, alpha0, eps, cg_steps, f, observed_loss, jacobi)
             u0 += 1
             continue
         u1 = u0 + 1
@@ -269,13 +318,22 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
             regs[i] = reg
             x = X[u0 + i]
             r = R[i]
+            inv = Inv[i]
             for k in range(f):
                 r[k] = -D[i, k] - reg * x[k]
+            if jacobi:
+                for k in range(f):
+                    inv[k] = G_diagonal[k] + reg
             if fused:  # the row's pass with x and r in registers (``tile.gathered_pass``)
                 for e in range(e0, e1):
                     weight[e] = T(confidence(values[base + e], kind, alpha, alpha0, eps)) - alpha0
                 if half is None:
-                    gathered_pass(Y, indices, base, last, Y_rows, e0, e1, X_group[i], weight, score, r, alpha0)
+                    if jacobi:
+                        gathered_pass(Y, indices, base, last, Y_rows, e0, e1, X_group[i], weight, score, r, alpha0, inv)
+                    else:
+                        gathered_pass(Y, indices, base, last, Y_rows, e0, e1, X_group[i], weight, score, r, alpha0)
+                elif jacobi:
+                    gathered_pass(half, indices, base, last, H_rows, e0, e1, X_group[i], weight, score, r, alpha0, inv)
                 else:
                     gathered_pass(half, indices, base, last, H_rows, e0, e1, X_group[i], weight, score, r, alpha0)
             else:
@@ -295,10 +353,27 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
                     coef = c - w * s
                     for k in range(f):
                         r[k] += coef * y[k]
-            rs[i] = _dot(r, r, f)
-            for k in range(f):
-                P[i, k] = r[k]
-            active[i] = not rs[i] < 1e-20  # NaN steps on, so the NaN reaches x and is caught
+                    if jacobi:
+                        for k in range(f):
+                            inv[k] += w * y[k] * y[k]
+            if jacobi:  # inv = 1 / diag (as ``_invert_diagonal``), p = z = inv r, rs = r.z, in one loop
+                rr = T(0)
+                rz = T(0)
+                for k in range(f):
+                    dk = inv[k]
+                    ik = T(1) / dk if dk > 0 else T(1)
+                    inv[k] = ik
+                    rk = r[k]
+                    rr += rk * rk
+                    rz += rk * rk * ik
+                    P[i, k] = rk * ik
+                rs[i] = rz
+                active[i] = not rr < 1e-20  # the exit tests r.r, as plain CG's
+            else:
+                rs[i] = _dot(r, r, f)
+                for k in range(f):
+                    P[i, k] = r[k]
+                active[i] = not rs[i] < 1e-20  # NaN steps on, so the NaN reaches x and is caught
         for _ in range(cg_steps):
             running = False
             for i in range(nb):
@@ -331,11 +406,29 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
                             Ap[k] += coef * y[k]
                 rs_old = rs[i]
                 step = rs_old / _dot(p, Ap, f)
+                for e in range(e0, e1):
+                    score[e] += step * proj[e]
+                if jacobi:  # x, r, r.r and r.z in one loop, then p = z + beta p
+                    inv = Inv[i]
+                    rr = T(0)
+                    rz = T(0)
+                    for k in range(f):
+                        x[k] += step * p[k]
+                        rk = r[k] - step * Ap[k]
+                        r[k] = rk
+                        rr += rk * rk
+                        rz += rk * rk * inv[k]
+                    if rr < 1e-20:
+                        active[i] = False
+                        continue
+                    beta = rz / rs_old
+                    for k in range(f):
+                        p[k] = r[k] * inv[k] + beta * p[k]
+                    rs[i] = rz
+                    continue
                 for k in range(f):
                     x[k] += step * p[k]
                     r[k] -= step * Ap[k]
-                for e in range(e0, e1):
-                    score[e] += step * proj[e]
                 rs_new = _dot(r, r, f)
                 if rs_new < 1e-20:
                     active[i] = False

@@ -163,15 +163,18 @@ LINE_BYTES = 64
 
 
 @intrinsic(prefer_literal=True)
-def _row_pass(typingctx, source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, pieces):
+def _row_pass(typingctx, source, ids, base, last, rows, e0, e1, v, weight, dots, acc, squares, a0, b0, c0, pieces):
     """For e in [e0, e1): y = rows[e] (gathered first, when ``source`` is an array: rows[e] =
     source[ids[base + e]], prefetching the row ``PREFETCH_ENTRIES`` entries ahead, below ``last``);
     d = y . v; dots[e] = d; acc += (a0 + weight[e] * (c0 + b0 * d)) * y, with acc and v held in
-    ``pieces`` vector registers through the whole pass (f = pieces x lanes)."""
+    ``pieces`` vector registers through the whole pass (f = pieces x lanes); and, when ``squares``
+    is an array, squares += weight[e] * y * y (elementwise: the diagonal of sum w y y^T), held in
+    registers too."""
     gather = not isinstance(source, (types.NoneType, types.Omitted))
+    diagonal = not isinstance(squares, (types.NoneType, types.Omitted))
     value = acc.dtype if isinstance(acc, types.Array) else None  # the arithmetic's type; rows may be float16 bits
     vectors_ok = all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == value
-                     for a in (v, weight, dots, acc))
+                     for a in (v, weight, dots, acc) + ((squares,) if diagonal else ()))
     if not (isinstance(pieces, types.IntegerLiteral) and isinstance(rows, types.Array) and rows.ndim == 2
             and rows.layout == "C" and value in (types.float32, types.float64) and vectors_ok
             and (rows.dtype == value or (rows.dtype == types.uint16 and value == types.float32))
@@ -184,10 +187,10 @@ def _row_pass(typingctx, source, ids, base, last, rows, e0, e1, v, weight, dots,
                                 and isinstance(ids.dtype, types.Integer)))):
         return None
     count = pieces.literal_value
-    sig = types.void(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, pieces)
+    sig = types.void(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, squares, a0, b0, c0, pieces)
 
     def codegen(context, builder, signature, args):
-        (t_src, t_ids, t_base, t_last, t_rows, t_e0, t_e1, t_v, t_w, t_d, t_acc, t_a0, t_b0, t_c0, _) = signature.args
+        (t_src, t_ids, t_base, t_last, t_rows, t_e0, t_e1, t_v, t_w, t_d, t_acc, t_sq, t_a0, t_b0, t_c0, _) = signature.args
         a_rows, a_v, a_w, a_d, a_acc = [context.make_array(t)(context, builder, args[n])
                                         for t, n in ((t_rows, 4), (t_v, 7), (t_w, 8), (t_d, 9), (t_acc, 10))]
         intp = context.get_value_type(types.intp)
@@ -205,7 +208,7 @@ def _row_pass(typingctx, source, ids, base, last, rows, e0, e1, v, weight, dots,
         def scalar(n, t):
             return context.cast(builder, args[n], t, t_acc.dtype)
 
-        a0, b0, c0 = scalar(11, t_a0), scalar(12, t_b0), scalar(13, t_c0)
+        a0, b0, c0 = scalar(12, t_a0), scalar(13, t_b0), scalar(14, t_c0)
         lanes = WIDE_BYTES // size
         vector = ir.VectorType(element, lanes)
         half_vector = ir.VectorType(ir.HalfType(), lanes)
@@ -245,6 +248,9 @@ def _row_pass(typingctx, source, ids, base, last, rows, e0, e1, v, weight, dots,
         v_vectors = load_vectors(pointer(t_v, a_v, [const(0)]))
         acc_base = pointer(t_acc, a_acc, [const(0)])
         initial = load_vectors(acc_base)
+        if diagonal:
+            sq_base = pointer(t_sq, context.make_array(t_sq)(context, builder, args[11]), [const(0)])
+            sq_initial = load_vectors(sq_base)
         entry = builder.block
         loop = builder.append_basic_block("pass.e")
         done = builder.append_basic_block("pass.done")
@@ -255,6 +261,10 @@ def _row_pass(typingctx, source, ids, base, last, rows, e0, e1, v, weight, dots,
         sums = [builder.phi(vector) for _ in range(count)]
         for total, first in zip(sums, initial):
             total.add_incoming(first, entry)
+        if diagonal:
+            sq_sums = [builder.phi(vector) for _ in range(count)]
+            for total, first in zip(sq_sums, sq_initial):
+                total.add_incoming(first, entry)
         row_here = pointer(t_rows, a_rows, [e, const(0)])
         if gather:
             ahead = builder.add(builder.add(g_base, e), const(PREFETCH_ENTRIES))
@@ -289,15 +299,26 @@ def _row_pass(typingctx, source, ids, base, last, rows, e0, e1, v, weight, dots,
         updated = [builder.call(fmuladd, [broadcast, yh, total]) for yh, total in zip(y, sums)]
         for total, new in zip(sums, updated):
             total.add_incoming(new, loop)
+        if diagonal:
+            w_broadcast = builder.shuffle_vector(builder.insert_element(undef, w, int32(0)), undef, splat)
+            sq_updated = [builder.call(fmuladd, [builder.fmul(w_broadcast, yh), yh, total]) for yh, total in zip(y, sq_sums)]
+            for total, new in zip(sq_sums, sq_updated):
+                total.add_incoming(new, loop)
         following = builder.add(e, const(1))
         e.add_incoming(following, loop)
         builder.cbranch(builder.icmp_signed("<", following, stop), loop, done)
         builder.position_at_end(done)
         results = [builder.phi(vector) for _ in range(count)]  # phis first in a block
+        sq_results = [builder.phi(vector) for _ in range(count)] if diagonal else []
         for result, first, new in zip(results, initial, updated):
             result.add_incoming(first, entry)
             result.add_incoming(new, loop)
+        for result, first, new in zip(sq_results, sq_initial if diagonal else [], sq_updated if diagonal else []):
+            result.add_incoming(first, entry)
+            result.add_incoming(new, loop)
         for result, p in zip(results, vector_pointers(acc_base)):
+            builder.store(result, p, align=size)
+        for result, p in zip(sq_results, vector_pointers(sq_base) if diagonal else []):
             builder.store(result, p, align=size)
         return context.get_dummy_value()
 
@@ -315,24 +336,24 @@ def fuses(f, itemsize):
 
 
 @njit(cache=True, nogil=True)
-def _pass(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0):
+def _pass(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, squares, a0, b0, c0):
     pieces = acc.shape[0] // (WIDE_BYTES // acc.itemsize)
     if pieces == 1:
-        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, 1)
+        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, squares, a0, b0, c0, 1)
     elif pieces == 2:
-        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, 2)
+        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, squares, a0, b0, c0, 2)
     elif pieces == 3:
-        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, 3)
+        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, squares, a0, b0, c0, 3)
     elif pieces == 4:
-        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, 4)
+        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, squares, a0, b0, c0, 4)
     elif pieces == 5:
-        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, 5)
+        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, squares, a0, b0, c0, 5)
     elif pieces == 6:
-        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, 6)
+        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, squares, a0, b0, c0, 6)
     elif pieces == 7:
-        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, 7)
+        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, squares, a0, b0, c0, 7)
     else:
-        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, b0, c0, 8)
+        _row_pass_kernel(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, squares, a0, b0, c0, 8)
 
 
 @njit(cache=True, nogil=True)
@@ -340,28 +361,28 @@ def weighted_pass(rows, e0, e1, v, weight, dots, acc):
     """For e in [e0, e1): dots[e] = rows[e] . v and acc += weight[e] * dots[e] * rows[e], each row
     read once and acc and v kept in registers (``fuses(f, itemsize)`` must hold)."""
     T = acc.dtype.type
-    _pass(None, None, 0, 0, rows, e0, e1, v, weight, dots, acc, T(0), T(1), T(0))
+    _pass(None, None, 0, 0, rows, e0, e1, v, weight, dots, acc, None, T(0), T(1), T(0))
 
 
-def _gathered(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):
+def _gathered(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, squares):
     raise NotImplementedError("numba kernels only: see gathered_pass")
 
 
 @overload(_gathered)
-def _gathered_overload(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):
+def _gathered_overload(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, squares):
     if isinstance(source, types.Array) and source.layout == "C" and source.dtype == types.uint16:
-        def widened(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):  # float16 bits
+        def widened(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, squares):  # float16 bits
             T = acc.dtype.type
-            _pass(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, T(a0), T(-1), T(1))
+            _pass(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, squares, T(a0), T(-1), T(1))
         return widened
     if isinstance(source, types.Array) and source.layout == "C" and all(
             isinstance(a, types.Array) and a.layout == "C" for a in (rows, v, weight, dots, acc)):
-        def fused(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):
+        def fused(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, squares):
             T = acc.dtype.type
-            _pass(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, T(a0), T(-1), T(1))
+            _pass(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, squares, T(a0), T(-1), T(1))
         return fused
 
-    def plain(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):  # rows not known contiguous
+    def plain(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, squares):  # rows not known contiguous
         f = acc.shape[0]
         for e in range(e0, e1):
             y = rows[e]
@@ -373,15 +394,20 @@ def _gathered_overload(source, ids, base, last, rows, e0, e1, v, weight, dots, a
             coef = a0 + weight[e] * (1 - d)
             for k in range(f):
                 acc[k] += coef * y[k]
+            if squares is not None:
+                for k in range(f):
+                    squares[k] += weight[e] * y[k] * y[k]
     return plain
 
 
 @njit(cache=True, nogil=True)
-def gathered_pass(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0):
+def gathered_pass(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, squares=None):
     """For e in [e0, e1): rows[e] = source[ids[base + e]] (prefetched ``PREFETCH_ENTRIES`` ahead,
-    below ``ids[last]``), dots[e] = rows[e] . v and acc += (a0 + weight[e] (1 - dots[e])) rows[e]
+    below ``ids[last]``), dots[e] = rows[e] . v and acc += (a0 + weight[e] (1 - dots[e])) rows[e];
+    given ``squares`` (f values), also squares += weight[e] rows[e] * rows[e] elementwise (CG's
+    Jacobi preconditioner: the diagonal of the row's sparse part, in the same pass)
     (``fuses(f, itemsize)`` must hold; a source not known to be C-contiguous takes a plain loop)."""
-    _gathered(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0)
+    _gathered(source, ids, base, last, rows, e0, e1, v, weight, dots, acc, a0, squares)
 
 
 @intrinsic

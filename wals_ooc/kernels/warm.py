@@ -85,13 +85,13 @@ def warm_training_kernels(dtype: str | np.dtype = "float32") -> None:
     csr_problem(indptr, indices, 3)  # every CSR read from a store is checked with it
     X = np.zeros((2, 2), dtype)
     scalars = (kind, t(1.0), t(1.0), t(1.0))
-    cg_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 2, True)
     halves: list[np.ndarray | None] = [None]  # the resident path passes its float16 copy, or None (``solve.gathers_half``)
     if dtype == np.float32:
         halves.append(np.zeros(Y.shape, np.uint16))
         half_rows(Y, halves[-1], 0, Y.shape[0])
     for half in halves:
-        cg_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 2, True, half)
+        for jacobi in (True, False):  # WALSConfig.cg_preconditioner
+            cg_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 2, True, half, jacobi)
     cholesky_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3)
     subspace_solve_rows(indptr, indices, values, Y, gram, X, *scalars, 0.1, 0.0, 3, 1, 1, True, GATHER_MAX_ENTRIES, False)  # as half_sweep calls it
     A = np.zeros((2, 2, 2), np.float64)
@@ -117,11 +117,16 @@ def warm_training_kernels(dtype: str | np.dtype = "float32") -> None:
     cursor = indptr[:-1].copy()
     cg_residual_block(indptr[0:3], indices, values, cursor[0:2], 0, 3, Y, X[0:2], R[0:2], gather, *scalars)
     cg_begin(X[0:2], R[0:2], D[0:2], reg[0:2], P[0:2], rs[0:2])
+    inv = np.zeros((2, 2), dtype)  # Jacobi (WALSConfig.cg_preconditioner): the diagonals' signatures
+    cursor = indptr[:-1].copy()
+    cg_residual_block(indptr[0:3], indices, values, cursor[0:2], 0, 3, Y, X[0:2], R[0:2], gather, *scalars, inv[0:2])
+    cg_begin(X[0:2], R[0:2], D[0:2], reg[0:2], P[0:2], rs[0:2], inv[0:2], gram)
     for with_loss in (False, True):
         cursor = indptr[:-1].copy()
         cg_product_block(indptr[0:3], indices, values, cursor[0:2], 0, 3, Y, P[0:2], AP[0:2], X[0:2], loss_terms[0:2],
                          with_loss, gather, *scalars)
     cg_step(X[0:2], R[0:2], P[0:2], AP[0:2], D[0:2], reg[0:2], rs[0:2], steps[0:2])
+    cg_step(X[0:2], R[0:2], P[0:2], AP[0:2], D[0:2], reg[0:2], rs[0:2], steps[0:2], inv[0:2])
     cg_observed_loss(loss_terms, steps)
     regularization_sum(indptr, X, 0.1, 0.0, 1.0, 3)
     cursor = indptr[:-1].copy()

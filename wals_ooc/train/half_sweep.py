@@ -399,7 +399,7 @@ def _solve_resident(job: HalfSweepJob, task: SolveTask, csr: CSRShard, X: np.nda
         if job.solver == "cg":
             result.observed.append(cg_solve_rows(
                 ip, csr.indices, csr.values, Y, job.gram, X[a:b], kind, alpha, alpha0, eps, lam, nu, job.n_fixed,
-                cfg.cg_steps, job.loss, half
+                cfg.cg_steps, job.loss, half, cfg.cg_preconditioner == "jacobi"
             ))
         elif job.solver == "ialspp":
             result.observed.append(_subspace_solve(ip, csr.indices, csr.values, Y, job.gram, X[a:b], job, basis))
@@ -555,7 +555,8 @@ def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
         ip = indptr[a:b + 1]
         if job.solver == "cg":
             observed[part] = cg_solve_rows(ip, entry, csr.values, compact, job.gram, X[a:b], kind, alpha, alpha0, eps,
-                                           lam, nu, job.n_fixed, cfg.cg_steps, job.loss)
+                                           lam, nu, job.n_fixed, cfg.cg_steps, job.loss, None,
+                                           cfg.cg_preconditioner == "jacobi")
             return
         if job.solver == "ialspp":
             observed[part] = _subspace_solve(ip, entry, csr.values, compact, job.gram, X[a:b], job, basis)
@@ -581,6 +582,8 @@ def _blocked_cg(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: Scratc
     reg = np.empty(n, dtype)
     row_regularizations(indptr, float(cfg.regularization), float(cfg.nu), float(cfg.alpha0), job.n_fixed, reg)
     R, P, AP, D = (np.zeros((n, f), dtype) for _ in range(4))
+    jacobi = cfg.cg_preconditioner == "jacobi"
+    inv = np.zeros((n if jacobi else 0, f), dtype)  # the rows' diagonals, then their inverses (Jacobi)
     rs, steps = np.zeros(n, dtype), np.zeros(n, dtype)
     loss_terms = np.zeros((n if job.loss else 0, 3))
     cursor = np.empty(n, np.int64)
@@ -594,11 +597,14 @@ def _blocked_cg(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: Scratc
         return gathers[[p[0] for p in parts].index(a)]
 
     sweep(lambda a, b, lo, hi, Yb: cg_residual_block(indptr[a:b + 1], indices, values, cursor[a:b], lo, hi, Yb, X[a:b], R[a:b],
-                                                     gather(a), kind, alpha, alpha0, eps))
+                                                     gather(a), kind, alpha, alpha0, eps, inv[a:b] if jacobi else None))
 
     def begin(a: int, b: int) -> None:
         np.dot(X[a:b], G, out=D[a:b])
-        cg_begin(X[a:b], R[a:b], D[a:b], reg[a:b], P[a:b], rs[a:b])
+        if jacobi:
+            cg_begin(X[a:b], R[a:b], D[a:b], reg[a:b], P[a:b], rs[a:b], inv[a:b], G)
+        else:
+            cg_begin(X[a:b], R[a:b], D[a:b], reg[a:b], P[a:b], rs[a:b])
 
     _in_parts(parts, begin)
     for step in range(cfg.cg_steps):
@@ -610,7 +616,7 @@ def _blocked_cg(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: Scratc
 
         def finish(a: int, b: int) -> None:
             np.dot(P[a:b], G, out=D[a:b])
-            cg_step(X[a:b], R[a:b], P[a:b], AP[a:b], D[a:b], reg[a:b], rs[a:b], steps[a:b])
+            cg_step(X[a:b], R[a:b], P[a:b], AP[a:b], D[a:b], reg[a:b], rs[a:b], steps[a:b], inv[a:b] if jacobi else None)
 
         _in_parts(parts, finish)
     if job.loss:

@@ -355,10 +355,11 @@ def usable_bytes(allowance: int) -> int:
     return int(allowance - reserve)
 
 
-def blocked_cg_row_bytes(factors: int, itemsize: int) -> int:
+def blocked_cg_row_bytes(factors: int, itemsize: int, jacobi: bool = False) -> int:
     """Bytes a row needs in a blocked CG task: x, r, p, Ap, the dense product, its regularization,
-    squared residual and step, a cursor, three float64 loss terms and its row pointer."""
-    return 5 * factors * itemsize + 3 * itemsize + 8 + 24 + 8
+    squared residual and step, a cursor, three float64 loss terms and its row pointer; and the
+    inverse diagonal with ``jacobi`` (``WALSConfig.cg_preconditioner``)."""
+    return (6 if jacobi else 5) * factors * itemsize + 3 * itemsize + 8 + 24 + 8
 
 
 # a local blocked plan cuts row blocks heavier than 1/PIECES_A_TASK of a task by rows (``row_pieces``)
@@ -387,6 +388,7 @@ def plan_half_sweep(
     kernel_bytes: int = 0,
     half_gathers: bool = True,
     eigenbasis: bool = False,
+    jacobi: bool = False,
 ) -> HalfSweepPlan:
     """Plan one half-sweep within ``allowance`` bytes for ``concurrency`` simultaneous tasks.
 
@@ -407,6 +409,7 @@ def plan_half_sweep(
     half_gathers: CG may hold a float16 copy of the fixed side (``WALSConfig.half_gathers``).
     eigenbasis: ialspp holds the fixed side rotated into its Gram's eigenbasis beside it
     (``WALSConfig.eigenbasis``, ``fixed_side.Eigenbasis``).
+    jacobi: blocked CG tasks hold each row's inverse diagonal too (``WALSConfig.cg_preconditioner``).
     """
     usable = usable_bytes(allowance)
     n_rows = shard_ranges[-1][1] if shard_ranges else 0
@@ -499,7 +502,7 @@ def plan_half_sweep(
         weight = task.nnz * BLOCKED_BYTES_PER_ENTRY + rows * row_bytes
         if method == "cg":  # too heavy to expand: CG vectors per row, a sweep per pass
             planned.append(replace(task, method="cg", sweeps=1 + cg_steps))
-            weight += rows * blocked_cg_row_bytes(factors, itemsize)
+            weight += rows * blocked_cg_row_bytes(factors, itemsize, jacobi)
         else:  # normal equations of row_batch rows at a time, a sweep per batch
             planned.append(replace(task, method="cholesky", sweeps=-(-rows // row_batch)))
             weight += min(rows, row_batch) * normal_row

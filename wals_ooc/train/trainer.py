@@ -96,6 +96,7 @@ def make_plans(store: InteractionStore, config: WALSConfig, allowance: int, conc
             kernel_bytes=kernel_bytes,
             half_gathers=config.half_gathers,
             eigenbasis=config.solver == "ialspp" and config.eigenbasis,
+            jacobi=config.cg_preconditioner == "jacobi",
         )
         for side in SIDES
     }
