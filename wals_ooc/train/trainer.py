@@ -188,7 +188,7 @@ def _initialise(model: FactorStore, store: InteractionStore, config: WALSConfig,
                 state: LocalState | None = None) -> dict[str, np.ndarray]:
     """Write each side's initial factors (slot 0) and their Grams, then commit step 0; return the
     Grams. With ``state`` (a local resident fit) the rows are also kept whole in it, as that
-    slot: the first half-sweep reads neither side back from Zarr (1.2 s at f = 512, 130k rows)."""
+    slot: the first half-sweep reads neither side back from Zarr (0.5-1.2 s at f = 512, 130k rows)."""
     held = {}
     if state is not None:
         for side in SIDES:
