@@ -390,6 +390,40 @@ def test_kill_9_mid_half_sweep_then_resume_equals_uninterrupted(small_store, tmp
     assert [e["loss"] for e in a.loss_history] == [e["loss"] for e in b.loss_history]
 
 
+@pytest.mark.parametrize("solver", ["cg", "ialspp"])
+def test_kill_9_in_the_first_half_sweep_then_resume_equals_uninterrupted(small_store, tmp_path, solver):
+    """A local fit hands its initial rows to the first half-sweep in memory; a run killed in that
+    half-sweep resumes from the rows it wrote (``initial_rows``, read back from Zarr) and ends
+    with the same bits and losses as the run that never read them back."""
+    from wals_ooc.train.half_sweep import initial_rows
+
+    script = tmp_path / "kill_and_train.py"
+    script.write_text(KILL_AND_TRAIN)
+    import subprocess
+    import sys
+
+    store = open_store(small_store)
+    config = WALSConfig(factors=8, iterations=4, random_state=3, solver=solver)
+    straight = train(store, str(tmp_path / "straight.zarr"), config, progress=False, threads=2)
+    location = str(tmp_path / "resumed.zarr")
+    killed = subprocess.run([sys.executable, str(script), "2", solver, small_store, location], capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    interrupted = FactorStore.open(location)
+    assert interrupted.checkpoint.step == 0 and interrupted.checkpoint.slots == {"user": 0, "item": 0}
+    for side in ("user", "item"):
+        n, block = store.n_rows(side), store.row_block
+        expected = np.concatenate([initial_rows(side, lo, min(n, lo + block), 8, 3, block, config.init_scale, config.dtype)
+                                   for lo in range(0, n, block)])
+        np.testing.assert_array_equal(interrupted.slot(side, 0)[:], expected)
+        exact = expected.T.astype(np.float64) @ expected.astype(np.float64)
+        np.testing.assert_allclose(interrupted.gram(side, 0), exact, rtol=1e-5)  # its blocks' float32 products
+    resumed = train(store, location, config, progress=False, threads=2)
+    for a, b in zip(_factors(straight), _factors(resumed)):
+        np.testing.assert_array_equal(a, b)
+    assert [e["loss"] for e in straight.loss_history] == [e["loss"] for e in resumed.loss_history]
+
+
 def test_training_peak_rss_stays_under_budget_on_a_store_several_times_the_allowance(tmp_path):
     """Factors and interactions together are several times the 64 MiB allowance: the planner
     streams the fixed side in blocks, peak RSS stays under the budget, and the factors are

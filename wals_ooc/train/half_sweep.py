@@ -648,9 +648,11 @@ def _blocked_cholesky(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
 
 def init_task(
     model_location: str, storage_options: dict | None, side: str, slot: int, start: int, stop: int,
-    seed: int, row_block: int, scale: float, dtype: str,
+    seed: int, row_block: int, scale: float, dtype: str, held: np.ndarray | None = None,
 ) -> np.ndarray:
     """Write uniform [0, scale) initial factors for rows ``[start, stop)``; return their Gram.
+    With ``held`` (the side's factors whole, held by a local fit: ``LocalState``) the rows go
+    into it too, so the first half-sweep does not read them back from Zarr.
 
     Each row block has its own seed, so the result does not depend on how blocks are grouped.
     """
@@ -659,7 +661,9 @@ def init_task(
     for lo in range(start, stop, row_block):
         hi = min(stop, lo + row_block)
         rows = initial_rows(side, lo, hi, array.shape[1], seed, row_block, scale, dtype)
-        array[lo:hi] = rows
+        if held is not None:
+            held[lo:hi] = rows
+        write_rows(array, lo, hi, rows)  # the slot is no checkpoint's yet: straight to its chunk files
         gram += block_gram(rows)
     return gram
 
