@@ -236,13 +236,15 @@ def long_row_store(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("half_gathers", [True, False])
+@pytest.mark.parametrize("half_gathers", [True, False, "refused"])
 def test_blocked_cg_gathers_float16_where_resident_does_and_equals_it(long_row_store, tmp_path, monkeypatch, half_gathers):
     """With CG's float16 gathers (f = one wide vector of float32), an expanded blocked task copies
     its short rows' fixed rows as float16 bits and its long rows' (over ``GATHER_MAX_ENTRIES``
     entries) as float32, each set numbered apart: the factors and losses equal the resident plan's,
     which gathers from a float16 copy of the whole side, on the first half-sweeps (copied from
-    Zarr) and the later ones (forwarded); with ``half_gathers=False`` both read float32."""
+    Zarr) and the later ones (forwarded); with ``half_gathers=False`` both read float32. A side
+    float16 cannot carry ("refused": the resident plan gathers float32) is solved in float32 in
+    runs of rows that fit the task's planned copies."""
     import wals_ooc.train.half_sweep as half_sweep
     from wals_ooc.kernels.tile import WIDE_BYTES
 
@@ -256,13 +258,17 @@ def test_blocked_cg_gathers_float16_where_resident_does_and_equals_it(long_row_s
         return real(*args)
 
     monkeypatch.setattr(half_sweep, "cg_solve_rows", spy)
-    settings = dict(solver="cg", factors=WIDE_BYTES // 4, iterations=2, half_gathers=half_gathers, **OBJECTIVES["hu"])
-    resident_model = _fit(store, tmp_path / "r.zarr", threads=2, **settings)
-    assert calls and all(h == half_gathers for _, h, _ in calls)
+    refused = half_gathers == "refused"
+    settings = dict(solver="cg", factors=WIDE_BYTES // 4, iterations=2, **OBJECTIVES["hu"])
+    resident_model = _fit(store, tmp_path / "r.zarr", threads=2, half_gathers=half_gathers is True, **settings)
+    assert calls and all(h == (half_gathers is True) for _, h, _ in calls)
     calls.clear()
-    blocked_model = _fit(store, tmp_path / "b.zarr", max_block_rows=300, threads=2, blocked_method="expanded", **settings)
-    assert calls and all(h == half_gathers for _, h, _ in calls)
-    if half_gathers:  # the long row's task holds float32 rows of its columns, tasks without one none
+    if refused:
+        monkeypatch.setattr(half_sweep.ScratchCopy, "half_usable", lambda self: False)
+    blocked_model = _fit(store, tmp_path / "b.zarr", max_block_rows=300, threads=2, blocked_method="expanded",
+                         half_gathers=bool(half_gathers), **settings)
+    assert calls and all(h == (half_gathers is True) for _, h, _ in calls)
+    if half_gathers is True:  # the long row's task holds float32 rows of its columns, tasks without one none
         assert any(longest > 16384 and rows > 0 for rows, _, longest in calls)
         assert all(rows == 0 for rows, _, longest in calls if longest < 100)  # the user half-sweeps: no long row
     for got, want in zip(_factors(blocked_model), _factors(resident_model)):

@@ -328,7 +328,9 @@ def solve_task(job: HalfSweepJob, task: SolveTask, local: LocalState | None = No
             columns = DistinctColumns.of(csr.indptr, csr.indices, job.n_fixed, _long_rows_apart(job))
         with _blocked_task:
             scratch, _ = _fixed_of(job)
-            if task.method == "expanded":
+            if task.method == "expanded" and columns.split and not scratch.half_usable():
+                _expanded_in_float32(job, csr, X, scratch, result, columns)
+            elif task.method == "expanded":
                 _blocked_expanded(job, csr, X, scratch, result, columns)
             else:
                 {"cg": _blocked_cg, "cholesky": _blocked_cholesky}[task.method](job, csr, X, scratch, result)
@@ -538,9 +540,7 @@ def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
     kind, alpha, alpha0, eps = _kernel_scalars(cfg)
     lam, nu = float(cfg.regularization), float(cfg.nu)
     indptr = csr.indptr
-    halves = columns.split and scratch.half_usable()
-    if columns.split and not halves:  # a side float16 cannot carry: every row in float32, as resident
-        columns = DistinctColumns.of(indptr, csr.indices, job.n_fixed)
+    halves = columns.split  # the side fits float16 (else ``_expanded_in_float32``)
     f, dtype = cfg.factors, cfg.np_dtype
     widths = [np.uint16, dtype] if halves else [dtype]
     compacts = scratch.workspaces(*[((marks.count, f), width) for marks, width in zip(columns.sets, widths)])
@@ -587,6 +587,25 @@ def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
     _in_chunks(parts, solve, threads)
     result.observed += observed
     result.failures += sum(failures)
+
+
+def _expanded_in_float32(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: ScratchCopy, result: TaskResult,
+                         columns: DistinctColumns) -> None:
+    """An expanded CG task planned with float16 rows (``_long_rows_apart``) whose fixed side float16
+    cannot carry (``ScratchCopy.half_usable``: the resident plan then gathers float32): its rows
+    in runs whose float32 rows take no more than its float16 and float32 sets together, each run
+    marked, copied and solved on its own (a sweep each; rare: values beyond float16's range)."""
+    f = job.config.factors
+    room = columns.sets[0].count * f * 2 + sum(marks.count for marks in columns.sets[1:]) * f * 4
+    limit = max(1, room // (f * 4))  # entries of a run: one float32 row each at most
+    indptr = csr.indptr
+    a = 0
+    while a < csr.n_rows:
+        b = max(a + 1, int(np.searchsorted(indptr, indptr[a] + limit, side="right")) - 1)
+        e0, e1 = int(indptr[a]), int(indptr[b])
+        run = CSRShard(csr.row_start + a, csr.row_start + b, indptr[a:b + 1] - e0, csr.indices[e0:e1], csr.values[e0:e1])
+        _blocked_expanded(job, run, X[a:b], scratch, result, DistinctColumns.of(run.indptr, run.indices, job.n_fixed))
+        a = b
 
 
 def _blocked_cg(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: ScratchCopy, result: TaskResult) -> None:
