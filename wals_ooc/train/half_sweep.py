@@ -557,7 +557,7 @@ def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
                     gather_marked(bits, first, lo, hi, lo, Y_block, compact)
                 del Y_block  # the window's pages are dropped on leaving: hold no view of it
 
-    weights = sum(marks.first for marks in columns.sets)  # columns of both sets, by word
+    weights = np.sum([marks.first for marks in columns.sets], axis=0)  # columns of both sets, by word
     _in_chunks(_column_parts(weights, job.n_fixed, CHUNKS_A_THREAD * threads), gather, threads)
     half = compacts[0] if halves else None
     compact = compacts[1] if halves else compacts[0]

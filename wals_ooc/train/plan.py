@@ -455,15 +455,31 @@ def plan_half_sweep(
     # and, where they expand in what is left, cut again to fill it
     pieces = row_counts is not None and local and processes == 1 and blocked_method is None
 
+    long_at: list[np.ndarray] = []
+
+    def long_rows() -> tuple[np.ndarray, np.ndarray]:  # rows over GATHER_MAX_ENTRIES entries, and their counts
+        if not long_at and row_counts is not None:
+            rows, counts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+            for lo, hi in shard_ranges:  # the row counts read once a plan
+                if hi > lo:
+                    shard_counts = row_counts(lo, hi)
+                    at = np.flatnonzero(shard_counts > GATHER_MAX_ENTRIES)
+                    rows.append(at + lo)
+                    counts.append(shard_counts[at].astype(np.int64))
+            long_at.extend([np.concatenate(rows), np.concatenate([[0], np.cumsum(np.concatenate(counts))])])
+        return long_at[0], long_at[1]
+
+    def long_entries(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:  # entries of long rows in [start, stop)
+        rows, cumulative = long_rows()
+        return cumulative[np.searchsorted(rows, stops)] - cumulative[np.searchsorted(rows, starts)]
+
     def long_extra(blocks) -> list[np.ndarray] | None:  # float32 rows of long rows' entries, beyond float16's
-        if not half_width or row_counts is None:
+        if not half_width:
             return None
         extra = []
         for (lo, hi), (block_starts, _) in zip(shard_ranges, blocks):
-            counts = row_counts(lo, hi) if hi > lo else np.zeros(0, np.int64)
-            long = np.where(counts > GATHER_MAX_ENTRIES, counts, 0).astype(np.int64)
-            per_block = np.add.reduceat(long, block_starts - lo) if len(block_starts) and hi > lo else np.zeros(len(block_starts), np.int64)
-            extra.append(per_block * (factors * itemsize - half_width))
+            stops = np.append(block_starts[1:], hi).astype(np.int64)
+            extra.append(long_entries(np.asarray(block_starts, np.int64), stops) * (factors * itemsize - half_width))
         return extra
 
     def cut(entry_bytes: int, bytes_per_row: int, max_bytes: int) -> tuple[list[SolveTask], int]:
@@ -484,9 +500,8 @@ def plan_half_sweep(
     room = max(1, room - waiting)
 
     def expanded_bytes(task: SolveTask) -> int:  # a compact row for each distinct column: at most one an entry
-        if half_width and row_counts is not None:
-            counts = row_counts(task.row_start, task.row_stop)
-            long = int(counts[counts > GATHER_MAX_ENTRIES].sum())
+        if half_width:
+            long = int(long_entries(np.array([task.row_start]), np.array([task.row_stop]))[0])
             return (task.nnz * (BYTES_PER_ENTRY + 4) + min(task.nnz - long, n_fixed) * half_width
                     + min(long, n_fixed) * factors * itemsize)
         distinct = min(task.nnz, n_fixed)
