@@ -221,6 +221,65 @@ def test_blocked_fixed_side_equals_resident_and_reads_it_as_often_as_planned(sma
         assert [e[f"{side}_fixed_bytes"] for e in blocked_model.loss_history] == [expected] * 3
 
 
+@pytest.fixture(scope="module")
+def long_row_store(tmp_path_factory):
+    """17,000 users x 40 items, one item used by every user: a row longer than CG's gather block
+    (``solve.GATHER_MAX_ENTRIES``), which CG reads in float32 while the others gather float16."""
+    from wals_ooc.kernels.solve import GATHER_MAX_ENTRIES
+    from wals_ooc.store.writer import RowBatch, write_store
+
+    rng = np.random.default_rng(5)
+    n_users = GATHER_MAX_ENTRIES + 616
+    users = np.concatenate([np.arange(n_users), rng.integers(0, n_users, 3 * n_users)]).astype(np.int64)
+    items = np.concatenate([np.zeros(n_users, np.int64), rng.integers(1, 40, 3 * n_users)])
+    pairs = np.unique(np.stack([users, items], axis=1), axis=0)
+    values = rng.integers(1, 5, len(pairs)).astype(np.float32)
+    path = str(tmp_path_factory.mktemp("stores") / "long.zarr")
+    write_store(iter([RowBatch(pairs[:, 0], pairs[:, 1], values)]), path, row_block=1024, shard_nnz=8192, progress=False)
+    return path
+
+
+@pytest.mark.parametrize("half_gathers", [True, False, "refused"])
+def test_blocked_cg_gathers_float16_where_resident_does_and_equals_it(long_row_store, tmp_path, monkeypatch, half_gathers):
+    """With CG's float16 gathers (f = one wide vector of float32), an expanded blocked task copies
+    its short rows' fixed rows as float16 bits and its long rows' (over ``GATHER_MAX_ENTRIES``
+    entries) as float32, each set numbered apart: the factors and losses equal the resident plan's,
+    which gathers from a float16 copy of the whole side, on the first half-sweeps (copied from
+    Zarr) and the later ones (forwarded); with ``half_gathers=False`` both read float32. A side
+    float16 cannot carry ("refused": the resident plan gathers float32) is solved in float32 in
+    runs of rows that fit the task's planned copies."""
+    import wals_ooc.train.half_sweep as half_sweep
+    from wals_ooc.kernels.tile import WIDE_BYTES
+
+    if not half_sweep.gathers_half(WIDE_BYTES // 4, 4):
+        pytest.skip("CG gathers float16 only where its rows fuse")
+    store = open_store(long_row_store)
+    real, calls = half_sweep.cg_solve_rows, []
+
+    def spy(*args):
+        calls.append((args[3].shape[0], args[15] is not None, int(np.diff(args[0]).max())))
+        return real(*args)
+
+    monkeypatch.setattr(half_sweep, "cg_solve_rows", spy)
+    refused = half_gathers == "refused"
+    settings = dict(solver="cg", factors=WIDE_BYTES // 4, iterations=2, **OBJECTIVES["hu"])
+    resident_model = _fit(store, tmp_path / "r.zarr", threads=2, half_gathers=half_gathers is True, **settings)
+    assert calls and all(h == (half_gathers is True) for _, h, _ in calls)
+    calls.clear()
+    if refused:
+        monkeypatch.setattr(half_sweep.ScratchCopy, "half_usable", lambda self: False)
+    blocked_model = _fit(store, tmp_path / "b.zarr", max_block_rows=300, threads=2, blocked_method="expanded",
+                         half_gathers=bool(half_gathers), **settings)
+    assert calls and all(h == (half_gathers is True) for _, h, _ in calls)
+    if half_gathers is True:  # the long row's task holds float32 rows of its columns, tasks without one none
+        assert any(longest > 16384 and rows > 0 for rows, _, longest in calls)
+        assert all(rows == 0 for rows, _, longest in calls if longest < 100)  # the user half-sweeps: no long row
+    for got, want in zip(_factors(blocked_model), _factors(resident_model)):
+        assert_close_rel(got, want, 1e-9)
+    assert [e["loss"] for e in blocked_model.loss_history] == pytest.approx(
+        [e["loss"] for e in resident_model.loss_history], rel=1e-9)
+
+
 def test_blocked_row_blocks_too_heavy_to_expand_are_cut_by_rows_and_equal_resident(small_store, tmp_path):
     """A row block whose entries do not fit beside their fixed rows is cut into runs of its rows
     that do (counts read from the row pointers; the pieces of a block share its factor chunk and

@@ -26,10 +26,12 @@ Both return the observed part of the objective at the solution without another s
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from .solve import (_JIT, _add_rank_one_lower, _dot, _invert_diagonal, _preconditioned_dot, cholesky_solve_inplace, confidence,
                     row_regularization)
+from .tile import HALF_LIMIT, HALF_TINY, _half_bits_kernel
 
 CONVERGED = 1e-20  # a row whose squared residual is below this takes no more CG steps
 
@@ -89,12 +91,47 @@ def renumber_columns(indices, bits, first, out):
         out[e] = first[w] + _popcount(bits[w] & below)
 
 
+def _store_row(source, target):
+    raise NotImplementedError("numba kernels only: see gather_marked")
+
+
+@overload(_store_row, inline="always")
+def _store_row_overload(source, target):
+    """target[:] = source, or the float16 bits of source (rounded as ``tile.half_rows`` rounds)
+    when target holds uint16: chosen when compiled, no branch a row."""
+    if isinstance(target, types.Array) and target.dtype == types.uint16:
+        def half(source, target):
+            for k in range(len(target)):
+                target[k] = _half_bits_kernel(source[k])
+        return half
+
+    def same(source, target):
+        for k in range(len(target)):
+            target[k] = source[k]
+    return same
+
+
+@njit(cache=True, nogil=True)
+def half_counts(rows):
+    """(overflows, tiny) of a (n, f) float32 array, counted as ``tile.half_rows`` counts them for
+    ``tile.half_usable``: finite values beyond float16's largest, non-zero values below its
+    smallest normal (not fastmath: the comparisons with inf must stay)."""
+    overflows = 0
+    tiny = 0
+    for i in range(rows.shape[0]):
+        for k in range(rows.shape[1]):
+            magnitude = np.abs(rows[i, k])
+            overflows += magnitude > HALF_LIMIT and magnitude < np.inf
+            tiny += magnitude < HALF_TINY and magnitude > 0
+    return overflows, tiny
+
+
 @njit(**_JIT)
 def gather_marked(bits, first, row_lo, row_hi, block_lo, Y_block, compact):
     """compact[rank(j)] = Y[j] for every marked column j in [row_lo, row_hi) (rows of the mapped
     block ``Y_block``, whose first row is ``block_lo``): the block's rows are read in increasing
-    order and the compact rows written one after another."""
-    f = Y_block.shape[1]
+    order and the compact rows written one after another. A uint16 ``compact`` receives the rows'
+    float16 bits (``tile.half_rows``'s rounding: the rows CG's float16 gathers read)."""
     if row_hi <= row_lo:
         return
     for w in range(row_lo >> 6, ((row_hi - 1) >> 6) + 1):
@@ -111,10 +148,7 @@ def gather_marked(bits, first, row_lo, row_hi, block_lo, Y_block, compact):
         while word:
             low = word & (~word + _ONE)
             j = base + _popcount(low - _ONE)
-            source = Y_block[j - block_lo]
-            target = compact[rank]
-            for k in range(f):
-                target[k] = source[k]
+            _store_row(Y_block[j - block_lo], compact[rank])
             rank += 1
             word ^= low
 

@@ -247,7 +247,9 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     rows that the steps' passes read too (each widened to float32 as loaded: half the bytes of
     the random reads, and of the block the steps read from cache): the rows' solves and carried
     scores then use those rounded rows (relative error <= 2^-11 an element); the Gram, the plain
-    loops and rows longer than the block use Y.
+    loops and rows longer than the block use Y. ``half`` may hold other rows than Y (a blocked
+    task's compact copies: ``half`` those of the rows up to ``GATHER_MAX_ENTRIES`` entries, Y
+    those of longer rows, ``indices`` numbering each row's entries in its own), not other columns.
 
     ``jacobi``: preconditioned CG, z = r / diag(A) (Jacobi), the diagonal diag(gram) + reg +
     sum (c - alpha0) y * y accumulated by the residual's pass as it reads the rows (the fused
@@ -258,8 +260,8 @@ def cg_solve_rows(indptr, indices, values, Y, gram, X, kind, alpha, alpha0, eps,
     """
     n_rows, f = X.shape
     T = X.dtype.type
-    if half is not None and half.shape != Y.shape:
-        raise ValueError("cg_solve_rows: the float16 copy does not have the fixed side's shape")
+    if half is not None and half.shape[1] != Y.shape[1]:
+        raise ValueError("cg_solve_rows: the float16 copy does not have the fixed side's columns")
     nnz = indptr[n_rows] - indptr[0]
     longest = max_row_nnz(indptr)
     gather_cap = min(longest, GATHER_MAX_ENTRIES)

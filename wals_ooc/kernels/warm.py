@@ -20,6 +20,7 @@ from .blocked import (
     cg_step,
     column_ranks,
     gather_marked,
+    half_counts,
     mark_columns,
     renumber_columns,
     row_regularizations,
@@ -114,6 +115,9 @@ def warm_training_kernels(dtype: str | np.dtype = "float32") -> None:
     renumbered = np.empty(3, np.int32)
     renumber_columns(indices, bits, first, renumbered)
     gather_marked(bits, first, 0, 3, 0, Y, np.zeros((3, 2), dtype))
+    if dtype == np.float32:  # CG's expanded tasks: compact float16 rows, and the side's counts (``ScratchCopy``)
+        gather_marked(bits, first, 0, 3, 0, Y, np.zeros((3, 2), np.uint16))
+        half_counts(Y)
     cursor = indptr[:-1].copy()
     cg_residual_block(indptr[0:3], indices, values, cursor[0:2], 0, 3, Y, X[0:2], R[0:2], gather, *scalars)
     cg_begin(X[0:2], R[0:2], D[0:2], reg[0:2], P[0:2], rs[0:2])

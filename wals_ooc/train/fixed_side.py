@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from ..kernels.blocked import half_counts
 from ..kernels.tile import half_rows, half_usable
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class ScratchCopy:
         self._workspace: mmap.mmap | None = None
         self._whole: mmap.mmap | None = None
         self._map_lock = threading.Lock()
+        self._counts_lock = threading.Lock()
+        self.half_counts = (0, 0)  # (overflows, tiny) of the rows copied (``half_usable``)
         where = directory or tempfile.gettempdir()
         self._file = tempfile.TemporaryFile(prefix="wals-ooc-fixed-", dir=where)
         fd = self._file.fileno()
@@ -79,6 +82,7 @@ class ScratchCopy:
         def copy(lo: int) -> None:
             rows = np.ascontiguousarray(array[lo : lo + copy_rows], dtype=self.dtype)
             _write_all(fd, memoryview(rows.data).cast("B"), lo * self.row_bytes)
+            self.count_half(rows)
 
         try:
             starts = range(0, self.n_rows, copy_rows)
@@ -98,6 +102,21 @@ class ScratchCopy:
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         _write_all(self._file.fileno(), memoryview(rows.data).cast("B"), start * self.row_bytes)
 
+    def count_half(self, rows: np.ndarray) -> tuple[int, int]:
+        """Add ``rows``' values beyond float16's range and below its smallest normal to the copy's
+        counts (float32 copies only; ``kernels.blocked.half_counts``); returns the rows' own."""
+        if self.dtype != np.float32 or not len(rows):
+            return (0, 0)
+        counts = half_counts(rows)
+        with self._counts_lock:
+            self.half_counts = (self.half_counts[0] + int(counts[0]), self.half_counts[1] + int(counts[1]))
+        return int(counts[0]), int(counts[1])
+
+    def half_usable(self) -> bool:
+        """Whether CG may gather this side's rows as float16: the test ``half_copy`` applies to a
+        resident side (``tile.half_usable``), on the counts of every row written."""
+        return self.dtype == np.float32 and half_usable(*self.half_counts, self.n_rows * self.factors)
+
     @property
     def nbytes(self) -> int:
         return self.n_rows * self.row_bytes
@@ -105,14 +124,23 @@ class ScratchCopy:
     def workspace(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """An uninitialised array of ``shape`` over this copy's reusable workspace (grown when too
         small). Valid until the next call or ``close``; for one task at a time."""
-        dtype = np.dtype(dtype)
-        needed = max(1, int(np.prod(shape)) * dtype.itemsize)
+        return self.workspaces((shape, dtype))[0]
+
+    def workspaces(self, *specs: tuple[tuple[int, ...], Any]) -> list[np.ndarray]:
+        """Uninitialised arrays of the given (shape, dtype)s, one after another (each from a page
+        boundary) over this copy's reusable workspace, as ``workspace``."""
+        offsets, needed = [], 0
+        for shape, dtype in specs:
+            offsets.append(needed)
+            needed += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // mmap.PAGESIZE) * mmap.PAGESIZE
+        needed = max(1, needed)
         if self._workspace is None or len(self._workspace) < needed:
             self._drop_workspace()  # before mapping the larger one: never both at once
             self._workspace = mmap.mmap(-1, needed, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             if hasattr(mmap, "MADV_HUGEPAGE"):
                 self._workspace.madvise(mmap.MADV_HUGEPAGE)
-        return np.frombuffer(self._workspace, dtype, int(np.prod(shape))).reshape(shape)
+        return [np.frombuffer(self._workspace, dtype, int(np.prod(shape)), at).reshape(shape)
+                for (shape, dtype), at in zip(specs, offsets)]
 
     def _drop_workspace(self) -> None:
         if self._workspace is not None:
@@ -184,7 +212,7 @@ def held_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 _lock = threading.RLock()
 _held: dict[tuple, Any] = {}
 _previous: dict[tuple, ScratchCopy] = {}  # the scratch copy of the half-sweep before (see ``previous_copy``)
-_forwarded: dict[tuple, tuple[ScratchCopy, dict[tuple[int, int], int]]] = {}  # see ``forward_rows``
+_forwarded: dict[tuple, tuple[ScratchCopy, dict[tuple[int, int], tuple[int, int]]]] = {}  # see ``forward_rows``
 _forward_failed: set[tuple] = set()
 _halves: dict[tuple, np.ndarray | None] = {}  # see ``half_copy``
 _bases: dict[tuple, "Eigenbasis"] = {}  # see ``eigenbasis``
@@ -211,6 +239,7 @@ def forward_rows(key: tuple, shape: tuple[int, int], dtype: Any, start: int, row
     copy, written = entry
     try:
         copy.write_rows(start, rows)
+        counts = half_counts(rows) if copy.dtype == np.float32 and len(rows) else (0, 0)
     except OSError as exc:
         log.info("forwarded scratch copy dropped (%s): the next half-sweep copies its fixed side from Zarr", exc)
         with _lock:
@@ -218,8 +247,8 @@ def forward_rows(key: tuple, shape: tuple[int, int], dtype: Any, start: int, row
                 copy.close()
             _forward_failed.add(key)
         return
-    with _lock:
-        written[(int(start), int(start) + len(rows))] = 1
+    with _lock:  # a task run again writes its range again: counted once
+        written[(int(start), int(start) + len(rows))] = (int(counts[0]), int(counts[1]))
 
 
 class _Shape:
@@ -240,6 +269,7 @@ def _take_forwarded(key: tuple) -> ScratchCopy | None:
         return None
     copy, written = entry
     if sum(b - a for a, b in written) == copy.n_rows:  # tasks' row ranges never overlap: every row written
+        copy.half_counts = (sum(c[0] for c in written.values()), sum(c[1] for c in written.values()))
         return copy
     copy.close()
     return None

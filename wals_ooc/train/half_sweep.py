@@ -324,11 +324,13 @@ def solve_task(job: HalfSweepJob, task: SolveTask, local: LocalState | None = No
         return _finish(job, task, csr, X, result, started, local)
     with _blocked_inputs:
         csr, X, result = _task_inputs(job, task, local)
-        if task.method == "expanded":
-            columns = DistinctColumns.of(csr.indices, job.n_fixed)  # before the slot: while another task sweeps
+        if task.method == "expanded":  # before the slot: while another task sweeps
+            columns = DistinctColumns.of(csr.indptr, csr.indices, job.n_fixed, _long_rows_apart(job))
         with _blocked_task:
             scratch, _ = _fixed_of(job)
-            if task.method == "expanded":
+            if task.method == "expanded" and columns.split and not scratch.half_usable():
+                _expanded_in_float32(job, csr, X, scratch, result, columns)
+            elif task.method == "expanded":
                 _blocked_expanded(job, csr, X, scratch, result, columns)
             else:
                 {"cg": _blocked_cg, "cholesky": _blocked_cholesky}[task.method](job, csr, X, scratch, result)
@@ -471,25 +473,60 @@ def _sweep(job: HalfSweepJob, scratch: ScratchCopy, result: TaskResult, per_bloc
 
 
 @dataclass
-class DistinctColumns:
-    """The distinct fixed rows a blocked task's entries use: bit ``j`` of ``bits`` is set for each
-    column ``j`` used, ``first`` ranks them (``column_ranks``), ``count`` of them in all, and
-    ``renumbered`` holds every entry's column as its rank: the entry's row in the compact copy."""
+class Marks:
+    """Distinct fixed rows: bit ``j`` of ``bits`` is set for each column ``j`` used, ``first``
+    ranks them (``column_ranks``), ``count`` of them in all."""
 
     bits: np.ndarray
     first: np.ndarray
     count: int
-    renumbered: np.ndarray
 
     @classmethod
-    def of(cls, indices: np.ndarray, n_fixed: int) -> "DistinctColumns":
+    def of(cls, indices: np.ndarray, segments: list[tuple[int, int]], n_fixed: int) -> "Marks":
         bits = np.zeros(n_fixed // 64 + 1, np.uint64)
-        mark_columns(indices, bits)
+        for e0, e1 in segments:
+            mark_columns(indices[e0:e1], bits)
         first = np.empty(len(bits) + 1, np.int64)
-        count = int(column_ranks(bits, first))
+        return cls(bits, first, int(column_ranks(bits, first)))
+
+
+@dataclass
+class DistinctColumns:
+    """The distinct fixed rows a blocked task's entries use, as one set of ``Marks`` or, split,
+    two: the columns of the rows of at most ``split_at`` entries, and those of longer rows;
+    ``renumbered`` holds every entry's column as its rank in its row's set: the entry's row in
+    that set's compact copy. Split, CG reads the short rows' fixed rows as float16 and the long
+    rows' as float32, as the resident plan reads them (``_long_rows_apart``)."""
+
+    sets: list[Marks]
+    renumbered: np.ndarray
+    split: bool = False
+
+    @classmethod
+    def of(cls, indptr: np.ndarray, indices: np.ndarray, n_fixed: int, split_at: int | None = None) -> "DistinctColumns":
+        runs = [(int(indptr[0]), int(indptr[-1]), 0)]
+        if split_at is not None and len(indptr) > 1:
+            long = np.diff(indptr) > split_at
+            change = np.flatnonzero(long[1:] != long[:-1]) + 1
+            starts, stops = np.concatenate([[0], change]), np.concatenate([change, [len(long)]])
+            runs = [(int(indptr[a]), int(indptr[b]), int(long[a])) for a, b in zip(starts, stops)]
+        sets = [Marks.of(indices, [(e0, e1) for e0, e1, k in runs if k == which], n_fixed)
+                for which in range(2 if split_at is not None else 1)]
         renumbered = np.empty(len(indices), np.int32)
-        renumber_columns(indices, bits, first, renumbered)
-        return cls(bits, first, count, renumbered)
+        for e0, e1, which in runs:
+            renumber_columns(indices[e0:e1], sets[which].bits, sets[which].first, renumbered[e0:e1])
+        return cls(sets, renumbered, split_at is not None)
+
+
+def _long_rows_apart(job: HalfSweepJob) -> int | None:
+    """Where an expanded CG task's rows split into two sets of columns (``DistinctColumns``), or
+    None: when CG gathers from a float16 copy (``solve.gathers_half``, ``half_gathers``), rows of
+    at most ``GATHER_MAX_ENTRIES`` entries read their fixed rows' float16 bits and longer rows
+    read them in float32 (``solve.cg_solve_rows``); each set is copied in its own width."""
+    cfg = job.config
+    if job.solver == "cg" and cfg.half_gathers and gathers_half(cfg.factors, np.dtype(cfg.np_dtype).itemsize):
+        return GATHER_MAX_ENTRIES
+    return None
 
 
 def _rotation_parts(n_rows: int, count: int) -> list[tuple[int, int]]:
@@ -516,24 +553,37 @@ def _column_parts(first: np.ndarray, n_fixed: int, count: int) -> list[tuple[int
 def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: ScratchCopy, result: TaskResult,
                       columns: DistinctColumns) -> None:
     """One sweep copies the distinct fixed rows the task uses, in column order, into a compact
-    array; then the resident kernels solve the rows against it (entries renumbered to its rows)."""
+    array; then the resident kernels solve the rows against it (entries renumbered to its rows).
+
+    Where CG gathers float16 (``_long_rows_apart``, and the side fits float16 as ``half_copy``
+    asks of a resident side), the rows of at most ``GATHER_MAX_ENTRIES`` entries take their
+    fixed rows' float16 bits in one compact array (half the bytes copied and read) and longer
+    rows the float32 rows in another: the resident plan's arithmetic, on the same rounded rows."""
     cfg = job.config
     kind, alpha, alpha0, eps = _kernel_scalars(cfg)
     lam, nu = float(cfg.regularization), float(cfg.nu)
     indptr = csr.indptr
-    compact = scratch.workspace((max(1, columns.count), cfg.factors), cfg.np_dtype)  # reused by the process's blocked tasks
-    bits, first, entry = columns.bits, columns.first, columns.renumbered
+    halves = columns.split  # the side fits float16 (else ``_expanded_in_float32``)
+    f, dtype = cfg.factors, cfg.np_dtype
+    widths = [np.uint16, dtype] if halves else [dtype]
+    compacts = scratch.workspaces(*[((marks.count, f), width) for marks, width in zip(columns.sets, widths)])
+    entry = columns.renumbered
     threads = max(1, job.task_threads)
     rows = max(1, job.block_rows // threads)  # the threads' windows together: one window of the plan
+    copied = [(marks.bits, marks.first, compact) for marks, compact in zip(columns.sets, compacts) if marks.count]
 
     def gather(a: int, b: int) -> None:  # this thread's columns [a, b), window by window
         for lo in range(a, b, rows):
             hi = min(b, lo + rows)
             with scratch.window(lo, hi) as Y_block:
-                gather_marked(bits, first, lo, hi, lo, Y_block, compact)
+                for bits, first, compact in copied:
+                    gather_marked(bits, first, lo, hi, lo, Y_block, compact)
                 del Y_block  # the window's pages are dropped on leaving: hold no view of it
 
-    _in_chunks(_column_parts(first, job.n_fixed, CHUNKS_A_THREAD * threads), gather, threads)
+    weights = np.sum([marks.first for marks in columns.sets], axis=0)  # columns of both sets, by word
+    _in_chunks(_column_parts(weights, job.n_fixed, CHUNKS_A_THREAD * threads), gather, threads)
+    half = compacts[0] if halves else None
+    compact = compacts[1] if halves else compacts[0]
     result.fixed_bytes_read += job.n_fixed * cfg.factors * np.dtype(cfg.np_dtype).itemsize  # one sweep
     basis = None
     if job.solver == "ialspp" and cfg.eigenbasis:  # the compact rows rotated in place, as the resident side is
@@ -555,7 +605,7 @@ def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
         ip = indptr[a:b + 1]
         if job.solver == "cg":
             observed[part] = cg_solve_rows(ip, entry, csr.values, compact, job.gram, X[a:b], kind, alpha, alpha0, eps,
-                                           lam, nu, job.n_fixed, cfg.cg_steps, job.loss, None,
+                                           lam, nu, job.n_fixed, cfg.cg_steps, job.loss, half,
                                            cfg.cg_preconditioner == "jacobi")
             return
         if job.solver == "ialspp":
@@ -570,6 +620,25 @@ def _blocked_expanded(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: 
     _in_chunks(parts, solve, threads)
     result.observed += observed
     result.failures += sum(failures)
+
+
+def _expanded_in_float32(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: ScratchCopy, result: TaskResult,
+                         columns: DistinctColumns) -> None:
+    """An expanded CG task planned with float16 rows (``_long_rows_apart``) whose fixed side float16
+    cannot carry (``ScratchCopy.half_usable``: the resident plan then gathers float32): its rows
+    in runs whose float32 rows take no more than its float16 and float32 sets together, each run
+    marked, copied and solved on its own (a sweep each; rare: values beyond float16's range)."""
+    f = job.config.factors
+    room = columns.sets[0].count * f * 2 + sum(marks.count for marks in columns.sets[1:]) * f * 4
+    limit = max(1, room // (f * 4))  # entries of a run: one float32 row each at most
+    indptr = csr.indptr
+    a = 0
+    while a < csr.n_rows:
+        b = max(a + 1, int(np.searchsorted(indptr, indptr[a] + limit, side="right")) - 1)
+        e0, e1 = int(indptr[a]), int(indptr[b])
+        run = CSRShard(csr.row_start + a, csr.row_start + b, indptr[a:b + 1] - e0, csr.indices[e0:e1], csr.values[e0:e1])
+        _blocked_expanded(job, run, X[a:b], scratch, result, DistinctColumns.of(run.indptr, run.indices, job.n_fixed))
+        a = b
 
 
 def _blocked_cg(job: HalfSweepJob, csr: CSRShard, X: np.ndarray, scratch: ScratchCopy, result: TaskResult) -> None:

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import SettingError
-from ..kernels.solve import gathers_half
+from ..kernels.solve import GATHER_MAX_ENTRIES, gathers_half
 from ..memory import format_bytes
 
 # working bytes per stored entry in a task: indices + values as read, zarr decode buffers, and
@@ -232,7 +232,7 @@ def _tasks(shard_ranges, shard_block_nnz, bytes_per_row: int, max_task_bytes: in
 
 
 def balanced_tasks(shard_ranges, shard_block_nnz, entry_bytes: int, bytes_per_row: int, max_task_bytes: int,
-                   multiple: int = 1) -> tuple[list[SolveTask], int]:
+                   multiple: int = 1, block_extra: list[np.ndarray] | None = None) -> tuple[list[SolveTask], int]:
     """As few tasks as fit in ``max_task_bytes`` (a multiple of ``multiple``), of about equal
     weight, each a run of whole row blocks that may span shards; and the heaviest one's bytes.
 
@@ -242,7 +242,8 @@ def balanced_tasks(shard_ranges, shard_block_nnz, entry_bytes: int, bytes_per_ro
     pieces of them (``row_pieces``).
 
     For the blocked plan, where every task reads the whole fixed side a few times: fewer tasks
-    mean fewer reads, and equal ones keep every process busy to the end.
+    mean fewer reads, and equal ones keep every process busy to the end. ``block_extra``: bytes
+    a block takes beyond its entries and rows (one array a shard, as ``shard_block_nnz``).
     """
     # per row block of every shard: first row, entries, planned bytes, shard
     block_parts: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray]] = ([], [], [], [])
@@ -252,7 +253,7 @@ def balanced_tasks(shard_ranges, shard_block_nnz, entry_bytes: int, bytes_per_ro
         rows = np.diff(np.append(block_starts, hi))
         block_parts[0].append(block_starts)
         block_parts[1].append(block_nnz)
-        block_parts[2].append(block_nnz * entry_bytes + rows * bytes_per_row)
+        block_parts[2].append(block_nnz * entry_bytes + rows * bytes_per_row + (0 if block_extra is None else block_extra[k]))
         block_parts[3].append(np.full(len(block_starts), k))
     if not block_parts[0]:
         return [], 0
@@ -451,12 +452,43 @@ def plan_half_sweep(
     if blocked_task_bytes is not None:
         room = blocked_task_bytes
     # CSR, a renumbered index and the entry's fixed row (fewer rows when entries share a column:
-    # the plan, made without reading entries, counts one an entry)
-    expanded_entry = BYTES_PER_ENTRY + 4 + factors * itemsize
+    # the plan, made without reading entries, counts one an entry). Where CG gathers float16
+    # (``half_sweep._long_rows_apart``) a row's fixed rows are copied as float16 bits, but those
+    # of rows over ``GATHER_MAX_ENTRIES`` entries in float32: counted from the row counts, where given
+    half_width = factors * 2 if (solver == "cg" and half_gathers and gathers_half(factors, itemsize) and row_counts is not None
+                                 and blocked_method in (None, "expanded")) else 0
+    expanded_entry = BYTES_PER_ENTRY + 4 + (half_width or factors * itemsize)
     # while one task sweeps, the next reads its entries and starting rows (``half_sweep.solve_task``):
     # tasks are cut counting a neighbour of their own size, then the largest neighbour is reserved
     # and, where they expand in what is left, cut again to fill it
     pieces = row_counts is not None and local and processes == 1 and blocked_method is None
+
+    long_at: list[np.ndarray] = []
+
+    def long_rows() -> tuple[np.ndarray, np.ndarray]:  # rows over GATHER_MAX_ENTRIES entries, and their counts
+        if not long_at and row_counts is not None:
+            rows, counts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+            for lo, hi in shard_ranges:  # the row counts read once a plan
+                if hi > lo:
+                    shard_counts = row_counts(lo, hi)
+                    at = np.flatnonzero(shard_counts > GATHER_MAX_ENTRIES)
+                    rows.append(at + lo)
+                    counts.append(shard_counts[at].astype(np.int64))
+            long_at.extend([np.concatenate(rows), np.concatenate([[0], np.cumsum(np.concatenate(counts))])])
+        return long_at[0], long_at[1]
+
+    def long_entries(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:  # entries of long rows in [start, stop)
+        rows, cumulative = long_rows()
+        return cumulative[np.searchsorted(rows, stops)] - cumulative[np.searchsorted(rows, starts)]
+
+    def long_extra(blocks) -> list[np.ndarray] | None:  # float32 rows of long rows' entries, beyond float16's
+        if not half_width:
+            return None
+        extra = []
+        for (lo, hi), (block_starts, _) in zip(shard_ranges, blocks):
+            stops = np.append(block_starts[1:], hi).astype(np.int64)
+            extra.append(long_entries(np.asarray(block_starts, np.int64), stops) * (factors * itemsize - half_width))
+        return extra
 
     def cut(entry_bytes: int, bytes_per_row: int, max_bytes: int) -> tuple[list[SolveTask], int]:
         blocks = shard_block_nnz
@@ -464,7 +496,7 @@ def plan_half_sweep(
             blocks = row_pieces(shard_ranges, shard_block_nnz, row_counts, entry_bytes, bytes_per_row,
                                 max(1, max_bytes // PIECES_A_TASK))
         cut_tasks, _ = balanced_tasks(shard_ranges, blocks, entry_bytes, bytes_per_row, max_bytes,
-                                      multiple=max(1, processes))
+                                      multiple=max(1, processes), block_extra=long_extra(blocks))
         return cut_tasks, max((t.nnz * BYTES_PER_ENTRY + (t.row_stop - t.row_start) * row_bytes for t in cut_tasks),
                               default=0)
 
@@ -476,6 +508,10 @@ def plan_half_sweep(
     room = max(1, room - waiting)
 
     def expanded_bytes(task: SolveTask) -> int:  # a compact row for each distinct column: at most one an entry
+        if half_width:
+            long = int(long_entries(np.array([task.row_start]), np.array([task.row_stop]))[0])
+            return (task.nnz * (BYTES_PER_ENTRY + 4) + min(task.nnz - long, n_fixed) * half_width
+                    + min(long, n_fixed) * factors * itemsize)
         distinct = min(task.nnz, n_fixed)
         return task.nnz * (expanded_entry - factors * itemsize) + distinct * factors * itemsize
 
