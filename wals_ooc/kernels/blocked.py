@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .solve import (_JIT, _add_rank_one_lower, _dot, _invert_diagonal, _preconditioned_dot, cholesky_solve_inplace, confidence,
+from .solve import (SUM_GROUP, _JIT, _add_rank_one_lower, _dot, _invert_diagonal, _preconditioned_dot, cholesky_solve_inplace, confidence,
                     row_regularization)
 from .tile import HALF_LIMIT, HALF_TINY, _half_bits_kernel
 
@@ -196,6 +196,7 @@ def cg_residual_block(indptr, indices, values, cursor, block_lo, block_hi, Y_blo
     n_rows, f = X.shape
     T = X.dtype.type
     cap = gather.shape[0]
+    part = np.zeros(f, dtype=X.dtype)  # SUM_GROUP entries summed apart, then added to R[u] (as ``solve._cg_row``)
     for u in range(n_rows):
         idx, end = _advance(indptr, indices, cursor, u, block_hi)
         if idx == end:
@@ -210,7 +211,11 @@ def cg_residual_block(indptr, indices, values, cursor, block_lo, block_hi, Y_blo
                 c = T(confidence(values[first + t], kind, alpha, alpha0, eps))
                 coef = c - (c - alpha0) * _dot(y, x, f)
                 for k in range(f):
-                    r[k] += coef * y[k]
+                    part[k] += coef * y[k]
+                if (t + 1) % SUM_GROUP == 0 or t == last - first - 1:
+                    for k in range(f):
+                        r[k] += part[k]
+                        part[k] = 0
                 if squares is not None:
                     w = c - alpha0
                     sq = squares[u]
@@ -230,6 +235,7 @@ def cg_product_block(indptr, indices, values, cursor, block_lo, block_hi, Y_bloc
     n_rows, f = X.shape
     T = X.dtype.type
     cap = gather.shape[0]
+    part = np.zeros(f, dtype=X.dtype)  # SUM_GROUP entries summed apart, then added to AP[u] (as ``solve._cg_row``)
     for u in range(n_rows):
         idx, end = _advance(indptr, indices, cursor, u, block_hi)
         if idx == end:
@@ -247,7 +253,11 @@ def cg_product_block(indptr, indices, values, cursor, block_lo, block_hi, Y_bloc
                 q = _dot(y, p, f)
                 coef = w * q
                 for k in range(f):
-                    ap[k] += coef * y[k]
+                    part[k] += coef * y[k]
+                if (t + 1) % SUM_GROUP == 0 or t == last - first - 1:
+                    for k in range(f):
+                        ap[k] += part[k]
+                        part[k] = 0
                 if with_loss:
                     s = np.float64(_dot(y, x, f))
                     c64, q64 = np.float64(c), np.float64(q)

@@ -138,6 +138,12 @@ def _fixed_row(rows, ids, base, t):
     return rows[ids[base + t]]
 
 
+SUM_GROUP = 256  # a long row's residual and products A p are summed this many entries at a time, then added (``_cg_row``)
+# One float32 sum over a row's 10^5 entries lost enough that the third step went astray (an item of
+# 186,343 entries ended 4.7% off its CG solution, 2.4e-5 of the 30M bench's loss: tools/RESULTS.md,
+# round 28, lead); partial sums of 256 bring it to float64's result.
+
+
 @njit(**_INLINED)
 def _cg_row(rows, ids, base, n_u, values, weight, x, r, p, Ap, inv, gram, reg, kind, alpha, alpha0, eps, cg_steps, f,
             observed_loss, jacobi):
@@ -152,14 +158,19 @@ def _cg_row(rows, ids, base, n_u, values, weight, x, r, p, Ap, inv, gram, reg, k
         r[k] = -r[k] - reg * x[k]
         if jacobi:
             inv[k] = gram[k, k] + reg
-    for t in range(n_u):
+    part = np.zeros(f, dtype=x.dtype)
+    for t in range(n_u):  # summed SUM_GROUP entries at a time into ``part``, then into r
         y = _fixed_row(rows, ids, base, t)
         c = T(confidence(values[t], kind, alpha, alpha0, eps))
         w = c - alpha0
         weight[t] = w
         coef = c - w * _dot(y, x, f)
         for k in range(f):
-            r[k] += coef * y[k]
+            part[k] += coef * y[k]
+        if (t + 1) % SUM_GROUP == 0 or t == n_u - 1:
+            for k in range(f):
+                r[k] += part[k]
+                part[k] = 0
         if jacobi:
             for k in range(f):
                 inv[k] += w * y[k] * y[k]
@@ -177,11 +188,15 @@ def _cg_row(rows, ids, base, n_u, values, weight, x, r, p, Ap, inv, gram, reg, k
         _symv(gram, p, Ap, f)
         for k in range(f):
             Ap[k] += reg * p[k]
-        for t in range(n_u):
+        for t in range(n_u):  # summed SUM_GROUP entries at a time into ``part``, then into Ap
             y = _fixed_row(rows, ids, base, t)
             coef = weight[t] * _dot(y, p, f)
             for k in range(f):
-                Ap[k] += coef * y[k]
+                part[k] += coef * y[k]
+            if (t + 1) % SUM_GROUP == 0 or t == n_u - 1:
+                for k in range(f):
+                    Ap[k] += part[k]
+                    part[k] = 0
         step = rs_old / _dot(p, Ap, f)
         for k in range(f):
             x[k] += step * p[k]
